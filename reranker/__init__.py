@@ -1,0 +1,31 @@
+"""Cross-encoder reranking for serving: exact scores, one batching worker, cache, long documents."""
+
+from __future__ import annotations
+
+from reranker.engine import RankedDocument, Reranker, RerankResult, RerankStats
+from reranker.errors import (
+    ClosedError,
+    LimitExceededError,
+    ModelLoadError,
+    OverloadedError,
+    RerankerError,
+    ScoringError,
+    ValidationError,
+)
+from reranker.settings import Settings, SettingsError
+
+__all__ = [
+    "ClosedError",
+    "LimitExceededError",
+    "ModelLoadError",
+    "OverloadedError",
+    "RankedDocument",
+    "RerankResult",
+    "RerankStats",
+    "Reranker",
+    "RerankerError",
+    "ScoringError",
+    "Settings",
+    "SettingsError",
+    "ValidationError",
+]

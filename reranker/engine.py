@@ -1,0 +1,248 @@
+"""Reranker: validate, cache, truncate or chunk, batch through the worker, score, sort, top_n."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from reranker.batcher import Batcher, ScoreFn
+from reranker.cache import ScoreCache, pair_key
+from reranker.errors import LimitExceededError, ScoringError, ValidationError
+from reranker.longdocs import window_spans
+from reranker.metrics import Metrics
+from reranker.model import EncodedPair, ScoringModel, load_model
+from reranker.settings import Settings
+
+# Windows overlap by a quarter so a passage cut at one window's edge is whole in the next.
+CHUNK_OVERLAP = 0.25
+# Re-tokenizing a window's text can add a token or two at its edges.
+CHUNK_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    """One result: the document's position in the request, its score and its text."""
+
+    index: int
+    score: float
+    document: str
+
+
+@dataclass(frozen=True)
+class RerankStats:
+    """What one call cost, for logs, metrics and the UI's status line."""
+
+    n_docs: int
+    tokens: int = 0
+    truncated: int = 0
+    chunked: int = 0
+    cache_hits: int = 0
+    pairs_scored: int = 0
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    total_seconds: float = 0.0
+    top1_score: float | None = None
+    score_std: float | None = None
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    results: list[RankedDocument]
+    stats: RerankStats = field(default_factory=lambda: RerankStats(n_docs=0))
+
+
+@dataclass
+class _Plan:
+    """The model passes one request needs: pairs to score and, per document, which pairs are its."""
+
+    pairs: list[EncodedPair] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    truncated: int = 0
+    chunked: int = 0
+
+
+class Reranker:
+    """Thread-safe reranking over one model; only the batcher's worker thread runs the model."""
+
+    def __init__(self, model: ScoringModel, settings: Settings, *, metrics: Metrics | None = None,
+                 score_fn: ScoreFn | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self._cache = ScoreCache(settings.cache_size)
+        self._batcher = Batcher(
+            score_fn or model.score, batch_tokens=settings.batch_tokens, max_queue=settings.max_queue,
+            metrics=self.metrics,
+        )
+        self.metrics.model_info.info({
+            "model": model.model_id, "device": model.device, "dtype": model.dtype,
+            "max_length": str(model.max_length),
+        })
+        self.metrics.model_load_seconds.set(model.load_seconds)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Reranker:
+        """Load the configured model and start the worker."""
+        return cls(load_model(settings), settings, metrics=metrics)
+
+    def __enter__(self) -> Reranker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker."""
+        self._batcher.close()
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._batcher.queued_pairs
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+               instruction: str | None = None, raw_scores: bool = False) -> list[RankedDocument]:
+        """Documents best first; scores are sigmoid probabilities unless `raw_scores`."""
+        return self.rerank_detailed(query, documents, top_n, instruction, raw_scores).results
+
+    def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
+                        instruction: str | None = None, raw_scores: bool = False) -> RerankResult:
+        """As `rerank`, with the call's statistics."""
+        started = time.perf_counter()
+        self.validate(query, documents, top_n, instruction)
+        instruction = instruction or None
+        keys = [self._key(query, doc, instruction) for doc in documents]
+        logits: list[float | None] = [self._cache.get(key) for key in keys]
+        hits = sum(value is not None for value in logits)
+        self.metrics.cache_requests.labels(result="hit").inc(hits)
+        self.metrics.cache_requests.labels(result="miss").inc(len(documents) - hits)
+        missing = [i for i, value in enumerate(logits) if value is None]
+
+        plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
+        job = self._batcher.submit(plan.pairs)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        best = [-math.inf] * len(missing)
+        for owner, score in zip(plan.owners, job.scores.tolist(), strict=True):
+            if not math.isfinite(score):
+                self.metrics.nonfinite_scores.inc()
+                raise ScoringError(
+                    f"the model produced a non-finite score for document {missing[owner]}; "
+                    "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32"
+                )
+            best[owner] = max(best[owner], score)
+        for slot, doc_index in enumerate(missing):
+            logits[doc_index] = best[slot]
+            self._cache.put(keys[doc_index], best[slot])
+
+        raw = torch.tensor(logits, dtype=torch.float32)
+        probabilities = torch.sigmoid(raw).tolist()
+        shown = raw.tolist() if raw_scores else probabilities
+        order = sorted(range(len(documents)), key=lambda i: (-shown[i], i))
+        limit = len(order) if top_n is None else min(top_n, len(order))
+        results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
+
+        tokens = sum(pair.n_tokens for pair in plan.pairs)
+        self.metrics.input_tokens.inc(tokens)
+        self.metrics.truncated_documents.inc(plan.truncated)
+        self.metrics.chunked_documents.inc(plan.chunked)
+        top1 = max(probabilities)
+        spread = statistics.pstdev(probabilities)
+        self.metrics.top1_score.observe(top1)
+        self.metrics.score_stddev.observe(spread)
+        queue_seconds = (job.started - job.submitted) if job.started is not None else 0.0
+        stats = RerankStats(
+            n_docs=len(documents), tokens=tokens, truncated=plan.truncated, chunked=plan.chunked,
+            cache_hits=hits, pairs_scored=len(plan.pairs), queue_seconds=queue_seconds,
+            inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
+            top1_score=top1, score_std=spread,
+        )
+        return RerankResult(results, stats)
+
+    def validate(self, query: object, documents: object, top_n: object = None,
+                 instruction: object = None) -> None:
+        """Raise ValidationError (LimitExceededError for sizes) saying what to change."""
+        s = self.settings
+        if not isinstance(query, str):
+            raise ValidationError(f"query must be a string, got {type(query).__name__}")
+        if not query.strip():
+            raise ValidationError("query is empty; send the text to rank the documents against")
+        if len(query) > s.max_query_chars:
+            raise LimitExceededError(
+                f"query has {len(query)} characters; the limit is {s.max_query_chars}"
+            )
+        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+            raise ValidationError("documents must be a list of strings")
+        if not documents:
+            raise ValidationError("documents is empty; send at least one document")
+        if len(documents) > s.max_docs:
+            raise LimitExceededError(
+                f"{len(documents)} documents sent; the limit is RERANKER_MAX_DOCS={s.max_docs} per request"
+            )
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, str):
+                raise ValidationError(f"documents[{i}] must be a string, got {type(doc).__name__}")
+            if len(doc) > s.max_doc_chars:
+                raise LimitExceededError(
+                    f"documents[{i}] has {len(doc)} characters; the limit is "
+                    f"RERANKER_MAX_DOC_CHARS={s.max_doc_chars}"
+                )
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise ValidationError(f"top_n must be a positive integer or null, got {top_n!r}")
+        if instruction is not None:
+            if not isinstance(instruction, str):
+                raise ValidationError(f"instruction must be a string, got {type(instruction).__name__}")
+            if instruction and not self.model.accepts_instruction:
+                raise ValidationError(
+                    f"model {self.model.model_id!r} does not take an instruction; leave instruction empty"
+                )
+            if len(instruction) > s.max_query_chars:
+                raise LimitExceededError(
+                    f"instruction has {len(instruction)} characters; the limit is {s.max_query_chars}"
+                )
+
+    def _key(self, query: str, document: str, instruction: str | None) -> bytes:
+        return pair_key(
+            self.model.model_id, str(self.model.max_length), self.settings.long_docs,
+            "\x00" if instruction is None else instruction, query, document,
+        )
+
+    def _plan(self, query: str, documents: Sequence[str], instruction: str | None) -> _Plan:
+        """Tokenize each document once; count truncations or split long ones into windows."""
+        max_length = self.model.max_length
+        overhead = self.model.pair_overhead(query, instruction)
+        room = max_length - overhead
+        # A classic cross-encoder truncates longest-first, which only spares the query while it is
+        # under half the budget; a causal reranker's template cuts the document alone.
+        min_room = min(64, max_length // 4) if self.model.is_causal else max_length // 2
+        if room < min_room:
+            raise LimitExceededError(
+                f"the query{' and instruction' if instruction else ''} take {overhead} of the model's "
+                f"{max_length} tokens, leaving {room} for a document; shorten the query so that at least "
+                f"{min_room} are left"
+            )
+        offsets = self.model.token_offsets(documents)
+        plan = _Plan()
+        texts: list[str] = []
+        for i, (doc, doc_offsets) in enumerate(zip(documents, offsets, strict=True)):
+            fits = len(doc_offsets) <= room
+            if fits or self.settings.long_docs == "truncate":
+                plan.truncated += not fits
+                texts.append(doc)
+                plan.owners.append(i)
+                continue
+            plan.chunked += 1
+            window = room - CHUNK_MARGIN
+            for start, end in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP)):
+                texts.append(doc[start:end])
+                plan.owners.append(i)
+        plan.pairs = self.model.encode([(query, text) for text in texts], instruction)
+        return plan

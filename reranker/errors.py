@@ -1,0 +1,31 @@
+"""Exceptions raised by the reranker package; the web layer maps each to one HTTP status."""
+
+from __future__ import annotations
+
+
+class RerankerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ValidationError(RerankerError, ValueError):
+    """The request is malformed; the message says what to change (HTTP 400/422)."""
+
+
+class LimitExceededError(ValidationError):
+    """The request is well-formed but over a configured limit (HTTP 413)."""
+
+
+class OverloadedError(RerankerError):
+    """The scoring queue is full; retry later (HTTP 429)."""
+
+
+class ScoringError(RerankerError):
+    """The model could not score this request (non-finite score, out of memory for one pair)."""
+
+
+class ModelLoadError(RerankerError):
+    """The model could not be fetched or loaded; the message says how to use a local directory."""
+
+
+class ClosedError(RerankerError):
+    """The reranker was closed and no longer accepts work (HTTP 503)."""

@@ -1,0 +1,163 @@
+"""Service configuration: one frozen dataclass read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LONG_DOC_MODES = ("truncate", "chunk")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_QUERY_CHARS = 10_000
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the service can be configured with; see the README's table."""
+
+    model: str = "BAAI/bge-reranker-v2-m3"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = 1024
+    long_docs: str = "truncate"
+    batch_tokens: int = 16384
+    cache_size: int = 10_000
+    max_docs: int = 1000
+    max_doc_chars: int = 100_000
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_queue: int = 20_000
+    trust_remote_code: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7860
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9091
+    log_level: str = "INFO"
+    log_sample_rate: float = 0.1
+    slow_ms: float = 2000.0
+    log_query_preview: int = 0
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``RERANKER_*`` variables; a bad value raises SettingsError naming it."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return default
+            return parse(name, raw.strip())
+
+        d = cls()
+        return cls(
+            model=get("RERANKER_MODEL", _text, d.model),
+            device=get("RERANKER_DEVICE", _device, d.device),
+            dtype=get("RERANKER_DTYPE", _choice(DTYPES), d.dtype),
+            max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
+            long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
+            batch_tokens=get("RERANKER_BATCH_TOKENS", _int(1), d.batch_tokens),
+            cache_size=get("RERANKER_CACHE_SIZE", _int(0), d.cache_size),
+            max_docs=get("RERANKER_MAX_DOCS", _int(1), d.max_docs),
+            max_doc_chars=get("RERANKER_MAX_DOC_CHARS", _int(1), d.max_doc_chars),
+            max_query_chars=get("RERANKER_MAX_QUERY_CHARS", _int(1), d.max_query_chars),
+            max_queue=get("RERANKER_MAX_QUEUE", _int(1), d.max_queue),
+            trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", _bool, d.trust_remote_code),
+            host=get("RERANKER_HOST", _text, d.host),
+            port=get("RERANKER_PORT", _port, d.port),
+            metrics_host=get("RERANKER_METRICS_HOST", _text, d.metrics_host),
+            metrics_port=get("RERANKER_METRICS_PORT", _port, d.metrics_port),
+            log_level=get("RERANKER_LOG_LEVEL", _log_level, d.log_level),
+            log_sample_rate=get("RERANKER_LOG_SAMPLE_RATE", _ratio, d.log_sample_rate),
+            slow_ms=get("RERANKER_SLOW_MS", _non_negative_float, d.slow_ms),
+            log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
+            api_key=get("RERANKER_API_KEY", _text, None),
+        )
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _device(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value in ("auto", "cpu", "cuda"):
+        return value
+    prefix, _, index = value.partition(":")
+    if prefix == "cuda" and index.isdigit():
+        return value
+    raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(DEVICES)} (N = GPU index)")
+
+
+def _int(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not valid; use an integer >= {minimum}") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={raw!r} is not valid; use an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _port(name: str, raw: str) -> int:
+    value = _int(0)(name, raw)
+    if value > 65535:
+        raise SettingsError(f"{name}={raw!r} is not valid; use a port number from 0 to 65535")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not valid; use one of: true, false, 1, 0, yes, no, on, off")
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def _non_negative_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not valid; use a number >= 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} is not valid; use a number >= 0")
+    return value
+
+
+def _ratio(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not valid; use a number from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name}={raw!r} is not valid; use a number from 0 to 1")
+    return value

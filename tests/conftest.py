@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random rerankers built once per session, offline; fresh metrics per test."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: no test may reach the network or phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from reranker import Reranker, Settings  # noqa: E402
+from reranker.metrics import Metrics  # noqa: E402
+from reranker.model import ScoringModel, load_model  # noqa: E402
+from tests.tiny_models import build_bert_reranker, build_causal_reranker, random_text  # noqa: E402
+
+TEST_MAX_LENGTH = 256
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bert_reranker(tmp_path_factory.mktemp("models") / "tiny-bert-reranker")
+
+
+@pytest.fixture(scope="session")
+def causal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The name matters: the loader gives Qwen3-Reranker checkpoints their model card's prompt.
+    return build_causal_reranker(tmp_path_factory.mktemp("models") / "tiny-Qwen3-Reranker")
+
+
+def model_settings(path: Path, **overrides: object) -> Settings:
+    values: dict = {"model": str(path), "dtype": "float32", "device": "cpu", "max_length": TEST_MAX_LENGTH}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def bert_model(bert_dir: Path) -> ScoringModel:
+    return load_model(model_settings(bert_dir))
+
+
+@pytest.fixture(scope="session")
+def causal_model(causal_dir: Path) -> ScoringModel:
+    return load_model(model_settings(causal_dir))
+
+
+@pytest.fixture(params=["bert", "causal"])
+def any_model(request: pytest.FixtureRequest) -> ScoringModel:
+    model: ScoringModel = request.getfixturevalue(f"{request.param}_model")
+    return model
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def bert_reranker(bert_model: ScoringModel, bert_dir: Path, metrics: Metrics) -> Iterator[Reranker]:
+    with Reranker(bert_model, model_settings(bert_dir), metrics=metrics) as reranker:
+        yield reranker
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[str]:
+    """200 seeded documents of 1-600 words: many fit, many are truncated at 256 tokens."""
+    rng = random.Random(1234)
+    return [random_text(rng, rng.randint(1, 600)) for _ in range(200)]

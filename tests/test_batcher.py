@@ -1,0 +1,156 @@
+"""The worker: token-budget batches, OOM halving, overload, failures that stay with their request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reranker import OverloadedError, Reranker, ScoringError
+from reranker.batcher import cut_batches, is_out_of_memory
+from reranker.metrics import Metrics
+from reranker.model import EncodedPair, ScoringModel
+from tests.conftest import model_settings
+
+
+def test_batches_stay_within_the_token_budget() -> None:
+    lengths = [5, 50, 7, 100, 3, 60, 8, 200]
+    batches = cut_batches(lengths, 120)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
+    assert [lengths[i] for i in batches[0]] == [3, 5, 7, 8]  # shortest first, merged
+
+
+def test_out_of_memory_is_recognised() -> None:
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+class FlakyDevice:
+    """Runs the real model but raises CUDA out-of-memory above a batch size or token count."""
+
+    def __init__(self, model: ScoringModel, max_pairs: int = 10**9, max_pair_tokens: int = 10**9) -> None:
+        self.model = model
+        self.max_pairs = max_pairs
+        self.max_pair_tokens = max_pair_tokens
+        self.calls = 0
+
+    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+        self.calls += 1
+        if len(batch) > self.max_pairs or max(p.n_tokens for p in batch) > self.max_pair_tokens:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model.score(batch)
+
+
+def test_oom_halves_the_batch_and_gives_the_same_scores(
+    bert_model: ScoringModel, documents: list[str], metrics: Metrics
+) -> None:
+    query = "json parse"
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings) as reranker:
+        expected = {r.index: r.score for r in reranker.rerank(query, documents, raw_scores=True)}
+    device = FlakyDevice(bert_model, max_pairs=7)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=device) as reranker:
+        got = {r.index: r.score for r in reranker.rerank(query, documents, raw_scores=True)}
+    np.testing.assert_allclose([got[i] for i in range(200)], [expected[i] for i in range(200)], rtol=1e-5, atol=1e-5)
+    assert metrics.registry.get_sample_value("reranker_oom_retries_total") > 0
+    assert metrics.registry.get_sample_value("reranker_pairs_scored_total") == 200
+
+
+def test_an_unfittable_pair_fails_only_its_request(bert_model: ScoringModel, documents: list[str]) -> None:
+    device = FlakyDevice(bert_model, max_pair_tokens=100)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    short_docs = ["a short one", "cache server", "tea"]
+    long_docs = ["cache " * 150]
+    outcomes: dict[str, object] = {}
+    with Reranker(bert_model, settings, score_fn=device) as reranker:
+        barrier = threading.Barrier(2)
+
+        def call(name: str, docs: list[str]) -> None:
+            barrier.wait()
+            try:
+                outcomes[name] = reranker.rerank("cache", docs)
+            except Exception as err:
+                outcomes[name] = err
+
+        threads = [threading.Thread(target=call, args=a) for a in (("short", short_docs), ("long", long_docs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert isinstance(outcomes["long"], ScoringError)
+        assert "out of memory scoring one document" in str(outcomes["long"])
+        assert isinstance(outcomes["short"], list) and len(outcomes["short"]) == 3
+        # The worker is still alive and serving.
+        assert len(reranker.rerank("tea", short_docs)) == 3
+
+
+def test_a_failing_model_fails_the_request_not_the_worker(bert_model: ScoringModel) -> None:
+    calls = {"n": 0}
+
+    def broken_once(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device-side assert triggered")
+        return bert_model.score(batch)
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), score_fn=broken_once) as reranker:
+        with pytest.raises(ScoringError, match="failed to score") as info:
+            reranker.rerank("q", ["d"])
+        assert "device-side" not in str(info.value)  # nothing internal in the message
+        assert len(reranker.rerank("q", ["d", "e"])) == 2
+
+
+def test_non_finite_scores_fail_the_request_and_are_counted(bert_model: ScoringModel, metrics: Metrics) -> None:
+    def nan_scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        scores = bert_model.score(batch).clone()
+        scores[0] = float("nan")
+        return scores
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), metrics=metrics,
+                  score_fn=nan_scorer) as reranker:
+        with pytest.raises(ScoringError, match="non-finite score"):
+            reranker.rerank("q", ["d", "e"])
+    assert metrics.registry.get_sample_value("reranker_nonfinite_scores_total") == 1
+
+
+def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metrics: Metrics) -> None:
+    release = threading.Event()
+
+    def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        release.wait(30)
+        return bert_model.score(batch)
+
+    settings = model_settings(Path(bert_model.model_id), max_queue=10, cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=slow) as reranker:
+        first = threading.Thread(target=reranker.rerank, args=("q", [f"doc {i}" for i in range(8)]))
+        first.start()
+        deadline = time.monotonic() + 10
+        while reranker.queued_pairs < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metrics.registry.get_sample_value("reranker_queue_pairs") == 8
+        started = time.perf_counter()
+        with pytest.raises(OverloadedError, match="RERANKER_MAX_QUEUE=10"):
+            reranker.rerank("q", ["x", "y", "z"])
+        assert time.perf_counter() - started < 1.0
+        release.set()
+        first.join(30)
+        assert len(reranker.rerank("q", ["x", "y", "z"])) == 3
+    assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
+
+
+def test_a_request_larger_than_the_queue_is_a_limit_error(bert_model: ScoringModel) -> None:
+    from reranker import LimitExceededError
+
+    settings = model_settings(Path(bert_model.model_id), max_queue=3)
+    with Reranker(bert_model, settings) as reranker:
+        with pytest.raises(LimitExceededError, match="RERANKER_MAX_QUEUE=3"):
+            reranker.rerank("q", ["a", "b", "c", "d"])

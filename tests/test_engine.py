@@ -1,0 +1,137 @@
+"""The engine's contract: validation messages, the cache, metrics it records, edge inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from reranker import LimitExceededError, Reranker, ValidationError
+from reranker.metrics import Metrics
+from reranker.model import EncodedPair, ScoringModel
+from tests.conftest import model_settings
+
+
+class CountingScorer:
+    def __init__(self, model: ScoringModel) -> None:
+        self.model = model
+        self.pairs = 0
+
+    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+        self.pairs += len(batch)
+        return self.model.score(batch)
+
+
+@pytest.fixture
+def small_limits(bert_model: ScoringModel, metrics: Metrics) -> Iterator[Reranker]:
+    settings = model_settings(Path(bert_model.model_id), max_docs=5, max_doc_chars=50, max_query_chars=40)
+    reranker = Reranker(bert_model, settings, metrics=metrics)
+    yield reranker
+    reranker.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "kwargs", "error", "message"),
+    [
+        ("", ["d"], {}, ValidationError, "query is empty"),
+        ("   ", ["d"], {}, ValidationError, "query is empty"),
+        (None, ["d"], {}, ValidationError, "query must be a string, got NoneType"),
+        (5, ["d"], {}, ValidationError, "query must be a string, got int"),
+        ("q" * 41, ["d"], {}, LimitExceededError, "query has 41 characters; the limit is 40"),
+        ("q", [], {}, ValidationError, "documents is empty"),
+        ("q", "not a list", {}, ValidationError, "documents must be a list of strings"),
+        ("q", None, {}, ValidationError, "documents must be a list of strings"),
+        ("q", ["ok", 3], {}, ValidationError, r"documents\[1\] must be a string, got int"),
+        ("q", ["ok", None], {}, ValidationError, r"documents\[1\] must be a string, got NoneType"),
+        ("q", ["d"] * 6, {}, LimitExceededError, "6 documents sent; the limit is RERANKER_MAX_DOCS=5"),
+        ("q", ["x" * 51], {}, LimitExceededError, r"documents\[0\] has 51 characters.*RERANKER_MAX_DOC_CHARS=50"),
+        ("q", ["d"], {"top_n": 0}, ValidationError, "top_n must be a positive integer"),
+        ("q", ["d"], {"top_n": -2}, ValidationError, "top_n must be a positive integer"),
+        ("q", ["d"], {"top_n": 1.5}, ValidationError, "top_n must be a positive integer"),
+        ("q", ["d"], {"top_n": True}, ValidationError, "top_n must be a positive integer"),
+        ("q", ["d"], {"instruction": "find"}, ValidationError, "does not take an instruction"),
+        ("q", ["d"], {"instruction": 7}, ValidationError, "instruction must be a string"),
+    ],
+)
+def test_bad_input_says_what_to_change(small_limits: Reranker, query: object, documents: object, kwargs: dict,
+                                       error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        small_limits.rerank(query, documents, **kwargs)  # type: ignore[arg-type]
+    assert len(small_limits.rerank("still serving", ["yes"])) == 1
+
+
+def test_validation_errors_are_value_errors() -> None:
+    assert issubclass(ValidationError, ValueError) and issubclass(LimitExceededError, ValidationError)
+
+
+def test_empty_string_document_is_scored(bert_reranker: Reranker) -> None:
+    results = bert_reranker.rerank("q", ["", "something"])
+    assert {r.index for r in results} == {0, 1}
+    assert all(0.0 < r.score < 1.0 for r in results)
+
+
+def test_repeated_request_does_not_reach_the_model(bert_model: ScoringModel, metrics: Metrics,
+                                                   documents: list[str]) -> None:
+    scorer = CountingScorer(bert_model)
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), metrics=metrics,
+                  score_fn=scorer) as reranker:
+        first = reranker.rerank_detailed("tea", documents[:20])
+        assert scorer.pairs == 20 and first.stats.cache_hits == 0
+        second = reranker.rerank_detailed("tea", documents[:20])
+        assert scorer.pairs == 20 and second.stats.cache_hits == 20
+        assert second.results == first.results
+        raw = reranker.rerank("tea", documents[:20], raw_scores=True)
+        assert scorer.pairs == 20 and [r.index for r in raw] == [r.index for r in first.results]
+        reranker.rerank("coffee", documents[:20])  # another query is another pair
+        assert scorer.pairs == 40
+    assert metrics.registry.get_sample_value("reranker_cache_requests_total", {"result": "hit"}) == 40
+    assert metrics.registry.get_sample_value("reranker_cache_requests_total", {"result": "miss"}) == 40
+
+
+def test_cache_size_zero_disables_the_cache(bert_model: ScoringModel) -> None:
+    scorer = CountingScorer(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings, score_fn=scorer) as reranker:
+        reranker.rerank("tea", ["a", "b"])
+        reranker.rerank("tea", ["a", "b"])
+    assert scorer.pairs == 4
+
+
+def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
+    from reranker.cache import ScoreCache, pair_key
+
+    cache = ScoreCache(2)
+    a, b, c = pair_key("a"), pair_key("b"), pair_key("c")
+    cache.put(a, 1.0)
+    cache.put(b, 2.0)
+    assert cache.get(a) == 1.0  # a is now the most recent
+    cache.put(c, 3.0)
+    assert cache.get(b) is None and cache.get(a) == 1.0 and cache.get(c) == 3.0 and len(cache) == 2
+    assert pair_key("ab", "c") != pair_key("a", "bc")
+
+
+def test_instruction_is_part_of_the_cache_key(causal_model: ScoringModel) -> None:
+    scorer = CountingScorer(causal_model)
+    with Reranker(causal_model, model_settings(Path(causal_model.model_id)), score_fn=scorer) as reranker:
+        plain = reranker.rerank("q", ["d"], raw_scores=True)
+        instructed = reranker.rerank("q", ["d"], instruction="Find code", raw_scores=True)
+    assert scorer.pairs == 2 and plain[0].score != instructed[0].score
+
+
+def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documents: list[str]) -> None:
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), batch_tokens=1024), metrics=metrics) as r:
+        stats = r.rerank_detailed("json", documents[:30]).stats
+    value = metrics.registry.get_sample_value
+    assert value("reranker_pairs_scored_total") == 30
+    assert value("reranker_input_tokens_total") == stats.tokens > 30
+    assert value("reranker_batch_size_sum") == 30
+    assert value("reranker_batch_size_count") == value("reranker_inference_duration_seconds_count") > 1
+    assert value("reranker_batch_tokens_sum") >= stats.tokens
+    assert value("reranker_queue_duration_seconds_count") == 1
+    assert value("reranker_truncated_documents_total") == stats.truncated > 0
+    assert value("reranker_top1_score_count") == 1 and value("reranker_score_stddev_count") == 1
+    assert value("reranker_model_info", {"model": bert_model.model_id, "device": "cpu", "dtype": "float32",
+                                         "max_length": "256"}) == 1
+    assert value("reranker_model_load_seconds") > 0

@@ -1,0 +1,78 @@
+"""Long documents: truncation is counted; chunk mode scores the max over windows that fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reranker import Reranker
+from reranker.engine import CHUNK_MARGIN, CHUNK_OVERLAP
+from reranker.longdocs import window_spans
+from reranker.model import ScoringModel
+from tests.conftest import model_settings
+
+
+def test_window_spans_cover_the_document_with_overlap() -> None:
+    offsets = [(i * 2, i * 2 + 1) for i in range(10)]  # ten one-character tokens, one apart
+    assert window_spans(offsets, 4, 1) == [(0, 7), (6, 13), (12, 19)]
+    assert window_spans(offsets, 10, 3) == [(0, 19)]
+    assert window_spans(offsets, 4, 0) == [(0, 7), (8, 15), (16, 19)]
+    with pytest.raises(ValueError):
+        window_spans(offsets, 0, 0)
+
+
+def test_truncation_is_counted(bert_reranker: Reranker) -> None:
+    short, long = "a short document", "cache " * 1000
+    result = bert_reranker.rerank_detailed("cache", [short, long, long + "x"])
+    assert result.stats.truncated == 2 and result.stats.chunked == 0
+    assert bert_reranker.metrics.registry.get_sample_value("reranker_truncated_documents_total") == 2
+
+
+@pytest.mark.parametrize("kind", ["bert", "causal"])
+def test_chunk_mode_is_the_max_over_independently_scored_windows(
+    request: pytest.FixtureRequest, documents: list[str], kind: str
+) -> None:
+    model: ScoringModel = request.getfixturevalue(f"{kind}_model")
+    query = "where is the queue server"
+    docs = documents[:30]
+    settings = model_settings(Path(model.model_id), long_docs="chunk", cache_size=0)
+    with Reranker(model, settings) as reranker:
+        result = reranker.rerank_detailed(query, docs, raw_scores=True)
+    assert result.stats.chunked > 5 and result.stats.truncated == 0
+
+    room = model.max_length - model.pair_overhead(query)
+    window = room - CHUNK_MARGIN
+    offsets = model.token_offsets(docs)
+    expected = []
+    for doc, doc_offsets in zip(docs, offsets, strict=True):
+        texts = [doc] if len(doc_offsets) <= room else [
+            doc[a:b] for a, b in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP))
+        ]
+        scores = model.cross_encoder.predict(
+            [(query, t) for t in texts], activation_fn=torch.nn.Identity(), show_progress_bar=False
+        )
+        expected.append(float(np.max(scores)))
+    got = {r.index: r.score for r in result.results}
+    np.testing.assert_allclose([got[i] for i in range(len(docs))], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -> None:
+    query = "where is the queue server"
+    settings = model_settings(Path(bert_model.model_id), long_docs="chunk")
+    with Reranker(bert_model, settings) as reranker:
+        plan = reranker._plan(query, ["token " * 3000], None)
+    assert len(plan.pairs) > 10
+    for pair in plan.pairs:
+        assert pair.n_tokens <= bert_model.max_length
+        text = bert_model.tokenizer.decode(pair.features["input_ids"])
+        assert text.startswith("[CLS] where is the queue server [SEP]")
+
+
+def test_a_query_that_leaves_no_room_is_rejected(bert_reranker: Reranker) -> None:
+    from reranker import LimitExceededError
+
+    with pytest.raises(LimitExceededError, match="shorten the query"):
+        bert_reranker.rerank("cache " * 200, ["doc"])

@@ -1,0 +1,120 @@
+"""Model loading: device/dtype branches, max_length, the Qwen3-Reranker prompt, load errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reranker import ModelLoadError
+from reranker import model as model_module
+from reranker.model import ScoringModel, load_model, resolve_device, resolve_dtype
+from reranker.prompts import qwen3_reranker_prompt
+from tests.conftest import model_settings
+
+
+def test_auto_device_is_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_asking_for_cuda_without_a_gpu_fails_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="RERANKER_DEVICE=cuda:0 but torch sees no CUDA device"):
+        resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "amx", "expected"),
+    [
+        ("auto", "cuda", False, torch.float16),
+        ("auto", "cuda:0", True, torch.float16),
+        ("auto", "cpu", True, torch.bfloat16),
+        ("auto", "cpu", False, torch.float32),
+        ("float32", "cuda", False, torch.float32),
+        ("float16", "cpu", False, torch.float16),
+        ("bfloat16", "cpu", False, torch.bfloat16),
+    ],
+)
+def test_dtype_resolution(
+    monkeypatch: pytest.MonkeyPatch, setting: str, device: str, amx: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(model_module, "cpu_has_amx_bf16", lambda: amx)
+    assert resolve_dtype(setting, device) == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_is_loaded_in_the_asked_dtype_in_eval_mode(bert_dir: Path, dtype: str) -> None:
+    model = load_model(model_settings(bert_dir, dtype=dtype))
+    assert model.dtype == dtype and model.device == "cpu"
+    assert next(model.cross_encoder.parameters()).dtype == getattr(torch, dtype)
+    assert not model.cross_encoder.training
+    assert model.load_seconds > 0
+
+
+def test_max_length_is_capped_at_the_models_limit(tmp_path: Path) -> None:
+    from tests.tiny_models import build_bert_reranker
+
+    path = build_bert_reranker(tmp_path / "short", max_positions=128)
+    assert load_model(model_settings(path, max_length=1024)).max_length == 128
+    assert load_model(model_settings(path, max_length=64)).max_length == 64
+
+
+def test_classic_cross_encoder_takes_no_instruction(bert_model: ScoringModel, causal_model: ScoringModel) -> None:
+    assert not bert_model.is_causal and not bert_model.accepts_instruction
+    assert causal_model.is_causal and causal_model.accepts_instruction
+
+
+@pytest.mark.parametrize("instruction", [None, "Find the passage about rivers"])
+def test_qwen3_reranker_sees_the_model_card_prompt(causal_model: ScoringModel, instruction: str | None) -> None:
+    [pair] = causal_model.encode([("which river is longest", "The Nile is long.")], instruction)
+    text = causal_model.tokenizer.decode(pair.features["input_ids"])
+    assert text == qwen3_reranker_prompt("which river is longest", "The Nile is long.", instruction)
+    assert pair.n_tokens == len(pair.features["input_ids"])
+
+
+def test_qwen3_prompt_text_is_pinned() -> None:
+    assert qwen3_reranker_prompt("q?", "d.", None) == (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+        'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+        "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
+        "<Query>: q?\n<Document>: d.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+
+
+def test_causal_truncation_cuts_the_document_and_keeps_the_template_end(causal_model: ScoringModel) -> None:
+    long_doc = "river " * 2000
+    [pair] = causal_model.encode([("which river", long_doc)])
+    text = causal_model.tokenizer.decode(pair.features["input_ids"])
+    assert pair.n_tokens == causal_model.max_length
+    assert "<Query>: which river\n" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_missing_directory_names_the_model_and_how_to_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError) as info:
+        load_model(model_settings(missing))
+    message = str(info.value)
+    assert str(missing) in message and "RERANKER_MODEL" in message and "local model directory" in message
+
+
+def test_directory_without_a_model_says_what_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="does not hold a loadable model"):
+        load_model(model_settings(tmp_path / "empty"))
+
+
+def test_unreachable_hub_id_explains_offline_use() -> None:
+    # HF_HUB_OFFLINE=1 (conftest) makes the hub unreachable at once, as on a machine with no network.
+    with pytest.raises(ModelLoadError) as info:
+        load_model(model_settings(Path("example-org/not-a-cached-reranker")))
+    message = str(info.value)
+    assert "'example-org/not-a-cached-reranker'" in message
+    assert "hf download example-org/not-a-cached-reranker" in message
+    assert "set RERANKER_MODEL to that local directory" in message

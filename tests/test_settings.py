@@ -1,0 +1,79 @@
+"""Settings.from_env: defaults, parsing, and errors that name the variable and the accepted values."""
+
+from __future__ import annotations
+
+import pytest
+
+from reranker import Settings, SettingsError
+
+
+def test_defaults_match_the_spec() -> None:
+    s = Settings.from_env({})
+    assert s.model == "BAAI/bge-reranker-v2-m3"
+    assert (s.device, s.dtype, s.max_length, s.long_docs) == ("auto", "auto", 1024, "truncate")
+    assert (s.batch_tokens, s.cache_size, s.max_docs) == (16384, 10000, 1000)
+    assert (s.max_doc_chars, s.max_query_chars, s.max_queue) == (100000, 10000, 20000)
+    assert (s.host, s.port, s.metrics_host, s.metrics_port) == ("127.0.0.1", 7860, "127.0.0.1", 9091)
+    assert (s.log_level, s.log_sample_rate, s.slow_ms, s.log_query_preview) == ("INFO", 0.1, 2000.0, 0)
+    assert s.trust_remote_code is False and s.api_key is None
+
+
+def test_every_variable_is_read() -> None:
+    s = Settings.from_env({
+        "RERANKER_MODEL": "/models/x", "RERANKER_DEVICE": "cuda:1", "RERANKER_DTYPE": "BFloat16",
+        "RERANKER_MAX_LENGTH": "512", "RERANKER_LONG_DOCS": "chunk", "RERANKER_BATCH_TOKENS": "4096",
+        "RERANKER_CACHE_SIZE": "0", "RERANKER_MAX_DOCS": "10", "RERANKER_MAX_DOC_CHARS": "99",
+        "RERANKER_MAX_QUEUE": "7", "RERANKER_MAX_QUERY_CHARS": "300",
+        "RERANKER_TRUST_REMOTE_CODE": "yes", "RERANKER_HOST": "0.0.0.0",
+        "RERANKER_PORT": "8000", "RERANKER_METRICS_HOST": "0.0.0.0", "RERANKER_METRICS_PORT": "9100",
+        "RERANKER_LOG_LEVEL": "debug", "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_SLOW_MS": "250.5",
+        "RERANKER_LOG_QUERY_PREVIEW": "40", "RERANKER_API_KEY": "secret",
+    })
+    assert s == Settings(
+        model="/models/x", device="cuda:1", dtype="bfloat16", max_length=512, long_docs="chunk", batch_tokens=4096,
+        cache_size=0, max_docs=10, max_doc_chars=99, max_query_chars=300, max_queue=7, trust_remote_code=True,
+        host="0.0.0.0",
+        port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
+        slow_ms=250.5, log_query_preview=40, api_key="secret",
+    )
+
+
+def test_blank_values_fall_back_to_defaults() -> None:
+    assert Settings.from_env({"RERANKER_PORT": "", "RERANKER_API_KEY": "  "}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("RERANKER_DEVICE", "gpu", "auto, cpu, cuda, cuda:N"),
+        ("RERANKER_DEVICE", "cuda:x", "cuda:N"),
+        ("RERANKER_DTYPE", "fp16", "auto, float32, float16, bfloat16"),
+        ("RERANKER_LONG_DOCS", "split", "truncate, chunk"),
+        ("RERANKER_MAX_LENGTH", "abc", "an integer >= 16"),
+        ("RERANKER_MAX_LENGTH", "8", "an integer >= 16"),
+        ("RERANKER_BATCH_TOKENS", "0", "an integer >= 1"),
+        ("RERANKER_CACHE_SIZE", "-1", "an integer >= 0"),
+        ("RERANKER_MAX_DOCS", "1.5", "an integer >= 1"),
+        ("RERANKER_MAX_QUEUE", "0", "an integer >= 1"),
+        ("RERANKER_PORT", "70000", "0 to 65535"),
+        ("RERANKER_METRICS_PORT", "x", "an integer >= 0"),
+        ("RERANKER_TRUST_REMOTE_CODE", "maybe", "true, false"),
+        ("RERANKER_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("RERANKER_LOG_SAMPLE_RATE", "1.5", "from 0 to 1"),
+        ("RERANKER_LOG_SAMPLE_RATE", "nan", "from 0 to 1"),
+        ("RERANKER_SLOW_MS", "-3", "a number >= 0"),
+        ("RERANKER_LOG_QUERY_PREVIEW", "-1", "an integer >= 0"),
+    ],
+)
+def test_bad_value_names_variable_and_accepted_values(name: str, value: str, accepted: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: value})
+    assert name in str(info.value) and repr(value) in str(info.value) and accepted in str(info.value)
+
+
+def test_settings_are_frozen_and_keyword_only() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Settings("model")  # type: ignore[misc]

@@ -1,0 +1,99 @@
+"""Build tiny random rerankers offline: a BERT cross-encoder and a Qwen3-style causal-LM reranker."""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+WORDS = (
+    "the of and to in is for on that with as by this from it are be or an at which can not use "
+    "file path data value list string number error time module function class object return call "
+    "query document search rank model score token batch queue cache server request response python "
+    "network socket thread process memory buffer stream parse json format date week month year city "
+    "river mountain music guitar piano garden flower coffee tea bread cheese apple orange energy solar"
+).split()
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    """Seeded pseudo-English: mostly known words, some unseen ones to exercise subword splits."""
+    out = []
+    for _ in range(n_words):
+        if rng.random() < 0.85:
+            out.append(rng.choice(WORDS))
+        else:
+            out.append("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 11))))
+    text = " ".join(out)
+    return text[:1].upper() + text[1:] + "."
+
+
+def build_bert_reranker(path: Path, *, seed: int = 0, max_positions: int = 512) -> Path:
+    """A 2-layer BERT with a single-logit head and a WordPiece vocab that covers any ASCII text."""
+    torch.manual_seed(seed)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *WORDS]
+    path.mkdir(parents=True, exist_ok=True)
+    ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tokenizer = BertTokenizerFast(vocab=ids, model_max_length=max_positions)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_causal_reranker(path: Path, *, seed: int = 0) -> Path:
+    """A 2-layer Qwen3 causal LM with a byte-level BPE tokenizer holding `yes`, `no` and chat tokens."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [random_text(rng, 30) for _ in range(300)] + ["yes no Judge Document Query Instruct"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(["yes", "no"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=2048
+    )
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
