@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class ScoringModel:
         self.tokenizer = tokenizer
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
         self._pad_left = tokenizer.padding_side == "left"
+        # A fast tokenizer keeps its truncation/padding settings on one shared Rust object that every
+        # call rewrites, so two threads tokenizing at once can cut each other's pairs.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def accepts_instruction(self) -> bool:
@@ -87,7 +91,8 @@ class ScoringModel:
         """Tokenize pairs exactly as CrossEncoder.predict would, truncating to max_length."""
         if not pairs:
             return []
-        features = self.cross_encoder.preprocess(list(pairs), prompt=instruction)
+        with self._tokenizer_lock:
+            features = self.cross_encoder.preprocess(list(pairs), prompt=instruction)
         mask = features["attention_mask"].bool()
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape}
         extras = {k: v for k, v in features.items() if k not in tensors}
@@ -99,9 +104,10 @@ class ScoringModel:
 
     def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         """Character spans of each text's tokens, without special tokens."""
-        encoded = self.tokenizer(
-            list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
         return [list(map(tuple, offsets)) for offsets in encoded["offset_mapping"]]
 
     def pair_overhead(self, query: str, instruction: str | None = None) -> int:

@@ -29,7 +29,7 @@ class Settings:
     dtype: str = "auto"
     max_length: int = 1024
     long_docs: str = "truncate"
-    batch_tokens: int = 16384
+    batch_tokens: int | None = None  # None: auto, by device (see batch_token_budget)
     cache_size: int = 10_000
     max_docs: int = 1000
     max_doc_chars: int = 100_000
@@ -64,7 +64,7 @@ class Settings:
             dtype=get("RERANKER_DTYPE", _choice(DTYPES), d.dtype),
             max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
             long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
-            batch_tokens=get("RERANKER_BATCH_TOKENS", _int(1), d.batch_tokens),
+            batch_tokens=get("RERANKER_BATCH_TOKENS", _auto_or(_int(1)), d.batch_tokens),
             cache_size=get("RERANKER_CACHE_SIZE", _int(0), d.cache_size),
             max_docs=get("RERANKER_MAX_DOCS", _int(1), d.max_docs),
             max_doc_chars=get("RERANKER_MAX_DOC_CHARS", _int(1), d.max_doc_chars),
@@ -118,6 +118,18 @@ def _int(minimum: int) -> Callable[[str, str], int]:
         return value
 
     return parse
+
+
+def _auto_or(parse: Callable[[str, str], int]) -> Callable[[str, str], int | None]:
+    def parse_auto(name: str, raw: str) -> int | None:
+        if raw.lower() == "auto":
+            return None
+        try:
+            return parse(name, raw)
+        except SettingsError as err:
+            raise SettingsError(f"{err} or auto") from None
+
+    return parse_auto
 
 
 def _port(name: str, raw: str) -> int:

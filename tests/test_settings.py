@@ -11,7 +11,7 @@ def test_defaults_match_the_spec() -> None:
     s = Settings.from_env({})
     assert s.model == "BAAI/bge-reranker-v2-m3"
     assert (s.device, s.dtype, s.max_length, s.long_docs) == ("auto", "auto", 1024, "truncate")
-    assert (s.batch_tokens, s.cache_size, s.max_docs) == (16384, 10000, 1000)
+    assert (s.batch_tokens, s.cache_size, s.max_docs) == (None, 10000, 1000)  # batch tokens: auto
     assert (s.max_doc_chars, s.max_query_chars, s.max_queue) == (100000, 10000, 20000)
     assert (s.host, s.port, s.metrics_host, s.metrics_port) == ("127.0.0.1", 7860, "127.0.0.1", 9091)
     assert (s.log_level, s.log_sample_rate, s.slow_ms, s.log_query_preview) == ("INFO", 0.1, 2000.0, 0)
@@ -38,6 +38,13 @@ def test_every_variable_is_read() -> None:
     )
 
 
+def test_batch_tokens_auto_is_resolved_by_device() -> None:
+    from reranker.engine import batch_token_budget
+
+    assert Settings.from_env({"RERANKER_BATCH_TOKENS": "AUTO"}).batch_tokens is None
+    assert batch_token_budget("cuda:0") == 16384 and batch_token_budget("cpu") == 2048
+
+
 def test_blank_values_fall_back_to_defaults() -> None:
     assert Settings.from_env({"RERANKER_PORT": "", "RERANKER_API_KEY": "  "}) == Settings()
 
@@ -51,7 +58,8 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_LONG_DOCS", "split", "truncate, chunk"),
         ("RERANKER_MAX_LENGTH", "abc", "an integer >= 16"),
         ("RERANKER_MAX_LENGTH", "8", "an integer >= 16"),
-        ("RERANKER_BATCH_TOKENS", "0", "an integer >= 1"),
+        ("RERANKER_BATCH_TOKENS", "0", "an integer >= 1 or auto"),
+        ("RERANKER_BATCH_TOKENS", "lots", "an integer >= 1 or auto"),
         ("RERANKER_CACHE_SIZE", "-1", "an integer >= 0"),
         ("RERANKER_MAX_DOCS", "1.5", "an integer >= 1"),
         ("RERANKER_MAX_QUEUE", "0", "an integer >= 1"),
