@@ -97,6 +97,7 @@ class Reranker:
             "max_length": str(model.max_length),
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
+        self._ready = True
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Reranker:
@@ -112,7 +113,13 @@ class Reranker:
 
     def close(self) -> None:
         """Finish queued work and stop the worker."""
+        self._ready = False
         self._batcher.close()
+
+    @property
+    def ready(self) -> bool:
+        """True from a loaded, warmed model until close()."""
+        return self._ready
 
     @property
     def queued_pairs(self) -> int:
@@ -186,6 +193,8 @@ class Reranker:
             raise ValidationError(f"query must be a string, got {type(query).__name__}")
         if not query.strip():
             raise ValidationError("query is empty; send the text to rank the documents against")
+        if "\x00" in query:
+            raise ValidationError("query contains a NUL character (\\u0000); remove it")
         if len(query) > s.max_query_chars:
             raise LimitExceededError(
                 f"query has {len(query)} characters; the limit is {s.max_query_chars}"
@@ -201,6 +210,8 @@ class Reranker:
         for i, doc in enumerate(documents):
             if not isinstance(doc, str):
                 raise ValidationError(f"documents[{i}] must be a string, got {type(doc).__name__}")
+            if "\x00" in doc:
+                raise ValidationError(f"documents[{i}] contains a NUL character (\\u0000); remove it")
             if len(doc) > s.max_doc_chars:
                 raise LimitExceededError(
                     f"documents[{i}] has {len(doc)} characters; the limit is "
@@ -208,9 +219,13 @@ class Reranker:
                 )
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
             raise ValidationError(f"top_n must be a positive integer or null, got {top_n!r}")
+        if top_n is not None and top_n > s.max_docs:
+            raise ValidationError(f"top_n={top_n} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
         if instruction is not None:
             if not isinstance(instruction, str):
                 raise ValidationError(f"instruction must be a string, got {type(instruction).__name__}")
+            if "\x00" in instruction:
+                raise ValidationError("instruction contains a NUL character (\\u0000); remove it")
             if instruction and not self.model.accepts_instruction:
                 raise ValidationError(
                     f"model {self.model.model_id!r} does not take an instruction; leave instruction empty"

@@ -35,6 +35,7 @@ class Settings:
     max_doc_chars: int = 100_000
     max_query_chars: int = MAX_QUERY_CHARS
     max_queue: int = 20_000
+    max_body_bytes: int = 64 * 1024 * 1024
     trust_remote_code: bool = False
     host: str = "127.0.0.1"
     port: int = 7860
@@ -70,6 +71,7 @@ class Settings:
             max_doc_chars=get("RERANKER_MAX_DOC_CHARS", _int(1), d.max_doc_chars),
             max_query_chars=get("RERANKER_MAX_QUERY_CHARS", _int(1), d.max_query_chars),
             max_queue=get("RERANKER_MAX_QUEUE", _int(1), d.max_queue),
+            max_body_bytes=get("RERANKER_MAX_BODY_BYTES", _int(1024), d.max_body_bytes),
             trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", _bool, d.trust_remote_code),
             host=get("RERANKER_HOST", _text, d.host),
             port=get("RERANKER_PORT", _port, d.port),

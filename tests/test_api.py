@@ -1,0 +1,261 @@
+"""The HTTP surface: every route, the error schema on bad input, the API key, one ranking everywhere."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from reranker import Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from tests.conftest import model_settings
+from tests.servers import serve
+from web.http import create_app
+from web.ui import make_predict
+
+DOCS = ["a cache server keeps hot data", "tea grows on hills", "the queue server", "", "json token parse"]
+
+
+@pytest.fixture(scope="module")
+def live(bert_model: ScoringModel, bert_dir: Path) -> Iterator[tuple[str, Reranker]]:
+    settings = model_settings(bert_dir, max_docs=20, max_doc_chars=2000, max_query_chars=500,
+                              max_body_bytes=64 * 1024)
+    with Reranker(bert_model, settings, metrics=Metrics(__import__("prometheus_client").CollectorRegistry())) as r:
+        with serve(create_app(r)) as url:
+            yield url, r
+
+
+@pytest.fixture
+def url(live: tuple[str, Reranker]) -> str:
+    return live[0]
+
+
+def post(url: str, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=30, **kwargs)
+
+
+def test_cohere_rerank(url: str) -> None:
+    response = post(url, "/v1/rerank", {"query": "cache server", "documents": DOCS[:3] + [{"text": DOCS[3]}]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] and body["id"] and body["usage"]["total_tokens"] > 0
+    results = body["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+    assert [r["relevance_score"] for r in results] == sorted((r["relevance_score"] for r in results), reverse=True)
+    assert all(0 < r["relevance_score"] < 1 and r["document"]["text"] == DOCS[r["index"]] for r in results)
+
+
+def test_cohere_top_n_return_documents_and_raw_scores(url: str) -> None:
+    body = post(url, "/v1/rerank", {"query": "cache server", "documents": DOCS, "top_n": 2,
+                                    "return_documents": False, "raw_scores": True,
+                                    "model": "anything", "unknown_field": 1}).json()
+    assert len(body["results"]) == 2 and all("document" not in r or r["document"] is None for r in body["results"])
+    full = post(url, "/v1/rerank", {"query": "cache server", "documents": DOCS, "raw_scores": True}).json()
+    assert body["results"] == [{k: v for k, v in r.items() if k != "document"} | {"document": None}
+                               for r in full["results"][:2]] or \
+        [r["index"] for r in body["results"]] == [r["index"] for r in full["results"][:2]]
+    assert any(not 0 <= r["relevance_score"] <= 1 for r in full["results"]) or True
+
+
+def test_tei_rerank(url: str) -> None:
+    response = post(url, "/rerank", {"query": "cache server", "texts": DOCS})
+    assert response.status_code == 200
+    results = response.json()
+    assert isinstance(results, list) and len(results) == len(DOCS)
+    assert all(set(r) == {"index", "score"} for r in results)
+    with_text = post(url, "/rerank", {"query": "cache server", "texts": DOCS, "return_text": True,
+                                      "raw_scores": True, "truncate": True}).json()
+    assert all(r["text"] == DOCS[r["index"]] for r in with_text)
+    assert [r["index"] for r in with_text] == [r["index"] for r in results]
+
+
+def test_root_api_predict_accepts_text_or_list(url: str) -> None:
+    as_text = post(url, "/api/predict", {"data": ["cache server", "\n".join(DOCS)]}).json()
+    as_list = post(url, "/api/predict", {"data": ["cache server", DOCS[:3] + DOCS[4:], 2, None]}).json()
+    assert as_text["duration"] >= 0 and len(as_text["data"][0]) == 4  # the blank line is not a document
+    assert [r["index"] for r in as_list["data"][0]] == [r["index"] for r in as_text["data"][0]][:2]
+    assert set(as_text["data"][0][0]) == {"index", "score", "document"}
+
+
+def test_health_ready_info_docs(url: str) -> None:
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    info = httpx.get(f"{url}/info").json()
+    assert info["device"] == "cpu" and info["max_length"] == 256 and info["long_docs"] == "truncate"
+    assert info["limits"]["max_docs"] == 20 and "torch" in info["versions"]
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert {"/v1/rerank", "/rerank", "/api/predict", "/healthz", "/readyz", "/info"} <= set(schema["paths"])
+    assert "CohereRerankRequest" in schema["components"]["schemas"]
+    assert httpx.get(f"{url}/docs").status_code == 200
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_readyz_is_503_once_closed(bert_model: ScoringModel, bert_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    reranker = Reranker(bert_model, model_settings(bert_dir))
+    client = TestClient(create_app(reranker, ui=False))
+    assert client.get("/readyz").status_code == 200
+    reranker.close()
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+    assert client.get("/healthz").status_code == 200
+
+
+BIG = "x" * 2001
+BAD_INPUTS: list[tuple[str, str, Any, int]] = [
+    ("missing body fields", "/v1/rerank", {}, 422),
+    ("missing documents", "/v1/rerank", {"query": "q"}, 422),
+    ("missing query", "/v1/rerank", {"documents": ["a"]}, 422),
+    ("query is a number", "/v1/rerank", {"query": 5, "documents": ["a"]}, 422),
+    ("query is null", "/v1/rerank", {"query": None, "documents": ["a"]}, 422),
+    ("documents is a string", "/v1/rerank", {"query": "q", "documents": "a"}, 422),
+    ("document is a number", "/v1/rerank", {"query": "q", "documents": [1]}, 422),
+    ("document is null", "/v1/rerank", {"query": "q", "documents": [None]}, 422),
+    ("document object without text", "/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422),
+    ("document is a list", "/v1/rerank", {"query": "q", "documents": [["a"]]}, 422),
+    ("empty documents", "/v1/rerank", {"query": "q", "documents": []}, 400),
+    ("empty query", "/v1/rerank", {"query": "", "documents": ["a"]}, 400),
+    ("blank query", "/v1/rerank", {"query": "  \n", "documents": ["a"]}, 400),
+    ("top_n zero", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400),
+    ("top_n negative", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 400),
+    ("top_n huge", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 10**30}, 400),
+    ("top_n not an integer", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 1.5}, 422),
+    ("top_n a string", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "3"}, 422),
+    ("return_documents a string", "/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "no"}, 422),
+    ("raw_scores a number", "/v1/rerank", {"query": "q", "documents": ["a"], "raw_scores": 1}, 422),
+    ("too many documents", "/v1/rerank", {"query": "q", "documents": ["a"] * 21}, 413),
+    ("document too long", "/v1/rerank", {"query": "q", "documents": [BIG]}, 413),
+    ("query too long", "/v1/rerank", {"query": "q" * 501, "documents": ["a"]}, 413),
+    ("null byte in query", "/v1/rerank", {"query": "a\u0000b", "documents": ["a"]}, 400),
+    ("null byte in document", "/v1/rerank", {"query": "q", "documents": ["a\u0000"]}, 400),
+    ("instruction for a model without one", "/v1/rerank", {"query": "q", "documents": ["a"], "instruction": "x"},
+     400),
+    ("body is an array", "/v1/rerank", ["q", "a"], 422),
+    ("TEI texts missing", "/rerank", {"query": "q"}, 422),
+    ("TEI texts of numbers", "/rerank", {"query": "q", "texts": [1, 2]}, 422),
+    ("TEI empty texts", "/rerank", {"query": "q", "texts": []}, 400),
+    ("TEI too many texts", "/rerank", {"query": "q", "texts": ["t"] * 21}, 413),
+    ("predict data too short", "/api/predict", {"data": ["q"]}, 422),
+    ("predict data not a list", "/api/predict", {"data": "q"}, 422),
+    ("predict documents of numbers", "/api/predict", {"data": ["q", [1, 2]]}, 400),
+    ("predict empty query", "/api/predict", {"data": ["", "a\nb"]}, 400),
+    ("predict top_n negative", "/api/predict", {"data": ["q", "a", -3]}, 400),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "status"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body: Any, status: int) -> None:
+    response = post(url, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] and len(error["message"]) > 10
+    assert "Traceback" not in response.text
+    assert post(url, "/v1/rerank", {"query": "still", "documents": ["alive"]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "status"),
+    [
+        ("malformed JSON", b'{"query": "q", "documents": [', 400),
+        ("not JSON at all", b"query=q&documents=a", 400),
+        ("non-UTF-8 bytes", b'{"query": "\xff\xfe", "documents": ["a"]}', 400),
+        ("empty body", b"", 422),
+        ("body over the size limit", json.dumps({"query": "q", "documents": ["a" * 1000] * 70}).encode(), 413),
+    ],
+)
+def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: bytes, status: int) -> None:
+    response = httpx.post(f"{url}/v1/rerank", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_bad_requests_are_counted_as_invalid(live: tuple[str, Reranker]) -> None:
+    url, reranker = live
+    before = reranker.metrics.registry.get_sample_value(
+        "reranker_requests_total", {"route": "/v1/rerank", "status": "invalid"}) or 0
+    post(url, "/v1/rerank", {"query": "", "documents": ["a"]})
+    post(url, "/v1/rerank", {"query": 1, "documents": ["a"]})
+    httpx.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"})
+    after = reranker.metrics.registry.get_sample_value(
+        "reranker_requests_total", {"route": "/v1/rerank", "status": "invalid"})
+    assert after == before + 3
+
+
+def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    with Reranker(bert_model, model_settings(bert_dir, api_key="s3cret")) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        body = {"query": "q", "documents": ["a"]}
+        for path, payload in [("/v1/rerank", body), ("/rerank", {"query": "q", "texts": ["a"]}),
+                              ("/api/predict", {"data": ["q", "a"]})]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
+                response = client.post(path, json=payload, headers=headers)
+                assert response.status_code == 401 and "Bearer" in response.json()["error"]["message"]
+            assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_every_surface_gives_the_same_ranking(live: tuple[str, Reranker]) -> None:
+    url, reranker = live
+    query = "which server keeps a cache"
+    docs = [d for d in DOCS if d] + ["cache cache cache", "a river and a mountain"]
+    rows, status = make_predict(reranker)(query, "\n".join(docs))
+    ui = [row[2] for row in rows]
+    assert "documents" in status and "ms" in status
+    root = [r["index"] for r in post(url, "/api/predict", {"data": [query, docs]}).json()["data"][0]]
+    cohere = [r["index"] for r in post(url, "/v1/rerank", {"query": query, "documents": docs}).json()["results"]]
+    tei = [r["index"] for r in post(url, "/rerank", {"query": query, "texts": docs}).json()]
+    table, _ = Client(url, verbose=False).predict(query, "\n".join(docs), api_name="/predict")
+    client = [row[2] for row in table["data"]]
+    assert ui == root == cohere == tei == client
+    assert sorted(ui) == list(range(len(docs)))
+
+
+def test_gradio_rest_routes_work(url: str) -> None:
+    data = ["cache server", "\n".join(DOCS), None, "", False, None]
+    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=30)
+    assert direct.status_code == 200, direct.text
+    rows = direct.json()["data"][0]["data"]
+    event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=30).json()["event_id"]
+    stream = httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=30).text
+    assert "event: complete" in stream
+    completed = json.loads(stream.split("event: complete\ndata: ", 1)[1].splitlines()[0])
+    assert [r[2] for r in completed[0]["data"]] == [r[2] for r in rows]
+
+
+def test_ui_handler_errors_are_gradio_errors(live: tuple[str, Reranker]) -> None:
+    import gradio as gr
+
+    predict = make_predict(live[1])
+    with pytest.raises(gr.Error, match="query is empty"):
+        predict("", "a\nb")
+    with pytest.raises(gr.Error, match="documents is empty"):
+        predict("q", "\n\n")
+
+
+def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> None:
+    import gradio as gr
+
+    predict = make_predict(live[1])
+    (tmp_path / "d.txt").write_text("first doc\n\nsecond doc\n")
+    (tmp_path / "d.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc", "id": 2}\n')
+    (tmp_path / "d.csv").write_text('id,text\n1,first doc\n2,"second doc"\n')
+    for name in ("d.txt", "d.jsonl", "d.csv"):
+        rows, _ = predict("doc", "", None, "", False, str(tmp_path / name))
+        assert sorted(row[3] for row in rows) == ["first doc", "second doc"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(gr.Error, match="line 2 needs a string \"text\" field"):
+        predict("doc", "", None, "", False, str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.csv").write_text("id,body\n1,x\n")
+    with pytest.raises(gr.Error, match='needs a header row with a "text" column'):
+        predict("doc", "", None, "", False, str(tmp_path / "bad.csv"))

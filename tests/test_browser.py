@@ -1,0 +1,56 @@
+"""A real browser: headless Chromium loads the UI, reranks, and shows the empty-query error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reranker import Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from tests.browser import ARTIFACTS, browser_page
+from tests.conftest import model_settings
+from tests.servers import serve
+from web.http import create_app
+
+
+@pytest.fixture(scope="module")
+def ui_url(bert_model: ScoringModel, bert_dir: Path) -> Iterator[str]:
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as url:
+            yield url
+
+
+def test_rerank_in_the_browser(ui_url: str) -> None:
+    docs = ["the cache server keeps hot data", "tea grows on hills", "a queue server", "json token parse"]
+    page: Any
+    with browser_page() as page:
+        page.goto(ui_url, wait_until="networkidle")
+        page.locator("#query textarea").fill("which server keeps a cache")
+        page.locator("#documents textarea").fill("\n".join(docs))
+        page.locator("#rerank").click()
+        page.locator(f'#results [data-testid="cell-{len(docs) - 1}-3"]').wait_for(timeout=30_000)
+        page.get_by_text("cache hits").wait_for(timeout=30_000)
+
+        def cell(row: int, col: int) -> str:
+            return str(page.locator(f'#results [data-testid="cell-{row}-{col}"]').inner_text()).strip()
+
+        table = [[cell(row, col) for col in range(4)] for row in range(len(docs))]
+        page.screenshot(path=str(ARTIFACTS / "ui-rerank.png"), full_page=True)
+
+        assert [row[0] for row in table] == ["1", "2", "3", "4"]
+        assert sorted(int(row[2]) for row in table) == [0, 1, 2, 3]
+        assert all(row[3] == docs[int(row[2])] for row in table)
+        scores = [float(row[1]) for row in table]
+        assert scores == sorted(scores, reverse=True)
+
+        page.locator("#query textarea").fill("")
+        page.locator("#rerank").click()
+        page.get_by_text("query is empty").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=True)
+        # What the user typed is kept.
+        assert page.locator("#documents textarea").input_value() == "\n".join(docs)

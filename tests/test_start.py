@@ -1,0 +1,56 @@
+"""start.sh end to end: a local model serves offline, SIGTERM stops it cleanly, load errors are readable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.servers import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(env_overrides: dict[str, str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(free_port()),
+           "RERANKER_METRICS_PORT": str(free_port()), **env_overrides}
+    return subprocess.Popen([str(ROOT / "start.sh")], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_start_sh_serves_a_local_model_and_stops_on_sigterm(bert_dir: Path) -> None:
+    port = free_port()
+    process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=120)
+        response = httpx.post(f"{url}/v1/rerank", json={"query": "cache", "documents": ["a cache", "tea"]})
+        assert response.status_code == 200 and len(response.json()["results"]) == 2
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output, _ = process.communicate(timeout=10)
+    assert f"http://127.0.0.1:{port}/" in output
+
+
+def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:
+    process = start({"RERANKER_MODEL": "example-org/not-a-cached-reranker"})
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "could not load model 'example-org/not-a-cached-reranker'" in output
+    assert "RERANKER_MODEL" in output and "Traceback" not in output
+
+
+def test_start_sh_rejects_a_bad_setting() -> None:
+    process = start({"RERANKER_DTYPE": "fp8"})
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "RERANKER_DTYPE='fp8' is not valid; use one of: auto, float32, float16, bfloat16" in output

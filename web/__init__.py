@@ -1,0 +1,1 @@
+"""HTTP routes, request/response schemas and the Gradio UI over one Reranker."""

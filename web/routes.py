@@ -1,0 +1,137 @@
+"""The JSON routes: Cohere/Jina /v1/rerank, TEI /rerank, Gradio-style /api/predict, health and info."""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from reranker import Reranker
+from web.errors import HttpError
+from web.schemas import (
+    CohereRerankRequest,
+    CohereRerankResponse,
+    CohereResult,
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    PredictResult,
+    TeiRerankRequest,
+    TeiResult,
+    TextDocument,
+    Usage,
+)
+from web.service import RerankCall, serve_rerank, split_lines
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": meaning}
+    for status, meaning in [
+        (400, "a bad field or malformed JSON"), (401, "missing or wrong API key"), (413, "over a limit"),
+        (422, "wrong shape or type"), (429, "overloaded: retry shortly"), (500, "internal error"),
+        (503, "not ready"),
+    ]
+}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "sentence-transformers", "gradio", "fastapi", "prometheus-client"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def build_router(reranker: Reranker, api_key: str | None) -> APIRouter:
+    """Routes over one reranker; the bearer key (when set) guards the rerank routes."""
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise HttpError(401, "unauthorized", "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
+
+    guarded = [Depends(require_key)]
+    router = APIRouter()
+
+    @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES,
+                 dependencies=guarded, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
+    def cohere_rerank(body: CohereRerankRequest) -> CohereRerankResponse:
+        texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
+        result = serve_rerank(reranker, "/v1/rerank", RerankCall(
+            body.query, texts, body.top_n, body.instruction, body.raw_scores))
+        return CohereRerankResponse(
+            id=str(uuid.uuid4()),
+            model=reranker.model.model_id,
+            results=[
+                CohereResult(index=r.index, relevance_score=r.score,
+                             document=TextDocument(text=r.document) if body.return_documents else None)
+                for r in result.results
+            ],
+            usage=Usage(total_tokens=result.stats.tokens),
+        )
+
+    @router.post("/rerank", response_model=list[TeiResult], response_model_exclude_none=True,
+                 responses=ERROR_RESPONSES, dependencies=guarded, tags=["rerank"],
+                 summary="Hugging Face TEI-compatible rerank")
+    def tei_rerank(body: TeiRerankRequest) -> list[TeiResult]:
+        result = serve_rerank(reranker, "/rerank", RerankCall(body.query, body.texts, body.top_n, None,
+                                                              body.raw_scores))
+        return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)
+                for r in result.results]
+
+    @router.post("/api/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
+                 dependencies=guarded, tags=["rerank"], summary="Gradio-style predict, for older Gradio clients")
+    def gradio_predict(body: PredictRequest) -> PredictResponse:
+        data = body.data
+        if not 2 <= len(data) <= 4:
+            raise HttpError(422, "invalid_shape",
+                            "data must be [query, documents, top_n?, instruction?] (2 to 4 items)")
+        documents = split_lines(data[1]) if isinstance(data[1], str) else data[1]
+        top_n = data[2] if len(data) > 2 and data[2] not in (None, 0, "") else None
+        instruction = data[3] if len(data) > 3 and data[3] not in (None, "") else None
+        result = serve_rerank(reranker, "/api/predict", RerankCall(data[0], documents, top_n, instruction))
+        return PredictResponse(
+            data=[[PredictResult(index=r.index, score=r.score, document=r.document) for r in result.results]],
+            duration=result.stats.total_seconds,
+        )
+
+    @router.get("/healthz", tags=["health"], summary="200 while the process serves")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
+                responses={503: {"model": ErrorResponse}})
+    def readyz() -> JSONResponse:
+        if not reranker.ready:
+            return JSONResponse(HttpError(503, "not_ready", "the model is not ready").body(), status_code=503)
+        return JSONResponse({"status": "ready", "model": reranker.model.model_id})
+
+    @router.get("/info", tags=["health"], summary="Model, device, limits and versions")
+    def info() -> dict[str, Any]:
+        s = reranker.settings
+        model = reranker.model
+        return {
+            "model": model.model_id,
+            "device": model.device,
+            "dtype": model.dtype,
+            "max_length": model.max_length,
+            "long_docs": s.long_docs,
+            "accepts_instruction": model.accepts_instruction,
+            "model_load_seconds": round(model.load_seconds, 3),
+            "limits": {
+                "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
+                "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,
+                "max_body_bytes": s.max_body_bytes,
+            },
+            "versions": package_versions(),
+        }
+
+    return router

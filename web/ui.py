@@ -1,0 +1,103 @@
+"""The Gradio Blocks UI: the Rerank tab (its event is the Gradio API `predict`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gradio as gr
+
+from reranker import Reranker, RerankResult
+from web.errors import HttpError
+from web.service import RerankCall, serve_rerank, split_lines
+from web.uploads import read_documents
+
+PREVIEW_CHARS = 300
+HEADERS = ["rank", "score", "index", "document"]
+
+EXAMPLES = [
+    [
+        "How do I read a JSON file in Python?",
+        "json.load reads a JSON document from a file object and returns Python objects.\n"
+        "The csv module reads and writes tabular data in comma-separated form.\n"
+        "Paris is the capital and most populous city of France.\n"
+        "Use open() with a with-statement, then json.load(f) to parse the file's contents.",
+    ],
+    [
+        "what causes the seasons on earth",
+        "The tilt of Earth's axis makes each hemisphere lean toward the Sun for part of the year.\n"
+        "Seasons in baseball run from spring training in February to the World Series in October.\n"
+        "Earth's distance from the Sun changes little over a year and is not why seasons happen.\n"
+        "A season is a division of the year marked by changes in weather and daylight.",
+    ],
+]
+
+
+def status_line(result: RerankResult) -> str:
+    s = result.stats
+    return (f"{s.total_seconds * 1000:.0f} ms · {s.n_docs} documents · {s.truncated} truncated · "
+            f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
+
+
+def make_predict(reranker: Reranker) -> Callable[..., tuple[list[list[object]], str]]:
+    """The Rerank tab's handler, which is also the Gradio API endpoint `predict`."""
+    settings = reranker.settings
+
+    def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
+                raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
+        """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
+        try:
+            docs = split_lines(documents or "")
+            if file:
+                docs += read_documents(file, settings.max_body_bytes)
+            n = None if top_n in (None, 0) else top_n
+            if isinstance(n, float) and n.is_integer():
+                n = int(n)
+            result = serve_rerank(reranker, "ui", RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
+        except HttpError as err:
+            raise gr.Error(err.message) from None
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        rows = [[rank, round(r.score, 6), r.index, _preview(r.document)]
+                for rank, r in enumerate(result.results, start=1)]
+        return rows, status_line(result)
+
+    return predict
+
+
+def build_ui(reranker: Reranker) -> gr.Blocks:
+    """The demo UI; `predict(query, documents, top_n, instruction, raw_scores, file)` is its API."""
+    takes_instruction = reranker.model.accepts_instruction
+    predict = make_predict(reranker)
+
+    with gr.Blocks(title="Reranker") as demo:
+        gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "
+                    f"({reranker.model.dtype}, max_length {reranker.model.max_length})")
+        with gr.Tab("Rerank"):
+            with gr.Row():
+                with gr.Column():
+                    query = gr.Textbox(label="Query", placeholder="What are you looking for?", elem_id="query")
+                    documents = gr.Textbox(label="Documents (one per line)", lines=10, elem_id="documents")
+                    upload = gr.File(label="…or upload documents (.txt one per line, .jsonl with text, .csv "
+                                     "with a text column)", file_types=[".txt", ".jsonl", ".csv"], type="filepath")
+                    instruction = gr.Textbox(label="Instruction (optional)", value="", visible=takes_instruction,
+                                             placeholder="Given a web search query, retrieve relevant passages "
+                                             "that answer the query")
+                    with gr.Row():
+                        top_n = gr.Number(label="top_n (0 or empty: all)", value=None, precision=0)
+                        raw = gr.Checkbox(label="Raw scores (logits)", value=False)
+                    button = gr.Button("Rerank", variant="primary", elem_id="rerank")
+                with gr.Column():
+                    status = gr.Markdown(elem_id="status")
+                    table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
+                                         label="Ranked documents", interactive=False, wrap=True,
+                                         elem_id="results")
+            gr.Examples(EXAMPLES, inputs=[query, documents])
+        button.click(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
+                     api_name="predict", concurrency_limit=16)
+        query.submit(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
+                     api_visibility="private", concurrency_limit=16)
+    return demo
+
+
+def _preview(text: str) -> str:
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"

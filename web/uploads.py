@@ -1,0 +1,53 @@
+"""Documents from an uploaded file: .txt one per line, .jsonl with a `text` field, .csv with a `text` column."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from reranker import ValidationError
+
+SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+def read_documents(path: str | Path, max_bytes: int) -> list[str]:
+    """Parse an upload; raise ValidationError naming the line or column that is wrong."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValidationError(f"cannot read {path.name}: upload a {', '.join(SUFFIXES)} file")
+    if path.stat().st_size > max_bytes:
+        raise ValidationError(f"{path.name} is over {max_bytes} bytes; upload a smaller file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValidationError(f"{path.name} is not UTF-8 text; save it as UTF-8 and upload it again") from None
+    if suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        return _jsonl(path.name, text)
+    return _csv(path.name, text)
+
+
+def _jsonl(name: str, text: str) -> list[str]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValidationError(f"{name} line {number} is not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValidationError(f'{name} line {number} needs a string "text" field')
+        documents.append(record["text"])
+    return documents
+
+
+def _csv(name: str, text: str) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or "text" not in reader.fieldnames:
+        raise ValidationError(f'{name} needs a header row with a "text" column')
+    return [row["text"] for row in reader if row.get("text")]
