@@ -97,6 +97,7 @@ class Reranker:
             "max_length": str(model.max_length),
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
+        self.metrics.queue_capacity_pairs.set(settings.max_queue)
         self._ready = True
 
     @classmethod

@@ -73,6 +73,10 @@ class Metrics:
         self.queue_pairs = Gauge(
             "queue_pairs", "Pairs waiting for or in the worker.", namespace=ns, registry=registry
         )
+        self.queue_capacity_pairs = Gauge(
+            "queue_capacity_pairs", "RERANKER_MAX_QUEUE: pairs the queue holds before refusing work.",
+            namespace=ns, registry=registry,
+        )
         self.inflight_requests = Gauge(
             "inflight_requests", "Requests being served.", namespace=ns, registry=registry
         )

@@ -1,0 +1,73 @@
+"""The Prometheus endpoint: a Flask app serving one registry on its own port, in a daemon thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+
+from flask import Flask, Response, request
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from werkzeug.serving import BaseWSGIServer, make_server
+
+
+class MetricsPortError(OSError):
+    """The metrics port cannot be bound."""
+
+
+def create_app(registry: CollectorRegistry) -> Flask:
+    """`/metrics` in the Prometheus text format and `/healthz`."""
+    app = Flask("reranker-metrics")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        # The scraper's Accept header picks the format (Prometheus text or OpenMetrics), as
+        # prometheus_client's own exporters do.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encoder(registry), content_type=content_type)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", content_type="text/plain; charset=utf-8")
+
+    return app
+
+
+@dataclass
+class MetricsServer:
+    """A running metrics server; `stop()` shuts it down and joins its thread."""
+
+    server: BaseWSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.socket.getsockname()[1])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout)
+
+
+def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091) -> MetricsServer:
+    """Serve `registry` on host:port (0 picks a free port); raise MetricsPortError if it is taken."""
+    # Bind here rather than in werkzeug, which prints to stderr and exits the process on a taken port.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        server = make_server(host, port, create_app(registry), threaded=True, fd=listener.fileno())
+    except OSError as err:
+        raise MetricsPortError(
+            f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
+            "set RERANKER_METRICS_PORT to a free port"
+        ) from err
+    finally:
+        listener.close()  # the server holds its own duplicate of the socket
+    thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread)
