@@ -1,4 +1,4 @@
-"""Entry point: settings -> logging -> engine -> FastAPI routes + Gradio UI -> uvicorn."""
+"""Entry point: settings -> logging -> metrics server -> engine -> FastAPI routes + Gradio UI -> uvicorn."""
 
 from __future__ import annotations
 
@@ -7,50 +7,80 @@ import os
 import signal
 import sys
 
-# Defaults before gradio or huggingface_hub are imported: nothing phones home unless asked to.
+# Defaults before gradio or huggingface_hub are imported: nothing phones home, nothing draws progress bars.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import uvicorn  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+import metrics_server  # noqa: E402
+from reranker import ModelLoadError, Reranker, Settings, SettingsError  # noqa: E402
+from reranker.gpu import GpuCollector  # noqa: E402
+from reranker.logs import setup_logging  # noqa: E402
+from reranker.metrics import Metrics  # noqa: E402
+from web.http import create_app  # noqa: E402
+from web.routes import package_versions  # noqa: E402
 
 logger = logging.getLogger("reranker.app")
 
 
 def main() -> int:
     """Run the service until SIGINT/SIGTERM; return the process exit status."""
-    from reranker import ModelLoadError, Reranker, Settings, SettingsError
-
     try:
         settings = Settings.from_env()
     except SettingsError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
+        setup_logging("INFO")
+        logger.error("configuration error: %s", err, extra={"error_type": "configuration"})
         return 2
-    logging.basicConfig(level=settings.log_level, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings.log_level)
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, process_collector=True)
+    registry.register(GpuCollector())
     try:
-        reranker = Reranker.from_settings(settings)
-    except ModelLoadError as err:
-        logger.error("model load failed: %s", err)
-        print(f"error: {err}", file=sys.stderr)
+        # Up before the model loads, so that load time and load failures can be scraped.
+        metrics_handle = metrics_server.start(registry, settings.metrics_host, settings.metrics_port)
+    except metrics_server.MetricsPortError as err:
+        logger.error("%s", err, extra={"error_type": "metrics_port"})
         return 1
-
-    import uvicorn
-
-    from web.http import create_app
-
+    logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_handle.port)
     try:
-        app = create_app(reranker)
-        logger.info("serving on http://%s:%d/", settings.host, settings.port)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=5,
-        ))
-        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
-        # that was there before it. Make that one a no-op so a clean stop exits with status 0.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: None)
-        server.run()
+        try:
+            reranker = Reranker.from_settings(settings, metrics=metrics)
+        except ModelLoadError as err:
+            logger.error("model load failed: %s", err, extra={"error_type": "model_load"})
+            return 1
+        try:
+            serve(reranker)
+        finally:
+            reranker.close()
     finally:
-        reranker.close()
+        metrics_handle.stop()
     return 0
+
+
+def serve(reranker: Reranker) -> None:
+    """Serve the UI and API until a signal asks to stop."""
+    model, settings = reranker.model, reranker.settings
+    logger.info("model ready", extra={
+        "model": model.model_id, "device": model.device, "dtype": model.dtype, "max_length": model.max_length,
+        "load_seconds": round(model.load_seconds, 3), "batch_tokens": reranker.batch_tokens,
+        "versions": package_versions(),
+    })
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(reranker), host=settings.host, port=settings.port,
+        log_config=None,  # our JSON handlers on the root logger, not uvicorn's own
+        timeout_graceful_shutdown=5,
+    ))
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
+    # was there before it. Make that one a no-op so that a clean stop exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    logger.info("serving on http://%s:%d/", settings.host, settings.port)
+    server.run()
 
 
 if __name__ == "__main__":

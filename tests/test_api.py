@@ -17,6 +17,7 @@ from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import serve
 from web.http import create_app
+from web.service import RerankService
 from web.ui import make_predict
 
 DOCS = ["a cache server keeps hot data", "tea grows on hills", "the queue server", "", "json token parse"]
@@ -209,7 +210,7 @@ def test_every_surface_gives_the_same_ranking(live: tuple[str, Reranker]) -> Non
     url, reranker = live
     query = "which server keeps a cache"
     docs = [d for d in DOCS if d] + ["cache cache cache", "a river and a mountain"]
-    rows, status = make_predict(reranker)(query, "\n".join(docs))
+    rows, status = make_predict(RerankService(reranker))(query, "\n".join(docs))
     ui = [row[2] for row in rows]
     assert "documents" in status and "ms" in status
     root = [r["index"] for r in post(url, "/api/predict", {"data": [query, docs]}).json()["data"][0]]
@@ -236,7 +237,7 @@ def test_gradio_rest_routes_work(url: str) -> None:
 def test_ui_handler_errors_are_gradio_errors(live: tuple[str, Reranker]) -> None:
     import gradio as gr
 
-    predict = make_predict(live[1])
+    predict = make_predict(RerankService(live[1]))
     with pytest.raises(gr.Error, match="query is empty"):
         predict("", "a\nb")
     with pytest.raises(gr.Error, match="documents is empty"):
@@ -246,7 +247,7 @@ def test_ui_handler_errors_are_gradio_errors(live: tuple[str, Reranker]) -> None
 def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> None:
     import gradio as gr
 
-    predict = make_predict(live[1])
+    predict = make_predict(RerankService(live[1]))
     (tmp_path / "d.txt").write_text("first doc\n\nsecond doc\n")
     (tmp_path / "d.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc", "id": 2}\n')
     (tmp_path / "d.csv").write_text('id,text\n1,first doc\n2,"second doc"\n')

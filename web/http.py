@@ -14,7 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
+from web.history import RequestHistory
+from web.request_id import RequestIdMiddleware
 from web.routes import build_router
+from web.service import RerankService
 from web.ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -88,8 +91,9 @@ def _validation_error(err: RequestValidationError) -> HttpError:
     return HttpError(422, "invalid_shape", "; ".join(parts))
 
 
-def create_app(reranker: Reranker, *, ui: bool = True) -> FastAPI:
+def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory | None = None) -> FastAPI:
     """Build the whole HTTP surface over one reranker (one worker, one cache, one registry)."""
+    service = RerankService(reranker, history)
     app = FastAPI(
         title="Reranker",
         summary="Cross-encoder reranking: Cohere/Jina and TEI compatible routes, Gradio UI at /",
@@ -131,9 +135,10 @@ def create_app(reranker: Reranker, *, ui: bool = True) -> FastAPI:
         error = to_http_error(err)
         return JSONResponse(error.body(), status_code=error.status)
 
-    app.include_router(build_router(reranker, reranker.settings.api_key))
+    app.include_router(build_router(service, reranker.settings.api_key))
     app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=count_invalid)
+    app.add_middleware(RequestIdMiddleware)  # added last: runs first, so even a 413 carries the id
     if ui:
-        app = gr.mount_gradio_app(app, build_ui(reranker), path="/", enable_monitoring=False,
+        app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True)
     return app

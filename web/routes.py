@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from reranker import Reranker
 from web.errors import HttpError
 from web.schemas import (
     CohereRerankRequest,
@@ -26,7 +25,7 @@ from web.schemas import (
     TextDocument,
     Usage,
 )
-from web.service import RerankCall, serve_rerank, split_lines
+from web.service import RerankCall, RerankService, split_lines
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": meaning}
@@ -48,8 +47,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def build_router(reranker: Reranker, api_key: str | None) -> APIRouter:
+def build_router(service: RerankService, api_key: str | None) -> APIRouter:
     """Routes over one reranker; the bearer key (when set) guards the rerank routes."""
+    reranker = service.reranker
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -65,7 +65,7 @@ def build_router(reranker: Reranker, api_key: str | None) -> APIRouter:
                  dependencies=guarded, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
     def cohere_rerank(body: CohereRerankRequest) -> CohereRerankResponse:
         texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
-        result = serve_rerank(reranker, "/v1/rerank", RerankCall(
+        result = service.rerank("/v1/rerank", RerankCall(
             body.query, texts, body.top_n, body.instruction, body.raw_scores))
         return CohereRerankResponse(
             id=str(uuid.uuid4()),
@@ -82,8 +82,7 @@ def build_router(reranker: Reranker, api_key: str | None) -> APIRouter:
                  responses=ERROR_RESPONSES, dependencies=guarded, tags=["rerank"],
                  summary="Hugging Face TEI-compatible rerank")
     def tei_rerank(body: TeiRerankRequest) -> list[TeiResult]:
-        result = serve_rerank(reranker, "/rerank", RerankCall(body.query, body.texts, body.top_n, None,
-                                                              body.raw_scores))
+        result = service.rerank("/rerank", RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores))
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)
                 for r in result.results]
 
@@ -97,7 +96,7 @@ def build_router(reranker: Reranker, api_key: str | None) -> APIRouter:
         documents = split_lines(data[1]) if isinstance(data[1], str) else data[1]
         top_n = data[2] if len(data) > 2 and data[2] not in (None, 0, "") else None
         instruction = data[3] if len(data) > 3 and data[3] not in (None, "") else None
-        result = serve_rerank(reranker, "/api/predict", RerankCall(data[0], documents, top_n, instruction))
+        result = service.rerank("/api/predict", RerankCall(data[0], documents, top_n, instruction))
         return PredictResponse(
             data=[[PredictResult(index=r.index, score=r.score, document=r.document) for r in result.results]],
             duration=result.stats.total_seconds,

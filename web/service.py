@@ -1,13 +1,20 @@
-"""What every surface (JSON routes, Gradio API, UI) does around one rerank call: metrics and outcome."""
+"""What every surface (JSON routes, Gradio API, UI) does around one rerank call: metrics, log line, history."""
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from reranker import Reranker, RerankResult
+from reranker.logs import query_fields, should_log
 from web.errors import HttpError, to_http_error
+from web.history import RequestHistory
+from web.request_id import current_request_id, new_request_id
+
+logger = logging.getLogger("reranker.requests")
 
 
 @dataclass(frozen=True)
@@ -24,26 +31,72 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def serve_rerank(reranker: Reranker, route: str, call: RerankCall) -> RerankResult:
-    """Run one rerank for `route`, recording its metrics; raise HttpError on any failure."""
-    metrics = reranker.metrics
-    metrics.inflight_requests.inc()
-    started = time.perf_counter()
-    error: HttpError | None = None
-    try:
-        reranker.validate(call.query, call.documents, call.top_n, call.instruction)
-        documents: Sequence[str] = call.documents  # type: ignore[assignment]
-        metrics.documents_per_request.observe(len(documents))
-        return reranker.rerank_detailed(
-            call.query,  # type: ignore[arg-type]
-            documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
-        )
-    except Exception as err:
-        error = to_http_error(err)
-        error.counted = True
-        raise error from err
-    finally:
-        elapsed = time.perf_counter() - started
-        metrics.inflight_requests.dec()
-        metrics.requests.labels(route=route, status="ok" if error is None else error.outcome).inc()
-        metrics.request_seconds.labels(route=route).observe(elapsed)
+class RerankService:
+    """One reranker behind every surface, with the bookkeeping each request gets."""
+
+    def __init__(self, reranker: Reranker, history: RequestHistory | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.reranker = reranker
+        self.history = history or RequestHistory()
+        self._rng = rng or random.Random()
+
+    def rerank(self, route: str, call: RerankCall) -> RerankResult:
+        """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way."""
+        reranker = self.reranker
+        metrics = reranker.metrics
+        request_id = current_request_id() or new_request_id()
+        metrics.inflight_requests.inc()
+        started = time.perf_counter()
+        error: HttpError | None = None
+        result: RerankResult | None = None
+        try:
+            reranker.validate(call.query, call.documents, call.top_n, call.instruction)
+            documents: Sequence[str] = call.documents  # type: ignore[assignment]
+            metrics.documents_per_request.observe(len(documents))
+            result = reranker.rerank_detailed(
+                call.query,  # type: ignore[arg-type]
+                documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
+            )
+            return result
+        except Exception as err:
+            error = to_http_error(err)
+            error.counted = True
+            if error.status >= 500:
+                logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
+            raise error from err
+        finally:
+            elapsed = time.perf_counter() - started
+            status = "ok" if error is None else error.outcome
+            metrics.inflight_requests.dec()
+            metrics.requests.labels(route=route, status=status).inc()
+            metrics.request_seconds.labels(route=route).observe(elapsed)
+            n_docs = len(call.documents) if isinstance(call.documents, Sequence) and not isinstance(
+                call.documents, str) else 0
+            self.history.add(route, n_docs, elapsed * 1000, status, request_id)
+            self._log(route, request_id, call, status, elapsed, n_docs, result, error)
+
+    def _log(self, route: str, request_id: str, call: RerankCall, status: str, elapsed: float, n_docs: int,
+             result: RerankResult | None, error: HttpError | None) -> None:
+        settings = self.reranker.settings
+        latency_ms = elapsed * 1000
+        if not should_log(ok=error is None, latency_ms=latency_ms, sample_rate=settings.log_sample_rate,
+                          slow_ms=settings.slow_ms, rng=self._rng):
+            return
+        fields: dict[str, object] = {
+            "request_id": request_id, "route": route, "status": status, "n_docs": n_docs,
+            "top_n": call.top_n if isinstance(call.top_n, int) else None, "latency_ms": round(latency_ms, 2),
+        }
+        if isinstance(call.query, str):
+            fields.update(query_fields(call.query, settings.log_query_preview))
+        if result is not None:
+            s = result.stats
+            fields.update(
+                queue_ms=round(s.queue_seconds * 1000, 2), inference_ms=round(s.inference_seconds * 1000, 2),
+                tokens=s.tokens, truncated=s.truncated, chunked=s.chunked, cache_hits=s.cache_hits,
+                top1_score=s.top1_score, score_std=s.score_std,
+            )
+        if error is not None:
+            fields.update(error_type=error.type, http_status=error.status, error=error.message)
+        level = logging.WARNING if error is not None and error.status >= 500 else logging.INFO
+        slow = latency_ms >= settings.slow_ms
+        logger.log(level, "slow rerank" if slow else "rerank", extra=fields)

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from reranker import Reranker, RerankResult
+from reranker import RerankResult
 from web.errors import HttpError
-from web.service import RerankCall, serve_rerank, split_lines
+from web.service import RerankCall, RerankService, split_lines
 from web.uploads import read_documents
 
 PREVIEW_CHARS = 300
@@ -38,9 +38,9 @@ def status_line(result: RerankResult) -> str:
             f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
 
 
-def make_predict(reranker: Reranker) -> Callable[..., tuple[list[list[object]], str]]:
+def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object]], str]]:
     """The Rerank tab's handler, which is also the Gradio API endpoint `predict`."""
-    settings = reranker.settings
+    settings = service.reranker.settings
 
     def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
                 raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
@@ -52,7 +52,7 @@ def make_predict(reranker: Reranker) -> Callable[..., tuple[list[list[object]], 
             n = None if top_n in (None, 0) else top_n
             if isinstance(n, float) and n.is_integer():
                 n = int(n)
-            result = serve_rerank(reranker, "ui", RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
+            result = service.rerank("ui", RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
         except HttpError as err:
             raise gr.Error(err.message) from None
         except ValueError as err:
@@ -64,10 +64,11 @@ def make_predict(reranker: Reranker) -> Callable[..., tuple[list[list[object]], 
     return predict
 
 
-def build_ui(reranker: Reranker) -> gr.Blocks:
+def build_ui(service: RerankService) -> gr.Blocks:
     """The demo UI; `predict(query, documents, top_n, instruction, raw_scores, file)` is its API."""
+    reranker = service.reranker
     takes_instruction = reranker.model.accepts_instruction
-    predict = make_predict(reranker)
+    predict = make_predict(service)
 
     with gr.Blocks(title="Reranker") as demo:
         gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "

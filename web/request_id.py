@@ -1,0 +1,52 @@
+"""X-Request-ID: taken from the caller when sane, else generated; echoed on the response."""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HEADER = b"x-request-id"
+_SANE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    return _current.get()
+
+
+class RequestIdMiddleware:
+    """Bind a request id for the request's context and add it to the response headers."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(HEADER, b"").decode("latin-1")
+        request_id = given if _SANE.fullmatch(given) else new_request_id()
+        token = _current.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                message["headers"] = [*headers, (HEADER, request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _current.reset(token)
