@@ -40,10 +40,7 @@ class MetricsServer:
 
     server: BaseWSGIServer
     thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.server.socket.getsockname()[1])
+    port: int
 
     def stop(self, timeout: float = 5.0) -> None:
         self.server.shutdown()
@@ -70,4 +67,4 @@ def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091
         listener.close()  # the server holds its own duplicate of the socket
     thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
     thread.start()
-    return MetricsServer(server, thread)
+    return MetricsServer(server, thread, int(server.socket.getsockname()[1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,35 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=True)
         # What the user typed is kept.
         assert page.locator("#documents textarea").input_value() == "\n".join(docs)
+
+
+def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
+    import httpx
+
+    page: Any
+    with browser_page() as page:
+        page.goto(ui_url, wait_until="networkidle")
+        page.get_by_role("tab", name="Monitoring").click()
+        summary = page.locator("#monitor-summary")
+        summary.get_by_text("requests").wait_for(timeout=30_000)
+        before = summary.inner_text()
+        for i in range(5):
+            httpx.post(f"{ui_url}/v1/rerank", json={"query": f"monitor {i}", "documents": ["a", "b"]})
+        httpx.post(f"{ui_url}/v1/rerank", json={"query": "", "documents": ["a"]})
+        page.wait_for_function(
+            "(before) => { const el = document.querySelector('#monitor-summary');"
+            " return el && el.innerText !== before && el.innerText.includes('invalid'); }",
+            arg=before, timeout=30_000,
+        )
+        page.locator('#recent-requests [data-testid="cell-0-4"]').wait_for(timeout=30_000)
+        page.wait_for_timeout(2500)  # one more tick, so the plots have two points
+        after = summary.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "ui-monitoring.png"), full_page=True)
+    assert count(after, "ok") - count(before, "ok") == 5
+    assert count(after, "invalid") - count(before, "invalid") == 1
+
+
+def count(summary: str, status: str) -> int:
+    found = re.search(rf"\b{status} (\d+)", summary)
+    assert found, summary
+    return int(found.group(1))

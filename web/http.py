@@ -34,7 +34,7 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes on the JSON routes with 413, before they are parsed."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int,
-                 on_refuse: Callable[[str], None]) -> None:
+                 on_refuse: Callable[[str, HttpError], None]) -> None:
         self.app = app
         self.limit = limit
         self.on_refuse = on_refuse
@@ -73,10 +73,10 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.on_refuse(scope["path"].rstrip("/"))
         error = HttpError(413, "limit_exceeded",
                           f"request body is over {self.limit} bytes; send fewer documents or raise "
                           "RERANKER_MAX_BODY_BYTES")
+        self.on_refuse(scope["path"].rstrip("/"), error)
         await JSONResponse(error.body(), status_code=413)(scope, receive, send)
 
 
@@ -101,15 +101,13 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         redoc_url=None,
     )
 
-    def count_invalid(route: str) -> None:
-        if route in LIMITED_PATHS:
-            reranker.metrics.requests.labels(route=route, status="invalid").inc()
+    def refused(route: str, error: HttpError) -> None:
+        if route in LIMITED_PATHS and not error.counted:
+            service.refused(route, error)
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
-        route = request.url.path.rstrip("/")
-        if not err.counted and route in LIMITED_PATHS:
-            reranker.metrics.requests.labels(route=route, status=err.outcome).inc()
+        refused(request.url.path.rstrip("/"), err)
         headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -118,15 +116,15 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8).
         kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         message = "the request body is not valid JSON (UTF-8)" if err.status_code == 400 else str(err.detail)
+        error = HttpError(err.status_code, kind, message)
         if err.status_code < 500:
-            count_invalid(request.url.path.rstrip("/"))
-        return JSONResponse(HttpError(err.status_code, kind, message).body(), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+            refused(request.url.path.rstrip("/"), error)
+        return JSONResponse(error.body(), status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         error = _validation_error(err)
-        count_invalid(request.url.path.rstrip("/"))
+        refused(request.url.path.rstrip("/"), error)
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(Exception)
@@ -136,7 +134,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         return JSONResponse(error.body(), status_code=error.status)
 
     app.include_router(build_router(service, reranker.settings.api_key))
-    app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=count_invalid)
+    app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(RequestIdMiddleware)  # added last: runs first, so even a 413 carries the id
     if ui:
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,

@@ -75,6 +75,17 @@ class RerankService:
             self.history.add(route, n_docs, elapsed * 1000, status, request_id)
             self._log(route, request_id, call, status, elapsed, n_docs, result, error)
 
+    def refused(self, route: str, error: HttpError) -> None:
+        """Book a request answered before it reached the engine (bad JSON, wrong shape, too big, no key)."""
+        status = error.outcome
+        self.reranker.metrics.requests.labels(route=route, status=status).inc()
+        request_id = current_request_id() or new_request_id()
+        self.history.add(route, 0, 0.0, status, request_id)
+        logger.info("rerank refused", extra={
+            "request_id": request_id, "route": route, "status": status, "error_type": error.type,
+            "http_status": error.status, "error": error.message,
+        })
+
     def _log(self, route: str, request_id: str, call: RerankCall, status: str, elapsed: float, n_docs: int,
              result: RerankResult | None, error: HttpError | None) -> None:
         settings = self.reranker.settings

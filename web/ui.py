@@ -1,4 +1,4 @@
-"""The Gradio Blocks UI: the Rerank tab (its event is the Gradio API `predict`)."""
+"""The Gradio Blocks UI: the Rerank tab (its event is the Gradio API `predict`) and the Monitoring tab."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gradio as gr
 
 from reranker import RerankResult
 from web.errors import HttpError
+from web.monitoring import Monitor, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.uploads import read_documents
 
@@ -93,6 +94,7 @@ def build_ui(service: RerankService) -> gr.Blocks:
                                          label="Ranked documents", interactive=False, wrap=True,
                                          elem_id="results")
             gr.Examples(EXAMPLES, inputs=[query, documents])
+        build_monitoring_tab(Monitor(reranker, service.history))
         button.click(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
                      api_name="predict", concurrency_limit=16)
         query.submit(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],

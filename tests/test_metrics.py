@@ -1,0 +1,222 @@
+"""The metrics server and every metric family of SPEC section 6, driven by known traffic."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter
+
+import metrics_server
+from reranker import Reranker
+from reranker.gpu import GpuCollector, Nvml
+from reranker.metrics import Metrics
+from reranker.model import EncodedPair, ScoringModel
+from tests.conftest import model_settings
+from web.http import create_app
+
+
+def test_metrics_endpoint_serves_the_registry_in_prometheus_format() -> None:
+    registry = CollectorRegistry()
+    Counter("demo_total", "A demo counter.", registry=registry).inc(3)
+    client = metrics_server.create_app(registry).test_client()
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "demo_total 3.0" in response.get_data(as_text=True)
+    openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_metrics_server_runs_on_a_named_daemon_thread_and_stops() -> None:
+    registry = CollectorRegistry()
+    Counter("demo_total", "A demo counter.", registry=registry).inc()
+    handle = metrics_server.start(registry, "127.0.0.1", 0)
+    try:
+        assert handle.thread.name == "metrics-server" and handle.thread.daemon
+        assert "demo_total 1.0" in httpx.get(f"http://127.0.0.1:{handle.port}/metrics").text
+    finally:
+        handle.stop()
+    assert not handle.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{handle.port}/metrics", timeout=2)
+
+
+def test_a_taken_port_names_the_variable() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(metrics_server.MetricsPortError, match="set RERANKER_METRICS_PORT to a free port"):
+            metrics_server.start(CollectorRegistry(), "127.0.0.1", port)
+
+
+@pytest.fixture
+def traffic(bert_model: ScoringModel, bert_dir: Path) -> Iterator[tuple[TestClient, Metrics]]:
+    metrics = Metrics(CollectorRegistry(), process_collector=True)
+    with Reranker(bert_model, model_settings(bert_dir, max_docs=10), metrics=metrics) as reranker:
+        yield TestClient(create_app(reranker, ui=False)), metrics
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    found = metrics.registry.get_sample_value(name, labels)
+    assert found is not None, f"{name}{labels} is not exported"
+    return found
+
+
+def test_requests_and_durations_by_route_and_status(traffic: tuple[TestClient, Metrics]) -> None:
+    client, metrics = traffic
+    for i in range(3):
+        assert client.post("/v1/rerank", json={"query": f"q{i}", "documents": ["a", "b"]}).status_code == 200
+    assert client.post("/v1/rerank", json={"query": "", "documents": ["a"]}).status_code == 400
+    assert client.post("/v1/rerank", json={"query": 1, "documents": ["a"]}).status_code == 422
+    assert client.post("/rerank", json={"query": "q", "texts": ["a"] * 11}).status_code == 413
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 3
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="invalid") == 2
+    assert value(metrics, "reranker_requests_total", route="/rerank", status="invalid") == 1
+    # Requests refused before the engine (wrong types) have no duration; the others do.
+    assert value(metrics, "reranker_request_duration_seconds_count", route="/v1/rerank") == 4
+    assert value(metrics, "reranker_inflight_requests") == 0
+
+
+def test_documents_tokens_pairs_and_batches(traffic: tuple[TestClient, Metrics]) -> None:
+    client, metrics = traffic
+    sent = [3, 5, 1]
+    for n in sent:
+        client.post("/v1/rerank", json={"query": f"query {n}", "documents": [f"doc {i}" for i in range(n)]})
+    assert value(metrics, "reranker_documents_per_request_sum") == sum(sent)
+    assert value(metrics, "reranker_documents_per_request_count") == 3
+    assert value(metrics, "reranker_pairs_scored_total") == sum(sent)
+    assert value(metrics, "reranker_batch_size_sum") == sum(sent)
+    assert value(metrics, "reranker_input_tokens_total") > sum(sent)
+    assert value(metrics, "reranker_batch_tokens_sum") >= value(metrics, "reranker_input_tokens_total")
+    assert value(metrics, "reranker_inference_duration_seconds_count") >= 3
+    assert value(metrics, "reranker_queue_duration_seconds_count") == 3
+    assert value(metrics, "reranker_top1_score_count") == 3 and value(metrics, "reranker_score_stddev_count") == 3
+
+
+def test_cache_hits_and_truncations(traffic: tuple[TestClient, Metrics]) -> None:
+    client, metrics = traffic
+    body = {"query": "cache", "documents": ["one", "two", "cache " * 400]}
+    client.post("/v1/rerank", json=body)
+    client.post("/v1/rerank", json=body)
+    assert value(metrics, "reranker_cache_requests_total", result="miss") == 3
+    assert value(metrics, "reranker_cache_requests_total", result="hit") == 3
+    assert value(metrics, "reranker_truncated_documents_total") == 1  # the repeat never reached the model
+
+
+def test_model_info_load_time_queue_gauges_and_process_collector(traffic: tuple[TestClient, Metrics],
+                                                                 bert_model: ScoringModel) -> None:
+    _, metrics = traffic
+    assert value(metrics, "reranker_model_info", model=bert_model.model_id, device="cpu", dtype="float32",
+                 max_length="256") == 1
+    assert value(metrics, "reranker_model_load_seconds") > 0
+    assert value(metrics, "reranker_queue_pairs") == 0
+    assert value(metrics, "reranker_queue_capacity_pairs") == 20000
+    assert value(metrics, "process_resident_memory_bytes") > 0
+
+
+def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path) -> None:
+    release = threading.Event()
+    calls = {"n": 0}
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            release.wait(30)
+        if calls["n"] == 2:
+            raise RuntimeError("kernel failure")
+        return bert_model.score(batch)
+
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(bert_dir, max_queue=4, cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        blocker = threading.Thread(target=client.post, args=("/v1/rerank",),
+                                   kwargs={"json": {"query": "q", "documents": ["a", "b", "c"]}})
+        blocker.start()
+        while reranker.queued_pairs < 3:
+            threading.Event().wait(0.01)
+        response = client.post("/v1/rerank", json={"query": "q", "documents": ["d", "e"]})
+        assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+        release.set()
+        blocker.join(30)
+        failed = client.post("/v1/rerank", json={"query": "q", "documents": ["f"]})
+        assert failed.status_code == 500 and "kernel" not in failed.text
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="error") == 1
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 1
+
+
+class FakeNvml:
+    """The slice of the NVML API the collector uses, with two GPUs."""
+
+    def __init__(self, fail_init: bool = False, broken_device: int | None = None) -> None:
+        self.fail_init = fail_init
+        self.broken_device = broken_device
+        self.init_calls = 0
+
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index == self.broken_device:
+            raise RuntimeError("GPU is lost")
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        return SimpleNamespace(used=(handle + 1) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+        return SimpleNamespace(gpu=25 * (handle + 1))
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H100"
+
+
+def test_gpu_gauges_are_read_at_scrape_time() -> None:
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(Nvml(FakeNvml())))
+    get = registry.get_sample_value
+    assert get("reranker_gpu_memory_used_bytes", {"gpu": "0"}) == 2**30
+    assert get("reranker_gpu_memory_used_bytes", {"gpu": "1"}) == 2 * 2**30
+    assert get("reranker_gpu_memory_total_bytes", {"gpu": "1"}) == 80 * 2**30
+    assert get("reranker_gpu_utilization_ratio", {"gpu": "0"}) == 0.25
+    assert get("reranker_gpu_utilization_ratio", {"gpu": "1"}) == 0.5
+
+
+def test_without_a_gpu_the_gauges_are_absent_and_nvml_is_tried_once(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeNvml(fail_init=True)
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(Nvml(fake)))
+    for _ in range(3):
+        text = metrics_server.create_app(registry).test_client().get("/metrics").get_data(as_text=True)
+        assert "reranker_gpu" not in text
+    assert fake.init_calls == 1
+    assert not [r for r in caplog.records if r.levelno >= 30]  # no warning spam
+
+
+def test_a_lost_gpu_is_skipped_not_raised() -> None:
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(Nvml(FakeNvml(broken_device=0))))
+    assert registry.get_sample_value("reranker_gpu_memory_used_bytes", {"gpu": "0"}) is None
+    assert registry.get_sample_value("reranker_gpu_memory_used_bytes", {"gpu": "1"}) == 2 * 2**30
+
+
+def test_real_nvml_on_this_machine_never_fails() -> None:
+    readings = Nvml().read()  # empty without a GPU, one reading per GPU with one
+    assert all(r.memory_total_bytes > 0 for r in readings)

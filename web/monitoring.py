@@ -1,0 +1,227 @@
+"""The Monitoring tab: live plots from snapshots of the in-process registry, a model card, last requests."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import gradio as gr
+import pandas as pd
+
+from reranker import Reranker
+from reranker.gpu import Nvml
+from reranker.metrics import STATUSES
+from web.history import RequestHistory
+
+TICK_SECONDS = 2.0
+WINDOW = 5  # snapshots (~10 s) behind each quantile and ratio point
+KEEP = 150  # snapshots (~5 min) on the plots
+GPU_MEMORY = "GPU memory"
+PROCESS_MEMORY = "process memory (no GPU)"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float
+    requests: dict[str, float]
+    latency_buckets: list[tuple[float, float]]  # (upper bound, cumulative count), all routes
+    docs: tuple[float, float]  # (sum, count)
+    batch: tuple[float, float]
+    cache: tuple[float, float]  # (hits, misses)
+    queue_pairs: float
+    memory: tuple[float, float, str] = field(default=(0.0, 0.0, PROCESS_MEMORY))  # used, total, what
+
+
+def _samples(metric: object, suffix: str = "") -> list[tuple[dict[str, str], float]]:
+    out = []
+    for family in metric.collect():  # type: ignore[attr-defined]
+        for sample in family.samples:
+            if sample.name == family.name + suffix:
+                out.append((sample.labels, sample.value))
+    return out
+
+
+def _process_memory(reranker: Reranker) -> float:
+    value = reranker.metrics.registry.get_sample_value("process_resident_memory_bytes")
+    if value is not None:
+        return value
+    try:
+        with open("/proc/self/statm") as statm:
+            return float(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0.0
+
+
+def take_snapshot(reranker: Reranker, nvml: Nvml) -> Snapshot:
+    m = reranker.metrics
+    requests = dict.fromkeys(STATUSES, 0.0)
+    for labels, value in _samples(m.requests, "_total"):
+        requests[labels["status"]] = requests.get(labels["status"], 0.0) + value
+    buckets: dict[float, float] = {}
+    for labels, value in _samples(m.request_seconds, "_bucket"):
+        bound = float(labels["le"])
+        buckets[bound] = buckets.get(bound, 0.0) + value
+
+    def total(metric: object, suffix: str) -> float:
+        return sum(value for _, value in _samples(metric, suffix))
+
+    cache = {labels["result"]: value for labels, value in _samples(m.cache_requests, "_total")}
+    gpus = nvml.read()
+    if gpus:
+        memory = (float(sum(g.memory_used_bytes for g in gpus)), float(sum(g.memory_total_bytes for g in gpus)),
+                  GPU_MEMORY)
+    else:
+        memory = (_process_memory(reranker), 0.0, PROCESS_MEMORY)
+    return Snapshot(
+        time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
+        docs=(total(m.documents_per_request, "_sum"), total(m.documents_per_request, "_count")),
+        batch=(total(m.batch_size, "_sum"), total(m.batch_size, "_count")),
+        cache=(cache.get("hit", 0.0), cache.get("miss", 0.0)), queue_pairs=total(m.queue_pairs, ""),
+        memory=memory,
+    )
+
+
+def bucket_quantile(q: float, start: list[tuple[float, float]], end: list[tuple[float, float]]) -> float | None:
+    """histogram_quantile over the increase between two snapshots; None when nothing happened."""
+    before = dict(start)
+    counts = [(bound, value - before.get(bound, 0.0)) for bound, value in end]
+    if not counts or counts[-1][1] <= 0:
+        return None
+    rank = q * counts[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, cumulative in counts:
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+            return lower + (bound - lower) * share
+        lower, below = bound, cumulative
+    return lower
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
+
+
+class Monitor:
+    """Keeps recent snapshots and turns them into plot frames; safe to tick from many browser tabs."""
+
+    def __init__(self, reranker: Reranker, history: RequestHistory, nvml: Nvml | None = None) -> None:
+        self.reranker = reranker
+        self.history = history
+        self.nvml = nvml or Nvml()
+        self._snapshots: deque[Snapshot] = deque(maxlen=KEEP)
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        """Add a snapshot, at most one a second whatever the number of open tabs."""
+        with self._lock:
+            if self._snapshots and time.time() - self._snapshots[-1].time < 1.0:
+                return
+            self._snapshots.append(take_snapshot(self.reranker, self.nvml))
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        with self._lock:
+            snaps = list(self._snapshots)
+        rows: dict[str, list[tuple[datetime, float, str]]] = {
+            k: [] for k in ("rate", "latency", "docs", "queue", "cache", "memory")}
+        for i in range(1, len(snaps)):
+            prev, now, old = snaps[i - 1], snaps[i], snaps[max(0, i - WINDOW)]
+            at, dt = datetime.fromtimestamp(now.time), max(now.time - prev.time, 1e-6)
+            for status in STATUSES:
+                rows["rate"].append((at, (now.requests[status] - prev.requests[status]) / dt, status))
+            for q, name in ((0.5, "p50"), (0.95, "p95")):
+                value = bucket_quantile(q, old.latency_buckets, now.latency_buckets)
+                if value is not None:
+                    rows["latency"].append((at, value * 1000, name))
+            docs = _ratio(now.docs[0] - old.docs[0], now.docs[1] - old.docs[1])
+            if docs is not None:
+                rows["docs"].append((at, docs, "documents per request"))
+            rows["queue"].append((at, now.queue_pairs, "queue depth (pairs)"))
+            batch = _ratio(now.batch[0] - old.batch[0], now.batch[1] - old.batch[1])
+            if batch is not None:
+                rows["queue"].append((at, batch, "batch size (pairs)"))
+            hits = now.cache[0] - old.cache[0]
+            ratio = _ratio(hits, hits + now.cache[1] - old.cache[1])
+            if ratio is not None:
+                rows["cache"].append((at, ratio, "cache hit ratio"))
+            rows["memory"].append((at, now.memory[0] / 2**30, now.memory[2] + " used (GiB)"))
+            if now.memory[1]:
+                rows["memory"].append((at, now.memory[1] / 2**30, now.memory[2] + " total (GiB)"))
+        return {k: _frame(v) for k, v in rows.items()}
+
+    def summary(self) -> str:
+        with self._lock:
+            last = self._snapshots[-1] if self._snapshots else None
+        if last is None:
+            return "waiting for the first sample…"
+        counts = " · ".join(f"{status} {int(last.requests[status])}" for status in STATUSES)
+        hits, misses = last.cache
+        hit_ratio = f"{hits / (hits + misses):.0%}" if hits + misses else "n/a"
+        return (f"**requests** {counts} · **queue** {int(last.queue_pairs)} pairs · **cache hits** {hit_ratio} · "
+                f"**{last.memory[2]}** {last.memory[0] / 2**20:.0f} MiB")
+
+    def last_requests(self) -> list[list[object]]:
+        return [[datetime.fromtimestamp(r.time).strftime("%H:%M:%S"), r.route, r.n_docs, round(r.latency_ms, 1),
+                 r.status] for r in self.history.latest()]
+
+    def model_card(self) -> str:
+        model, settings = self.reranker.model, self.reranker.settings
+        return (f"| model | device | dtype | max_length | load time | long documents | batch tokens |\n"
+                f"|---|---|---|---|---|---|---|\n| `{model.model_id}` | {model.device} | {model.dtype} | "
+                f"{model.max_length} | {model.load_seconds:.1f} s | {settings.long_docs} | "
+                f"{self.reranker.batch_tokens} |")
+
+
+def _frame(rows: list[tuple[datetime, float, str]]) -> pd.DataFrame:
+    # Typed even when empty, so that the plot treats time as temporal and value as quantitative.
+    now = datetime.now()
+    frame = pd.DataFrame([((t - now).total_seconds(), v, name) for t, v, name in rows],
+                         columns=["time", "value", "series"])
+    return frame.astype({"time": "float64", "value": "float64", "series": "object"})
+
+
+PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2")
+
+
+def _plot(title: str, series: list[str]) -> gr.LinePlot:
+    # The legend's domain is fixed when the plot is built, so every series name is given up front.
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)}
+    start = _frame([(datetime.now(), 0.0, name) for name in series])
+    return gr.LinePlot(start, x="time", y="value", color="series", color_map=colors, title=title,
+                       x_title="seconds ago", y_title="", height=240)
+
+
+def build_monitoring_tab(monitor: Monitor) -> None:
+    """The tab's components and its timer; call inside `gr.Blocks`."""
+    with gr.Tab("Monitoring"):
+        gr.Markdown(monitor.model_card())
+        summary = gr.Markdown(elem_id="monitor-summary")
+        with gr.Row():
+            rate = _plot("requests/s by status", list(STATUSES))
+            latency = _plot("latency p50 / p95 (ms)", ["p50", "p95"])
+        with gr.Row():
+            docs = _plot("documents per request", ["documents per request"])
+            queue = _plot("queue depth and batch size", ["queue depth (pairs)", "batch size (pairs)"])
+        with gr.Row():
+            cache = _plot("cache hit ratio", ["cache hit ratio"])
+            memory = _plot("memory", [f"{what} {kind} (GiB)" for what in (GPU_MEMORY, PROCESS_MEMORY)
+                                      for kind in ("used", "total")])
+        recent = gr.Dataframe(headers=["time", "route", "documents", "latency ms", "status"], interactive=False,
+                              label="last 20 requests", elem_id="recent-requests")
+    timer = gr.Timer(TICK_SECONDS)
+
+    def refresh() -> tuple[object, ...]:
+        monitor.tick()
+        f = monitor.frames()
+        return (monitor.summary(), f["rate"], f["latency"], f["docs"], f["queue"], f["cache"], f["memory"],
+                monitor.last_requests())
+
+    # Private and outside the queue: the panel never waits behind reranks, and is no API.
+    timer.tick(refresh, outputs=[summary, rate, latency, docs, queue, cache, memory, recent],
+               api_visibility="private", queue=False, show_progress="hidden")
