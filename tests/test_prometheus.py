@@ -1,0 +1,287 @@
+"""The monitoring files: promtool passes the config and alert rules, the dashboard's queries run on a real
+Prometheus, and that Prometheus scrapes a running app and evaluates the alerts against it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+import metrics_server
+from reranker import Reranker
+from reranker.gpu import GpuCollector, Nvml
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from tests.conftest import model_settings
+from tests.servers import free_port, serve
+from web.http import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "monitoring" / "alerts.yml"
+DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
+
+ALERT_NAMES = {
+    "RerankerHighErrorRatio", "RerankerOverloaded", "RerankerHighLatencyP95", "RerankerQueueSaturated",
+    "RerankerGpuMemoryHigh", "RerankerDown", "RerankerNonFiniteScores",
+}
+PANEL_TITLES = {
+    "Request rate by status",
+    "Request latency (p50 / p95 / p99)",
+    "Error and overload ratio",
+    "Queue wait and inference time (p50 / p95)",
+    "Documents per request (p50 / p95 / average)",
+    "In-flight requests",
+    "Batch size (pairs per forward pass)",
+    "Batch tokens (padded tokens per forward pass)",
+    "Queue depth (pairs) and capacity",
+    "Cache hit ratio",
+    "Truncations per second (truncated and chunked documents)",
+    "Throughput (pairs scored and input tokens per second)",
+    "OOM retries and non-finite scores per second",
+    "GPU memory used / total",
+    "GPU utilization",
+    "Top-1 score drift (p50 of top-1 score and score stddev)",
+}
+# What Grafana puts in place of its variables before the query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*"}
+WAIT_S = 60.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/bin")
+    if path is None:
+        pytest.fail(f"{name} is not installed: ./test.sh installs it (Debian package prometheus)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return _tool("promtool")
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> str:
+    return _tool("prometheus")
+
+
+def run_promtool(promtool: str, *args: str) -> str:
+    # From the repository root: rule_files in prometheus.yml are resolved against the config's folder.
+    result = subprocess.run([promtool, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open(encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+def load_dashboard() -> dict[str, Any]:
+    with DASHBOARD.open(encoding="utf-8") as file:
+        dashboard: dict[str, Any] = json.load(file)
+    return dashboard
+
+
+def dashboard_exprs(node: object) -> list[str]:
+    """Every `expr` anywhere in the dashboard (panels, rows, nested panels)."""
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [expr for value in node.values() for expr in dashboard_exprs(value)]
+    if isinstance(node, list):
+        return [expr for value in node for expr in dashboard_exprs(value)]
+    return []
+
+
+def as_promql(expr: str) -> str:
+    for variable in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+        expr = expr.replace(variable, GRAFANA_VARIABLES[variable])
+    assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """The reranker_ series an expression reads (histogram suffixes kept: they are what is scraped)."""
+    return set(re.findall(r"\breranker_[a-z0-9_]+", expr))
+
+
+def api(url: str, path: str, **params: str) -> Any:
+    response = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=10)
+    body = response.json()
+    assert body["status"] == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
+    return body["data"]
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """Call `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.25)
+
+
+@contextmanager
+def running_prometheus(binary: str, workdir: Path, targets: Sequence[str] = (),
+                       rule_files: Sequence[Path] = ()) -> Iterator[str]:
+    """A real Prometheus on a free loopback port scraping `targets` every second; yields its URL, then stops it."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": [{"job_name": "reranker", "static_configs": [{"targets": list(targets)}]}],
+    }
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
+    log_path = workdir / "prometheus.log"
+    url = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address={url.removeprefix('http://')}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            def ready() -> bool:
+                if process.poll() is not None:
+                    pytest.fail(f"prometheus exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for("prometheus to be ready", ready, timeout=30)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def fake_nvml() -> SimpleNamespace:
+    """One 80 GB GPU, half full and half busy, in pynvml's interface."""
+    return SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=40 * 10**9, total=80 * 10**9),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=50),
+        nvmlDeviceGetName=lambda handle: "Fake GPU",
+    )
+
+
+def test_prometheus_config_passes_promtool_with_its_rule_file(promtool: str) -> None:
+    output = run_promtool(promtool, "check", "config", "prometheus.yml")
+    assert "1 rule files found" in output
+    config = load_yaml(ROOT / "prometheus.yml")
+    assert config["global"]["scrape_interval"] == "15s"
+    assert config["rule_files"] == ["monitoring/alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "reranker"
+    assert job["static_configs"] == [{"targets": ["localhost:9091"]}]
+
+
+def test_alert_rules_pass_promtool_and_say_what_to_do(promtool: str) -> None:
+    run_promtool(promtool, "check", "rules", "monitoring/alerts.yml")
+    (group,) = load_yaml(ALERTS)["groups"]
+    assert group["name"] == "reranker"
+    assert {rule["alert"] for rule in group["rules"]} == ALERT_NAMES
+    for rule in group["rules"]:
+        assert "for" in rule, rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 100, rule["alert"]
+
+
+def test_alert_rules_unit_tests_pass(promtool: str) -> None:
+    assert "SUCCESS" in run_promtool(promtool, "test", "rules", "monitoring/alerts_test.yml")
+
+
+def test_dashboard_is_importable_and_has_every_panel() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["title"] == "Reranker" and dashboard["uid"] == "reranker"
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert {panel["title"] for panel in panels} == PANEL_TITLES
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["type"] == "timeseries" and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+
+
+def test_every_dashboard_query_is_valid_promql(prometheus: str, tmp_path: Path) -> None:
+    exprs = dashboard_exprs(load_dashboard())
+    assert len(exprs) >= len(PANEL_TITLES)
+    with running_prometheus(prometheus, tmp_path) as url:
+        for expr in exprs:
+            api(url, "query", query=as_promql(expr))  # a parse error answers status "error"
+        # A query that is not PromQL must fail, or the loop above proves nothing.
+        response = httpx.get(f"{url}/api/v1/query", params={"query": "rate(reranker_requests_total[1m]"}, timeout=10)
+        assert response.json()["status"] == "error"
+
+
+def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: Path, prometheus: str,
+                                            tmp_path: Path) -> None:
+    requests = 7
+    metrics = Metrics(CollectorRegistry())
+    metrics.registry.register(GpuCollector(Nvml(fake_nvml())))  # so the GPU panels and alert have series too
+    with Reranker(bert_model, model_settings(bert_dir), metrics=metrics) as reranker:
+        handle = metrics_server.start(metrics.registry, "127.0.0.1", 0)
+        try:
+            target = f"127.0.0.1:{handle.port}"
+            with (serve(create_app(reranker, ui=False)) as app_url,
+                  running_prometheus(prometheus, tmp_path, [target], rule_files=[ALERTS]) as url):
+                with httpx.Client(timeout=30) as client:
+                    for _ in range(requests):
+                        response = client.post(f"{app_url}/v1/rerank", json={"query": "cache", "documents": ["a", "b"]})
+                        assert response.status_code == 200, response.text
+
+                def scraped_count() -> float | None:
+                    result = api(url, "query", query='sum(reranker_requests_total{route="/v1/rerank",status="ok"})')
+                    count = float(result["result"][0]["value"][1]) if result["result"] else None
+                    return count if count == requests else None
+
+                assert wait_for(f"Prometheus to count {requests} requests", scraped_count) == requests
+                (up,) = api(url, "query", query='up{job="reranker"}')["result"]
+                assert up["metric"]["instance"] == target and up["value"][1] == "1"
+
+                # Every series the dashboard and the alerts read is one the app exports.
+                exported = set(api(url, "label/__name__/values"))
+                read = {name for expr in dashboard_exprs(load_dashboard()) for name in metric_names(expr)}
+                rules = load_yaml(ALERTS)["groups"][0]["rules"]
+                read |= {name for rule in rules for name in metric_names(rule["expr"])}
+                assert read - exported == set()
+                for expr in dashboard_exprs(load_dashboard()):
+                    api(url, "query", query=as_promql(expr))
+
+                # The rules evaluate without error on live data, and healthy traffic raises no alert.
+                def evaluated_rules() -> list[dict[str, Any]]:
+                    groups = api(url, "rules")["groups"]
+                    evaluated = [rule for group in groups for rule in group["rules"] if rule["health"] != "unknown"]
+                    return evaluated if len(evaluated) == len(ALERT_NAMES) else []
+
+                for rule in wait_for("the alert rules to be evaluated", evaluated_rules):
+                    assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+                # Pending is tolerated (a slow CI machine may briefly cross a latency bound); firing is not.
+                firing = [a for a in api(url, "alerts")["alerts"] if a["state"] == "firing"]
+                assert firing == [], firing
+        finally:
+            handle.stop()
