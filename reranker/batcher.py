@@ -115,6 +115,13 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def wait(self, job: Job) -> None:
+        """Block until the job is scored; fail it rather than hang if the worker is gone."""
+        while not job.done.wait(1.0):
+            if not self._thread.is_alive():
+                job.error = job.error or ScoringError("the scoring worker stopped; restart the service")
+                job.done.set()
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued work, then stop the worker."""
         with self._cond:

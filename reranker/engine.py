@@ -146,7 +146,7 @@ class Reranker:
 
         plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
         job = self._batcher.submit(plan.pairs)
-        job.done.wait()
+        self._batcher.wait(job)
         if job.error is not None:
             raise job.error
         best = [-math.inf] * len(missing)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from reranker import OverloadedError, Reranker, ScoringError
-from reranker.batcher import cut_batches, is_out_of_memory
+from reranker.batcher import Batcher, Job, cut_batches, is_out_of_memory
 from reranker.metrics import Metrics
 from reranker.model import EncodedPair, ScoringModel
 from tests.conftest import model_settings
@@ -154,3 +155,12 @@ def test_a_request_larger_than_the_queue_is_a_limit_error(bert_model: ScoringMod
     with Reranker(bert_model, settings) as reranker:
         with pytest.raises(LimitExceededError, match="RERANKER_MAX_QUEUE=3"):
             reranker.rerank("q", ["a", "b", "c", "d"])
+
+
+def test_a_dead_worker_fails_requests_instead_of_hanging(bert_model: ScoringModel) -> None:
+    batcher = Batcher(bert_model.score, batch_tokens=1024, max_queue=100, metrics=Metrics(CollectorRegistry()))
+    batcher.close()  # the worker exits; a job that still gets queued must not wait forever
+    job = Job(bert_model.encode([("q", "d")]))
+    started = time.monotonic()
+    batcher.wait(job)
+    assert isinstance(job.error, ScoringError) and time.monotonic() - started < 5

@@ -54,3 +54,17 @@ def test_start_sh_rejects_a_bad_setting() -> None:
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "RERANKER_DTYPE='fp8' is not valid; use one of: auto, float32, float16, bfloat16" in output
+
+
+def test_start_sh_names_the_metrics_port_when_it_is_taken(bert_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_METRICS_PORT": str(port)})
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in output and "RERANKER_METRICS_PORT" in output
+    assert "model loaded" not in output  # it stopped before loading the model
