@@ -6,29 +6,30 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-# Defaults before gradio or huggingface_hub are imported: nothing phones home, nothing draws progress bars.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import uvicorn  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-import metrics_server  # noqa: E402
-from reranker import ModelLoadError, Reranker, Settings, SettingsError  # noqa: E402
-from reranker.gpu import GpuCollector  # noqa: E402
-from reranker.logs import setup_logging  # noqa: E402
-from reranker.metrics import Metrics  # noqa: E402
-from web.http import create_app  # noqa: E402
-from web.routes import package_versions  # noqa: E402
+if TYPE_CHECKING:
+    from reranker import Reranker
 
 logger = logging.getLogger("reranker.app")
+
+# Set before gradio or huggingface_hub are imported (in main): nothing phones home or draws progress bars.
+QUIET_DEFAULTS = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def main() -> int:
     """Run the service until SIGINT/SIGTERM; return the process exit status."""
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+    from reranker.logs import setup_logging
+    from reranker.settings import Settings, SettingsError
+
     try:
         settings = Settings.from_env()
     except SettingsError as err:
@@ -36,6 +37,13 @@ def main() -> int:
         logger.error("configuration error: %s", err, extra={"error_type": "configuration"})
         return 2
     setup_logging(settings.log_level)
+
+    from prometheus_client import CollectorRegistry
+
+    import metrics_server
+    from reranker import ModelLoadError, Reranker
+    from reranker.gpu import GpuCollector
+    from reranker.metrics import Metrics
 
     registry = CollectorRegistry()
     metrics = Metrics(registry, process_collector=True)
@@ -64,12 +72,20 @@ def main() -> int:
 
 def serve(reranker: Reranker) -> None:
     """Serve the UI and API until a signal asks to stop."""
+    import uvicorn
+
+    from web.http import create_app
+    from web.routes import package_versions
+
     model, settings = reranker.model, reranker.settings
     logger.info("model ready", extra={
         "model": model.model_id, "device": model.device, "dtype": model.dtype, "max_length": model.max_length,
         "load_seconds": round(model.load_seconds, 3), "batch_tokens": reranker.batch_tokens,
         "versions": package_versions(),
     })
+    if settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("RERANKER_API_KEY guards the JSON routes only; the Gradio UI and Gradio API on "
+                       "%s are open: put them behind your proxy's authentication", settings.host)
     server = uvicorn.Server(uvicorn.Config(
         create_app(reranker), host=settings.host, port=settings.port,
         log_config=None,  # our JSON handlers on the root logger, not uvicorn's own

@@ -5,6 +5,7 @@ from __future__ import annotations
 from reranker.engine import RankedDocument, Reranker, RerankResult, RerankStats
 from reranker.errors import (
     ClosedError,
+    InvalidTypeError,
     LimitExceededError,
     ModelLoadError,
     OverloadedError,
@@ -16,6 +17,7 @@ from reranker.settings import Settings, SettingsError
 
 __all__ = [
     "ClosedError",
+    "InvalidTypeError",
     "LimitExceededError",
     "ModelLoadError",
     "OverloadedError",

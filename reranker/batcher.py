@@ -37,6 +37,7 @@ class Job:
     scores: torch.Tensor = field(init=False)
     error: Exception | None = None
     remaining: int = field(init=False)
+    finished: list[bool] = field(init=False)
     done: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -45,6 +46,7 @@ class Job:
     def __post_init__(self) -> None:
         self.scores = torch.full((len(self.pairs),), float("nan"))
         self.remaining = len(self.pairs)
+        self.finished = [False] * len(self.pairs)
         if not self.pairs:
             self.done.set()
 
@@ -151,35 +153,23 @@ class Batcher:
     def _run_batch(self, items: list[_Item]) -> None:
         try:
             self._score_with_retry(items)
-        except Exception as err:  # the worker must outlive any model failure
+        except Exception as err:  # the worker must outlive anything; _fail skips what already finished
             logger.exception("scoring a batch failed", extra={"batch_size": len(items)})
             self._fail(items, ScoringError("the model failed to score this request"), err)
 
     def _score_with_retry(self, items: list[_Item]) -> None:
+        """Score items; on failure halve and retry, so that only a pair that fails alone fails its request."""
         pairs = [item.job.pairs[item.position] for item in items]
         started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             scores = self._score_fn(pairs)
         except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(items) == 1:
-                self._fail(
-                    items,
-                    ScoringError(
-                        f"out of memory scoring one document of {items[0].n_tokens} tokens; lower "
-                        "RERANKER_MAX_LENGTH or send a shorter document"
-                    ),
-                    err,
-                )
-                return
-            self._metrics.oom_retries.inc()
-            half = len(items) // 2
-            logger.warning("out of memory; retrying as two halves", extra={"batch_size": len(items)})
-            self._score_with_retry(items[:half])
-            self._score_with_retry(items[half:])
+            # Keep no traceback: its frames hold the failed pass's tensors, which must be freed before
+            # the retry (the PyTorch FAQ's out-of-memory pitfall). Retry outside this except block.
+            failure = err.with_traceback(None)
+        if failure is not None:
+            self._recover(items, failure)
             return
         elapsed = time.perf_counter() - started
         self._metrics.inference_seconds.observe(elapsed)
@@ -192,18 +182,48 @@ class Batcher:
             item.job.inference_seconds += share
         self._finish(items)
 
+    def _recover(self, items: list[_Item], failure: BaseException) -> None:
+        out_of_memory = is_out_of_memory(failure)
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            if out_of_memory:
+                error = ScoringError(
+                    f"out of memory scoring one document of {items[0].n_tokens} tokens; lower "
+                    "RERANKER_MAX_LENGTH or send a shorter document"
+                )
+            else:
+                logger.error("the model failed on one pair", exc_info=failure)
+                error = ScoringError("the model failed to score this request")
+            self._fail(items, error, failure)
+            return
+        if out_of_memory:
+            self._metrics.oom_retries.inc()
+            logger.warning("out of memory; retrying as two halves", extra={"batch_size": len(items)})
+        else:
+            # A failure that is not about memory is split too, so one bad pair cannot fail the other
+            # requests that happened to share its batch.
+            logger.warning("a batch failed; retrying as two halves to isolate the pair",
+                           extra={"batch_size": len(items), "error": f"{type(failure).__name__}: {failure}"})
+        half = len(items) // 2
+        self._score_with_retry(items[:half])
+        self._score_with_retry(items[half:])
+
     def _fail(self, items: list[_Item], error: ScoringError, cause: BaseException) -> None:
         error.__cause__ = cause
         for item in items:
-            if item.job.error is None:
+            if not item.job.finished[item.position] and item.job.error is None:
                 item.job.error = error
         self._finish(items)
 
     def _finish(self, items: list[_Item]) -> None:
+        """Mark items done, each at most once, whatever path got them here."""
+        fresh = [item for item in items if not item.job.finished[item.position]]
         with self._cond:
-            self._queued_pairs -= len(items)
+            self._queued_pairs -= len(fresh)
             self._metrics.queue_pairs.set(self._queued_pairs)
-        for item in items:
+        for item in fresh:
+            item.job.finished[item.position] = True
             item.job.remaining -= 1
             if item.job.remaining == 0:
                 item.job.done.set()

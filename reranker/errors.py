@@ -11,6 +11,10 @@ class ValidationError(RerankerError, ValueError):
     """The request is malformed; the message says what to change (HTTP 400/422)."""
 
 
+class InvalidTypeError(ValidationError):
+    """A field has the wrong type or shape (HTTP 422)."""
+
+
 class LimitExceededError(ValidationError):
     """The request is well-formed but over a configured limit (HTTP 413)."""
 

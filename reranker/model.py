@@ -137,13 +137,18 @@ class ScoringModel:
         return scores.float().cpu()
 
 
-def model_length_limit(cross_encoder: CrossEncoder) -> int | None:
-    """The longest input the model can take, from its tokenizer or position embeddings."""
-    tokenizer = cross_encoder.tokenizer
-    if tokenizer is not None and 0 < tokenizer.model_max_length < _NO_LIMIT:
-        return int(tokenizer.model_max_length)
-    positions = getattr(cross_encoder.config, "max_position_embeddings", None)
-    return int(positions) if positions else None
+def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | None:
+    """The longest input the model can take, from its tokenizer or else its position embeddings."""
+    if tokenizer_max_length is not None and 0 < tokenizer_max_length < _NO_LIMIT:
+        return int(tokenizer_max_length)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    pad = getattr(config, "pad_token_id", None)
+    if "roberta" in str(getattr(config, "model_type", "")) and pad is not None:
+        # RoBERTa-style position ids start after the padding index: 514 embeddings hold 512 tokens.
+        return int(positions) - int(pad) - 1
+    return int(positions)
 
 
 def load_model(settings: Settings) -> ScoringModel:
@@ -171,7 +176,8 @@ def load_model(settings: Settings) -> ScoringModel:
             f"model {settings.model!r} has {cross_encoder.num_labels} output labels; a reranker needs exactly one "
             "relevance logit (use a cross-encoder trained for reranking)"
         )
-    limit = model_length_limit(cross_encoder)
+    tokenizer = cross_encoder.tokenizer
+    limit = model_length_limit(tokenizer.model_max_length if tokenizer else None, cross_encoder.config)
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()

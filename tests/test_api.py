@@ -38,7 +38,9 @@ def url(live: tuple[str, Reranker]) -> str:
 
 
 def post(url: str, path: str, body: Any, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{url}{path}", json=body, timeout=30, **kwargs)
+    # json.dumps escapes non-ASCII (lone surrogates included) as \\uXXXX, as most JSON clients do.
+    headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{url}{path}", content=json.dumps(body).encode(), headers=headers, timeout=30, **kwargs)
 
 
 def test_cohere_rerank(url: str) -> None:
@@ -146,7 +148,12 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("TEI too many texts", "/rerank", {"query": "q", "texts": ["t"] * 21}, 413),
     ("predict data too short", "/api/predict", {"data": ["q"]}, 422),
     ("predict data not a list", "/api/predict", {"data": "q"}, 422),
-    ("predict documents of numbers", "/api/predict", {"data": ["q", [1, 2]]}, 400),
+    ("predict documents of numbers", "/api/predict", {"data": ["q", [1, 2]]}, 422),
+    ("predict query a number", "/api/predict", {"data": [123, ["a"]]}, 422),
+    ("predict top_n a string", "/api/predict", {"data": ["q", ["a"], "2"]}, 422),
+    ("lone surrogate in query", "/v1/rerank", {"query": "q\ud800", "documents": ["a"]}, 400),
+    ("lone surrogate in a document", "/v1/rerank", {"query": "q", "documents": ["a\udc00"]}, 400),
+    ("lone surrogate in a TEI text", "/rerank", {"query": "q", "texts": ["a\udc00"]}, 400),
     ("predict empty query", "/api/predict", {"data": ["", "a\nb"]}, 400),
     ("predict top_n negative", "/api/predict", {"data": ["q", "a", -3]}, 400),
 ]
@@ -203,6 +210,9 @@ def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Pa
                 response = client.post(path, json=payload, headers=headers)
                 assert response.status_code == 401 and "Bearer" in response.json()["error"]["message"]
             assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # The key is checked before the body is read: a stranger learns nothing about the body's shape.
+        unauthorized = client.post("/v1/rerank", content=b"{", headers={"content-type": "application/json"})
+        assert unauthorized.status_code == 401 and unauthorized.headers["x-request-id"]
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
 
@@ -260,3 +270,11 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     (tmp_path / "bad.csv").write_text("id,body\n1,x\n")
     with pytest.raises(gr.Error, match='needs a header row with a "text" column'):
         predict("doc", "", None, "", False, str(tmp_path / "bad.csv"))
+    # A field over the csv module's 128 KiB cap gets the engine's limit message, not a csv.Error.
+    (tmp_path / "big.csv").write_text("text\n" + "x" * 200_000 + "\n")
+    roomy = model_settings(Path(live[1].model.model_id), max_body_bytes=1 << 20, max_doc_chars=2000)
+    with Reranker(live[1].model, roomy) as reranker, pytest.raises(gr.Error, match=r"has 200000 characters"):
+        make_predict(RerankService(reranker))("doc", "", None, "", False, str(tmp_path / "big.csv"))
+    invalid_ui = live[1].metrics.registry.get_sample_value("reranker_requests_total",
+                                                           {"route": "ui", "status": "invalid"})
+    assert invalid_ui is not None and invalid_ui >= 2  # the bad uploads are counted like bad requests

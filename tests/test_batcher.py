@@ -164,3 +164,90 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(bert_model: ScoringMode
     started = time.monotonic()
     batcher.wait(job)
     assert isinstance(job.error, ScoringError) and time.monotonic() - started < 5
+
+
+def test_a_pair_that_breaks_the_model_fails_only_its_own_request(bert_model: ScoringModel,
+                                                                  metrics: Metrics) -> None:
+    poison = "poison " * 20
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        if any(pair.n_tokens > 20 for pair in batch):
+            raise RuntimeError("index out of range in self")
+        return bert_model.score(batch)
+
+    release = threading.Event()
+
+    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        release.wait(30)  # hold the worker so both requests land in one batch
+        return scorer(batch)
+
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    outcomes: dict[str, object] = {}
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker:
+        warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
+        warm.start()
+        while reranker.queued_pairs < 1:
+            time.sleep(0.01)
+
+        def call(name: str, docs: list[str]) -> None:
+            try:
+                outcomes[name] = reranker.rerank("q", docs)
+            except Exception as err:
+                outcomes[name] = err
+
+        threads = [threading.Thread(target=call, args=a) for a in (("good", ["a", "b", "c"]), ("bad", [poison]))]
+        for thread in threads:
+            thread.start()
+        while reranker.queued_pairs < 5:
+            time.sleep(0.01)
+        release.set()
+        for thread in [warm, *threads]:
+            thread.join(30)
+        assert isinstance(outcomes["good"], list) and len(outcomes["good"]) == 3
+        assert isinstance(outcomes["bad"], ScoringError) and "index" not in str(outcomes["bad"])
+        assert reranker.queued_pairs == 0
+    assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
+
+
+def test_a_request_finished_before_a_later_failure_stays_successful(bert_model: ScoringModel) -> None:
+    """OOM on the full batch, the first half scores, the second half fails: each job gets one outcome."""
+    calls = {"n": 0}
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        if calls["n"] == 3:
+            raise RuntimeError("device-side assert")
+        return torch.ones(len(batch))
+
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(scorer, batch_tokens=10**6, max_queue=100, metrics=metrics)
+    pairs = bert_model.encode([("q", "a"), ("q", "b")])
+    # Submit both before the worker wakes, so they share one batch.
+    with batcher._cond:
+        first, second = batcher.submit(pairs[:1]), batcher.submit(pairs[1:])
+    batcher.wait(first)
+    batcher.wait(second)
+    batcher.close()
+    assert first.error is None and first.scores.tolist() == [1.0]
+    assert isinstance(second.error, ScoringError)
+    assert batcher.queued_pairs == 0 and metrics.registry.get_sample_value("reranker_queue_pairs") == 0
+
+
+def test_the_failed_pass_is_freed_before_the_retry(bert_model: ScoringModel) -> None:
+    import weakref
+
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        if len(batch) > 1:
+            activations = torch.zeros(1024)
+            refs.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        assert all(ref() is None for ref in refs), "the failed pass is still referenced during the retry"
+        return bert_model.score(batch)
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=0), score_fn=scorer) as r:
+        assert len(r.rerank("q", ["a", "b", "c", "d"])) == 4
+    assert refs

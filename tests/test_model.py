@@ -65,6 +65,19 @@ def test_max_length_is_capped_at_the_models_limit(tmp_path: Path) -> None:
     assert load_model(model_settings(path, max_length=64)).max_length == 64
 
 
+def test_length_limit_from_tokenizer_or_positions() -> None:
+    from types import SimpleNamespace
+
+    from reranker.model import model_length_limit
+
+    bert = SimpleNamespace(model_type="bert", max_position_embeddings=512, pad_token_id=0)
+    xlmr = SimpleNamespace(model_type="xlm-roberta", max_position_embeddings=8194, pad_token_id=1)
+    assert model_length_limit(8192, xlmr) == 8192
+    assert model_length_limit(int(1e30), xlmr) == 8192  # no tokenizer limit: 8194 embeddings, 2 unusable
+    assert model_length_limit(None, bert) == 512
+    assert model_length_limit(None, SimpleNamespace()) is None
+
+
 def test_classic_cross_encoder_takes_no_instruction(bert_model: ScoringModel, causal_model: ScoringModel) -> None:
     assert not bert_model.is_causal and not bert_model.accepts_instruction
     assert causal_model.is_causal and causal_model.accepts_instruction

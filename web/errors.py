@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from reranker import (
     ClosedError,
+    InvalidTypeError,
     LimitExceededError,
     OverloadedError,
     RerankerError,
@@ -38,6 +39,8 @@ def to_http_error(err: BaseException) -> HttpError:
         return err
     if isinstance(err, LimitExceededError):
         return HttpError(413, "limit_exceeded", str(err))
+    if isinstance(err, InvalidTypeError):
+        return HttpError(422, "invalid_type", str(err))
     if isinstance(err, ValidationError):
         return HttpError(400, "invalid_request", str(err))
     if isinstance(err, OverloadedError):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI, Request
@@ -15,70 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
+from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
 from web.routes import build_router
 from web.service import RerankService
 from web.ui import build_ui
 
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-LIMITED_PATHS = frozenset({"/v1/rerank", "/rerank", "/api/predict"})
-
-
-class BodyLimit:
-    """Refuse bodies over `limit` bytes on the JSON routes with 413, before they are parsed."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int,
-                 on_refuse: Callable[[str, HttpError], None]) -> None:
-        self.app = app
-        self.limit = limit
-        self.on_refuse = on_refuse
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/") not in LIMITED_PATHS:
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, receive, send)  # the client went away; let the app see it
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = HttpError(413, "limit_exceeded",
-                          f"request body is over {self.limit} bytes; send fewer documents or raise "
-                          "RERANKER_MAX_BODY_BYTES")
-        self.on_refuse(scope["path"].rstrip("/"), error)
-        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
-
 
 def _validation_error(err: RequestValidationError) -> HttpError:
     problems = err.errors()
@@ -133,9 +74,11 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         error = to_http_error(err)
         return JSONResponse(error.body(), status_code=error.status)
 
-    app.include_router(build_router(service, reranker.settings.api_key))
+    app.include_router(build_router(service))
+    # Starlette runs the last added first: request id, then the key, then the body limit.
     app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=refused)
-    app.add_middleware(RequestIdMiddleware)  # added last: runs first, so even a 413 carries the id
+    app.add_middleware(BearerKey, api_key=reranker.settings.api_key, on_refuse=refused)
+    app.add_middleware(RequestIdMiddleware)
     if ui:
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True)

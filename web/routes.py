@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import platform
-import secrets
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from web.errors import HttpError
@@ -47,22 +46,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def build_router(service: RerankService, api_key: str | None) -> APIRouter:
-    """Routes over one reranker; the bearer key (when set) guards the rerank routes."""
+def build_router(service: RerankService) -> APIRouter:
+    """Routes over one reranker (the bearer key is checked by web.middleware before them)."""
     reranker = service.reranker
-
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise HttpError(401, "unauthorized", "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
-
-    guarded = [Depends(require_key)]
     router = APIRouter()
 
     @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES,
-                 dependencies=guarded, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
+                 tags=["rerank"], summary="Cohere/Jina-compatible rerank")
     def cohere_rerank(body: CohereRerankRequest) -> CohereRerankResponse:
         texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
         result = service.rerank("/v1/rerank", RerankCall(
@@ -79,7 +69,7 @@ def build_router(service: RerankService, api_key: str | None) -> APIRouter:
         )
 
     @router.post("/rerank", response_model=list[TeiResult], response_model_exclude_none=True,
-                 responses=ERROR_RESPONSES, dependencies=guarded, tags=["rerank"],
+                 responses=ERROR_RESPONSES, tags=["rerank"],
                  summary="Hugging Face TEI-compatible rerank")
     def tei_rerank(body: TeiRerankRequest) -> list[TeiResult]:
         result = service.rerank("/rerank", RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores))
@@ -87,7 +77,7 @@ def build_router(service: RerankService, api_key: str | None) -> APIRouter:
                 for r in result.results]
 
     @router.post("/api/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
-                 dependencies=guarded, tags=["rerank"], summary="Gradio-style predict, for older Gradio clients")
+                 tags=["rerank"], summary="Gradio-style predict, for older Gradio clients")
     def gradio_predict(body: PredictRequest) -> PredictResponse:
         data = body.data
         if not 2 <= len(data) <= 4:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from reranker import RerankResult
-from web.errors import HttpError
+from reranker import RerankResult, ValidationError
+from web.errors import HttpError, to_http_error
 from web.monitoring import Monitor, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.uploads import read_documents
@@ -46,18 +46,21 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
                 raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
-        try:
-            docs = split_lines(documents or "")
-            if file:
+        docs = split_lines(documents or "")
+        if file:
+            try:
                 docs += read_documents(file, settings.max_body_bytes)
-            n = None if top_n in (None, 0) else top_n
-            if isinstance(n, float) and n.is_integer():
-                n = int(n)
+            except ValidationError as err:
+                error = to_http_error(err)
+                service.refused("ui", error)
+                raise gr.Error(error.message) from None
+        n = None if top_n in (None, 0) else top_n
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        try:
             result = service.rerank("ui", RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
         except HttpError as err:
             raise gr.Error(err.message) from None
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
         rows = [[rank, round(r.score, 6), r.index, _preview(r.document)]
                 for rank, r in enumerate(result.results, start=1)]
         return rows, status_line(result)

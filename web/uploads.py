@@ -28,7 +28,7 @@ def read_documents(path: str | Path, max_bytes: int) -> list[str]:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
         return _jsonl(path.name, text)
-    return _csv(path.name, text)
+    return _csv(path.name, text, max_bytes)
 
 
 def _jsonl(name: str, text: str) -> list[str]:
@@ -46,8 +46,13 @@ def _jsonl(name: str, text: str) -> list[str]:
     return documents
 
 
-def _csv(name: str, text: str) -> list[str]:
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise ValidationError(f'{name} needs a header row with a "text" column')
-    return [row["text"] for row in reader if row.get("text")]
+def _csv(name: str, text: str, max_field: int) -> list[str]:
+    # The csv module's own field cap (128 KiB) is not ours: the engine's limits apply later, with their message.
+    csv.field_size_limit(max(max_field, csv.field_size_limit()))
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or "text" not in reader.fieldnames:
+            raise ValidationError(f'{name} needs a header row with a "text" column')
+        return [row["text"] for row in reader if row.get("text")]
+    except csv.Error as err:
+        raise ValidationError(f"{name} is not valid CSV (line {reader.line_num}): {err}") from None

@@ -1,0 +1,104 @@
+"""ASGI middleware of the JSON routes: the bearer key and the body-size limit, both before any parsing."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from web.errors import HttpError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+OnRefuse = Callable[[str, HttpError], None]
+
+LIMITED_PATHS = frozenset({"/v1/rerank", "/rerank", "/api/predict"})
+
+
+def _route(scope: Scope) -> str | None:
+    if scope["type"] != "http":
+        return None
+    path = str(scope["path"]).rstrip("/")
+    return path if path in LIMITED_PATHS else None
+
+
+async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+
+
+class BearerKey:
+    """With RERANKER_API_KEY set, the JSON routes need `Authorization: Bearer <key>`; checked first."""
+
+    def __init__(self, app: App, api_key: str | None, on_refuse: OnRefuse) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _route(scope)
+        if self.key is None or route is None:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        error = HttpError(401, "unauthorized", "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
+        self.on_refuse(route, error)
+        await _answer(error, scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes on the JSON routes with 413, before they are parsed."""
+
+    def __init__(self, app: App, limit: int, on_refuse: OnRefuse) -> None:
+        self.app = app
+        self.limit = limit
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _route(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(route, scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # the client went away; let the app see it
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(route, scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
+        error = HttpError(413, "limit_exceeded",
+                          f"request body is over {self.limit} bytes; send fewer documents or raise "
+                          "RERANKER_MAX_BODY_BYTES")
+        self.on_refuse(route, error)
+        await _answer(error, scope, receive, send)
