@@ -92,6 +92,10 @@ class Batcher:
         self._thread.start()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def queued_pairs(self) -> int:
         return self._queued_pairs
 

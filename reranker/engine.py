@@ -109,7 +109,6 @@ class Reranker:
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.metrics.queue_capacity_pairs.set(settings.max_queue)
-        self._ready = True
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Reranker:
@@ -125,13 +124,12 @@ class Reranker:
 
     def close(self) -> None:
         """Finish queued work and stop the worker."""
-        self._ready = False
         self._batcher.close()
 
     @property
     def ready(self) -> bool:
         """True from a loaded, warmed model until close()."""
-        return self._ready
+        return not self._batcher.closed
 
     @property
     def queued_pairs(self) -> int:
@@ -147,6 +145,7 @@ class Reranker:
         """As `rerank`, with the call's statistics."""
         started = time.perf_counter()
         self.validate(query, documents, top_n, instruction)
+        self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction or None
         keys = [self._key(query, doc, instruction) for doc in documents]
         logits: list[float | None] = [self._cache.get(key) for key in keys]

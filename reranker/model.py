@@ -63,12 +63,11 @@ class ScoringModel:
     """A loaded cross-encoder: tokenizes pairs and turns a batch of them into float32 logits."""
 
     def __init__(
-        self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int, load_seconds: float = 0.0
-    ) -> None:
+        self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int) -> None:
         self.cross_encoder = cross_encoder
         self.model_id = model_id
         self.max_length = max_length
-        self.load_seconds = load_seconds
+        self.load_seconds = 0.0  # set by load_model once the model is warm
         self.device = str(cross_encoder.device)
         self.dtype = str(next(cross_encoder.parameters()).dtype).removeprefix("torch.")
         self.is_causal = any(isinstance(module, LogitScore) for module in cross_encoder)
@@ -181,9 +180,7 @@ def load_model(settings: Settings) -> ScoringModel:
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()
-    model = ScoringModel(
-        cross_encoder, model_id=settings.model, max_length=max_length, load_seconds=time.perf_counter() - started
-    )
+    model = ScoringModel(cross_encoder, model_id=settings.model, max_length=max_length)
     model.score(model.encode([("warm-up query", "warm-up document")]))
     model.load_seconds = time.perf_counter() - started
     logger.info(

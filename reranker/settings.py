@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -157,21 +158,18 @@ def _log_level(name: str, raw: str) -> str:
     return value
 
 
-def _non_negative_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not valid; use a number >= 0") from None
-    if not value >= 0 or value == float("inf"):
-        raise SettingsError(f"{name}={raw!r} is not valid; use a number >= 0")
-    return value
+def _float(low: float, high: float, accepted: str) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # NaN fails too
+            raise SettingsError(f"{name}={raw!r} is not valid; use {accepted}")
+        return value
+
+    return parse
 
 
-def _ratio(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not valid; use a number from 0 to 1") from None
-    if not 0.0 <= value <= 1.0:
-        raise SettingsError(f"{name}={raw!r} is not valid; use a number from 0 to 1")
-    return value
+_non_negative_float = _float(0.0, sys.float_info.max, "a number >= 0")  # finite, too
+_ratio = _float(0.0, 1.0, "a number from 0 to 1")

@@ -33,22 +33,25 @@ class HttpError(Exception):
         return {"error": {"type": self.type, "message": self.message}}
 
 
+# Most specific first: the first class the error is an instance of decides. Their messages are written
+# for the caller; any other error gets a fixed message, so internal details never leave the process.
+STATUSES: list[tuple[type[RerankerError], int, str]] = [
+    (LimitExceededError, 413, "limit_exceeded"),
+    (InvalidTypeError, 422, "invalid_type"),
+    (ValidationError, 400, "invalid_request"),
+    (OverloadedError, 429, "overloaded"),
+    (ClosedError, 503, "not_ready"),
+    (ScoringError, 500, "scoring_failed"),
+]
+
+
 def to_http_error(err: BaseException) -> HttpError:
-    """Map any exception to the answer the caller sees; internal details never leave the process."""
+    """Map any exception to the answer the caller sees."""
     if isinstance(err, HttpError):
         return err
-    if isinstance(err, LimitExceededError):
-        return HttpError(413, "limit_exceeded", str(err))
-    if isinstance(err, InvalidTypeError):
-        return HttpError(422, "invalid_type", str(err))
-    if isinstance(err, ValidationError):
-        return HttpError(400, "invalid_request", str(err))
-    if isinstance(err, OverloadedError):
-        return HttpError(429, "overloaded", str(err))
-    if isinstance(err, ClosedError):
-        return HttpError(503, "not_ready", str(err))
-    if isinstance(err, ScoringError):
-        return HttpError(500, "scoring_failed", str(err))
+    for kind, status, name in STATUSES:
+        if isinstance(err, kind):
+            return HttpError(status, name, str(err))
     if isinstance(err, RerankerError):
         return HttpError(500, "internal_error", "the request could not be served")
     return HttpError(500, "internal_error", "internal error; the service logged the details")

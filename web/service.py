@@ -50,12 +50,9 @@ class RerankService:
         error: HttpError | None = None
         result: RerankResult | None = None
         try:
-            reranker.validate(call.query, call.documents, call.top_n, call.instruction)
-            documents: Sequence[str] = call.documents  # type: ignore[assignment]
-            metrics.documents_per_request.observe(len(documents))
+            # The engine validates the untyped fields before any work; bad ones raise ValidationError.
             result = reranker.rerank_detailed(
-                call.query,  # type: ignore[arg-type]
-                documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
+                call.query, call.documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
             )
             return result
         except Exception as err:
