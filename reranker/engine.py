@@ -17,8 +17,9 @@ from reranker.cache import ScoreCache, pair_key
 from reranker.errors import InvalidTypeError, LimitExceededError, ScoringError, ValidationError
 from reranker.longdocs import window_spans
 from reranker.metrics import Metrics
-from reranker.model import EncodedPair, ScoringModel, load_model
+from reranker.model import ScoringModel, load_model
 from reranker.settings import Settings
+from reranker.tokens import EncodedPair
 
 # Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
 # thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
@@ -100,7 +101,7 @@ class Reranker:
         self._cache = ScoreCache(settings.cache_size)
         self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
         self._batcher = Batcher(
-            score_fn or model.score, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
+            score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
             metrics=self.metrics,
         )
         self.metrics.model_info.info({
@@ -160,7 +161,7 @@ class Reranker:
         if job.error is not None:
             raise job.error
         best = [-math.inf] * len(missing)
-        for owner, score in zip(plan.owners, job.scores.tolist(), strict=True):
+        for owner, score in zip(plan.owners, job.scores, strict=True):
             if not math.isfinite(score):
                 self.metrics.nonfinite_scores.inc()
                 raise ScoringError(
@@ -253,8 +254,9 @@ class Reranker:
 
     def _plan(self, query: str, documents: Sequence[str], instruction: str | None) -> _Plan:
         """Tokenize each document once; count truncations or split long ones into windows."""
+        encoder = self.model.encoder
         max_length = self.model.max_length
-        overhead = self.model.pair_overhead(query, instruction)
+        overhead = encoder.overhead(query, instruction)
         room = max_length - overhead
         # A classic cross-encoder truncates longest-first, which only spares the query while it is
         # under half the budget; a causal reranker's template cuts the document alone.
@@ -265,20 +267,23 @@ class Reranker:
                 f"{max_length} tokens, leaving {room} for a document; shorten the query so that at least "
                 f"{min_room} are left"
             )
-        offsets = self.model.token_offsets(documents)
+        chunking = self.settings.long_docs == "chunk"
         plan = _Plan()
-        texts: list[str] = []
-        for i, (doc, doc_offsets) in enumerate(zip(documents, offsets, strict=True)):
-            fits = len(doc_offsets) <= room
-            if fits or self.settings.long_docs == "truncate":
-                plan.truncated += not fits
-                texts.append(doc)
+        chunks: list[str] = []
+        chunk_owners: list[int] = []
+        window = room - CHUNK_MARGIN
+        for i, encoded in enumerate(encoder.encode(query, documents, instruction, offsets=chunking)):
+            if encoded.fits or not chunking:
+                plan.truncated += not encoded.fits
+                plan.pairs.append(encoded.pair)
                 plan.owners.append(i)
                 continue
             plan.chunked += 1
-            window = room - CHUNK_MARGIN
-            for start, end in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP)):
-                texts.append(doc[start:end])
-                plan.owners.append(i)
-        plan.pairs = self.model.encode([(query, text) for text in texts], instruction)
+            assert encoded.offsets is not None
+            for start, end in window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP)):
+                chunks.append(documents[i][start:end])
+                chunk_owners.append(i)
+        if chunks:
+            plan.pairs.extend(chunk.pair for chunk in encoder.encode(query, chunks, instruction))
+            plan.owners.extend(chunk_owners)
         return plan

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 from sentence_transformers.cross_encoder.modules import LogitScore
@@ -17,20 +16,13 @@ from sentence_transformers.cross_encoder.modules import LogitScore
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
+from reranker.tokens import EncodedPair, build_encoder
 
 logger = logging.getLogger(__name__)
 
 # Tokenizers report this sentinel (or larger) when they have no length limit of their own.
 _NO_LIMIT = 1_000_000
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    """One tokenized (query, document) pair: unpadded 1-D tensors plus the model's bookkeeping keys."""
-
-    features: dict[str, torch.Tensor]
-    n_tokens: int
-    extras: dict[str, Any] = field(default_factory=dict)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(setting: str) -> str:
@@ -50,20 +42,36 @@ def cpu_has_amx_bf16() -> bool:
     return bool(probe and probe())
 
 
-def resolve_dtype(setting: str, device: str) -> torch.dtype:
-    """`auto`: float16 on CUDA, bfloat16 on a CPU with AMX-BF16, else float32."""
+def resolve_dtype(setting: str, device: str, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """`auto`: on CUDA the checkpoint's own half type if it says bfloat16 (float16 can overflow on such
+    models, Qwen3-Reranker among them), else float16; bfloat16 on a CPU with AMX-BF16; else float32."""
     if setting != "auto":
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
+        return DTYPES[setting]
     if device.startswith("cuda"):
-        return torch.float16
+        return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
     return torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
 
 
-class ScoringModel:
-    """A loaded cross-encoder: tokenizes pairs and turns a batch of them into float32 logits."""
+def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | None:
+    """The dtype a checkpoint's config.json declares (`dtype`, formerly `torch_dtype`), if it can be read."""
+    from transformers import AutoConfig
 
-    def __init__(
-        self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int) -> None:
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except Exception:  # the model load that follows reports the real problem
+        return None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(declared).removeprefix("torch.") if declared else None
+
+
+class ScoringModel:
+    """A loaded cross-encoder: pairs in (see reranker.tokens), float32 logits out, one padded batch at a time.
+
+    Scoring is split for the worker's pipeline: `collate` pads on the CPU (any thread), `launch` copies to
+    the device and starts the forward pass (the worker thread only), and `wait` returns the scores.
+    """
+
+    def __init__(self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int) -> None:
         self.cross_encoder = cross_encoder
         self.model_id = model_id
         self.max_length = max_length
@@ -75,11 +83,13 @@ class ScoringModel:
         if tokenizer is None:
             raise ModelLoadError(f"model {model_id!r} has no tokenizer; a text reranker needs one")
         self.tokenizer = tokenizer
-        self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
+        self.encoder = build_encoder(cross_encoder, tokenizer, max_length, causal=self.is_causal)
+        self._pad_id = tokenizer.pad_token_id or 0
         self._pad_left = tokenizer.padding_side == "left"
-        # A fast tokenizer keeps its truncation/padding settings on one shared Rust object that every
-        # call rewrites, so two threads tokenizing at once can cut each other's pairs.
-        self._tokenizer_lock = threading.Lock()
+        # The non-tensor features preprocess adds (modality, logits_to_keep) are the same for every batch.
+        probe = cross_encoder.preprocess([("q", "d")])
+        self._extras = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)}
+        self._cuda = self.device.startswith("cuda")
 
     @property
     def accepts_instruction(self) -> bool:
@@ -87,53 +97,67 @@ class ScoringModel:
         return self.is_causal
 
     def encode(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[EncodedPair]:
-        """Tokenize pairs exactly as CrossEncoder.predict would, truncating to max_length."""
-        if not pairs:
-            return []
-        with self._tokenizer_lock:
-            features = self.cross_encoder.preprocess(list(pairs), prompt=instruction)
-        mask = features["attention_mask"].bool()
-        tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape}
-        extras = {k: v for k, v in features.items() if k not in tensors}
-        lengths = mask.sum(dim=1).tolist()
-        return [
-            EncodedPair({k: v[row][mask[row]] for k, v in tensors.items()}, int(lengths[row]), extras)
-            for row in range(mask.shape[0])
-        ]
-
-    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        """Character spans of each text's tokens, without special tokens."""
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
-            )
-        return [list(map(tuple, offsets)) for offsets in encoded["offset_mapping"]]
-
-    def pair_overhead(self, query: str, instruction: str | None = None) -> int:
-        """Tokens a pair spends before any document text: query, instruction, template, specials."""
-        return self.encode([(query, "")], instruction)[0].n_tokens
+        """Tokenize arbitrary pairs exactly as CrossEncoder.predict would, truncating to max_length."""
+        out: list[EncodedPair] = []
+        for query, document in pairs:
+            out.extend(doc.pair for doc in self.encoder.encode(query, [document], instruction))
+        return out
 
     def collate(self, batch: Sequence[EncodedPair]) -> dict[str, Any]:
-        """Pad a batch to its longest pair on the tokenizer's side and move it to the device."""
+        """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors."""
         width = max(pair.n_tokens for pair in batch)
-        features: dict[str, Any] = dict(batch[0].extras)
-        for key in batch[0].features:
-            pad_value = self._pad_values.get(key, 0)
-            rows = []
-            for pair in batch:
-                row = pair.features[key]
-                padding = row.new_full((width - row.shape[0],), pad_value)
-                rows.append(torch.cat([padding, row] if self._pad_left else [row, padding]))
-            features[key] = torch.stack(rows).to(self.cross_encoder.device)
+        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        types = np.zeros((len(batch), width), dtype=np.int64) if batch[0].token_type_ids is not None else None
+        for row, pair in enumerate(batch):
+            columns = slice(width - pair.n_tokens, width) if self._pad_left else slice(0, pair.n_tokens)
+            ids[row, columns] = pair.input_ids
+            mask[row, columns] = 1
+            if types is not None and pair.token_type_ids is not None:
+                types[row, columns] = pair.token_type_ids
+        features: dict[str, Any] = dict(self._extras)
+        features["input_ids"] = torch.from_numpy(ids)
+        features["attention_mask"] = torch.from_numpy(mask)
+        if types is not None:
+            features["token_type_ids"] = torch.from_numpy(types)
         return features
 
     @torch.inference_mode()
-    def score(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
-        """Raw logits of a batch as a 1-D float32 CPU tensor, in batch order."""
-        scores = self.cross_encoder(self.collate(batch))["scores"]
+    def launch(self, features: dict[str, Any]) -> PendingScores:
+        """Copy a collated batch to the device and start its forward pass; on a GPU this returns at once."""
+        device = self.cross_encoder.device
+        if self._cuda:
+            # Pinned staging makes the copies asynchronous; pinning here keeps every CUDA call on this thread.
+            features = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in features.items()}
+        scores = self.cross_encoder(features)["scores"]
         if scores.ndim > 1:
             scores = scores.squeeze(-1)
-        return scores.float().cpu()
+        scores = scores.float()
+        if not self._cuda:
+            return PendingScores(scores)
+        host = torch.empty(scores.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(scores, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingScores(host, done)
+
+    def score(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+        """Raw logits of a batch as a 1-D float32 CPU tensor, in batch order (collate, launch, wait)."""
+        return self.launch(self.collate(batch)).wait()
+
+
+class PendingScores:
+    """The scores of a launched batch; `wait` blocks until they are on the host."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        self._host = host
+        self._done = done
+
+    def wait(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()  # deliberate: the one synchronisation per batch, after its scores copy
+        return self._host
 
 
 def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | None:
@@ -153,7 +177,9 @@ def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | N
 def load_model(settings: Settings) -> ScoringModel:
     """Load, configure and warm the model named by RERANKER_MODEL; raise ModelLoadError on failure."""
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    on_gpu = settings.dtype == "auto" and device.startswith("cuda")
+    declared = checkpoint_dtype(settings.model, settings.trust_remote_code) if on_gpu else None
+    dtype = resolve_dtype(settings.dtype, device, declared)
     # The original Qwen3-Reranker checkpoints ship the chat template of the base LLM, which knows
     # nothing of query/document roles: give them the prompt of their model card, before loading, so
     # that sentence-transformers routes pairs through it.

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from reranker import OverloadedError, Reranker, ScoringError
 from reranker.batcher import Batcher, Job, cut_batches, is_out_of_memory
 from reranker.metrics import Metrics
-from reranker.model import EncodedPair, ScoringModel
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 
 
@@ -230,7 +231,7 @@ def test_a_request_finished_before_a_later_failure_stays_successful(bert_model: 
     batcher.wait(first)
     batcher.wait(second)
     batcher.close()
-    assert first.error is None and first.scores.tolist() == [1.0]
+    assert first.error is None and first.scores == [1.0]
     assert isinstance(second.error, ScoringError)
     assert batcher.queued_pairs == 0 and metrics.registry.get_sample_value("reranker_queue_pairs") == 0
 

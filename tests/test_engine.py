@@ -10,7 +10,8 @@ import torch
 
 from reranker import LimitExceededError, Reranker, ValidationError
 from reranker.metrics import Metrics
-from reranker.model import EncodedPair, ScoringModel
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 
 

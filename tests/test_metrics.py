@@ -19,7 +19,8 @@ import metrics_server
 from reranker import Reranker
 from reranker.gpu import GpuCollector, Nvml
 from reranker.metrics import Metrics
-from reranker.model import EncodedPair, ScoringModel
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from web.http import create_app
 

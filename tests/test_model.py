@@ -86,9 +86,9 @@ def test_classic_cross_encoder_takes_no_instruction(bert_model: ScoringModel, ca
 @pytest.mark.parametrize("instruction", [None, "Find the passage about rivers"])
 def test_qwen3_reranker_sees_the_model_card_prompt(causal_model: ScoringModel, instruction: str | None) -> None:
     [pair] = causal_model.encode([("which river is longest", "The Nile is long.")], instruction)
-    text = causal_model.tokenizer.decode(pair.features["input_ids"])
+    text = causal_model.tokenizer.decode(pair.input_ids)
     assert text == qwen3_reranker_prompt("which river is longest", "The Nile is long.", instruction)
-    assert pair.n_tokens == len(pair.features["input_ids"])
+    assert pair.n_tokens == len(pair.input_ids)
 
 
 def test_qwen3_prompt_text_is_pinned() -> None:
@@ -103,7 +103,7 @@ def test_qwen3_prompt_text_is_pinned() -> None:
 def test_causal_truncation_cuts_the_document_and_keeps_the_template_end(causal_model: ScoringModel) -> None:
     long_doc = "river " * 2000
     [pair] = causal_model.encode([("which river", long_doc)])
-    text = causal_model.tokenizer.decode(pair.features["input_ids"])
+    text = causal_model.tokenizer.decode(pair.input_ids)
     assert pair.n_tokens == causal_model.max_length
     assert "<Query>: which river\n" in text
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -1,0 +1,212 @@
+"""The device stage of the worker: the one thread that runs the model, with one batch in flight.
+
+The collating thread (reranker.batcher) hands over padded CPU batches through a queue of one. This thread
+copies a batch to the device and launches its forward pass, and only then waits for the batch before it
+and delivers that one's scores: on a GPU the next pass is already queued while Python finishes the last,
+so with work waiting the GPU never idles on Python. On the CPU a launch runs the pass to completion.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from reranker.errors import ScoringError
+from reranker.metrics import Metrics
+from reranker.tokens import EncodedPair
+
+logger = logging.getLogger(__name__)
+
+ScoreFn = Callable[[Sequence[EncodedPair]], torch.Tensor]
+
+
+class Pending(Protocol):
+    def wait(self) -> torch.Tensor:
+        """Block until the batch's float32 scores are on the host."""
+
+
+class Scorer(Protocol):
+    """What the worker needs of a model; reranker.model.ScoringModel is the real one."""
+
+    def collate(self, batch: Sequence[EncodedPair]) -> Any:
+        """Pad a batch into CPU features; runs on the collating thread."""
+
+    def launch(self, features: Any) -> Pending:
+        """Start scoring collated features; runs on the device thread only."""
+
+
+class _Done:
+    def __init__(self, scores: torch.Tensor) -> None:
+        self._scores = scores
+
+    def wait(self) -> torch.Tensor:
+        return self._scores
+
+
+class FunctionScorer:
+    """A plain `pairs -> scores` function (fakes in tests) as a scorer: nothing to collate, scored at launch."""
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        self._score_fn = score_fn
+
+    def collate(self, batch: Sequence[EncodedPair]) -> Sequence[EncodedPair]:
+        return batch
+
+    def launch(self, features: Sequence[EncodedPair]) -> Pending:
+        return _Done(self._score_fn(features))
+
+
+def as_scorer(model: Scorer | ScoreFn) -> Scorer:
+    if callable(model) and not hasattr(model, "launch"):
+        return FunctionScorer(model)
+    return model  # type: ignore[return-value]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA OOM, or a CPU allocation that failed inside torch."""
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and (
+        "can't allocate memory" in message or "out of memory" in message.lower()
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The pairs of one forward pass; `items` says whose they are (opaque here, one per pair)."""
+
+    pairs: Sequence[EncodedPair]
+    items: Sequence[Any]
+    features: Any = None  # collated already, or None to collate on the device thread (retries)
+
+    def split(self) -> tuple[Batch, Batch]:
+        half = len(self.pairs) // 2
+        return (Batch(self.pairs[:half], self.items[:half]), Batch(self.pairs[half:], self.items[half:]))
+
+
+# Hands each item its score (a float32 tensor in batch order) or the error that failed it, with the
+# device seconds the batch took.
+Deliver = Callable[[Sequence[Any], "torch.Tensor | ScoringError", float], None]
+
+
+@dataclass(frozen=True)
+class _Launched:
+    batch: Batch
+    pending: Pending
+    started: float
+
+
+STOP = object()
+
+
+class DeviceStage:
+    """Runs batches from `inbox` on the scorer, in order; the worker must outlive any failure."""
+
+    def __init__(self, scorer: Scorer, inbox: queue.Queue[Any], deliver: Deliver, metrics: Metrics) -> None:
+        self._scorer = scorer
+        self._inbox = inbox
+        self._deliver = deliver
+        self._metrics = metrics
+        self._last_done = 0.0
+        self.thread = threading.Thread(target=self._run, name="reranker-device", daemon=True)
+
+    def _run(self) -> None:
+        in_flight: _Launched | None = None
+        while True:
+            try:
+                batch = self._inbox.get(block=in_flight is None)
+            except queue.Empty:  # nothing waiting: finish the batch on the device
+                assert in_flight is not None
+                self._complete(in_flight)
+                in_flight = None
+                continue
+            if batch is STOP:
+                if in_flight is not None:
+                    self._complete(in_flight)
+                return
+            launched, failure = self._launch(batch)
+            if in_flight is not None:
+                self._complete(in_flight)
+            in_flight = launched
+            if failure is not None:
+                self._recover(batch, failure)
+
+    def _launch(self, batch: Batch) -> tuple[_Launched | None, BaseException | None]:
+        started = time.perf_counter()
+        try:
+            features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs)
+            return _Launched(batch, self._scorer.launch(features), started), None
+        except Exception as err:
+            # Keep no traceback: its frames hold the failed pass's tensors, which must be freed before
+            # the retry (the PyTorch FAQ's out-of-memory pitfall).
+            return None, err.with_traceback(None)
+
+    def _complete(self, launched: _Launched) -> None:
+        try:
+            scores = launched.pending.wait()
+        except Exception as err:
+            self._recover(launched.batch, err.with_traceback(None))
+            return
+        done = time.perf_counter()
+        # The time this batch had the device: from its launch, or from the end of the one queued before it.
+        elapsed = done - max(launched.started, self._last_done)
+        self._last_done = done
+        batch = launched.batch
+        self._metrics.inference_seconds.observe(elapsed)
+        self._metrics.batch_size.observe(len(batch.pairs))
+        self._metrics.batch_tokens.observe(len(batch.pairs) * max(pair.n_tokens for pair in batch.pairs))
+        self._metrics.pairs_scored.inc(len(batch.pairs))
+        self._deliver(batch.items, scores, elapsed)
+
+    def _score_now(self, batch: Batch) -> None:
+        launched, failure = self._launch(batch)
+        if launched is not None:
+            self._complete(launched)
+        else:
+            assert failure is not None
+            self._recover(batch, failure)
+
+    def _recover(self, batch: Batch, failure: BaseException) -> None:
+        """Halve and retry a failed batch, so that only a pair that fails alone fails its request."""
+        try:
+            self._bisect(batch, failure)
+        except Exception as err:  # the worker must outlive anything
+            logger.exception("recovering a failed batch failed", extra={"batch_size": len(batch.pairs)})
+            error = ScoringError("the model failed to score this request")
+            error.__cause__ = err
+            self._deliver(batch.items, error, 0.0)
+
+    def _bisect(self, batch: Batch, failure: BaseException) -> None:
+        out_of_memory = is_out_of_memory(failure)
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch.pairs) == 1:
+            if out_of_memory:
+                error = ScoringError(
+                    f"out of memory scoring one document of {batch.pairs[0].n_tokens} tokens; lower "
+                    "RERANKER_MAX_LENGTH or send a shorter document"
+                )
+            else:
+                logger.error("the model failed on one pair", exc_info=failure)
+                error = ScoringError("the model failed to score this request")
+            error.__cause__ = failure
+            self._deliver(batch.items, error, 0.0)
+            return
+        if out_of_memory:
+            self._metrics.oom_retries.inc()
+            logger.warning("out of memory; retrying as two halves", extra={"batch_size": len(batch.pairs)})
+        else:
+            # A failure that is not about memory is split too, so one bad pair cannot fail the other
+            # requests that happened to share its batch.
+            logger.warning("a batch failed; retrying as two halves to isolate the pair",
+                           extra={"batch_size": len(batch.pairs), "error": f"{type(failure).__name__}: {failure}"})
+        for half in batch.split():
+            self._score_now(half)
