@@ -20,7 +20,12 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from reranker import Reranker, Settings  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
 from reranker.model import ScoringModel, load_model  # noqa: E402
-from tests.tiny_models import build_bert_reranker, build_causal_reranker, random_text  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    build_bert_reranker,
+    build_causal_reranker,
+    build_xlmr_reranker,
+    random_text,
+)
 
 TEST_MAX_LENGTH = 256
 
@@ -28,6 +33,12 @@ TEST_MAX_LENGTH = 256
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bert_reranker(tmp_path_factory.mktemp("models") / "tiny-bert-reranker")
+
+
+@pytest.fixture(scope="session")
+def xlmr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # bge-reranker-v2-m3's layout: a SentencePiece-style vocabulary, <s> A </s></s> B </s>, no type ids.
+    return build_xlmr_reranker(tmp_path_factory.mktemp("models") / "tiny-xlmr-reranker")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +63,12 @@ def causal_model(causal_dir: Path) -> ScoringModel:
     return load_model(model_settings(causal_dir))
 
 
-@pytest.fixture(params=["bert", "causal"])
+@pytest.fixture(scope="session")
+def xlmr_model(xlmr_dir: Path) -> ScoringModel:
+    return load_model(model_settings(xlmr_dir))
+
+
+@pytest.fixture(params=["bert", "xlmr", "causal"])
 def any_model(request: pytest.FixtureRequest) -> ScoringModel:
     model: ScoringModel = request.getfixturevalue(f"{request.param}_model")
     return model

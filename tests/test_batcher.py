@@ -252,3 +252,53 @@ def test_the_failed_pass_is_freed_before_the_retry(bert_model: ScoringModel) -> 
     with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=0), score_fn=scorer) as r:
         assert len(r.rerank("q", ["a", "b", "c", "d"])) == 4
     assert refs
+
+
+class RecordingScorer:
+    """Logs the order of collate/launch/wait and which thread ran each."""
+
+    def __init__(self, model: ScoringModel) -> None:
+        self.model = model
+        self.events: list[str] = []
+        self.threads: dict[str, set[str]] = {"collate": set(), "launch": set(), "wait": set()}
+        self.launches = 0
+
+    def collate(self, batch: Sequence[EncodedPair]) -> tuple[int, Sequence[EncodedPair]]:
+        self.threads["collate"].add(threading.current_thread().name)
+        return len(batch), batch
+
+    def launch(self, features: tuple[int, Sequence[EncodedPair]]) -> RecordingScorer.Pending:
+        self.threads["launch"].add(threading.current_thread().name)
+        self.launches += 1
+        number = self.launches
+        self.events.append(f"launch {number}")
+        # A device slower than the collator, as a GPU pass on real sizes is not: the next batch is ready.
+        time.sleep(0.3 if number == 1 else 0.05)
+        return RecordingScorer.Pending(self, number, self.model.score(features[1]))
+
+    class Pending:
+        def __init__(self, owner: RecordingScorer, number: int, scores: torch.Tensor) -> None:
+            self.owner, self.number, self.scores = owner, number, scores
+
+        def wait(self) -> torch.Tensor:
+            self.owner.threads["wait"].add(threading.current_thread().name)
+            self.owner.events.append(f"wait {self.number}")
+            return self.scores
+
+
+def test_the_next_batch_is_launched_before_the_last_one_is_waited_for(bert_model: ScoringModel,
+                                                                      documents: list[str]) -> None:
+    scorer = RecordingScorer(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, batch_tokens=1024)
+    with Reranker(bert_model, settings) as plain:
+        expected = {r.index: r.score for r in plain.rerank("json", documents[:60], raw_scores=True)}
+    with Reranker(bert_model, settings, score_fn=scorer) as reranker:  # type: ignore[arg-type]
+        got = {r.index: r.score for r in reranker.rerank("json", documents[:60], raw_scores=True)}
+    assert got == pytest.approx(expected, abs=1e-6)
+    n = scorer.launches
+    assert n >= 3, "the workload should need several batches"
+    # Batch k+1 is on the device before batch k's scores are read: one batch always in flight.
+    for k in range(1, n):
+        assert scorer.events.index(f"launch {k + 1}") < scorer.events.index(f"wait {k}")
+    assert scorer.threads["launch"] == scorer.threads["wait"] == {"reranker-device"}
+    assert scorer.threads["collate"] == {"reranker-collator"}

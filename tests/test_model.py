@@ -48,6 +48,53 @@ def test_dtype_resolution(
     assert resolve_dtype(setting, device) == expected
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "declared", "expected"),
+    [
+        ("auto", "cuda", "bfloat16", torch.bfloat16),  # Qwen3-Reranker: float16 can overflow
+        ("auto", "cuda", "float32", torch.float16),
+        ("auto", "cuda", "float16", torch.float16),
+        ("auto", "cuda", None, torch.float16),
+        ("float16", "cuda", "bfloat16", torch.float16),  # an explicit choice wins
+    ],
+)
+def test_auto_dtype_on_cuda_follows_a_bfloat16_checkpoint(
+    setting: str, device: str, declared: str | None, expected: torch.dtype
+) -> None:
+    assert resolve_dtype(setting, device, declared) == expected
+
+
+def test_checkpoint_dtype_is_read_from_config(tmp_path: Path, bert_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    from reranker.model import checkpoint_dtype
+
+    config = AutoConfig.from_pretrained(bert_dir)
+    config.dtype = "bfloat16"
+    config.save_pretrained(tmp_path / "bf16")
+    assert checkpoint_dtype(str(tmp_path / "bf16")) == "bfloat16"
+    assert checkpoint_dtype(str(bert_dir)) == "float32"
+    assert checkpoint_dtype(str(tmp_path / "missing")) is None
+
+
+def test_auto_dtype_on_cuda_loads_a_bfloat16_checkpoint_in_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, bert_dir: Path
+) -> None:
+    """The load path end to end, with CUDA faked up to the point where the model is placed."""
+    seen: dict[str, object] = {}
+
+    def fake_cross_encoder(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise RuntimeError("stop before touching a device")
+
+    monkeypatch.setattr(model_module, "resolve_device", lambda setting: "cuda")
+    monkeypatch.setattr(model_module, "checkpoint_dtype", lambda model_id, trust: "bfloat16")
+    monkeypatch.setattr(model_module, "CrossEncoder", fake_cross_encoder)
+    with pytest.raises(ModelLoadError):
+        load_model(model_settings(bert_dir, dtype="auto", device="auto"))
+    assert seen["model_kwargs"] == {"dtype": torch.bfloat16} and seen["device"] == "cuda"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_is_loaded_in_the_asked_dtype_in_eval_mode(bert_dir: Path, dtype: str) -> None:
     model = load_model(model_settings(bert_dir, dtype=dtype))

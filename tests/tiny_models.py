@@ -1,4 +1,6 @@
-"""Build tiny random rerankers offline: a BERT cross-encoder and a Qwen3-style causal-LM reranker."""
+"""Build random rerankers offline: BERT and XLM-RoBERTa cross-encoders and a Qwen3-style causal-LM reranker.
+
+Tests use them tiny; bench/gpu.py builds the same architectures at real size (config overrides)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,17 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
 )
 
 WORDS = (
@@ -62,8 +67,51 @@ def build_bert_reranker(path: Path, *, seed: int = 0, max_positions: int = 512) 
     return path
 
 
-def build_causal_reranker(path: Path, *, seed: int = 0) -> Path:
-    """A 2-layer Qwen3 causal LM with a byte-level BPE tokenizer holding `yes`, `no` and chat tokens."""
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path, dtype: torch.dtype | None) -> Path:
+    if dtype is not None:
+        model = model.to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_xlmr_reranker(path: Path, *, seed: int = 0, max_positions: int = 512, dtype: torch.dtype | None = None,
+                        device: str = "cpu", **config: int) -> Path:
+    """An XLM-RoBERTa cross-encoder (bge-reranker-v2-m3's architecture): a SentencePiece-style Unigram
+    vocabulary, the `<s> A </s></s> B </s>` pair template and no token type ids."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's ids: <s>=0, <pad>=1, </s>=2
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = [random_text(rng, 30) for _ in range(300)]
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=800, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", model_max_length=max_positions,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    values = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64, **config}
+    settings = XLMRobertaConfig(
+        max_position_embeddings=max_positions + 2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        type_vocab_size=1, num_labels=1, initializer_range=0.2, **values,
+    )
+    with torch.device(device):
+        model = XLMRobertaForSequenceClassification(settings)
+    return _save(model, tokenizer, path, dtype)
+
+
+def build_causal_reranker(path: Path, *, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu",
+                          **config: int) -> Path:
+    """A Qwen3 causal LM (2 layers unless `config` says otherwise) with a byte-level BPE tokenizer holding
+    `yes`, `no` and chat tokens."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -79,21 +127,12 @@ def build_causal_reranker(path: Path, *, seed: int = 0) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=2048
     )
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
+    values = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, **config}
+    settings = Qwen3Config(
+        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2, **values,
     )
-    model = Qwen3ForCausalLM(config).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    with torch.device(device):
+        model = Qwen3ForCausalLM(settings)
+    return _save(model, tokenizer, path, dtype)
