@@ -5,7 +5,8 @@ cd "$(dirname "$0")"
 
 : "${GRADIO_ANALYTICS_ENABLED:=False}"
 : "${HF_HUB_DISABLE_TELEMETRY:=1}"
-: "${TOKENIZERS_PARALLELISM:=false}"
+# The Rust tokenizer's own thread pool: one batched call per request tokenizes on every core.
+: "${TOKENIZERS_PARALLELISM:=true}"
 export GRADIO_ANALYTICS_ENABLED HF_HUB_DISABLE_TELEMETRY TOKENIZERS_PARALLELISM
 
 # The service logs one JSON object per line; so do these few lines.
