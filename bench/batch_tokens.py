@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as start.sh runs the service
 
 import torch  # noqa: E402
 from sentence_transformers import CrossEncoder  # noqa: E402
