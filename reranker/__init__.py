@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from reranker.engine import RankedDocument, Reranker, RerankResult, RerankStats
 from reranker.errors import (
+    CancelledError,
     ClosedError,
+    DeviceFaultError,
     InvalidTypeError,
     LimitExceededError,
     ModelLoadError,
@@ -16,7 +18,9 @@ from reranker.errors import (
 from reranker.settings import Settings, SettingsError
 
 __all__ = [
+    "CancelledError",
     "ClosedError",
+    "DeviceFaultError",
     "InvalidTypeError",
     "LimitExceededError",
     "ModelLoadError",

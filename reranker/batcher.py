@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from reranker.errors import ClosedError, LimitExceededError, OverloadedError, ScoringError
+from reranker.errors import (
+    CancelledError,
+    ClosedError,
+    DeviceFaultError,
+    LimitExceededError,
+    OverloadedError,
+    RerankerError,
+)
 from reranker.metrics import Metrics
 from reranker.pipeline import STOP, Batch, DeviceStage, ScoreFn, Scorer, as_scorer, is_out_of_memory
 from reranker.tokens import EncodedPair
@@ -40,6 +47,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     inference_seconds: float = 0.0
+    cancelled: bool = False
 
     def __post_init__(self) -> None:
         self.scores = [float("nan")] * len(self.pairs)
@@ -77,7 +85,8 @@ def cut_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
 class Batcher:
     """Owns the model through a scorer; callers only submit pairs and wait for their own scores."""
 
-    def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics) -> None:
+    def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics,
+                 probe: Sequence[EncodedPair] = ()) -> None:
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
         self._batch_tokens = batch_tokens
@@ -89,7 +98,10 @@ class Batcher:
         # One collated batch waits while the device runs another: the prefetch of text-embeddings-inference.
         ready: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._ready = ready
-        self._device = DeviceStage(self._scorer, ready, self._deliver, metrics)
+        # `probe` (a known-good pair) tells a one-off failure from a device that fails everything.
+        self._device = DeviceStage(self._scorer, ready, self._deliver, metrics, probe=probe,
+                                   abandoned=lambda items: all(item.job.cancelled for item in items),
+                                   on_fault=self._on_fault)
         self._collator = threading.Thread(target=self._collate_rounds, name="reranker-collator", daemon=True)
         self._device.thread.start()
         self._collator.start()
@@ -106,6 +118,24 @@ class Batcher:
     def alive(self) -> bool:
         return self._collator.is_alive() and self._device.thread.is_alive()
 
+    @property
+    def fault(self) -> str | None:
+        """Why nothing can be scored any more (a dead worker thread, a poisoned device), or None."""
+        if self._device.fault is not None:
+            return self._device.fault
+        if not self.alive and not self._closed:
+            return "the scoring worker thread stopped"
+        return None
+
+    def _on_fault(self, reason: str) -> None:
+        """Refuse new work and fail what waits: nothing queued can be scored on this device any more."""
+        with self._cond:
+            self._closed = True
+            waiting, self._pending = self._pending, []
+            self._cond.notify()
+        error = DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
+        self._deliver(waiting, error, 0.0)
+
     def submit(self, pairs: Sequence[EncodedPair]) -> Job:
         """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing."""
         if len(pairs) > self._max_queue:
@@ -116,6 +146,8 @@ class Batcher:
         job = Job(pairs)
         with self._cond:
             if self._closed:
+                if self._device.fault is not None:
+                    raise DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
                 raise ClosedError("the reranker is shutting down")
             if self._queued_pairs + len(pairs) > self._max_queue:
                 raise OverloadedError(
@@ -128,12 +160,32 @@ class Batcher:
             self._cond.notify()
         return job
 
-    def wait(self, job: Job) -> None:
-        """Block until the job is scored; fail it rather than hang if the worker is gone."""
-        while not job.done.wait(1.0):
-            if not self.alive:
-                job.error = job.error or ScoringError("the scoring worker stopped; restart the service")
+    def wait(self, job: Job, cancel: threading.Event | None = None) -> None:
+        """Block until the job is scored; fail it rather than hang if the worker is gone.
+
+        When `cancel` is set (the caller went away) the job's pairs that have not started are dropped.
+        """
+        while not job.done.wait(0.05 if cancel is not None else 1.0):
+            if cancel is not None and cancel.is_set():
+                self.cancel(job)
+            elif not self.alive:
+                job.error = job.error or DeviceFaultError("the scoring worker stopped; the service is restarting")
                 job.done.set()
+
+    def cancel(self, job: Job) -> None:
+        """Drop the job's pairs that no batch has taken yet, count them, and fail the job at once."""
+        with self._cond:
+            if job.done.is_set():
+                return
+            job.cancelled = True
+            mine = [item for item in self._pending if item.job is job]
+            if mine:
+                self._pending = [item for item in self._pending if item.job is not job]
+        self._deliver(mine, CancelledError("the caller gave up"), 0.0)
+        # Pairs already in a round are dropped before their batch runs; the caller stops waiting now.
+        with self._cond:
+            job.error = job.error or CancelledError("the caller gave up")
+            job.done.set()
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued work, then stop the worker."""
@@ -163,6 +215,11 @@ class Batcher:
             lengths = [item.n_tokens for item in round_items]
             for indices in cut_batches(lengths, self._batch_tokens):
                 items = [round_items[i] for i in indices]
+                # A caller that gave up while this round waited loses its pairs here, unscored.
+                self._deliver([item for item in items if item.job.cancelled], CancelledError("the caller gave up"), 0.0)
+                items = [item for item in items if not item.job.cancelled]
+                if not items:
+                    continue
                 pairs = [item.job.pairs[item.position] for item in items]
                 try:
                     features = self._scorer.collate(pairs)
@@ -171,8 +228,10 @@ class Batcher:
                     features = None
                 self._ready.put(Batch(pairs, items, features))
 
-    def _deliver(self, items: Sequence[_Item], outcome: torch.Tensor | ScoringError, seconds: float) -> None:
+    def _deliver(self, items: Sequence[_Item], outcome: torch.Tensor | RerankerError, seconds: float) -> None:
         """Record each item's score, or fail its job, and wake the callers whose jobs are complete."""
+        if not items:
+            return
         scores = outcome.tolist() if isinstance(outcome, torch.Tensor) else None
         share = seconds / len(items)
         with self._cond:
@@ -193,3 +252,5 @@ class Batcher:
                     job.done.set()
             self._queued_pairs -= fresh
             self._metrics.queue_pairs.set(self._queued_pairs)
+        if isinstance(outcome, CancelledError):
+            self._metrics.cancelled_pairs.inc(fresh)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class Reranker:
         self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
         self._batcher = Batcher(
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
-            metrics=self.metrics,
+            metrics=self.metrics, probe=model.encode([("warm-up query", "warm-up document")]),
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "dtype": model.dtype,
@@ -129,8 +130,13 @@ class Reranker:
 
     @property
     def ready(self) -> bool:
-        """True from a loaded, warmed model until close()."""
-        return not self._batcher.closed
+        """True from a loaded, warmed model until close(), or until the worker or the device fails."""
+        return not self._batcher.closed and self._batcher.fault is None
+
+    @property
+    def fault(self) -> str | None:
+        """Why this reranker can score nothing any more (dead worker, poisoned device): restart the process."""
+        return self._batcher.fault
 
     @property
     def queued_pairs(self) -> int:
@@ -142,8 +148,10 @@ class Reranker:
         return self.rerank_detailed(query, documents, top_n, instruction, raw_scores).results
 
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
-                        instruction: str | None = None, raw_scores: bool = False) -> RerankResult:
-        """As `rerank`, with the call's statistics."""
+                        instruction: str | None = None, raw_scores: bool = False,
+                        cancel: threading.Event | None = None) -> RerankResult:
+        """As `rerank`, with the call's statistics. Setting `cancel` (the caller went away) drops the pairs
+        that have not started and raises CancelledError."""
         started = time.perf_counter()
         self.validate(query, documents, top_n, instruction)
         self.metrics.documents_per_request.observe(len(documents))
@@ -157,7 +165,7 @@ class Reranker:
 
         plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
         job = self._batcher.submit(plan.pairs)
-        self._batcher.wait(job)
+        self._batcher.wait(job, cancel)
         if job.error is not None:
             raise job.error
         best = [-math.inf] * len(missing)

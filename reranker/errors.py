@@ -33,3 +33,11 @@ class ModelLoadError(RerankerError):
 
 class ClosedError(RerankerError):
     """The reranker was closed and no longer accepts work (HTTP 503)."""
+
+
+class DeviceFaultError(ClosedError):
+    """The worker died or the device is poisoned (every batch fails): the process must be restarted (HTTP 503)."""
+
+
+class CancelledError(RerankerError):
+    """The caller gave up (client disconnected); its pairs that had not started were dropped."""

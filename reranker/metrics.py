@@ -70,6 +70,14 @@ class Metrics:
         self.nonfinite_scores = Counter(
             "nonfinite_scores", "Scores that came out NaN or infinite.", namespace=ns, registry=registry
         )
+        self.cancelled_pairs = Counter(
+            "cancelled_pairs", "Pairs dropped unscored because their caller gave up (client gone).",
+            namespace=ns, registry=registry,
+        )
+        self.device_faults = Counter(
+            "device_faults", "Times the worker died or the device failed every batch; the process then exits.",
+            namespace=ns, registry=registry,
+        )
         self.queue_pairs = Gauge(
             "queue_pairs", "Pairs waiting for or in the worker.", namespace=ns, registry=registry
         )

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from reranker.errors import ScoringError
+from reranker.errors import CancelledError, DeviceFaultError, RerankerError, ScoringError
 from reranker.metrics import Metrics
 from reranker.tokens import EncodedPair
 
@@ -94,7 +94,7 @@ class Batch:
 
 # Hands each item its score (a float32 tensor in batch order) or the error that failed it, with the
 # device seconds the batch took.
-Deliver = Callable[[Sequence[Any], "torch.Tensor | ScoringError", float], None]
+Deliver = Callable[[Sequence[Any], "torch.Tensor | RerankerError", float], None]
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,30 @@ STOP = object()
 class DeviceStage:
     """Runs batches from `inbox` on the scorer, in order; the worker must outlive any failure."""
 
-    def __init__(self, scorer: Scorer, inbox: queue.Queue[Any], deliver: Deliver, metrics: Metrics) -> None:
+    def __init__(self, scorer: Scorer, inbox: queue.Queue[Any], deliver: Deliver, metrics: Metrics, *,
+                 probe: Sequence[EncodedPair] = (), abandoned: Callable[[Sequence[Any]], bool] = lambda items: False,
+                 on_fault: Callable[[str], None] = lambda reason: None) -> None:
         self._scorer = scorer
         self._inbox = inbox
         self._deliver = deliver
         self._metrics = metrics
+        self._probe = probe
+        self._abandoned = abandoned
+        self._on_fault = on_fault
+        self.fault: str | None = None
         self._last_done = 0.0
         self.thread = threading.Thread(target=self._run, name="reranker-device", daemon=True)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # a bug, not a model failure: the thread ends and nothing scores any more
+            self.fault = f"the device thread died: {type(err).__name__}: {err}".splitlines()[0][:300]
+            logger.critical("the scoring worker died", exc_info=err, extra={"cause": self.fault})
+            self._metrics.device_faults.inc()
+            self._on_fault(self.fault)
+
+    def _serve(self) -> None:
         in_flight: _Launched | None = None
         while True:
             try:
@@ -132,6 +147,10 @@ class DeviceStage:
                 if in_flight is not None:
                     self._complete(in_flight)
                 return
+            if self.fault is not None or self._abandoned(batch.items):
+                # A poisoned device runs nothing more; a batch whose callers all gave up is not worth a pass.
+                self._drop(batch)
+                continue
             launched, failure = self._launch(batch)
             if in_flight is not None:
                 self._complete(in_flight)
@@ -184,10 +203,36 @@ class DeviceStage:
             error.__cause__ = err
             self._deliver(batch.items, error, 0.0)
 
+    def _drop(self, batch: Batch) -> None:
+        error: RerankerError = CancelledError("the caller gave up")
+        if self.fault is not None:
+            error = DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
+        self._deliver(batch.items, error, 0.0)
+
+    def _device_is_poisoned(self) -> bool:
+        """After a failure that is not about memory: does a known-good pair still score? CUDA errors such as
+        an illegal memory access or a device-side assert leave the context unusable, failing every later pass."""
+        if not self._probe:
+            return False
+        try:
+            self._scorer.launch(self._scorer.collate(self._probe)).wait()
+        except Exception as err:
+            self.fault = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            return True
+        return False
+
     def _bisect(self, batch: Batch, failure: BaseException) -> None:
         out_of_memory = is_out_of_memory(failure)
         if out_of_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if self.fault is None and not out_of_memory and self._device_is_poisoned():
+            logger.critical("the scoring device is unusable; failing all work", extra={"cause": self.fault},
+                            exc_info=failure)
+            self._metrics.device_faults.inc()
+            self._on_fault(self.fault or "")
+        if self.fault is not None:
+            self._drop(batch)
+            return
         if len(batch.pairs) == 1:
             if out_of_memory:
                 error = ScoringError(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import OverloadedError, Reranker, ScoringError
+from reranker import DeviceFaultError, OverloadedError, Reranker, ScoringError
 from reranker.batcher import Batcher, Job, cut_batches, is_out_of_memory
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
@@ -164,7 +164,7 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(bert_model: ScoringMode
     job = Job(bert_model.encode([("q", "d")]))
     started = time.monotonic()
     batcher.wait(job)
-    assert isinstance(job.error, ScoringError) and time.monotonic() - started < 5
+    assert isinstance(job.error, DeviceFaultError) and time.monotonic() - started < 5
 
 
 def test_a_pair_that_breaks_the_model_fails_only_its_own_request(bert_model: ScoringModel,

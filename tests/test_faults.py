@@ -1,0 +1,155 @@
+"""Abandoned work is dropped unscored; a dead worker or a poisoned device turns the reranker unready."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reranker import CancelledError, DeviceFaultError, Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
+from tests.conftest import model_settings
+
+
+class GatedScorer:
+    """The real model behind a gate, so tests can hold the device while they queue work; counts pairs."""
+
+    def __init__(self, model: ScoringModel) -> None:
+        self.model = model
+        self.gate = threading.Event()
+        self.pairs = 0
+        self.first_batch = threading.Event()
+
+    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+        self.first_batch.set()
+        self.gate.wait(30)
+        self.pairs += len(batch)
+        return self.model.score(batch)
+
+
+def wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_abandoned_pairs_are_dropped_unscored_while_others_get_their_answers(
+    bert_model: ScoringModel, documents: list[str], metrics: Metrics
+) -> None:
+    scorer = GatedScorer(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, batch_tokens=1024)
+    with Reranker(bert_model, settings) as plain:
+        expected = {r.index: r.score for r in plain.rerank("json", documents[:40], raw_scores=True)}
+    outcomes: dict[str, object] = {}
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker:
+        warm = threading.Thread(target=lambda: reranker.rerank("warm", ["up"]))
+        warm.start()
+        scorer.first_batch.wait(10)  # the device is now held
+        gone = threading.Event()
+
+        def abandoned() -> None:
+            try:
+                outcomes["gone"] = reranker.rerank_detailed("cache", documents[:150], cancel=gone)
+            except Exception as err:
+                outcomes["gone"] = err
+
+        def live() -> None:
+            outcomes["live"] = reranker.rerank("json", documents[:40], raw_scores=True)
+
+        threads = [threading.Thread(target=abandoned), threading.Thread(target=live)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: reranker.queued_pairs >= 190)
+        gone.set()  # the first caller's client disconnects
+        threads[0].join(10)
+        assert isinstance(outcomes["gone"], CancelledError)
+        scorer.gate.set()
+        for thread in [warm, threads[1]]:
+            thread.join(30)
+        live_results = outcomes["live"]
+        assert isinstance(live_results, list)
+        assert {r.index: r.score for r in live_results} == pytest.approx(expected, abs=1e-5)
+        wait_until(lambda: reranker.queued_pairs == 0)
+    # The warm-up pair and the live request's 40 were scored; none of the abandoned 150.
+    assert scorer.pairs == 41
+    assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 150
+    assert metrics.registry.get_sample_value("reranker_pairs_scored_total") == 41
+
+
+def poisoning_scorer(model: ScoringModel, healthy_batches: int) -> object:
+    calls = {"n": 0}
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > healthy_batches:
+            # What a CUDA context looks like after an illegal memory access: every later call fails.
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return model.score(batch)
+
+    return scorer
+
+
+def test_a_poisoned_device_fails_all_work_once_and_turns_unready(bert_model: ScoringModel, metrics: Metrics,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=poisoning_scorer(bert_model, 1)) as reranker:
+        assert len(reranker.rerank("q", ["a", "b"])) == 2 and reranker.ready
+        with pytest.raises(DeviceFaultError, match="restarting"):
+            reranker.rerank("q", ["c", "d", "e"])
+        assert not reranker.ready
+        assert reranker.fault is not None and "illegal memory access" in reranker.fault
+        started = time.monotonic()
+        with pytest.raises(DeviceFaultError):
+            reranker.rerank("q", ["f"])  # refused at once, nothing more is run
+        assert time.monotonic() - started < 1
+    assert metrics.registry.get_sample_value("reranker_device_faults_total") == 1
+    assert sum("scoring device is unusable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_one_off_failure_is_not_a_fault(bert_model: ScoringModel, metrics: Metrics) -> None:
+    calls = {"n": 0}
+
+    def once(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return bert_model.score(batch)
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), metrics=metrics, score_fn=once) as r:
+        results = r.rerank("q", ["a", "b", "c", "d"], raw_scores=True)
+        assert len(results) == 4 and r.ready and r.fault is None
+    assert metrics.registry.get_sample_value("reranker_device_faults_total") == 0
+
+
+class WorkerBug(BaseException):
+    """Escapes every `except Exception`: stands for a bug that kills the device thread."""
+
+
+def test_a_dead_worker_thread_turns_unready_and_fails_waiting_requests(bert_model: ScoringModel) -> None:
+    def broken(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        raise WorkerBug("boom")
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), score_fn=broken) as reranker:
+        started = time.monotonic()
+        with pytest.raises(DeviceFaultError):
+            reranker.rerank("q", ["a", "b"])
+        assert time.monotonic() - started < 5
+        assert not reranker.ready and reranker.fault is not None and "died" in reranker.fault
+        with pytest.raises(DeviceFaultError):
+            reranker.rerank("q", ["a"])
+
+
+def test_scores_are_unchanged_when_nothing_is_cancelled(bert_model: ScoringModel, documents: list[str]) -> None:
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings) as reranker:
+        plain = reranker.rerank("json", documents[:30], raw_scores=True)
+        watched = reranker.rerank_detailed("json", documents[:30], raw_scores=True, cancel=threading.Event())
+    np.testing.assert_allclose([r.score for r in plain], [r.score for r in watched.results], atol=1e-6)
