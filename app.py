@@ -6,10 +6,16 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
+from types import FrameType
 from typing import TYPE_CHECKING
+
+import uvicorn
 
 if TYPE_CHECKING:
     from reranker import Reranker
+    from web.lifecycle import Lifecycle
 
 logger = logging.getLogger("reranker.app")
 
@@ -62,19 +68,20 @@ def main() -> int:
             logger.error("model load failed: %s", err, extra={"error_type": "model_load"})
             return 1
         try:
-            serve(reranker)
+            status = serve(reranker)
         finally:
             reranker.close()
     finally:
         metrics_handle.stop()
-    return 0
+    return status
 
 
-def serve(reranker: Reranker) -> None:
-    """Serve the UI and API until a signal asks to stop."""
+def serve(reranker: Reranker) -> int:
+    """Serve the UI and API until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
     import uvicorn
 
     from web.http import create_app
+    from web.lifecycle import Lifecycle
     from web.routes import package_versions
 
     model, settings = reranker.model, reranker.settings
@@ -86,17 +93,70 @@ def serve(reranker: Reranker) -> None:
     if settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("RERANKER_API_KEY guards the JSON routes only; the Gradio UI and Gradio API on "
                        "%s are open: put them behind your proxy's authentication", settings.host)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(reranker), host=settings.host, port=settings.port,
+    lifecycle = Lifecycle()
+    server = DrainingServer(uvicorn.Config(
+        create_app(reranker, lifecycle=lifecycle), host=settings.host, port=settings.port,
         log_config=None,  # our JSON handlers on the root logger, not uvicorn's own
-        timeout_graceful_shutdown=5,
-    ))
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
-    # was there before it. Make that one a no-op so that a clean stop exits with status 0.
+        timeout_graceful_shutdown=5,  # after the drain: only responses still being written remain
+    ), lifecycle, settings.drain_seconds)
+    # uvicorn re-raises the stopping signal to the handler that was there before it. Make that one a
+    # no-op so that a clean stop exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
+    threading.Thread(target=watch_faults, args=(reranker, server), name="fault-watch", daemon=True).start()
     logger.info("serving on http://%s:%d/", settings.host, settings.port)
     server.run()
+    return 1 if server.fault else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM/SIGINT drains: new work gets 503, accepted work finishes within the
+    drain time, then it stops. A second signal, or the deadline, stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_seconds = drain_seconds
+        self.fault: str | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.lifecycle.draining:
+            logger.warning("second stop signal: exiting without waiting for accepted requests")
+            self.force_exit = self.should_exit = True
+            return
+        self.drain("stop signal received")
+
+    def drain(self, reason: str) -> None:
+        """Stop taking work now; stop serving once what was accepted is answered, or at the deadline."""
+        self.lifecycle.begin_drain("the service is shutting down" if self.fault is None else
+                                   "the scoring device failed; the service is restarting")
+        deadline = time.monotonic() + self.drain_seconds
+        logger.info("draining: new requests get 503", extra={
+            "reason": reason, "inflight": self.lifecycle.inflight, "drain_seconds": self.drain_seconds})
+
+        def finish() -> None:
+            if self.lifecycle.wait_idle(deadline):
+                logger.info("drained: every accepted request was answered")
+            else:
+                logger.warning("drain deadline reached with requests still in flight",
+                               extra={"inflight": self.lifecycle.inflight})
+                self.force_exit = True
+            self.should_exit = True
+
+        threading.Thread(target=finish, name="drain", daemon=True).start()
+
+
+def watch_faults(reranker: Reranker, server: DrainingServer, interval: float = 0.5) -> None:
+    """A dead worker or a poisoned device cannot recover in-process: answer what can be, then exit 1."""
+    while not server.should_exit:
+        fault = reranker.fault
+        if fault is not None and not server.lifecycle.draining:
+            logger.error("scoring device fault: stopping so that the orchestrator restarts the service",
+                         extra={"error_type": "device_fault", "cause": fault})
+            server.fault = fault
+            server.drain("device fault")
+            return
+        time.sleep(interval)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ class Batcher:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if not self._pending:
-                    self._ready.put(STOP)
+                    self._hand_over(STOP)
                     return
                 # One round = everything pending now; later arrivals wait for the next round, so a
                 # stream of short requests cannot starve a long one.
@@ -226,7 +226,21 @@ class Batcher:
                 except Exception:  # the device thread collates it again, and isolates what fails
                     logger.exception("collating a batch failed", extra={"batch_size": len(items)})
                     features = None
-                self._ready.put(Batch(pairs, items, features))
+                if not self._hand_over(Batch(pairs, items, features)):
+                    return
+
+    def _hand_over(self, batch: Batch | object) -> bool:
+        """Queue a batch for the device thread; False (and its pairs failed) if that thread is gone."""
+        while True:
+            try:
+                self._ready.put(batch, timeout=0.5)
+                return True
+            except queue.Full:
+                if not self._device.thread.is_alive():
+                    if isinstance(batch, Batch):
+                        error = DeviceFaultError("the scoring worker stopped; the service is restarting")
+                        self._deliver(batch.items, error, 0.0)
+                    return False
 
     def _deliver(self, items: Sequence[_Item], outcome: torch.Tensor | RerankerError, seconds: float) -> None:
         """Record each item's score, or fail its job, and wake the callers whose jobs are complete."""

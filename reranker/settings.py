@@ -47,6 +47,7 @@ class Settings:
     slow_ms: float = 2000.0
     log_query_preview: int = 0
     api_key: str | None = None
+    drain_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +84,7 @@ class Settings:
             slow_ms=get("RERANKER_SLOW_MS", _non_negative_float, d.slow_ms),
             log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
             api_key=get("RERANKER_API_KEY", _text, None),
+            drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
         )
 
 

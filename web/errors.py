@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reranker import (
+    CancelledError,
     ClosedError,
     InvalidTypeError,
     LimitExceededError,
@@ -27,11 +28,16 @@ class HttpError(Exception):
     def outcome(self) -> str:
         if self.status == 429:
             return "overloaded"
+        if self.status == CLIENT_CLOSED:
+            return "cancelled"
         return "invalid" if self.status < 500 else "error"
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"type": self.type, "message": self.message}}
 
+
+# nginx's "client closed request": never seen by the client, which is gone; it labels the metrics.
+CLIENT_CLOSED = 499
 
 # Most specific first: the first class the error is an instance of decides. Their messages are written
 # for the caller; any other error gets a fixed message, so internal details never leave the process.
@@ -41,6 +47,7 @@ STATUSES: list[tuple[type[RerankerError], int, str]] = [
     (ValidationError, 400, "invalid_request"),
     (OverloadedError, 429, "overloaded"),
     (ClosedError, 503, "not_ready"),
+    (CancelledError, CLIENT_CLOSED, "cancelled"),
     (ScoringError, 500, "scoring_failed"),
 ]
 

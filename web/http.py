@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
+from web.lifecycle import DrainGate, Lifecycle
 from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
 from web.routes import build_router
@@ -32,9 +33,11 @@ def _validation_error(err: RequestValidationError) -> HttpError:
     return HttpError(422, "invalid_shape", "; ".join(parts))
 
 
-def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory | None = None) -> FastAPI:
+def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory | None = None,
+               lifecycle: Lifecycle | None = None) -> FastAPI:
     """Build the whole HTTP surface over one reranker (one worker, one cache, one registry)."""
-    service = RerankService(reranker, history)
+    lifecycle = lifecycle or Lifecycle()
+    service = RerankService(reranker, history, lifecycle=lifecycle)
     app = FastAPI(
         title="Reranker",
         summary="Cross-encoder reranking: Cohere/Jina and TEI compatible routes, Gradio UI at /",
@@ -79,6 +82,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=reranker.settings.api_key, on_refuse=refused)
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: while draining, new work is refused before anything else looks at it.
+    app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
     if ui:
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import platform
+import threading
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from reranker import RerankResult
 from web.errors import HttpError
 from web.schemas import (
     CohereRerankRequest,
@@ -25,6 +29,9 @@ from web.schemas import (
     Usage,
 )
 from web.service import RerankCall, RerankService, split_lines
+
+# How often a request waiting on the engine checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.1
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": meaning}
@@ -46,17 +53,34 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+async def watched(request: Request, route: str, call: RerankCall, service: RerankService) -> RerankResult:
+    """Run the rerank on a worker thread; if the client disconnects meanwhile, cancel its unstarted pairs."""
+    cancel = threading.Event()
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(service.rerank, route, call, cancel))
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                cancel.set()
+                return await work  # raises the cancelled request's HttpError; nobody reads it
+    finally:
+        cancel.set()  # also when this coroutine itself is cancelled (server shutting down)
+
+
 def build_router(service: RerankService) -> APIRouter:
     """Routes over one reranker (the bearer key is checked by web.middleware before them)."""
     reranker = service.reranker
+    lifecycle = service.lifecycle
     router = APIRouter()
 
     @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES,
                  tags=["rerank"], summary="Cohere/Jina-compatible rerank")
-    def cohere_rerank(body: CohereRerankRequest) -> CohereRerankResponse:
+    async def cohere_rerank(body: CohereRerankRequest, request: Request) -> CohereRerankResponse:
         texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
-        result = service.rerank("/v1/rerank", RerankCall(
-            body.query, texts, body.top_n, body.instruction, body.raw_scores))
+        result = await watched(request, "/v1/rerank", RerankCall(
+            body.query, texts, body.top_n, body.instruction, body.raw_scores), service)
         return CohereRerankResponse(
             id=str(uuid.uuid4()),
             model=reranker.model.model_id,
@@ -71,14 +95,15 @@ def build_router(service: RerankService) -> APIRouter:
     @router.post("/rerank", response_model=list[TeiResult], response_model_exclude_none=True,
                  responses=ERROR_RESPONSES, tags=["rerank"],
                  summary="Hugging Face TEI-compatible rerank")
-    def tei_rerank(body: TeiRerankRequest) -> list[TeiResult]:
-        result = service.rerank("/rerank", RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores))
+    async def tei_rerank(body: TeiRerankRequest, request: Request) -> list[TeiResult]:
+        call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores)
+        result = await watched(request, "/rerank", call, service)
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)
                 for r in result.results]
 
     @router.post("/api/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
                  tags=["rerank"], summary="Gradio-style predict, for older Gradio clients")
-    def gradio_predict(body: PredictRequest) -> PredictResponse:
+    async def gradio_predict(body: PredictRequest, request: Request) -> PredictResponse:
         data = body.data
         if not 2 <= len(data) <= 4:
             raise HttpError(422, "invalid_shape",
@@ -86,7 +111,7 @@ def build_router(service: RerankService) -> APIRouter:
         documents = split_lines(data[1]) if isinstance(data[1], str) else data[1]
         top_n = data[2] if len(data) > 2 and data[2] not in (None, 0, "") else None
         instruction = data[3] if len(data) > 3 and data[3] not in (None, "") else None
-        result = service.rerank("/api/predict", RerankCall(data[0], documents, top_n, instruction))
+        result = await watched(request, "/api/predict", RerankCall(data[0], documents, top_n, instruction), service)
         return PredictResponse(
             data=[[PredictResult(index=r.index, score=r.score, document=r.document) for r in result.results]],
             duration=result.stats.total_seconds,
@@ -99,8 +124,11 @@ def build_router(service: RerankService) -> APIRouter:
     @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
                 responses={503: {"model": ErrorResponse}})
     def readyz() -> JSONResponse:
+        if lifecycle.draining:
+            return JSONResponse(HttpError(503, "shutting_down", lifecycle.reason).body(), status_code=503)
         if not reranker.ready:
-            return JSONResponse(HttpError(503, "not_ready", "the model is not ready").body(), status_code=503)
+            reason = f"the scoring device failed: {reranker.fault}" if reranker.fault else "the model is not ready"
+            return JSONResponse(HttpError(503, "not_ready", reason).body(), status_code=503)
         return JSONResponse({"status": "ready", "model": reranker.model.model_id})
 
     @router.get("/info", tags=["health"], summary="Model, device, limits and versions")

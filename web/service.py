@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from reranker import Reranker, RerankResult
 from reranker.logs import query_fields, should_log
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
+from web.lifecycle import Lifecycle
 from web.request_id import current_request_id, new_request_id
 
 logger = logging.getLogger("reranker.requests")
@@ -35,17 +37,23 @@ class RerankService:
     """One reranker behind every surface, with the bookkeeping each request gets."""
 
     def __init__(self, reranker: Reranker, history: RequestHistory | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, lifecycle: Lifecycle | None = None) -> None:
         self.reranker = reranker
+        # Counts every rerank in flight, Gradio's included, so a drain waits for them.
+        self.lifecycle = lifecycle or Lifecycle()
         self.history = history or RequestHistory()
         self._rng = rng or random.Random()
 
-    def rerank(self, route: str, call: RerankCall) -> RerankResult:
-        """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way."""
+    def rerank(self, route: str, call: RerankCall, cancel: threading.Event | None = None) -> RerankResult:
+        """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
+
+        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`.
+        """
         reranker = self.reranker
         metrics = reranker.metrics
         request_id = current_request_id() or new_request_id()
         metrics.inflight_requests.inc()
+        self.lifecycle.enter()
         started = time.perf_counter()
         error: HttpError | None = None
         result: RerankResult | None = None
@@ -53,6 +61,7 @@ class RerankService:
             # The engine validates the untyped fields before any work; bad ones raise ValidationError.
             result = reranker.rerank_detailed(
                 call.query, call.documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
+                cancel,
             )
             return result
         except Exception as err:
@@ -65,6 +74,7 @@ class RerankService:
             elapsed = time.perf_counter() - started
             status = "ok" if error is None else error.outcome
             metrics.inflight_requests.dec()
+            self.lifecycle.leave()
             metrics.requests.labels(route=route, status=status).inc()
             metrics.request_seconds.labels(route=route).observe(elapsed)
             n_docs = len(call.documents) if isinstance(call.documents, Sequence) and not isinstance(

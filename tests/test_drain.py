@@ -1,0 +1,168 @@
+"""The process around the engine: a client that disconnects, SIGTERM during a load, a device fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from reranker import Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
+from tests.conftest import model_settings
+from tests.servers import free_port, serve, wait_ready
+from web.http import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringModel, documents: list[str]) -> None:
+    gate = threading.Event()
+    held = threading.Event()
+    scored = {"pairs": 0}
+
+    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        held.set()
+        gate.wait(30)
+        scored["pairs"] += len(batch)
+        return bert_model.score(batch)
+
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker, \
+            serve(create_app(reranker, ui=False)) as url:
+        warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
+        warm.start()
+        held.wait(10)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:100]}, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while metrics.registry.get_sample_value("reranker_requests_total",
+                                                {"route": "/v1/rerank", "status": "cancelled"}) != 1:
+            assert time.monotonic() < deadline, "the disconnect was never noticed"
+            time.sleep(0.05)
+        gate.set()
+        warm.join(30)
+        response = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:5]}, timeout=30)
+        assert response.status_code == 200 and len(response.json()["results"]) == 5
+    assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 100
+    assert scored["pairs"] == 1 + 5
+
+
+def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
+    port, metrics_port = free_port(), free_port()
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(port),
+                "RERANKER_METRICS_PORT": str(metrics_port), "RERANKER_CACHE_SIZE": "0", **env}
+    process = subprocess.Popen(argv or [str(ROOT / "start.sh")], cwd=ROOT, env=full_env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def inflight(metrics_url: str) -> float:
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("reranker_inflight_requests "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: Path) -> None:
+    process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
+                                           "RERANKER_DRAIN_SECONDS": "60"})
+    try:
+        wait_ready(url, timeout=120)
+
+        def call(i: int) -> tuple[int, int, dict]:
+            # Query-specific documents: a mixed-up answer would show foreign text.
+            docs = [f"request {i} document {j} about cache servers and rivers " * 4 for j in range(400)]
+            try:
+                response = httpx.post(f"{url}/v1/rerank", json={"query": f"request {i}", "documents": docs},
+                                      timeout=120)
+            except httpx.TransportError:
+                return i, -1, {}  # never accepted: the listener had closed
+            return i, response.status_code, response.json() if response.content else {}
+
+        with ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(call, i) for i in range(24)]
+            deadline = time.monotonic() + 60
+            while inflight(metrics_url) < 8:  # the load is under way
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.2)
+            late = httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["x"]}, timeout=10)
+            ready = httpx.get(f"{url}/readyz", timeout=10)
+            outcomes = [f.result() for f in futures]
+        assert late.status_code == 503 and late.headers["retry-after"] and ready.status_code == 503
+        assert process.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 60
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output, _ = process.communicate(timeout=10)
+    accepted = [(i, body) for i, status, body in outcomes if status == 200]
+    # Requests that arrived after the signal were refused whole (503, Retry-After) or found no listener.
+    refused = [body for _, status, body in outcomes if status == 503]
+    assert all(status in (200, 503, -1) for _, status, _ in outcomes), [s for _, s, _ in outcomes]
+    assert all(body["error"]["type"] == "shutting_down" for body in refused)
+    assert len(accepted) >= 8, "the requests in flight at the signal were all answered"
+    for i, body in accepted:
+        results = body["results"]
+        assert sorted(r["index"] for r in results) == list(range(400))
+        assert all(r["document"]["text"].startswith(f"request {i} document {r['index']} ") for r in results)
+    assert "drained: every accepted request was answered" in output
+
+
+FAULTY_APP = """
+import sys
+from pathlib import Path
+
+import app
+from reranker import Reranker
+from reranker.logs import setup_logging
+from reranker.model import load_model
+from tests.conftest import model_settings
+from tests.test_faults import poisoning_scorer
+
+setup_logging("INFO")
+settings = model_settings(Path(sys.argv[1]), port=int(sys.argv[2]), cache_size=0)
+model = load_model(settings)
+with Reranker(model, settings, score_fn=poisoning_scorer(model, 1)) as reranker:
+    sys.exit(app.serve(reranker))
+"""
+
+
+def test_a_device_fault_turns_unready_and_exits_non_zero(bert_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "faulty_app.py"
+    script.write_text(FAULTY_APP)
+    port = free_port()
+    process, url, _ = start_app({"PYTHONPATH": str(ROOT)},
+                             [sys.executable, str(script), str(bert_dir), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120)
+        first = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, timeout=30)
+        assert first.status_code == 200  # the one healthy batch
+        broken = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["b", "c"]}, timeout=30)
+        assert broken.status_code == 503 and "restarting" in broken.json()["error"]["message"]
+        assert process.wait(timeout=30) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output, _ = process.communicate(timeout=10)
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    faults = [line for line in lines if line.get("error_type") == "device_fault"]
+    assert len(faults) == 1 and "illegal memory access" in faults[0]["cause"]

@@ -1,0 +1,86 @@
+"""Drain: once the process is asked to stop, refuse new work with 503 and finish what was accepted.
+
+`Lifecycle` is the one flag and counter that the routes, `/readyz` and app.py share. `DrainGate` is the
+ASGI middleware that answers new work with 503 and `Retry-After` while draining; it counts JSON-route
+requests from arrival to the last byte sent, and RerankService counts every call in the engine, Gradio's
+included. A drain ends when the count is back to zero.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from fastapi.responses import JSONResponse
+
+from web.errors import HttpError
+from web.middleware import LIMITED_PATHS, App, Receive, Scope, Send
+
+RETRY_AFTER_SECONDS = 5
+
+
+class Lifecycle:
+    """Draining state and the number of requests being served."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self.draining = False
+        self.reason = "the service is shutting down"
+
+    def begin_drain(self, reason: str = "the service is shutting down") -> None:
+        self.reason = reason
+        self.draining = True
+
+    def enter(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def wait_idle(self, deadline: float, idle: Callable[[], bool] = lambda: True) -> bool:
+        """Block until nothing is in flight (and `idle()` agrees) or the monotonic deadline; True if idle."""
+        while time.monotonic() < deadline:
+            if self._inflight == 0 and idle():
+                return True
+            time.sleep(0.05)
+        return self._inflight == 0 and idle()
+
+
+def _starts_work(scope: Scope) -> bool:
+    """JSON rerank routes, and Gradio POSTs (a queue join or an API call); pages, streams and health pass."""
+    path = str(scope["path"]).rstrip("/")
+    return path in LIMITED_PATHS or (scope.get("method") == "POST" and path.startswith("/gradio_api"))
+
+
+class DrainGate:
+    """While draining, new work gets 503 with Retry-After; JSON-route requests in flight are counted."""
+
+    def __init__(self, app: App, lifecycle: Lifecycle, on_refuse: Callable[[str, HttpError], None]) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _starts_work(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.lifecycle.draining:
+            error = HttpError(503, "shutting_down", f"{self.lifecycle.reason}; retry on another instance")
+            self.on_refuse(str(scope["path"]).rstrip("/"), error)
+            response = JSONResponse(error.body(), status_code=503,
+                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            await response(scope, receive, send)
+            return
+        self.lifecycle.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.leave()
