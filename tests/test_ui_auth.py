@@ -13,7 +13,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
 from prometheus_client import CollectorRegistry
 
-from reranker import Reranker
+from app import open_ui_warning
+from reranker import Reranker, Settings
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.browser import ARTIFACTS, browser_page
@@ -123,3 +124,21 @@ def test_login_in_the_browser(url: str) -> None:
         page.locator("#rerank").click()
         page.locator('#results [data-testid="cell-1-3"]').wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "ui-login.png"), full_page=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "warns"),
+    [
+        ({}, False),
+        ({"RERANKER_HOST": "127.0.0.2"}, False),
+        ({"RERANKER_HOST": "::1"}, False),
+        ({"RERANKER_HOST": "0.0.0.0"}, True),
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_API_KEY": "k"}, True),  # the key guards the JSON routes only
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_UI_AUTH": "alice:pw"}, False),
+    ],
+)
+def test_serving_the_ui_beyond_loopback_without_a_login_warns(env: dict[str, str], warns: bool) -> None:
+    warning = open_ui_warning(Settings.from_env(env))
+    assert (warning is not None) == warns
+    if warning:
+        assert "RERANKER_UI_AUTH" in warning and "0.0.0.0" in warning
