@@ -89,6 +89,8 @@ def test_start_up_and_requests_reach_only_loopback(bert_dir: Path, audited: tupl
         event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": inputs}, timeout=30).json()["event_id"]
         assert "event: complete" in httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=30).text
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).status_code == 200
+        # Gradio's run history, which writes runs to a Hugging Face bucket, is not there at all.
+        assert httpx.get(f"{url}/gradio_api/run-history/buckets", timeout=30).status_code == 404
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

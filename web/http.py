@@ -80,8 +80,10 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     if ui:
         # RERANKER_UI_AUTH puts Gradio's login page in front of the UI; GradioLogin (below) extends it
         # to every Gradio API route. The JSON routes keep their own bearer key.
+        # No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a
+        # request header, with the host's saved HF token for loopback callers (a same-host proxy is one).
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
-                                  footer_links=["api"], show_error=True,
+                                  footer_links=["api"], show_error=True, run_history=False,
                                   auth=list(settings.ui_auth) if settings.ui_auth else None)
     # Starlette runs the last added first: request id, then the Gradio login, the key, the body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
