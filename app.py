@@ -76,8 +76,8 @@ def open_ui_warning(settings: Settings) -> str | None:
     if settings.ui_auth or _is_loopback(settings.host):
         return None
     return (f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
-            "(RERANKER_API_KEY guards the JSON routes only): set RERANKER_UI_AUTH to user:password, or to "
-            "a file of such lines, to require a login")
+            "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to user:password, or "
+            "to a file of such lines, to require a login")
 
 
 def _is_loopback(host: str) -> bool:
