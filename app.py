@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 if TYPE_CHECKING:
-    from reranker import Reranker
+    from reranker import Reranker, Settings
     from web.lifecycle import Lifecycle
 
 logger = logging.getLogger("reranker.app")
@@ -76,6 +77,24 @@ def main() -> int:
     return status
 
 
+def open_ui_warning(settings: Settings) -> str | None:
+    """What to tell an operator who serves the Gradio UI beyond loopback without a login, else None."""
+    if settings.ui_auth or _is_loopback(settings.host):
+        return None
+    return (f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
+            "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to user:password, or "
+            "to a file of such lines, to require a login")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(reranker: Reranker) -> int:
     """Serve the UI and API until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
     import uvicorn
@@ -90,9 +109,9 @@ def serve(reranker: Reranker) -> int:
         "load_seconds": round(model.load_seconds, 3), "batch_tokens": reranker.batch_tokens,
         "versions": package_versions(),
     })
-    if settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("RERANKER_API_KEY guards the JSON routes only; the Gradio UI and Gradio API on "
-                       "%s are open: put them behind your proxy's authentication", settings.host)
+    warning = open_ui_warning(settings)
+    if warning:
+        logger.warning("%s", warning)
     lifecycle = Lifecycle()
     server = DrainingServer(uvicorn.Config(
         create_app(reranker, lifecycle=lifecycle), host=settings.host, port=settings.port,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from reranker import Settings, SettingsError
@@ -15,7 +17,7 @@ def test_defaults_match_the_spec() -> None:
     assert (s.max_doc_chars, s.max_query_chars, s.max_queue) == (100000, 10000, 20000)
     assert (s.host, s.port, s.metrics_host, s.metrics_port) == ("127.0.0.1", 7860, "127.0.0.1", 9091)
     assert (s.log_level, s.log_sample_rate, s.slow_ms, s.log_query_preview) == ("INFO", 0.1, 2000.0, 0)
-    assert s.trust_remote_code is False and s.api_key is None
+    assert s.trust_remote_code is False and s.api_key is None and s.ui_auth is None
 
 
 def test_every_variable_is_read() -> None:
@@ -27,14 +29,14 @@ def test_every_variable_is_read() -> None:
         "RERANKER_TRUST_REMOTE_CODE": "yes", "RERANKER_HOST": "0.0.0.0",
         "RERANKER_PORT": "8000", "RERANKER_METRICS_HOST": "0.0.0.0", "RERANKER_METRICS_PORT": "9100",
         "RERANKER_LOG_LEVEL": "debug", "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_SLOW_MS": "250.5",
-        "RERANKER_LOG_QUERY_PREVIEW": "40", "RERANKER_API_KEY": "secret",
+        "RERANKER_LOG_QUERY_PREVIEW": "40", "RERANKER_API_KEY": "secret", "RERANKER_UI_AUTH": "alice:pw",
     })
     assert s == Settings(
         model="/models/x", device="cuda:1", dtype="bfloat16", max_length=512, long_docs="chunk", batch_tokens=4096,
         cache_size=0, max_docs=10, max_doc_chars=99, max_query_chars=300, max_queue=7, trust_remote_code=True,
         host="0.0.0.0",
         port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
-        slow_ms=250.5, log_query_preview=40, api_key="secret",
+        slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),),
     )
 
 
@@ -46,7 +48,7 @@ def test_batch_tokens_auto_is_resolved_by_device() -> None:
 
 
 def test_blank_values_fall_back_to_defaults() -> None:
-    assert Settings.from_env({"RERANKER_PORT": "", "RERANKER_API_KEY": "  "}) == Settings()
+    assert Settings.from_env({"RERANKER_PORT": "", "RERANKER_API_KEY": "  ", "RERANKER_UI_AUTH": ""}) == Settings()
 
 
 @pytest.mark.parametrize(
@@ -85,3 +87,70 @@ def test_settings_are_frozen_and_keyword_only() -> None:
         s.port = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         Settings("model")  # type: ignore[misc]
+
+
+UI_AUTH_ACCEPTED = "use user:password, several pairs separated by commas, or the path of a file"
+
+
+def test_ui_auth_pairs() -> None:
+    s = Settings.from_env({"RERANKER_UI_AUTH": " alice:s3cret , bob:p:a/ss=word "})
+    # Split at the first ':' only, so a password may hold ':' and '/'.
+    assert s.ui_auth == (("alice", "s3cret"), ("bob", "p:a/ss=word"))
+
+
+def test_ui_auth_file(tmp_path: Path) -> None:
+    users = tmp_path / "ui-users"
+    users.write_text("# operators\n\nalice:s3cret, with a comma\n  bob:b:pw  \n# carol:old\n", encoding="utf-8")
+    assert Settings.from_env({"RERANKER_UI_AUTH": str(users)}).ui_auth == (
+        ("alice", "s3cret, with a comma"), ("bob", "b:pw"))
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    s = Settings.from_env({"RERANKER_UI_AUTH": "alice:s3cret", "RERANKER_API_KEY": "k3y"})
+    assert "s3cret" not in repr(s) and "k3y" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("alices3cret", "cannot be read as a file"),  # no ':' at all: read as a file name, not repeated
+        ("alice:", "non-empty password"),
+        (":s3cret", "needs a user name"),
+        ("alice:s3cret,", "pair 2 is empty"),
+        ("alice:s3cret,,bob:s3cret", "pair 2 is empty"),
+        ("alice:s3cret,bob", "pair 2 needs a user name"),
+        ("al ice:s3cret", "space in the user name"),
+        ("alice: s3cret", "starts or ends with a space"),
+        ("alice:s3cret,alice:other", "user 'alice' is listed twice"),
+    ],
+)
+def test_bad_ui_auth_names_the_problem_never_the_password(value: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"RERANKER_UI_AUTH": value})
+    message = str(info.value)
+    assert "RERANKER_UI_AUTH" in message and problem in message and UI_AUTH_ACCEPTED in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "No such file or directory"),
+        ("", "has no user:password line"),
+        ("# only a comment\n\n", "has no user:password line"),
+        ("alice:s3cret\nbob s3cret\n", "line 2 needs a user name"),
+        ("alice:s3cret\n\n# x\nalice:s3cret2\n", "user 'alice' is listed twice"),
+        (b"alice:s3cret\xff\n", "not a readable UTF-8 file"),
+    ],
+)
+def test_bad_ui_auth_file(tmp_path: Path, content: str | bytes | None, problem: str) -> None:
+    path = tmp_path / "ui-users"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"RERANKER_UI_AUTH": str(path)})
+    message = str(info.value)
+    assert "RERANKER_UI_AUTH" in message and problem in message and UI_AUTH_ACCEPTED in message
+    assert str(path) in message and "s3cret" not in message

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
+from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
 from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
@@ -78,13 +79,21 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         return JSONResponse(error.body(), status_code=error.status)
 
     app.include_router(build_router(service))
-    # Starlette runs the last added first: request id, then the key, then the body limit.
-    app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=refused)
-    app.add_middleware(BearerKey, api_key=reranker.settings.api_key, on_refuse=refused)
+    settings = reranker.settings
+    if ui:
+        # RERANKER_UI_AUTH puts Gradio's login page in front of the UI; GradioLogin (below) extends it
+        # to every Gradio API route. The JSON routes keep their own bearer key.
+        # No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a
+        # request header, with the host's saved HF token for loopback callers (a same-host proxy is one).
+        app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
+                                  footer_links=["api"], show_error=True, run_history=False,
+                                  auth=list(settings.ui_auth) if settings.ui_auth else None)
+    # Starlette runs the last added first: request id, then the Gradio login, the key, the body limit.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
+    app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
+    if ui and settings.ui_auth:
+        app.add_middleware(GradioLogin, gradio=find_gradio_app(app))
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
-    if ui:
-        app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
-                                  footer_links=["api"], show_error=True)
     return app

@@ -1,0 +1,144 @@
+"""RERANKER_UI_AUTH: Gradio's login guards the UI and every Gradio API route; the JSON routes keep their key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AuthenticationError
+from prometheus_client import CollectorRegistry
+
+from app import open_ui_warning
+from reranker import Reranker, Settings
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from tests.browser import ARTIFACTS, browser_page
+from tests.conftest import model_settings
+from tests.servers import serve
+from web.http import create_app
+
+USER, PASSWORD, KEY = "alice", "correct horse", "json-key"
+DOCS = ["a cache server keeps hot data", "tea grows on hills"]
+NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": None}}
+
+
+@pytest.fixture(scope="module")
+def url(bert_model: ScoringModel, bert_dir: Path) -> Iterator[str]:
+    settings = model_settings(bert_dir, ui_auth=((USER, PASSWORD), ("bob", "other")), api_key=KEY)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as base:
+            yield base
+
+
+@contextmanager
+def login(url: str) -> Iterator[httpx.Client]:
+    """An HTTP client holding the cookie of a Gradio login, as a browser would."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        response = client.post("/login", data={"username": USER, "password": PASSWORD})
+        assert response.status_code == 200 and response.json() == {"success": True}
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/config"),
+        ("GET", "/gradio_api/info"),
+        ("GET", "/gradio_api/openapi.json"),
+        ("POST", "/gradio_api/call/predict"),
+        ("POST", "/gradio_api/api/predict"),
+        ("POST", "/gradio_api/queue/join"),
+        ("POST", "/gradio_api/upload"),
+        ("GET", "/gradio_api/file=/etc/hostname"),
+        # Gradio leaves these open even with auth; web/gradio_login.py closes them.
+        ("GET", "/gradio_api/heartbeat/some-session"),
+        ("POST", "/gradio_api/cancel"),
+        ("POST", "/gradio_api/reset"),
+        ("GET", "/gradio_api/startup-events"),
+        ("GET", "/gradio_api/app_id"),
+        ("GET", "/gradio_api/token"),
+        ("GET", "/gradio_api/runs"),
+    ],
+)
+def test_anonymous_gradio_api_calls_get_401(url: str, method: str, path: str) -> None:
+    body = {"data": ["cache", "\n".join(DOCS)]} if method == "POST" else None
+    for cookies in ({}, {"access-token-unsecure-forged": "forged"}):
+        response = httpx.request(method, f"{url}{path}", json=body, cookies=cookies, timeout=10)
+        assert response.status_code == 401 and response.json() == NOT_AUTHENTICATED, path
+
+
+def test_the_login_page_is_served_and_wrong_passwords_are_refused(url: str) -> None:
+    assert httpx.get(f"{url}/").status_code == 200  # the page that shows the login form
+    wrong = httpx.post(f"{url}/login", data={"username": USER, "password": "wrong"})
+    assert wrong.status_code == 400 and "access-token" not in wrong.headers.get("set-cookie", "")
+
+
+def test_a_logged_in_session_reaches_the_gradio_api(url: str) -> None:
+    with login(url) as client:
+        assert client.get("/gradio_api/app_id").status_code == 200
+        assert "/predict" in client.get("/gradio_api/info").json()["named_endpoints"]
+        inputs = ["cache", "\n".join(DOCS), None, "", False, None]  # query, documents, top_n, instruction, raw, file
+        event = client.post("/gradio_api/call/predict", json={"data": inputs})
+        assert event.status_code == 200
+        stream = client.get(f"/gradio_api/call/predict/{event.json()['event_id']}").text
+        assert "event: complete" in stream and "tea grows on hills" in stream
+
+
+def test_gradio_client_logs_in(url: str) -> None:
+    rows, status = Client(url, auth=(USER, PASSWORD), verbose=False).predict(
+        "cache server", "\n".join(DOCS), api_name="/predict")
+    assert sorted(row[2] for row in rows["data"]) == [0, 1] and "2 documents" in status
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(url, auth=(USER, "wrong"), verbose=False)
+    with pytest.raises(AuthenticationError):
+        Client(url, verbose=False)
+
+
+def test_json_routes_keep_their_key_and_ignore_the_ui_login(url: str) -> None:
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    body = {"query": "cache", "documents": DOCS}
+    # No Gradio login needed, only the key...
+    assert httpx.post(f"{url}/v1/rerank", json=body, headers=bearer).status_code == 200
+    assert httpx.post(f"{url}/api/predict", json={"data": ["cache", DOCS]}, headers=bearer).status_code == 200
+    assert httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
+    # ...and a Gradio login is no substitute for it.
+    with login(url) as client:
+        refused = client.post("/v1/rerank", json=body)
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+
+
+def test_login_in_the_browser(url: str) -> None:
+    page: Any
+    with browser_page() as page:
+        page.goto(url, wait_until="networkidle")
+        page.locator('input[data-testid="textbox"]').fill(USER)
+        page.locator('input[data-testid="password"]').fill(PASSWORD)
+        page.get_by_role("button", name="Login").click()
+        page.locator("#query textarea").fill("which server keeps a cache")
+        page.locator("#documents textarea").fill("\n".join(DOCS))
+        page.locator("#rerank").click()
+        page.locator('#results [data-testid="cell-1-3"]').wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "ui-login.png"), full_page=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "warns"),
+    [
+        ({}, False),
+        ({"RERANKER_HOST": "127.0.0.2"}, False),
+        ({"RERANKER_HOST": "::1"}, False),
+        ({"RERANKER_HOST": "0.0.0.0"}, True),
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_API_KEY": "k"}, True),  # the key guards the JSON routes only
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_UI_AUTH": "alice:pw"}, False),
+    ],
+)
+def test_serving_the_ui_beyond_loopback_without_a_login_warns(env: dict[str, str], warns: bool) -> None:
+    warning = open_ui_warning(Settings.from_env(env))
+    assert (warning is not None) == warns
+    if warning:
+        assert "RERANKER_UI_AUTH" in warning and "0.0.0.0" in warning
