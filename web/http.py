@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
+from web.gradio_api import GradioApiStatus
 from web.history import RequestHistory
 from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
@@ -78,6 +79,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     # Starlette runs the last added first: request id, then the key, then the body limit.
     app.add_middleware(BodyLimit, limit=reranker.settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=reranker.settings.api_key, on_refuse=refused)
+    if ui:
+        app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     app.add_middleware(RequestIdMiddleware)
     if ui:
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
