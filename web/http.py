@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
+from web.gradio_api import GradioApiStatus
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
@@ -88,9 +89,11 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True, run_history=False,
                                   auth=list(settings.ui_auth) if settings.ui_auth else None)
-    # Starlette runs the last added first: request id, then the Gradio login, the key, the body limit.
+    # Starlette runs the last added first: drain gate, request id, Gradio login, Gradio API status, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
+    if ui:
+        app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     if ui and settings.ui_auth:
         app.add_middleware(GradioLogin, gradio=find_gradio_app(app))
     app.add_middleware(RequestIdMiddleware)

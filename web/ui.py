@@ -8,6 +8,7 @@ import gradio as gr
 
 from reranker import RerankResult, ValidationError
 from web.errors import HttpError, to_http_error
+from web.gradio_api import ROUTE, CountedBlocks, RerankError
 from web.monitoring import Monitor, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.uploads import read_documents
@@ -52,15 +53,15 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
                 docs += read_documents(file, settings.max_body_bytes)
             except ValidationError as err:
                 error = to_http_error(err)
-                service.refused("ui", error)
-                raise gr.Error(error.message) from None
+                service.refused(ROUTE, error)
+                raise RerankError(error) from None
         n = None if top_n in (None, 0) else top_n
         if isinstance(n, float) and n.is_integer():
             n = int(n)
         try:
-            result = service.rerank("ui", RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
+            result = service.rerank(ROUTE, RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
         except HttpError as err:
-            raise gr.Error(err.message) from None
+            raise RerankError(err) from None
         rows = [[rank, round(r.score, 6), r.index, _preview(r.document)]
                 for rank, r in enumerate(result.results, start=1)]
         return rows, status_line(result)
@@ -72,9 +73,8 @@ def build_ui(service: RerankService) -> gr.Blocks:
     """The demo UI; `predict(query, documents, top_n, instruction, raw_scores, file)` is its API."""
     reranker = service.reranker
     takes_instruction = reranker.model.accepts_instruction
-    predict = make_predict(service)
-
-    with gr.Blocks(title="Reranker") as demo:
+    with CountedBlocks(service.refused, title="Reranker") as demo:
+        predict = demo.count(make_predict(service))
         gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "
                     f"({reranker.model.dtype}, max_length {reranker.model.max_length})")
         with gr.Tab("Rerank"):

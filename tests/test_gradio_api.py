@@ -1,0 +1,120 @@
+"""The Gradio API of `predict`: inputs Gradio itself refuses are counted, answered 4xx, and print no traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reranker import Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from tests.conftest import model_settings
+from tests.servers import serve
+from web.http import create_app
+
+
+@pytest.fixture(scope="module")
+def live(bert_model: ScoringModel, bert_dir: Path) -> Iterator[tuple[str, Reranker]]:
+    settings = model_settings(bert_dir, max_docs=20, max_doc_chars=2000)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as url:
+            yield url, reranker
+
+
+def ui_requests(reranker: Reranker) -> float:
+    registry = reranker.metrics.registry
+    return sum(registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": status}) or 0
+               for status in ("ok", "invalid", "overloaded", "error"))
+
+
+def call(url: str, body: bytes) -> tuple[int, str]:
+    """POST /gradio_api/call/predict, then read the event stream; (POST status, stream or POST body)."""
+    posted = httpx.post(f"{url}/gradio_api/call/predict", content=body,
+                        headers={"content-type": "application/json"}, timeout=20)
+    if posted.status_code != 200:
+        return posted.status_code, posted.text
+    event = posted.json()["event_id"]
+    return 200, httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=20).text
+
+
+# Found by tests/test_fuzz.py: each failed inside Gradio (arity check, component preprocessing, FileData
+# validation) before the handler ran, so reranker_requests_total never saw it, and Gradio printed a traceback.
+REFUSED_BY_GRADIO = [
+    ("top_n 1e400", b'{"data": ["q", "a", 1e400, "", false, null]}'),
+    ("top_n NaN", b'{"data": ["q", "a", NaN, "", false, null]}'),
+    ("top_n -Infinity", b'{"data": ["q", "a", -Infinity, "", false, null]}'),
+    ("top_n a word", b'{"data": ["q", "a", "abc", "", false, null]}'),
+    ("top_n a list", b'{"data": ["q", "a", [1], "", false, null]}'),
+    ("two inputs of six", b'{"data": ["q", "a"]}'),
+    ("no inputs", b'{"data": []}'),
+    ("file a bare path", b'{"data": ["q", "a", null, "", false, "/etc/passwd"]}'),
+    ("file a number", b'{"data": ["q", "a", null, "", false, 5]}'),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), REFUSED_BY_GRADIO, ids=[c[0] for c in REFUSED_BY_GRADIO])
+def test_inputs_gradio_refuses_are_counted_without_a_traceback(
+        live: tuple[str, Reranker], capfd: pytest.CaptureFixture[str], case: str, body: bytes) -> None:
+    url, reranker = live
+    before = ui_requests(reranker)
+    status, stream = call(url, body)
+    assert status == 200 and "event: error" in stream
+    assert "bad input for the Gradio API" in stream
+    direct = httpx.post(f"{url}/gradio_api/api/predict", content=body,
+                        headers={"content-type": "application/json"}, timeout=20)
+    assert direct.status_code == 422, direct.text
+    assert ui_requests(reranker) == before + 2
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# Found by tests/test_fuzz.py: Gradio's direct route answers any handler exception with 500, so a bad
+# query was a server error there; it now gets the status the JSON routes give.
+DIRECT_STATUSES = [
+    ("empty query", ["", "a", None, "", False, None], 400),
+    ("lone surrogate", ["q\ud800", "a", None, "", False, None], 400),
+    ("NUL in a document", ["q", "a\u0000b", None, "", False, None], 400),
+    ("query not a string", [None, "a", None, "", False, None], 422),
+    ("too many documents", ["q", "a\n" * 21, None, "", False, None], 413),
+    ("top_n over the limit", ["q", "a", 2**70, "", False, None], 400),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "status"), DIRECT_STATUSES, ids=[c[0] for c in DIRECT_STATUSES])
+def test_direct_gradio_calls_answer_bad_input_with_a_4xx(
+        live: tuple[str, Reranker], capfd: pytest.CaptureFixture[str], case: str, data: list[object],
+        status: int) -> None:
+    url, reranker = live
+    before = ui_requests(reranker)
+    response = httpx.post(f"{url}/gradio_api/api/predict", content=json.dumps({"data": data}).encode(),
+                          headers={"content-type": "application/json"}, timeout=20)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert ui_requests(reranker) == before + 1
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("body", [b'{"data": "q"}', b"{}", b"null", b"[" * 200_000, b'{"data": ["\xff"]}'],
+                         ids=["data a string", "no data", "null", "200000 [", "invalid UTF-8"])
+def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Reranker], body: bytes) -> None:
+    url, reranker = live
+    before = ui_requests(reranker)
+    for path in ("/gradio_api/call/predict", "/gradio_api/api/predict"):
+        response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=20)
+        assert 400 <= response.status_code < 500
+    assert ui_requests(reranker) == before + 2
+
+
+def test_a_good_call_is_counted_once(live: tuple[str, Reranker]) -> None:
+    url, reranker = live
+    before = ui_requests(reranker)
+    data = ["cache server", "a cache\ntea", None, "", False, None]
+    status, stream = call(url, json.dumps({"data": data}).encode())
+    assert status == 200 and "event: complete" in stream
+    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+    assert direct.status_code == 200
+    assert ui_requests(reranker) == before + 2

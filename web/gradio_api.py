@@ -1,0 +1,111 @@
+"""The Gradio API of the Rerank tab: every call counted once, and a bad call answered 4xx, not Gradio's 500."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from web.errors import HttpError
+from web.middleware import App, Message, Receive, Scope, Send
+
+ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
+PREPROCESS_STATUS = 422
+# Gradio's POST routes of a named event, under /gradio_api: direct calls answer in the POST; queued
+# calls (/call/) answer in a later event stream, so only their refusals show in the POST's status.
+_ROUTES = ("/run/", "/api/", "/call/", "/call/v2/")
+
+OnRefuse = Callable[[str, HttpError], None]
+# The status a direct call's handler chose for its failure, written where Gradio swallows the exception.
+_outcome: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("gradio_outcome", default=None)
+
+
+class RerankError(gr.Error):
+    """A gr.Error for a call the service has already counted and logged; `status` as the JSON routes give it."""
+
+    def __init__(self, error: HttpError) -> None:
+        # Already one JSON log line; Gradio would add a traceback on stderr for every bad input.
+        super().__init__(error.message, print_exception=False)
+        self.status = error.status
+
+
+class CountedBlocks(gr.Blocks):
+    """Blocks whose rerank handlers are counted even when Gradio refuses the call before they run.
+
+    Gradio checks the number of inputs, validates files and preprocesses each component (a Number
+    given "abc" or 1e400) before it calls the handler; a call that fails there never reaches the
+    service. Handlers registered with `count` get such a failure booked as an invalid request.
+    """
+
+    def __init__(self, on_refuse: OnRefuse, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_refuse = on_refuse
+        self._counted: set[Callable[..., Any]] = set()
+
+    def count(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        self._counted.add(handler)
+        return handler
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any,
+                              explicit_call: bool = False) -> Any:
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except Exception as err:
+            if block_fn.fn not in self._counted:
+                raise
+            # Gradio's first line says which input was wrong; the rest names Python objects.
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            error = HttpError(PREPROCESS_STATUS, "invalid_input", f"bad input for the Gradio API: {reason}")
+            self._on_refuse(ROUTE, error)
+            raise RerankError(error) from None
+
+    async def process_api(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await super().process_api(*args, **kwargs)
+        except RerankError as err:
+            outcome = _outcome.get()
+            if outcome is not None:
+                outcome["status"] = err.status
+            raise
+
+
+def _is_api_call(scope: Scope, api_name: str) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    prefix, _, name = str(scope["path"]).rstrip("/").rpartition("/")
+    return name == api_name and prefix.startswith("/gradio_api/") and prefix[len("/gradio_api"):] + "/" in _ROUTES
+
+
+class GradioApiStatus:
+    """For POSTs to the Gradio API of `api_name`: a handler's refusal gets its 4xx instead of Gradio's
+    500 (direct calls), and a call Gradio refuses before making it an event (not JSON, no `data`
+    list) is counted as an invalid request on the `ui` route."""
+
+    def __init__(self, app: App, on_refuse: OnRefuse, api_name: str = "predict") -> None:
+        self.app = app
+        self.on_refuse = on_refuse
+        self.api_name = api_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not _is_api_call(scope, self.api_name):
+            await self.app(scope, receive, send)
+            return
+        outcome: dict[str, int] = {}
+        token = _outcome.set(outcome)
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if "status" in outcome:  # counted by the handler, or by preprocess_data
+                    if status == 500 and outcome["status"] != 500:
+                        message["status"] = outcome["status"]
+                elif status >= 400:
+                    self.on_refuse(ROUTE, HttpError(status, "gradio_refused", f"Gradio answered {status}"))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            _outcome.reset(token)
