@@ -62,6 +62,44 @@ def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringMode
     assert scored["pairs"] == 1 + 5
 
 
+def test_a_cancelled_gradio_event_has_its_pairs_dropped(bert_model: ScoringModel, documents: list[str]) -> None:
+    from gradio_client import Client
+
+    gate = threading.Event()
+    held = threading.Event()
+    scored = {"pairs": 0}
+
+    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        held.set()
+        gate.wait(30)
+        scored["pairs"] += len(batch)
+        return bert_model.score(batch)
+
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker, \
+            serve(create_app(reranker)) as url:
+        warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
+        warm.start()
+        held.wait(10)
+        client = Client(url, verbose=False)
+        job = client.submit("q", "\n".join(documents[:80]), api_name="/predict")
+        deadline = time.monotonic() + 30
+        while reranker.queued_pairs < 81:  # the warm-up pair and the event's 80 wait for the device
+            assert time.monotonic() < deadline, "the event never reached the engine"
+            time.sleep(0.02)
+        job.cancel()
+        while metrics.registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "cancelled"}) != 1:
+            assert time.monotonic() < deadline, "the cancel never reached the engine"
+            time.sleep(0.05)
+        gate.set()
+        warm.join(30)
+        table, _ = client.predict("q", "a\nb", api_name="/predict")  # still serving
+        assert len(table["data"] if isinstance(table, dict) else table) == 2
+    assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 80
+    assert scored["pairs"] == 1 + 2
+
+
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
     port, metrics_port = free_port(), free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(port),

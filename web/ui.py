@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
+from typing import Any
 
+import anyio
 import gradio as gr
 
 from reranker import RerankResult, ValidationError
@@ -45,7 +49,8 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     settings = service.reranker.settings
 
     def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
-                raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
+                raw_scores: bool = False, file: str | None = None, *,
+                cancel: threading.Event | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         docs = split_lines(documents or "")
         if file:
@@ -59,7 +64,7 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
         if isinstance(n, float) and n.is_integer():
             n = int(n)
         try:
-            result = service.rerank(ROUTE, RerankCall(query, docs, n, instruction or None, bool(raw_scores)))
+            result = service.rerank(ROUTE, RerankCall(query, docs, n, instruction or None, bool(raw_scores)), cancel)
         except HttpError as err:
             raise RerankError(err) from None
         rows = [[rank, round(r.score, 6), r.index, _preview(r.document)]
@@ -69,12 +74,31 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     return predict
 
 
+def cancellable(predict: Callable[..., tuple[list[list[object]], str]]) -> Callable[..., Any]:
+    """The event handler: `predict` on a worker thread, whose unstarted pairs are dropped if Gradio cancels
+    the event (a client's cancel, gradio_client's `Job.cancel()`): Gradio cancels the handler's task."""
+
+    async def rerank(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
+                     raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
+        """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
+        cancel = threading.Event()
+        work = functools.partial(predict, query, documents, top_n, instruction, raw_scores, file, cancel=cancel)
+        try:
+            # abandon_on_cancel: a cancelled event returns at once; the thread then sees `cancel` and stops.
+            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except BaseException:
+            cancel.set()
+            raise
+
+    return rerank
+
+
 def build_ui(service: RerankService) -> gr.Blocks:
     """The demo UI; `predict(query, documents, top_n, instruction, raw_scores, file)` is its API."""
     reranker = service.reranker
     takes_instruction = reranker.model.accepts_instruction
     with CountedBlocks(service.refused, title="Reranker") as demo:
-        predict = demo.count(make_predict(service))
+        predict = demo.count(cancellable(make_predict(service)))
         gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "
                     f"({reranker.model.dtype}, max_length {reranker.model.max_length})")
         with gr.Tab("Rerank"):
