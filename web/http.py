@@ -17,6 +17,7 @@ from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
 from web.routes import build_router
 from web.service import RerankService
+from web.tracing import instrument
 from web.ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -82,4 +83,5 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     if ui:
         app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True)
+    instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above
     return app

@@ -10,6 +10,7 @@ from reranker import RerankResult, ValidationError
 from web.errors import HttpError, to_http_error
 from web.monitoring import Monitor, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
+from web.tracing import ui_span
 from web.uploads import read_documents
 
 PREVIEW_CHARS = 300
@@ -44,8 +45,14 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     settings = service.reranker.settings
 
     def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
-                raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
+                raw_scores: bool = False, file: str | None = None,
+                request: gr.Request | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
+        with ui_span(service.reranker.tracing, request.headers if request is not None else None):
+            return rank(query, documents, top_n, instruction, raw_scores, file)
+
+    def rank(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
+             file: str | None) -> tuple[list[list[object]], str]:
         docs = split_lines(documents or "")
         if file:
             try:
