@@ -1,4 +1,4 @@
-"""A tiny OTLP/HTTP trace receiver on loopback: decodes each export with opentelemetry-proto and keeps it."""
+"""Tiny OTLP trace receivers on loopback (HTTP and gRPC): decode each export with opentelemetry-proto, keep it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 
 
@@ -85,3 +89,28 @@ def otlp_receiver() -> Iterator[tuple[str, Received]]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextmanager
+def grpc_receiver() -> Iterator[tuple[str, Received]]:
+    """An OTLP/gRPC TraceService on 127.0.0.1 until the block ends; yields its endpoint URL and what arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    received = Received()
+
+    class Service(TraceServiceServicer):
+        def Export(self, request: ExportTraceServiceRequest, context: object) -> ExportTraceServiceResponse:  # noqa: N802
+            with received.lock:
+                received.requests.append(request)
+            return ExportTraceServiceResponse()
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        server.stop(grace=None).wait(5)
