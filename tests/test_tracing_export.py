@@ -3,14 +3,18 @@ dropped spans, and the trace id in logs, the Monitoring tab and metric exemplars
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
@@ -28,7 +32,7 @@ from reranker.model import ScoringModel
 from reranker.tracing import Tracing
 from tests.conftest import model_settings
 from tests.otlp_receiver import grpc_receiver, otlp_receiver
-from tests.servers import free_port
+from tests.servers import free_port, wait_ready
 from tests.test_metrics import FakeNvml
 from web.history import RequestHistory
 from web.http import create_app
@@ -200,3 +204,38 @@ def test_the_protocol_picks_the_exporter(metrics: Metrics, bert_dir: Path, monke
                                         metrics)
         assert isinstance(tracing._exporter.inner, kind)  # type: ignore[union-attr]
         assert tracing.shutdown()
+
+
+def test_the_service_flushes_its_spans_when_stopped(bert_dir: Path) -> None:
+    """The whole process, with the batch processor told to wait a minute: only the flush at exit can send them."""
+    root = Path(__file__).resolve().parent.parent
+    port, metrics_port = free_port(), free_port()
+    with otlp_receiver() as (collector, received):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
+               "RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(metrics_port),
+               "RERANKER_LOG_SAMPLE_RATE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+               "OTEL_BSP_SCHEDULE_DELAY": "60000", "OTEL_SERVICE_NAME": "reranker-under-test"}
+        process = subprocess.Popen([str(root / "start.sh")], cwd=root, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, timeout=120)
+            answer = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
+            trace_id = answer.headers["traceresponse"].split("-")[1]
+            time.sleep(0.5)
+            assert received.requests == []  # held back by the batch processor
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 0 and time.monotonic() - stopped < 15
+        got = received.spans()
+    assert {name for name, _, _ in got} == {"reranker-under-test"}
+    assert REQUEST_SPANS <= {span.name for _, _, span in got}
+    assert {span.trace_id.hex() for _, _, span in got if span.name == "POST /v1/rerank"} == {trace_id}
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert [line["trace_id"] for line in lines if line.get("logger") == "reranker.requests"] == [trace_id]
+    assert any(line["message"].startswith("tracing on") for line in lines)
