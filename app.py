@@ -51,6 +51,7 @@ def main() -> int:
     from reranker import ModelLoadError, Reranker
     from reranker.gpu import GpuCollector
     from reranker.metrics import Metrics
+    from reranker.tracing import Tracing
 
     registry = CollectorRegistry()
     metrics = Metrics(registry, process_collector=True)
@@ -63,8 +64,16 @@ def main() -> int:
         return 1
     logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_handle.port)
     try:
+        tracing = Tracing.from_settings(settings, metrics)
+    except Exception as err:  # an OTEL_* value the exporter cannot use
+        logger.error("tracing setup failed: %s", err, extra={"error_type": "configuration"})
+        metrics_handle.stop()
+        return 2
+    if tracing.enabled:
+        logger.info("tracing on: OTLP over %s", settings.tracing_protocol)
+    try:
         try:
-            reranker = Reranker.from_settings(settings, metrics=metrics)
+            reranker = Reranker.from_settings(settings, metrics=metrics, tracing=tracing)
         except ModelLoadError as err:
             logger.error("model load failed: %s", err, extra={"error_type": "model_load"})
             return 1
@@ -73,6 +82,7 @@ def main() -> int:
         finally:
             reranker.close()
     finally:
+        tracing.shutdown()  # after the worker's last batch spans; bounded, whatever the collector does
         metrics_handle.stop()
     return status
 

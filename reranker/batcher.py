@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from opentelemetry.trace import SpanContext
 
 from reranker.errors import (
     CancelledError,
@@ -27,6 +28,7 @@ from reranker.errors import (
 )
 from reranker.metrics import Metrics
 from reranker.pipeline import STOP, Batch, DeviceStage, ScoreFn, Scorer, as_scorer, is_out_of_memory
+from reranker.spans import BatchSpans, current_span_context
 from reranker.tokens import EncodedPair
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class Job:
     started: float | None = None
     inference_seconds: float = 0.0
     cancelled: bool = False
+    span_context: SpanContext | None = None  # the caller's request span, which the batch spans link to
+    batch_spans: list[SpanContext] = field(default_factory=list)  # the traced passes that carried its pairs
 
     def __post_init__(self) -> None:
         self.scores = [float("nan")] * len(self.pairs)
@@ -65,6 +69,14 @@ class _Item:
     @property
     def n_tokens(self) -> int:
         return self.job.pairs[self.position].n_tokens
+
+    @property
+    def span_context(self) -> SpanContext | None:
+        return self.job.span_context
+
+    def served_by(self, batch: SpanContext) -> None:
+        if batch not in self.job.batch_spans:
+            self.job.batch_spans.append(batch)
 
 
 def cut_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -86,7 +98,7 @@ class Batcher:
     """Owns the model through a scorer; callers only submit pairs and wait for their own scores."""
 
     def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics,
-                 probe: Sequence[EncodedPair] = ()) -> None:
+                 probe: Sequence[EncodedPair] = (), batch_spans: BatchSpans | None = None) -> None:
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
         self._batch_tokens = batch_tokens
@@ -99,7 +111,7 @@ class Batcher:
         ready: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._ready = ready
         # `probe` (a known-good pair) tells a one-off failure from a device that fails everything.
-        self._device = DeviceStage(self._scorer, ready, self._deliver, metrics, probe=probe,
+        self._device = DeviceStage(self._scorer, ready, self._deliver, metrics, batch_spans, probe=probe,
                                    abandoned=lambda items: all(item.job.cancelled for item in items),
                                    on_fault=self._on_fault)
         self._collator = threading.Thread(target=self._collate_rounds, name="reranker-collator", daemon=True)
@@ -143,7 +155,7 @@ class Batcher:
                 f"this request needs {len(pairs)} model passes (documents plus chunks), more than "
                 f"RERANKER_MAX_QUEUE={self._max_queue}; send fewer or shorter documents"
             )
-        job = Job(pairs)
+        job = Job(pairs, span_context=current_span_context())
         with self._cond:
             if self._closed:
                 if self._device.fault is not None:

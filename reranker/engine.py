@@ -13,6 +13,7 @@ from types import TracebackType
 import torch
 from prometheus_client import CollectorRegistry
 
+from reranker import spans
 from reranker.batcher import Batcher, ScoreFn
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import InvalidTypeError, LimitExceededError, ScoringError, ValidationError
@@ -21,6 +22,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from reranker.settings import Settings
 from reranker.tokens import EncodedPair
+from reranker.tracing import Tracing
 
 # Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
 # thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
@@ -95,15 +97,20 @@ class Reranker:
     """Thread-safe reranking over one model; only the batcher's worker thread runs the model."""
 
     def __init__(self, model: ScoringModel, settings: Settings, *, metrics: Metrics | None = None,
-                 score_fn: ScoreFn | None = None) -> None:
+                 score_fn: ScoreFn | None = None, tracing: Tracing | None = None) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics or Metrics(CollectorRegistry())
+        self.tracing = tracing or Tracing()  # the caller owns it and shuts it down after close()
+        self._tracer = self.tracing.tracer
+        self._model_attributes = {"reranker.model": model.model_id, "reranker.device": model.device,
+                                  "reranker.dtype": model.dtype}
         self._cache = ScoreCache(settings.cache_size)
         self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
         self._batcher = Batcher(
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
             metrics=self.metrics, probe=model.encode([("warm-up query", "warm-up document")]),
+            batch_spans=spans.BatchSpans(self._tracer, self._model_attributes),
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "dtype": model.dtype,
@@ -113,9 +120,10 @@ class Reranker:
         self.metrics.queue_capacity_pairs.set(settings.max_queue)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> Reranker:
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None,
+                      tracing: Tracing | None = None) -> Reranker:
         """Load the configured model and start the worker."""
-        return cls(load_model(settings), settings, metrics=metrics)
+        return cls(load_model(settings), settings, metrics=metrics, tracing=tracing)
 
     def __enter__(self) -> Reranker:
         return self
@@ -150,43 +158,63 @@ class Reranker:
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None) -> RerankResult:
-        """As `rerank`, with the call's statistics. Setting `cancel` (the caller went away) drops the pairs
-        that have not started and raises CancelledError."""
+        """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
+
+        Setting `cancel` (the caller went away) drops the pairs that have not started and raises
+        CancelledError."""
+        with self._tracer.start_as_current_span(spans.REQUEST, attributes=self._model_attributes) as span:
+            try:
+                result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel)
+            except Exception as err:  # the span records it, with status ERROR
+                span.set_attribute(spans.OUTCOME, spans.outcome(err))
+                raise
+            spans.describe_request(span, result.stats, top_n)
+            return result
+
+    def _rerank(self, query: str, documents: Sequence[str], top_n: int | None,
+                instruction: str | None, raw_scores: bool, cancel: threading.Event | None) -> RerankResult:
         started = time.perf_counter()
-        self.validate(query, documents, top_n, instruction)
+        with self._tracer.start_as_current_span(spans.VALIDATE):
+            self.validate(query, documents, top_n, instruction)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction or None
-        keys = [self._key(query, doc, instruction) for doc in documents]
-        logits: list[float | None] = [self._cache.get(key) for key in keys]
-        hits = sum(value is not None for value in logits)
+        with self._tracer.start_as_current_span(spans.CACHE) as span:
+            keys = [self._key(query, doc, instruction) for doc in documents]
+            logits: list[float | None] = [self._cache.get(key) for key in keys]
+            hits = sum(value is not None for value in logits)
+            span.set_attribute("reranker.cache_hits", hits)
         self.metrics.cache_requests.labels(result="hit").inc(hits)
         self.metrics.cache_requests.labels(result="miss").inc(len(documents) - hits)
         missing = [i for i, value in enumerate(logits) if value is None]
 
-        plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
+        with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
+            plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
+            spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
         job = self._batcher.submit(plan.pairs)
         self._batcher.wait(job, cancel)
+        spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
         if job.error is not None:
             raise job.error
-        best = [-math.inf] * len(missing)
-        for owner, score in zip(plan.owners, job.scores, strict=True):
-            if not math.isfinite(score):
-                self.metrics.nonfinite_scores.inc()
-                raise ScoringError(
-                    f"the model produced a non-finite score for document {missing[owner]}; "
-                    "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32"
-                )
-            best[owner] = max(best[owner], score)
-        for slot, doc_index in enumerate(missing):
-            logits[doc_index] = best[slot]
-            self._cache.put(keys[doc_index], best[slot])
+        with self._tracer.start_as_current_span(spans.POSTPROCESS):
+            best = [-math.inf] * len(missing)
+            for owner, score in zip(plan.owners, job.scores, strict=True):
+                if not math.isfinite(score):
+                    self.metrics.nonfinite_scores.inc()
+                    raise ScoringError(
+                        f"the model produced a non-finite score for document {missing[owner]}; "
+                        "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32"
+                    )
+                best[owner] = max(best[owner], score)
+            for slot, doc_index in enumerate(missing):
+                logits[doc_index] = best[slot]
+                self._cache.put(keys[doc_index], best[slot])
 
-        raw = torch.tensor(logits, dtype=torch.float32)
-        probabilities = torch.sigmoid(raw).tolist()
-        shown = raw.tolist() if raw_scores else probabilities
-        order = sorted(range(len(documents)), key=lambda i: (-shown[i], i))
-        limit = len(order) if top_n is None else min(top_n, len(order))
-        results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
+            raw = torch.tensor(logits, dtype=torch.float32)
+            probabilities = torch.sigmoid(raw).tolist()
+            shown = raw.tolist() if raw_scores else probabilities
+            order = sorted(range(len(documents)), key=lambda i: (-shown[i], i))
+            limit = len(order) if top_n is None else min(top_n, len(order))
+            results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
 
         tokens = sum(pair.n_tokens for pair in plan.pairs)
         self.metrics.input_tokens.inc(tokens)

@@ -10,6 +10,7 @@ import threading
 from types import TracebackType
 from typing import IO
 
+from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
 from pythonjsonlogger.json import JsonFormatter
 
 # Libraries that install handlers of their own or print progress bars; all of them go through ours.
@@ -100,6 +101,13 @@ def query_fields(query: str, preview_chars: int) -> dict[str, object]:
     else:
         fields["query_hash"] = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return fields
+
+
+def trace_fields(context: SpanContext) -> dict[str, str]:
+    """`trace_id` and `span_id` for a log line, as W3C hex; none when nothing is traced (tracing off)."""
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format_trace_id(context.trace_id), "span_id": format_span_id(context.span_id)}
 
 
 def should_log(*, ok: bool, latency_ms: float, sample_rate: float, slow_ms: float,

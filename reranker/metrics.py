@@ -12,6 +12,9 @@ SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STDDEV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 STATUSES = ("ok", "invalid", "overloaded", "error")
+# Why a finished span never reached the collector: the export queue was full, the export failed, or it
+# ended after the tracer shut down.
+SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
 
 
 class Metrics:
@@ -100,6 +103,12 @@ class Metrics:
         self.model_load_seconds = Gauge(
             "model_load_seconds", "Time to load and warm the model.", namespace=ns, registry=registry
         )
+        self.trace_spans_dropped = Counter(
+            "trace_spans_dropped", "Finished trace spans lost before the collector got them, by reason.",
+            ["reason"], namespace=ns, registry=registry,
+        )
         for result in ("hit", "miss"):
             self.cache_requests.labels(result=result)
+        for reason in SPAN_DROP_REASONS:
+            self.trace_spans_dropped.labels(reason=reason)
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from opentelemetry.trace import Span
 
 from reranker.errors import CancelledError, DeviceFaultError, RerankerError, ScoringError
 from reranker.metrics import Metrics
+from reranker.spans import BatchSpans
 from reranker.tokens import EncodedPair
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class _Launched:
     batch: Batch
     pending: Pending
     started: float
+    span: Span | None = None  # the pass's reranker.batch span, when a request in it is traced
 
 
 STOP = object()
@@ -110,13 +113,15 @@ STOP = object()
 class DeviceStage:
     """Runs batches from `inbox` on the scorer, in order; the worker must outlive any failure."""
 
-    def __init__(self, scorer: Scorer, inbox: queue.Queue[Any], deliver: Deliver, metrics: Metrics, *,
-                 probe: Sequence[EncodedPair] = (), abandoned: Callable[[Sequence[Any]], bool] = lambda items: False,
+    def __init__(self, scorer: Scorer, inbox: queue.Queue[Any], deliver: Deliver, metrics: Metrics,
+                 spans: BatchSpans | None = None, *, probe: Sequence[EncodedPair] = (),
+                 abandoned: Callable[[Sequence[Any]], bool] = lambda items: False,
                  on_fault: Callable[[str], None] = lambda reason: None) -> None:
         self._scorer = scorer
         self._inbox = inbox
         self._deliver = deliver
         self._metrics = metrics
+        self._spans = spans
         self._probe = probe
         self._abandoned = abandoned
         self._on_fault = on_fault
@@ -160,10 +165,12 @@ class DeviceStage:
 
     def _launch(self, batch: Batch) -> tuple[_Launched | None, BaseException | None]:
         started = time.perf_counter()
+        span = self._spans.start(batch.pairs, batch.items) if self._spans is not None else None
         try:
             features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs)
-            return _Launched(batch, self._scorer.launch(features), started), None
+            return _Launched(batch, self._scorer.launch(features), started, span), None
         except Exception as err:
+            self._end_span(span, batch, error=err)
             # Keep no traceback: its frames hold the failed pass's tensors, which must be freed before
             # the retry (the PyTorch FAQ's out-of-memory pitfall).
             return None, err.with_traceback(None)
@@ -172,6 +179,7 @@ class DeviceStage:
         try:
             scores = launched.pending.wait()
         except Exception as err:
+            self._end_span(launched.span, launched.batch, error=err)
             self._recover(launched.batch, err.with_traceback(None))
             return
         done = time.perf_counter()
@@ -183,7 +191,13 @@ class DeviceStage:
         self._metrics.batch_size.observe(len(batch.pairs))
         self._metrics.batch_tokens.observe(len(batch.pairs) * max(pair.n_tokens for pair in batch.pairs))
         self._metrics.pairs_scored.inc(len(batch.pairs))
+        self._end_span(launched.span, batch, inference_seconds=elapsed)
         self._deliver(batch.items, scores, elapsed)
+
+    def _end_span(self, span: Span | None, batch: Batch, *, error: BaseException | None = None,
+                  inference_seconds: float | None = None) -> None:
+        if self._spans is not None:
+            self._spans.end(span, batch.items, error=error, inference_seconds=inference_seconds)
 
     def _score_now(self, batch: Batch) -> None:
         launched, failure = self._launch(batch)

@@ -15,6 +15,10 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LONG_DOC_MODES = ("truncate", "chunk")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The OTLP transports the Python SDK ships; http/json has no Python exporter.
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+# Setting either of these asks for traces (the OpenTelemetry convention), even without RERANKER_TRACING.
+OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 MAX_QUERY_CHARS = 10_000
 
 
@@ -50,6 +54,8 @@ class Settings:
     drain_seconds: float = 30.0
     api_key: str | None = field(default=None, repr=False)  # secrets stay out of reprs and logs
     ui_auth: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)  # (user, password) pairs
+    tracing: bool = False
+    tracing_protocol: str = "http/protobuf"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +69,7 @@ class Settings:
             return parse(name, raw.strip())
 
         d = cls()
+        tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", _bool, None), d.tracing_protocol)
         return cls(
             model=get("RERANKER_MODEL", _text, d.model),
             device=get("RERANKER_DEVICE", _device, d.device),
@@ -88,7 +95,21 @@ class Settings:
             api_key=get("RERANKER_API_KEY", _text, None),
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
+            tracing=tracing,
+            tracing_protocol=tracing_protocol,
         )
+
+
+def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple[bool, str]:
+    """RERANKER_TRACING wins either way; unset, an OTLP endpoint turns tracing on. Only the switch and the
+    transport are ours: the SDK reads every other OTEL_* variable itself."""
+    on = asked if asked is not None else any(env.get(name, "").strip() for name in OTLP_ENDPOINTS)
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        on = False
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if on and env.get(name, "").strip():
+            return on, _choice(OTLP_PROTOCOLS)(name, env[name].strip())
+    return on, protocol
 
 
 def _text(name: str, raw: str) -> str:

@@ -18,6 +18,7 @@ def test_defaults_match_the_spec() -> None:
     assert (s.host, s.port, s.metrics_host, s.metrics_port) == ("127.0.0.1", 7860, "127.0.0.1", 9091)
     assert (s.log_level, s.log_sample_rate, s.slow_ms, s.log_query_preview) == ("INFO", 0.1, 2000.0, 0)
     assert s.trust_remote_code is False and s.api_key is None and s.ui_auth is None
+    assert s.tracing is False and s.tracing_protocol == "http/protobuf"
 
 
 def test_every_variable_is_read() -> None:
@@ -30,13 +31,14 @@ def test_every_variable_is_read() -> None:
         "RERANKER_PORT": "8000", "RERANKER_METRICS_HOST": "0.0.0.0", "RERANKER_METRICS_PORT": "9100",
         "RERANKER_LOG_LEVEL": "debug", "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_SLOW_MS": "250.5",
         "RERANKER_LOG_QUERY_PREVIEW": "40", "RERANKER_API_KEY": "secret", "RERANKER_UI_AUTH": "alice:pw",
+        "RERANKER_TRACING": "on",
     })
     assert s == Settings(
         model="/models/x", device="cuda:1", dtype="bfloat16", max_length=512, long_docs="chunk", batch_tokens=4096,
         cache_size=0, max_docs=10, max_doc_chars=99, max_query_chars=300, max_queue=7, trust_remote_code=True,
         host="0.0.0.0",
         port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
-        slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),),
+        slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),), tracing=True,
     )
 
 
@@ -73,6 +75,7 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_LOG_SAMPLE_RATE", "nan", "from 0 to 1"),
         ("RERANKER_SLOW_MS", "-3", "a number >= 0"),
         ("RERANKER_LOG_QUERY_PREVIEW", "-1", "an integer >= 0"),
+        ("RERANKER_TRACING", "sometimes", "true, false"),
     ],
 )
 def test_bad_value_names_variable_and_accepted_values(name: str, value: str, accepted: str) -> None:
@@ -154,3 +157,32 @@ def test_bad_ui_auth_file(tmp_path: Path, content: str | bytes | None, problem: 
     message = str(info.value)
     assert "RERANKER_UI_AUTH" in message and problem in message and UI_AUTH_ACCEPTED in message
     assert str(path) in message and "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"RERANKER_TRACING": "1"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": " "}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "RERANKER_TRACING": "0"}, False),
+        ({"RERANKER_TRACING": "1", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_tracing_is_off_unless_asked_for_or_an_endpoint_is_set(environ: dict[str, str], on: bool) -> None:
+    assert Settings.from_env(environ).tracing is on
+
+
+def test_the_otlp_protocol_is_http_unless_grpc_is_named() -> None:
+    on = {"RERANKER_TRACING": "1"}
+    assert Settings.from_env(on).tracing_protocol == "http/protobuf"
+    assert Settings.from_env({**on, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).tracing_protocol == "grpc"
+    both = {**on, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    assert Settings.from_env(both).tracing_protocol == "http/protobuf"  # the signal's own variable wins
+    with pytest.raises(SettingsError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not valid; use one of: "
+                                            r"http/protobuf, grpc"):
+        Settings.from_env({**on, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    # With tracing off the transport is nobody's business.
+    assert Settings.from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}).tracing is False

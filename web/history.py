@@ -16,6 +16,7 @@ class RequestSummary:
     latency_ms: float
     status: str
     request_id: str
+    trace_id: str = ""  # empty with tracing off
 
 
 class RequestHistory:
@@ -25,9 +26,10 @@ class RequestHistory:
         self._items: deque[RequestSummary] = deque(maxlen=size)
         self._lock = threading.Lock()
 
-    def add(self, route: str, n_docs: int, latency_ms: float, status: str, request_id: str) -> None:
+    def add(self, route: str, n_docs: int, latency_ms: float, status: str, request_id: str,
+            trace_id: str = "") -> None:
         with self._lock:
-            self._items.append(RequestSummary(time.time(), route, n_docs, latency_ms, status, request_id))
+            self._items.append(RequestSummary(time.time(), route, n_docs, latency_ms, status, request_id, trace_id))
 
     def latest(self) -> list[RequestSummary]:
         """Newest first."""

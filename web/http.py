@@ -20,6 +20,7 @@ from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
 from web.routes import build_router
 from web.service import RerankService
+from web.tracing import instrument
 from web.ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -99,4 +100,5 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
+    instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above
     return app

@@ -168,7 +168,7 @@ class Monitor:
 
     def last_requests(self) -> list[list[object]]:
         return [[datetime.fromtimestamp(r.time).strftime("%H:%M:%S"), r.route, r.n_docs, round(r.latency_ms, 1),
-                 r.status] for r in self.history.latest()]
+                 r.status, r.trace_id] for r in self.history.latest()]
 
     def model_card(self) -> str:
         model, settings = self.reranker.model, self.reranker.settings
@@ -212,8 +212,8 @@ def build_monitoring_tab(monitor: Monitor) -> None:
             cache = _plot("cache hit ratio", ["cache hit ratio"])
             memory = _plot("memory", [f"{what} {kind} (GiB)" for what in (GPU_MEMORY, PROCESS_MEMORY)
                                       for kind in ("used", "total")])
-        recent = gr.Dataframe(headers=["time", "route", "documents", "latency ms", "status"], interactive=False,
-                              label="last 20 requests", elem_id="recent-requests")
+        recent = gr.Dataframe(headers=["time", "route", "documents", "latency ms", "status", "trace id"],
+                              interactive=False, label="last 20 requests", elem_id="recent-requests")
     timer = gr.Timer(TICK_SECONDS)
 
     def refresh() -> tuple[object, ...]:

@@ -9,8 +9,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from reranker import Reranker, RerankResult
-from reranker.logs import query_fields, should_log
+from reranker.logs import query_fields, should_log, trace_fields
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
 from web.lifecycle import Lifecycle
@@ -73,28 +75,34 @@ class RerankService:
         finally:
             elapsed = time.perf_counter() - started
             status = "ok" if error is None else error.outcome
+            # The request's span (HTTP server span, or the UI handler's): logs, history and exemplars name it.
+            span = trace.get_current_span().get_span_context()
+            ids = trace_fields(span)
             metrics.inflight_requests.dec()
             self.lifecycle.leave()
             metrics.requests.labels(route=route, status=status).inc()
-            metrics.request_seconds.labels(route=route).observe(elapsed)
+            # An exemplar only for a trace the collector keeps; OpenMetrics scrapes show it.
+            exemplar = {"trace_id": ids["trace_id"]} if ids and span.trace_flags.sampled else None
+            metrics.request_seconds.labels(route=route).observe(elapsed, exemplar=exemplar)
             n_docs = len(call.documents) if isinstance(call.documents, Sequence) and not isinstance(
                 call.documents, str) else 0
-            self.history.add(route, n_docs, elapsed * 1000, status, request_id)
-            self._log(route, request_id, call, status, elapsed, n_docs, result, error)
+            self.history.add(route, n_docs, elapsed * 1000, status, request_id, ids.get("trace_id", ""))
+            self._log(route, request_id, call, status, elapsed, n_docs, result, error, ids)
 
     def refused(self, route: str, error: HttpError) -> None:
         """Book a request answered before it reached the engine (bad JSON, wrong shape, too big, no key)."""
         status = error.outcome
         self.reranker.metrics.requests.labels(route=route, status=status).inc()
         request_id = current_request_id() or new_request_id()
-        self.history.add(route, 0, 0.0, status, request_id)
+        ids = trace_fields(trace.get_current_span().get_span_context())
+        self.history.add(route, 0, 0.0, status, request_id, ids.get("trace_id", ""))
         logger.info("rerank refused", extra={
             "request_id": request_id, "route": route, "status": status, "error_type": error.type,
-            "http_status": error.status, "error": error.message,
+            "http_status": error.status, "error": error.message, **ids,
         })
 
     def _log(self, route: str, request_id: str, call: RerankCall, status: str, elapsed: float, n_docs: int,
-             result: RerankResult | None, error: HttpError | None) -> None:
+             result: RerankResult | None, error: HttpError | None, ids: dict[str, str]) -> None:
         settings = self.reranker.settings
         latency_ms = elapsed * 1000
         if not should_log(ok=error is None, latency_ms=latency_ms, sample_rate=settings.log_sample_rate,
@@ -103,6 +111,7 @@ class RerankService:
         fields: dict[str, object] = {
             "request_id": request_id, "route": route, "status": status, "n_docs": n_docs,
             "top_n": call.top_n if isinstance(call.top_n, int) else None, "latency_ms": round(latency_ms, 2),
+            **ids,
         }
         if isinstance(call.query, str):
             fields.update(query_fields(call.query, settings.log_query_preview))

@@ -15,6 +15,7 @@ from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, RerankError
 from web.monitoring import Monitor, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
+from web.tracing import ui_span
 from web.uploads import read_documents
 
 PREVIEW_CHARS = 300
@@ -49,9 +50,14 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     settings = service.reranker.settings
 
     def predict(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
-                raw_scores: bool = False, file: str | None = None, *,
+                raw_scores: bool = False, file: str | None = None, request: gr.Request | None = None, *,
                 cancel: threading.Event | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
+        with ui_span(service.reranker.tracing, request.headers if request is not None else None):
+            return rank(query, documents, top_n, instruction, raw_scores, file, cancel)
+
+    def rank(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
+             file: str | None, cancel: threading.Event | None) -> tuple[list[list[object]], str]:
         docs = split_lines(documents or "")
         if file:
             try:
@@ -79,10 +85,12 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]]) -> Calla
     the event (a client's cancel, gradio_client's `Job.cancel()`): Gradio cancels the handler's task."""
 
     async def rerank(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
-                     raw_scores: bool = False, file: str | None = None) -> tuple[list[list[object]], str]:
+                     raw_scores: bool = False, file: str | None = None,
+                     request: gr.Request | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         cancel = threading.Event()
-        work = functools.partial(predict, query, documents, top_n, instruction, raw_scores, file, cancel=cancel)
+        work = functools.partial(predict, query, documents, top_n, instruction, raw_scores, file, request,
+                                 cancel=cancel)
         try:
             # abandon_on_cancel: a cancelled event returns at once; the thread then sees `cancel` and stops.
             return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)

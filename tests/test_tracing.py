@@ -1,0 +1,245 @@
+"""Spans in memory: the tree of one request, batch links, errors, traceparent/traceresponse, tracing off."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from opentelemetry import trace
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
+
+from reranker import Reranker, Settings, spans
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel
+from reranker.tokens import EncodedPair
+from reranker.tracing import Tracing
+from tests.conftest import model_settings
+from tests.otlp_receiver import otlp_receiver
+from tests.servers import serve
+from web.history import RequestHistory
+from web.http import create_app
+from web.tracing import UI_SPAN
+
+SECRET_QUERY = "walrus-private-question"
+SECRET_DOC = "zebra-confidential-passage"
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+STEPS = (spans.VALIDATE, spans.CACHE, spans.TOKENIZE, spans.QUEUE, spans.SCORE, spans.BATCH, spans.POSTPROCESS)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracing(exporter: InMemorySpanExporter, metrics: Metrics) -> Iterator[Tracing]:
+    tracing = Tracing.exporting_to(exporter, metrics)
+    yield tracing
+    tracing.shutdown()
+
+
+def finished(tracing: Tracing, exporter: InMemorySpanExporter, *names: str) -> list[ReadableSpan]:
+    """Every span exported so far, once those named have ended (a live server ends its span after answering)."""
+    deadline = time.monotonic() + 10
+    while True:
+        tracing.flush()
+        got = list(exporter.get_finished_spans())
+        if set(names) <= {s.name for s in got} or time.monotonic() > deadline:
+            return got
+
+
+def one(got: list[ReadableSpan], name: str) -> ReadableSpan:
+    [span] = [s for s in got if s.name == name]
+    return span
+
+
+def test_one_request_is_one_trace_of_step_spans(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
+                                                exporter: InMemorySpanExporter) -> None:
+    with Reranker(bert_model, model_settings(bert_dir), tracing=tracing) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        response = client.post("/v1/rerank", json={"query": SECRET_QUERY, "documents": [SECRET_DOC, "tea", "a cache"],
+                                                   "top_n": 2})
+    assert response.status_code == 200
+    got = finished(tracing, exporter)
+    server, request = one(got, "POST /v1/rerank"), one(got, spans.REQUEST)
+    assert server.kind is SpanKind.SERVER and server.parent is None
+    assert server.attributes is not None and server.attributes["http.route"] == "/v1/rerank"
+    assert request.parent is not None and request.parent.span_id == server.context.span_id
+    steps = {name: one(got, name) for name in STEPS}
+    for step in steps.values():
+        assert step.parent is not None and step.parent.span_id == request.context.span_id
+        assert step.context.trace_id == server.context.trace_id and step.status.status_code is StatusCode.UNSET
+    order = [steps[name] for name in (spans.VALIDATE, spans.CACHE, spans.TOKENIZE, spans.QUEUE, spans.SCORE)]
+    assert all(a.end_time <= b.start_time + 1000 for a, b in zip(order, order[1:], strict=False))  # 1 µs of slack
+    assert steps[spans.SCORE].end_time <= steps[spans.POSTPROCESS].start_time + 1000
+
+    assert dict(request.attributes or {}) == {
+        "reranker.model": bert_model.model_id, "reranker.device": "cpu", "reranker.dtype": "float32",
+        "reranker.documents": 3, "reranker.pairs": 3, "reranker.tokens": dict(steps[spans.TOKENIZE].attributes or {})[
+            "reranker.tokens"], "reranker.truncated": 0, "reranker.chunked": 0, "reranker.cache_hits": 0,
+        "reranker.top_n": 2, "reranker.outcome": "ok",
+    }
+    batch = steps[spans.BATCH]
+    attributes = dict(batch.attributes or {})
+    assert attributes["reranker.batch.size"] == 3 and attributes["reranker.batch.requests"] == 1
+    assert attributes["reranker.batch.padded_tokens"] >= attributes["reranker.batch.tokens"] == request.attributes[
+        "reranker.tokens"]
+    assert attributes["reranker.model"] == bert_model.model_id and attributes["reranker.batch.inference_ms"] > 0
+    assert [link.context for link in batch.links] == [request.context]
+    assert [link.context for link in steps[spans.SCORE].links] == [batch.context]
+    assert dict(steps[spans.CACHE].attributes or {}) == {"reranker.cache_hits": 0}
+
+    # Level 2: flags 03 = sampled, and the trace id is random (this service started the trace).
+    expected = f"00-{format_trace_id(server.context.trace_id)}-{format_span_id(server.context.span_id)}-03"
+    assert response.headers["traceresponse"] == expected
+    everything = repr([(s.attributes, [e.attributes for e in s.events], s.name) for s in got])
+    assert SECRET_QUERY not in everything and SECRET_DOC not in everything
+
+
+def test_a_traceparent_continues_the_callers_trace(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
+                                                  exporter: InMemorySpanExporter) -> None:
+    with Reranker(bert_model, model_settings(bert_dir), tracing=tracing) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        sampled = client.post("/rerank", json={"query": "q", "texts": ["a", "b"]},
+                              headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        server = one(finished(tracing, exporter), "POST /rerank")
+        assert format_trace_id(server.context.trace_id) == CALLER_TRACE
+        assert server.parent is not None and format_span_id(server.parent.span_id) == CALLER_SPAN
+        assert sampled.headers["traceresponse"] == f"00-{CALLER_TRACE}-{format_span_id(server.context.span_id)}-01"
+        # A caller that does not sample: the default parent-based sampler records nothing, and says so.
+        exporter.clear()
+        unsampled = client.post("/rerank", json={"query": "q", "texts": ["c"]},
+                                headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"})
+        assert unsampled.headers["traceresponse"].startswith(f"00-{CALLER_TRACE}-")
+        assert unsampled.headers["traceresponse"].endswith("-00")
+    assert finished(tracing, exporter) == []
+
+
+def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
+                                                       exporter: InMemorySpanExporter) -> None:
+    release = threading.Event()
+
+    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        release.wait(30)  # hold the device so that both requests wait in one round
+        return bert_model.score(batch)
+
+    # A budget of 100 padded tokens: the second warm-up's two long documents make two batches, the first
+    # waits in the prefetch slot and the second holds the collator, so both requests queue as one round.
+    settings = model_settings(bert_dir, cache_size=0, batch_tokens=100)
+    with Reranker(bert_model, settings, score_fn=gated, tracing=tracing) as reranker:
+        warm = [threading.Thread(target=reranker.rerank, args=("warm", docs)) for docs in (["up"], ["up " * 60] * 2)]
+        calls = [threading.Thread(target=reranker.rerank, args=("q", docs))
+                 for docs in (["a", "b", "c"], ["d", "e", "f", "g"])]
+        for thread, queued in zip([*warm, *calls], (1, 3, 6, 10), strict=True):
+            thread.start()
+            deadline = time.monotonic() + 10
+            while reranker.queued_pairs < queued and time.monotonic() < deadline:
+                time.sleep(0.01)
+        release.set()
+        for thread in [*warm, *calls]:
+            thread.join(30)
+    got = finished(tracing, exporter)
+    requests = {dict(s.attributes or {})["reranker.documents"]: s for s in got if s.name == spans.REQUEST}
+    first, second = requests[3], requests[4]
+    assert first.context.trace_id != second.context.trace_id  # two traces, one batch
+    [shared] = [s for s in got if s.name == spans.BATCH and len(s.links) == 2]
+    assert {link.context.span_id for link in shared.links} == {first.context.span_id, second.context.span_id}
+    assert dict(shared.attributes or {})["reranker.batch.size"] == 7
+    assert dict(shared.attributes or {})["reranker.batch.requests"] == 2
+    assert shared.parent is not None and shared.parent.span_id in {first.context.span_id, second.context.span_id}
+    for request in (first, second):
+        [score] = [s for s in got if s.name == spans.SCORE and s.parent and s.parent.span_id == request.context.span_id]
+        assert [link.context.span_id for link in score.links] == [shared.context.span_id]
+
+
+def test_errors_are_recorded_with_status_error(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
+                                               exporter: InMemorySpanExporter) -> None:
+    def small_device(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return bert_model.score(batch)
+
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), score_fn=small_device,
+                  tracing=tracing) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        assert client.post("/v1/rerank", json={"query": "", "documents": ["a"]}).status_code == 400
+        invalid = finished(tracing, exporter)
+        exporter.clear()
+        assert client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]}).status_code == 200
+        halved = finished(tracing, exporter)
+    request, validate = one(invalid, spans.REQUEST), one(invalid, spans.VALIDATE)
+    assert request.status.status_code is StatusCode.ERROR and validate.status.status_code is StatusCode.ERROR
+    assert dict(request.attributes or {})["reranker.outcome"] == "invalid"
+    assert [e.attributes["exception.type"] for e in validate.events if e.attributes] == [
+        "reranker.errors.ValidationError"]
+    assert "query is empty" in str(validate.status.description)
+    batches = sorted((s for s in halved if s.name == spans.BATCH), key=lambda s: s.start_time)
+    assert [dict(b.attributes or {})["reranker.batch.size"] for b in batches] == [2, 1, 1]  # one pass per retry
+    assert [b.status.status_code for b in batches] == [StatusCode.ERROR, StatusCode.UNSET, StatusCode.UNSET]
+    assert len(one(halved, spans.SCORE).links) == 3
+
+
+def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
+                                                  exporter: InMemorySpanExporter) -> None:
+    data = ["cache server", "a cache\ntea", None, "", False, None]
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), tracing=tracing) as reranker:
+        with serve(create_app(reranker)) as url:
+            direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=30)
+            assert direct.status_code == 200 and direct.headers["traceresponse"]
+            got = finished(tracing, exporter, "POST /gradio_api/api/predict", UI_SPAN)
+            server, ui = one(got, "POST /gradio_api/api/predict"), one(got, UI_SPAN)
+            assert ui.parent is not None and ui.parent.span_id == server.context.span_id  # same request context
+            assert one(got, spans.REQUEST).parent.span_id == ui.context.span_id  # type: ignore[union-attr]
+            exporter.clear()
+            # The queued API: the handler runs apart from the POST that queued it; the trace still holds.
+            event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=30).json()["event_id"]
+            assert "event: complete" in httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=30).text
+            got = finished(tracing, exporter, "POST /gradio_api/call/predict", UI_SPAN, spans.REQUEST)
+            queued, ui = one(got, "POST /gradio_api/call/predict"), one(got, UI_SPAN)
+            assert ui.parent is not None and ui.parent.span_id == queued.context.span_id
+            assert one(got, spans.REQUEST).parent.span_id == ui.context.span_id  # type: ignore[union-attr]
+            assert one(got, spans.BATCH).context.trace_id == queued.context.trace_id
+
+
+def test_tracing_off_makes_no_span_and_exports_nothing(bert_model: ScoringModel, bert_dir: Path, metrics: Metrics,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    start_span = sdk_trace.Tracer.start_span
+
+    def spy(self: sdk_trace.Tracer, name: str, *args: object, **kwargs: object) -> trace.Span:
+        made.append(name)
+        return start_span(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sdk_trace.Tracer, "start_span", spy)  # every SDK span of the process passes here
+    caller = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    with otlp_receiver() as (collector, received):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+        settings = Settings.from_env({"RERANKER_TRACING": "0", "OTEL_EXPORTER_OTLP_ENDPOINT": collector})
+        tracing = Tracing.from_settings(settings, metrics)
+        assert not tracing.enabled and isinstance(tracing.tracer, trace.NoOpTracer)
+        with Reranker(bert_model, model_settings(bert_dir), metrics=metrics, tracing=tracing) as reranker:
+            history = RequestHistory()
+            with serve(create_app(reranker, history=history)) as url:
+                json_route = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=caller)
+                gradio = httpx.post(f"{url}/gradio_api/api/predict", headers=caller, timeout=30,
+                                    json={"data": ["q", "a\nb", None, "", False, None]})
+                assert json_route.status_code == gradio.status_code == 200
+                assert "traceresponse" not in json_route.headers and "traceresponse" not in gradio.headers
+            job = reranker._batcher.submit(bert_model.encode([("q", "d")]))
+            reranker._batcher.wait(job)
+            assert job.span_context is None and job.batch_spans == []
+            assert [r.trace_id for r in history.latest()] == ["", ""]
+        tracing.shutdown()
+        time.sleep(0.2)
+    assert made == [] and received.requests == []

@@ -1,0 +1,92 @@
+"""Tracing at the HTTP edge: the server span (opentelemetry-instrumentation-fastapi), `traceresponse`, UI spans."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.propagators import TraceResponsePropagator
+
+from reranker.tracing import Tracing
+from web.middleware import App, Message, Receive, Scope, Send
+
+# Probes, static files and the Gradio page's own chatter (heartbeat, the Monitoring tab's refresh every two
+# seconds, event streams) are not requests anyone wants a trace of. Regexes, searched in the full URL.
+EXCLUDED_URLS = ",".join([
+    r"/healthz$", r"/readyz$", r"/gradio_api/heartbeat/", r"/gradio_api/queue/data", r"/gradio_api/upload_progress",
+    r"/gradio_api/run/", r"/gradio_api/info", r"/gradio_api/file=", r"/assets/", r"/static/", r"/favicon\.ico$",
+    r"/theme\.css", r"/manifest\.json$", r"/config$",
+])
+UI_SPAN = "reranker.ui.predict"
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
+_ID = re.compile(r"/[0-9a-fA-F-]{16,}(?=/|$)")
+
+
+def instrument(app: FastAPI, tracing: Tracing) -> None:
+    """Give every request to `app` (our routes and the mounted Gradio app alike) a server span, continued
+    from an incoming `traceparent`, and answer its `traceresponse`. Does nothing with tracing off."""
+    if tracing.provider is None:
+        return
+    app.add_middleware(TraceContext)
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=tracing.provider, excluded_urls=EXCLUDED_URLS, server_request_hook=_name_mounted,
+        exclude_spans=["receive", "send"],  # a span per ASGI message would bury the ones that matter
+    )
+
+
+class TraceContext:
+    """Hands the server span's context on: to the caller as W3C Trace Context Level 2 `traceresponse:
+    00-{trace id}-{span id}-{flags}`, and to the app as the request's `traceparent`, because Gradio's queue
+    runs the UI handler apart from the request that queued it, and the request headers are what survive."""
+
+    _response = TraceResponsePropagator()
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not trace.get_current_span().get_span_context().is_valid:
+            await self.app(scope, receive, send)
+            return
+        answer: dict[str, str] = {}
+        self._response.inject(answer)  # the server span is current: the instrumentation wraps this middleware
+        onward: dict[str, str] = {}
+        propagate.inject(onward)
+        scope["headers"] = [*((k, v) for k, v in scope.get("headers", []) if k.lower() not in _TRACE_HEADERS),
+                            *_encode(onward)]
+
+        async def send_with_trace(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *_encode(answer)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_trace)
+
+
+def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def _name_mounted(span: trace.Span, scope: dict[str, Any]) -> None:
+    """The instrumentation names spans by our route templates; the mounted Gradio app's routes get the bare
+    method. Name those by path, with event ids and the like as `{id}` so that names stay few."""
+    method = scope.get("method", "")
+    if scope.get("type") == "http" and span.is_recording() and getattr(span, "name", None) == method:
+        span.update_name(f"{method} {_ID.sub('/{id}', str(scope.get('path', '')))}")
+
+
+@contextmanager
+def ui_span(tracing: Tracing, headers: Mapping[str, str] | None) -> Iterator[None]:
+    """The UI handler's span: a child of the current span, or after Gradio's queue (which loses it) of the
+    request's `traceparent` (see TraceContext)."""
+    if tracing.provider is None:
+        yield
+        return
+    parent = None if trace.get_current_span().get_span_context().is_valid else propagate.extract(headers or {})
+    with tracing.tracer.start_as_current_span(UI_SPAN, context=parent):
+        yield
