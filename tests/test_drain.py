@@ -9,44 +9,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
-from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import free_port, serve, wait_ready
+from tests.test_faults import GatedScorer
 from web.http import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringModel, documents: list[str]) -> None:
-    gate = threading.Event()
-    held = threading.Event()
-    scored = {"pairs": 0}
-
-    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        held.set()
-        gate.wait(30)
-        scored["pairs"] += len(batch)
-        return bert_model.score(batch)
-
+    gated = GatedScorer(bert_model)
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(Path(bert_model.model_id), cache_size=0)
     with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker, \
             serve(create_app(reranker, ui=False)) as url:
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
-        held.wait(10)
+        gated.first_batch.wait(10)  # the device is held
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:100]}, timeout=1.0)
         deadline = time.monotonic() + 10
@@ -54,34 +43,25 @@ def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringMode
                                                 {"route": "/v1/rerank", "status": "cancelled"}) != 1:
             assert time.monotonic() < deadline, "the disconnect was never noticed"
             time.sleep(0.05)
-        gate.set()
+        gated.gate.set()
         warm.join(30)
         response = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:5]}, timeout=30)
         assert response.status_code == 200 and len(response.json()["results"]) == 5
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 100
-    assert scored["pairs"] == 1 + 5
+    assert gated.pairs == 1 + 5
 
 
 def test_a_cancelled_gradio_event_has_its_pairs_dropped(bert_model: ScoringModel, documents: list[str]) -> None:
     from gradio_client import Client
 
-    gate = threading.Event()
-    held = threading.Event()
-    scored = {"pairs": 0}
-
-    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        held.set()
-        gate.wait(30)
-        scored["pairs"] += len(batch)
-        return bert_model.score(batch)
-
+    gated = GatedScorer(bert_model)
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(Path(bert_model.model_id), cache_size=0)
     with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker, \
             serve(create_app(reranker)) as url:
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
-        held.wait(10)
+        gated.first_batch.wait(10)  # the device is held
         client = Client(url, verbose=False)
         job = client.submit("q", "\n".join(documents[:80]), api_name="/predict")
         deadline = time.monotonic() + 30
@@ -92,12 +72,12 @@ def test_a_cancelled_gradio_event_has_its_pairs_dropped(bert_model: ScoringModel
         while metrics.registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "cancelled"}) != 1:
             assert time.monotonic() < deadline, "the cancel never reached the engine"
             time.sleep(0.05)
-        gate.set()
+        gated.gate.set()
         warm.join(30)
         table, _ = client.predict("q", "a\nb", api_name="/predict")  # still serving
         assert len(table["data"] if isinstance(table, dict) else table) == 2
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 80
-    assert scored["pairs"] == 1 + 2
+    assert gated.pairs == 1 + 2
 
 
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
@@ -173,6 +153,7 @@ from reranker import Reranker
 from reranker.logs import setup_logging
 from reranker.model import load_model
 from tests.conftest import model_settings
+from tests.test_faults import GatedScorer
 from tests.test_faults import poisoning_scorer
 
 setup_logging("INFO")
