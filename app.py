@@ -107,8 +107,6 @@ def _is_loopback(host: str) -> bool:
 
 def serve(reranker: Reranker) -> int:
     """Serve the UI and API until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
-    import uvicorn
-
     from web.http import create_app
     from web.lifecycle import Lifecycle
     from web.routes import package_versions

@@ -145,7 +145,7 @@ class Batcher:
             self._closed = True
             waiting, self._pending = self._pending, []
             self._cond.notify()
-        error = DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
+        error = DeviceFaultError()
         self._deliver(waiting, error, 0.0)
 
     def submit(self, pairs: Sequence[EncodedPair]) -> Job:
@@ -159,7 +159,7 @@ class Batcher:
         with self._cond:
             if self._closed:
                 if self._device.fault is not None:
-                    raise DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
+                    raise DeviceFaultError()
                 raise ClosedError("the reranker is shutting down")
             if self._queued_pairs + len(pairs) > self._max_queue:
                 raise OverloadedError(

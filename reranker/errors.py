@@ -38,6 +38,9 @@ class ClosedError(RerankerError):
 class DeviceFaultError(ClosedError):
     """The worker died or the device is poisoned (every batch fails): the process must be restarted (HTTP 503)."""
 
+    def __init__(self, message: str = "the scoring device failed; the service is restarting, retry shortly") -> None:
+        super().__init__(message)
+
 
 class CancelledError(RerankerError):
     """The caller gave up (client disconnected); its pairs that had not started were dropped."""

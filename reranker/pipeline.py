@@ -220,7 +220,7 @@ class DeviceStage:
     def _drop(self, batch: Batch) -> None:
         error: RerankerError = CancelledError("the caller gave up")
         if self.fault is not None:
-            error = DeviceFaultError("the scoring device failed; the service is restarting, retry shortly")
+            error = DeviceFaultError()
         self._deliver(batch.items, error, 0.0)
 
     def _device_is_poisoned(self) -> bool:

@@ -10,6 +10,7 @@ back to `preprocess` itself (exact, slower) for any tokenizer or template it doe
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -102,7 +103,10 @@ class TextPairEncoder:
         self._query_type = types[first[0]]
         self._document_type = types[second[0]]
 
-    def _query_ids(self, query: str) -> list[int]:
+        # overhead() and encode() both need the query's tokens: tokenize each query once.
+        self._query_ids = functools.lru_cache(maxsize=1024)(self._encode_query)
+
+    def _encode_query(self, query: str) -> list[int]:
         ids: list[int] = self._backend.encode(query, add_special_tokens=False).ids
         return ids
 
@@ -147,12 +151,14 @@ class ChatTemplateEncoder:
         self._max_length = max_length
         # Rendering goes through the tokenizer's jinja environment, which is not documented as thread-safe.
         self._render_lock = threading.Lock()
+        # overhead() and encode() both need the request's frame: render each (query, instruction) once.
+        self._frame = functools.lru_cache(maxsize=1024)(self._render_frame)
         head, tail = self._frame("q", None)
         self._tail_ids: list[int] = self._backend.encode(tail, add_special_tokens=False).ids
         if not self._tail_ids:
             raise ValueError("the chat template puts nothing after the document")
 
-    def _frame(self, query: str, instruction: str | None) -> tuple[str, str]:
+    def _render_frame(self, query: str, instruction: str | None) -> tuple[str, str]:
         messages = [self._formatter.pair_to_messages((query, _SENTINEL))]
         if instruction:
             messages = self._formatter.prepend_prompt_to_messages(messages, instruction)
