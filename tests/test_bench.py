@@ -25,10 +25,23 @@ def test_gpu_bench_says_it_needs_cuda() -> None:
     assert "needs a CUDA GPU" in result.stderr and "--smoke" in result.stderr
 
 
-def test_gpu_bench_smoke_run_prints_every_workload_for_both_shapes() -> None:
+def test_gpu_bench_smoke_run_prints_every_workload_and_variant_for_both_shapes() -> None:
     result = run_bench("--smoke")
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ["## bge-reranker-v2-m3 shape", "## Qwen3-Reranker-0.6B shape", "32 x 100 short passages",
-                 "16 x 100 RAG chunks", "3 x 1000-document requests", "400 x 8 documents, 16 callers"]:
+                 "16 x 100 RAG chunks", "3 x 1000-document requests", "400 x 8 documents, 16 callers",
+                 "eager-16k: batch tokens 16384, compile off", "compile-32k: batch tokens 32768, compile on"]:
         assert line in result.stdout
-    assert result.stdout.count("x ") >= 10  # ratios printed
+    assert result.stdout.count("x ") >= 20  # ratios printed: 5 workloads x 2 variants x 2 shapes
+    # On the CPU every variant runs float32, so each must reproduce float32 raw predict.
+    fidelity = [line for line in result.stdout.splitlines() if "Spearman mean" in line]
+    assert [line.split()[0] for line in fidelity] == ["eager-16k", "compile-32k"]
+    for line in fidelity:
+        assert "Spearman mean 1.00000 min 1.00000" in line
+        assert float(line.rsplit(" ", 1)[1]) < 1e-4, line  # max |delta|
+
+
+def test_gpu_bench_names_the_variants_it_knows() -> None:
+    result = run_bench("--smoke", "--variants", "eager-16k,fastest")
+    assert result.returncode == 1
+    assert "unknown variant(s) fastest" in result.stderr and "cudagraphs-32k" in result.stderr

@@ -24,7 +24,8 @@ def test_defaults_match_the_spec() -> None:
 def test_every_variable_is_read() -> None:
     s = Settings.from_env({
         "RERANKER_MODEL": "/models/x", "RERANKER_DEVICE": "cuda:1", "RERANKER_DTYPE": "BFloat16",
-        "RERANKER_MAX_LENGTH": "512", "RERANKER_LONG_DOCS": "chunk", "RERANKER_BATCH_TOKENS": "4096",
+        "RERANKER_COMPILE": "CUDAGraphs", "RERANKER_MAX_LENGTH": "512", "RERANKER_LONG_DOCS": "chunk",
+        "RERANKER_BATCH_TOKENS": "4096",
         "RERANKER_CACHE_SIZE": "0", "RERANKER_MAX_DOCS": "10", "RERANKER_MAX_DOC_CHARS": "99",
         "RERANKER_MAX_QUEUE": "7", "RERANKER_MAX_QUERY_CHARS": "300",
         "RERANKER_TRUST_REMOTE_CODE": "yes", "RERANKER_HOST": "0.0.0.0",
@@ -34,7 +35,8 @@ def test_every_variable_is_read() -> None:
         "RERANKER_TRACING": "on",
     })
     assert s == Settings(
-        model="/models/x", device="cuda:1", dtype="bfloat16", max_length=512, long_docs="chunk", batch_tokens=4096,
+        model="/models/x", device="cuda:1", dtype="bfloat16", compile="cudagraphs", max_length=512, long_docs="chunk",
+        batch_tokens=4096,
         cache_size=0, max_docs=10, max_doc_chars=99, max_query_chars=300, max_queue=7, trust_remote_code=True,
         host="0.0.0.0",
         port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
@@ -60,6 +62,7 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_DEVICE", "cuda:x", "cuda:N"),
         ("RERANKER_DTYPE", "fp16", "auto, float32, float16, bfloat16"),
         ("RERANKER_LONG_DOCS", "split", "truncate, chunk"),
+        ("RERANKER_COMPILE", "yes", "off, on, cudagraphs"),
         ("RERANKER_MAX_LENGTH", "abc", "an integer >= 16"),
         ("RERANKER_MAX_LENGTH", "8", "an integer >= 16"),
         ("RERANKER_BATCH_TOKENS", "0", "an integer >= 1 or auto"),

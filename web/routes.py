@@ -139,6 +139,7 @@ def build_router(service: RerankService) -> APIRouter:
             "model": model.model_id,
             "device": model.device,
             "dtype": model.dtype,
+            "compile": model.compiled,
             "max_length": model.max_length,
             "long_docs": s.long_docs,
             "accepts_instruction": model.accepts_instruction,

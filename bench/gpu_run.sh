@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On a GPU host prepared by bench/gpu_prepare.sh (the .gpu folder next to the checkout): install the carried
+# wheels outside the system site, then run the GPU tests and the GPU benchmark, logging each to $OUT or ./gpu-logs.
+#   bench/gpu_run.sh [tests] [bge] [qwen3] [fidelity]   (default: all four; bench options via BENCH_ARGS)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-gpu-logs}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site \
+    .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/gpu-site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 RERANKER_BENCH_MINILM_DIR="$PWD/.gpu/minilm"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests bge qwen3 fidelity)
+status=0
+for part in "${parts[@]}"; do
+    if [ "$part" = tests ]; then
+        python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
+    else
+        # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+        python3 -m bench.gpu --only "$part" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench-gpu-$part.log"
+    fi
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+exit $status

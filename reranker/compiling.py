@@ -1,0 +1,82 @@
+"""RERANKER_COMPILE: torch.compile the model's forward pass, warmed on every graph it needs before serving.
+
+`on` compiles with dynamic shapes, so a few graphs serve every batch size and length: a warm-up of three
+batches (one row, which torch specialises; several rows with padding; several rows without, for models
+whose mask code skips an all-ones mask) compiles all of them, and nothing compiles while serving.
+`cudagraphs` compiles the same way in torch's `reduce-overhead` mode, which replays a CUDA graph per
+distinct shape; batches are then padded to shape buckets (rows to a multiple of 8, tokens to a multiple
+of 64) so the number of graphs stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from reranker.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from reranker.model import ScoringModel
+
+logger = logging.getLogger(__name__)
+
+TORCH_MODES = {"on": None, "cudagraphs": "reduce-overhead"}  # RERANKER_COMPILE -> torch.compile mode
+ROW_BUCKET = 8
+TOKEN_BUCKET = 64
+
+
+def bucketed(rows: int, width: int, max_width: int) -> tuple[int, int]:
+    """The padded shape of a `rows` x `width` batch: each dimension rounded up to its bucket, the width
+    never past the model's limit."""
+    return -(-rows // ROW_BUCKET) * ROW_BUCKET, min(max(width, max_width), -(-width // TOKEN_BUCKET) * TOKEN_BUCKET)
+
+
+def compile_model(model: ScoringModel, setting: str) -> float:
+    """Compile `model`'s network in place for `setting` (off, on, cudagraphs) and warm it; the seconds spent.
+
+    Raises ModelLoadError, naming RERANKER_COMPILE, when the model cannot be compiled.
+    """
+    if setting == "off":
+        return 0.0
+    if setting == "cudagraphs" and not model.device.startswith("cuda"):
+        raise ModelLoadError("RERANKER_COMPILE=cudagraphs needs a CUDA device; use RERANKER_COMPILE=on or off")
+    network = model.cross_encoder.transformers_model
+    if network is None:
+        raise ModelLoadError(f"model {model.model_id!r} has no transformers network to compile; "
+                             "set RERANKER_COMPILE=off")
+    started = time.perf_counter()
+    # sentence-transformers calls the network's `forward` method, not the module, so that is what to wrap.
+    network.forward = torch.compile(network.forward, dynamic=True, mode=TORCH_MODES[setting])
+    model.compiled = setting
+    try:
+        for pairs in warm_up_pairs():
+            model.score(model.encode(pairs))
+    except Exception as err:
+        del network.forward  # the class's own forward again
+        model.compiled = "off"
+        cause = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        raise ModelLoadError(f"torch.compile failed on model {model.model_id!r} ({cause}); "
+                             "set RERANKER_COMPILE=off to serve it uncompiled") from err
+    seconds = time.perf_counter() - started
+    logger.info("model compiled", extra={"compile": setting, "compile_seconds": round(seconds, 2)})
+    return seconds
+
+
+def warm_up_pairs() -> list[list[tuple[str, str]]]:
+    """Batches that reach every graph a dynamic-shape compile makes: torch specialises a dimension of size
+    one, and a batch without padding takes a different attention path from one with padding."""
+    short, longer = "a short warm-up document", "a longer warm-up document, " * 6
+    return [
+        [("warm-up query", short)],
+        [("warm-up query", short), ("warm-up query", longer), ("warm-up query", short)],
+        [("warm-up query", longer), ("warm-up query", longer)],
+    ]
+
+
+def mark_step() -> None:
+    """Tell CUDA-graph trees a new inference step begins, so a replay may reuse the last one's memory.
+    The caller has already queued the copy of the previous outputs, so none is overwritten unread."""
+    torch.compiler.cudagraph_mark_step_begin()

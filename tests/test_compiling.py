@@ -1,0 +1,96 @@
+"""RERANKER_COMPILE on the CPU: real torch.compile (inductor), same scores, no recompiles after warm-up.
+
+CUDA graphs cannot run here: their shape buckets are tested on the CPU below, the graphs in tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from reranker.compiling import ROW_BUCKET, TOKEN_BUCKET, bucketed
+from reranker.errors import ModelLoadError
+from reranker.model import ScoringModel, load_model
+from tests.conftest import model_settings
+from tests.tiny_models import random_text
+
+
+def varied_pairs(seed: int) -> list[list[tuple[str, str]]]:
+    """Batches of every size from 1 to 12 rows with documents of 1-300 words, and batches of equal pairs
+    (no padding at all): many distinct shapes."""
+    rng = random.Random(seed)
+    varied = [[(random_text(rng, 6), random_text(rng, rng.randint(1, 300))) for _ in range(rows)]
+              for rows in range(1, 13)]
+    return varied + [[varied[0][0]] * rows for rows in (2, 5)]
+
+
+@pytest.fixture(scope="module", params=["bert", "causal"])
+def compiled(request: pytest.FixtureRequest) -> tuple[ScoringModel, ScoringModel]:
+    """(eager, compiled) loads of the same tiny model."""
+    path: Path = request.getfixturevalue(f"{request.param}_dir")
+    eager = request.getfixturevalue(f"{request.param}_model")
+    return eager, load_model(model_settings(path, compile="on"))
+
+
+def test_compiled_scores_equal_eager_and_never_recompile(compiled: tuple[ScoringModel, ScoringModel]) -> None:
+    eager, model = compiled
+    assert model.compiled == "on"
+    assert model.load_seconds > eager.load_seconds  # the compile and its warm-up count as loading
+    graphs = counters["stats"]["unique_graphs"]
+    for pairs in varied_pairs(7):
+        batch = model.encode(pairs)
+        torch.testing.assert_close(model.score(batch), eager.score(batch), atol=1e-5, rtol=1e-4)
+    # The warm-up reached every graph: a dozen new batch shapes compiled nothing more.
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize(("rows", "width", "expected"), [
+    (1, 5, (ROW_BUCKET, TOKEN_BUCKET)),
+    (8, 64, (8, 64)),
+    (9, 65, (16, 128)),
+    (3, 250, (8, 256)),
+])
+def test_bucketed_rounds_each_dimension_up(rows: int, width: int, expected: tuple[int, int]) -> None:
+    assert bucketed(rows, width, max_width=1024) == expected
+
+
+def test_bucketed_width_never_passes_the_model_limit() -> None:
+    assert bucketed(3, 250, max_width=256) == (8, 256)
+    assert bucketed(3, 200, max_width=230) == (8, 230)
+
+
+def test_bucketed_batches_score_like_unpadded_ones(any_model: ScoringModel) -> None:
+    """CUDA-graph buckets pad rows (repeating the first pair) and columns; only the real rows come back."""
+    for pairs in varied_pairs(3)[:5]:
+        batch = any_model.encode(pairs)
+        plain = any_model.score(batch)
+        any_model.compiled = "cudagraphs"  # collate and launch behave as they do under CUDA graphs
+        try:
+            features = any_model.collate(batch)
+            padded = any_model.launch(features).wait()
+        finally:
+            any_model.compiled = "off"
+        rows, width = features["input_ids"].shape
+        assert rows % ROW_BUCKET == 0 and (width % TOKEN_BUCKET == 0 or width == any_model.max_length)
+        torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_cudagraphs_without_cuda_is_refused_at_load(bert_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="RERANKER_COMPILE=cudagraphs needs a CUDA device"):
+        load_model(model_settings(bert_dir, compile="cudagraphs"))
+
+
+def test_a_compile_failure_names_the_setting(bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(function: object, **options: object) -> object:
+        def run(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("inductor could not build a kernel")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ModelLoadError, match="inductor could not build a kernel.*RERANKER_COMPILE=off"):
+        load_model(model_settings(bert_dir, compile="on"))
