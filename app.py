@@ -87,13 +87,19 @@ def main() -> int:
     return status
 
 
-def open_ui_warning(settings: Settings) -> str | None:
-    """What to tell an operator who serves the Gradio UI beyond loopback without a login, else None."""
-    if settings.ui_auth or _is_loopback(settings.host):
-        return None
-    return (f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
-            "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to user:password, or "
-            "to a file of such lines, to require a login")
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What to tell an operator who serves beyond loopback with the UI or the JSON routes left open."""
+    if _is_loopback(settings.host):
+        return []
+    warnings = []
+    if not settings.ui_auth:
+        warnings.append(f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
+                        "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to "
+                        "user:password, or to a file of such lines, to require a login")
+    if not settings.api_key:
+        warnings.append(f"the JSON routes (/v1/rerank, /rerank, /api/predict) on {settings.host} are open to anyone "
+                        "who can reach them: set RERANKER_API_KEY to require Authorization: Bearer <key>")
+    return warnings
 
 
 def _is_loopback(host: str) -> bool:
@@ -117,8 +123,7 @@ def serve(reranker: Reranker) -> int:
         "max_length": model.max_length, "load_seconds": round(model.load_seconds, 3),
         "batch_tokens": reranker.batch_tokens, "versions": package_versions(),
     })
-    warning = open_ui_warning(settings)
-    if warning:
+    for warning in exposure_warnings(settings):
         logger.warning("%s", warning)
     lifecycle = Lifecycle()
     server = DrainingServer(uvicorn.Config(

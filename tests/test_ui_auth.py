@@ -13,7 +13,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
 from prometheus_client import CollectorRegistry
 
-from app import open_ui_warning
+from app import exposure_warnings
 from reranker import Reranker, Settings
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
@@ -127,18 +127,20 @@ def test_login_in_the_browser(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "warns"),
+    ("env", "fixes"),
     [
-        ({}, False),
-        ({"RERANKER_HOST": "127.0.0.2"}, False),
-        ({"RERANKER_HOST": "::1"}, False),
-        ({"RERANKER_HOST": "0.0.0.0"}, True),
-        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_API_KEY": "k"}, True),  # the key guards the JSON routes only
-        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_UI_AUTH": "alice:pw"}, False),
+        ({}, []),
+        ({"RERANKER_HOST": "127.0.0.2"}, []),
+        ({"RERANKER_HOST": "::1"}, []),
+        ({"RERANKER_HOST": "0.0.0.0"}, ["RERANKER_UI_AUTH", "RERANKER_API_KEY"]),
+        # Each guards its own routes only.
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_API_KEY": "k"}, ["RERANKER_UI_AUTH"]),
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_UI_AUTH": "alice:pw"}, ["RERANKER_API_KEY"]),
+        ({"RERANKER_HOST": "0.0.0.0", "RERANKER_UI_AUTH": "alice:pw", "RERANKER_API_KEY": "k"}, []),
     ],
 )
-def test_serving_the_ui_beyond_loopback_without_a_login_warns(env: dict[str, str], warns: bool) -> None:
-    warning = open_ui_warning(Settings.from_env(env))
-    assert (warning is not None) == warns
-    if warning:
-        assert "RERANKER_UI_AUTH" in warning and "0.0.0.0" in warning
+def test_serving_beyond_loopback_unguarded_warns_with_the_fix(env: dict[str, str], fixes: list[str]) -> None:
+    warnings = exposure_warnings(Settings.from_env(env))
+    assert len(warnings) == len(fixes)
+    for warning, fix in zip(warnings, fixes, strict=True):
+        assert f"set {fix}" in warning and "0.0.0.0" in warning
