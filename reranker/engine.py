@@ -16,13 +16,14 @@ from prometheus_client import CollectorRegistry
 from reranker import spans
 from reranker.batcher import Batcher, ScoreFn
 from reranker.cache import ScoreCache, pair_key
-from reranker.errors import InvalidTypeError, LimitExceededError, ScoringError, ValidationError
+from reranker.errors import LimitExceededError, ScoringError
 from reranker.longdocs import window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from reranker.settings import Settings
 from reranker.tokens import EncodedPair
 from reranker.tracing import Tracing
+from reranker.validation import validate_request
 
 # Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
 # thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
@@ -80,17 +81,6 @@ class _Plan:
     owners: list[int] = field(default_factory=list)
     truncated: int = 0
     chunked: int = 0
-
-
-def _check_text(name: str, text: str) -> None:
-    if "\x00" in text:
-        raise ValidationError(f"{name} contains a NUL character (\\u0000); remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValidationError(
-            f"{name} is not valid Unicode (a lone surrogate at position {err.start}); send UTF-8 text"
-        ) from None
 
 
 class Reranker:
@@ -236,51 +226,7 @@ class Reranker:
     def validate(self, query: object, documents: object, top_n: object = None,
                  instruction: object = None) -> None:
         """Raise ValidationError (LimitExceededError for sizes) saying what to change."""
-        s = self.settings
-        if not isinstance(query, str):
-            raise InvalidTypeError(f"query must be a string, got {type(query).__name__}")
-        if not query.strip():
-            raise ValidationError("query is empty; send the text to rank the documents against")
-        _check_text("query", query)
-        if len(query) > s.max_query_chars:
-            raise LimitExceededError(
-                f"query has {len(query)} characters; the limit is {s.max_query_chars}"
-            )
-        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-            raise InvalidTypeError("documents must be a list of strings")
-        if not documents:
-            raise ValidationError("documents is empty; send at least one document")
-        if len(documents) > s.max_docs:
-            raise LimitExceededError(
-                f"{len(documents)} documents sent; the limit is RERANKER_MAX_DOCS={s.max_docs} per request"
-            )
-        for i, doc in enumerate(documents):
-            if not isinstance(doc, str):
-                raise InvalidTypeError(f"documents[{i}] must be a string, got {type(doc).__name__}")
-            _check_text(f"documents[{i}]", doc)
-            if len(doc) > s.max_doc_chars:
-                raise LimitExceededError(
-                    f"documents[{i}] has {len(doc)} characters; the limit is "
-                    f"RERANKER_MAX_DOC_CHARS={s.max_doc_chars}"
-                )
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)):
-            raise InvalidTypeError(f"top_n must be a positive integer or null, got {top_n!r}")
-        if top_n is not None and top_n < 1:
-            raise ValidationError(f"top_n must be a positive integer or null, got {top_n!r}")
-        if top_n is not None and top_n > s.max_docs:
-            raise ValidationError(f"top_n={top_n} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
-        if instruction is not None:
-            if not isinstance(instruction, str):
-                raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")
-            _check_text("instruction", instruction)
-            if instruction and not self.model.accepts_instruction:
-                raise ValidationError(
-                    f"model {self.model.model_id!r} does not take an instruction; leave instruction empty"
-                )
-            if len(instruction) > s.max_query_chars:
-                raise LimitExceededError(
-                    f"instruction has {len(instruction)} characters; the limit is {s.max_query_chars}"
-                )
+        validate_request(self.settings, self.model, query, documents, top_n, instruction)
 
     def _key(self, query: str, document: str, instruction: str | None) -> bytes:
         return pair_key(

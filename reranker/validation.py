@@ -1,0 +1,72 @@
+"""Request validation: types, emptiness, text that cannot be tokenized, and the configured limits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from reranker.errors import InvalidTypeError, LimitExceededError, ValidationError
+from reranker.settings import Settings
+
+if TYPE_CHECKING:
+    from reranker.model import ScoringModel
+
+
+def validate_request(s: Settings, model: ScoringModel, query: object, documents: object, top_n: object = None,
+                     instruction: object = None) -> None:
+    """Raise ValidationError (LimitExceededError for sizes) saying what to change; nothing is queued before."""
+    if not isinstance(query, str):
+        raise InvalidTypeError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise ValidationError("query is empty; send the text to rank the documents against")
+    _check_text("query", query)
+    if len(query) > s.max_query_chars:
+        raise LimitExceededError(
+            f"query has {len(query)} characters; the limit is {s.max_query_chars}"
+        )
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise InvalidTypeError("documents must be a list of strings")
+    if not documents:
+        raise ValidationError("documents is empty; send at least one document")
+    if len(documents) > s.max_docs:
+        raise LimitExceededError(
+            f"{len(documents)} documents sent; the limit is RERANKER_MAX_DOCS={s.max_docs} per request"
+        )
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise InvalidTypeError(f"documents[{i}] must be a string, got {type(doc).__name__}")
+        _check_text(f"documents[{i}]", doc)
+        if len(doc) > s.max_doc_chars:
+            raise LimitExceededError(
+                f"documents[{i}] has {len(doc)} characters; the limit is "
+                f"RERANKER_MAX_DOC_CHARS={s.max_doc_chars}"
+            )
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)):
+        raise InvalidTypeError(f"top_n must be a positive integer or null, got {top_n!r}")
+    if top_n is not None and top_n < 1:
+        raise ValidationError(f"top_n must be a positive integer or null, got {top_n!r}")
+    if top_n is not None and top_n > s.max_docs:
+        raise ValidationError(f"top_n={top_n} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        _check_text("instruction", instruction)
+        if instruction and not model.accepts_instruction:
+            raise ValidationError(
+                f"model {model.model_id!r} does not take an instruction; leave instruction empty"
+            )
+        if len(instruction) > s.max_query_chars:
+            raise LimitExceededError(
+                f"instruction has {len(instruction)} characters; the limit is {s.max_query_chars}"
+            )
+
+
+def _check_text(name: str, text: str) -> None:
+    if "\x00" in text:
+        raise ValidationError(f"{name} contains a NUL character (\\u0000); remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValidationError(
+            f"{name} is not valid Unicode (a lone surrogate at position {err.start}); send UTF-8 text"
+        ) from None
