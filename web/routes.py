@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import platform
-import threading
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from reranker import RerankResult
+from web.cancel import run_cancellable
 from web.errors import HttpError
 from web.schemas import (
     CohereRerankRequest,
@@ -29,9 +27,6 @@ from web.schemas import (
     Usage,
 )
 from web.service import RerankCall, RerankService, split_lines
-
-# How often a request waiting on the engine checks whether its client is still there.
-DISCONNECT_POLL_SECONDS = 0.1
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": meaning}
@@ -54,19 +49,8 @@ def package_versions() -> dict[str, str]:
 
 
 async def watched(request: Request, route: str, call: RerankCall, service: RerankService) -> RerankResult:
-    """Run the rerank on a worker thread; if the client disconnects meanwhile, cancel its unstarted pairs."""
-    cancel = threading.Event()
-    work = asyncio.ensure_future(anyio.to_thread.run_sync(service.rerank, route, call, cancel))
-    try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                cancel.set()
-                return await work  # raises the cancelled request's HttpError; nobody reads it
-    finally:
-        cancel.set()  # also when this coroutine itself is cancelled (server shutting down)
+    """The rerank on a worker thread; if the client disconnects meanwhile, its unstarted pairs are cancelled."""
+    return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), request.is_disconnected)
 
 
 def build_router(service: RerankService) -> APIRouter:

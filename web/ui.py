@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import gradio as gr
 
 from reranker import RerankResult, ValidationError
+from web.cancel import run_cancellable
 from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, RerankError
 from web.monitoring import Monitor, build_monitoring_tab
@@ -82,21 +81,14 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
 
 def cancellable(predict: Callable[..., tuple[list[list[object]], str]]) -> Callable[..., Any]:
     """The event handler: `predict` on a worker thread, whose unstarted pairs are dropped if Gradio cancels
-    the event (a client's cancel, gradio_client's `Job.cancel()`): Gradio cancels the handler's task."""
+    the event (a client's cancel, gradio_client's `Job.cancel()`), which cancels the handler's task."""
 
     async def rerank(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
                      raw_scores: bool = False, file: str | None = None,
                      request: gr.Request | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
-        cancel = threading.Event()
-        work = functools.partial(predict, query, documents, top_n, instruction, raw_scores, file, request,
-                                 cancel=cancel)
-        try:
-            # abandon_on_cancel: a cancelled event returns at once; the thread then sees `cancel` and stops.
-            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except BaseException:
-            cancel.set()
-            raise
+        return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction, raw_scores,
+                                                            file, request, cancel=cancel))
 
     return rerank
 
