@@ -18,8 +18,10 @@ Smoke run of the same code on the CPU, tiny shapes, no meaningful figures: pytho
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -200,7 +202,40 @@ def baselines(path: Path, device: str, scale: float) -> tuple[str, list[Baseline
     return described, out
 
 
-def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, variants: Sequence[str]) -> None:
+def profile(reranker: Reranker, requests: Sequence[tuple[str, list[str]]], out: Path, label: str) -> None:
+    """Requests back to back under the torch profiler: the top operators and the time spent waiting on the
+    device, as text, and a Chrome trace (chrome://tracing, Perfetto) of every thread, gzipped."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:  # the engine's collator and device threads too, not only this one (the option is recent)
+        config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
+    except TypeError:
+        config = None
+    with torch_profile(activities=activities, experimental_config=config) as prof:
+        seconds, _ = run(requests, 1, reranker.rerank)
+    waits: dict[str, float] = {}
+    for event in prof.events():
+        if "Synchronize" in event.name:
+            waits[event.name] = waits.get(event.name, 0.0) + event.cpu_time_total / 1e6
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"profile-{label}.txt", "w") as report:
+        report.write(f"{label}: {len(requests)} requests back to back, {seconds:.3f} s under the profiler\n")
+        for name, waited in sorted(waits.items()):
+            report.write(f"waiting in {name}: {waited:.3f} s ({waited / seconds:.0%} of the wall time)\n")
+        report.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    trace = out / f"trace-{label}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
+    print(f"profile of {label}: {out / f'profile-{label}.txt'}, {trace}.gz")
+
+
+def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, variants: Sequence[str],
+                profile_dir: Path | None = None) -> None:
     described, measured = baselines(path, device, scale)
     print(f"\n## {name}: {described}")
     print(f"{'workload':45s} {'variant':15s} {'raw pairs/s':>11s} {'pairs/s':>8s} {'ratio':>6s} {'tokens/s':>9s} "
@@ -218,6 +253,9 @@ def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, va
                       f"{base.pairs / seconds:8.0f} {base.raw_seconds / seconds:5.2f}x {base.tokens / seconds:9.0f} "
                       f"{base.flops / seconds / PEAK_FLOPS:6.1%} {busy.share:>5s} "
                       f"{percentile(latencies, 0.5) * 1e3:7.0f} {percentile(latencies, 0.95) * 1e3:7.0f}")
+            if profile_dir is not None and variant == variants[0]:
+                rag = next(base.workload for base in measured if "RAG" in base.workload.name)
+                profile(reranker, rag.requests[:4], profile_dir, f"{name.split()[0]}-{variant}")
 
 
 def fidelity(device: str, variants: Sequence[str]) -> None:
@@ -262,6 +300,9 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda raw: raw.split(","),
                         help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all; --smoke: "
                              f"{', '.join(CPU_VARIANTS)})")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also profile 4 RAG-chunk requests with the first variant: a table and a Chrome trace "
+                             "per model shape in DIR")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU and the CUDA build of torch (torch.cuda.is_available() is False "
@@ -282,12 +323,13 @@ def main() -> None:
             shape = TINY if args.smoke else BGE_M3
             path = build_xlmr_reranker(Path(tmp) / "bge-reranker-v2-m3-shaped", max_positions=8192,
                                        dtype=torch.float16 if not args.smoke else None, device=device, **shape)
-            bench_model("bge-reranker-v2-m3 shape (XLM-RoBERTa-large)", path, device, scale, nvml, variants)
+            bench_model("bge-reranker-v2-m3 shape (XLM-RoBERTa-large)", path, device, scale, nvml, variants,
+                        args.profile)
         if args.only in (None, "qwen3"):
             shape = {**TINY, "num_key_value_heads": 2, "head_dim": 16} if args.smoke else QWEN3_06B
             path = build_causal_reranker(Path(tmp) / "Qwen3-Reranker-0.6B-shaped",
                                          dtype=torch.bfloat16 if not args.smoke else None, device=device, **shape)
-            bench_model("Qwen3-Reranker-0.6B shape", path, device, scale, nvml, variants)
+            bench_model("Qwen3-Reranker-0.6B shape", path, device, scale, nvml, variants, args.profile)
     if args.only in (None, "fidelity"):
         fidelity(device, variants)
 

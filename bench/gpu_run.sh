@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU host prepared by bench/gpu_prepare.sh (the .gpu folder next to the checkout): install the carried
-# wheels outside the system site, then run the GPU tests and the GPU benchmark, logging each to $OUT or ./gpu-logs.
+# wheels outside the system site, then run the GPU tests and the GPU benchmark (with a profile of the first
+# variant), logging each to $OUT or ./gpu-logs.
 #   bench/gpu_run.sh [tests] [bge] [qwen3] [fidelity]   (default: all four; bench options via BENCH_ARGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,8 @@ for part in "${parts[@]}"; do
         python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
     else
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-        python3 -m bench.gpu --only "$part" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench-gpu-$part.log"
+        # --profile: a table and a Chrome trace of 4 RAG requests with the first variant, per model shape.
+        python3 -m bench.gpu --only "$part" --profile "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench-gpu-$part.log"
     fi
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done

@@ -25,8 +25,8 @@ def test_gpu_bench_says_it_needs_cuda() -> None:
     assert "needs a CUDA GPU" in result.stderr and "--smoke" in result.stderr
 
 
-def test_gpu_bench_smoke_run_prints_every_workload_and_variant_for_both_shapes() -> None:
-    result = run_bench("--smoke")
+def test_gpu_bench_smoke_run_prints_every_workload_and_variant_for_both_shapes(tmp_path: Path) -> None:
+    result = run_bench("--smoke", "--profile", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ["## bge-reranker-v2-m3 shape", "## Qwen3-Reranker-0.6B shape", "32 x 100 short passages",
                  "16 x 100 RAG chunks", "3 x 1000-document requests", "400 x 8 documents, 16 callers",
@@ -39,6 +39,11 @@ def test_gpu_bench_smoke_run_prints_every_workload_and_variant_for_both_shapes()
     for line in fidelity:
         assert "Spearman mean 1.00000 min 1.00000" in line
         assert float(line.rsplit(" ", 1)[1]) < 1e-4, line  # max |delta|
+    # --profile: the first variant's profile per shape, operators from the engine's own threads included.
+    for shape in ("bge-reranker-v2-m3", "Qwen3-Reranker-0.6B"):
+        report = (tmp_path / f"profile-{shape}-eager-16k.txt").read_text()
+        assert "aten::linear" in report or "aten::addmm" in report, report[:500]
+        assert (tmp_path / f"trace-{shape}-eager-16k.json.gz").stat().st_size > 1000
 
 
 def test_gpu_bench_names_the_variants_it_knows() -> None:
