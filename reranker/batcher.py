@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,9 @@ from reranker.metrics import Metrics
 from reranker.pipeline import STOP, Batch, DeviceStage, ScoreFn, Scorer, as_scorer, is_out_of_memory
 from reranker.spans import BatchSpans, current_span_context
 from reranker.tokens import EncodedPair
+
+# (rows, longest pair) -> the shape the scorer pads such a batch to.
+PaddedShape = Callable[[int, int], tuple[int, int]]
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +82,19 @@ class _Item:
             self.job.batch_spans.append(batch)
 
 
-def cut_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group indices, shortest first, so that len(batch) * longest stays within the token budget."""
+def unpadded(rows: int, width: int) -> tuple[int, int]:
+    return rows, width
+
+
+def cut_batches(lengths: Sequence[int], budget: int, shape: PaddedShape = unpadded) -> list[list[int]]:
+    """Group indices, shortest first, so that each batch's padded size (rows x longest, after `shape`
+    rounds them up to the scorer's buckets) stays within the token budget."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
-        if current and (len(current) + 1) * lengths[index] > budget:
+        rows, width = shape(len(current) + 1, lengths[index])
+        if current and rows * width > budget:
             batches.append(current)
             current = []
         current.append(index)
@@ -98,10 +107,12 @@ class Batcher:
     """Owns the model through a scorer; callers only submit pairs and wait for their own scores."""
 
     def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics,
-                 probe: Sequence[EncodedPair] = (), batch_spans: BatchSpans | None = None) -> None:
+                 probe: Sequence[EncodedPair] = (), batch_spans: BatchSpans | None = None,
+                 shape: PaddedShape = unpadded) -> None:
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
         self._batch_tokens = batch_tokens
+        self._shape = shape
         self._max_queue = max_queue
         self._pending: list[_Item] = []
         self._queued_pairs = 0
@@ -225,7 +236,7 @@ class Batcher:
                     item.job.started = now
                     self._metrics.queue_seconds.observe(now - item.job.submitted)
             lengths = [item.n_tokens for item in round_items]
-            for indices in cut_batches(lengths, self._batch_tokens):
+            for indices in cut_batches(lengths, self._batch_tokens, self._shape):
                 items = [round_items[i] for i in indices]
                 # A caller that gave up while this round waited loses its pairs here, unscored.
                 self._deliver([item for item in items if item.job.cancelled], CancelledError("the caller gave up"), 0.0)

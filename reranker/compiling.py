@@ -4,8 +4,10 @@
 batches (one row, which torch specialises; several rows with padding; several rows without, for models
 whose mask code skips an all-ones mask) compiles all of them, and nothing compiles while serving.
 `cudagraphs` compiles the same way in torch's `reduce-overhead` mode, which replays a CUDA graph per
-distinct shape; batches are then padded to shape buckets (rows to a multiple of 8, tokens to a multiple
-of 64) so the number of graphs stays bounded.
+distinct shape; batches are then padded to shape buckets (rows to a multiple of 8, tokens to 16, 32 or a
+multiple of 64; the batcher's token budget counts the padded shape) so the number of graphs stays bounded.
+The compile is warmed before ready; each bucket's graph is recorded on the device thread the first times
+that shape is served (torch synchronises the device while it records), then replayed.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ logger = logging.getLogger(__name__)
 TORCH_MODES = {"on": None, "cudagraphs": "reduce-overhead"}  # RERANKER_COMPILE -> torch.compile mode
 ROW_BUCKET = 8
 TOKEN_BUCKET = 64
+SHORT_WIDTHS = (16, 32)  # below one token bucket, so short pairs are not padded fourfold
 
 
 def bucketed(rows: int, width: int, max_width: int) -> tuple[int, int]:
-    """The padded shape of a `rows` x `width` batch: each dimension rounded up to its bucket, the width
-    never past the model's limit."""
-    return -(-rows // ROW_BUCKET) * ROW_BUCKET, min(max(width, max_width), -(-width // TOKEN_BUCKET) * TOKEN_BUCKET)
+    """The padded shape of a `rows` x `width` batch: rows rounded up to a multiple of 8, the width to 16, 32
+    or a multiple of 64, never past the model's limit."""
+    short = [bucket for bucket in SHORT_WIDTHS if width <= bucket]
+    padded = short[0] if short else -(-width // TOKEN_BUCKET) * TOKEN_BUCKET
+    return -(-rows // ROW_BUCKET) * ROW_BUCKET, min(max(width, max_width), padded)
 
 
 def compile_model(model: ScoringModel, setting: str) -> float:
@@ -48,6 +53,11 @@ def compile_model(model: ScoringModel, setting: str) -> float:
         raise ModelLoadError(f"model {model.model_id!r} has no transformers network to compile; "
                              "set RERANKER_COMPILE=off")
     started = time.perf_counter()
+    if setting == "cudagraphs":
+        import torch._inductor.config as inductor
+
+        # The buckets bound the graphs (at most one per padded shape); torch's warning past 8 would only be noise.
+        inductor.triton.cudagraph_dynamic_shape_warn_limit = None
     # sentence-transformers calls the network's `forward` method, not the module, so that is what to wrap.
     network.forward = torch.compile(network.forward, dynamic=True, mode=TORCH_MODES[setting])
     model.compiled = setting

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from reranker import spans
-from reranker.batcher import Batcher, ScoreFn
+from reranker.batcher import Batcher, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import LimitExceededError, ScoringError
 from reranker.longdocs import window_spans
@@ -101,6 +101,7 @@ class Reranker:
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
             metrics=self.metrics, probe=model.encode([("warm-up query", "warm-up document")]),
             batch_spans=spans.BatchSpans(self._tracer, self._model_attributes),
+            shape=model.padded_shape if score_fn is None else unpadded,
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "dtype": model.dtype,

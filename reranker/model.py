@@ -107,12 +107,14 @@ class ScoringModel:
             out.extend(doc.pair for doc in self.encoder.encode(query, [document], instruction))
         return out
 
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The shape `collate` pads a batch of `rows` pairs, the longest `width` tokens, to."""
+        return bucketed(rows, width, self.max_length) if self.compiled == "cudagraphs" else (rows, width)
+
     def collate(self, batch: Sequence[EncodedPair]) -> dict[str, Any]:
         """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors. Under CUDA graphs the
         shape is rounded up to a bucket; the extra rows repeat the first pair and their scores are dropped."""
-        rows, width = len(batch), max(pair.n_tokens for pair in batch)
-        if self.compiled == "cudagraphs":
-            rows, width = bucketed(rows, width, self.max_length)
+        rows, width = self.padded_shape(len(batch), max(pair.n_tokens for pair in batch))
         ids = np.full((rows, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((rows, width), dtype=np.int64)
         types = np.zeros((rows, width), dtype=np.int64) if batch[0].token_type_ids is not None else None

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from reranker.batcher import cut_batches
 from reranker.compiling import ROW_BUCKET, TOKEN_BUCKET, bucketed
 from reranker.errors import ModelLoadError
 from reranker.model import ScoringModel, load_model
@@ -49,7 +50,9 @@ def test_compiled_scores_equal_eager_and_never_recompile(compiled: tuple[Scoring
 
 
 @pytest.mark.parametrize(("rows", "width", "expected"), [
-    (1, 5, (ROW_BUCKET, TOKEN_BUCKET)),
+    (1, 5, (ROW_BUCKET, 16)),
+    (2, 17, (8, 32)),
+    (8, 33, (8, TOKEN_BUCKET)),
     (8, 64, (8, 64)),
     (9, 65, (16, 128)),
     (3, 250, (8, 256)),
@@ -94,3 +97,19 @@ def test_a_compile_failure_names_the_setting(bert_dir: Path, monkeypatch: pytest
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(ModelLoadError, match="inductor could not build a kernel.*RERANKER_COMPILE=off"):
         load_model(model_settings(bert_dir, compile="on"))
+
+
+def test_batches_are_cut_by_their_padded_shape_under_cuda_graphs(bert_model: ScoringModel) -> None:
+    """The token budget holds for what the device runs: rows and width after bucketing."""
+    lengths = [20] * 100 + [70] * 40
+    bert_model.compiled = "cudagraphs"
+    try:
+        batches = cut_batches(lengths, 1024, bert_model.padded_shape)
+        shapes = [bert_model.padded_shape(len(b), max(lengths[i] for i in b)) for b in batches]
+    finally:
+        bert_model.compiled = "off"
+    assert sorted(i for b in batches for i in b) == list(range(140))
+    assert all(rows * width <= 1024 for rows, width in shapes), shapes
+    # Uncompiled, the same pairs fill batches to the budget by their real lengths.
+    assert bert_model.padded_shape(13, 20) == (13, 20)
+    assert len(cut_batches(lengths, 1024, bert_model.padded_shape)) < len(batches)
