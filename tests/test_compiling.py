@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from torch._dynamo.utils import counters
 
+from reranker import Reranker
 from reranker.batcher import cut_batches
 from reranker.compiling import ROW_BUCKET, TOKEN_BUCKET, bucketed
 from reranker.errors import ModelLoadError
+from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from tests.conftest import model_settings
 from tests.tiny_models import random_text
@@ -113,3 +116,20 @@ def test_batches_are_cut_by_their_padded_shape_under_cuda_graphs(bert_model: Sco
     # Uncompiled, the same pairs fill batches to the budget by their real lengths.
     assert bert_model.padded_shape(13, 20) == (13, 20)
     assert len(cut_batches(lengths, 1024, bert_model.padded_shape)) < len(batches)
+
+
+def test_serving_through_the_device_thread_compiles_nothing_more(compiled: tuple[ScoringModel, ScoringModel],
+                                                                  metrics: Metrics) -> None:
+    """The warm-up ran on the loading thread; requests of new sizes, scored on the device thread, reuse it."""
+    eager, model = compiled
+    graphs = counters["stats"]["unique_graphs"]
+    settings = model_settings(Path(model.model_id), compile="on", cache_size=0)
+    with Reranker(model, settings, metrics=metrics) as reranker, Reranker(eager, settings, metrics=Metrics(
+            CollectorRegistry())) as reference:
+        for pairs in varied_pairs(11):
+            query, documents = pairs[0][0], [document for _, document in pairs]
+            got = {r.index: r.score for r in reranker.rerank(query, documents, raw_scores=True)}
+            want = {r.index: r.score for r in reference.rerank(query, documents, raw_scores=True)}
+            assert got.keys() == want.keys()
+            assert all(abs(got[i] - want[i]) < 1e-4 for i in got)
+    assert counters["stats"]["unique_graphs"] == graphs
