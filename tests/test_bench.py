@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,26 @@ def test_gpu_bench_names_the_variants_it_knows() -> None:
     result = run_bench("--smoke", "--variants", "eager-16k,fastest")
     assert result.returncode == 1
     assert "unknown variant(s) fastest" in result.stderr and "cudagraphs-32k" in result.stderr
+
+
+def test_the_carried_float16_minilm_builds_the_same_float32_benchmark_model(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/gpu_prepare.sh carries a float16 copy of MiniLM to the GPU host; RERANKER_BENCH_MINILM_DIR reads it."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sentence_transformers import CrossEncoder
+
+    from bench.workload import build_benchmark_model, export_minilm, minilm_source
+    from tests.tiny_models import random_text
+
+    carried = export_minilm(tmp_path / "carried")
+    original = CrossEncoder(str(build_benchmark_model(tmp_path / "original")), device="cpu")
+    monkeypatch.setenv("RERANKER_BENCH_MINILM_DIR", str(carried))
+    assert minilm_source() == carried
+    copy = CrossEncoder(str(build_benchmark_model(tmp_path / "copy")), device="cpu")
+    assert next(copy.parameters()).dtype == torch.float32  # still the float32 reference
+    rng = random.Random(5)
+    pairs = [("how do I parse a file", random_text(rng, rng.randint(5, 80))) for _ in range(40)]
+    want, got = original.predict(pairs, show_progress_bar=False), copy.predict(pairs, show_progress_bar=False)
+    assert spearmanr(want, got).statistic > 0.999
+    assert float(np.max(np.abs(want - got))) < 5e-3
