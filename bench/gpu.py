@@ -105,7 +105,8 @@ class BusySampler:
     """The GPU's utilization (share of time a kernel ran), from NVML every 50 ms."""
 
     def __init__(self, nvml: Nvml) -> None:
-        self.nvml, self.samples, self._stop = nvml, [], threading.Event()
+        self.nvml, self._stop = nvml, threading.Event()
+        self.samples: list[float] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:

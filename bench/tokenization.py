@@ -51,7 +51,11 @@ def main() -> None:
     tokens = sum(doc.pair.n_tokens for r in workload for doc in model.encoder.encode(r.query, r.documents))
 
     def each(fn: Callable[[Request], object]) -> Callable[[], None]:
-        return lambda: [fn(r) for r in workload] and None
+        def run() -> None:
+            for request in workload:
+                fn(request)
+
+        return run
 
     paths = {
         "CrossEncoder.preprocess (predict's tokenization)": each(

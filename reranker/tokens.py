@@ -57,7 +57,7 @@ class PairEncoder(Protocol):
     def overhead(self, query: str, instruction: str | None) -> int:
         """Tokens a pair spends before any document text: query, instruction, template, specials."""
 
-    def encode(self, query: str, documents: Sequence[str], instruction: str | None,
+    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
                *, offsets: bool = False) -> list[EncodedDocument]:
         """Pair each document with the query; `offsets` adds the token spans of documents that were cut."""
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -28,9 +29,9 @@ class Received:
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def spans(self) -> list[tuple[str, dict[str, object], object]]:
+    def spans(self) -> list[tuple[str, dict[str, object], Any]]:
         """(service.name, resource attributes, span) for every span received so far."""
-        out = []
+        out: list[tuple[str, dict[str, object], Any]] = []
         with self.lock:
             requests = list(self.requests)
         for request in requests:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import random
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
+
+# The ignores below are transformers' type hints lagging its runtime: BertTokenizerFast is exported lazily,
+# configs take num_labels through **kwargs, and PreTrainedModel.to accepts a dtype.
+from transformers import (  # type: ignore[attr-defined]
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
@@ -51,7 +55,7 @@ def build_bert_reranker(path: Path, *, seed: int = 0, max_positions: int = 512) 
     path.mkdir(parents=True, exist_ok=True)
     ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
     tokenizer = BertTokenizerFast(vocab=ids, model_max_length=max_positions)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
@@ -69,7 +73,7 @@ def build_bert_reranker(path: Path, *, seed: int = 0, max_positions: int = 512) 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path, dtype: torch.dtype | None) -> Path:
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype)  # type: ignore[arg-type]
     path.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -97,9 +101,9 @@ def build_xlmr_reranker(path: Path, *, seed: int = 0, max_positions: int = 512, 
         pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", model_max_length=max_positions,
         model_input_names=["input_ids", "attention_mask"],
     )
-    values = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64, **config}
-    settings = XLMRobertaConfig(
+    values: dict[str, Any] = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "intermediate_size": 64, **config}
+    settings = XLMRobertaConfig(  # type: ignore[call-arg]
         max_position_embeddings=max_positions + 2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         type_vocab_size=1, num_labels=1, initializer_range=0.2, **values,
     )
@@ -127,8 +131,9 @@ def build_causal_reranker(path: Path, *, seed: int = 0, dtype: torch.dtype | Non
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=2048
     )
-    values = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, **config}
+    values: dict[str, Any] = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                              "head_dim": 16, **config}
     settings = Qwen3Config(
         max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2, **values,
