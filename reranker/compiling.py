@@ -7,13 +7,17 @@ whose mask code skips an all-ones mask) compiles all of them, and nothing compil
 distinct shape; batches are then padded to shape buckets (rows to a multiple of 8, tokens to 16, 32 or a
 multiple of 64; the batcher's token budget counts the padded shape) so the number of graphs stays bounded.
 The compile is warmed before ready; each bucket's graph is recorded on the device thread the first times
-that shape is served (torch synchronises the device while it records), then replayed.
+that shape is served (torch synchronises the device while it records), then replayed. Retries after a
+failure (halves of a batch that ran out of memory) run uncompiled at their own shape: a bucket would pad a
+lone pair back to eight rows, and recording a graph for a one-off shape needs memory that is short just then.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +25,8 @@ import torch
 from reranker.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from reranker.model import ScoringModel
 
 logger = logging.getLogger(__name__)
@@ -90,3 +96,15 @@ def mark_step() -> None:
     """Tell CUDA-graph trees a new inference step begins, so a replay may reuse the last one's memory.
     The caller has already queued the copy of the previous outputs, so none is overwritten unread."""
     torch.compiler.cudagraph_mark_step_begin()
+
+
+@contextmanager
+def uncompiled(network: nn.Module) -> Iterator[None]:
+    """Run `network` with its class's own forward inside the block. Only the device thread calls the
+    network, so swapping the method there races with nothing."""
+    compiled = network.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if compiled is not None:
+            network.forward = compiled

@@ -13,7 +13,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from sentence_transformers.cross_encoder.modules import LogitScore
 
-from reranker.compiling import bucketed, compile_model, mark_step
+from reranker.compiling import bucketed, compile_model, mark_step, uncompiled
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 
 # Tokenizers report this sentinel (or larger) when they have no length limit of their own.
 _NO_LIMIT = 1_000_000
-# collate's note to launch of how many rows are real when shape buckets added padding rows.
+# collate's notes to launch: how many rows are real when shape buckets added padding rows, and that a
+# retry under CUDA graphs runs uncompiled at its own shape.
 _ROWS = "reranker_rows"
+_EAGER = "reranker_eager"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -111,10 +113,12 @@ class ScoringModel:
         """The shape `collate` pads a batch of `rows` pairs, the longest `width` tokens, to."""
         return bucketed(rows, width, self.max_length) if self.compiled == "cudagraphs" else (rows, width)
 
-    def collate(self, batch: Sequence[EncodedPair]) -> dict[str, Any]:
+    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> dict[str, Any]:
         """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors. Under CUDA graphs the
-        shape is rounded up to a bucket; the extra rows repeat the first pair and their scores are dropped."""
-        rows, width = self.padded_shape(len(batch), max(pair.n_tokens for pair in batch))
+        shape is rounded up to a bucket; the extra rows repeat the first pair and their scores are dropped.
+        An `exact` batch (a retry) keeps its own shape and runs uncompiled (see reranker.compiling)."""
+        longest = max(pair.n_tokens for pair in batch)
+        rows, width = (len(batch), longest) if exact else self.padded_shape(len(batch), longest)
         ids = np.full((rows, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((rows, width), dtype=np.int64)
         types = np.zeros((rows, width), dtype=np.int64) if batch[0].token_type_ids is not None else None
@@ -132,21 +136,28 @@ class ScoringModel:
             features["token_type_ids"] = torch.from_numpy(types)
         if rows != len(batch):
             features[_ROWS] = len(batch)
+        if exact and self.compiled == "cudagraphs":
+            features[_EAGER] = True
         return features
 
     @torch.inference_mode()
     def launch(self, features: dict[str, Any]) -> PendingScores:
         """Copy a collated batch to the device and start its forward pass; on a GPU this returns at once."""
         device = self.cross_encoder.device
-        rows = features.get(_ROWS)
-        features = {k: v for k, v in features.items() if k != _ROWS}
+        rows, eager = features.get(_ROWS), features.get(_EAGER, False)
+        features = {k: v for k, v in features.items() if k not in (_ROWS, _EAGER)}
         if self._cuda:
             # Pinned staging makes the copies asynchronous; pinning here keeps every CUDA call on this thread.
             features = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                         for k, v in features.items()}
-        if self.compiled == "cudagraphs":
-            mark_step()
-        scores = self.cross_encoder(features)["scores"]
+        network = self.cross_encoder.transformers_model
+        if eager and network is not None:  # only a compiled model marks batches eager, and it has a network
+            with uncompiled(network):
+                scores = self.cross_encoder(features)["scores"]
+        else:
+            if self.compiled == "cudagraphs":
+                mark_step()
+            scores = self.cross_encoder(features)["scores"]
         if scores.ndim > 1:
             scores = scores.squeeze(-1)
         scores = scores[:rows].float()

@@ -37,8 +37,9 @@ class Pending(Protocol):
 class Scorer(Protocol):
     """What the worker needs of a model; reranker.model.ScoringModel is the real one."""
 
-    def collate(self, batch: Sequence[EncodedPair]) -> Any:
-        """Pad a batch into CPU features; runs on the collating thread."""
+    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> Any:
+        """Pad a batch into CPU features; runs on the collating thread, or with `exact` on the device thread
+        for a retry, which then runs at the batch's own shape with nothing that only pays off on repeats."""
 
     def launch(self, features: Any) -> Pending:
         """Start scoring collated features; runs on the device thread only."""
@@ -58,7 +59,7 @@ class FunctionScorer:
     def __init__(self, score_fn: ScoreFn) -> None:
         self._score_fn = score_fn
 
-    def collate(self, batch: Sequence[EncodedPair]) -> Sequence[EncodedPair]:
+    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> Sequence[EncodedPair]:
         return batch
 
     def launch(self, features: Sequence[EncodedPair]) -> Pending:
@@ -167,7 +168,7 @@ class DeviceStage:
         started = time.perf_counter()
         span = self._spans.start(batch.pairs, batch.items) if self._spans is not None else None
         try:
-            features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs)
+            features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs, exact=True)
             return _Launched(batch, self._scorer.launch(features), started, span), None
         except Exception as err:
             self._end_span(span, batch, error=err)
@@ -229,7 +230,7 @@ class DeviceStage:
         if not self._probe:
             return False
         try:
-            self._scorer.launch(self._scorer.collate(self._probe)).wait()
+            self._scorer.launch(self._scorer.collate(self._probe, exact=True)).wait()
         except Exception as err:
             self.fault = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             return True
@@ -247,7 +248,10 @@ class DeviceStage:
         if self.fault is not None:
             self._drop(batch)
             return
-        if len(batch.pairs) == 1:
+        # A lone pair collated for the device's shape buckets may have been padded to several rows: it
+        # is retried once at its own shape before its request is told it cannot fit.
+        retry_alone = out_of_memory and len(batch.pairs) == 1 and batch.features is not None
+        if len(batch.pairs) == 1 and not retry_alone:
             if out_of_memory:
                 error = ScoringError(
                     f"out of memory scoring one document of {batch.pairs[0].n_tokens} tokens; lower "
@@ -261,11 +265,12 @@ class DeviceStage:
             return
         if out_of_memory:
             self._metrics.oom_retries.inc()
-            logger.warning("out of memory; retrying as two halves", extra={"batch_size": len(batch.pairs)})
+            logger.warning("out of memory; retrying " + ("alone" if retry_alone else "as two halves"),
+                           extra={"batch_size": len(batch.pairs)})
         else:
             # A failure that is not about memory is split too, so one bad pair cannot fail the other
             # requests that happened to share its batch.
             logger.warning("a batch failed; retrying as two halves to isolate the pair",
                            extra={"batch_size": len(batch.pairs), "error": f"{type(failure).__name__}: {failure}"})
-        for half in batch.split():
-            self._score_now(half)
+        for part in [Batch(batch.pairs, batch.items)] if retry_alone else batch.split():
+            self._score_now(part)

@@ -263,7 +263,7 @@ class RecordingScorer:
         self.threads: dict[str, set[str]] = {"collate": set(), "launch": set(), "wait": set()}
         self.launches = 0
 
-    def collate(self, batch: Sequence[EncodedPair]) -> tuple[int, Sequence[EncodedPair]]:
+    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> tuple[int, Sequence[EncodedPair]]:
         self.threads["collate"].add(threading.current_thread().name)
         return len(batch), batch
 

@@ -133,3 +133,38 @@ def test_serving_through_the_device_thread_compiles_nothing_more(compiled: tuple
             assert got.keys() == want.keys()
             assert all(abs(got[i] - want[i]) < 1e-4 for i in got)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_retries_under_cuda_graphs_run_uncompiled_at_their_own_shape(bert_model: ScoringModel,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that runs out of memory in its bucket is retried at its own shape, on the class's forward:
+    halves are not padded back to eight rows, and no graph is recorded for a one-off shape."""
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    documents = ["cache eviction", "a longer document about caches and how they evict entries", "tea", "x y"]
+    with Reranker(bert_model, settings) as plain:
+        expected = {r.index: r.score for r in plain.rerank("q", documents, raw_scores=True)}
+        alone = plain.rerank("q", documents[1:2], raw_scores=True)[0].score
+
+    network = bert_model.cross_encoder.transformers_model
+    eager_rows: list[int] = []
+    eager_forward = type(network).forward
+
+    def counting_forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        eager_rows.append(len(kwargs["input_ids"]))  # type: ignore[arg-type]
+        return eager_forward(self, *args, **kwargs)
+
+    def graphed_out_of_memory(*args: object, **kwargs: object) -> object:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(network), "forward", counting_forward)
+    monkeypatch.setattr(network, "forward", graphed_out_of_memory, raising=False)  # the compiled forward
+    monkeypatch.setattr(bert_model, "compiled", "cudagraphs")
+    metrics = Metrics(CollectorRegistry())
+    with Reranker(bert_model, settings, metrics=metrics) as reranker:
+        got = {r.index: r.score for r in reranker.rerank("q", documents, raw_scores=True)}
+        lone = reranker.rerank("q", documents[1:2], raw_scores=True)[0].score
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert lone == pytest.approx(alone, abs=1e-5)  # not blamed on a bucket of eight copies of itself
+    assert eager_rows == [2, 2, 1]  # two halves of four, then the lone pair: never a padded bucket
+    assert network.forward is graphed_out_of_memory  # the compiled forward is back after each retry
+    assert metrics.registry.get_sample_value("reranker_oom_retries_total") == 2
