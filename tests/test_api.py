@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -226,7 +226,7 @@ def test_every_surface_gives_the_same_ranking(live: tuple[str, Reranker]) -> Non
     query = "which server keeps a cache"
     docs = [d for d in DOCS if d] + ["cache cache cache", "a river and a mountain"]
     rows, status = make_predict(RerankService(reranker))(query, "\n".join(docs))
-    ui = [row[2] for row in rows]
+    ui = [cast(int, row[2]) for row in rows]
     assert "documents" in status and "ms" in status
     root = [r["index"] for r in post(url, "/api/predict", {"data": [query, docs]}).json()["data"][0]]
     cohere = [r["index"] for r in post(url, "/v1/rerank", {"query": query, "documents": docs}).json()["results"]]
@@ -268,7 +268,7 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     (tmp_path / "d.csv").write_text('id,text\n1,first doc\n2,"second doc"\n')
     for name in ("d.txt", "d.jsonl", "d.csv"):
         rows, _ = predict("doc", "", None, "", False, str(tmp_path / name))
-        assert sorted(row[3] for row in rows) == ["first doc", "second doc"]
+        assert sorted(str(row[3]) for row in rows) == ["first doc", "second doc"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(gr.Error, match="line 2 needs a string \"text\" field"):
         predict("doc", "", None, "", False, str(tmp_path / "bad.jsonl"))

@@ -63,7 +63,7 @@ def test_oom_halves_the_batch_and_gives_the_same_scores(
     with Reranker(bert_model, settings, metrics=metrics, score_fn=device) as reranker:
         got = {r.index: r.score for r in reranker.rerank(query, documents, raw_scores=True)}
     np.testing.assert_allclose([got[i] for i in range(200)], [expected[i] for i in range(200)], rtol=1e-5, atol=1e-5)
-    assert metrics.registry.get_sample_value("reranker_oom_retries_total") > 0
+    assert (metrics.registry.get_sample_value("reranker_oom_retries_total") or 0) > 0
     assert metrics.registry.get_sample_value("reranker_pairs_scored_total") == 200
 
 

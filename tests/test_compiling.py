@@ -146,6 +146,7 @@ def test_retries_under_cuda_graphs_run_uncompiled_at_their_own_shape(bert_model:
         alone = plain.rerank("q", documents[1:2], raw_scores=True)[0].score
 
     network = bert_model.cross_encoder.transformers_model
+    assert network is not None
     eager_rows: list[int] = []
     eager_forward = type(network).forward
 

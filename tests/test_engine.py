@@ -124,7 +124,12 @@ def test_instruction_is_part_of_the_cache_key(causal_model: ScoringModel) -> Non
 def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documents: list[str]) -> None:
     with Reranker(bert_model, model_settings(Path(bert_model.model_id), batch_tokens=1024), metrics=metrics) as r:
         stats = r.rerank_detailed("json", documents[:30]).stats
-    value = metrics.registry.get_sample_value
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        sample = metrics.registry.get_sample_value(name, labels)
+        assert sample is not None, f"{name} {labels} is not exported"
+        return sample
+
     assert value("reranker_pairs_scored_total") == 30
     assert value("reranker_input_tokens_total") == stats.tokens > 30
     assert value("reranker_batch_size_sum") == 30

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reranker import CancelledError, DeviceFaultError, Reranker
+from reranker.batcher import ScoreFn
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
@@ -84,7 +85,7 @@ def test_abandoned_pairs_are_dropped_unscored_while_others_get_their_answers(
     assert metrics.registry.get_sample_value("reranker_pairs_scored_total") == 41
 
 
-def poisoning_scorer(model: ScoringModel, healthy_batches: int) -> object:
+def poisoning_scorer(model: ScoringModel, healthy_batches: int) -> ScoreFn:
     calls = {"n": 0}
 
     def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:

@@ -132,7 +132,7 @@ def test_a_real_out_of_memory_is_split_and_every_request_still_gets_its_scores(
             after = reranker.rerank("still serving?", ["yes", "no"])
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
-    assert metrics.registry.get_sample_value("reranker_oom_retries_total") > 0
+    assert (metrics.registry.get_sample_value("reranker_oom_retries_total") or 0) > 0
     for i, (scores, want) in enumerate(zip(got, expected, strict=True)):
         np.testing.assert_allclose(scores, want, atol=2e-3, rtol=0, err_msg=f"request {i}")
     assert len(after) == 2

@@ -92,7 +92,7 @@ def test_settings_are_frozen_and_keyword_only() -> None:
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
-        Settings("model")  # type: ignore[misc]
+        Settings("model")  # type: ignore[call-arg]
 
 
 UI_AUTH_ACCEPTED = "use user:password, several pairs separated by commas, or the path of a file"
