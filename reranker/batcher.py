@@ -224,12 +224,14 @@ class Batcher:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                if not self._pending:
-                    self._hand_over(STOP)
-                    return
                 # One round = everything pending now; later arrivals wait for the next round, so a
                 # stream of short requests cannot starve a long one.
                 round_items, self._pending = self._pending, []
+            if not round_items:  # closed and drained
+                # Outside the lock: the device thread needs it to deliver what is still in flight, and
+                # only then takes the STOP from a full hand-over queue.
+                self._hand_over(STOP)
+                return
             now = time.perf_counter()
             for item in round_items:
                 if item.job.started is None:

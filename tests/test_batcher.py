@@ -302,3 +302,24 @@ def test_the_next_batch_is_launched_before_the_last_one_is_waited_for(bert_model
         assert scorer.events.index(f"launch {k + 1}") < scorer.events.index(f"wait {k}")
     assert scorer.threads["launch"] == scorer.threads["wait"] == {"reranker-device"}
     assert scorer.threads["collate"] == {"reranker-collator"}
+
+
+def test_close_finishes_a_queue_deeper_than_the_pipeline() -> None:
+    """More batches queued than the worker holds (one collated, one on the device): close() scores them all,
+    and the batcher's lock stays free for callers meanwhile."""
+
+    def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        time.sleep(0.1)
+        return torch.arange(len(batch), dtype=torch.float32)
+
+    batcher = Batcher(slow, batch_tokens=10, max_queue=1000, metrics=Metrics(CollectorRegistry()))
+    job = batcher.submit([EncodedPair(np.arange(10)) for _ in range(6)])  # one pair per batch: six passes
+    time.sleep(0.05)
+    closer = threading.Thread(target=batcher.close, kwargs={"timeout": 10.0})
+    closer.start()
+    assert job.done.wait(5), "close() left queued work unscored"
+    assert job.error is None and job.scores == [0.0] * 6
+    assert batcher._cond.acquire(timeout=1)  # a caller could still cancel or be refused
+    batcher._cond.release()
+    closer.join(5)
+    assert not closer.is_alive() and not batcher.alive
