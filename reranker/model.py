@@ -181,6 +181,10 @@ class PendingScores:
         self._host = host
         self._done = done
 
+    @property
+    def ran(self) -> bool:
+        return self._done is None  # no event: a CPU pass, finished inside launch
+
     def wait(self) -> torch.Tensor:
         if self._done is not None:
             self._done.synchronize()  # deliberate: the one synchronisation per batch, after its scores copy

@@ -3,7 +3,8 @@
 The collating thread (reranker.batcher) hands over padded CPU batches through a queue of one. This thread
 copies a batch to the device and launches its forward pass, and only then waits for the batch before it
 and delivers that one's scores: on a GPU the next pass is already queued while Python finishes the last,
-so with work waiting the GPU never idles on Python. On the CPU a launch runs the pass to completion.
+so with work waiting the GPU never idles on Python. On the CPU a launch runs the pass to completion, and its
+scores are delivered at once rather than after the next pass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Pending(Protocol):
     def wait(self) -> torch.Tensor:
         """Block until the batch's float32 scores are on the host."""
 
+    @property
+    def ran(self) -> bool:
+        """True when the pass already ran inside `launch` (the CPU): nothing is gained by holding it."""
+
 
 class Scorer(Protocol):
     """What the worker needs of a model; reranker.model.ScoringModel is the real one."""
@@ -51,6 +56,8 @@ class _Done:
 
     def wait(self) -> torch.Tensor:
         return self._scores
+
+    ran = True
 
 
 class FunctionScorer:
@@ -163,6 +170,10 @@ class DeviceStage:
             in_flight = launched
             if failure is not None:
                 self._recover(batch, failure)
+            elif in_flight is not None and in_flight.pending.ran:
+                # A pass that ran synchronously is delivered now, not held while the next one runs.
+                self._complete(in_flight)
+                in_flight = None
 
     def _launch(self, batch: Batch) -> tuple[_Launched | None, BaseException | None]:
         started = time.perf_counter()

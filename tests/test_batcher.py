@@ -280,6 +280,8 @@ class RecordingScorer:
         def __init__(self, owner: RecordingScorer, number: int, scores: torch.Tensor) -> None:
             self.owner, self.number, self.scores = owner, number, scores
 
+        ran = False  # as on a GPU: launch returns before the pass has run
+
         def wait(self) -> torch.Tensor:
             self.owner.threads["wait"].add(threading.current_thread().name)
             self.owner.events.append(f"wait {self.number}")
@@ -323,3 +325,26 @@ def test_close_finishes_a_queue_deeper_than_the_pipeline() -> None:
     batcher._cond.release()
     closer.join(5)
     assert not closer.is_alive() and not batcher.alive
+
+
+def test_on_the_cpu_scores_are_delivered_when_their_own_pass_ends() -> None:
+    """A pass that runs inside launch is not held back until the next pass finishes."""
+    gate = threading.Event()
+    passes = {"n": 0}
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        passes["n"] += 1
+        if passes["n"] == 2:
+            gate.wait(10)  # the second pass holds the device until the first caller has its scores
+        return torch.zeros(len(batch))
+
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=Metrics(CollectorRegistry()))
+    with batcher._cond:  # one round, two batches of one pair each
+        first = batcher.submit([EncodedPair(np.arange(10))])
+        second = batcher.submit([EncodedPair(np.arange(10))])
+    try:
+        assert first.done.wait(5), "the first request waited for the second pass"
+    finally:
+        gate.set()
+    assert second.done.wait(5) and first.error is None and second.error is None
+    batcher.close()
