@@ -159,24 +159,34 @@ class Batcher:
         error = DeviceFaultError()
         self._deliver(waiting, error, 0.0)
 
-    def submit(self, pairs: Sequence[EncodedPair]) -> Job:
-        """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing."""
-        if len(pairs) > self._max_queue:
+    def check_room(self, n_pairs: int) -> None:
+        """Raise what `submit` would for `n_pairs` pairs, without queuing anything: callers check before the
+        costly tokenizing (with the documents' count, a lower bound when long documents are chunked)."""
+        with self._cond:
+            self._refuse(n_pairs)
+
+    def _refuse(self, n_pairs: int) -> None:
+        """Under the lock: raise if `n_pairs` more pairs cannot be queued now."""
+        if n_pairs > self._max_queue:
             raise LimitExceededError(
-                f"this request needs {len(pairs)} model passes (documents plus chunks), more than "
+                f"this request needs {n_pairs} model passes (documents plus chunks), more than "
                 f"RERANKER_MAX_QUEUE={self._max_queue}; send fewer or shorter documents"
             )
+        if self._closed:
+            if self._device.fault is not None:
+                raise DeviceFaultError()
+            raise ClosedError("the reranker is shutting down")
+        if self._queued_pairs + n_pairs > self._max_queue:
+            raise OverloadedError(
+                f"the scoring queue is full ({self._queued_pairs} pairs waiting, limit "
+                f"RERANKER_MAX_QUEUE={self._max_queue}); retry shortly"
+            )
+
+    def submit(self, pairs: Sequence[EncodedPair]) -> Job:
+        """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing."""
         job = Job(pairs, span_context=current_span_context())
         with self._cond:
-            if self._closed:
-                if self._device.fault is not None:
-                    raise DeviceFaultError()
-                raise ClosedError("the reranker is shutting down")
-            if self._queued_pairs + len(pairs) > self._max_queue:
-                raise OverloadedError(
-                    f"the scoring queue is full ({self._queued_pairs} pairs waiting, limit "
-                    f"RERANKER_MAX_QUEUE={self._max_queue}); retry shortly"
-                )
+            self._refuse(len(pairs))
             self._pending.extend(_Item(job, i) for i in range(len(pairs)))
             self._queued_pairs += len(pairs)
             self._metrics.queue_pairs.set(self._queued_pairs)

@@ -174,14 +174,20 @@ class Reranker:
             logits: list[float | None] = [self._cache.get(key) for key in keys]
             hits = sum(value is not None for value in logits)
             span.set_attribute("reranker.cache_hits", hits)
-        self.metrics.cache_requests.labels(result="hit").inc(hits)
-        self.metrics.cache_requests.labels(result="miss").inc(len(documents) - hits)
         missing = [i for i, value in enumerate(logits) if value is None]
+        self._batcher.check_room(len(missing))  # a full queue refuses before any tokenizing
 
         with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
             plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
             spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
         job = self._batcher.submit(plan.pairs)
+        # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
+        tokens = sum(pair.n_tokens for pair in plan.pairs)
+        self.metrics.cache_requests.labels(result="hit").inc(hits)
+        self.metrics.cache_requests.labels(result="miss").inc(len(missing))
+        self.metrics.input_tokens.inc(tokens)
+        self.metrics.truncated_documents.inc(plan.truncated)
+        self.metrics.chunked_documents.inc(plan.chunked)
         self._batcher.wait(job, cancel)
         spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
         if job.error is not None:
@@ -207,10 +213,6 @@ class Reranker:
             limit = len(order) if top_n is None else min(top_n, len(order))
             results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
 
-        tokens = sum(pair.n_tokens for pair in plan.pairs)
-        self.metrics.input_tokens.inc(tokens)
-        self.metrics.truncated_documents.inc(plan.truncated)
-        self.metrics.chunked_documents.inc(plan.chunked)
         top1 = max(probabilities)
         spread = statistics.pstdev(probabilities)
         self.metrics.top1_score.observe(top1)

@@ -11,7 +11,7 @@ TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STDDEV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
-STATUSES = ("ok", "invalid", "overloaded", "error")
+STATUSES = ("ok", "invalid", "overloaded", "error", "cancelled")  # `status` label values
 # Why a finished span never reached the collector: the export queue was full, the export failed, or it
 # ended after the tracer shut down.
 SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")

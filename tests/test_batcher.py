@@ -124,7 +124,9 @@ def test_non_finite_scores_fail_the_request_and_are_counted(bert_model: ScoringM
     assert metrics.registry.get_sample_value("reranker_nonfinite_scores_total") == 1
 
 
-def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metrics: Metrics) -> None:
+def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metrics: Metrics,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any tokenizing, and the refused request counts no cache lookups or tokens."""
     release = threading.Event()
 
     def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
@@ -139,10 +141,16 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
         while reranker.queued_pairs < 8 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert metrics.registry.get_sample_value("reranker_queue_pairs") == 8
-        started = time.perf_counter()
-        with pytest.raises(OverloadedError, match="RERANKER_MAX_QUEUE=10"):
-            reranker.rerank("q", ["x", "y", "z"])
-        assert time.perf_counter() - started < 1.0
+        counted = {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
+            ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
+        with monkeypatch.context() as patch:
+            patch.setattr(reranker, "_plan", lambda *args: pytest.fail("tokenized a request it then refused"))
+            started = time.perf_counter()
+            with pytest.raises(OverloadedError, match="RERANKER_MAX_QUEUE=10"):
+                reranker.rerank("q", ["x", "y", "z"])
+            assert time.perf_counter() - started < 1.0
+        assert counted == {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
+            ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
         release.set()
         first.join(30)
         assert len(reranker.rerank("q", ["x", "y", "z"])) == 3

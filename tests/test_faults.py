@@ -83,6 +83,9 @@ def test_abandoned_pairs_are_dropped_unscored_while_others_get_their_answers(
     assert scorer.pairs == 41
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 150
     assert metrics.registry.get_sample_value("reranker_pairs_scored_total") == 41
+    # Accepted work counts its lookups and tokens whatever became of it: all 1 + 150 + 40 documents.
+    assert metrics.registry.get_sample_value("reranker_cache_requests_total", {"result": "miss"}) == 191
+    assert (metrics.registry.get_sample_value("reranker_input_tokens_total") or 0) > 150 * 8
 
 
 def poisoning_scorer(model: ScoringModel, healthy_batches: int) -> ScoreFn:

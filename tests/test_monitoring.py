@@ -42,6 +42,7 @@ def test_monitor_turns_traffic_into_series(bert_model: ScoringModel, bert_dir: P
         for i in range(4):
             client.post("/v1/rerank", json={"query": f"q{i}", "documents": ["a", "b", "c"]})
         client.post("/v1/rerank", json={"query": "", "documents": ["a"]})
+        reranker.metrics.requests.labels(route="/v1/rerank", status="cancelled").inc()  # as a client gone counts
         clock[0] += 2
         monitor.tick()
         clock[0] += 0.5
@@ -49,10 +50,11 @@ def test_monitor_turns_traffic_into_series(bert_model: ScoringModel, bert_dir: P
         frames = monitor.frames()
         rates = frames["rate"].set_index("series")["value"]
         assert rates["ok"] == pytest.approx(2.0) and rates["invalid"] == pytest.approx(0.5)
+        assert rates["cancelled"] == pytest.approx(0.5)
         assert set(frames["latency"]["series"]) == {"p50", "p95"}
         assert frames["docs"]["value"].iloc[-1] == pytest.approx(3.0)
         assert set(frames["memory"]["series"]) == {"GPU memory used (GiB)", "GPU memory total (GiB)"}
-        assert "ok 4" in monitor.summary() and "invalid 1" in monitor.summary()
+        assert "ok 4" in monitor.summary() and "invalid 1" in monitor.summary() and "cancelled 1" in monitor.summary()
         recent = monitor.last_requests()
         assert len(recent) == 5 and recent[0][1] == "/v1/rerank" and recent[0][4] == "invalid"
         assert "| `" + bert_model.model_id + "` | cpu | float32 | 256 |" in monitor.model_card()
