@@ -42,11 +42,11 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
                 f"RERANKER_MAX_DOC_CHARS={s.max_doc_chars}"
             )
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)):
-        raise InvalidTypeError(f"top_n must be a positive integer or null, got {top_n!r}")
+        raise InvalidTypeError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
     if top_n is not None and top_n < 1:
-        raise ValidationError(f"top_n must be a positive integer or null, got {top_n!r}")
+        raise ValidationError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
     if top_n is not None and top_n > s.max_docs:
-        raise ValidationError(f"top_n={top_n} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
+        raise ValidationError(f"top_n={_brief(top_n)} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
     if instruction is not None:
         if not isinstance(instruction, str):
             raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")
@@ -70,3 +70,11 @@ def _check_text(name: str, text: str) -> None:
         raise ValidationError(
             f"{name} is not valid Unicode (a lone surrogate at position {err.start}); send UTF-8 text"
         ) from None
+
+
+def _brief(value: object) -> str:
+    """A request value fit for an error message, which is logged: a short number as it is, anything else (a
+    string could be a pasted document) by its type only."""
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**15):
+        return repr(value)
+    return f"a value of type {type(value).__name__}"
