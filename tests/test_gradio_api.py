@@ -118,3 +118,19 @@ def test_a_good_call_is_counted_once(live: tuple[str, Reranker]) -> None:
     direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
     assert direct.status_code == 200
     assert ui_requests(reranker) == before + 2
+
+
+def test_gradio_api_calls_refused_while_draining_are_counted(bert_model: ScoringModel, bert_dir: Path) -> None:
+    from web.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker, lifecycle=lifecycle)) as url:
+            lifecycle.begin_drain()
+            body = {"data": ["q", "a\nb"]}
+            for route in ("/gradio_api/api/predict", "/gradio_api/call/predict", "/v1/rerank"):
+                response = httpx.post(f"{url}{route}", json=body, timeout=20)
+                assert response.status_code == 503 and response.headers["retry-after"], route
+        registry = reranker.metrics.registry
+        assert registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "error"}) == 2
+        assert registry.get_sample_value("reranker_requests_total", {"route": "/v1/rerank", "status": "error"}) == 1

@@ -89,6 +89,33 @@ def test_errors_and_slow_requests_are_always_logged_successes_sampled(
     assert 800 < logged < 1200
 
 
+def test_refused_and_failed_requests_carry_the_same_fields_and_operator_lines_are_warnings(
+        bert_model: ScoringModel, bert_dir: Path, request_lines: io.StringIO) -> None:
+    """Every line has the whole schema (null where nothing applies); RERANKER_LOG_LEVEL=WARNING keeps
+    overloads, server errors and slow requests, and drops client errors."""
+    svc = service(bert_model, bert_dir, log_sample_rate=0.0)
+    try:
+        svc.refused("/rerank", HttpError(400, "invalid_json", "the request body is not valid JSON"))
+        svc.refused("/rerank", HttpError(429, "overloaded", "the scoring queue is full"))
+        with pytest.raises(HttpError):
+            svc.rerank("/v1/rerank", RerankCall("q", ["a"], top_n="a pasted document"))
+    finally:
+        svc.reranker.close()
+    svc = service(bert_model, bert_dir, log_sample_rate=0.0, slow_ms=0)
+    try:
+        svc.rerank("/v1/rerank", RerankCall("q", ["a"]))  # slower than slow_ms=0
+    finally:
+        svc.reranker.close()
+    refused, overloaded, invalid, slow = lines(request_lines)
+    for line in (refused, overloaded, invalid, slow):
+        assert REQUEST_FIELDS | {"error_type"} <= set(line), REQUEST_FIELDS - set(line)
+    assert refused["n_docs"] is None and refused["tokens"] is None and refused["error_type"] == "invalid_json"
+    assert invalid["n_docs"] == 1 and invalid["top_n"] is None and invalid["tokens"] is None
+    assert "pasted document" not in request_lines.getvalue()
+    assert [line["level"] for line in (refused, overloaded, invalid, slow)] == ["INFO", "WARNING", "INFO", "WARNING"]
+    assert slow["message"] == "slow rerank" and slow["error_type"] is None
+
+
 def test_query_preview_only_when_configured() -> None:
     assert query_fields("a long secret query", 0).keys() == {"query_chars", "query_hash"}
     assert query_fields("a long secret query", 6) == {"query_chars": 19, "query_preview": "a long"}

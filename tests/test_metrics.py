@@ -84,8 +84,9 @@ def test_requests_and_durations_by_route_and_status(traffic: tuple[TestClient, M
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 3
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="invalid") == 2
     assert value(metrics, "reranker_requests_total", route="/rerank", status="invalid") == 1
-    # Requests refused before the engine (wrong types) have no duration; the others do.
-    assert value(metrics, "reranker_request_duration_seconds_count", route="/v1/rerank") == 4
+    # Every answered request has a duration, those refused before the engine (wrong types) included.
+    assert value(metrics, "reranker_request_duration_seconds_count", route="/v1/rerank") == 5
+    assert value(metrics, "reranker_request_duration_seconds_count", route="/rerank") == 1
     assert value(metrics, "reranker_inflight_requests") == 0
 
 

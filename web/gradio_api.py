@@ -71,11 +71,14 @@ class CountedBlocks(gr.Blocks):
             raise
 
 
-def _is_api_call(scope: Scope, api_name: str) -> bool:
-    if scope["type"] != "http" or scope["method"] != "POST":
-        return False
-    prefix, _, name = str(scope["path"]).rstrip("/").rpartition("/")
+def is_api_path(path: str, api_name: str = "predict") -> bool:
+    """Whether `path` is one of the Gradio API's routes that call the event `api_name`."""
+    prefix, _, name = path.rstrip("/").rpartition("/")
     return name == api_name and prefix.startswith("/gradio_api/") and prefix[len("/gradio_api"):] + "/" in _ROUTES
+
+
+def _is_api_call(scope: Scope, api_name: str) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and is_api_path(str(scope["path"]), api_name)
 
 
 class GradioApiStatus:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker import Reranker
 from web.errors import HttpError, to_http_error
-from web.gradio_api import GradioApiStatus
+from web.gradio_api import ROUTE, GradioApiStatus, is_api_path
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
@@ -51,6 +51,14 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     def refused(route: str, error: HttpError) -> None:
         if route in LIMITED_PATHS and not error.counted:
             service.refused(route, error)
+
+    def refused_while_draining(path: str, error: HttpError) -> None:
+        """A JSON route, or a Gradio API call (route `ui`); the browser UI's queued events are not told apart
+        from its other events, so they are not counted."""
+        if ui and is_api_path(path):
+            service.refused(ROUTE, error)
+        else:
+            refused(path, error)
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
@@ -99,6 +107,6 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         app.add_middleware(GradioLogin, gradio=find_gradio_app(app))
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
-    app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
+    app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining)
     instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above
     return app

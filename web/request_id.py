@@ -1,9 +1,11 @@
-"""X-Request-ID: taken from the caller when sane, else generated; echoed on the response."""
+"""X-Request-ID: taken from the caller when sane, else generated; echoed on the response. Also when the
+request arrived, for timing requests refused before they reach the engine."""
 
 from __future__ import annotations
 
 import contextvars
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -16,6 +18,7 @@ Send = Callable[[Message], Awaitable[None]]
 HEADER = b"x-request-id"
 _SANE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_arrived: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_arrived", default=None)
 
 
 def new_request_id() -> str:
@@ -24,6 +27,12 @@ def new_request_id() -> str:
 
 def current_request_id() -> str | None:
     return _current.get()
+
+
+def request_age() -> float | None:
+    """Seconds since the HTTP request being served arrived; None outside one."""
+    arrived = _arrived.get()
+    return None if arrived is None else time.perf_counter() - arrived
 
 
 class RequestIdMiddleware:
@@ -38,7 +47,7 @@ class RequestIdMiddleware:
             return
         given = dict(scope.get("headers") or []).get(HEADER, b"").decode("latin-1")
         request_id = given if _SANE.fullmatch(given) else new_request_id()
-        token = _current.set(request_id)
+        token, arrived = _current.set(request_id), _arrived.set(time.perf_counter())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -50,3 +59,4 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             _current.reset(token)
+            _arrived.reset(arrived)

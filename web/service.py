@@ -16,9 +16,14 @@ from reranker.logs import query_fields, should_log, trace_fields
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
 from web.lifecycle import Lifecycle
-from web.request_id import current_request_id, new_request_id
+from web.request_id import current_request_id, new_request_id, request_age
 
 logger = logging.getLogger("reranker.requests")
+
+# Every request line carries these (SPEC section 7), null where they do not apply (a refused request scored
+# nothing), so a log pipeline can rely on the schema.
+OPTIONAL_FIELDS = ("n_docs", "query_chars", "top_n", "latency_ms", "queue_ms", "inference_ms", "tokens",
+                   "truncated", "chunked", "cache_hits", "top1_score", "score_std", "error_type")
 
 
 @dataclass(frozen=True)
@@ -92,14 +97,21 @@ class RerankService:
     def refused(self, route: str, error: HttpError) -> None:
         """Book a request answered before it reached the engine (bad JSON, wrong shape, too big, no key)."""
         status = error.outcome
-        self.reranker.metrics.requests.labels(route=route, status=status).inc()
+        metrics = self.reranker.metrics
+        metrics.requests.labels(route=route, status=status).inc()
+        age = request_age()  # unknown outside an HTTP request (a Gradio event)
+        if age is not None:
+            metrics.request_seconds.labels(route=route).observe(age)
         request_id = current_request_id() or new_request_id()
         ids = trace_fields(trace.get_current_span().get_span_context())
-        self.history.add(route, 0, 0.0, status, request_id, ids.get("trace_id", ""))
-        logger.info("rerank refused", extra={
-            "request_id": request_id, "route": route, "status": status, "error_type": error.type,
-            "http_status": error.status, "error": error.message, **ids,
-        })
+        latency_ms = round(age * 1000, 2) if age is not None else None
+        self.history.add(route, 0, latency_ms or 0.0, status, request_id, ids.get("trace_id", ""))
+        fields: dict[str, object] = {
+            **dict.fromkeys(OPTIONAL_FIELDS), "request_id": request_id, "route": route, "status": status,
+            "latency_ms": latency_ms, "error_type": error.type, "http_status": error.status, "error": error.message,
+            **ids,
+        }
+        logger.log(_level(status, slow=False), "rerank refused", extra=fields)
 
     def _log(self, route: str, request_id: str, call: RerankCall, status: str, elapsed: float, n_docs: int,
              result: RerankResult | None, error: HttpError | None, ids: dict[str, str]) -> None:
@@ -109,9 +121,9 @@ class RerankService:
                           slow_ms=settings.slow_ms, rng=self._rng):
             return
         fields: dict[str, object] = {
-            "request_id": request_id, "route": route, "status": status, "n_docs": n_docs,
-            "top_n": call.top_n if isinstance(call.top_n, int) else None, "latency_ms": round(latency_ms, 2),
-            **ids,
+            **dict.fromkeys(OPTIONAL_FIELDS), "request_id": request_id, "route": route, "status": status,
+            "n_docs": n_docs, "top_n": call.top_n if type(call.top_n) is int and 0 < call.top_n <= 10**9 else None,
+            "latency_ms": round(latency_ms, 2), **ids,
         }
         if isinstance(call.query, str):
             fields.update(query_fields(call.query, settings.log_query_preview))
@@ -124,6 +136,11 @@ class RerankService:
             )
         if error is not None:
             fields.update(error_type=error.type, http_status=error.status, error=error.message)
-        level = logging.WARNING if error is not None and error.status >= 500 else logging.INFO
         slow = latency_ms >= settings.slow_ms
-        logger.log(level, "slow rerank" if slow else "rerank", extra=fields)
+        logger.log(_level(status, slow), "slow rerank" if slow else "rerank", extra=fields)
+
+
+def _level(status: str, slow: bool) -> int:
+    """WARNING for what an operator acts on (server errors, overload, slow requests), so that
+    RERANKER_LOG_LEVEL=WARNING keeps those lines and drops client errors and sampled successes."""
+    return logging.WARNING if slow or status in ("error", "overloaded") else logging.INFO
