@@ -88,13 +88,15 @@ def unpadded(rows: int, width: int) -> tuple[int, int]:
 
 def cut_batches(lengths: Sequence[int], budget: int, shape: PaddedShape = unpadded) -> list[list[int]]:
     """Group indices, shortest first, so that each batch's padded size (rows x longest, after `shape`
-    rounds them up to the scorer's buckets) stays within the token budget."""
+    rounds them up to the scorer's buckets) stays within the token budget. A pair that fits the padding
+    already paid for joins its batch even past the budget: a bucket of 8 rows costs the same with 1 or 8."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         rows, width = shape(len(current) + 1, lengths[index])
-        if current and rows * width > budget:
+        free = bool(current) and (rows, width) == shape(len(current), lengths[current[-1]])
+        if current and rows * width > budget and not free:
             batches.append(current)
             current = []
         current.append(index)
@@ -261,7 +263,8 @@ class Batcher:
                 except Exception:  # the device thread collates it again, and isolates what fails
                     logger.exception("collating a batch failed", extra={"batch_size": len(items)})
                     features = None
-                if not self._hand_over(Batch(pairs, items, features)):
+                shape = self._shape(len(pairs), max(pair.n_tokens for pair in pairs))
+                if not self._hand_over(Batch(pairs, items, features, shape if features is not None else None)):
                     return
 
     def _hand_over(self, batch: Batch | object) -> bool:

@@ -96,6 +96,12 @@ class Batch:
     pairs: Sequence[EncodedPair]
     items: Sequence[Any]
     features: Any = None  # collated already, or None to collate on the device thread (retries)
+    shape: tuple[int, int] | None = None  # the padded (rows, width) it was collated to; None: the real one
+
+    @property
+    def padded_tokens(self) -> int:
+        rows, width = self.shape or (len(self.pairs), max(pair.n_tokens for pair in self.pairs))
+        return rows * width
 
     def split(self) -> tuple[Batch, Batch]:
         half = len(self.pairs) // 2
@@ -177,7 +183,7 @@ class DeviceStage:
 
     def _launch(self, batch: Batch) -> tuple[_Launched | None, BaseException | None]:
         started = time.perf_counter()
-        span = self._spans.start(batch.pairs, batch.items) if self._spans is not None else None
+        span = self._spans.start(batch.pairs, batch.items, batch.padded_tokens) if self._spans is not None else None
         try:
             features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs, exact=True)
             return _Launched(batch, self._scorer.launch(features), started, span), None
@@ -201,7 +207,7 @@ class DeviceStage:
         batch = launched.batch
         self._metrics.inference_seconds.observe(elapsed)
         self._metrics.batch_size.observe(len(batch.pairs))
-        self._metrics.batch_tokens.observe(len(batch.pairs) * max(pair.n_tokens for pair in batch.pairs))
+        self._metrics.batch_tokens.observe(batch.padded_tokens)
         self._metrics.pairs_scored.inc(len(batch.pairs))
         self._end_span(launched.span, batch, inference_seconds=elapsed)
         self._deliver(batch.items, scores, elapsed)

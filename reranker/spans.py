@@ -114,10 +114,10 @@ class BatchSpans:
         self._tracer = tracer
         self._attributes = dict(attributes)
 
-    def start(self, pairs: Sequence[EncodedPair], items: Sequence[Traced]) -> Span | None:
+    def start(self, pairs: Sequence[EncodedPair], items: Sequence[Traced], padded_tokens: int) -> Span | None:
         """A span for a pass over `pairs`, or None when no request among `items` is traced."""
         try:
-            return self._start(pairs, items)
+            return self._start(pairs, items, padded_tokens)
         except Exception:  # tracing must never stop the device thread
             logger.exception("starting a batch span failed")
             return None
@@ -132,7 +132,7 @@ class BatchSpans:
         except Exception:
             logger.exception("ending a batch span failed")
 
-    def _start(self, pairs: Sequence[EncodedPair], items: Sequence[Traced]) -> Span | None:
+    def _start(self, pairs: Sequence[EncodedPair], items: Sequence[Traced], padded_tokens: int) -> Span | None:
         unique: dict[tuple[int, int], SpanContext] = {}
         for item in items:
             context = item.span_context
@@ -144,13 +144,12 @@ class BatchSpans:
         # Under a sampled request, so that a parent-based sampler keeps the batch whenever one of its
         # requests is kept; the other requests reach it through the links.
         parent = next((c for c in contexts if c.trace_flags.sampled), contexts[0])
-        longest = max(pair.n_tokens for pair in pairs)
         return self._tracer.start_span(
             BATCH, context=trace.set_span_in_context(NonRecordingSpan(parent)),
             links=[Link(c) for c in contexts],
             attributes={**self._attributes, "reranker.batch.size": len(pairs), "reranker.batch.requests": len(contexts),
                         "reranker.batch.tokens": sum(pair.n_tokens for pair in pairs),
-                        "reranker.batch.padded_tokens": len(pairs) * longest},
+                        "reranker.batch.padded_tokens": padded_tokens},
         )
 
     def _end(self, span: Span, items: Sequence[Traced], error: BaseException | None,

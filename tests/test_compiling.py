@@ -169,3 +169,24 @@ def test_retries_under_cuda_graphs_run_uncompiled_at_their_own_shape(bert_model:
     assert eager_rows == [2, 2, 1]  # two halves of four, then the lone pair: never a padded bucket
     assert network.forward is graphed_out_of_memory  # the compiled forward is back after each retry
     assert metrics.registry.get_sample_value("reranker_oom_retries_total") == 2
+
+
+def test_pairs_fill_the_padding_a_bucket_already_pays_for(bert_model: ScoringModel) -> None:
+    """With a budget under one bucket (8 rows x 256 > 1024), pairs share the bucket instead of each paying
+    for eight rows alone."""
+    bert_model.compiled = "cudagraphs"
+    try:
+        batches = cut_batches([200] * 12, 1024, bert_model.padded_shape)
+    finally:
+        bert_model.compiled = "off"
+    assert [len(batch) for batch in batches] == [8, 4]
+
+
+def test_batch_tokens_count_the_bucket_a_pass_runs(bert_model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bert_model, "compiled", "cudagraphs")  # buckets only: the network stays uncompiled
+    metrics = Metrics(CollectorRegistry())
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=0), metrics=metrics) as reranker:
+        stats = reranker.rerank_detailed("q", ["a", "bb", "a short document"]).stats
+    longest = max(pair.n_tokens for pair in bert_model.encode([("q", "a short document")]))
+    assert stats.pairs_scored == 3
+    assert metrics.registry.get_sample_value("reranker_batch_tokens_sum") == 8 * bucketed(3, longest, 256)[1]
