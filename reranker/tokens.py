@@ -21,13 +21,15 @@ import numpy as np
 from sentence_transformers import CrossEncoder
 from tokenizers import Encoding, Tokenizer
 
+from reranker.errors import ValidationError
+
 logger = logging.getLogger(__name__)
 
 # The per-token features a reranker's preprocess may produce; anything else needs the model's own path.
 SUPPORTED_FEATURES = frozenset({"input_ids", "attention_mask", "token_type_ids"})
-# Stands for the document while a chat template is rendered once per request: private-use characters
-# that no tokenizer merges with their neighbours and no real document contains.
-_SENTINEL = "\ue000\ue001\ue000"
+# Stand for the document while a chat template is rendered once per request: private-use characters
+# that no tokenizer merges with their neighbours. The first one absent from the query and instruction is used.
+_SENTINELS = tuple(chr(0xE000 + i) + chr(0xE001 + i) + chr(0xE000 + i) for i in range(0, 64, 2))
 
 Offsets = list[tuple[int, int]]
 
@@ -159,13 +161,18 @@ class ChatTemplateEncoder:
             raise ValueError("the chat template puts nothing after the document")
 
     def _render_frame(self, query: str, instruction: str | None) -> tuple[str, str]:
-        messages = [self._formatter.pair_to_messages((query, _SENTINEL))]
+        taken = query + (instruction or "")
+        placeholder = next((s for s in _SENTINELS if s not in taken), None)
+        if placeholder is None:
+            raise ValidationError("the query or instruction is full of private-use characters (U+E000-U+E03F) "
+                                  "that this model's prompt needs; remove them")
+        messages = [self._formatter.pair_to_messages((query, placeholder))]
         if instruction:
             messages = self._formatter.prepend_prompt_to_messages(messages, instruction)
         with self._render_lock:
             text = self._tokenizer.apply_chat_template(messages[0], tokenize=False)
-        head, sentinel, tail = str(text).partition(_SENTINEL)
-        if not sentinel or _SENTINEL in tail:
+        head, sentinel, tail = str(text).partition(placeholder)
+        if not sentinel or placeholder in tail:
             raise ValueError("the chat template does not place the document verbatim, exactly once")
         return head, tail
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker import tokens
+from reranker import ValidationError, tokens
 from reranker.model import ScoringModel, load_model
 from reranker.tokens import ChatTemplateEncoder, EncodedPair, ReferenceEncoder, TextPairEncoder, build_encoder
 from tests.conftest import model_settings
@@ -116,3 +116,15 @@ def test_a_tokenizer_the_fast_path_cannot_reproduce_falls_back_to_preprocess(
     assert "slower" in caplog.text
     docs = documents[:20]
     assert_same([e.pair for e in encoder.encode("q", docs, None)], preprocessed(bert_model, "q", docs, None))
+
+
+def test_a_query_holding_the_template_placeholder_is_encoded_like_preprocess(causal_model: ScoringModel) -> None:
+    """The causal encoder renders the prompt around a private-use placeholder; a query or instruction that
+    contains it gets another one, not a server error."""
+    query, instruction = "where \ue000\ue001\ue000 is", "Find \ue002\ue003\ue002 passages"
+    docs = ["a river", "a mountain"]
+    encoded = causal_model.encoder.encode(query, docs, instruction)
+    assert_same([e.pair for e in encoded], preprocessed(causal_model, query, docs, instruction))
+    crowded = "".join(chr(0xE000 + i) + chr(0xE001 + i) + chr(0xE000 + i) for i in range(0, 64, 2))
+    with pytest.raises(ValidationError, match="private-use characters"):
+        causal_model.encoder.encode(crowded, docs, None)
