@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import threading
@@ -191,7 +192,11 @@ class Reranker:
         self._batcher.wait(job, cancel)
         spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
         if job.error is not None:
-            raise job.error
+            # One error object can fail several requests (a batch, a failed device): each caller raises its
+            # own copy, so their tracebacks never mix and none keeps another's frames alive.
+            error = copy.copy(job.error)
+            error.__cause__ = job.error.__cause__
+            raise error
         with self._tracer.start_as_current_span(spans.POSTPROCESS):
             best = [-math.inf] * len(missing)
             for owner, score in zip(plan.owners, job.scores, strict=True):

@@ -157,3 +157,42 @@ def test_scores_are_unchanged_when_nothing_is_cancelled(bert_model: ScoringModel
         plain = reranker.rerank("json", documents[:30], raw_scores=True)
         watched = reranker.rerank_detailed("json", documents[:30], raw_scores=True, cancel=threading.Event())
     np.testing.assert_allclose([r.score for r in plain], [r.score for r in watched.results], atol=1e-6)
+
+
+def test_requests_failed_together_each_raise_their_own_error(bert_model: ScoringModel) -> None:
+    """A device fault hands one error to every request still waiting; each caller raises its own copy."""
+    gate = threading.Event()
+    calls = {"n": 0}
+
+    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            gate.wait(10)  # holds the device while the others queue behind it
+            return bert_model.score(batch)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    errors: dict[str, BaseException] = {}
+
+    def call(reranker: Reranker, name: str) -> None:
+        try:
+            reranker.rerank(name, ["x", "y"] if name in "ab" else ["z"])
+        except DeviceFaultError as err:
+            errors[name] = err
+
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=0), score_fn=scorer) as reranker:
+        threads = [threading.Thread(target=call, args=(reranker, name)) for name in ("warm", "f1", "f2", "a", "b")]
+        threads[0].start()
+        wait_until(lambda: calls["n"] == 1)
+        # f1 fills the hand-over queue and f2 blocks the collator on it, so a and b wait pending together.
+        for thread, queued in [(threads[1], 2), (threads[2], 3)]:
+            thread.start()
+            wait_until(lambda queued=queued: reranker.queued_pairs == queued)
+            time.sleep(0.2)
+        threads[3].start()
+        threads[4].start()
+        wait_until(lambda: reranker.queued_pairs == 7)
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+    assert set(errors) == {"f1", "f2", "a", "b"}
+    assert errors["a"] is not errors["b"] and str(errors["a"]) == str(errors["b"])
