@@ -272,6 +272,8 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(gr.Error, match="line 2 needs a string \"text\" field"):
         predict("doc", "", None, "", False, str(tmp_path / "bad.jsonl"))
+    with pytest.raises(gr.Error, match=r"^.?cannot read the uploaded file gone.txt; upload it again.?$"):
+        predict("doc", "", None, "", False, str(tmp_path / "gone.txt"))  # no server path in the message
     (tmp_path / "bad.csv").write_text("id,body\n1,x\n")
     with pytest.raises(gr.Error, match='needs a header row with a "text" column'):
         predict("doc", "", None, "", False, str(tmp_path / "bad.csv"))

@@ -134,3 +134,42 @@ def test_gradio_api_calls_refused_while_draining_are_counted(bert_model: Scoring
         registry = reranker.metrics.registry
         assert registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "error"}) == 2
         assert registry.get_sample_value("reranker_requests_total", {"route": "/v1/rerank", "status": "error"}) == 1
+
+
+def file_data(path: str) -> dict[str, object]:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_a_file_must_come_from_gradios_upload_folder(live: tuple[str, Reranker], tmp_path: Path) -> None:
+    """A Gradio API call naming a server path as its file is refused: only uploaded files are read."""
+    url, reranker = live
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server's private line\n")
+    for path in (str(secret), str(tmp_path / "missing.txt")):
+        data = ["q", "a", None, "", False, file_data(path)]
+        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+        assert response.status_code == 422, response.text
+        assert "the file was not uploaded; upload it first" in response.json()["error"]
+        assert "private line" not in response.text and str(tmp_path) not in response.text
+    uploaded = httpx.post(f"{url}/gradio_api/upload", files={"files": ("docs.txt", b"a cache\nsome tea\n")},
+                          timeout=20)
+    assert uploaded.status_code == 200
+    [path] = uploaded.json()
+    data = ["cache", "", None, "", False, file_data(path)]
+    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+    assert response.status_code == 200, response.text
+    assert sorted(row[3] for row in response.json()["data"][0]["data"]) == ["a cache", "some tea"]
+
+
+def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: ScoringModel, bert_dir: Path) -> None:
+    settings = model_settings(bert_dir, max_body_bytes=20_000)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as url:
+            data = ["q", "a document\n" * 3000, None, "", False, None]  # 33 kB
+            for route in ("/gradio_api/api/predict", "/gradio_api/call/predict"):
+                response = httpx.post(f"{url}{route}", json={"data": data}, timeout=20)
+                assert response.status_code == 413, (route, response.text)
+            upload = httpx.post(f"{url}/gradio_api/upload", files={"files": ("big.txt", b"x\n" * 20_000)},
+                                timeout=20)
+            assert upload.status_code == 413, upload.text
+        assert ui_requests(reranker) == 2

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+from gradio.exceptions import InvalidPathError
 
 from web.errors import HttpError
 from web.middleware import App, Message, Receive, Scope, Send
@@ -55,8 +56,11 @@ class CountedBlocks(gr.Blocks):
         except Exception as err:
             if block_fn.fn not in self._counted:
                 raise
-            # Gradio's first line says which input was wrong; the rest names Python objects.
+            # Gradio's first line says which input was wrong; the rest names Python objects. A file path
+            # outside the upload folder is refused without echoing where the server resolved it.
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if isinstance(err, InvalidPathError):
+                reason = "the file was not uploaded; upload it first (POST /gradio_api/upload) and pass that path"
             error = HttpError(PREPROCESS_STATUS, "invalid_input", f"bad input for the Gradio API: {reason}")
             self._on_refuse(ROUTE, error)
             raise RerankError(error) from None

@@ -95,9 +95,15 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # to every Gradio API route. The JSON routes keep their own bearer key.
         # No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a
         # request header, with the host's saved HF token for loopback callers (a same-host proxy is one).
-        app = gr.mount_gradio_app(app, build_ui(service), path="/", enable_monitoring=False,
+        demo = build_ui(service)
+        app = gr.mount_gradio_app(app, demo, path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True, run_history=False,
-                                  auth=list(settings.ui_auth) if settings.ui_auth else None)
+                                  auth=list(settings.ui_auth) if settings.ui_auth else None,
+                                  max_file_size=settings.max_body_bytes)
+        # Gradio accepts an input file only from its upload folder once the Blocks "has launched", which
+        # launch() records and mount_gradio_app does not: without it, a Gradio API call naming any server
+        # path as its file had that file read and ranked (tests/test_gradio_api.py).
+        demo.has_launched = True
     # Starlette runs the last added first: drain gate, request id, Gradio login, Gradio API status, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)

@@ -27,6 +27,17 @@ def _route(scope: Scope) -> str | None:
     return path if path in LIMITED_PATHS else None
 
 
+def _bounded(scope: Scope) -> str | None:
+    """The path of a request whose body BodyLimit caps: the JSON routes, and every POST to the Gradio API
+    but its uploads, which Gradio caps itself (mount_gradio_app's max_file_size)."""
+    route = _route(scope)
+    if route is None and scope["type"] == "http" and scope.get("method") == "POST":
+        path = str(scope["path"]).rstrip("/")
+        if path.startswith("/gradio_api/") and not path.endswith("/upload"):
+            return path
+    return route
+
+
 async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
@@ -55,7 +66,7 @@ class BearerKey:
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes on the JSON routes with 413, before they are parsed."""
+    """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API with 413, before they are parsed."""
 
     def __init__(self, app: App, limit: int, on_refuse: OnRefuse) -> None:
         self.app = app
@@ -63,7 +74,7 @@ class BodyLimit:
         self.on_refuse = on_refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope)
+        route = _bounded(scope)
         if route is None:
             await self.app(scope, receive, send)
             return

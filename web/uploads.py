@@ -18,12 +18,14 @@ def read_documents(path: str | Path, max_bytes: int) -> list[str]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValidationError(f"cannot read {path.name}: upload a {', '.join(SUFFIXES)} file")
-    if path.stat().st_size > max_bytes:
-        raise ValidationError(f"{path.name} is over {max_bytes} bytes; upload a smaller file")
     try:
+        if path.stat().st_size > max_bytes:
+            raise ValidationError(f"{path.name} is over {max_bytes} bytes; upload a smaller file")
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ValidationError(f"{path.name} is not UTF-8 text; save it as UTF-8 and upload it again") from None
+    except OSError:  # gone from Gradio's upload folder, or not a file: nothing about the server is said
+        raise ValidationError(f"cannot read the uploaded file {path.name}; upload it again") from None
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
