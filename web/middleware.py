@@ -38,8 +38,9 @@ def _bounded(scope: Scope) -> str | None:
     return route
 
 
-async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send,
+                  headers: dict[str, str] | None = None) -> None:
+    await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
 
 
 class BearerKey:
@@ -62,7 +63,7 @@ class BearerKey:
             return
         error = HttpError(401, "unauthorized", "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
         self.on_refuse(route, error)
-        await _answer(error, scope, receive, send)
+        await _answer(error, scope, receive, send, {"WWW-Authenticate": "Bearer"})
 
 
 class BodyLimit:

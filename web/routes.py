@@ -53,16 +53,29 @@ async def watched(request: Request, route: str, call: RerankCall, service: Reran
     return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), request.is_disconnected)
 
 
+def cohere_texts(documents: list[Any]) -> list[Any]:
+    """Objects as their `text`; anything else as it is, for the engine to check (it names the first bad item)."""
+    texts = []
+    for i, doc in enumerate(documents):
+        if isinstance(doc, dict):
+            doc = doc.get("text")
+            if not isinstance(doc, str):
+                raise HttpError(422, "invalid_shape",
+                                f'documents[{i}] must be a string or an object with a string "text" field')
+        texts.append(doc)
+    return texts
+
+
 def build_router(service: RerankService) -> APIRouter:
     """Routes over one reranker (the bearer key is checked by web.middleware before them)."""
     reranker = service.reranker
     lifecycle = service.lifecycle
     router = APIRouter()
 
-    @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES,
-                 tags=["rerank"], summary="Cohere/Jina-compatible rerank")
+    @router.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
+                 responses=ERROR_RESPONSES, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
     async def cohere_rerank(body: CohereRerankRequest, request: Request) -> CohereRerankResponse:
-        texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
+        texts = cohere_texts(body.documents)
         result = await watched(request, "/v1/rerank", RerankCall(
             body.query, texts, body.top_n, body.instruction, body.raw_scores), service)
         return CohereRerankResponse(
