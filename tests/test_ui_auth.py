@@ -112,6 +112,23 @@ def test_json_routes_keep_their_key_and_ignore_the_ui_login(url: str) -> None:
     assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
 
 
+def test_without_an_api_key_the_gradio_style_predict_needs_the_ui_login(bert_model: ScoringModel,
+                                                                          bert_dir: Path) -> None:
+    """/api/predict is part of the Gradio API (SPEC): with only RERANKER_UI_AUTH set, it needs the login."""
+    settings = model_settings(bert_dir, ui_auth=((USER, PASSWORD),))
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as base:
+            body = {"data": ["cache", DOCS]}
+            anonymous = httpx.post(f"{base}/api/predict", json=body, timeout=10)
+            assert anonymous.status_code == 401 and "log in to the UI" in anonymous.json()["error"]["message"]
+            with login(base) as client:
+                assert client.post("/api/predict", json=body).status_code == 200
+            # The other JSON routes are the API key's to guard, and there is none.
+            assert httpx.post(f"{base}/v1/rerank", json={"query": "q", "documents": DOCS}).status_code == 200
+        assert reranker.metrics.registry.get_sample_value(
+            "reranker_requests_total", {"route": "/api/predict", "status": "invalid"}) == 1
+
+
 def test_login_in_the_browser(url: str) -> None:
     page: Any
     with browser_page() as page:

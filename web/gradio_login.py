@@ -2,7 +2,8 @@
 
 Gradio's own `auth` already guards the UI's config, `info`, `call`, `queue` and file routes, but leaves
 some `/gradio_api/` routes open (`heartbeat`, `cancel`, `reset`, `startup-events`, `user`, `token`,
-`app_id`, `runs`...). This middleware closes them all, with the answer Gradio gives for the others.
+`app_id`, `runs`...). This middleware closes them all, with the answer Gradio gives for the others. The
+Gradio-style `/api/predict` needs the login too unless RERANKER_API_KEY guards it (web.middleware).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from gradio.routes import App as GradioApp
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketClose
 
-from web.middleware import App, Receive, Scope, Send
+from web.errors import HttpError
+from web.middleware import App, OnRefuse, Receive, Scope, Send
+
+PREDICT = "/api/predict"
 
 # What the login page itself asks before anyone has logged in; Gradio answers it (401 until logged in).
 OPEN_PATHS = frozenset({f"{API_PREFIX}/login_check"})
@@ -27,11 +31,14 @@ def _guarded(path: str) -> bool:
 
 
 class GradioLogin:
-    """Refuse `/gradio_api/...` to connections without a valid Gradio login cookie."""
+    """Refuse `/gradio_api/...` (and `/api/predict` when `guard_predict`) to connections without a valid
+    Gradio login cookie."""
 
-    def __init__(self, app: App, gradio: GradioApp) -> None:
+    def __init__(self, app: App, gradio: GradioApp, guard_predict: bool, on_refuse: OnRefuse) -> None:
         self.app = app
         self.gradio = gradio
+        self.guard_predict = guard_predict
+        self.on_refuse = on_refuse
 
     def _user(self, scope: Scope) -> Any:
         # The cookie names and the token table are the ones Gradio's own login check reads.
@@ -41,8 +48,13 @@ class GradioLogin:
         return self.gradio.tokens.get(token) if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not _guarded(scope["path"]) or self._user(scope):
+        predict = self.guard_predict and scope["type"] == "http" and str(scope["path"]).rstrip("/") == PREDICT
+        if scope["type"] not in ("http", "websocket") or not (predict or _guarded(scope["path"])) or self._user(scope):
             await self.app(scope, receive, send)
+        elif predict:
+            error = HttpError(401, "unauthorized", "log in to the UI first (RERANKER_UI_AUTH) and send its cookie")
+            self.on_refuse(PREDICT, error)
+            await JSONResponse(error.body(), status_code=401)(scope, receive, send)
         elif scope["type"] == "websocket":
             await WebSocketClose(code=1008)(scope, receive, send)  # policy violation: not logged in
         else:

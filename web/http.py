@@ -110,7 +110,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     if ui:
         app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     if ui and settings.ui_auth:
-        app.add_middleware(GradioLogin, gradio=find_gradio_app(app))
+        app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=settings.api_key is None,
+                           on_refuse=refused)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining)
