@@ -173,3 +173,18 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
                                 timeout=20)
             assert upload.status_code == 413, upload.text
         assert ui_requests(reranker) == 2
+
+
+def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) -> None:
+    """The documents Textbox takes lines; a list of one-line strings is those lines, not its repr."""
+    from gradio_client import Client
+
+    url, reranker = live
+    client = Client(url, verbose=False)
+    table, status = client.predict("cache", ["a cache server", "some tea"], api_name="/predict")
+    assert sorted(row[3] for row in table["data"]) == ["a cache server", "some tea"] and "2 documents" in status
+    before = ui_requests(reranker)
+    data = ["cache", ["one line", "two\nlines"], None, "", False, None]
+    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+    assert response.status_code == 422 and "list of strings without line breaks" in response.json()["error"]
+    assert ui_requests(reranker) == before + 1

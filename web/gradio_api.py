@@ -43,15 +43,18 @@ class CountedBlocks(gr.Blocks):
     def __init__(self, on_refuse: OnRefuse, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_refuse = on_refuse
-        self._counted: set[Callable[..., Any]] = set()
+        self._counted: dict[Callable[..., Any], tuple[int, ...]] = {}
 
-    def count(self, handler: Callable[..., Any]) -> Callable[..., Any]:
-        self._counted.add(handler)
+    def count(self, handler: Callable[..., Any], *, line_inputs: tuple[int, ...] = ()) -> Callable[..., Any]:
+        """Book refusals of `handler`'s calls. `line_inputs`: positions of text inputs holding one item per line,
+        which also take a list of one-line strings (gradio_client users send lists, as /api/predict allows)."""
+        self._counted[handler] = line_inputs
         return handler
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any,
                               explicit_call: bool = False) -> Any:
         try:
+            inputs = self._lines(block_fn.fn, inputs)
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except Exception as err:
             if block_fn.fn not in self._counted:
@@ -64,6 +67,19 @@ class CountedBlocks(gr.Blocks):
             error = HttpError(PREPROCESS_STATUS, "invalid_input", f"bad input for the Gradio API: {reason}")
             self._on_refuse(ROUTE, error)
             raise RerankError(error) from None
+
+    def _lines(self, handler: Callable[..., Any], inputs: list[Any]) -> list[Any]:
+        """A list given for a text input of lines becomes those lines; a Textbox would make it its repr."""
+        positions = [i for i in self._counted.get(handler, ()) if i < len(inputs) and isinstance(inputs[i], list)]
+        if not positions:
+            return inputs
+        inputs = list(inputs)
+        for i in positions:
+            if not all(isinstance(item, str) and "\n" not in item and "\r" not in item for item in inputs[i]):
+                raise ValueError(f"input {i} is text with one item per line: send a string, or a list of "
+                                 "strings without line breaks")
+            inputs[i] = "\n".join(inputs[i])
+        return inputs
 
     async def process_api(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -98,7 +98,7 @@ def build_ui(service: RerankService) -> gr.Blocks:
     reranker = service.reranker
     takes_instruction = reranker.model.accepts_instruction
     with CountedBlocks(service.refused, title="Reranker") as demo:
-        predict = demo.count(cancellable(make_predict(service)))
+        predict = demo.count(cancellable(make_predict(service)), line_inputs=(1,))  # documents
         gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "
                     f"({reranker.model.dtype}, max_length {reranker.model.max_length})")
         with gr.Tab("Rerank"):
