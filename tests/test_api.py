@@ -291,3 +291,22 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     invalid_ui = live[1].metrics.registry.get_sample_value("reranker_requests_total",
                                                            {"route": "ui", "status": "invalid"})
     assert invalid_ui is not None and invalid_ui >= 2  # the bad uploads are counted like bad requests
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/v1/rerank", 405), ("PUT", "/rerank", 405), ("DELETE", "/api/predict", 405),
+    ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404), ("GET", "/api/predict/", 404),
+])
+def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(url: str, method: str, path: str,
+                                                                        status: int) -> None:
+    """Not Gradio's bare 404 (its app is mounted at /): the error body every client of these routes parses."""
+    response = httpx.request(method, f"{url}{path}", json={"query": "q", "documents": ["a"]}, timeout=10)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["type"] in ("method_not_allowed", "not_found")
+    assert path.rstrip("/") in response.json()["error"]["message"]
+    if status == 405:
+        assert response.headers["allow"] == "POST"
+
+
+def test_health_routes_answer_head(url: str) -> None:
+    assert httpx.head(f"{url}/healthz").status_code == 200 and httpx.head(f"{url}/readyz").status_code == 200

@@ -63,7 +63,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
         refused(request.url.path.rstrip("/"), err)
-        headers = {"Retry-After": "1"} if err.status == 429 else None
+        headers = {"Retry-After": "1"} if err.status == 429 else {"Allow": "POST"} if err.status == 405 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)

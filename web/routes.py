@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import uuid
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -66,6 +67,18 @@ def cohere_texts(documents: list[Any]) -> list[Any]:
     return texts
 
 
+def _wrong_method(path: str) -> Callable[[], None]:
+    def refuse() -> None:
+        raise HttpError(405, "method_not_allowed", f"{path} takes POST with a JSON body")
+    return refuse
+
+
+def _trailing_slash(path: str) -> Callable[[], None]:
+    def refuse() -> None:
+        raise HttpError(404, "not_found", f"no route {path}/; POST to {path} (no trailing slash)")
+    return refuse
+
+
 def build_router(service: RerankService) -> APIRouter:
     """Routes over one reranker (the bearer key is checked by web.middleware before them)."""
     reranker = service.reranker
@@ -114,12 +127,21 @@ def build_router(service: RerankService) -> APIRouter:
             duration=result.stats.total_seconds,
         )
 
-    @router.get("/healthz", tags=["health"], summary="200 while the process serves")
+    # Without these, a wrong method or a trailing slash on a rerank route fell through to the Gradio app
+    # mounted at / and got its bare 404 instead of this API's error shape.
+    for path in ("/v1/rerank", "/rerank", "/api/predict"):
+        router.add_api_route(path, _wrong_method(path), methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"],
+                             include_in_schema=False)
+        router.add_api_route(path + "/", _trailing_slash(path),
+                             methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+
+    @router.api_route("/healthz", methods=["GET", "HEAD"], tags=["health"], summary="200 while the process serves")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
-                responses={503: {"model": ErrorResponse}})
+    @router.api_route("/readyz", methods=["GET", "HEAD"], tags=["health"],
+                      summary="200 once the model is loaded and warmed, else 503",
+                      responses={503: {"model": ErrorResponse}})
     def readyz() -> JSONResponse:
         if lifecycle.draining:
             return JSONResponse(HttpError(503, "shutting_down", lifecycle.reason).body(), status_code=503)
