@@ -252,10 +252,10 @@ class Reranker:
         # under half the budget; a causal reranker's template cuts the document alone.
         min_room = min(64, max_length // 4) if self.model.is_causal else max_length // 2
         if room < min_room:
+            what = "the query and instruction take" if instruction else "the query takes"
             raise LimitExceededError(
-                f"the query{' and instruction' if instruction else ''} take {overhead} of the model's "
-                f"{max_length} tokens, leaving {room} for a document; shorten the query so that at least "
-                f"{min_room} are left"
+                f"{what} {overhead} of the model's {max_length} tokens, leaving {room} for a document; "
+                f"shorten {'them' if instruction else 'it'} so that at least {min_room} are left"
             )
         chunking = self.settings.long_docs == "chunk"
         plan = _Plan()

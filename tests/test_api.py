@@ -310,3 +310,14 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(url: str,
 
 def test_health_routes_answer_head(url: str) -> None:
     assert httpx.head(f"{url}/healthz").status_code == 200 and httpx.head(f"{url}/readyz").status_code == 200
+
+
+def test_a_body_not_sent_as_json_says_how_to_send_it(url: str) -> None:
+    plain = httpx.post(f"{url}/v1/rerank", content=b'{"query": "q", "documents": ["a"]}', timeout=10,
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert plain.status_code == 422 and "Content-Type: application/json" in plain.json()["error"]["message"]
+    import gzip
+
+    packed = httpx.post(f"{url}/rerank", content=gzip.compress(b'{"query": "q", "texts": ["a"]}'), timeout=10,
+                        headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert packed.status_code == 400 and "send it uncompressed" in packed.json()["error"]["message"]

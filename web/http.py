@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import gradio as gr
 from fastapi import FastAPI, Request
@@ -25,10 +26,19 @@ from web.ui import build_ui
 
 logger = logging.getLogger(__name__)
 
-def _validation_error(err: RequestValidationError) -> HttpError:
+def _not_json(headers: Mapping[str, str]) -> str:
+    hint = "; send it uncompressed" if headers.get("content-encoding") else ""
+    return f"the request body is not valid JSON (UTF-8){hint}"
+
+
+def _validation_error(err: RequestValidationError, headers: Mapping[str, str]) -> HttpError:
     problems = err.errors()
     if any(p.get("type") == "json_invalid" for p in problems):
-        return HttpError(400, "invalid_json", "the request body is not valid JSON (UTF-8)")
+        return HttpError(400, "invalid_json", _not_json(headers))
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and any(tuple(p.get("loc", ())) == ("body",) for p in problems):
+        # FastAPI reads a body it was not told is JSON as something else, and says only that it is no object.
+        return HttpError(422, "invalid_shape", "send the body as a JSON object with 'Content-Type: application/json'")
     parts = []
     for problem in problems[:5]:
         where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body") or "body"
@@ -70,7 +80,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8).
         kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        message = "the request body is not valid JSON (UTF-8)" if err.status_code == 400 else str(err.detail)
+        message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
         error = HttpError(err.status_code, kind, message)
         if err.status_code < 500:
             refused(request.url.path.rstrip("/"), error)
@@ -78,7 +88,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        error = _validation_error(err)
+        error = _validation_error(err, request.headers)
         refused(request.url.path.rstrip("/"), error)
         return JSONResponse(error.body(), status_code=error.status)
 

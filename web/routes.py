@@ -135,13 +135,12 @@ def build_router(service: RerankService) -> APIRouter:
         router.add_api_route(path + "/", _trailing_slash(path),
                              methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 
-    @router.api_route("/healthz", methods=["GET", "HEAD"], tags=["health"], summary="200 while the process serves")
+    @router.get("/healthz", tags=["health"], summary="200 while the process serves")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.api_route("/readyz", methods=["GET", "HEAD"], tags=["health"],
-                      summary="200 once the model is loaded and warmed, else 503",
-                      responses={503: {"model": ErrorResponse}})
+    @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
+                responses={503: {"model": ErrorResponse}})
     def readyz() -> JSONResponse:
         if lifecycle.draining:
             return JSONResponse(HttpError(503, "shutting_down", lifecycle.reason).body(), status_code=503)
@@ -149,6 +148,9 @@ def build_router(service: RerankService) -> APIRouter:
             reason = f"the scoring device failed: {reranker.fault}" if reranker.fault else "the model is not ready"
             return JSONResponse(HttpError(503, "not_ready", reason).body(), status_code=503)
         return JSONResponse({"status": "ready", "model": reranker.model.model_id})
+
+    for probe in (healthz, readyz):  # load balancers may probe with HEAD; kept out of the schema
+        router.add_api_route(f"/{probe.__name__}", probe, methods=["HEAD"], include_in_schema=False)
 
     @router.get("/info", tags=["health"], summary="Model, device, limits and versions")
     def info() -> dict[str, Any]:
