@@ -169,7 +169,7 @@ class Reranker:
         with self._tracer.start_as_current_span(spans.VALIDATE):
             self.validate(query, documents, top_n, instruction)
         self.metrics.documents_per_request.observe(len(documents))
-        instruction = instruction or None
+        instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
         with self._tracer.start_as_current_span(spans.CACHE) as span:
             keys = [self._key(query, doc, instruction) for doc in documents]
             logits: list[float | None] = [self._cache.get(key) for key in keys]

@@ -51,7 +51,7 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
         if not isinstance(instruction, str):
             raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")
         _check_text("instruction", instruction)
-        if instruction and not model.accepts_instruction:
+        if instruction.strip() and not model.accepts_instruction:
             raise ValidationError(
                 f"model {model.model_id!r} does not take an instruction; leave instruction empty"
             )

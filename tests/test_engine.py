@@ -123,7 +123,8 @@ def test_instruction_is_part_of_the_cache_key(causal_model: ScoringModel) -> Non
     with Reranker(causal_model, model_settings(Path(causal_model.model_id)), score_fn=scorer) as reranker:
         plain = reranker.rerank("q", ["d"], raw_scores=True)
         instructed = reranker.rerank("q", ["d"], instruction="Find code", raw_scores=True)
-    assert scorer.pairs == 2 and plain[0].score != instructed[0].score
+        blank = reranker.rerank("q", ["d"], instruction="  \n", raw_scores=True)  # no instruction: a cache hit
+    assert scorer.pairs == 2 and plain[0].score != instructed[0].score and blank[0].score == plain[0].score
 
 
 def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documents: list[str]) -> None:
@@ -146,3 +147,8 @@ def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documen
     assert value("reranker_model_info", {"model": bert_model.model_id, "device": "cpu", "dtype": "float32",
                                          "max_length": "256", "compile": "off"}) == 1
     assert value("reranker_model_load_seconds") > 0
+
+
+def test_a_blank_instruction_is_no_instruction(bert_reranker: Reranker) -> None:
+    """Clients that always send the field send it blank to a model that takes none: that is not an error."""
+    assert len(bert_reranker.rerank("q", ["a", "b"], instruction=" \n")) == 2
