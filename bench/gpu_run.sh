@@ -2,7 +2,7 @@
 # On a GPU host prepared by bench/gpu_prepare.sh (the .gpu folder next to the checkout): install the carried
 # wheels outside the system site, then run the GPU tests and the GPU benchmark (with a profile of the first
 # variant), logging each to $OUT or ./gpu-logs.
-#   bench/gpu_run.sh [tests] [bge] [qwen3] [fidelity]   (default: all four; bench options via BENCH_ARGS)
+#   bench/gpu_run.sh [tests] [bge] [qwen3] [fidelity] [host]   (default: all five; bench options via BENCH_ARGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,11 +16,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(tests bge qwen3 fidelity)
+[ ${#parts[@]} -gt 0 ] || parts=(tests bge qwen3 fidelity host)
 status=0
 for part in "${parts[@]}"; do
     if [ "$part" = tests ]; then
         python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
+    elif [ "$part" = host ]; then
+        # The engine's host path with the network's pass replaced by zero logits: the most tokens/s it can feed.
+        python3 -m bench.host_path --device cuda --batch-tokens 32768 2>&1 | tee "$out/bench-host-path.log"
     else
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
         # --profile: a table and a Chrome trace of 4 RAG requests with the first variant, per model shape.

@@ -74,3 +74,14 @@ def test_the_carried_float16_minilm_builds_the_same_float32_benchmark_model(tmp_
     want, got = original.predict(pairs, show_progress_bar=False), copy.predict(pairs, show_progress_bar=False)
     assert spearmanr(want, got).statistic > 0.999
     assert float(np.max(np.abs(want - got))) < 5e-3
+
+
+def test_host_path_bench_prints_ratios_against_raw_predict() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.host_path", "--requests", "2", "--docs", "10"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "host path" in line]
+    assert len(lines) == 3 and "(1.00x)" in lines[0]
+    for line in lines[1:]:
+        assert "batches of <= 2048 tokens" in line and "ms of host time per batch" in line
+        assert float(line.split("(")[1].split("x)")[0]) > 0
