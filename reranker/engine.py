@@ -274,6 +274,9 @@ class Reranker:
                 chunks.append(documents[i][start:end])
                 chunk_owners.append(i)
         if chunks:
-            plan.pairs.extend(chunk.pair for chunk in encoder.encode(query, chunks, instruction))
+            encoded_chunks = encoder.encode(query, chunks, instruction)
+            # A window that still does not fit once tokenized on its own lost its end: say so.
+            plan.truncated += len({chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits})
+            plan.pairs.extend(chunk.pair for chunk in encoded_chunks)
             plan.owners.extend(chunk_owners)
         return plan

@@ -24,6 +24,30 @@ def test_window_spans_cover_the_document_with_overlap() -> None:
         window_spans(offsets, 0, 0)
 
 
+def test_windows_never_split_a_character_between_its_tokens() -> None:
+    """Byte-level tokenizers give each byte of a multi-byte character a token with the character's span."""
+    # Characters of 1 or 3 tokens: "a" at 0, "€" at 1 (three tokens), "b" at 2, "€" at 3 (three), ...
+    offsets: list[tuple[int, int]] = []
+    for char in range(12):
+        offsets += [(char, char + 1)] * (3 if char % 2 else 1)
+    spans = window_spans(offsets, 5, 2)
+    for start, end in spans:
+        tokens = [o for o in offsets if start <= o[0] and o[1] <= end]
+        assert len(tokens) <= 5, (start, end)  # no window grows back past its budget
+    covered = set().union(*(range(start, end) for start, end in spans))
+    assert covered == set(range(12))  # and no character is left out
+
+
+def test_chunks_of_a_multibyte_document_fit_the_causal_model(causal_model: ScoringModel) -> None:
+    rng = np.random.default_rng(7)
+    words = ["🙂🙂🙂", "数据处理", "Ünïcödé", "cheese", "☕☕"]
+    document = " ".join(words[i] for i in rng.integers(0, len(words), 1500))
+    settings = model_settings(Path(causal_model.model_id), long_docs="chunk", cache_size=0)
+    with Reranker(causal_model, settings) as reranker:
+        result = reranker.rerank_detailed("where is the queue server", [document])
+    assert result.stats.chunked == 1 and result.stats.truncated == 0  # every window fits as it was cut
+
+
 def test_truncation_is_counted(bert_reranker: Reranker) -> None:
     short, long = "a short document", "cache " * 1000
     result = bert_reranker.rerank_detailed("cache", [short, long, long + "x"])
