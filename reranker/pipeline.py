@@ -267,7 +267,8 @@ class DeviceStage:
             return
         # A lone pair collated for the device's shape buckets may have been padded to several rows: it
         # is retried once at its own shape before its request is told it cannot fit.
-        retry_alone = out_of_memory and len(batch.pairs) == 1 and batch.features is not None
+        retry_alone = (out_of_memory and len(batch.pairs) == 1 and batch.shape is not None
+                       and batch.shape != (1, batch.pairs[0].n_tokens))
         if len(batch.pairs) == 1 and not retry_alone:
             if out_of_memory:
                 error = ScoringError(

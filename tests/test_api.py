@@ -297,15 +297,21 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     ("GET", "/v1/rerank", 405), ("PUT", "/rerank", 405), ("DELETE", "/api/predict", 405),
     ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404), ("GET", "/api/predict/", 404),
 ])
-def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(url: str, method: str, path: str,
-                                                                        status: int) -> None:
-    """Not Gradio's bare 404 (its app is mounted at /): the error body every client of these routes parses."""
+def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tuple[str, Reranker], method: str,
+                                                                        path: str, status: int) -> None:
+    """Not Gradio's bare 404 (its app is mounted at /): the error body every client of these routes parses.
+    Not a rerank request either, so not counted as one."""
+    url, reranker = live
+    counted = reranker.metrics.registry.get_sample_value(
+        "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"})
     response = httpx.request(method, f"{url}{path}", json={"query": "q", "documents": ["a"]}, timeout=10)
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] in ("method_not_allowed", "not_found")
     assert path.rstrip("/") in response.json()["error"]["message"]
     if status == 405:
         assert response.headers["allow"] == "POST"
+    assert reranker.metrics.registry.get_sample_value(
+        "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"}) == counted
 
 
 def test_health_routes_answer_head(url: str) -> None:

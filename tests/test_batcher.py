@@ -356,3 +356,12 @@ def test_on_the_cpu_scores_are_delivered_when_their_own_pass_ends() -> None:
         gate.set()
     assert second.done.wait(5) and first.error is None and second.error is None
     batcher.close()
+
+
+def test_a_lone_unpadded_pair_out_of_memory_is_not_run_again(bert_model: ScoringModel, metrics: Metrics) -> None:
+    """Retrying a lone pair alone only pays when buckets padded it: here its shape was its own already."""
+    device = FlakyDevice(bert_model, max_pair_tokens=1)
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id)), metrics=metrics, score_fn=device) as r:
+        with pytest.raises(ScoringError, match="out of memory scoring one document"):
+            r.rerank("q", ["a lone document"])
+    assert device.calls == 1 and metrics.registry.get_sample_value("reranker_oom_retries_total") == 0

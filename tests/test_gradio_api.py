@@ -184,7 +184,9 @@ def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) 
     table, status = client.predict("cache", ["a cache server", "some tea"], api_name="/predict")
     assert sorted(row[3] for row in table["data"]) == ["a cache server", "some tea"] and "2 documents" in status
     before = ui_requests(reranker)
-    data = ["cache", ["one line", "two\nlines"], None, "", False, None]
-    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
-    assert response.status_code == 422 and "list of strings without line breaks" in response.json()["error"]
-    assert ui_requests(reranker) == before + 1
+    # Items the lines would not give back unchanged, at their positions, are refused rather than reindexed.
+    for bad in (["one line", "two\nlines"], ["alpha", "", "gamma"], ["  padded  "], ["beta\u2028cache"], ["x\x0cy"]):
+        data = ["cache", bad, None, "", False, None]
+        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+        assert response.status_code == 422 and "without line breaks" in response.json()["error"], bad
+    assert ui_requests(reranker) == before + 5

@@ -75,9 +75,11 @@ class CountedBlocks(gr.Blocks):
             return inputs
         inputs = list(inputs)
         for i in positions:
-            if not all(isinstance(item, str) and "\n" not in item and "\r" not in item for item in inputs[i]):
+            # Only items that come back from the lines unchanged, so each keeps its position (its index).
+            if not all(isinstance(item, str) and item.strip() == item != "" and item.splitlines() == [item]
+                       for item in inputs[i]):
                 raise ValueError(f"input {i} is text with one item per line: send a string, or a list of "
-                                 "strings without line breaks")
+                                 "non-blank strings without line breaks or surrounding spaces")
             inputs[i] = "\n".join(inputs[i])
         return inputs
 

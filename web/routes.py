@@ -69,13 +69,14 @@ def cohere_texts(documents: list[Any]) -> list[Any]:
 
 def _wrong_method(path: str) -> Callable[[], None]:
     def refuse() -> None:
-        raise HttpError(405, "method_not_allowed", f"{path} takes POST with a JSON body")
+        # Not counted as a rerank request: a probe or a typo never reached one.
+        raise HttpError(405, "method_not_allowed", f"{path} takes POST with a JSON body", counted=True)
     return refuse
 
 
 def _trailing_slash(path: str) -> Callable[[], None]:
     def refuse() -> None:
-        raise HttpError(404, "not_found", f"no route {path}/; POST to {path} (no trailing slash)")
+        raise HttpError(404, "not_found", f"no route {path}/; POST to {path} (no trailing slash)", counted=True)
     return refuse
 
 
