@@ -190,3 +190,11 @@ def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) 
         response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
         assert response.status_code == 422 and "without line breaks" in response.json()["error"], bad
     assert ui_requests(reranker) == before + 5
+
+
+def test_startup_events_cannot_be_run_a_second_time(live: tuple[str, Reranker]) -> None:
+    """The server's lifespan ran them; an anonymous GET must not restart Gradio's queue."""
+    url, reranker = live
+    assert httpx.get(f"{url}/gradio_api/startup-events", timeout=10).json() is False
+    status, stream = call(url, json.dumps({"data": ["cache", "a cache\ntea", None, "", False, None]}).encode())
+    assert status == 200 and "event: complete" in stream

@@ -114,6 +114,10 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # launch() records and mount_gradio_app does not: without it, a Gradio API call naming any server
         # path as its file had that file read and ranked (tests/test_gradio_api.py).
         demo.has_launched = True
+        # The mounted app's lifespan runs Gradio's startup events (the queue's loops, its limiter), but
+        # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a
+        # second queue loop, its running jobs forgotten, a new limiter.
+        find_gradio_app(app).startup_events_triggered = True
     # Starlette runs the last added first: drain gate, request id, Gradio login, Gradio API status, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
