@@ -161,7 +161,9 @@ def test_a_file_must_come_from_gradios_upload_folder(live: tuple[str, Reranker],
     assert sorted(row[3] for row in response.json()["data"][0]["data"]) == ["a cache", "some tea"]
 
 
-def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: ScoringModel, bert_dir: Path) -> None:
+def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: ScoringModel, bert_dir: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="reranker.requests")
     settings = model_settings(bert_dir, max_body_bytes=20_000)
     with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
         with serve(create_app(reranker)) as url:
@@ -173,6 +175,8 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
                                 timeout=20)
             assert upload.status_code == 413, upload.text
         assert ui_requests(reranker) == 2
+    refusals = [r for r in caplog.records if r.getMessage() == "rerank refused"]
+    assert [getattr(r, "error_type", None) for r in refusals] == ["limit_exceeded"] * 2
 
 
 def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) -> None:

@@ -126,6 +126,9 @@ class GradioApiStatus:
                 if "status" in outcome:  # counted by the handler, or by preprocess_data
                     if status == 500 and outcome["status"] != 500:
                         message["status"] = outcome["status"]
+                elif status == 413:  # web.middleware.BodyLimit, inside this middleware
+                    self.on_refuse(ROUTE, HttpError(status, "limit_exceeded", "the request body is over "
+                                                    "RERANKER_MAX_BODY_BYTES"))
                 elif status >= 400:
                     self.on_refuse(ROUTE, HttpError(status, "gradio_refused", f"Gradio answered {status}"))
             await send(message)
