@@ -95,8 +95,7 @@ def cut_batches(lengths: Sequence[int], budget: int, shape: PaddedShape = unpadd
     current: list[int] = []
     for index in order:
         rows, width = shape(len(current) + 1, lengths[index])
-        free = bool(current) and (rows, width) == shape(len(current), lengths[current[-1]])
-        if current and rows * width > budget and not free:
+        if current and rows * width > budget and (rows, width) != shape(len(current), lengths[current[-1]]):
             batches.append(current)
             current = []
         current.append(index)

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -150,13 +151,10 @@ class ScoringModel:
             # Pinned staging makes the copies asynchronous; pinning here keeps every CUDA call on this thread.
             features = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                         for k, v in features.items()}
+        if self.compiled == "cudagraphs" and not eager:
+            mark_step()
         network = self.cross_encoder.transformers_model
-        if eager and network is not None:  # only a compiled model marks batches eager, and it has a network
-            with uncompiled(network):
-                scores = self.cross_encoder(features)["scores"]
-        else:
-            if self.compiled == "cudagraphs":
-                mark_step()
+        with uncompiled(network) if eager and network is not None else nullcontext():
             scores = self.cross_encoder(features)["scores"]
         if scores.ndim > 1:
             scores = scores.squeeze(-1)

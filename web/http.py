@@ -73,7 +73,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
         refused(request.url.path.rstrip("/"), err)
-        headers = {"Retry-After": "1"} if err.status == 429 else {"Allow": "POST"} if err.status == 405 else None
+        headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
