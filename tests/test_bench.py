@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,12 @@ def test_gpu_bench_smoke_run_prints_every_workload_and_variant_for_both_shapes(t
     for line in fidelity:
         assert "meets the bar: Spearman mean 1.00000 min 1.00000" in line
         assert float(line.rsplit(" ", 1)[1]) < 1e-4, line  # max |delta|
-    # --profile: the first variant's profile per shape, operators from the engine's own threads included.
+    # --profile: the first variant's profile per shape, operators from the engine's own threads included
+    # (the model runs only on its device thread), every operator listed however little time it took.
     for shape in ("bge-reranker-v2-m3", "Qwen3-Reranker-0.6B"):
         report = (tmp_path / f"profile-{shape}-eager-16k.txt").read_text()
+        engine = re.search(r"operators run on the engine's threads: (\d+) of (\d+)", report)
+        assert engine is not None and int(engine.group(1)) > 0, report[:500]
         assert "aten::linear" in report or "aten::addmm" in report, report[:500]
         assert (tmp_path / f"trace-{shape}-eager-16k.json.gz").stat().st_size > 1000
 
