@@ -18,7 +18,7 @@ from reranker import spans
 from reranker.batcher import Batcher, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import LimitExceededError, ScoringError
-from reranker.longdocs import window_spans
+from reranker.longdocs import DocumentClipper, window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from reranker.settings import Settings
@@ -97,6 +97,7 @@ class Reranker:
         self._model_attributes = {"reranker.model": model.model_id, "reranker.device": model.device,
                                   "reranker.dtype": model.dtype}
         self._cache = ScoreCache(settings.cache_size)
+        self._clipper = DocumentClipper(model.tokenizer)
         self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
         self._batcher = Batcher(
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
@@ -149,29 +150,32 @@ class Reranker:
 
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
                         instruction: str | None = None, raw_scores: bool = False,
-                        cancel: threading.Event | None = None) -> RerankResult:
+                        cancel: threading.Event | None = None, *,
+                        max_doc_tokens: int | None = None) -> RerankResult:
         """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
 
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
-        CancelledError."""
+        CancelledError. `max_doc_tokens` cuts each document to its first N tokens before anything else
+        (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated."""
         with self._tracer.start_as_current_span(spans.REQUEST, attributes=self._model_attributes) as span:
             try:
-                result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel)
+                result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens)
             except Exception as err:  # the span records it, with status ERROR
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
             spans.describe_request(span, result.stats, top_n)
             return result
 
-    def _rerank(self, query: str, documents: Sequence[str], top_n: int | None,
-                instruction: str | None, raw_scores: bool, cancel: threading.Event | None) -> RerankResult:
+    def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
+                raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None) -> RerankResult:
         started = time.perf_counter()
         with self._tracer.start_as_current_span(spans.VALIDATE):
-            self.validate(query, documents, top_n, instruction)
+            self.validate(query, documents, top_n, instruction, max_doc_tokens)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
+        texts, clipped = self._clip(documents, max_doc_tokens)
         with self._tracer.start_as_current_span(spans.CACHE) as span:
-            keys = [self._key(query, doc, instruction) for doc in documents]
+            keys = [self._key(query, text, instruction) for text in texts]
             logits: list[float | None] = [self._cache.get(key) for key in keys]
             hits = sum(value is not None for value in logits)
             span.set_attribute("reranker.cache_hits", hits)
@@ -179,7 +183,8 @@ class Reranker:
         self._batcher.check_room(len(missing))  # a full queue refuses before any tokenizing
 
         with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
-            plan = self._plan(query, [documents[i] for i in missing], instruction) if missing else _Plan()
+            plan = self._plan(query, [texts[i] for i in missing], instruction,
+                              {slot for slot, i in enumerate(missing) if i in clipped}) if missing else _Plan()
             spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
         job = self._batcher.submit(plan.pairs)
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
@@ -232,9 +237,24 @@ class Reranker:
         return RerankResult(results, stats)
 
     def validate(self, query: object, documents: object, top_n: object = None,
-                 instruction: object = None) -> None:
+                 instruction: object = None, max_doc_tokens: object = None) -> None:
         """Raise ValidationError (LimitExceededError for sizes) saying what to change."""
-        validate_request(self.settings, self.model, query, documents, top_n, instruction)
+        validate_request(self.settings, self.model, query, documents, top_n, instruction, max_doc_tokens)
+
+    def _clip(self, documents: Sequence[str], max_doc_tokens: int | None) -> tuple[Sequence[str], set[int]]:
+        """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut."""
+        if max_doc_tokens is None:
+            return documents, set()
+        # Truncation keeps a pair's first tokens and never lets a document past max_length: a cut at or past
+        # that changes nothing, so it is not worth a tokenizer pass.
+        if self.settings.long_docs == "truncate" and max_doc_tokens >= self.model.max_length and \
+                self.model.tokenizer.truncation_side != "left":
+            return documents, set()
+        with self._tracer.start_as_current_span(spans.CLIP) as span:
+            cuts = self._clipper.clip(documents, max_doc_tokens)
+            clipped = {i for i, cut in enumerate(cuts) if cut is not None}
+            span.set_attribute("reranker.clipped", len(clipped))
+        return [doc if cut is None else cut for doc, cut in zip(documents, cuts, strict=True)], clipped
 
     def _key(self, query: str, document: str, instruction: str | None) -> bytes:
         return pair_key(
@@ -242,8 +262,12 @@ class Reranker:
             "\x00" if instruction is None else instruction, query, document,
         )
 
-    def _plan(self, query: str, documents: Sequence[str], instruction: str | None) -> _Plan:
-        """Tokenize each document once; count truncations or split long ones into windows."""
+    def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
+              clipped: set[int] | None = None) -> _Plan:
+        """Tokenize each document once; count truncations or split long ones into windows.
+
+        `clipped`: positions of documents already cut short (max_doc_tokens), counted as truncated."""
+        clipped = clipped or set()
         encoder = self.model.encoder
         max_length = self.model.max_length
         overhead = encoder.overhead(query, instruction)
@@ -264,7 +288,7 @@ class Reranker:
         window = room - CHUNK_MARGIN
         for i, encoded in enumerate(encoder.encode(query, documents, instruction, offsets=chunking)):
             if encoded.fits or not chunking:
-                plan.truncated += not encoded.fits
+                plan.truncated += not encoded.fits or i in clipped
                 plan.pairs.append(encoded.pair)
                 plan.owners.append(i)
                 continue
@@ -276,7 +300,8 @@ class Reranker:
         if chunks:
             encoded_chunks = encoder.encode(query, chunks, instruction)
             # A window that still does not fit once tokenized on its own lost its end: say so.
-            plan.truncated += len({chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits})
+            cut = {chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits}
+            plan.truncated += len(cut | (clipped & set(chunk_owners)))
             plan.pairs.extend(chunk.pair for chunk in encoded_chunks)
             plan.owners.extend(chunk_owners)
         return plan

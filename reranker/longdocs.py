@@ -1,8 +1,13 @@
-"""Long documents: windows of a document's tokens that fit max_length beside the query."""
+"""Long documents: windows of a document's tokens that fit max_length beside the query, and documents cut
+to their first N tokens (Cohere v2's `max_tokens_per_doc`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from typing import Any
+
+from tokenizers import Tokenizer
 
 
 def window_spans(
@@ -37,3 +42,36 @@ def window_spans(
 def _same_character(offsets: Sequence[tuple[int, int]], index: int) -> bool:
     """Whether token `index` continues the character of the token before it."""
     return offsets[index][0] == offsets[index - 1][0] and offsets[index][0] < offsets[index][1]
+
+
+class DocumentClipper:
+    """Cuts documents to their first N tokens, counted by the model's tokenizer on the document alone.
+
+    The cut falls on a character boundary (the end of the N-th token's character), so the text scored is a
+    prefix of the document that the tokenizer turns back into at most N tokens, give or take a merge at the cut.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # A private Rust tokenizer: transformers rewrites the shared one's truncation on every call.
+        self._backend: Tokenizer | None = None
+        if backend is not None:
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()  # only for a slow (Python) tokenizer, which nothing says is thread-safe
+
+    def clip(self, documents: Sequence[str], max_tokens: int) -> list[str | None]:
+        """Per document, its first `max_tokens` tokens' text, or None where the whole document fits."""
+        if self._backend is not None:
+            encodings = self._backend.encode_batch(list(documents), add_special_tokens=False)
+            spans: list[Sequence[tuple[int, int]]] = [encoding.offsets for encoding in encodings]
+        else:
+            with self._lock:
+                spans = self._tokenizer(list(documents), add_special_tokens=False, return_offsets_mapping=True,
+                                        verbose=False)["offset_mapping"]
+        return [
+            None if len(offsets) <= max_tokens else doc[:window_spans(offsets, max_tokens, 0)[0][1]]
+            for doc, offsets in zip(documents, spans, strict=True)
+        ]

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST = "reranker.rerank"
 VALIDATE = "reranker.validate"
+CLIP = "reranker.clip"  # only for requests with max_doc_tokens
 CACHE = "reranker.cache"
 TOKENIZE = "reranker.tokenize"
 QUEUE = "reranker.queue"

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def validate_request(s: Settings, model: ScoringModel, query: object, documents: object, top_n: object = None,
-                     instruction: object = None) -> None:
+                     instruction: object = None, max_doc_tokens: object = None) -> None:
     """Raise ValidationError (LimitExceededError for sizes) saying what to change; nothing is queued before."""
     if not isinstance(query, str):
         raise InvalidTypeError(f"query must be a string, got {type(query).__name__}")
@@ -47,6 +47,11 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
         raise ValidationError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
     if top_n is not None and top_n > s.max_docs:
         raise ValidationError(f"top_n={_brief(top_n)} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
+    if max_doc_tokens is not None:
+        if isinstance(max_doc_tokens, bool) or not isinstance(max_doc_tokens, int):
+            raise InvalidTypeError(f"max_tokens_per_doc must be a positive integer, got {_brief(max_doc_tokens)}")
+        if max_doc_tokens < 1:
+            raise ValidationError(f"max_tokens_per_doc must be a positive integer, got {_brief(max_doc_tokens)}")
     if instruction is not None:
         if not isinstance(instruction, str):
             raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")

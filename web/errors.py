@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
 from reranker import (
     CancelledError,
     ClosedError,
@@ -12,6 +17,10 @@ from reranker import (
     ScoringError,
     ValidationError,
 )
+from web.request_id import current_request_id, new_request_id
+
+# The route that answers errors in Cohere's shape, `{"id", "message"}`, as the Cohere v2 SDK expects.
+COHERE_V2 = "/v2/rerank"
 
 
 class HttpError(Exception):
@@ -32,8 +41,14 @@ class HttpError(Exception):
             return "cancelled"
         return "invalid" if self.status < 500 else "error"
 
-    def body(self) -> dict[str, dict[str, str]]:
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The JSON error of the route at `path`: Cohere's shape on /v2/rerank, `{"error": {...}}` elsewhere."""
+        if path.rstrip("/") == COHERE_V2:
+            return {"id": current_request_id() or new_request_id(), "message": self.message}
         return {"error": {"type": self.type, "message": self.message}}
+
+    def response(self, path: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=headers)
 
 
 # nginx's "client closed request": never seen by the client, which is gone; it labels the metrics.

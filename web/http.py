@@ -74,7 +74,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
         refused(request.url.path.rstrip("/"), err)
         headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return err.response(request.url.path, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -84,19 +84,18 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         error = HttpError(err.status_code, kind, message)
         if err.status_code < 500:
             refused(request.url.path.rstrip("/"), error)
-        return JSONResponse(error.body(), status_code=err.status_code, headers=getattr(err, "headers", None))
+        return error.response(request.url.path, getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         error = _validation_error(err, request.headers)
         refused(request.url.path.rstrip("/"), error)
-        return JSONResponse(error.body(), status_code=error.status)
+        return error.response(request.url.path)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.error("unhandled error", exc_info=err, extra={"route": request.url.path})
-        error = to_http_error(err)
-        return JSONResponse(error.body(), status_code=error.status)
+        return to_http_error(err).response(request.url.path)
 
     app.include_router(build_router(service))
     settings = reranker.settings

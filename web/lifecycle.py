@@ -12,8 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from fastapi.responses import JSONResponse
-
 from web.errors import HttpError
 from web.middleware import LIMITED_PATHS, App, Receive, Scope, Send
 
@@ -74,10 +72,9 @@ class DrainGate:
             return
         if self.lifecycle.draining:
             error = HttpError(503, "shutting_down", f"{self.lifecycle.reason}; retry on another instance")
-            self.on_refuse(str(scope["path"]).rstrip("/"), error)
-            response = JSONResponse(error.body(), status_code=503,
-                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            await response(scope, receive, send)
+            path = str(scope["path"]).rstrip("/")
+            self.on_refuse(path, error)
+            await error.response(path, {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
             return
         self.lifecycle.enter()
         try:

@@ -6,8 +6,6 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from web.errors import HttpError
 
 Scope = MutableMapping[str, Any]
@@ -17,7 +15,8 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 OnRefuse = Callable[[str, HttpError], None]
 
-LIMITED_PATHS = frozenset({"/v1/rerank", "/rerank", "/api/predict"})
+# The JSON rerank routes: bearer key, body limit and drain gate apply to them.
+LIMITED_PATHS = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"})
 
 
 def _route(scope: Scope) -> str | None:
@@ -40,7 +39,7 @@ def _bounded(scope: Scope) -> str | None:
 
 async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send,
                   headers: dict[str, str] | None = None) -> None:
-    await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
+    await error.response(str(scope["path"]), headers)(scope, receive, send)
 
 
 class BearerKey:

@@ -1,7 +1,9 @@
-"""The JSON routes: Cohere/Jina /v1/rerank, TEI /rerank, Gradio-style /api/predict, health and info."""
+"""The JSON routes: Cohere/Jina /v1/rerank, Cohere v2 /v2/rerank, TEI /rerank, Gradio-style /api/predict,
+health and info."""
 
 from __future__ import annotations
 
+import math
 import platform
 import uuid
 from collections.abc import Callable
@@ -13,12 +15,23 @@ from fastapi.responses import JSONResponse
 
 from reranker import RerankResult
 from web.cancel import run_cancellable
-from web.errors import HttpError
+from web.errors import COHERE_V2, HttpError
+from web.middleware import LIMITED_PATHS
+from web.request_id import current_request_id, new_request_id
 from web.schemas import (
+    COHERE_V2_MAX_TOKENS_PER_DOC,
+    ApiVersion,
+    BilledUnits,
+    CohereErrorResponse,
+    CohereMeta,
     CohereRerankRequest,
     CohereRerankResponse,
     CohereResult,
+    CohereV2RerankRequest,
+    CohereV2RerankResponse,
+    CohereV2Result,
     ErrorResponse,
+    MetaTokens,
     PredictRequest,
     PredictResponse,
     PredictResult,
@@ -37,6 +50,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "not ready"),
     ]
 }
+COHERE_ERROR_RESPONSES = {
+    status: {**answer, "model": CohereErrorResponse} for status, answer in ERROR_RESPONSES.items()
+}
+# Cohere bills a search unit per query and up to 100 documents; its clients may read the figure.
+DOCUMENTS_PER_SEARCH_UNIT = 100
 
 
 def package_versions() -> dict[str, str]:
@@ -52,6 +70,14 @@ def package_versions() -> dict[str, str]:
 async def watched(request: Request, route: str, call: RerankCall, service: RerankService) -> RerankResult:
     """The rerank on a worker thread; if the client disconnects meanwhile, its unstarted pairs are cancelled."""
     return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), request.is_disconnected)
+
+
+def cohere_meta(api_version: str, result: RerankResult) -> CohereMeta:
+    return CohereMeta(
+        api_version=ApiVersion(version=api_version),
+        billed_units=BilledUnits(search_units=math.ceil(result.stats.n_docs / DOCUMENTS_PER_SEARCH_UNIT)),
+        tokens=MetaTokens(input_tokens=result.stats.tokens),
+    )
 
 
 def cohere_texts(documents: list[Any]) -> list[Any]:
@@ -101,6 +127,23 @@ def build_router(service: RerankService) -> APIRouter:
                 for r in result.results
             ],
             usage=Usage(total_tokens=result.stats.tokens),
+            meta=cohere_meta("1", result),
+        )
+
+    @router.post(COHERE_V2, response_model=CohereV2RerankResponse, responses=COHERE_ERROR_RESPONSES,
+                 tags=["rerank"], summary="Cohere v2-compatible rerank (cohere.ClientV2)")
+    async def cohere_v2_rerank(body: CohereV2RerankRequest, request: Request) -> CohereV2RerankResponse:
+        if body.relevant_spans is not None and body.relevant_spans.mode != "disabled":
+            raise HttpError(400, "invalid_request", 'relevant_spans is not supported: this service scores whole '
+                                                    'documents; leave it out or set its mode to "disabled"')
+        max_doc_tokens = body.max_tokens_per_doc
+        result = await watched(request, COHERE_V2, RerankCall(
+            body.query, cohere_texts(body.documents), body.top_n, body.instruction, body.raw_scores,
+            COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens), service)
+        return CohereV2RerankResponse(
+            id=current_request_id() or new_request_id(),
+            results=[CohereV2Result(index=r.index, relevance_score=r.score) for r in result.results],
+            meta=cohere_meta("2", result),
         )
 
     @router.post("/rerank", response_model=list[TeiResult], response_model_exclude_none=True,
@@ -130,7 +173,7 @@ def build_router(service: RerankService) -> APIRouter:
 
     # Without these, a wrong method or a trailing slash on a rerank route fell through to the Gradio app
     # mounted at / and got its bare 404 instead of this API's error shape.
-    for path in ("/v1/rerank", "/rerank", "/api/predict"):
+    for path in LIMITED_PATHS:
         router.add_api_route(path, _wrong_method(path), methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"],
                              include_in_schema=False)
         router.add_api_route(path + "/", _trailing_slash(path),

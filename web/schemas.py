@@ -1,4 +1,4 @@
-"""Request and response bodies of the JSON routes (Cohere/Jina, TEI, Gradio-style /api/predict)."""
+"""Request and response bodies of the JSON routes (Cohere/Jina v1, Cohere v2, TEI, Gradio-style /api/predict)."""
 
 from __future__ import annotations
 
@@ -44,11 +44,65 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ApiVersion(BaseModel):
+    version: str
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+
+
+class CohereMeta(BaseModel):
+    """Cohere's `meta`: clients that read it (billing, logging callbacks) find what they expect."""
+
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
 class CohereRerankResponse(BaseModel):
     id: str
     model: str
     results: list[CohereResult]
     usage: Usage
+    meta: CohereMeta
+
+
+# Cohere v2's default for max_tokens_per_doc.
+COHERE_V2_MAX_TOKENS_PER_DOC = 4096
+
+
+class RelevantSpans(_Body):
+    mode: StrictStr = Field(description='"enabled" or "disabled"; this service only takes "disabled".')
+
+
+class CohereV2RerankRequest(_Body):
+    model: StrictStr | None = Field(None, description="Required by Cohere; accepted here, the loaded model answers.")
+    query: StrictStr = Field(description="What to rank the documents against.")
+    documents: CohereDocuments = Field(description="Strings (objects with a `text` field are also taken).")
+    top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent).")
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, description=f"Cut each document to its first N tokens before scoring ({COHERE_V2_MAX_TOKENS_PER_DOC} "
+                          "when absent, as Cohere's).")
+    priority: StrictInt | None = Field(None, description="Accepted for compatibility; requests are served in order.")
+    relevant_spans: RelevantSpans | None = Field(None, description="Only mode \"disabled\" is supported.")
+    raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid probabilities (extension).")
+    instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one (extension).")
+
+
+class CohereV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2Result]
+    meta: CohereMeta
 
 
 class TeiRerankRequest(_Body):
@@ -90,3 +144,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class CohereErrorResponse(BaseModel):
+    """Cohere's error shape, used on /v2/rerank: its SDK raises a typed error by the status."""
+
+    id: str
+    message: str

@@ -33,6 +33,7 @@ class RerankCall:
     top_n: object = None
     instruction: object = None
     raw_scores: bool = False
+    max_doc_tokens: object = None  # Cohere v2's max_tokens_per_doc
 
 
 def split_lines(text: str) -> list[str]:
@@ -68,7 +69,7 @@ class RerankService:
             # The engine validates the untyped fields before any work; bad ones raise ValidationError.
             result = reranker.rerank_detailed(
                 call.query, call.documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
-                cancel,
+                cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
             )
             return result
         except Exception as err:
