@@ -26,6 +26,16 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.
     .venv/bin/python -m pip install --quiet -r requirements-dev.txt
     touch "$stamp" .venv/.installed-runtime
 fi
+# LangChain's and LlamaIndex's Cohere rerankers, which pin an older cohere SDK: their own venv, for
+# tests/test_clients.py.
+if [ ! -x .venv-integrations/bin/python ]; then
+    python3 -m venv .venv-integrations
+fi
+stamp=.venv-integrations/.installed
+if [ ! -f "$stamp" ] || [ requirements-integrations.txt -nt "$stamp" ]; then
+    .venv-integrations/bin/python -m pip install --quiet -r requirements-integrations.txt
+    touch "$stamp"
+fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
