@@ -8,28 +8,40 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
+from starlette.requests import Request
 
 T = TypeVar("T")
-DISCONNECT_POLL_SECONDS = 0.1
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the ASGI server reports that the client disconnected.
+
+    Once the body has been read, the server's next message for the request is `http.disconnect`, sent the
+    moment it sees the connection close; waiting for it notices a client leave at once, where polling
+    `is_disconnected` noticed it up to a poll interval later, after more of its pairs had run.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # a stray empty body chunk; keep waiting
 
 
 async def run_cancellable(work: Callable[[threading.Event], T],
-                          disconnected: Callable[[], Awaitable[bool]] | None = None) -> T:
+                          gone: Callable[[], Awaitable[None]] | None = None) -> T:
     """`work(cancel)` on a worker thread. `cancel` is set when this coroutine is cancelled (Gradio cancelling
-    an event, the server stopping) or, with `disconnected`, polled, once the client has gone; the engine then
-    drops the request's unstarted pairs and `work` ends with its cancellation error.
+    an event, the server stopping) or, with `gone`, as soon as `gone()` returns (the client has left); the
+    engine then drops the request's unstarted pairs and `work` ends with its cancellation error.
     """
     cancel = threading.Event()
     task = asyncio.ensure_future(anyio.to_thread.run_sync(work, cancel))
     # An abandoned task's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    watcher = asyncio.ensure_future(gone()) if gone is not None else None
     try:
-        while True:
-            finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS if disconnected else None)
-            if finished:
-                return task.result()
-            if disconnected is not None and await disconnected():
-                cancel.set()
-                return await task  # raises the cancelled request's error; nobody reads it
+        finished, _ = await asyncio.wait({task} if watcher is None else {task, watcher},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if task not in finished:
+            cancel.set()
+        return await task  # after a disconnect: the cancelled request's error, which nobody reads
     finally:
         cancel.set()
+        if watcher is not None:
+            watcher.cancel()

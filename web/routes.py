@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from reranker import RerankResult
-from web.cancel import run_cancellable
+from web.cancel import client_gone, run_cancellable
 from web.errors import COHERE_V2, HttpError
 from web.middleware import LIMITED_PATHS
 from web.request_id import current_request_id, new_request_id
@@ -69,7 +69,7 @@ def package_versions() -> dict[str, str]:
 
 async def watched(request: Request, route: str, call: RerankCall, service: RerankService) -> RerankResult:
     """The rerank on a worker thread; if the client disconnects meanwhile, its unstarted pairs are cancelled."""
-    return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), request.is_disconnected)
+    return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), lambda: client_gone(request))
 
 
 def cohere_meta(api_version: str, result: RerankResult) -> CohereMeta:
