@@ -27,7 +27,7 @@ def serve(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name=f"test-server-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # bounds a hang only: a loaded 2-core machine can take a while
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
@@ -36,10 +36,10 @@ def serve(app: Any) -> Iterator[str]:
         yield url
     finally:
         server.should_exit = True
-        thread.join(15)
+        thread.join(60)
 
 
-def wait_ready(url: str, timeout: float = 60.0) -> None:
+def wait_ready(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

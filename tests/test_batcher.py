@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
+from tests.test_faults import HANG_S, fill_the_pipeline, outcome_within, wait_until
 
 
 def test_batches_stay_within_the_token_budget() -> None:
@@ -87,7 +89,7 @@ def test_an_unfittable_pair_fails_only_its_request(bert_model: ScoringModel, doc
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(30)
+            thread.join(HANG_S)
         assert isinstance(outcomes["long"], ScoringError)
         assert "out of memory scoring one document" in str(outcomes["long"])
         assert isinstance(outcomes["short"], list) and len(outcomes["short"]) == 3
@@ -130,29 +132,27 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
     release = threading.Event()
 
     def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        release.wait(30)
+        release.wait(HANG_S)
         return bert_model.score(batch)
 
     settings = model_settings(Path(bert_model.model_id), max_queue=10, cache_size=0)
     with Reranker(bert_model, settings, metrics=metrics, score_fn=slow) as reranker:
         first = threading.Thread(target=reranker.rerank, args=("q", [f"doc {i}" for i in range(8)]))
         first.start()
-        deadline = time.monotonic() + 10
-        while reranker.queued_pairs < 8 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: reranker.queued_pairs == 8)
         assert metrics.registry.get_sample_value("reranker_queue_pairs") == 8
         counted = {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
             ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
         with monkeypatch.context() as patch:
             patch.setattr(reranker, "_plan", lambda *args: pytest.fail("tokenized a request it then refused"))
-            started = time.perf_counter()
-            with pytest.raises(OverloadedError, match="RERANKER_MAX_QUEUE=10"):
-                reranker.rerank("q", ["x", "y", "z"])
-            assert time.perf_counter() - started < 1.0
+            refused = outcome_within(lambda: reranker.rerank("q", ["x", "y", "z"]))
+            assert isinstance(refused, OverloadedError) and "RERANKER_MAX_QUEUE=10" in str(refused)
+            # At once: refused while the queue was still full, not after waiting for room.
+            assert first.is_alive() and reranker.queued_pairs == 8
         assert counted == {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
             ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
         release.set()
-        first.join(30)
+        first.join(HANG_S)
         assert len(reranker.rerank("q", ["x", "y", "z"])) == 3
     assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
 
@@ -170,50 +170,54 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(bert_model: ScoringMode
     batcher = Batcher(bert_model.score, batch_tokens=1024, max_queue=100, metrics=Metrics(CollectorRegistry()))
     batcher.close()  # the worker exits; a job that still gets queued must not wait forever
     job = Job(bert_model.encode([("q", "d")]))
-    started = time.monotonic()
-    batcher.wait(job)
-    assert isinstance(job.error, DeviceFaultError) and time.monotonic() - started < 5
+    outcome_within(lambda: batcher.wait(job))
+    assert isinstance(job.error, DeviceFaultError)
 
 
 def test_a_pair_that_breaks_the_model_fails_only_its_own_request(bert_model: ScoringModel,
                                                                   metrics: Metrics) -> None:
     poison = "poison " * 20
 
+    poisoned: list[int] = []  # the size of each pass that held the poison
+
     def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
         if any(pair.n_tokens > 20 for pair in batch):
+            poisoned.append(len(batch))
             raise RuntimeError("index out of range in self")
         return bert_model.score(batch)
 
-    release = threading.Event()
+    held, release = threading.Event(), threading.Event()
 
     def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        release.wait(30)  # hold the worker so both requests land in one batch
+        held.set()
+        release.wait(HANG_S)  # hold the worker so that both requests land in one batch
         return scorer(batch)
 
     settings = model_settings(Path(bert_model.model_id), cache_size=0)
     outcomes: dict[str, object] = {}
     with Reranker(bert_model, settings, metrics=metrics, score_fn=gated) as reranker:
-        warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
-        warm.start()
-        while reranker.queued_pairs < 1:
-            time.sleep(0.01)
+        def start(name: str, docs: Sequence[str] = ("up",)) -> threading.Thread:
+            def call() -> None:
+                try:
+                    outcomes[name] = reranker.rerank("q", list(docs))
+                except Exception as err:
+                    outcomes[name] = err
 
-        def call(name: str, docs: list[str]) -> None:
-            try:
-                outcomes[name] = reranker.rerank("q", docs)
-            except Exception as err:
-                outcomes[name] = err
-
-        threads = [threading.Thread(target=call, args=a) for a in (("good", ["a", "b", "c"]), ("bad", [poison]))]
-        for thread in threads:
+            thread = threading.Thread(target=call)
             thread.start()
-        while reranker.queued_pairs < 5:
-            time.sleep(0.01)
+            return thread
+
+        threads = [start("warm")]
+        assert held.wait(HANG_S)
+        threads += fill_the_pipeline(reranker, start)
+        threads += [start("good", ["a", "b", "c"]), start("bad", [poison])]
+        wait_until(lambda: reranker.queued_pairs == 1 + 2 + 4)
         release.set()
-        for thread in [warm, *threads]:
-            thread.join(30)
+        for thread in threads:
+            thread.join(HANG_S)
         assert isinstance(outcomes["good"], list) and len(outcomes["good"]) == 3
         assert isinstance(outcomes["bad"], ScoringError) and "index" not in str(outcomes["bad"])
+        assert poisoned[0] == 4  # the poison failed a pass of both requests, which was then bisected
         assert reranker.queued_pairs == 0
     assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
 
@@ -263,10 +267,14 @@ def test_the_failed_pass_is_freed_before_the_retry(bert_model: ScoringModel) -> 
 
 
 class RecordingScorer:
-    """Logs the order of collate/launch/wait and which thread ran each."""
+    """Logs the order of collate/launch/wait and which thread ran each. Given the device thread's hand-over
+    queue and the number of batches to come, each launch but the last returns only once the next batch waits
+    in that queue: a device slower than the collator, as a GPU pass on real sizes is not, whatever the CPU."""
 
-    def __init__(self, model: ScoringModel) -> None:
+    def __init__(self, model: ScoringModel, inbox: queue.Queue[Any] | None = None, batches: int = 0) -> None:
         self.model = model
+        self.inbox = inbox
+        self.batches = batches
         self.events: list[str] = []
         self.threads: dict[str, set[str]] = {"collate": set(), "launch": set(), "wait": set()}
         self.launches = 0
@@ -280,8 +288,9 @@ class RecordingScorer:
         self.launches += 1
         number = self.launches
         self.events.append(f"launch {number}")
-        # A device slower than the collator, as a GPU pass on real sizes is not: the next batch is ready.
-        time.sleep(0.3 if number == 1 else 0.05)
+        inbox = self.inbox
+        if inbox is not None and number < self.batches:
+            wait_until(lambda: inbox.qsize() > 0)
         return RecordingScorer.Pending(self, number, self.model.score(features[1]))
 
     class Pending:
@@ -298,15 +307,20 @@ class RecordingScorer:
 
 def test_the_next_batch_is_launched_before_the_last_one_is_waited_for(bert_model: ScoringModel,
                                                                       documents: list[str]) -> None:
-    scorer = RecordingScorer(bert_model)
     settings = model_settings(Path(bert_model.model_id), cache_size=0, batch_tokens=1024)
     with Reranker(bert_model, settings) as plain:
         expected = {r.index: r.score for r in plain.rerank("json", documents[:60], raw_scores=True)}
+    counting = RecordingScorer(bert_model)
+    with Reranker(bert_model, settings, score_fn=counting) as reranker:  # type: ignore[arg-type]
+        reranker.rerank("json", documents[:60], raw_scores=True)
+    n = counting.launches
+    assert n >= 3, "the workload should need several batches"
+    scorer = RecordingScorer(bert_model, batches=n)
     with Reranker(bert_model, settings, score_fn=scorer) as reranker:  # type: ignore[arg-type]
+        scorer.inbox = reranker._batcher._ready
         got = {r.index: r.score for r in reranker.rerank("json", documents[:60], raw_scores=True)}
     assert got == pytest.approx(expected, abs=1e-6)
-    n = scorer.launches
-    assert n >= 3, "the workload should need several batches"
+    assert scorer.launches == n
     # Batch k+1 is on the device before batch k's scores are read: one batch always in flight.
     for k in range(1, n):
         assert scorer.events.index(f"launch {k + 1}") < scorer.events.index(f"wait {k}")
@@ -318,20 +332,26 @@ def test_close_finishes_a_queue_deeper_than_the_pipeline() -> None:
     """More batches queued than the worker holds (one collated, one on the device): close() scores them all,
     and the batcher's lock stays free for callers meanwhile."""
 
+    gate = threading.Event()
+
     def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        time.sleep(0.1)
+        gate.wait(HANG_S)
         return torch.arange(len(batch), dtype=torch.float32)
 
     batcher = Batcher(slow, batch_tokens=10, max_queue=1000, metrics=Metrics(CollectorRegistry()))
     job = batcher.submit([EncodedPair(np.arange(10)) for _ in range(6)])  # one pair per batch: six passes
-    time.sleep(0.05)
-    closer = threading.Thread(target=batcher.close, kwargs={"timeout": 10.0})
+    closer = threading.Thread(target=batcher.close, kwargs={"timeout": HANG_S})
     closer.start()
-    assert job.done.wait(5), "close() left queued work unscored"
-    assert job.error is None and job.scores == [0.0] * 6
-    assert batcher._cond.acquire(timeout=1)  # a caller could still cancel or be refused
+    wait_until(lambda: batcher.closed)
+    # close() is waiting for six passes that cannot start yet; its lock is free for callers meanwhile (to
+    # cancel or be refused). A close() that held it would only let go after the gate, and this times out first.
+    assert batcher._cond.acquire(timeout=HANG_S / 2)
     batcher._cond.release()
-    closer.join(5)
+    assert not job.done.is_set() and closer.is_alive()
+    gate.set()
+    assert job.done.wait(HANG_S), "close() left queued work unscored"
+    assert job.error is None and job.scores == [0.0] * 6
+    closer.join(HANG_S)
     assert not closer.is_alive() and not batcher.alive
 
 
@@ -342,19 +362,21 @@ def test_on_the_cpu_scores_are_delivered_when_their_own_pass_ends() -> None:
 
     def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
         passes["n"] += 1
+        if passes["n"] == 1:  # the second batch is ready when the first pass ends: nothing to wait for first
+            wait_until(lambda: batcher._ready.qsize() > 0)
         if passes["n"] == 2:
-            gate.wait(10)  # the second pass holds the device until the first caller has its scores
+            gate.wait(HANG_S)  # the second pass holds the device until the first caller has its scores
         return torch.zeros(len(batch))
 
     batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=Metrics(CollectorRegistry()))
     with batcher._cond:  # one round, two batches of one pair each
         first = batcher.submit([EncodedPair(np.arange(10))])
         second = batcher.submit([EncodedPair(np.arange(10))])
-    try:
-        assert first.done.wait(5), "the first request waited for the second pass"
+    try:  # bounded below the gate's own timeout: a first request held back by the second pass times out here
+        assert first.done.wait(HANG_S / 2), "the first request waited for the second pass"
     finally:
         gate.set()
-    assert second.done.wait(5) and first.error is None and second.error is None
+    assert second.done.wait(HANG_S) and first.error is None and second.error is None
     batcher.close()
 
 
