@@ -41,7 +41,7 @@ class Received:
                     out.extend((str(attributes.get("service.name")), attributes, span) for span in scope_spans.spans)
         return out
 
-    def wait_for(self, names: set[str], timeout: float = 15.0) -> None:
+    def wait_for(self, names: set[str], timeout: float = 120.0) -> None:  # bounds a hang, not the machine
         deadline = time.monotonic() + timeout
         while not names <= {span.name for _, _, span in self.spans()}:
             if time.monotonic() > deadline:

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+HANG_S = 120.0  # seconds: tests wait this long only for what hangs, never for what a loaded machine is slow at
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -27,7 +29,7 @@ def serve(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name=f"test-server-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120  # bounds a hang only: a loaded 2-core machine can take a while
+    deadline = time.monotonic() + HANG_S
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
@@ -39,7 +41,7 @@ def serve(app: Any) -> Iterator[str]:
         thread.join(60)
 
 
-def wait_ready(url: str, timeout: float = 120.0) -> None:
+def wait_ready(url: str, timeout: float = HANG_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

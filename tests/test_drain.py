@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import free_port, serve, wait_ready
-from tests.test_faults import GatedScorer
+from tests.servers import HANG_S, free_port, serve, wait_ready
+from tests.test_faults import GatedScorer, wait_until
 from web.http import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+DRAIN_S = 600  # seconds: bounds a hung drain, far beyond what draining this load takes on a loaded machine
 
 
 def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringModel, documents: list[str]) -> None:
@@ -35,17 +35,15 @@ def test_a_client_that_disconnects_has_its_pairs_dropped(bert_model: ScoringMode
             serve(create_app(reranker, ui=False)) as url:
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
-        gated.first_batch.wait(10)  # the device is held
+        assert gated.first_batch.wait(HANG_S)  # the device is held: no answer can come until the gate opens
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
-            httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:100]}, timeout=1.0)
-        deadline = time.monotonic() + 10
-        while metrics.registry.get_sample_value("reranker_requests_total",
-                                                {"route": "/v1/rerank", "status": "cancelled"}) != 1:
-            assert time.monotonic() < deadline, "the disconnect was never noticed"
-            time.sleep(0.05)
+            httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:100]},
+                       timeout=httpx.Timeout(HANG_S, read=1.0))  # sending may be slow; only the wait is cut short
+        wait_until(lambda: metrics.registry.get_sample_value(
+            "reranker_requests_total", {"route": "/v1/rerank", "status": "cancelled"}) == 1)
         gated.gate.set()
-        warm.join(30)
-        response = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:5]}, timeout=30)
+        warm.join(HANG_S)
+        response = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": documents[:5]}, timeout=HANG_S)
         assert response.status_code == 200 and len(response.json()["results"]) == 5
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 100
     assert gated.pairs == 1 + 5
@@ -61,19 +59,15 @@ def test_a_cancelled_gradio_event_has_its_pairs_dropped(bert_model: ScoringModel
             serve(create_app(reranker)) as url:
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
-        gated.first_batch.wait(10)  # the device is held
+        assert gated.first_batch.wait(HANG_S)  # the device is held
         client = Client(url, verbose=False)
         job = client.submit("q", "\n".join(documents[:80]), api_name="/predict")
-        deadline = time.monotonic() + 30
-        while reranker.queued_pairs < 81:  # the warm-up pair and the event's 80 wait for the device
-            assert time.monotonic() < deadline, "the event never reached the engine"
-            time.sleep(0.02)
+        wait_until(lambda: reranker.queued_pairs == 81)  # the warm-up pair and the event's 80 wait for the device
         job.cancel()
-        while metrics.registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "cancelled"}) != 1:
-            assert time.monotonic() < deadline, "the cancel never reached the engine"
-            time.sleep(0.05)
+        wait_until(lambda: metrics.registry.get_sample_value(
+            "reranker_requests_total", {"route": "ui", "status": "cancelled"}) == 1)
         gated.gate.set()
-        warm.join(30)
+        warm.join(HANG_S)
         table, _ = client.predict("q", "a\nb", api_name="/predict")  # still serving
         assert len(table["data"] if isinstance(table, dict) else table) == 2
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 80
@@ -90,15 +84,16 @@ def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subpr
 
 
 def inflight(metrics_url: str) -> float:
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+    for line in httpx.get(metrics_url, timeout=HANG_S).text.splitlines():
         if line.startswith("reranker_inflight_requests "):
             return float(line.split()[1])
     return 0.0
 
 
 def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: Path) -> None:
+    # A drain deadline no loaded machine reaches: the log line below proves the drain ended by itself.
     process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
-                                           "RERANKER_DRAIN_SECONDS": "60"})
+                                           "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
     try:
         wait_ready(url, timeout=120)
 
@@ -107,30 +102,26 @@ def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: 
             docs = [f"request {i} document {j} about cache servers and rivers " * 4 for j in range(400)]
             try:
                 response = httpx.post(f"{url}/v1/rerank", json={"query": f"request {i}", "documents": docs},
-                                      timeout=120)
+                                      timeout=DRAIN_S)
             except httpx.TransportError:
                 return i, -1, {}  # never accepted: the listener had closed
             return i, response.status_code, response.json() if response.content else {}
 
         with ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(call, i) for i in range(24)]
-            deadline = time.monotonic() + 60
-            while inflight(metrics_url) < 8:  # the load is under way
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda: inflight(metrics_url) >= 8)  # the load is under way
             process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            time.sleep(0.2)
-            late = httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["x"]}, timeout=10)
-            ready = httpx.get(f"{url}/readyz", timeout=10)
+            # Refusals start with the drain, which /readyz reports: a request sent any earlier may be accepted.
+            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
+            late = httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["x"]}, timeout=HANG_S)
+            ready = httpx.get(f"{url}/readyz", timeout=HANG_S)
             outcomes = [f.result() for f in futures]
         assert late.status_code == 503 and late.headers["retry-after"] and ready.status_code == 503
-        assert process.wait(timeout=60) == 0
-        assert time.monotonic() - signalled < 60
+        assert process.wait(timeout=DRAIN_S) == 0
     finally:
         if process.poll() is None:
             process.kill()
-        output, _ = process.communicate(timeout=10)
+        output, _ = process.communicate(timeout=HANG_S)
     accepted = [(i, body) for i, status, body in outcomes if status == 200]
     # Requests that arrived after the signal were refused whole (503, Retry-After) or found no listener.
     refused = [body for _, status, body in outcomes if status == 503]
@@ -173,15 +164,15 @@ def test_a_device_fault_turns_unready_and_exits_non_zero(bert_dir: Path, tmp_pat
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, timeout=120)
-        first = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, timeout=30)
+        first = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, timeout=HANG_S)
         assert first.status_code == 200  # the one healthy batch
-        broken = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["b", "c"]}, timeout=30)
+        broken = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["b", "c"]}, timeout=HANG_S)
         assert broken.status_code == 503 and "restarting" in broken.json()["error"]["message"]
-        assert process.wait(timeout=30) == 1
+        assert process.wait(timeout=HANG_S) == 1
     finally:
         if process.poll() is None:
             process.kill()
-        output, _ = process.communicate(timeout=10)
+        output, _ = process.communicate(timeout=HANG_S)
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     faults = [line for line in lines if line.get("error_type") == "device_fault"]
     assert len(faults) == 1 and "illegal memory access" in faults[0]["cause"]

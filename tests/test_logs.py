@@ -22,7 +22,7 @@ from reranker.logs import json_formatter, query_fields, setup_logging, should_lo
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import free_port, wait_ready
+from tests.servers import HANG_S, free_port, wait_ready
 from web.errors import HttpError
 from web.service import RerankCall, RerankService
 
@@ -154,17 +154,18 @@ def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=120)
-        ok = httpx.post(f"{url}/v1/rerank", json={"query": "zebra", "documents": [SECRET_DOC, "tea"]},
-                        headers={"X-Request-ID": "trace-42"})
-        assert ok.headers["x-request-id"] == "trace-42"
-        assert httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["t"] * 6}).status_code == 413
-        assert httpx.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"}
-                          ).headers["x-request-id"]
-        assert httpx.get(f"{url}/").status_code == 200
-        assert "reranker_requests_total" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        wait_ready(url)
+        with httpx.Client(timeout=HANG_S) as client:
+            ok = client.post(f"{url}/v1/rerank", json={"query": "zebra", "documents": [SECRET_DOC, "tea"]},
+                             headers={"X-Request-ID": "trace-42"})
+            assert ok.headers["x-request-id"] == "trace-42"
+            assert client.post(f"{url}/rerank", json={"query": "q", "texts": ["t"] * 6}).status_code == 413
+            assert client.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"}
+                               ).headers["x-request-id"]
+            assert client.get(f"{url}/").status_code == 200
+            assert "reranker_requests_total" in client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=20)
+        stdout, stderr = process.communicate(timeout=HANG_S)
     finally:
         if process.poll() is None:
             process.kill()

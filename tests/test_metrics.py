@@ -22,6 +22,8 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
+from tests.servers import HANG_S
+from tests.test_faults import wait_until
 from web.http import create_app
 
 
@@ -44,7 +46,7 @@ def test_metrics_server_runs_on_a_named_daemon_thread_and_stops() -> None:
     handle = metrics_server.start(registry, "127.0.0.1", 0)
     try:
         assert handle.thread.name == "metrics-server" and handle.thread.daemon
-        assert "demo_total 1.0" in httpx.get(f"http://127.0.0.1:{handle.port}/metrics").text
+        assert "demo_total 1.0" in httpx.get(f"http://127.0.0.1:{handle.port}/metrics", timeout=HANG_S).text
     finally:
         handle.stop()
     assert not handle.thread.is_alive()
@@ -134,7 +136,7 @@ def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path)
     def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 1:
-            release.wait(30)
+            release.wait(HANG_S)
         if calls["n"] == 2:
             raise RuntimeError("kernel failure")
         return bert_model.score(batch)
@@ -146,12 +148,11 @@ def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path)
         blocker = threading.Thread(target=client.post, args=("/v1/rerank",),
                                    kwargs={"json": {"query": "q", "documents": ["a", "b", "c"]}})
         blocker.start()
-        while reranker.queued_pairs < 3:
-            threading.Event().wait(0.01)
+        wait_until(lambda: reranker.queued_pairs == 3)
         response = client.post("/v1/rerank", json={"query": "q", "documents": ["d", "e"]})
         assert response.status_code == 429 and response.headers["Retry-After"] == "1"
         release.set()
-        blocker.join(30)
+        blocker.join(HANG_S)
         failed = client.post("/v1/rerank", json={"query": "q", "documents": ["f"]})
         assert failed.status_code == 500 and "kernel" not in failed.text
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1

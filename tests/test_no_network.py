@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import free_port, wait_ready
+from tests.servers import HANG_S, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = Path(__file__).with_name("connect_audit.py")
@@ -92,11 +92,11 @@ def test_start_up_and_requests_reach_only_loopback(bert_dir: Path, audited: tupl
         # Gradio's run history, which writes runs to a Hugging Face bucket, is not there at all.
         assert httpx.get(f"{url}/gradio_api/run-history/buckets", timeout=30).status_code == 404
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=HANG_S) == 0
     finally:
         if process.poll() is None:
             process.kill()
-        output, _ = process.communicate(timeout=30)
+        output, _ = process.communicate(timeout=HANG_S)
     records = read_log(log)
     assert process.pid in {r["pid"] for r in records if r["event"] == "start"}, "the hook did not run in the app"
     foreign = [r for r in records if not r["local"]]

@@ -25,7 +25,8 @@ from reranker.tokens import EncodedPair
 from reranker.tracing import Tracing
 from tests.conftest import model_settings
 from tests.otlp_receiver import otlp_receiver
-from tests.servers import serve
+from tests.servers import HANG_S, serve
+from tests.test_faults import jobs_taken, wait_until
 from web.history import RequestHistory
 from web.http import create_app
 from web.tracing import UI_SPAN
@@ -51,9 +52,9 @@ def tracing(exporter: InMemorySpanExporter, metrics: Metrics) -> Iterator[Tracin
 
 def finished(tracing: Tracing, exporter: InMemorySpanExporter, *names: str) -> list[ReadableSpan]:
     """Every span exported so far, once those named have ended (a live server ends its span after answering)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + HANG_S
     while True:
-        tracing.flush()
+        tracing.flush(timeout=HANG_S)
         got = list(exporter.get_finished_spans())
         if set(names) <= {s.name for s in got} or time.monotonic() > deadline:
             return got
@@ -138,10 +139,11 @@ def test_a_traceparent_continues_the_callers_trace(bert_model: ScoringModel, ber
 
 def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
                                                        exporter: InMemorySpanExporter) -> None:
-    release = threading.Event()
+    held, release = threading.Event(), threading.Event()
 
     def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        release.wait(30)  # hold the device so that both requests wait in one round
+        held.set()
+        release.wait(HANG_S)  # hold the device so that both requests wait in one round
         return bert_model.score(batch)
 
     # A budget of 100 padded tokens: the second warm-up's two long documents make two batches, the first
@@ -151,14 +153,16 @@ def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel,
         warm = [threading.Thread(target=reranker.rerank, args=("warm", docs)) for docs in (["up"], ["up " * 60] * 2)]
         calls = [threading.Thread(target=reranker.rerank, args=("q", docs))
                  for docs in (["a", "b", "c"], ["d", "e", "f", "g"])]
-        for thread, queued in zip([*warm, *calls], (1, 3, 6, 10), strict=True):
+        warm[0].start()
+        assert held.wait(HANG_S)
+        warm[1].start()
+        wait_until(lambda: jobs_taken(reranker) == 2)  # its round is being handed over: later arrivals wait
+        for thread in calls:
             thread.start()
-            deadline = time.monotonic() + 10
-            while reranker.queued_pairs < queued and time.monotonic() < deadline:
-                time.sleep(0.01)
+        wait_until(lambda: reranker.queued_pairs == 10)
         release.set()
         for thread in [*warm, *calls]:
-            thread.join(30)
+            thread.join(HANG_S)
     got = finished(tracing, exporter)
     requests = {dict(s.attributes or {})["reranker.documents"]: s for s in got if s.name == spans.REQUEST}
     first, second = requests[3], requests[4]
@@ -205,7 +209,7 @@ def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert
     data = ["cache server", "a cache\ntea", None, "", False, None]
     with Reranker(bert_model, model_settings(bert_dir, cache_size=0), tracing=tracing) as reranker:
         with serve(create_app(reranker)) as url:
-            direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=30)
+            direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
             assert direct.status_code == 200 and direct.headers["traceresponse"]
             got = finished(tracing, exporter, "POST /gradio_api/api/predict", UI_SPAN)
             server, ui = one(got, "POST /gradio_api/api/predict"), one(got, UI_SPAN)
@@ -213,8 +217,8 @@ def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert
             assert one(got, spans.REQUEST).parent.span_id == ui.context.span_id  # type: ignore[union-attr]
             exporter.clear()
             # The queued API: the handler runs apart from the POST that queued it; the trace still holds.
-            event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=30).json()["event_id"]
-            assert "event: complete" in httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=30).text
+            event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=HANG_S).json()["event_id"]
+            assert "event: complete" in httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=HANG_S).text
             got = finished(tracing, exporter, "POST /gradio_api/call/predict", UI_SPAN, spans.REQUEST)
             queued, ui = one(got, "POST /gradio_api/call/predict"), one(got, UI_SPAN)
             assert ui.parent is not None and ui.parent.span_id == queued.context.span_id
@@ -242,8 +246,9 @@ def test_tracing_off_makes_no_span_and_exports_nothing(bert_model: ScoringModel,
         with Reranker(bert_model, model_settings(bert_dir), metrics=metrics, tracing=tracing) as reranker:
             history = RequestHistory()
             with serve(create_app(reranker, history=history)) as url:
-                json_route = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=caller)
-                gradio = httpx.post(f"{url}/gradio_api/api/predict", headers=caller, timeout=30,
+                json_route = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, headers=caller,
+                                        timeout=HANG_S)
+                gradio = httpx.post(f"{url}/gradio_api/api/predict", headers=caller, timeout=HANG_S,
                                     json={"data": ["q", "a\nb", None, "", False, None]})
                 assert json_route.status_code == gradio.status_code == 200
                 assert "traceresponse" not in json_route.headers and "traceresponse" not in gradio.headers

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import statistics
 import subprocess
 import threading
 import time
@@ -32,7 +31,8 @@ from reranker.model import ScoringModel
 from reranker.tracing import Tracing
 from tests.conftest import model_settings
 from tests.otlp_receiver import grpc_receiver, otlp_receiver
-from tests.servers import free_port, wait_ready
+from tests.servers import HANG_S, free_port, wait_ready
+from tests.test_faults import outcome_within, wait_until
 from tests.test_metrics import FakeNvml
 from web.history import RequestHistory
 from web.http import create_app
@@ -66,7 +66,7 @@ def test_spans_reach_an_otlp_http_collector(bert_model: ScoringModel, bert_dir: 
             client = TestClient(create_app(reranker, ui=False))
             assert client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]}).status_code == 200
             received.wait_for(REQUEST_SPANS)  # sent by the batch processor on its own schedule, no flush
-        assert tracing.shutdown()
+        assert tracing.shutdown(timeout=HANG_S)
     got = received.spans()
     assert {name for name, _, _ in got} == {"reranker"}  # the default service name
     assert {span.name for _, _, span in got} == REQUEST_SPANS
@@ -85,7 +85,7 @@ def test_spans_reach_an_otlp_grpc_collector(bert_model: ScoringModel, bert_dir: 
         assert isinstance(tracing._exporter.inner, GrpcSpanExporter)  # type: ignore[union-attr]
         with Reranker(bert_model, model_settings(bert_dir), metrics=metrics, tracing=tracing) as reranker:
             reranker.rerank("q", ["a", "b"])
-        assert tracing.shutdown()  # flushes what the batch processor still held
+        assert tracing.shutdown(timeout=HANG_S)  # flushes what the batch processor still held
     got = received.spans()
     assert {name for name, _, _ in got} == {"rag-reranker"}
     assert {span.name for _, _, span in got} == REQUEST_SPANS - {"POST /v1/rerank"}
@@ -100,12 +100,12 @@ def test_samplers_come_from_the_environment(bert_model: ScoringModel, bert_dir: 
     with Reranker(bert_model, model_settings(bert_dir), metrics=metrics, tracing=tracing) as reranker:
         client = TestClient(create_app(reranker, ui=False))
         dropped_trace = client.post("/rerank", json={"query": "q", "texts": ["a"]}).headers["traceresponse"]
-        tracing.flush()
+        assert tracing.flush(timeout=HANG_S)
         assert exporter.get_finished_spans() == ()  # a ratio of 0 keeps no trace of our own...
         assert not int(dropped_trace.rsplit("-", 1)[1], 16) & 1  # ...and says so to the caller
         caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         client.post("/rerank", json={"query": "q", "texts": ["b"]}, headers={"traceparent": caller})
-        tracing.flush()
+        assert tracing.flush(timeout=HANG_S)
         assert REQUEST_SPANS - {"POST /v1/rerank"} <= {s.name for s in exporter.get_finished_spans()}  # parent-based
     openmetrics = _scrape(metrics, openmetrics=True)
     assert 'trace_id="0af7651916cd43dd8448eb211c80319c"' in openmetrics
@@ -144,28 +144,43 @@ def test_logs_monitoring_and_exemplars_name_the_trace(bert_model: ScoringModel, 
 
 def test_a_dead_collector_costs_requests_nothing(bert_model: ScoringModel, bert_dir: Path, metrics: Metrics,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests never wait for an export, however long it takes: every one is answered while the first export
+    is still held back; then the dead collector fails every export, each span is counted, and the shutdown is
+    cut short. (What tracing costs a request is bench/tracing.py's figure, not a test's: it needs a quiet
+    machine.)"""
     dead = f"http://127.0.0.1:{free_port()}/v1/traces"  # nothing listens there: every export is refused
     tracing = tracing_from({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": dead, "OTEL_BSP_SCHEDULE_DELAY": "10",
-                            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8", "OTEL_EXPORTER_OTLP_TIMEOUT": "20"},
+                            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8", "OTEL_EXPORTER_OTLP_TIMEOUT": "600"},
                            metrics, monkeypatch)
-    settings = model_settings(bert_dir, cache_size=0)
-    latencies: dict[bool, list[float]] = {False: [], True: []}
-    with Reranker(bert_model, settings, metrics=Metrics(__import__("prometheus_client").CollectorRegistry())) as off, \
-            Reranker(bert_model, settings, metrics=metrics, tracing=tracing) as on:
-        clients = {False: TestClient(create_app(off, ui=False)), True: TestClient(create_app(on, ui=False))}
-        for i in range(30):  # alternate, so that both see the same machine; the first rounds warm up
-            for traced in (False, True):
-                docs = [f"document {i} {traced} {j}" for j in range(8)]
-                started = time.perf_counter()
-                assert clients[traced].post("/v1/rerank", json={"query": "q", "documents": docs}).status_code == 200
-                if i >= 4:
-                    latencies[traced].append(time.perf_counter() - started)
-    assert statistics.median(latencies[True]) <= statistics.median(latencies[False]) * 1.5 + 0.005
-    assert max(latencies[True]) < 1.0  # an export blocking a request would take seconds
+    exporting, release = threading.Event(), threading.Event()
+    exporter = tracing._exporter.inner  # type: ignore[union-attr]
+    export = exporter.export
+
+    def held_back(spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        exporting.set()
+        release.wait(HANG_S)  # an export that takes as long as the test likes: the collector's connect timeout
+        return export(spans)
+
+    monkeypatch.setattr(exporter, "export", held_back)
+    requests = 30
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=metrics, tracing=tracing) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+
+        def send_all() -> None:
+            for i in range(requests):
+                docs = [f"document {i} {j}" for j in range(8)]
+                assert client.post("/v1/rerank", json={"query": "q", "documents": docs}).status_code == 200
+                if i == 0:
+                    assert exporting.wait(HANG_S)  # the first spans are on their way out, and stay there
+
+        try:  # every request answered while that export is held back
+            assert outcome_within(send_all) is None
+        finally:
+            release.set()
     started = time.monotonic()
     assert not tracing.shutdown(timeout=0.5)  # the exporter is still retrying: it is cut short
-    assert time.monotonic() - started < 3.0
-    assert dropped(metrics, "export_failed") >= 30 * len(REQUEST_SPANS)  # every span, counted
+    assert time.monotonic() - started < HANG_S / 4  # not the minutes of retries left in the queue
+    wait_until(lambda: dropped(metrics, "export_failed") >= requests * len(REQUEST_SPANS))  # every span, counted
 
 
 class _Stuck(SpanExporter):
@@ -175,7 +190,7 @@ class _Stuck(SpanExporter):
         self.stop = threading.Event()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.stop.wait(30)
+        self.stop.wait(HANG_S)
         return SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -189,12 +204,13 @@ def test_a_full_queue_drops_spans_and_counts_them(metrics: Metrics, monkeypatch:
     tracing = Tracing.exporting_to(_Stuck(), metrics)
     for i in range(20):
         tracing.tracer.start_span(f"span {i}").end()
-        time.sleep(0.005)
-    assert dropped(metrics, "queue_full") >= 10  # the queue holds 4 and the stuck export 2
-    assert not tracing.shutdown(timeout=0.2)
+        time.sleep(0.005)  # room for the batch processor's thread to take a batch into the stuck export
+    assert dropped(metrics, "queue_full") >= 10  # the queue holds 4 and the stuck export 2, however they ran
+    assert not tracing.shutdown(timeout=0.2)  # the export is stuck until the shutdown tells it to stop
     tracing.tracer.start_span("too late").end()
     assert dropped(metrics, "shutdown") == 1
-    assert dropped(metrics, "queue_full") + dropped(metrics, "export_failed") + 1 >= 20
+    # The exports the shutdown let fail are counted as the batch processor's thread gets to them.
+    wait_until(lambda: dropped(metrics, "queue_full") + dropped(metrics, "export_failed") + 1 >= 20)
 
 
 def test_the_protocol_picks_the_exporter(metrics: Metrics, bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,31 +223,31 @@ def test_the_protocol_picks_the_exporter(metrics: Metrics, bert_dir: Path, monke
 
 
 def test_the_service_flushes_its_spans_when_stopped(bert_dir: Path) -> None:
-    """The whole process, with the batch processor told to wait a minute: only the flush at exit can send them."""
+    """The whole process, with the batch processor told to wait an hour: only the flush at exit can send them
+    (with a minute, the processor's own schedule could send them during a slow start-up or a slow request)."""
     root = Path(__file__).resolve().parent.parent
     port, metrics_port = free_port(), free_port()
     with otlp_receiver() as (collector, received):
         env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
                "RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(metrics_port),
                "RERANKER_LOG_SAMPLE_RATE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
-               "OTEL_BSP_SCHEDULE_DELAY": "60000", "OTEL_SERVICE_NAME": "reranker-under-test"}
+               "OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_SERVICE_NAME": "reranker-under-test"}
         process = subprocess.Popen([str(root / "start.sh")], cwd=root, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url, timeout=120)
-            answer = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
+            wait_ready(url)
+            answer = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=HANG_S)
             trace_id = answer.headers["traceresponse"].split("-")[1]
             time.sleep(0.5)
             assert received.requests == []  # held back by the batch processor
-            stopped = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            stdout, _ = process.communicate(timeout=30)
+            stdout, _ = process.communicate(timeout=HANG_S)  # an exit that waited for the processor: an hour
         finally:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-        assert process.returncode == 0 and time.monotonic() - stopped < 15
+        assert process.returncode == 0
         got = received.spans()
     assert {name for name, _, _ in got} == {"reranker-under-test"}
     assert REQUEST_SPANS <= {span.name for _, _, span in got}
