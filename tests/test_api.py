@@ -16,7 +16,7 @@ from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import serve
+from tests.servers import HANG_S, serve
 from web.http import create_app
 from web.service import RerankService
 from web.ui import make_predict
@@ -41,7 +41,7 @@ def url(live: tuple[str, Reranker]) -> str:
 def post(url: str, path: str, body: Any, **kwargs: Any) -> httpx.Response:
     # json.dumps escapes non-ASCII (lone surrogates included) as \\uXXXX, as most JSON clients do.
     headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
-    return httpx.post(f"{url}{path}", content=json.dumps(body).encode(), headers=headers, timeout=30, **kwargs)
+    return httpx.post(f"{url}{path}", content=json.dumps(body).encode(), headers=headers, timeout=HANG_S, **kwargs)
 
 
 def test_cohere_rerank(url: str) -> None:
@@ -91,19 +91,19 @@ def test_root_api_predict_accepts_text_or_list(url: str) -> None:
 
 
 def test_health_ready_info_docs(url: str) -> None:
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{url}/readyz").status_code == 200
-    info = httpx.get(f"{url}/info").json()
+    assert httpx.get(f"{url}/healthz", timeout=HANG_S).json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 200
+    info = httpx.get(f"{url}/info", timeout=HANG_S).json()
     assert info["device"] == "cpu" and info["compile"] == "off" and info["max_length"] == 256
     assert info["long_docs"] == "truncate"
     assert info["limits"]["max_docs"] == 20 and "torch" in info["versions"]
-    schema = httpx.get(f"{url}/openapi.json").json()
+    schema = httpx.get(f"{url}/openapi.json", timeout=HANG_S).json()
     assert {"/v1/rerank", "/rerank", "/api/predict", "/healthz", "/readyz", "/info"} <= set(schema["paths"])
     documents = schema["components"]["schemas"]["CohereRerankRequest"]["properties"]["documents"]
     assert documents["items"]["anyOf"][0] == {"type": "string"}  # items are checked by hand, still documented
     assert schema["components"]["schemas"]["TeiRerankRequest"]["properties"]["texts"]["items"] == {"type": "string"}
-    assert httpx.get(f"{url}/docs").status_code == 200
-    page = httpx.get(f"{url}/")
+    assert httpx.get(f"{url}/docs", timeout=HANG_S).status_code == 200
+    page = httpx.get(f"{url}/", timeout=HANG_S)
     assert page.status_code == 200 and "gradio" in page.text.lower()
 
 
@@ -190,10 +190,11 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     ],
 )
 def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: bytes, status: int) -> None:
-    response = httpx.post(f"{url}/v1/rerank", content=content, headers={"content-type": "application/json"})
+    response = httpx.post(f"{url}/v1/rerank", content=content, headers={"content-type": "application/json"},
+                          timeout=HANG_S)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
-    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{url}/healthz", timeout=HANG_S).status_code == 200
 
 
 def test_bad_requests_are_counted_as_invalid(live: tuple[str, Reranker]) -> None:
@@ -202,7 +203,7 @@ def test_bad_requests_are_counted_as_invalid(live: tuple[str, Reranker]) -> None
         "reranker_requests_total", {"route": "/v1/rerank", "status": "invalid"}) or 0
     post(url, "/v1/rerank", {"query": "", "documents": ["a"]})
     post(url, "/v1/rerank", {"query": 1, "documents": ["a"]})
-    httpx.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"})
+    httpx.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"}, timeout=HANG_S)
     after = reranker.metrics.registry.get_sample_value(
         "reranker_requests_total", {"route": "/v1/rerank", "status": "invalid"})
     assert after == before + 3
@@ -245,11 +246,11 @@ def test_every_surface_gives_the_same_ranking(live: tuple[str, Reranker]) -> Non
 
 def test_gradio_rest_routes_work(url: str) -> None:
     data = ["cache server", "\n".join(DOCS), None, "", False, None]
-    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=30)
+    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
     assert direct.status_code == 200, direct.text
     rows = direct.json()["data"][0]["data"]
-    event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=30).json()["event_id"]
-    stream = httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=30).text
+    event = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=HANG_S).json()["event_id"]
+    stream = httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=HANG_S).text
     assert "event: complete" in stream
     completed = json.loads(stream.split("event: complete\ndata: ", 1)[1].splitlines()[0])
     assert [r[2] for r in completed[0]["data"]] == [r[2] for r in rows]
@@ -304,7 +305,7 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tup
     url, reranker = live
     counted = reranker.metrics.registry.get_sample_value(
         "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"})
-    response = httpx.request(method, f"{url}{path}", json={"query": "q", "documents": ["a"]}, timeout=10)
+    response = httpx.request(method, f"{url}{path}", json={"query": "q", "documents": ["a"]}, timeout=HANG_S)
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] in ("method_not_allowed", "not_found")
     assert path.rstrip("/") in response.json()["error"]["message"]
@@ -315,15 +316,16 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tup
 
 
 def test_health_routes_answer_head(url: str) -> None:
-    assert httpx.head(f"{url}/healthz").status_code == 200 and httpx.head(f"{url}/readyz").status_code == 200
+    assert httpx.head(f"{url}/healthz", timeout=HANG_S).status_code == 200
+    assert httpx.head(f"{url}/readyz", timeout=HANG_S).status_code == 200
 
 
 def test_a_body_not_sent_as_json_says_how_to_send_it(url: str) -> None:
-    plain = httpx.post(f"{url}/v1/rerank", content=b'{"query": "q", "documents": ["a"]}', timeout=10,
+    plain = httpx.post(f"{url}/v1/rerank", content=b'{"query": "q", "documents": ["a"]}', timeout=HANG_S,
                        headers={"content-type": "application/x-www-form-urlencoded"})
     assert plain.status_code == 422 and "Content-Type: application/json" in plain.json()["error"]["message"]
     import gzip
 
-    packed = httpx.post(f"{url}/rerank", content=gzip.compress(b'{"query": "q", "texts": ["a"]}'), timeout=10,
+    packed = httpx.post(f"{url}/rerank", content=gzip.compress(b'{"query": "q", "texts": ["a"]}'), timeout=HANG_S,
                         headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert packed.status_code == 400 and "send it uncompressed" in packed.json()["error"]["message"]

@@ -19,7 +19,8 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
-from tests.test_faults import HANG_S, fill_the_pipeline, outcome_within, wait_until
+from tests.servers import HANG_S
+from tests.test_faults import fill_the_pipeline, outcome_within, wait_until
 
 
 def test_batches_stay_within_the_token_budget() -> None:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
-from tests.browser import ARTIFACTS, browser_page
+from tests.browser import ARTIFACTS, WAIT_MS, browser_page
 from tests.conftest import model_settings
 from tests.servers import serve
 from web.http import create_app
@@ -34,8 +34,8 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         page.locator("#query textarea").fill("which server keeps a cache")
         page.locator("#documents textarea").fill("\n".join(docs))
         page.locator("#rerank").click()
-        page.locator(f'#results [data-testid="cell-{len(docs) - 1}-3"]').wait_for(timeout=30_000)
-        page.get_by_text("cache hits").wait_for(timeout=30_000)
+        page.locator(f'#results [data-testid="cell-{len(docs) - 1}-3"]').wait_for()
+        page.get_by_text("cache hits").wait_for()
 
         def cell(row: int, col: int) -> str:
             return str(page.locator(f'#results [data-testid="cell-{row}-{col}"]').inner_text()).strip()
@@ -51,7 +51,7 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
 
         page.locator("#query textarea").fill("")
         page.locator("#rerank").click()
-        page.get_by_text("query is empty").first.wait_for(timeout=30_000)
+        page.get_by_text("query is empty").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=True)
         # What the user typed is kept.
         assert page.locator("#documents textarea").input_value() == "\n".join(docs)
@@ -65,18 +65,24 @@ def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
         page.goto(ui_url, wait_until="networkidle")
         page.get_by_role("tab", name="Monitoring").click()
         summary = page.locator("#monitor-summary")
-        summary.get_by_text("requests").wait_for(timeout=30_000)
+        summary.get_by_text("requests").wait_for()
         before = summary.inner_text()
-        for i in range(5):
-            httpx.post(f"{ui_url}/v1/rerank", json={"query": f"monitor {i}", "documents": ["a", "b"]})
-        httpx.post(f"{ui_url}/v1/rerank", json={"query": "", "documents": ["a"]})
+        with httpx.Client(timeout=WAIT_MS / 1000) as client:
+            for i in range(5):
+                client.post(f"{ui_url}/v1/rerank", json={"query": f"monitor {i}", "documents": ["a", "b"]})
+            client.post(f"{ui_url}/v1/rerank", json={"query": "", "documents": ["a"]})
+        # Until a tick shows all six: the summary shows every status from the first tick on, so any change
+        # (a tick between two of the requests) is not yet the end of the traffic.
+        want = {"ok": count(before, "ok") + 5, "invalid": count(before, "invalid") + 1}
         page.wait_for_function(
-            "(before) => { const el = document.querySelector('#monitor-summary');"
-            " return el && el.innerText !== before && el.innerText.includes('invalid'); }",
-            arg=before, timeout=30_000,
+            "(want) => { const el = document.querySelector('#monitor-summary'); if (!el) return false;"
+            " const n = (s) => { const m = el.innerText.match(new RegExp('\\\\b' + s + ' (\\\\d+)'));"
+            " return m ? Number(m[1]) : -1; };"
+            " return n('ok') >= want.ok && n('invalid') >= want.invalid; }",
+            arg=want,
         )
-        page.locator('#recent-requests [data-testid="cell-0-4"]').wait_for(timeout=30_000)
-        page.wait_for_timeout(2500)  # one more tick, so the plots have two points
+        page.locator('#recent-requests [data-testid="cell-0-4"]').wait_for()
+        page.wait_for_timeout(2500)  # one more tick for the screenshot, so the plots have two points
         after = summary.inner_text()
         page.screenshot(path=str(ARTIFACTS / "ui-monitoring.png"), full_page=True)
     assert count(after, "ok") - count(before, "ok") == 5

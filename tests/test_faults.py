@@ -17,8 +17,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
-
-HANG_S = 120.0  # a wait this long is a hang, not a slow machine
+from tests.servers import HANG_S
 
 
 class GatedScorer:

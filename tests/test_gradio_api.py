@@ -14,7 +14,7 @@ from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import serve
+from tests.servers import HANG_S, serve
 from web.http import create_app
 
 
@@ -35,11 +35,11 @@ def ui_requests(reranker: Reranker) -> float:
 def call(url: str, body: bytes) -> tuple[int, str]:
     """POST /gradio_api/call/predict, then read the event stream; (POST status, stream or POST body)."""
     posted = httpx.post(f"{url}/gradio_api/call/predict", content=body,
-                        headers={"content-type": "application/json"}, timeout=20)
+                        headers={"content-type": "application/json"}, timeout=HANG_S)
     if posted.status_code != 200:
         return posted.status_code, posted.text
     event = posted.json()["event_id"]
-    return 200, httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=20).text
+    return 200, httpx.get(f"{url}/gradio_api/call/predict/{event}", timeout=HANG_S).text
 
 
 # Found by tests/test_fuzz.py: each failed inside Gradio (arity check, component preprocessing, FileData
@@ -66,7 +66,7 @@ def test_inputs_gradio_refuses_are_counted_without_a_traceback(
     assert status == 200 and "event: error" in stream
     assert "bad input for the Gradio API" in stream
     direct = httpx.post(f"{url}/gradio_api/api/predict", content=body,
-                        headers={"content-type": "application/json"}, timeout=20)
+                        headers={"content-type": "application/json"}, timeout=HANG_S)
     assert direct.status_code == 422, direct.text
     assert ui_requests(reranker) == before + 2
     assert "Traceback" not in capfd.readouterr().err
@@ -91,7 +91,7 @@ def test_direct_gradio_calls_answer_bad_input_with_a_4xx(
     url, reranker = live
     before = ui_requests(reranker)
     response = httpx.post(f"{url}/gradio_api/api/predict", content=json.dumps({"data": data}).encode(),
-                          headers={"content-type": "application/json"}, timeout=20)
+                          headers={"content-type": "application/json"}, timeout=HANG_S)
     assert response.status_code == status, response.text
     assert response.json()["error"]
     assert ui_requests(reranker) == before + 1
@@ -104,7 +104,8 @@ def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Rer
     url, reranker = live
     before = ui_requests(reranker)
     for path in ("/gradio_api/call/predict", "/gradio_api/api/predict"):
-        response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=20)
+        response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"},
+                              timeout=HANG_S)
         assert 400 <= response.status_code < 500
     assert ui_requests(reranker) == before + 2
 
@@ -115,7 +116,7 @@ def test_a_good_call_is_counted_once(live: tuple[str, Reranker]) -> None:
     data = ["cache server", "a cache\ntea", None, "", False, None]
     status, stream = call(url, json.dumps({"data": data}).encode())
     assert status == 200 and "event: complete" in stream
-    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+    direct = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
     assert direct.status_code == 200
     assert ui_requests(reranker) == before + 2
 
@@ -129,7 +130,7 @@ def test_gradio_api_calls_refused_while_draining_are_counted(bert_model: Scoring
             lifecycle.begin_drain()
             body = {"data": ["q", "a\nb"]}
             for route in ("/gradio_api/api/predict", "/gradio_api/call/predict", "/v1/rerank"):
-                response = httpx.post(f"{url}{route}", json=body, timeout=20)
+                response = httpx.post(f"{url}{route}", json=body, timeout=HANG_S)
                 assert response.status_code == 503 and response.headers["retry-after"], route
         registry = reranker.metrics.registry
         assert registry.get_sample_value("reranker_requests_total", {"route": "ui", "status": "error"}) == 2
@@ -147,16 +148,16 @@ def test_a_file_must_come_from_gradios_upload_folder(live: tuple[str, Reranker],
     secret.write_text("the server's private line\n")
     for path in (str(secret), str(tmp_path / "missing.txt")):
         data = ["q", "a", None, "", False, file_data(path)]
-        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
         assert response.status_code == 422, response.text
         assert "the file was not uploaded; upload it first" in response.json()["error"]
         assert "private line" not in response.text and str(tmp_path) not in response.text
     uploaded = httpx.post(f"{url}/gradio_api/upload", files={"files": ("docs.txt", b"a cache\nsome tea\n")},
-                          timeout=20)
+                          timeout=HANG_S)
     assert uploaded.status_code == 200
     [path] = uploaded.json()
     data = ["cache", "", None, "", False, file_data(path)]
-    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
     assert response.status_code == 200, response.text
     assert sorted(row[3] for row in response.json()["data"][0]["data"]) == ["a cache", "some tea"]
 
@@ -169,10 +170,10 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
         with serve(create_app(reranker)) as url:
             data = ["q", "a document\n" * 3000, None, "", False, None]  # 33 kB
             for route in ("/gradio_api/api/predict", "/gradio_api/call/predict"):
-                response = httpx.post(f"{url}{route}", json={"data": data}, timeout=20)
+                response = httpx.post(f"{url}{route}", json={"data": data}, timeout=HANG_S)
                 assert response.status_code == 413, (route, response.text)
             upload = httpx.post(f"{url}/gradio_api/upload", files={"files": ("big.txt", b"x\n" * 20_000)},
-                                timeout=20)
+                                timeout=HANG_S)
             assert upload.status_code == 413, upload.text
         assert ui_requests(reranker) == 2
     refusals = [r for r in caplog.records if r.getMessage() == "rerank refused"]
@@ -191,7 +192,7 @@ def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) 
     # Items the lines would not give back unchanged, at their positions, are refused rather than reindexed.
     for bad in (["one line", "two\nlines"], ["alpha", "", "gamma"], ["  padded  "], ["beta\u2028cache"], ["x\x0cy"]):
         data = ["cache", bad, None, "", False, None]
-        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=20)
+        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
         assert response.status_code == 422 and "without line breaks" in response.json()["error"], bad
     assert ui_requests(reranker) == before + 5
 
@@ -199,6 +200,6 @@ def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) 
 def test_startup_events_cannot_be_run_a_second_time(live: tuple[str, Reranker]) -> None:
     """The server's lifespan ran them; an anonymous GET must not restart Gradio's queue."""
     url, reranker = live
-    assert httpx.get(f"{url}/gradio_api/startup-events", timeout=10).json() is False
+    assert httpx.get(f"{url}/gradio_api/startup-events", timeout=HANG_S).json() is False
     status, stream = call(url, json.dumps({"data": ["cache", "a cache\ntea", None, "", False, None]}).encode())
     assert status == 200 and "event: complete" in stream

@@ -19,7 +19,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.browser import ARTIFACTS, browser_page
 from tests.conftest import model_settings
-from tests.servers import serve
+from tests.servers import HANG_S, serve
 from web.http import create_app
 
 USER, PASSWORD, KEY = "alice", "correct horse", "json-key"
@@ -38,7 +38,7 @@ def url(bert_model: ScoringModel, bert_dir: Path) -> Iterator[str]:
 @contextmanager
 def login(url: str) -> Iterator[httpx.Client]:
     """An HTTP client holding the cookie of a Gradio login, as a browser would."""
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=HANG_S) as client:
         response = client.post("/login", data={"username": USER, "password": PASSWORD})
         assert response.status_code == 200 and response.json() == {"success": True}
         yield client
@@ -68,13 +68,13 @@ def login(url: str) -> Iterator[httpx.Client]:
 def test_anonymous_gradio_api_calls_get_401(url: str, method: str, path: str) -> None:
     body = {"data": ["cache", "\n".join(DOCS)]} if method == "POST" else None
     for cookies in ({}, {"access-token-unsecure-forged": "forged"}):
-        response = httpx.request(method, f"{url}{path}", json=body, cookies=cookies, timeout=10)
+        response = httpx.request(method, f"{url}{path}", json=body, cookies=cookies, timeout=HANG_S)
         assert response.status_code == 401 and response.json() == NOT_AUTHENTICATED, path
 
 
 def test_the_login_page_is_served_and_wrong_passwords_are_refused(url: str) -> None:
-    assert httpx.get(f"{url}/").status_code == 200  # the page that shows the login form
-    wrong = httpx.post(f"{url}/login", data={"username": USER, "password": "wrong"})
+    assert httpx.get(f"{url}/", timeout=HANG_S).status_code == 200  # the page that shows the login form
+    wrong = httpx.post(f"{url}/login", data={"username": USER, "password": "wrong"}, timeout=HANG_S)
     assert wrong.status_code == 400 and "access-token" not in wrong.headers.get("set-cookie", "")
 
 
@@ -103,9 +103,11 @@ def test_json_routes_keep_their_key_and_ignore_the_ui_login(url: str) -> None:
     bearer = {"Authorization": f"Bearer {KEY}"}
     body = {"query": "cache", "documents": DOCS}
     # No Gradio login needed, only the key...
-    assert httpx.post(f"{url}/v1/rerank", json=body, headers=bearer).status_code == 200
-    assert httpx.post(f"{url}/api/predict", json={"data": ["cache", DOCS]}, headers=bearer).status_code == 200
-    assert httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
+    assert httpx.post(f"{url}/v1/rerank", json=body, headers=bearer, timeout=HANG_S).status_code == 200
+    assert httpx.post(f"{url}/api/predict", json={"data": ["cache", DOCS]}, headers=bearer,
+                      timeout=HANG_S).status_code == 200
+    assert httpx.get(f"{url}/healthz", timeout=HANG_S).status_code == 200
+    assert httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 200
     # ...and a Gradio login is no substitute for it.
     with login(url) as client:
         refused = client.post("/v1/rerank", json=body)
@@ -119,12 +121,13 @@ def test_without_an_api_key_the_gradio_style_predict_needs_the_ui_login(bert_mod
     with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
         with serve(create_app(reranker)) as base:
             body = {"data": ["cache", DOCS]}
-            anonymous = httpx.post(f"{base}/api/predict", json=body, timeout=10)
+            anonymous = httpx.post(f"{base}/api/predict", json=body, timeout=HANG_S)
             assert anonymous.status_code == 401 and "log in to the UI" in anonymous.json()["error"]["message"]
             with login(base) as client:
                 assert client.post("/api/predict", json=body).status_code == 200
             # The other JSON routes are the API key's to guard, and there is none.
-            assert httpx.post(f"{base}/v1/rerank", json={"query": "q", "documents": DOCS}).status_code == 200
+            assert httpx.post(f"{base}/v1/rerank", json={"query": "q", "documents": DOCS},
+                              timeout=HANG_S).status_code == 200
         assert reranker.metrics.registry.get_sample_value(
             "reranker_requests_total", {"route": "/api/predict", "status": "invalid"}) == 1
 
@@ -139,7 +142,7 @@ def test_login_in_the_browser(url: str) -> None:
         page.locator("#query textarea").fill("which server keeps a cache")
         page.locator("#documents textarea").fill("\n".join(DOCS))
         page.locator("#rerank").click()
-        page.locator('#results [data-testid="cell-1-3"]').wait_for(timeout=30_000)
+        page.locator('#results [data-testid="cell-1-3"]').wait_for()
         page.screenshot(path=str(ARTIFACTS / "ui-login.png"), full_page=True)
 
 
