@@ -25,7 +25,7 @@ from reranker.gpu import GpuCollector, Nvml
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import free_port, serve
+from tests.servers import HANG_S, free_port, serve
 from web.http import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ PANEL_TITLES = {
 }
 # What Grafana puts in place of its variables before the query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*"}
-WAIT_S = 60.0
+WAIT_S = HANG_S  # Prometheus scrapes and evaluates every second; this only bounds a hang
 
 
 def _tool(name: str) -> str:
@@ -78,7 +78,7 @@ def prometheus() -> str:
 
 def run_promtool(promtool: str, *args: str) -> str:
     # From the repository root: rule_files in prometheus.yml are resolved against the config's folder.
-    result = subprocess.run([promtool, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool, *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
     return result.stdout + result.stderr
 
@@ -117,7 +117,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def api(url: str, path: str, **params: str) -> Any:
-    response = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=10)
+    response = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=HANG_S)
     body = response.json()
     assert body["status"] == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
     return body["data"]
@@ -163,7 +163,7 @@ def running_prometheus(binary: str, workdir: Path, targets: Sequence[str] = (),
                 except httpx.HTTPError:
                     return False
 
-            wait_for("prometheus to be ready", ready, timeout=30)
+            wait_for("prometheus to be ready", ready)
             yield url
         finally:
             process.terminate()
@@ -234,7 +234,8 @@ def test_every_dashboard_query_is_valid_promql(prometheus: str, tmp_path: Path) 
         for expr in exprs:
             api(url, "query", query=as_promql(expr))  # a parse error answers status "error"
         # A query that is not PromQL must fail, or the loop above proves nothing.
-        response = httpx.get(f"{url}/api/v1/query", params={"query": "rate(reranker_requests_total[1m]"}, timeout=10)
+        response = httpx.get(f"{url}/api/v1/query", params={"query": "rate(reranker_requests_total[1m]"},
+                             timeout=HANG_S)
         assert response.json()["status"] == "error"
 
 
