@@ -12,6 +12,7 @@ import torch
 from reranker import Reranker
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
+from tests.servers import HANG_S
 
 TOLERANCE = 1e-5
 
@@ -95,7 +96,7 @@ def test_concurrent_callers_each_get_exactly_their_own_results(
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(HANG_S)
         batch_sizes = reranker.metrics.registry.get_sample_value("reranker_batch_size_count")
 
     for i in range(8):

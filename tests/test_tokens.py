@@ -13,6 +13,7 @@ from reranker import ValidationError, tokens
 from reranker.model import ScoringModel, load_model
 from reranker.tokens import ChatTemplateEncoder, EncodedPair, ReferenceEncoder, TextPairEncoder, build_encoder
 from tests.conftest import model_settings
+from tests.servers import HANG_S
 
 
 @pytest.fixture(scope="session", params=["bert", "xlmr", "causal"])
@@ -94,7 +95,7 @@ def test_concurrent_encoding_gives_each_caller_its_own_pairs(any_model: ScoringM
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(HANG_S)
     for i in range(8):
         result = got[i]
         assert isinstance(result, list)
