@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-
 import gradio as gr
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from reranker import Reranker
-from web.errors import HttpError, to_http_error
+from web.api import build_api, json_refusals
+from web.backend import LocalBackend
+from web.errors import HttpError
 from web.gradio_api import ROUTE, GradioApiStatus, is_api_path
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
-from web.middleware import LIMITED_PATHS, BearerKey, BodyLimit
+from web.middleware import BearerKey, BodyLimit
 from web.request_id import RequestIdMiddleware
-from web.routes import build_router
 from web.service import RerankService
 from web.tracing import instrument
 from web.ui import build_ui
-
-logger = logging.getLogger(__name__)
-
-def _not_json(headers: Mapping[str, str]) -> str:
-    hint = "; send it uncompressed" if headers.get("content-encoding") else ""
-    return f"the request body is not valid JSON (UTF-8){hint}"
-
-
-def _validation_error(err: RequestValidationError, headers: Mapping[str, str]) -> HttpError:
-    problems = err.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        return HttpError(400, "invalid_json", _not_json(headers))
-    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json" and any(tuple(p.get("loc", ())) == ("body",) for p in problems):
-        # FastAPI reads a body it was not told is JSON as something else, and says only that it is no object.
-        return HttpError(422, "invalid_shape", "send the body as a JSON object with 'Content-Type: application/json'")
-    parts = []
-    for problem in problems[:5]:
-        where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
-    return HttpError(422, "invalid_shape", "; ".join(parts))
 
 
 def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory | None = None,
@@ -51,16 +25,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     """Build the whole HTTP surface over one reranker (one worker, one cache, one registry)."""
     lifecycle = lifecycle or Lifecycle()
     service = RerankService(reranker, history, lifecycle=lifecycle)
-    app = FastAPI(
-        title="Reranker",
-        summary="Cross-encoder reranking: Cohere/Jina and TEI compatible routes, Gradio UI at /",
-        docs_url="/docs",
-        redoc_url=None,
-    )
-
-    def refused(route: str, error: HttpError) -> None:
-        if route in LIMITED_PATHS and not error.counted:
-            service.refused(route, error)
+    refused = json_refusals(service.refused)
 
     def refused_while_draining(path: str, error: HttpError) -> None:
         """A JSON route, or a Gradio API call (route `ui`); the browser UI's queued events are not told apart
@@ -70,34 +35,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         else:
             refused(path, error)
 
-    @app.exception_handler(HttpError)
-    async def http_error(request: Request, err: HttpError) -> JSONResponse:
-        refused(request.url.path.rstrip("/"), err)
-        headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
-        return err.response(request.url.path, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8).
-        kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
-        error = HttpError(err.status_code, kind, message)
-        if err.status_code < 500:
-            refused(request.url.path.rstrip("/"), error)
-        return error.response(request.url.path, getattr(err, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        error = _validation_error(err, request.headers)
-        refused(request.url.path.rstrip("/"), error)
-        return error.response(request.url.path)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        logger.error("unhandled error", exc_info=err, extra={"route": request.url.path})
-        return to_http_error(err).response(request.url.path)
-
-    app.include_router(build_router(service))
+    app = build_api(LocalBackend(service), refused)
     settings = reranker.settings
     if ui:
         # RERANKER_UI_AUTH puts Gradio's login page in front of the UI; GradioLogin (below) extends it

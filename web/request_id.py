@@ -7,7 +7,8 @@ import contextvars
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -36,10 +37,12 @@ def request_age() -> float | None:
 
 
 class RequestIdMiddleware:
-    """Bind a request id for the request's context and add it to the response headers."""
+    """Bind a request id for the request's context and add it to the response headers (unless `echo` is off:
+    behind Ray Serve's proxy, which takes the caller's X-Request-ID, or makes one, and answers it itself)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], echo: bool = True) -> None:
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +59,17 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id if self.echo else send)
         finally:
             _current.reset(token)
             _arrived.reset(arrived)
+
+
+@contextmanager
+def bound_request_id(request_id: str) -> Iterator[None]:
+    """Serve a request whose id was bound elsewhere (a Ray Serve replica, behind the ingress that bound it)."""
+    token = _current.set(request_id)
+    try:
+        yield
+    finally:
+        _current.reset(token)

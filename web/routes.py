@@ -4,17 +4,15 @@ health and info."""
 from __future__ import annotations
 
 import math
-import platform
 import uuid
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from reranker import RerankResult
-from web.cancel import client_gone, run_cancellable
+from web.backend import Backend
 from web.errors import COHERE_V2, HttpError
 from web.middleware import LIMITED_PATHS
 from web.request_id import current_request_id, new_request_id
@@ -40,7 +38,8 @@ from web.schemas import (
     TextDocument,
     Usage,
 )
-from web.service import RerankCall, RerankService, split_lines
+from web.service import RerankCall, split_lines
+from web.versions import package_versions as package_versions  # app.py's start-up line names them
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": meaning}
@@ -55,21 +54,6 @@ COHERE_ERROR_RESPONSES = {
 }
 # Cohere bills a search unit per query and up to 100 documents; its clients may read the figure.
 DOCUMENTS_PER_SEARCH_UNIT = 100
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "sentence-transformers", "gradio", "fastapi", "prometheus-client"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-async def watched(request: Request, route: str, call: RerankCall, service: RerankService) -> RerankResult:
-    """The rerank on a worker thread; if the client disconnects meanwhile, its unstarted pairs are cancelled."""
-    return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), lambda: client_gone(request))
 
 
 def cohere_meta(api_version: str, result: RerankResult) -> CohereMeta:
@@ -106,21 +90,20 @@ def _trailing_slash(path: str) -> Callable[[], None]:
     return refuse
 
 
-def build_router(service: RerankService) -> APIRouter:
-    """Routes over one reranker (the bearer key is checked by web.middleware before them)."""
-    reranker = service.reranker
-    lifecycle = service.lifecycle
+def build_router(backend: Backend) -> APIRouter:
+    """Routes over one backend: this process's engine, or Ray Serve replicas (the bearer key is checked by
+    web.middleware before them)."""
     router = APIRouter()
 
     @router.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
                  responses=ERROR_RESPONSES, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
     async def cohere_rerank(body: CohereRerankRequest, request: Request) -> CohereRerankResponse:
         texts = cohere_texts(body.documents)
-        result = await watched(request, "/v1/rerank", RerankCall(
-            body.query, texts, body.top_n, body.instruction, body.raw_scores), service)
+        result = await backend.rerank(request, "/v1/rerank", RerankCall(
+            body.query, texts, body.top_n, body.instruction, body.raw_scores))
         return CohereRerankResponse(
             id=str(uuid.uuid4()),
-            model=reranker.model.model_id,
+            model=await backend.model_id(),
             results=[
                 CohereResult(index=r.index, relevance_score=r.score,
                              document=TextDocument(text=r.document) if body.return_documents else None)
@@ -137,9 +120,9 @@ def build_router(service: RerankService) -> APIRouter:
             raise HttpError(400, "invalid_request", 'relevant_spans is not supported: this service scores whole '
                                                     'documents; leave it out or set its mode to "disabled"')
         max_doc_tokens = body.max_tokens_per_doc
-        result = await watched(request, COHERE_V2, RerankCall(
+        result = await backend.rerank(request, COHERE_V2, RerankCall(
             body.query, cohere_texts(body.documents), body.top_n, body.instruction, body.raw_scores,
-            COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens), service)
+            COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens))
         return CohereV2RerankResponse(
             id=current_request_id() or new_request_id(),
             results=[CohereV2Result(index=r.index, relevance_score=r.score) for r in result.results],
@@ -151,7 +134,7 @@ def build_router(service: RerankService) -> APIRouter:
                  summary="Hugging Face TEI-compatible rerank")
     async def tei_rerank(body: TeiRerankRequest, request: Request) -> list[TeiResult]:
         call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores)
-        result = await watched(request, "/rerank", call, service)
+        result = await backend.rerank(request, "/rerank", call)
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)
                 for r in result.results]
 
@@ -165,7 +148,7 @@ def build_router(service: RerankService) -> APIRouter:
         documents = split_lines(data[1]) if isinstance(data[1], str) else data[1]
         top_n = data[2] if len(data) > 2 and data[2] not in (None, 0, "") else None
         instruction = data[3] if len(data) > 3 and data[3] not in (None, "") else None
-        result = await watched(request, "/api/predict", RerankCall(data[0], documents, top_n, instruction), service)
+        result = await backend.rerank(request, "/api/predict", RerankCall(data[0], documents, top_n, instruction))
         return PredictResponse(
             data=[[PredictResult(index=r.index, score=r.score, document=r.document) for r in result.results]],
             duration=result.stats.total_seconds,
@@ -185,36 +168,17 @@ def build_router(service: RerankService) -> APIRouter:
 
     @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
                 responses={503: {"model": ErrorResponse}})
-    def readyz() -> JSONResponse:
-        if lifecycle.draining:
-            return JSONResponse(HttpError(503, "shutting_down", lifecycle.reason).body(), status_code=503)
-        if not reranker.ready:
-            reason = f"the scoring device failed: {reranker.fault}" if reranker.fault else "the model is not ready"
-            return JSONResponse(HttpError(503, "not_ready", reason).body(), status_code=503)
-        return JSONResponse({"status": "ready", "model": reranker.model.model_id})
+    async def readyz() -> JSONResponse:
+        refusal = await backend.readiness()
+        if refusal is not None:
+            return JSONResponse(refusal.body(), status_code=refusal.status)
+        return JSONResponse({"status": "ready", "model": await backend.model_id()})
 
     for probe in (healthz, readyz):  # load balancers may probe with HEAD; kept out of the schema
         router.add_api_route(f"/{probe.__name__}", probe, methods=["HEAD"], include_in_schema=False)
 
     @router.get("/info", tags=["health"], summary="Model, device, limits and versions")
-    def info() -> dict[str, Any]:
-        s = reranker.settings
-        model = reranker.model
-        return {
-            "model": model.model_id,
-            "device": model.device,
-            "dtype": model.dtype,
-            "compile": model.compiled,
-            "max_length": model.max_length,
-            "long_docs": s.long_docs,
-            "accepts_instruction": model.accepts_instruction,
-            "model_load_seconds": round(model.load_seconds, 3),
-            "limits": {
-                "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
-                "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,
-                "max_body_bytes": s.max_body_bytes,
-            },
-            "versions": package_versions(),
-        }
+    async def info() -> dict[str, Any]:
+        return await backend.info()
 
     return router

@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from reranker import Reranker, RerankResult
 from reranker.logs import query_fields, should_log, trace_fields
+from reranker.metrics import Metrics
 from web.errors import HttpError, to_http_error
 from web.history import RequestHistory
 from web.lifecycle import Lifecycle
@@ -97,22 +98,7 @@ class RerankService:
 
     def refused(self, route: str, error: HttpError) -> None:
         """Book a request answered before it reached the engine (bad JSON, wrong shape, too big, no key)."""
-        status = error.outcome
-        metrics = self.reranker.metrics
-        metrics.requests.labels(route=route, status=status).inc()
-        age = request_age()  # unknown outside an HTTP request (a Gradio event)
-        if age is not None:
-            metrics.request_seconds.labels(route=route).observe(age)
-        request_id = current_request_id() or new_request_id()
-        ids = trace_fields(trace.get_current_span().get_span_context())
-        latency_ms = round(age * 1000, 2) if age is not None else None
-        self.history.add(route, 0, latency_ms or 0.0, status, request_id, ids.get("trace_id", ""))
-        fields: dict[str, object] = {
-            **dict.fromkeys(OPTIONAL_FIELDS), "request_id": request_id, "route": route, "status": status,
-            "latency_ms": latency_ms, "error_type": error.type, "http_status": error.status, "error": error.message,
-            **ids,
-        }
-        logger.log(_level(status, slow=False), "rerank refused", extra=fields)
+        book_refusal(self.reranker.metrics, self.history, route, error)
 
     def _log(self, route: str, request_id: str, call: RerankCall, status: str, elapsed: float, n_docs: int,
              result: RerankResult | None, error: HttpError | None, ids: dict[str, str]) -> None:
@@ -139,6 +125,26 @@ class RerankService:
             fields.update(error_type=error.type, http_status=error.status, error=error.message)
         slow = latency_ms >= settings.slow_ms
         logger.log(_level(status, slow), "slow rerank" if slow else "rerank", extra=fields)
+
+
+def book_refusal(metrics: Metrics, history: RequestHistory, route: str, error: HttpError) -> None:
+    """Metrics, history and log line of a request answered before it reached an engine: here, or at a Ray
+    Serve ingress, which has no engine of its own."""
+    status = error.outcome
+    metrics.requests.labels(route=route, status=status).inc()
+    age = request_age()  # unknown outside an HTTP request (a Gradio event)
+    if age is not None:
+        metrics.request_seconds.labels(route=route).observe(age)
+    request_id = current_request_id() or new_request_id()
+    ids = trace_fields(trace.get_current_span().get_span_context())
+    latency_ms = round(age * 1000, 2) if age is not None else None
+    history.add(route, 0, latency_ms or 0.0, status, request_id, ids.get("trace_id", ""))
+    fields: dict[str, object] = {
+        **dict.fromkeys(OPTIONAL_FIELDS), "request_id": request_id, "route": route, "status": status,
+        "latency_ms": latency_ms, "error_type": error.type, "http_status": error.status, "error": error.message,
+        **ids,
+    }
+    logger.log(_level(status, slow=False), "rerank refused", extra=fields)
 
 
 def _level(status: str, slow: bool) -> int:

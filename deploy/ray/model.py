@@ -1,0 +1,95 @@
+"""The model deployment: each replica owns one Reranker (one device, one batcher) behind a RerankService."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context, propagate
+from prometheus_client import CollectorRegistry
+from ray import serve
+
+from reranker import Reranker, RerankResult, Settings
+from reranker.logs import setup_logging
+from reranker.metrics import Metrics
+from reranker.tracing import Tracing
+from web.backend import describe, readiness
+from web.cancel import run_cancellable
+from web.errors import HttpError
+from web.request_id import bound_request_id
+from web.service import RerankCall, RerankService
+
+logger = logging.getLogger("reranker.ray")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a replica answers the ingress: a result, or the error to answer with (already counted here)."""
+
+    replica: str
+    result: RerankResult | None = None
+    error: tuple[int, str, str] | None = None  # status, type, message of an HttpError
+
+
+def replica_id() -> str:
+    """This replica's Serve id: the `replica` label of its metrics and the ingress's X-Reranker-Replica."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a replica (a unit test calling the class directly)
+        return f"pid-{os.getpid()}"
+
+
+@serve.deployment(name="RerankModel")
+class RerankModel:
+    """One engine per replica. Settings come from RERANKER_* of the replica's environment (as ./start.sh
+    reads them), with `environ` on top: the application's args, for tests and per-app overrides."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        settings = Settings.from_env({**os.environ, **(environ or {})})
+        setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
+        self.replica = replica_id()
+        self.metrics = Metrics(CollectorRegistry(), process_collector=True)
+        self.tracing = Tracing.from_settings(settings, self.metrics)
+        self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
+        self.service = RerankService(self.reranker)
+        logger.info("replica ready", extra={"replica": self.replica, "model": self.reranker.model.model_id,
+                                            "device": self.reranker.model.device,
+                                            "batch_tokens": self.reranker.batch_tokens})
+
+    async def rerank(self, route: str, call: RerankCall, request_id: str, carrier: dict[str, str]) -> Reply:
+        """One rerank, booked here (metrics, log line). A cancelled call (the client left the ingress) drops
+        its unstarted pairs, as in one process; `carrier` continues the caller's trace."""
+        token = context.attach(propagate.extract(carrier))
+        try:
+            with bound_request_id(request_id):
+                service = self.service
+                result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel))
+            return Reply(self.replica, result=result)
+        except HttpError as err:
+            return Reply(self.replica, error=(err.status, err.type, err.message))
+        finally:
+            context.detach(token)
+
+    def readiness(self) -> tuple[int, str, str] | None:
+        """None when this replica can score, else the 503 to answer."""
+        refusal = readiness(self.service)
+        return None if refusal is None else (refusal.status, refusal.type, refusal.message)
+
+    def info(self) -> dict[str, Any]:
+        return {**describe(self.service), "replica": self.replica}
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead worker or a poisoned device makes the replica unhealthy, and Serve
+        replaces it (the engine cannot recover in-process)."""
+        if not self.reranker.ready:
+            raise RuntimeError(f"reranker not ready: {self.reranker.fault or 'closed'}")
+
+    def __del__(self) -> None:
+        # Serve calls this once the replica's graceful shutdown has let accepted requests finish.
+        reranker = getattr(self, "reranker", None)
+        if reranker is not None:
+            reranker.close()
+            self.tracing.shutdown()

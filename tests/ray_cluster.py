@@ -1,0 +1,170 @@
+"""A local Ray cluster for tests: one node on loopback, no dashboard, no usage stats, stopped by process id.
+
+Two switches Ray reads when it is imported, set here and in tests/conftest.py (which pytest imports before
+any test module can import ray): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a one-node Ray take 127.0.0.1 as
+its node address (it otherwise picks the machine's interface address, and its agents listen there), and
+RAY_USAGE_STATS_ENABLED=0 keeps it from phoning home.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve.context import _get_global_client  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from tests.servers import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class LocalRay:
+    url: str  # Serve's HTTP proxy
+    metrics_port: int  # the node's metrics agent: ray_serve_* and every ray.util.metrics metric
+    pids: frozenset[int]  # Ray's processes when it was up
+    temp: Path  # Ray's temp dir: session_latest/logs holds every worker's stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """Processes of a deployment's replicas, found by the title Ray gives them."""
+    title = f"ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for pid in descendants(os.getpid()):
+        try:
+            if title in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+@contextmanager
+def local_ray(env: dict[str, str], num_cpus: int = 8) -> Iterator[LocalRay]:
+    """Ray and Serve on loopback with `env` in every worker's environment; everything stopped afterwards."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    before = descendants(os.getpid())
+    metrics_port, http_port = free_port(), free_port()
+    pids: frozenset[int] = frozenset()
+    # A local Ray turns token authentication on and saves a new token in ~/.ray unless it is given one.
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+                 _metrics_export_port=metrics_port, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **env}})
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        pids = frozenset(descendants(os.getpid()) - before)
+        yield LocalRay(f"http://127.0.0.1:{http_port}", metrics_port, pids, Path(temp))
+    finally:
+        started = (descendants(os.getpid()) - before) | pids
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            stop(started)
+            shutil.rmtree(temp, ignore_errors=True)
+            if token is None:
+                del os.environ["RAY_AUTH_TOKEN"]
+            else:
+                os.environ["RAY_AUTH_TOKEN"] = token
+
+
+def stop(pids: set[int], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is left after `grace` seconds; each process by its id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if alive(pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:  # reap our own children
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def deploy(config: dict[str, Any], app: str, timeout: float = 180.0) -> None:
+    """Deploy a serve.yaml-shaped config (as `serve run` does) and wait until `app` is RUNNING."""
+    client = _get_global_client()  # what `serve run` deploys a config file through
+    assert client is not None
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{app} failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{app} not running after {timeout} s: {serve.status().applications.get(app)}")
+
+
+def worker_log_lines(cluster: LocalRay) -> list[dict[str, Any]]:
+    """Every JSON line the workers (replicas) wrote to stdout so far."""
+    lines = []
+    for path in (cluster.temp / "session_latest" / "logs").glob("worker-*.out"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue
+    return lines
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    status = serve.status().applications[app].deployments[deployment]
+    return sum(n for state, n in status.replica_states.items() if state == "RUNNING")

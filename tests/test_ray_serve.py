@@ -1,0 +1,224 @@
+"""The Ray Serve mode on a local loopback Ray (2 CPU replicas of a tiny model behind the ingress): same answers
+as one process, every replica serving, no request lost to a killed replica, a rolling update or a client that
+leaves, autoscaling up and down. One Ray cluster for the whole module (it takes ~10 s and ~1.5 GiB)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
+
+import copy  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from reranker import Reranker  # noqa: E402
+from reranker.model import ScoringModel  # noqa: E402
+from tests.conftest import TEST_MAX_LENGTH, model_settings  # noqa: E402
+from tests.ray_cluster import (  # noqa: E402
+    ROOT,
+    LocalRay,
+    deploy,
+    descendants,
+    local_ray,
+    replica_pids,
+    running_replicas,
+    worker_log_lines,
+)
+from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
+from tests.tiny_models import random_text  # noqa: E402
+
+APP = "reranker"
+MODEL = "RerankModel"
+
+
+def app_config(model_dir: Path, *, replicas: int = 2, **env: str) -> dict[str, Any]:
+    """deploy/ray/serve.yaml as it is, but for the tiny model, fixed replicas and the cluster's own HTTP port."""
+    config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text())
+    del config["http_options"]  # local_ray started Serve on a free loopback port
+    app = config["applications"][0]
+    app["args"]["env"] = {"RERANKER_MODEL": str(model_dir), "RERANKER_DEVICE": "cpu", "RERANKER_DTYPE": "float32",
+                          "RERANKER_MAX_LENGTH": str(TEST_MAX_LENGTH), "RERANKER_API_KEY": KEY, **env}
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"]["num_cpus"] = 0.5
+    model = app["deployments"][0]
+    del model["autoscaling_config"]
+    model["num_replicas"] = replicas
+    return config
+
+
+@pytest.fixture(scope="module")
+def cluster(bert_dir: Path) -> Iterator[LocalRay]:
+    with local_ray({}) as running:
+        deploy(app_config(bert_dir), APP)
+        yield running
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> float:
+    """Seconds until `condition()` held; fails after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_mixed_load_scores_as_one_process_on_every_replica(cluster: LocalRay, bert_model: ScoringModel,
+                                                             bert_dir: Path) -> None:
+    load = Load(cluster.url, clients=4, seed=1).start()
+    try:
+        wait_for(lambda: load.total >= 120 and len(load.replicas) >= 2, 120, "120 answers from both replicas")
+    finally:
+        load.stop()
+    assert load.failures == {}
+    assert len([r for r in load.replicas if r]) == 2, load.replicas
+    with Reranker(bert_model, model_settings(bert_dir)) as local:
+        for path, query, docs, scores in load.answers[:60]:
+            expected = {r.index: r.score for r in local.rerank(query, docs)}
+            assert scores.keys() == expected.keys(), path
+            assert all(abs(scores[i] - expected[i]) < 1e-5 for i in scores), path
+
+
+def test_same_errors_limits_and_auth_as_one_process(cluster: LocalRay) -> None:
+    url = cluster.url
+    assert httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}).status_code == 401
+    bad = httpx.post(f"{url}/v1/rerank", json={"query": "q"}, headers=HEADERS)
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_shape"
+    empty = httpx.post(f"{url}/rerank", json={"query": "", "texts": ["a"]}, headers=HEADERS)
+    assert empty.status_code == 400 and empty.json()["error"]["type"] == "invalid_request"
+    cohere = httpx.post(f"{url}/v2/rerank", json={"model": "m", "query": "", "documents": ["a"]}, headers=HEADERS)
+    assert cohere.status_code == 400 and set(cohere.json()) == {"id", "message"}  # Cohere's error shape
+    assert httpx.get(f"{url}/v1/rerank", headers=HEADERS).status_code == 405
+    assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+    info = httpx.get(f"{url}/info").json()
+    assert info["device"] == "cpu" and info["limits"]["max_docs"] == 1000
+    answer = httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["a"]},
+                        headers={**HEADERS, "x-request-id": "given-id-1"})
+    assert answer.headers.get_list("x-request-id") == ["given-id-1"]
+
+
+def test_a_client_disconnect_cancels_the_replica_call(cluster: LocalRay) -> None:
+    import random
+
+    rng = random.Random(7)
+    docs = [random_text(rng, 400) for _ in range(1000)]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.url}/v1/rerank", json={"query": "cancel me", "documents": docs}, headers=HEADERS,
+                   timeout=httpx.Timeout(30, read=1.0))
+
+    def cancelled() -> bool:
+        return any(line.get("status") == "cancelled" and line.get("route") == "/v1/rerank"
+                   for line in worker_log_lines(cluster))
+
+    wait_for(cancelled, 60, "a replica's request line with status cancelled")
+
+
+def test_loopback_only(cluster: LocalRay) -> None:
+    """Every TCP socket of Ray's processes has loopback ends. The one exception is Serve's own: each replica's
+    inter-deployment gRPC server listens on [::]:0, hard-coded in ray 2.60 (serve/_private/replica.py)."""
+    load = Load(cluster.url, clients=2, seed=5).start()
+    try:
+        wait_for(lambda: load.total >= 20, 60, "load running")
+        sockets = tcp_sockets(descendants(os.getpid()))
+    finally:
+        load.stop()
+    assert len(sockets) > 20, sockets
+    outside = [s for s in sockets if not (_loopback(s[0]) and _loopback(s[1]))
+               and not (s[2] == "LISTEN" and s[0] in ("::", "0.0.0.0") and "ServeReplica" in s[3])]
+    assert not outside, outside
+
+
+def _loopback(address: str) -> bool:
+    return address.startswith(("127.", "::ffff:127.")) or address == "::1" or (address in ("::", "0.0.0.0"))
+
+
+def tcp_sockets(pids: set[int]) -> list[tuple[str, str, str, str]]:
+    """(local address, remote address, state, process title) of every TCP socket these processes hold."""
+    owner: dict[str, str] = {}
+    for pid in pids:
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owner[target[8:-1]] = f"{pid} {title}"
+        except OSError:
+            continue
+    found = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in owner:
+                state = "LISTEN" if fields[3] == "0A" else "ESTABLISHED" if fields[3] == "01" else fields[3]
+                found.append((_address(fields[1], v6), _address(fields[2], v6), state, owner[fields[9]]))
+    return found
+
+
+def _address(hex_address: str, v6: bool) -> str:
+    import ipaddress
+
+    host = bytes.fromhex(hex_address.split(":")[0])
+    if not v6:
+        return str(ipaddress.IPv4Address(host[::-1]))
+    words = b"".join(host[i:i + 4][::-1] for i in range(0, 16, 4))
+    address = ipaddress.IPv6Address(words)
+    return f"::ffff:{address.ipv4_mapped}" if address.ipv4_mapped else str(address)
+
+
+def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
+    load = Load(cluster.url, clients=4, seed=2).start()
+    try:
+        wait_for(lambda: load.total >= 20, 60, "load running")
+        victim, survivor = replica_pids(APP, MODEL)
+        os.kill(victim, signal.SIGKILL)
+        recovered = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(
+            set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, 90, "a replacement replica")
+        served = load.total
+        wait_for(lambda: load.total >= served + 20, 60, "load served after the replacement")
+    finally:
+        load.stop()
+    print(f"replica replaced in {recovered:.1f} s after the kill")
+    assert load.failures == {}, load.failures
+
+
+def test_rolling_update_under_load_loses_nothing(cluster: LocalRay, bert_dir: Path) -> None:
+    before = set(replica_pids(APP, MODEL))
+    load = Load(cluster.url, clients=4, seed=3).start()
+    try:
+        wait_for(lambda: load.total >= 20, 60, "load running")
+        updated = copy.deepcopy(app_config(bert_dir, RERANKER_LOG_SAMPLE_RATE="0.5"))
+        deploy(updated, APP)
+        wait_for(lambda: running_replicas(APP, MODEL) == 2 and not set(replica_pids(APP, MODEL)) & before, 120,
+                 "two new replicas")
+        served = load.total
+        wait_for(lambda: load.total >= served + 20, 60, "load served by the new replicas")
+    finally:
+        load.stop()
+    assert load.failures == {}, load.failures
+
+
+def test_autoscaling_up_under_load_and_down_when_idle(cluster: LocalRay, bert_dir: Path) -> None:
+    config = app_config(bert_dir)
+    model = config["applications"][0]["deployments"][0]
+    del model["num_replicas"]
+    model["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+                                   "target_ongoing_requests": 1,
+                                   "look_back_period_s": 12, "upscale_delay_s": 1, "downscale_delay_s": 3}
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 1, 120, "down to the one initial replica")
+    load = Load(cluster.url, clients=6, seed=4).start()
+    try:
+        up = wait_for(lambda: running_replicas(APP, MODEL) == 2, 120, "a second replica under load")
+    finally:
+        load.stop()
+    down = wait_for(lambda: running_replicas(APP, MODEL) == 1, 120, "back to one replica when idle")
+    print(f"autoscaling: up in {up:.1f} s under load, down in {down:.1f} s idle")
+    assert load.failures == {}, load.failures

@@ -1,0 +1,90 @@
+"""The JSON routes as a FastAPI app with their error handling, over any Backend; no Gradio in here, so that a
+Ray Serve ingress (deploy/ray) builds the same app without loading the UI's framework."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from web.backend import Backend
+from web.errors import HttpError, to_http_error
+from web.middleware import LIMITED_PATHS, OnRefuse
+from web.routes import build_router
+
+logger = logging.getLogger(__name__)
+
+
+def _not_json(headers: Mapping[str, str]) -> str:
+    hint = "; send it uncompressed" if headers.get("content-encoding") else ""
+    return f"the request body is not valid JSON (UTF-8){hint}"
+
+
+def _validation_error(err: RequestValidationError, headers: Mapping[str, str]) -> HttpError:
+    problems = err.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return HttpError(400, "invalid_json", _not_json(headers))
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and any(tuple(p.get("loc", ())) == ("body",) for p in problems):
+        # FastAPI reads a body it was not told is JSON as something else, and says only that it is no object.
+        return HttpError(422, "invalid_shape", "send the body as a JSON object with 'Content-Type: application/json'")
+    parts = []
+    for problem in problems[:5]:
+        where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+    return HttpError(422, "invalid_shape", "; ".join(parts))
+
+
+def json_refusals(book: OnRefuse) -> OnRefuse:
+    """`book` for the JSON routes' refusals not yet counted; other paths (Gradio's) are counted elsewhere."""
+    def refused(route: str, error: HttpError) -> None:
+        if route in LIMITED_PATHS and not error.counted:
+            book(route, error)
+    return refused
+
+
+def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
+    """The JSON routes over `backend` with their error handling; `refused` books what they answer before the
+    engine. The caller adds the middleware (web.middleware) and, in one process, the Gradio UI."""
+    app = FastAPI(
+        title="Reranker",
+        summary="Cross-encoder reranking: Cohere/Jina and TEI compatible routes, Gradio UI at /",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(HttpError)
+    async def http_error(request: Request, err: HttpError) -> JSONResponse:
+        refused(request.url.path.rstrip("/"), err)
+        headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
+        return err.response(request.url.path, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8).
+        kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
+        error = HttpError(err.status_code, kind, message)
+        if err.status_code < 500:
+            refused(request.url.path.rstrip("/"), error)
+        return error.response(request.url.path, getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        error = _validation_error(err, request.headers)
+        refused(request.url.path.rstrip("/"), error)
+        return error.response(request.url.path)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=err, extra={"route": request.url.path})
+        return to_http_error(err).response(request.url.path)
+
+    app.include_router(build_router(backend))
+    return app
+
+
