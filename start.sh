@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Start the reranker: UI and API on RERANKER_PORT (7860), metrics on RERANKER_METRICS_PORT (9091).
+# `./start.sh --ray`: the JSON routes on Ray Serve instead (deploy/ray/serve.yaml, port 8000; docs/scale-out.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,6 +25,24 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
     touch "$stamp"
+fi
+
+if [ "${1:-}" = "--ray" ]; then
+    stamp=.venv/.installed-ray
+    if [ ! -f "$stamp" ] || [ requirements-ray.txt -nt "$stamp" ]; then
+        say "installing requirements-ray.txt (first --ray run only)"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-ray.txt >&2
+        touch "$stamp"
+    fi
+    : "${RAY_USAGE_STATS_ENABLED:=0}"
+    export RAY_USAGE_STATS_ENABLED
+    if [ -z "${RAY_ADDRESS:-}" ]; then
+        # A one-node Ray started here keeps to loopback (it otherwise takes the machine's interface address).
+        : "${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:=0}"
+        export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    fi
+    say "starting Ray Serve (deploy/ray/serve.yaml): JSON routes at http://127.0.0.1:8000/"
+    exec .venv/bin/serve run deploy/ray/serve.yaml
 fi
 
 say "loading ${RERANKER_MODEL:-BAAI/bge-reranker-v2-m3}; UI and API will be at http://${RERANKER_HOST:-127.0.0.1}:${RERANKER_PORT:-7860}/"
