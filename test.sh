@@ -22,10 +22,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-dev
 if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] \
-        || [ requirements-docs.txt -nt "$stamp" ]; then
+        || [ requirements-docs.txt -nt "$stamp" ] || [ requirements-ray.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -r requirements-dev.txt
-    touch "$stamp" .venv/.installed-runtime
+    # Ray Serve, for deploy/ray and tests/test_ray_*.py (./start.sh --ray installs the same).
+    .venv/bin/python -m pip install --quiet -r requirements-ray.txt
+    touch "$stamp" .venv/.installed-runtime .venv/.installed-ray
 fi
 # LangChain's and LlamaIndex's Cohere rerankers, which pin an older cohere SDK: their own venv, for
 # tests/test_clients.py.
