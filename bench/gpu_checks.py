@@ -45,11 +45,13 @@ def profile(reranker: Reranker, requests: Sequence[tuple[str, list[str]]], out: 
     # thread has delivered its scores, so every forward pass of these requests lies inside the window.
     with torch_profile(activities=activities, experimental_config=config) as prof, record_function(CALLER):
         seconds = run_timed(reranker, requests)
-    events = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CPU]
-    caller = next(event.thread for event in events if event.name == CALLER)
-    engine = [event for event in events if event.thread != caller]
+    # Operators only: a CUDA runtime call (a launch, a synchronize) is filed under the OS thread id, operators and
+    # the caller's range under the profiler's own thread numbers.
+    operators = [event for event in prof.events() if event.name.startswith("aten::")]
+    caller = next(event.thread for event in prof.events() if event.name == CALLER)
+    engine = [event for event in operators if event.thread != caller]
     waits: dict[str, float] = {}
-    for event in events:
+    for event in prof.events():
         if "Synchronize" in event.name:
             waits[event.name] = waits.get(event.name, 0.0) + event.cpu_time_total / 1e6
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -58,7 +60,7 @@ def profile(reranker: Reranker, requests: Sequence[tuple[str, list[str]]], out: 
         report.write(f"{label}: {len(requests)} requests back to back, {seconds:.3f} s under the profiler\n")
         # Where the model runs: none here means the profiler saw only the caller (a torch without
         # profile_all_threads), and the table below lacks the forward passes.
-        report.write(f"operators run on the engine's threads: {len(engine)} of {len(events) - 1}, "
+        report.write(f"aten operators run on the engine's threads: {len(engine)} of {len(operators)}, "
                      f"{sum(event.self_cpu_time_total for event in engine) / 1e6:.3f} s of CPU time\n")
         for name, waited in sorted(waits.items()):
             report.write(f"waiting in {name}: {waited:.3f} s ({waited / seconds:.0%} of the wall time)\n")
