@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the reranker: UI and API on RERANKER_PORT (7860), metrics on RERANKER_METRICS_PORT (9091).
-# `./start.sh --ray`: the JSON routes on Ray Serve instead (deploy/ray/serve.yaml, port 8000; docs/scale-out.md).
+# `./start.sh --ray`: the same on Ray Serve instead (deploy/ray/serve.yaml, port 8000; docs/scale-out.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,13 +36,9 @@ if [ "${1:-}" = "--ray" ]; then
     fi
     : "${RAY_USAGE_STATS_ENABLED:=0}"
     export RAY_USAGE_STATS_ENABLED
-    if [ -z "${RAY_ADDRESS:-}" ]; then
-        # A one-node Ray started here keeps to loopback (it otherwise takes the machine's interface address).
-        : "${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:=0}"
-        export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
-    fi
-    say "starting Ray Serve (deploy/ray/serve.yaml): JSON routes at http://127.0.0.1:8000/"
-    exec .venv/bin/serve run deploy/ray/serve.yaml
+    say "starting Ray Serve (deploy/ray/serve.yaml) at RERANKER_HOST:RERANKER_PORT where set, else 127.0.0.1:8000"
+    # `serve run` on a one-node Ray kept to loopback (or the cluster at RAY_ADDRESS); SIGTERM stops it as Ctrl-C.
+    exec .venv/bin/python -m deploy.ray
 fi
 
 say "loading ${RERANKER_MODEL:-BAAI/bge-reranker-v2-m3}; UI and API will be at http://${RERANKER_HOST:-127.0.0.1}:${RERANKER_PORT:-7860}/"

@@ -28,10 +28,19 @@ def test_serve_yaml_passes_ray_serves_schema() -> None:
     assert config.logging_config is not None and config.logging_config.encoding == "JSON"
 
 
-def test_the_kuberay_manifest_embeds_serve_yaml_as_it_is() -> None:
+def test_serve_yaml_keeps_to_loopback() -> None:
+    assert yaml.safe_load(SERVE_YAML.read_text())["http_options"]["host"] == "127.0.0.1"
+
+
+def test_the_kuberay_manifest_embeds_serve_yaml_listening_on_every_interface() -> None:
+    """serve.yaml's proxies keep to loopback, as ./start.sh does; a cluster's take traffic from the pods' network.
+    That host is the one difference."""
     manifest = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
-    assert manifest["spec"]["serveConfigV2"] == SERVE_YAML.read_text()
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    local = yaml.safe_load(SERVE_YAML.read_text())
+    assert embedded == {**local, "http_options": {**local["http_options"], "host": "0.0.0.0"}}
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()
 
 
@@ -46,3 +55,15 @@ def schema_version() -> str:
     from importlib.metadata import version
 
     return version("ray")
+
+
+def test_reranker_host_and_port_replace_the_proxies_address_where_set() -> None:
+    from deploy.ray.__main__ import ConfigError, with_address
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    assert with_address(config, {}) == config
+    moved = with_address(config, {"RERANKER_HOST": "0.0.0.0", "RERANKER_PORT": "8123"})["http_options"]
+    assert (moved["host"], moved["port"]) == ("0.0.0.0", 8123)
+    assert moved["request_timeout_s"] == config["http_options"]["request_timeout_s"]
+    with pytest.raises(ConfigError, match="RERANKER_PORT='http' is not valid"):
+        with_address(config, {"RERANKER_PORT": "http"})

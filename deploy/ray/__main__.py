@@ -1,0 +1,81 @@
+"""`python -m deploy.ray [CONFIG]` (what `./start.sh --ray` runs): `serve run` of deploy/ray/serve.yaml, stopped
+cleanly by SIGTERM as by Ctrl-C.
+
+Without RAY_ADDRESS it starts a one-node Ray of its own, as `serve run` would, but kept to loopback (node address
+127.0.0.1), without the dashboard, and with a token for this run only: a local Ray otherwise saves a new one in
+~/.ray. RERANKER_HOST and RERANKER_PORT, when set, replace serve.yaml's `http_options` host and port (as they
+name the single-process server's address). On SIGTERM or SIGINT, Serve drains and deletes the applications,
+then Ray stops every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = "deploy/ray/serve.yaml"
+
+
+class ConfigError(ValueError):
+    """A RERANKER_HOST/RERANKER_PORT override that cannot apply."""
+
+
+def with_address(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`config` with RERANKER_HOST/RERANKER_PORT, where set, as its proxies' host and port."""
+    http = dict(config.get("http_options") or {})
+    if environ.get("RERANKER_HOST"):
+        http["host"] = environ["RERANKER_HOST"]
+    if environ.get("RERANKER_PORT"):
+        raw = environ["RERANKER_PORT"]
+        if not raw.isdigit() or int(raw) > 65535:
+            raise ConfigError(f"RERANKER_PORT={raw!r} is not valid; use a port number from 0 to 65535")
+        http["port"] = int(raw)
+    return {**config, "http_options": http}
+
+
+def start_local_ray(environ: MutableMapping[str, str]) -> None:
+    """A one-node Ray on 127.0.0.1 for this process; Ray stops it when this process exits."""
+    # Read when ray is imported: a one-node Ray takes 127.0.0.1, not the interface address, for every agent.
+    environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    import ray
+
+    ray.init(namespace="serve", include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
+    """Run `serve run` on `config_path` (with the address overrides) until SIGTERM or SIGINT."""
+    environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
+    if not environ.get("RAY_ADDRESS"):
+        start_local_ray(environ)
+    # After ray.init, whose own SIGTERM handler exits without deleting the applications: `serve run` shuts
+    # Serve down on KeyboardInterrupt, letting replicas finish what they accepted (graceful_shutdown_timeout_s).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from ray.serve.scripts import cli
+
+    with tempfile.TemporaryDirectory(prefix="reranker-serve-") as folder:
+        path = Path(folder) / "serve.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        cli.main(["run", str(path)], prog_name="serve")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        serve_run(args[0] if args else DEFAULT_CONFIG, os.environ)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
