@@ -137,12 +137,13 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> An
 
 @contextmanager
 def running_prometheus(binary: str, workdir: Path, targets: Sequence[str] = (),
-                       rule_files: Sequence[Path] = ()) -> Iterator[str]:
-    """A real Prometheus on a free loopback port scraping `targets` every second; yields its URL, then stops it."""
+                       rule_files: Sequence[Path] = (), jobs: Sequence[dict[str, Any]] = ()) -> Iterator[str]:
+    """A real Prometheus on a free loopback port scraping `targets` (job reranker) and `jobs` (scrape configs)
+    every second; yields its URL, then stops it."""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [{"job_name": "reranker", "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": [{"job_name": "reranker", "static_configs": [{"targets": list(targets)}]}, *jobs],
     }
     config_path = workdir / "prometheus.yml"
     config_path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
@@ -192,9 +193,15 @@ def test_prometheus_config_passes_promtool_with_its_rule_file(promtool: str) -> 
     config = load_yaml(ROOT / "prometheus.yml")
     assert config["global"]["scrape_interval"] == "15s"
     assert config["rule_files"] == ["monitoring/alerts.yml"]
-    (job,) = config["scrape_configs"]
-    assert job["job_name"] == "reranker"
-    assert job["static_configs"] == [{"targets": ["localhost:9091"]}]
+    single, ray = config["scrape_configs"]
+    assert single["job_name"] == "reranker"
+    assert single["static_configs"] == [{"targets": ["localhost:9091"]}]
+    # Ray Serve mode: the node's metrics agent, its ray_reranker_* renamed to what the rules and dashboard read
+    # (tests/test_ray_serve.py scrapes a live Ray with this job).
+    assert ray["job_name"] == "ray" and ray["static_configs"] == [{"targets": ["localhost:8080"]}]
+    (rename,) = ray["metric_relabel_configs"]
+    assert rename == {"source_labels": ["__name__"], "regex": "ray_(reranker_.+)", "target_label": "__name__",
+                      "replacement": "$1"}
 
 
 def test_alert_rules_pass_promtool_and_say_what_to_do(promtool: str) -> None:
@@ -208,8 +215,10 @@ def test_alert_rules_pass_promtool_and_say_what_to_do(promtool: str) -> None:
         assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 100, rule["alert"]
 
 
-def test_alert_rules_unit_tests_pass(promtool: str) -> None:
-    assert "SUCCESS" in run_promtool(promtool, "test", "rules", "monitoring/alerts_test.yml")
+@pytest.mark.parametrize("tests", ["alerts_test.yml", "alerts_serve_test.yml"])
+def test_alert_rules_unit_tests_pass(promtool: str, tests: str) -> None:
+    """One process's series, and Ray Serve mode's (job ray, per-replica labels)."""
+    assert "SUCCESS" in run_promtool(promtool, "test", "rules", f"monitoring/{tests}")
 
 
 def test_dashboard_is_importable_and_has_every_panel() -> None:

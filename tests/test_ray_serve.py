@@ -20,6 +20,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from reranker import Reranker  # noqa: E402
+from reranker.metrics import LATENCY_BUCKETS  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
 from tests.conftest import TEST_MAX_LENGTH, model_settings  # noqa: E402
 from tests.ray_cluster import (  # noqa: E402
@@ -33,6 +34,7 @@ from tests.ray_cluster import (  # noqa: E402
     worker_log_lines,
 )
 from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
+from tests.test_prometheus import ALERTS, _tool, api, load_yaml, running_prometheus  # noqa: E402
 from tests.tiny_models import random_text  # noqa: E402
 
 APP = "reranker"
@@ -103,6 +105,41 @@ def test_same_errors_limits_and_auth_as_one_process(cluster: LocalRay) -> None:
     answer = httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["a"]},
                         headers={**HEADERS, "x-request-id": "given-id-1"})
     assert answer.headers.get_list("x-request-id") == ["given-id-1"]
+
+
+def test_prometheus_scrapes_every_replica_through_ray(cluster: LocalRay, tmp_path: Path) -> None:
+    """prometheus.yml's Ray job, pointed at this node's metrics agent: each replica's reranker_* series under
+    the single-process names with its `replica` label (the one X-Reranker-Replica named), Ray's ray_serve_*,
+    and the alert rules evaluating on them."""
+    (job,) = [job for job in load_yaml(ROOT / "prometheus.yml")["scrape_configs"] if job["job_name"] == "ray"]
+    job = {**job, "scrape_interval": "1s", "static_configs": [{"targets": [f"127.0.0.1:{cluster.metrics_port}"]}]}
+    load = Load(cluster.url, clients=4, seed=6).start()
+    try:
+        wait_for(lambda: load.total >= 40 and len(load.replicas) >= 2, 120, "40 answers from both replicas")
+    finally:
+        load.stop()
+    served = {replica for replica in load.replicas if replica}
+    assert len(served) == 2, load.replicas
+    with running_prometheus(_tool("prometheus"), tmp_path, jobs=[job], rule_files=[ALERTS]) as url:
+        def replicas() -> set[str]:
+            query = 'sum by (replica) (reranker_requests_total{job="ray", deployment="RerankModel", status="ok"})'
+            return {row["metric"]["replica"] for row in api(url, "query", query=query)["result"]}
+
+        wait_for(lambda: replicas() >= served, 120, f"reranker_requests_total of replicas {served}")
+        assert api(url, "query", query='ray_serve_deployment_request_counter_total{deployment="RerankModel"}')["result"]
+        assert api(url, "query", query='{__name__=~"ray_reranker_.+"}')["result"] == []  # all renamed
+        buckets = api(url, "query", query='reranker_request_duration_seconds_bucket{deployment="RerankModel"}')
+        assert {float(row["metric"]["le"]) for row in buckets["result"]} == {*LATENCY_BUCKETS, float("inf")}
+        info = api(url, "query", query="reranker_model_info")["result"]
+        assert {row["metric"]["replica"] for row in info} >= served and info[0]["metric"]["device"] == "cpu"
+
+        def evaluated() -> list[dict[str, Any]]:
+            rules = [rule for group in api(url, "rules")["groups"] for rule in group["rules"]]
+            return rules if all(rule["health"] != "unknown" for rule in rules) else []
+
+        wait_for(lambda: bool(evaluated()), 60, "the alert rules to be evaluated")
+        for rule in evaluated():
+            assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
 
 
 def test_a_client_disconnect_cancels_the_replica_call(cluster: LocalRay) -> None:

@@ -13,14 +13,13 @@ import os
 from collections.abc import Mapping
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deploy.ray.metrics import replica_metrics
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend
 from reranker import Settings
 from reranker.logs import setup_logging
-from reranker.metrics import Metrics
 from reranker.tracing import Tracing
 from web.api import build_api, json_refusals
 from web.history import RequestHistory
@@ -63,7 +62,7 @@ class Ingress:
                  deadline_s: float = 60.0) -> None:
         self.settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(self.settings.log_level)
-        self.metrics = Metrics(CollectorRegistry(), process_collector=True)
+        self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
         self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s)

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, propagate
-from prometheus_client import CollectorRegistry
 from ray import serve
 
+from deploy.ray.metrics import replica_metrics
 from reranker import Reranker, RerankResult, Settings
 from reranker.logs import setup_logging
-from reranker.metrics import Metrics
 from reranker.tracing import Tracing
 from web.backend import describe, readiness
 from web.cancel import run_cancellable
@@ -51,7 +50,7 @@ class RerankModel:
         settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
         self.replica = replica_id()
-        self.metrics = Metrics(CollectorRegistry(), process_collector=True)
+        self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
         self.tracing = Tracing.from_settings(settings, self.metrics)
         self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
         self.service = RerankService(self.reranker)

@@ -1,0 +1,117 @@
+"""deploy/ray/metrics.py without a cluster: every metric of a replica is teed into a Ray metric of the same family
+name, label names and buckets, and what the engine records reaches both (Ray's classes replaced by fakes)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from deploy.ray.metrics import replica_metrics
+from reranker.metrics import LATENCY_BUCKETS, Metrics
+
+
+@dataclass
+class FakeRayMetric:
+    """What ray.serve.metrics' Counter, Gauge and Histogram are given, and what they record, by tags."""
+
+    kind: str
+    name: str
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: list[float] | None = None
+    values: dict[tuple[tuple[str, str], ...], list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, value: float, tags: dict[str, str] | None) -> None:
+        assert type(value) in (int, float), f"Ray takes int or float, not {type(value)}"
+        tags = tags or {}
+        assert set(tags) == set(self.tag_keys), (self.name, tags, self.tag_keys)
+        self.values[tuple(sorted(tags.items()))].append(value)
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        assert value > 0, "Ray refuses a counter increment of 0 or less"
+        self.record(value, tags)
+
+    def _record(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.record(value, tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.record(value, tags)
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.record(value, tags)
+
+
+def fake_ray_metrics() -> tuple[Any, dict[str, FakeRayMetric]]:
+    made: dict[str, FakeRayMetric] = {}
+
+    def maker(kind: str) -> Any:
+        def make(name: str, description: str = "", boundaries: list[float] | None = None,
+                 tag_keys: tuple[str, ...] | None = None) -> FakeRayMetric:
+            assert name not in made, f"{name} made twice"
+            made[name] = FakeRayMetric(kind, name, description, tag_keys or (), boundaries)
+            return made[name]
+        return make
+
+    module = SimpleNamespace(Counter=maker("counter"), Gauge=maker("gauge"), Histogram=maker("histogram"))
+    return module, made
+
+
+def test_every_metric_has_a_ray_twin_with_the_same_name_labels_and_buckets() -> None:
+    module, made = fake_ray_metrics()
+    metrics = replica_metrics(module)
+    metrics.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64", "compile": "no"})
+    single = Metrics(CollectorRegistry())
+    single.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64", "compile": "no"})
+    single.requests.labels(route="/v1/rerank", status="ok")  # labelled metrics show samples once a child exists
+    single.request_seconds.labels(route="/v1/rerank")
+    for family in single.registry.collect():
+        ray_name = family.name + ("_info" if family.type == "info" else "")
+        twin = made.get(ray_name)
+        assert twin is not None, f"{family.name} is not exported through Ray"
+        assert twin.kind == {"info": "gauge"}.get(family.type, family.type), family.name
+        labelnames = {name for sample in family.samples for name in sample.labels if name != "le"}
+        if family.type != "info":
+            assert set(twin.tag_keys) >= labelnames, family.name
+        if family.type == "histogram":
+            bounds = sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
+            assert twin.boundaries == bounds[:-1], f"{family.name}: buckets differ from single-process mode"
+    assert made["reranker_request_duration_seconds"].boundaries == list(LATENCY_BUCKETS)
+    # The process collector stays in the replica's own registry: Ray exports its per-process metrics itself.
+    assert metrics.registry.get_sample_value("process_resident_memory_bytes") is not None
+    assert not any(name.startswith("process_") for name in made)
+
+
+def test_what_the_engine_records_reaches_both_the_registry_and_ray() -> None:
+    module, made = fake_ray_metrics()
+    metrics = replica_metrics(module)
+    metrics.requests.labels(route="/v1/rerank", status="ok").inc()
+    metrics.requests.labels("/rerank", "invalid").inc()
+    metrics.request_seconds.labels(route="/v1/rerank").observe(0.2, exemplar={"trace_id": "ab" * 16})
+    metrics.top1_score.observe(np.float32(0.75))  # type: ignore[arg-type]  # the engine's scores are numpy
+    metrics.cache_requests.labels(result="hit").inc(0)  # nothing cached: Ray refuses 0, the tee skips it
+    metrics.inflight_requests.inc()
+    metrics.inflight_requests.inc()
+    metrics.inflight_requests.dec()
+    metrics.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64", "compile": "no"})
+
+    value = metrics.registry.get_sample_value
+    assert value("reranker_requests_total", {"route": "/v1/rerank", "status": "ok"}) == 1
+    assert value("reranker_request_duration_seconds_count", {"route": "/v1/rerank"}) == 1
+    assert value("reranker_inflight_requests") == 1
+    # Every counter series starts at 0, as in prometheus_client, so that the first increment is an increase.
+    assert made["reranker_requests"].values == {
+        (("route", "/v1/rerank"), ("status", "ok")): [0.0, 1.0],
+        (("route", "/rerank"), ("status", "invalid")): [0.0, 1.0]}
+    assert made["reranker_nonfinite_scores"].values == {(): [0.0]}
+    assert made["reranker_request_duration_seconds"].values == {(("route", "/v1/rerank"),): [0.2]}
+    assert made["reranker_top1_score"].values == {(): [pytest.approx(0.75)]}
+    assert made["reranker_cache_requests"].values == {(("result", "hit"),): [0.0], (("result", "miss"),): [0.0]}
+    assert made["reranker_inflight_requests"].values == {(): [0.0, 1.0, 2.0, 1.0]}
+    (info,) = made["reranker_model_info"].values.items()
+    assert dict(info[0])["model"] == "m" and info[1] == [1]
