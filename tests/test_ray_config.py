@@ -15,8 +15,11 @@ SERVE_YAML = ROOT / "deploy/ray/serve.yaml"
 
 def test_serve_yaml_passes_ray_serves_schema() -> None:
     config = schema.ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
-    (app,) = config.applications
+    app, ui = config.applications
     assert app.import_path == "deploy.ray.app:build" and app.route_prefix == "/"
+    # Gradio's queue and login sessions are one process's: the UI never has a second replica.
+    assert ui.import_path == "deploy.ray.ui:build" and ui.route_prefix == "/ui"
+    assert ui.args["app"] == app.name and [d.num_replicas for d in ui.deployments] == [1]
     model, ingress = app.deployments
     assert model.name == "RerankModel" and ingress.name == "Ingress"
     # What the issue measured: Serve's default of 5 starves the batcher; a 10 s health check period took 15 s

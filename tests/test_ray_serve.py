@@ -41,15 +41,20 @@ APP = "reranker"
 MODEL = "RerankModel"
 
 
-def app_config(model_dir: Path, *, replicas: int = 2, **env: str) -> dict[str, Any]:
-    """deploy/ray/serve.yaml as it is, but for the tiny model, fixed replicas and the cluster's own HTTP port."""
+def app_config(model_dir: Path, *, replicas: int = 2, ui: bool = False, **env: str) -> dict[str, Any]:
+    """deploy/ray/serve.yaml as it is, but for the tiny model, fixed replicas and the cluster's own HTTP port;
+    without the UI application unless `ui`."""
     config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text())
     del config["http_options"]  # local_ray started Serve on a free loopback port
+    if not ui:
+        config["applications"] = config["applications"][:1]
+    environ = {"RERANKER_MODEL": str(model_dir), "RERANKER_DEVICE": "cpu", "RERANKER_DTYPE": "float32",
+               "RERANKER_MAX_LENGTH": str(TEST_MAX_LENGTH), "RERANKER_API_KEY": KEY, **env}
+    for application in config["applications"]:
+        application["args"]["env"] = environ
+        for deployment in application["deployments"]:
+            deployment["ray_actor_options"]["num_cpus"] = 0.5
     app = config["applications"][0]
-    app["args"]["env"] = {"RERANKER_MODEL": str(model_dir), "RERANKER_DEVICE": "cpu", "RERANKER_DTYPE": "float32",
-                          "RERANKER_MAX_LENGTH": str(TEST_MAX_LENGTH), "RERANKER_API_KEY": KEY, **env}
-    for deployment in app["deployments"]:
-        deployment["ray_actor_options"]["num_cpus"] = 0.5
     model = app["deployments"][0]
     del model["autoscaling_config"]
     model["num_replicas"] = replicas

@@ -23,8 +23,9 @@ class Backend(Protocol):
 
     settings: Settings
 
-    async def rerank(self, request: Request, route: str, call: RerankCall) -> RerankResult:
-        """Score `call` for `route`; a client that disconnects meanwhile cancels its unstarted pairs."""
+    async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
+        """Score `call` for `route`; a client of `request` that disconnects meanwhile cancels its unstarted pairs,
+        as does cancelling the awaiting task (how the UI's events are cancelled: they have no request to watch)."""
         ...
 
     async def readiness(self) -> HttpError | None:
@@ -46,9 +47,10 @@ class LocalBackend:
         self.service = service
         self.settings = service.reranker.settings
 
-    async def rerank(self, request: Request, route: str, call: RerankCall) -> RerankResult:
+    async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         service = self.service
-        return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), lambda: client_gone(request))
+        gone = None if request is None else lambda: client_gone(request)
+        return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), gone)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)

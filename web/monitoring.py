@@ -1,13 +1,12 @@
-"""The Monitoring tab: live plots from snapshots of the in-process registry, a model card, last requests."""
+"""The Monitoring tab: live plots from snapshots of the in-process registry (or, in Ray Serve mode, of the model
+replicas'), a model card, last requests."""
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 
 import gradio as gr
@@ -16,105 +15,29 @@ import pandas as pd
 from reranker import Reranker
 from reranker.gpu import Nvml
 from reranker.metrics import STATUSES
-from web.history import RequestHistory
+from web.history import RequestHistory, RequestSummary
+from web.snapshots import GPU_MEMORY, PROCESS_MEMORY, Snapshot, bucket_quantile, model_card, take_snapshot
+
+__all__ = ["Monitor", "Panel", "Snapshot", "bucket_quantile", "build_monitoring_tab", "take_snapshot"]
 
 TICK_SECONDS = 2.0
 WINDOW = 5  # snapshots (~10 s) behind each quantile and ratio point
 KEEP = 150  # snapshots (~5 min) on the plots
-GPU_MEMORY = "GPU memory"
-PROCESS_MEMORY = "process memory (no GPU)"
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    time: float
-    requests: dict[str, float]
-    latency_buckets: list[tuple[float, float]]  # (upper bound, cumulative count), all routes
-    docs: tuple[float, float]  # (sum, count)
-    batch: tuple[float, float]
-    cache: tuple[float, float]  # (hits, misses)
-    queue_pairs: float
-    memory: tuple[float, float, str] = field(default=(0.0, 0.0, PROCESS_MEMORY))  # used, total, what
-
-
-def _samples(metric: object, suffix: str = "") -> list[tuple[dict[str, str], float]]:
-    out = []
-    for family in metric.collect():  # type: ignore[attr-defined]
-        for sample in family.samples:
-            if sample.name == family.name + suffix:
-                out.append((sample.labels, sample.value))
-    return out
-
-
-def _process_memory(reranker: Reranker) -> float:
-    value = reranker.metrics.registry.get_sample_value("process_resident_memory_bytes")
-    if value is not None:
-        return value
-    try:
-        with open("/proc/self/statm") as statm:
-            return float(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0.0
-
-
-def take_snapshot(reranker: Reranker, nvml: Nvml) -> Snapshot:
-    m = reranker.metrics
-    requests = dict.fromkeys(STATUSES, 0.0)
-    for labels, value in _samples(m.requests, "_total"):
-        requests[labels["status"]] = requests.get(labels["status"], 0.0) + value
-    buckets: dict[float, float] = {}
-    for labels, value in _samples(m.request_seconds, "_bucket"):
-        bound = float(labels["le"])
-        buckets[bound] = buckets.get(bound, 0.0) + value
-
-    def total(metric: object, suffix: str) -> float:
-        return sum(value for _, value in _samples(metric, suffix))
-
-    cache = {labels["result"]: value for labels, value in _samples(m.cache_requests, "_total")}
-    gpus = nvml.read()
-    if gpus:
-        memory = (float(sum(g.memory_used_bytes for g in gpus)), float(sum(g.memory_total_bytes for g in gpus)),
-                  GPU_MEMORY)
-    else:
-        memory = (_process_memory(reranker), 0.0, PROCESS_MEMORY)
-    return Snapshot(
-        time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
-        docs=(total(m.documents_per_request, "_sum"), total(m.documents_per_request, "_count")),
-        batch=(total(m.batch_size, "_sum"), total(m.batch_size, "_count")),
-        cache=(cache.get("hit", 0.0), cache.get("miss", 0.0)), queue_pairs=total(m.queue_pairs, ""),
-        memory=memory,
-    )
-
-
-def bucket_quantile(q: float, start: list[tuple[float, float]], end: list[tuple[float, float]]) -> float | None:
-    """histogram_quantile over the increase between two snapshots; None when nothing happened."""
-    before = dict(start)
-    counts = [(bound, value - before.get(bound, 0.0)) for bound, value in end]
-    if not counts or counts[-1][1] <= 0:
-        return None
-    rank = q * counts[-1][1]
-    lower, below = 0.0, 0.0
-    for bound, cumulative in counts:
-        if cumulative >= rank:
-            if math.isinf(bound):
-                return lower
-            share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
-            return lower + (bound - lower) * share
-        lower, below = bound, cumulative
-    return lower
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
-class Monitor:
-    """Keeps recent snapshots and turns them into plot frames; safe to tick from many browser tabs."""
+class Panel:
+    """Keeps recent snapshots and turns them into plot frames; safe to tick from many browser tabs.
+    `snapshot`, `card` and `latest` say where they come from: this process's engine (Monitor) or elsewhere."""
 
-    def __init__(self, reranker: Reranker, history: RequestHistory, nvml: Nvml | None = None) -> None:
-        self.reranker = reranker
-        self.history = history
-        self.nvml = nvml or Nvml()
+    def __init__(self, snapshot: Callable[[], Snapshot], card: Callable[[], str],
+                 latest: Callable[[], list[RequestSummary]]) -> None:
+        self._snapshot = snapshot
+        self._card = card
+        self._latest = latest
         self._snapshots: deque[Snapshot] = deque(maxlen=KEEP)
         self._lock = threading.Lock()
 
@@ -123,7 +46,7 @@ class Monitor:
         with self._lock:
             if self._snapshots and time.time() - self._snapshots[-1].time < 1.0:
                 return
-            self._snapshots.append(take_snapshot(self.reranker, self.nvml))
+            self._snapshots.append(self._snapshot())
 
     def frames(self) -> dict[str, pd.DataFrame]:
         with self._lock:
@@ -168,14 +91,20 @@ class Monitor:
 
     def last_requests(self) -> list[list[object]]:
         return [[datetime.fromtimestamp(r.time).strftime("%H:%M:%S"), r.route, r.n_docs, round(r.latency_ms, 1),
-                 r.status, r.trace_id] for r in self.history.latest()]
+                 r.status, r.trace_id] for r in self._latest()]
 
     def model_card(self) -> str:
-        model, settings = self.reranker.model, self.reranker.settings
-        return (f"| model | device | dtype | max_length | load time | long documents | batch tokens |\n"
-                f"|---|---|---|---|---|---|---|\n| `{model.model_id}` | {model.device} | {model.dtype} | "
-                f"{model.max_length} | {model.load_seconds:.1f} s | {settings.long_docs} | "
-                f"{self.reranker.batch_tokens} |")
+        return self._card()
+
+
+class Monitor(Panel):
+    """The panel over this process's engine and request history."""
+
+    def __init__(self, reranker: Reranker, history: RequestHistory, nvml: Nvml | None = None) -> None:
+        self.reranker = reranker
+        self.history = history
+        self.nvml = nvml or Nvml()
+        super().__init__(lambda: take_snapshot(reranker, self.nvml), lambda: model_card(reranker), history.latest)
 
 
 def _frame(rows: list[tuple[datetime, float, str]]) -> pd.DataFrame:
@@ -197,7 +126,7 @@ def _plot(title: str, series: list[str]) -> gr.LinePlot:
                        x_title="seconds ago", y_title="", height=240)
 
 
-def build_monitoring_tab(monitor: Monitor) -> None:
+def build_monitoring_tab(monitor: Panel) -> None:
     """The tab's components and its timer; call inside `gr.Blocks`."""
     with gr.Tab("Monitoring"):
         gr.Markdown(monitor.model_card())

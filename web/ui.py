@@ -8,11 +8,11 @@ from typing import Any
 
 import gradio as gr
 
-from reranker import RerankResult, ValidationError
+from reranker import RerankResult, Settings, ValidationError
 from web.cancel import run_cancellable
 from web.errors import HttpError, to_http_error
-from web.gradio_api import ROUTE, CountedBlocks, RerankError
-from web.monitoring import Monitor, build_monitoring_tab
+from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError
+from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.tracing import ui_span
 from web.uploads import read_documents
@@ -44,6 +44,30 @@ def status_line(result: RerankResult) -> str:
             f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
 
 
+def ui_call(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
+            file: str | None, settings: Settings, refused: OnRefuse) -> RerankCall:
+    """The rerank the form asks for: documents one per line plus the uploaded file's. A file that cannot be
+    read is booked with `refused` and raised as a RerankError."""
+    docs = split_lines(documents or "")
+    if file:
+        try:
+            docs += read_documents(file, settings.max_body_bytes)
+        except ValidationError as err:
+            error = to_http_error(err)
+            refused(ROUTE, error)
+            raise RerankError(error) from None
+    n = None if top_n in (None, 0) else top_n
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    return RerankCall(query, docs, n, instruction or None, bool(raw_scores))
+
+
+def ui_answer(result: RerankResult) -> tuple[list[list[object]], str]:
+    """The results table and the status line."""
+    rows = [[rank, round(r.score, 6), r.index, _preview(r.document)] for rank, r in enumerate(result.results, start=1)]
+    return rows, status_line(result)
+
+
 def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object]], str]]:
     """The Rerank tab's handler, which is also the Gradio API endpoint `predict`."""
     settings = service.reranker.settings
@@ -53,28 +77,11 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
                 cancel: threading.Event | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         with ui_span(service.reranker.tracing, request.headers if request is not None else None):
-            return rank(query, documents, top_n, instruction, raw_scores, file, cancel)
-
-    def rank(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
-             file: str | None, cancel: threading.Event | None) -> tuple[list[list[object]], str]:
-        docs = split_lines(documents or "")
-        if file:
+            call = ui_call(query, documents, top_n, instruction, raw_scores, file, settings, service.refused)
             try:
-                docs += read_documents(file, settings.max_body_bytes)
-            except ValidationError as err:
-                error = to_http_error(err)
-                service.refused(ROUTE, error)
-                raise RerankError(error) from None
-        n = None if top_n in (None, 0) else top_n
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        try:
-            result = service.rerank(ROUTE, RerankCall(query, docs, n, instruction or None, bool(raw_scores)), cancel)
-        except HttpError as err:
-            raise RerankError(err) from None
-        rows = [[rank, round(r.score, 6), r.index, _preview(r.document)]
-                for rank, r in enumerate(result.results, start=1)]
-        return rows, status_line(result)
+                return ui_answer(service.rerank(ROUTE, call, cancel))
+            except HttpError as err:
+                raise RerankError(err) from None
 
     return predict
 
@@ -93,14 +100,26 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]]) -> Calla
     return rerank
 
 
+def header(model_id: str, device: str, dtype: str, max_length: int) -> str:
+    return f"# Reranker\n`{model_id}` on {device} ({dtype}, max_length {max_length})"
+
+
 def build_ui(service: RerankService) -> gr.Blocks:
-    """The demo UI; `predict(query, documents, top_n, instruction, raw_scores, file)` is its API."""
-    reranker = service.reranker
-    takes_instruction = reranker.model.accepts_instruction
-    with CountedBlocks(service.refused, title="Reranker") as demo:
-        predict = demo.count(cancellable(make_predict(service)), line_inputs=(1,))  # documents
-        gr.Markdown(f"# Reranker\n`{reranker.model.model_id}` on {reranker.model.device} "
-                    f"({reranker.model.dtype}, max_length {reranker.model.max_length})")
+    """The demo UI over this process's engine; `predict(query, documents, top_n, instruction, raw_scores, file)`
+    is its API."""
+    model = service.reranker.model
+    return build_blocks(cancellable(make_predict(service)), service.refused,
+                        header(model.model_id, model.device, model.dtype, model.max_length),
+                        Monitor(service.reranker, service.history), takes_instruction=model.accepts_instruction)
+
+
+def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, panel: Panel, *,
+                 takes_instruction: bool) -> gr.Blocks:
+    """The Rerank and Monitoring tabs over any scorer: `predict` is the async event handler (the Gradio API
+    `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab."""
+    with CountedBlocks(refused, title="Reranker") as demo:
+        predict = demo.count(predict, line_inputs=(1,))  # documents
+        gr.Markdown(title)
         with gr.Tab("Rerank"):
             with gr.Row():
                 with gr.Column():
@@ -121,7 +140,7 @@ def build_ui(service: RerankService) -> gr.Blocks:
                                          label="Ranked documents", interactive=False, wrap=True,
                                          elem_id="results")
             gr.Examples(EXAMPLES, inputs=[query, documents])
-        build_monitoring_tab(Monitor(reranker, service.history))
+        build_monitoring_tab(panel)
         button.click(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
                      api_name="predict", concurrency_limit=16)
         query.submit(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],

@@ -12,6 +12,7 @@ from opentelemetry import context, propagate
 from ray import serve
 
 from deploy.ray.metrics import replica_metrics
+from deploy.ray.panel import ReplicaView, replica_view
 from reranker import Reranker, RerankResult, Settings
 from reranker.logs import setup_logging
 from reranker.tracing import Tracing
@@ -79,6 +80,10 @@ class RerankModel:
 
     def info(self) -> dict[str, Any]:
         return {**describe(self.service), "replica": self.replica}
+
+    def snapshot(self) -> ReplicaView:
+        """The UI's Monitoring tab's view of this replica (deploy/ray/panel.py)."""
+        return replica_view(self.replica, self.service)
 
     def check_health(self) -> None:
         """Serve's health check: a dead worker or a poisoned device makes the replica unhealthy, and Serve

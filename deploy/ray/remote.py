@@ -44,7 +44,7 @@ class RemoteBackend:
         self.deadline_s = deadline_s
         self._model_id: str | None = None
 
-    async def rerank(self, request: Request, route: str, call: RerankCall) -> RerankResult:
+    async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         deadline = time.monotonic() + self.deadline_s
         request_id = current_request_id() or new_request_id()
         carrier: dict[str, str] = {}
@@ -60,19 +60,22 @@ class RemoteBackend:
                 if attempt < self.tries and left > 0:
                     continue
                 raise HttpError(503, "not_ready", "no replica could serve the request; retry shortly") from err
-            request.scope.setdefault("state", {})[REPLICA_STATE] = reply.replica
+            if request is not None:
+                request.scope.setdefault("state", {})[REPLICA_STATE] = reply.replica
             if reply.error is not None:
                 raise HttpError(*reply.error, counted=True)  # the replica booked it
             assert reply.result is not None
             return reply.result
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _call(self, request: Request, route: str, call: RerankCall, request_id: str,
+    async def _call(self, request: Request | None, route: str, call: RerankCall, request_id: str,
                     carrier: dict[str, str]) -> Reply:
         """One call to one replica; a client that disconnects cancels it (the replica drops its pairs)."""
         response = self.handle.rerank.remote(route, call, request_id, carrier)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
-        gone: asyncio.Future[None] = asyncio.ensure_future(client_gone(request))
+        # Without a request (a UI event), only cancelling this task cancels the call.
+        watch = client_gone(request) if request is not None else asyncio.Event().wait()
+        gone: asyncio.Future[Any] = asyncio.ensure_future(watch)
         try:
             waiting: set[asyncio.Future[Any]] = {answer, gone}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
