@@ -106,8 +106,9 @@ def doc_files() -> list[Path]:
 
 
 def tool_variables() -> set[str]:
-    """Variables read by the benchmarks (and the GPU tests that share their model), not by the service."""
-    files = [*(ROOT / "bench").rglob("*.py"), *(ROOT / "bench").rglob("*.sh")]
+    """Variables read by the benchmarks (and the GPU tests that share their model) and by the Ray Serve launcher
+    (deploy/ray/__main__.py: RERANKER_RAY_METRICS_PORT), not by Settings."""
+    files = [*(ROOT / "bench").rglob("*.py"), *(ROOT / "bench").rglob("*.sh"), *(ROOT / "deploy").rglob("*.py")]
     return {name for path in files for name in NAME.findall(path.read_text(encoding="utf-8"))}
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
 import copy  # noqa: E402
 import os  # noqa: E402
+import secrets  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -19,10 +20,11 @@ from typing import Any  # noqa: E402
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from reranker import Reranker  # noqa: E402
+from reranker import Reranker, spans  # noqa: E402
 from reranker.metrics import LATENCY_BUCKETS  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
 from tests.conftest import TEST_MAX_LENGTH, model_settings  # noqa: E402
+from tests.otlp_receiver import otlp_receiver  # noqa: E402
 from tests.ray_cluster import (  # noqa: E402
     ROOT,
     LocalRay,
@@ -231,6 +233,38 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
         load.stop()
     print(f"replica replaced in {recovered:.1f} s after the kill")
     assert load.failures == {}, load.failures
+
+
+def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir: Path) -> None:
+    """A `traceparent` sent to the ingress: its server span is the caller's child, and the model replica's
+    reranker.rerank span (another process, reached over the DeploymentHandle) is in the same trace, below it.
+    Redeploys both deployments with an OTLP endpoint in their environment (the next test replaces them)."""
+    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with otlp_receiver() as (endpoint, received):
+        config = app_config(bert_dir)
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        for deployment in config["applications"][0]["deployments"]:
+            deployment["ray_actor_options"]["runtime_env"] = {"env_vars": tracing}
+        before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+        deploy(config, APP)
+        wait_for(lambda: running_replicas(APP, MODEL) == 2 and running_replicas(APP, "Ingress") == 1
+                 and len(set(replica_pids(APP, MODEL)) - before) == 2
+                 and len(set(replica_pids(APP, "Ingress")) - before) == 1, 120, "replicas with tracing on")
+        answer = httpx.post(f"{cluster.url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]},
+                            headers={**HEADERS, "traceparent": f"00-{trace_id}-{caller_span}-01"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        received.wait_for({"POST /v1/rerank", spans.REQUEST, spans.SCORE})
+    traced = {span.span_id.hex(): span for _, _, span in received.spans() if span.trace_id.hex() == trace_id}
+    (server,) = [span for span in traced.values() if span.name == "POST /v1/rerank"]
+    (request,) = [span for span in traced.values() if span.name == spans.REQUEST]
+    assert server.parent_span_id.hex() == caller_span
+    ancestors = []
+    span = request
+    while span.parent_span_id.hex() in traced:
+        span = traced[span.parent_span_id.hex()]
+        ancestors.append(span.name)
+    assert "POST /v1/rerank" in ancestors, ancestors
+    assert any(s.name == spans.SCORE for s in traced.values())  # the replica's batch ran in the same trace
 
 
 def test_rolling_update_under_load_loses_nothing(cluster: LocalRay, bert_dir: Path) -> None:

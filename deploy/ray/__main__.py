@@ -4,8 +4,9 @@ cleanly by SIGTERM as by Ctrl-C.
 Without RAY_ADDRESS it starts a one-node Ray of its own, as `serve run` would, but kept to loopback (node address
 127.0.0.1), without the dashboard, and with a token for this run only: a local Ray otherwise saves a new one in
 ~/.ray. RERANKER_HOST and RERANKER_PORT, when set, replace serve.yaml's `http_options` host and port (as they
-name the single-process server's address). On SIGTERM or SIGINT, Serve drains and deletes the applications,
-then Ray stops every process it started.
+name the single-process server's address); RERANKER_RAY_METRICS_PORT (8080) is the port of the node's metrics
+agent, which exports every replica's metrics for Prometheus. On SIGTERM or SIGINT, Serve drains and deletes the
+applications, then Ray stops every process it started.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG = "deploy/ray/serve.yaml"
+DEFAULT_METRICS_PORT = 8080  # KubeRay's metrics port too
 
 
 class ConfigError(ValueError):
@@ -48,7 +50,13 @@ def start_local_ray(environ: MutableMapping[str, str]) -> None:
     environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
-    ray.init(namespace="serve", include_dashboard=False, _node_ip_address="127.0.0.1")
+    # A fixed port for the node's metrics agent (every replica's reranker_* and Ray's ray_serve_*), which
+    # prometheus.yml's `ray` job scrapes; Ray would pick a random one.
+    port = environ.get("RERANKER_RAY_METRICS_PORT") or str(DEFAULT_METRICS_PORT)
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"RERANKER_RAY_METRICS_PORT={port!r} is not valid; use a port number from 1 to 65535")
+    ray.init(namespace="serve", include_dashboard=False, _node_ip_address="127.0.0.1",
+             _metrics_export_port=int(port))
 
 
 def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
