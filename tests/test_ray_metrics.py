@@ -1,5 +1,6 @@
-"""deploy/ray/metrics.py without a cluster: every metric of a replica is teed into a Ray metric of the same family
-name, label names and buckets, and what the engine records reaches both (Ray's classes replaced by fakes)."""
+"""deploy/ray/metrics.py and gpu.py without a cluster: every metric of a replica is teed into a Ray metric of the
+same family name, label names and buckets, what the engine records reaches both, and a model replica sets the
+GPU gauges of its own GPUs only (Ray's classes and NVML replaced by fakes)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from deploy.ray.gpu import ReplicaGpus
 from deploy.ray.metrics import replica_metrics
+from reranker.gpu import Nvml
 from reranker.metrics import LATENCY_BUCKETS, Metrics
+from tests.test_prometheus import fake_nvml
 
 
 @dataclass
@@ -115,3 +119,21 @@ def test_what_the_engine_records_reaches_both_the_registry_and_ray() -> None:
     assert made["reranker_inflight_requests"].values == {(): [0.0, 1.0, 2.0, 1.0]}
     (info,) = made["reranker_model_info"].values.items()
     assert dict(info[0])["model"] == "m" and info[1] == [1]
+
+
+def test_a_replica_exports_the_gpus_ray_gave_it_and_no_others() -> None:
+    module, made = fake_ray_metrics()
+    gpus = ReplicaGpus(module, Nvml(fake_nvml()), ["0"]).start()  # fake_nvml: one 80 GB GPU, index 0
+    try:
+        assert made["reranker_gpu_memory_used_bytes"].values == {(("gpu", "0"),): [40e9]}
+        assert made["reranker_gpu_memory_total_bytes"].values == {(("gpu", "0"),): [80e9]}
+        assert made["reranker_gpu_utilization_ratio"].values == {(("gpu", "0"),): [0.5]}
+    finally:
+        gpus.close()
+    module, made = fake_ray_metrics()
+    other = ReplicaGpus(module, Nvml(fake_nvml()), ["1"]).start()  # NVML sees GPU 0, Ray gave this one GPU 1
+    other.close()
+    assert other._thread is None and all(not metric.values for metric in made.values())
+    module, made = fake_ray_metrics()
+    ReplicaGpus(module, Nvml(fake_nvml()), []).start().close()  # a CPU replica: no gauges, as one process
+    assert all(not metric.values for metric in made.values())

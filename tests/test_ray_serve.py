@@ -36,7 +36,16 @@ from tests.ray_cluster import (  # noqa: E402
     worker_log_lines,
 )
 from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
-from tests.test_prometheus import ALERTS, _tool, api, load_yaml, running_prometheus  # noqa: E402
+from tests.test_prometheus import (  # noqa: E402
+    ALERTS,
+    _tool,
+    api,
+    dashboard_exprs,
+    load_dashboard,
+    load_yaml,
+    metric_names,
+    running_prometheus,
+)
 from tests.tiny_models import random_text  # noqa: E402
 
 APP = "reranker"
@@ -139,6 +148,11 @@ def test_prometheus_scrapes_every_replica_through_ray(cluster: LocalRay, tmp_pat
         assert {float(row["metric"]["le"]) for row in buckets["result"]} == {*LATENCY_BUCKETS, float("inf")}
         info = api(url, "query", query="reranker_model_info")["result"]
         assert {row["metric"]["replica"] for row in info} >= served and info[0]["metric"]["device"] == "cpu"
+        # Every series the dashboard and the alerts read is exported in this mode too (GPU ones need a GPU).
+        exported = set(api(url, "label/__name__/values"))
+        read = {name for expr in dashboard_exprs(load_dashboard()) for name in metric_names(expr)}
+        read |= {name for rule in load_yaml(ALERTS)["groups"][0]["rules"] for name in metric_names(rule["expr"])}
+        assert {name for name in read - exported if not name.startswith("reranker_gpu_")} == set()
 
         def evaluated() -> list[dict[str, Any]]:
             rules = [rule for group in api(url, "rules")["groups"] for rule in group["rules"]]

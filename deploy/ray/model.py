@@ -11,6 +11,7 @@ from typing import Any
 from opentelemetry import context, propagate
 from ray import serve
 
+from deploy.ray.gpu import replica_gpus
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import ReplicaView, replica_view
 from reranker import Reranker, RerankResult, Settings
@@ -52,6 +53,7 @@ class RerankModel:
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
         self.replica = replica_id()
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
+        self.gpus = replica_gpus()  # reranker_gpu_* of this replica's GPUs, if it has any
         self.tracing = Tracing.from_settings(settings, self.metrics)
         self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
         self.service = RerankService(self.reranker)
@@ -97,3 +99,4 @@ class RerankModel:
         if reranker is not None:
             reranker.close()
             self.tracing.shutdown()
+            self.gpus.close()
