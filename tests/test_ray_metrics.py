@@ -4,6 +4,7 @@ GPU gauges of its own GPUs only (Ray's classes and NVML replaced by fakes)."""
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+import deploy.ray.__main__ as launcher
 from deploy.ray.gpu import ReplicaGpus
 from deploy.ray.metrics import replica_metrics
 from reranker.gpu import Nvml
@@ -137,3 +139,16 @@ def test_a_replica_exports_the_gpus_ray_gave_it_and_no_others() -> None:
     module, made = fake_ray_metrics()
     ReplicaGpus(module, Nvml(fake_nvml()), []).start().close()  # a CPU replica: no gauges, as one process
     assert all(not metric.values for metric in made.values())
+
+
+def test_the_launcher_puts_rays_metrics_agent_on_a_fixed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus.yml's `ray` job needs a known port; Ray would pick a random one."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=lambda **kwargs: calls.append(kwargs)))
+    environ: dict[str, str] = {}
+    launcher.start_local_ray(environ)
+    launcher.start_local_ray({**environ, "RERANKER_RAY_METRICS_PORT": "18080"})
+    assert [call["_metrics_export_port"] for call in calls] == [8080, 18080]
+    assert calls[0]["_node_ip_address"] == "127.0.0.1"
+    with pytest.raises(launcher.ConfigError, match="RERANKER_RAY_METRICS_PORT='http' is not valid"):
+        launcher.start_local_ray({"RERANKER_RAY_METRICS_PORT": "http"})
