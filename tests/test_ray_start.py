@@ -1,5 +1,6 @@
 """`python -m deploy.ray` (what `./start.sh --ray` execs) end to end: serve.yaml as shipped, on a one-node Ray
-of its own, answers on loopback; SIGTERM stops it with exit status 0 and no Ray process left, nor a ~/.ray."""
+of its own, answers on loopback (JSON routes and UI); SIGTERM stops it with exit status 0 and no Ray process
+left, nor a ~/.ray."""
 
 from __future__ import annotations
 
@@ -74,9 +75,15 @@ def test_serve_yaml_runs_on_loopback_and_stops_on_sigterm(bert_dir: Path) -> Non
                             timeout=HANG_S)
         assert answer.status_code == 200 and len(answer.json()["results"]) == 2
         assert listeners(port) == {"0100007F"}, "serve.yaml's proxy listens on 127.0.0.1 only"
+        deadline = time.monotonic() + HANG_S  # the UI is its own application: it may come up after /readyz
+        while httpx.get(f"{url}/ui/", timeout=HANG_S).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "Monitoring" in httpx.get(f"{url}/ui/", timeout=HANG_S).text
         started = session_members(process.pid)
         assert len(started) > 5, "Ray's processes run in the session of the process that started them"
-        assert not [pid for pid in started if b"dashboard/dashboard.py" in cmdline(pid)], "the dashboard is off"
+        # Ray's API server process runs either way; without the dashboard it serves no web UI.
+        dashboards = [cmdline(pid) for pid in started if b"dashboard/dashboard.py" in cmdline(pid)]
+        assert all(b"--disable-frontend" in line for line in dashboards), "the dashboard is off"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=HANG_S) == 0
         deadline = time.monotonic() + HANG_S  # Ray's own processes stop on their owner's exit, shortly after
