@@ -110,7 +110,7 @@ def serve(model_dir: Path, log: Path) -> Iterator[Server]:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=120)
+        wait_ready(url)  # tests.servers' bound for a service starting on a loaded machine
         yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", process.pid)
     finally:
         process.send_signal(signal.SIGTERM)

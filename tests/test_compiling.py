@@ -129,10 +129,10 @@ def test_batches_are_cut_by_their_padded_shape_under_cuda_graphs(bert_model: Sco
     assert len(cut_batches(lengths, 1024, bert_model.padded_shape)) < len(batches)
 
 
-def test_serving_through_the_device_thread_compiles_nothing_more(compiled: tuple[ScoringModel, ScoringModel],
-                                                                  metrics: Metrics) -> None:
+def test_serving_through_the_device_thread_compiles_nothing_more(
+        compiled: tuple[ScoringModel, ScoringModel, float], metrics: Metrics) -> None:
     """The warm-up ran on the loading thread; requests of new sizes, scored on the device thread, reuse it."""
-    eager, model = compiled
+    eager, model, _ = compiled
     graphs = counters["stats"]["unique_graphs"]
     settings = model_settings(Path(model.model_id), compile="on", cache_size=0)
     with Reranker(model, settings, metrics=metrics) as reranker, Reranker(eager, settings, metrics=Metrics(

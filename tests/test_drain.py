@@ -95,7 +95,7 @@ def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: 
     process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
                                            "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
     try:
-        wait_ready(url, timeout=120)
+        wait_ready(url)
 
         def call(i: int) -> tuple[int, int, dict]:
             # Query-specific documents: a mixed-up answer would show foreign text.
@@ -163,7 +163,7 @@ def test_a_device_fault_turns_unready_and_exits_non_zero(bert_dir: Path, tmp_pat
                              [sys.executable, str(script), str(bert_dir), str(port)])
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, timeout=120)
+        wait_ready(url)
         first = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a"]}, timeout=HANG_S)
         assert first.status_code == 200  # the one healthy batch
         broken = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["b", "c"]}, timeout=HANG_S)

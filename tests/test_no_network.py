@@ -82,7 +82,7 @@ def test_start_up_and_requests_reach_only_loopback(bert_dir: Path, audited: tupl
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=120)
+        wait_ready(url)
         rerank = httpx.post(f"{url}/v1/rerank", json={"query": "cache", "documents": ["a cache", "tea"]}, timeout=30)
         assert rerank.status_code == 200
         inputs = ["cache", "a cache\ntea", None, "", False, None]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import HANG_S, free_port, wait_ready
+from tests.servers import HANG_S, START_S, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def test_start_sh_serves_a_local_model_and_stops_on_sigterm(bert_dir: Path) -> N
 
 def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:
     process = start({"RERANKER_MODEL": "example-org/not-a-cached-reranker"})
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=START_S)
     assert process.returncode == 1
     assert "could not load model 'example-org/not-a-cached-reranker'" in output
     assert "RERANKER_MODEL" in output and "Traceback" not in output
@@ -51,7 +51,7 @@ def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:
 
 def test_start_sh_rejects_a_bad_setting() -> None:
     process = start({"RERANKER_DTYPE": "fp8"})
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=START_S)
     assert process.returncode == 2
     assert "RERANKER_DTYPE='fp8' is not valid; use one of: auto, float32, float16, bfloat16" in output
 
@@ -64,7 +64,7 @@ def test_start_sh_names_the_metrics_port_when_it_is_taken(bert_dir: Path) -> Non
         taken.listen()
         port = taken.getsockname()[1]
         process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_METRICS_PORT": str(port)})
-        output, _ = process.communicate(timeout=120)
+        output, _ = process.communicate(timeout=START_S)
     assert process.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in output and "RERANKER_METRICS_PORT" in output
     assert "model loaded" not in output  # it stopped before loading the model
