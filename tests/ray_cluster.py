@@ -28,6 +28,7 @@ from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from ray._private.authentication_test_utils import reset_auth_token_state  # noqa: E402
 from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
@@ -96,6 +97,9 @@ def local_ray(env: dict[str, str], num_cpus: int = 8) -> Iterator[LocalRay]:
     # A local Ray turns token authentication on and saves a new token in ~/.ray unless it is given one.
     token = os.environ.get("RAY_AUTH_TOKEN")
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray caches the token it read first: a second cluster in this process (another test module) would be
+    # refused by its own GCS without this.
+    reset_auth_token_state()
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
                  _metrics_export_port=metrics_port, log_to_driver=False, logging_level=logging.WARNING,
