@@ -32,7 +32,7 @@ from ray._private.authentication_test_utils import reset_auth_token_state  # noq
 from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from tests.servers import free_port  # noqa: E402
+from tests.servers import START_S, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ def stop(pids: set[int], grace: float = 10.0) -> None:
                 pass
 
 
-def deploy(config: dict[str, Any], app: str, timeout: float = 180.0) -> None:
+def deploy(config: dict[str, Any], app: str, timeout: float = START_S) -> None:
     """Deploy a serve.yaml-shaped config (as `serve run` does) and wait until `app` is RUNNING."""
     client = _get_global_client()  # what `serve run` deploys a config file through
     assert client is not None

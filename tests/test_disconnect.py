@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
+from tests.servers import HANG_S
 from tests.test_faults import GatedScorer
 from web.cancel import client_gone, run_cancellable
 from web.http import create_app
@@ -78,24 +80,28 @@ def test_a_disconnect_cancels_the_request_through_one_waiting_read(bert_model: S
         app = create_app(reranker, ui=False)
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
-        assert gated.first_batch.wait(60)  # the device is held: the request below queues behind it
+        assert gated.first_batch.wait(HANG_S)  # the device is held: the request below queues behind it
 
         async def scenario() -> Connection:
             connection = Connection(body)
             served = asyncio.ensure_future(app(scope, connection.receive, send))
+            deadline = time.monotonic() + HANG_S
             while reranker.queued_pairs < 40:  # accepted and queued
+                assert time.monotonic() < deadline, "the request was never queued"
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)  # three of the old poller's intervals: it would have read three times more
             connection.leave.set()
+            deadline = time.monotonic() + HANG_S
             while metrics.registry.get_sample_value("reranker_requests_total",
                                                     {"route": "/v1/rerank", "status": "cancelled"}) != 1:
+                assert time.monotonic() < deadline, "the disconnect was never noticed"
                 await asyncio.sleep(0.01)
             gated.gate.set()
-            await asyncio.wait_for(served, 60)
+            await asyncio.wait_for(served, HANG_S)
             return connection
 
         connection = asyncio.run(scenario())
-        warm.join(60)
+        warm.join(HANG_S)
     assert connection.reads_after_body == 1
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 40
     assert gated.pairs == 1  # only the warm-up ran

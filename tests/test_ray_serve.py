@@ -36,6 +36,7 @@ from tests.ray_cluster import (  # noqa: E402
     worker_log_lines,
 )
 from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
+from tests.servers import HANG_S  # noqa: E402
 from tests.test_prometheus import (  # noqa: E402
     ALERTS,
     _tool,
@@ -158,7 +159,7 @@ def test_prometheus_scrapes_every_replica_through_ray(cluster: LocalRay, tmp_pat
             rules = [rule for group in api(url, "rules")["groups"] for rule in group["rules"]]
             return rules if all(rule["health"] != "unknown" for rule in rules) else []
 
-        wait_for(lambda: bool(evaluated()), 60, "the alert rules to be evaluated")
+        wait_for(lambda: bool(evaluated()), HANG_S, "the alert rules to be evaluated")
         for rule in evaluated():
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
 
@@ -176,7 +177,7 @@ def test_a_client_disconnect_cancels_the_replica_call(cluster: LocalRay) -> None
         return any(line.get("status") == "cancelled" and line.get("route") == "/v1/rerank"
                    for line in worker_log_lines(cluster))
 
-    wait_for(cancelled, 60, "a replica's request line with status cancelled")
+    wait_for(cancelled, HANG_S, "a replica's request line with status cancelled")
 
 
 def test_loopback_only(cluster: LocalRay) -> None:
@@ -184,7 +185,7 @@ def test_loopback_only(cluster: LocalRay) -> None:
     inter-deployment gRPC server listens on [::]:0, hard-coded in ray 2.60 (serve/_private/replica.py)."""
     load = Load(cluster.url, clients=2, seed=5).start()
     try:
-        wait_for(lambda: load.total >= 20, 60, "load running")
+        wait_for(lambda: load.total >= 20, HANG_S, "load running")
         sockets = tcp_sockets(descendants(os.getpid()))
     finally:
         load.stop()
@@ -234,15 +235,15 @@ def _address(hex_address: str, v6: bool) -> str:
 def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
     load = Load(cluster.url, clients=4, seed=2).start()
     try:
-        wait_for(lambda: load.total >= 20, 60, "load running")
+        wait_for(lambda: load.total >= 20, HANG_S, "load running")
         victim, survivor = replica_pids(APP, MODEL)
         os.kill(victim, signal.SIGKILL)
         # 11-18 s measured on a 2-core host at load average 5-10: a new process imports torch, transformers and
         # sentence-transformers before it loads the model.
         recovered = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(
-            set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, 60, "a replacement replica")
+            set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, HANG_S, "a replacement replica")
         served = load.total
-        wait_for(lambda: load.total >= served + 20, 60, "load served after the replacement")
+        wait_for(lambda: load.total >= served + 20, HANG_S, "load served after the replacement")
     finally:
         load.stop()
     print(f"replica replaced in {recovered:.1f} s after the kill")
@@ -285,13 +286,13 @@ def test_rolling_update_under_load_loses_nothing(cluster: LocalRay, bert_dir: Pa
     before = set(replica_pids(APP, MODEL))
     load = Load(cluster.url, clients=4, seed=3).start()
     try:
-        wait_for(lambda: load.total >= 20, 60, "load running")
+        wait_for(lambda: load.total >= 20, HANG_S, "load running")
         updated = copy.deepcopy(app_config(bert_dir, RERANKER_LOG_SAMPLE_RATE="0.5"))
         deploy(updated, APP)
         wait_for(lambda: running_replicas(APP, MODEL) == 2 and not set(replica_pids(APP, MODEL)) & before, 120,
                  "two new replicas")
         served = load.total
-        wait_for(lambda: load.total >= served + 20, 60, "load served by the new replicas")
+        wait_for(lambda: load.total >= served + 20, HANG_S, "load served by the new replicas")
     finally:
         load.stop()
     assert load.failures == {}, load.failures
