@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.load_calls import BAD_STATUS, GRADIO, SURFACES, Call, build_calls, check, json_body  # noqa: E402
-from tests.servers import free_port, wait_ready  # noqa: E402
+from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
 from tests.tiny_models import build_bert_reranker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,12 +112,7 @@ def serve(model_dir: Path, log: Path) -> Iterator[Server]:
         wait_ready(url)  # tests.servers' bound for a service starting on a loaded machine
         yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", process.pid)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, grace=20)
 
 
 def rss_bytes(pid: int) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import yaml  # noqa: E402
 
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
-from tests.servers import free_port, wait_ready  # noqa: E402
+from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
 
 # Every configuration: float32 on the CPU, no pair-score cache (every pair is scored), request log lines
 # sampled away.
@@ -104,12 +103,7 @@ def single_process(model: Path, threads: int) -> Iterator[str]:
         wait_ready(url, timeout=300)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, grace=60)
 
 
 def serve_config(model: Path, replicas: int, threads: int) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -54,3 +56,13 @@ def wait_ready(url: str, timeout: float = START_S) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} never became ready")
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, `grace` seconds to drain and exit, then SIGKILL."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
