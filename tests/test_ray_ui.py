@@ -1,5 +1,7 @@
 """The Gradio UI in Serve mode (serve.yaml's `ui` application at /ui): its page loads, and a Rerank event run
-through gradio_client scores on the model replica as one process would; the Monitoring tab sees that replica."""
+through gradio_client scores on the model replica as one process would; the Monitoring tab sees that replica.
+The single-process guards hold there too: RERANKER_UI_AUTH's login on every Gradio API route, the body limit,
+and the drain when Serve stops the replica. One Ray cluster for the module; the drain test, last, deletes the UI."""
 
 from __future__ import annotations
 
@@ -7,6 +9,12 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
+import random  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import httpx  # noqa: E402
@@ -14,36 +22,146 @@ import httpx  # noqa: E402
 from reranker import Reranker  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
 from tests.conftest import model_settings  # noqa: E402
-from tests.ray_cluster import deploy, local_ray  # noqa: E402
+from tests.ray_cluster import LocalRay, deploy, local_ray, worker_log_lines  # noqa: E402
 from tests.servers import HANG_S  # noqa: E402
-from tests.test_ray_serve import app_config  # noqa: E402
+from tests.test_ray_serve import app_config, wait_for  # noqa: E402
+from tests.tiny_models import random_text  # noqa: E402
 
 DOCS = ["a cache keeps recent answers", "tea is a drink", "caches trade memory for time"]
+USER, PASSWORD = "alice", "correct horse"
+MAX_BODY = 4_000_000  # above the drain test's event, far below the default
+NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": None}}
 
 
-def test_the_ui_reranks_through_the_model_replicas(bert_dir: Path, bert_model: ScoringModel) -> None:
+@pytest.fixture(scope="module")
+def cluster(bert_dir: Path) -> Iterator[LocalRay]:
+    with local_ray({}) as running:
+        deploy(app_config(bert_dir, replicas=1, ui=True, RERANKER_UI_AUTH=f"{USER}:{PASSWORD}",
+                          RERANKER_MAX_BODY_BYTES=str(MAX_BODY)), "ui")
+        yield running
+
+
+@contextmanager
+def login(cluster: LocalRay) -> Iterator[httpx.Client]:
+    """An HTTP client holding the cookie of a Gradio login to the UI, as a browser would."""
+    with httpx.Client(base_url=f"{cluster.url}/ui", timeout=HANG_S) as client:
+        response = client.post("/login", data={"username": USER, "password": PASSWORD})
+        assert response.status_code == 200 and response.json() == {"success": True}
+        yield client
+
+
+def test_the_ui_reranks_through_the_model_replicas(cluster: LocalRay, bert_dir: Path,
+                                                   bert_model: ScoringModel) -> None:
     from gradio_client import Client
     from ray import serve
 
     from deploy.ray.panel import Replicas
 
-    with local_ray({}) as cluster:
-        deploy(app_config(bert_dir, replicas=1, ui=True), "ui")
-        page = httpx.get(f"{cluster.url}/ui/", timeout=HANG_S, follow_redirects=True)
-        assert page.status_code == 200 and "gradio" in page.text.lower()
-        assert "Monitoring" in page.text and bert_dir.name in page.text  # the tabs, and the model in the header
-        assert "1 model replica(s) on Ray Serve" in page.text  # the Monitoring tab's card, from the replica
+    with login(cluster) as browser:
+        page = browser.get("/", follow_redirects=True)
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    assert "Monitoring" in page.text and bert_dir.name in page.text  # the tabs, and the model in the header
+    assert "1 model replica(s) on Ray Serve" in page.text  # the Monitoring tab's card, from the replica
 
-        client = Client(f"{cluster.url}/ui/", verbose=False)
-        rows, status = client.predict("what is a cache", "\n".join(DOCS), api_name="/predict")
-        with Reranker(bert_model, model_settings(bert_dir)) as local:
-            expected = local.rerank("what is a cache", DOCS)
-        assert [row[2] for row in rows["data"]] == [r.index for r in expected]
-        assert all(abs(row[1] - round(r.score, 6)) < 1e-5 for row, r in zip(rows["data"], expected, strict=True))
-        assert "3 documents" in status
-        client.close()
+    client = Client(f"{cluster.url}/ui/", auth=(USER, PASSWORD), verbose=False)
+    rows, status = client.predict("what is a cache", "\n".join(DOCS), api_name="/predict")
+    with Reranker(bert_model, model_settings(bert_dir)) as local:
+        expected = local.rerank("what is a cache", DOCS)
+    assert [row[2] for row in rows["data"]] == [r.index for r in expected]
+    assert all(abs(row[1] - round(r.score, 6)) < 1e-5 for row, r in zip(rows["data"], expected, strict=True))
+    assert "3 documents" in status
+    client.close()
 
-        # What the Monitoring tab reads, each tick, from a Gradio worker thread: the replica booked the event.
-        replicas = Replicas(serve.get_deployment_handle("RerankModel", "reranker"))
-        assert replicas.snapshot().requests["ok"] >= 1
-        assert [r.route for r in replicas.latest()][:1] == ["ui"]
+    # What the Monitoring tab reads, each tick, from a Gradio worker thread: the replica booked the event.
+    replicas = Replicas(serve.get_deployment_handle("RerankModel", "reranker"))
+    assert replicas.snapshot().requests["ok"] >= 1
+    assert "ui" in [r.route for r in replicas.latest()]
+
+
+def test_every_gradio_api_route_needs_the_login(cluster: LocalRay) -> None:
+    """web/gradio_login.py in front of the routes Gradio's own auth leaves open, under Serve's /ui prefix."""
+    from gradio_client import Client
+
+    url = f"{cluster.url}/ui"
+    for method, path in [("GET", "/gradio_api/heartbeat/some-session"), ("POST", "/gradio_api/cancel"),
+                         ("GET", "/gradio_api/startup-events"), ("GET", "/gradio_api/app_id"),
+                         ("POST", "/gradio_api/call/predict"), ("GET", "/gradio_api/info")]:
+        body = {"data": ["cache", "\n".join(DOCS)]} if method == "POST" else None
+        for cookies in ({}, {"access-token-unsecure-forged": "forged"}):
+            response = httpx.request(method, f"{url}{path}", json=body, cookies=cookies, timeout=HANG_S)
+            assert response.status_code == 401 and response.json() == NOT_AUTHENTICATED, path
+    wrong = httpx.post(f"{url}/login", data={"username": USER, "password": "wrong"}, timeout=HANG_S)
+    assert wrong.status_code == 400 and "access-token" not in wrong.headers.get("set-cookie", "")
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(f"{url}/", auth=(USER, "wrong"), verbose=False)
+    with login(cluster) as client:
+        assert client.get("/gradio_api/app_id").status_code == 200
+        assert "/predict" in client.get("/gradio_api/info").json()["named_endpoints"]
+
+
+def test_a_body_over_the_limit_gets_413_and_is_counted(cluster: LocalRay) -> None:
+    """web/middleware.py's BodyLimit on the Gradio API, before Gradio parses anything; the refusal is booked on
+    the `ui` route of the UI's metrics, which Ray exports (deployment UI)."""
+    with login(cluster) as client:
+        big = client.post("/gradio_api/call/predict", content=b'{"data": ["' + b"x" * MAX_BODY + b'"]}',
+                          headers={"content-type": "application/json"})
+        assert big.status_code == 413 and big.json()["error"]["type"] == "limit_exceeded"
+        assert "RERANKER_MAX_BODY_BYTES" in big.json()["error"]["message"]
+        # Not a limit on what the UI may send under it.
+        inputs = ["cache", "\n".join(DOCS), None, "", False, None]  # query, documents, top_n, instruction, raw, file
+        assert client.post("/gradio_api/call/predict", json={"data": inputs}).status_code == 200
+    series = re.compile(r'^ray_reranker_requests_total\{[^}]*deployment="UI"[^}]*\} ', re.M)
+
+    def refusal_exported() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=HANG_S).text
+        return any('route="ui"' in line and 'status="invalid"' in line and float(line.rsplit(" ", 1)[1]) >= 1
+                   for line in text.splitlines() if series.match(line))
+
+    wait_for(refusal_exported, HANG_S, "the UI's 413 in ray_reranker_requests_total{deployment=\"UI\"}")
+
+
+def stream(client: httpx.Client, path: str, into: dict[str, object]) -> threading.Thread:
+    """Read a server-sent event stream in a thread: `into` gets its text and how it ended ("eof" or the error)."""
+    def read() -> None:
+        chunks = []
+        try:
+            with client.stream("GET", path, timeout=httpx.Timeout(HANG_S, read=None)) as response:
+                into["status"] = response.status_code
+                for chunk in response.iter_text():
+                    chunks.append(chunk)
+            into["end"] = "eof"
+        except httpx.HTTPError as err:
+            into["end"] = f"{type(err).__name__}: {err}"
+        into["text"] = "".join(chunks)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_serve_stopping_the_ui_drains_it(cluster: LocalRay) -> None:
+    """As one process on SIGTERM: once Serve starts stopping the replica, the event in flight finishes, and the
+    replica then ends an open browser tab's heartbeat stream (which Serve's own drain waits for) instead of being
+    killed at graceful_shutdown_timeout_s with the stream cut."""
+    from ray import serve
+
+    rng = random.Random(11)
+    docs = "\n".join(random_text(rng, 300).replace("\n", " ") for _ in range(800))  # about 2 MB
+    with login(cluster) as client:
+        tab: dict[str, object] = {}
+        heartbeat = stream(client, "/gradio_api/heartbeat/open-tab", tab)
+        wait_for(lambda: "status" in tab, HANG_S, "the heartbeat stream open")
+        event = client.post("/gradio_api/call/predict", json={"data": ["which cache", docs, None, "", False, None]})
+        assert event.status_code == 200, event.text
+        result: dict[str, object] = {}
+        reader = stream(client, f"/gradio_api/call/predict/{event.json()['event_id']}", result)
+        started = time.monotonic()
+        serve.delete("ui", _blocking=False)
+        reader.join(HANG_S)
+        heartbeat.join(HANG_S)
+        wait_for(lambda: "ui" not in serve.status().applications, HANG_S, "the UI application deleted")
+    print(f"UI stopped {time.monotonic() - started:.1f} s after the delete")
+    assert result.get("end") == "eof" and "event: complete" in str(result.get("text")), result
+    assert tab.get("end") == "eof", f"the heartbeat stream was cut, not ended: {tab.get('end')}"
+    messages = [line.get("message") for line in worker_log_lines(cluster) if line.get("logger") == "reranker.ray"]
+    assert "draining: new requests get 503" in messages and "drained: every accepted request was answered" in messages

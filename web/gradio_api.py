@@ -10,7 +10,7 @@ import gradio as gr
 from gradio.exceptions import InvalidPathError
 
 from web.errors import HttpError
-from web.middleware import App, Message, Receive, Scope, Send
+from web.middleware import App, Message, Receive, Scope, Send, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
 PREPROCESS_STATUS = 422
@@ -100,7 +100,7 @@ def is_api_path(path: str, api_name: str = "predict") -> bool:
 
 
 def _is_api_call(scope: Scope, api_name: str) -> bool:
-    return scope["type"] == "http" and scope["method"] == "POST" and is_api_path(str(scope["path"]), api_name)
+    return scope["type"] == "http" and scope["method"] == "POST" and is_api_path(route_path(scope), api_name)
 
 
 class GradioApiStatus:

@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketClose
 
 from web.errors import HttpError
-from web.middleware import App, OnRefuse, Receive, Scope, Send
+from web.middleware import App, OnRefuse, Receive, Scope, Send, route_path
 
 PREDICT = "/api/predict"
 
@@ -48,8 +48,12 @@ class GradioLogin:
         return self.gradio.tokens.get(token) if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        predict = self.guard_predict and scope["type"] == "http" and str(scope["path"]).rstrip("/") == PREDICT
-        if scope["type"] not in ("http", "websocket") or not (predict or _guarded(scope["path"])) or self._user(scope):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        predict = self.guard_predict and scope["type"] == "http" and path == PREDICT
+        if not (predict or _guarded(path)) or self._user(scope):
             await self.app(scope, receive, send)
         elif predict:
             error = HttpError(401, "unauthorized", "log in to the UI first (RERANKER_UI_AUTH) and send its cookie")

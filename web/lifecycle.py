@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from web.errors import HttpError
-from web.middleware import LIMITED_PATHS, App, Receive, Scope, Send
+from web.middleware import LIMITED_PATHS, App, Receive, Scope, Send, route_path
 
 RETRY_AFTER_SECONDS = 5
 
@@ -54,7 +54,7 @@ class Lifecycle:
 
 def _starts_work(scope: Scope) -> bool:
     """JSON rerank routes, and Gradio POSTs (a queue join or an API call); pages, streams and health pass."""
-    path = str(scope["path"]).rstrip("/")
+    path = route_path(scope)
     return path in LIMITED_PATHS or (scope.get("method") == "POST" and path.startswith("/gradio_api"))
 
 
@@ -72,7 +72,7 @@ class DrainGate:
             return
         if self.lifecycle.draining:
             error = HttpError(503, "shutting_down", f"{self.lifecycle.reason}; retry on another instance")
-            path = str(scope["path"]).rstrip("/")
+            path = route_path(scope)
             self.on_refuse(path, error)
             await error.response(path, {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
             return

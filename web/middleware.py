@@ -19,10 +19,19 @@ OnRefuse = Callable[[str, HttpError], None]
 LIMITED_PATHS = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"})
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's mount point, without a trailing slash. A proxy that mounts the app
+    under a prefix (Ray Serve's route_prefix: the UI at /ui) puts it in `root_path` and leaves it in `path`."""
+    path, root = str(scope["path"]), str(scope.get("root_path") or "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        path = path[len(root):]
+    return path.rstrip("/")
+
+
 def _route(scope: Scope) -> str | None:
     if scope["type"] != "http":
         return None
-    path = str(scope["path"]).rstrip("/")
+    path = route_path(scope)
     return path if path in LIMITED_PATHS else None
 
 
@@ -31,7 +40,7 @@ def _bounded(scope: Scope) -> str | None:
     but its uploads, which Gradio caps itself (mount_gradio_app's max_file_size)."""
     route = _route(scope)
     if route is None and scope["type"] == "http" and scope.get("method") == "POST":
-        path = str(scope["path"]).rstrip("/")
+        path = route_path(scope)
         if path.startswith("/gradio_api/") and not path.endswith("/upload"):
             return path
     return route
@@ -39,7 +48,7 @@ def _bounded(scope: Scope) -> str | None:
 
 async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send,
                   headers: dict[str, str] | None = None) -> None:
-    await error.response(str(scope["path"]), headers)(scope, receive, send)
+    await error.response(route_path(scope), headers)(scope, receive, send)
 
 
 class BearerKey:

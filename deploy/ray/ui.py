@@ -3,41 +3,52 @@
 One replica: Gradio's queue streams an event's result from the process that queued it, and login sessions live
 in that process's memory. It scores through a RemoteBackend over the model deployment's DeploymentHandle, as
 the JSON ingress does (same retries of a call whose replica died), and its Monitoring tab sums the replicas'
-snapshots (deploy/ray/panel.py).
+snapshots (deploy/ray/panel.py). The guards are web/http.py's: RERANKER_UI_AUTH's login on every Gradio API
+route, the body limit, and the drain gate, which closes when Serve starts stopping the replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import gradio as gr
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from gradio.routes import App as GradioApp
 from ray import serve
 from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
+from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import Replicas, ReplicaView
 from deploy.ray.remote import RemoteBackend
+from deploy.ray.stopping import until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
-from reranker.metrics import Metrics
 from reranker.tracing import Tracing
+from web.api import json_refusals
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, RerankError
-from web.gradio_login import find_gradio_app
+from web.gradio_api import ROUTE, GradioApiStatus, RerankError, is_api_path
+from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
+from web.lifecycle import DrainGate, Lifecycle
+from web.middleware import BodyLimit
 from web.monitoring import Panel
 from web.service import book_refusal
 from web.tracing import ui_span
 from web.ui import build_blocks, header, ui_answer, ui_call
 
+logger = logging.getLogger("reranker.ray")
 
-def remote_predict(backend: RemoteBackend, tracing: Tracing,
-                   refused: Callable[[str, HttpError], None]) -> Callable[..., Any]:
-    """The Rerank tab's event handler over the model replicas; Gradio cancelling the event cancels the call."""
+
+def remote_predict(backend: RemoteBackend, tracing: Tracing, refused: Callable[[str, HttpError], None],
+                   lifecycle: Lifecycle) -> Callable[..., Any]:
+    """The Rerank tab's event handler over the model replicas; Gradio cancelling the event cancels the call.
+    `lifecycle` counts the events in flight, as one process's RerankService does, so a drain waits for them."""
     settings = backend.settings
 
     async def rerank(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
@@ -46,10 +57,13 @@ def remote_predict(backend: RemoteBackend, tracing: Tracing,
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         with ui_span(tracing, request.headers if request is not None else None):
             call = ui_call(query, documents, top_n, instruction, raw_scores, file, settings, refused)
+            lifecycle.enter()
             try:
                 return ui_answer(await backend.rerank(None, ROUTE, call))
             except HttpError as err:
                 raise RerankError(err) from None
+            finally:
+                lifecycle.leave()
 
     return rerank
 
@@ -64,22 +78,51 @@ class UI:
                        deployment: str = "RerankModel", tries: int = 3, deadline_s: float = 60.0) -> None:
         self.settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(self.settings.log_level)
-        self.metrics = Metrics(CollectorRegistry(), process_collector=True)
+        self.metrics = replica_metrics()  # exported through Ray: the UI's refusals (401, 413, 503) are seen
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
+        self.lifecycle = Lifecycle()
         handle: DeploymentHandle = serve.get_deployment_handle(deployment, app)
         self.backend = RemoteBackend(handle, self.settings, tries=tries, deadline_s=deadline_s)
         self.replicas = Replicas(handle)
         self.replicas.add(cast(ReplicaView, await handle.snapshot.remote()))
         self.info = await self.backend.info()
+        self.gradio: GradioApp | None = None  # mounted by __serve_build_asgi_app__
+        self._stop_watch = asyncio.get_running_loop().create_task(self._drain_when_stopping())
 
     def refused(self, route: str, error: HttpError) -> None:
         book_refusal(self.metrics, self.history, route, error)
 
+    def refused_while_draining(self, path: str, error: HttpError) -> None:
+        """As web/http.py: a Gradio API call is counted on the `ui` route; the browser's own events are not."""
+        if is_api_path(path):
+            self.refused(ROUTE, error)
+
+    async def _drain_when_stopping(self) -> None:
+        """Once Serve starts stopping this replica, drain as one process does on SIGTERM: new Gradio work gets
+        503 (Serve routes none here by then, but a request already on its way may come), the events in flight
+        finish within RERANKER_DRAIN_SECONDS, then the heartbeat streams of open browser tabs end, which Serve's
+        own drain waits for: without that, a tab kept the replica until graceful_shutdown_timeout_s killed it."""
+        await until_stopping()
+        lifecycle = self.lifecycle
+        lifecycle.begin_drain("this UI replica is stopping")
+        logger.info("draining: new requests get 503",
+                    extra={"inflight": lifecycle.inflight, "drain_seconds": self.settings.drain_seconds})
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while lifecycle.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if lifecycle.inflight:
+            logger.warning("drain deadline reached with requests still in flight",
+                           extra={"inflight": lifecycle.inflight})
+        else:
+            logger.info("drained: every accepted request was answered")
+        if self.gradio is not None:  # None if Serve stopped the replica before it built its app
+            self.gradio.stop_event.set()  # Gradio's own signal to its heartbeat streams that the server stops
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         info, settings, replicas = self.info, self.settings, self.replicas
         panel = Panel(replicas.snapshot, replicas.card, replicas.latest)
-        demo = build_blocks(remote_predict(self.backend, self.tracing, self.refused),
+        demo = build_blocks(remote_predict(self.backend, self.tracing, self.refused, self.lifecycle),
                             self.refused, header(info["model"], info["device"], info["dtype"], info["max_length"]),
                             panel, takes_instruction=bool(info["accepts_instruction"]))
         # As web/http.py mounts it: no run history, and an input file only from Gradio's upload folder.
@@ -88,8 +131,17 @@ class UI:
                                   auth=list(settings.ui_auth) if settings.ui_auth else None,
                                   max_file_size=settings.max_body_bytes)
         demo.has_launched = True
-        find_gradio_app(app).startup_events_triggered = True
+        self.gradio = find_gradio_app(app)
+        self.gradio.startup_events_triggered = True
+        # web/http.py's guards, in its order (the last added runs first): drain gate, Gradio login, Gradio API
+        # status, body limit. No JSON routes here (the ingress serves them), so no bearer key, and the login
+        # need not guard /api/predict.
+        refused = json_refusals(self.refused)  # books nothing here: the Gradio API's refusals are booked below
+        app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
         app.add_middleware(GradioApiStatus, on_refuse=self.refused)
+        if settings.ui_auth:
+            app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=False, on_refuse=refused)
+        app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining)
         return app
 
 
