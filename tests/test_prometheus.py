@@ -30,6 +30,7 @@ from web.http import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "monitoring" / "alerts.yml"
+SERVE_CONFIG = ROOT / "monitoring" / "prometheus-serve.yml"  # Ray Serve mode's; prometheus.yml is one process's
 DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
 
 ALERT_NAMES = {
@@ -188,16 +189,27 @@ def fake_nvml() -> SimpleNamespace:
 
 
 def test_prometheus_config_passes_promtool_with_its_rule_file(promtool: str) -> None:
+    """The default config is ./start.sh's: the one process's job only, so RerankerDown never fires for Serve
+    mode's agent when nobody runs it."""
     output = run_promtool(promtool, "check", "config", "prometheus.yml")
     assert "1 rule files found" in output
     config = load_yaml(ROOT / "prometheus.yml")
     assert config["global"]["scrape_interval"] == "15s"
     assert config["rule_files"] == ["monitoring/alerts.yml"]
-    single, ray = config["scrape_configs"]
+    (single,) = config["scrape_configs"]
     assert single["job_name"] == "reranker"
     assert single["static_configs"] == [{"targets": ["localhost:9091"]}]
-    # Ray Serve mode: the node's metrics agent, its ray_reranker_* renamed to what the rules and dashboard read
-    # (tests/test_ray_serve.py scrapes a live Ray with this job).
+
+
+def test_serve_mode_prometheus_config_scrapes_the_ray_agent_with_the_same_rules(promtool: str) -> None:
+    """./start.sh --ray's config: the node's metrics agent only, its ray_reranker_* renamed to what the rules and
+    dashboard read (tests/test_ray_serve.py scrapes a live Ray with this job); the same rules, relative to it."""
+    output = run_promtool(promtool, "check", "config", str(SERVE_CONFIG.relative_to(ROOT)))
+    assert "1 rule files found" in output and "7 rules found" in output
+    config = load_yaml(SERVE_CONFIG)
+    assert config["global"] == load_yaml(ROOT / "prometheus.yml")["global"]
+    assert [(SERVE_CONFIG.parent / path).resolve() for path in config["rule_files"]] == [ALERTS]
+    (ray,) = config["scrape_configs"]
     assert ray["job_name"] == "ray" and ray["static_configs"] == [{"targets": ["localhost:8080"]}]
     (rename,) = ray["metric_relabel_configs"]
     assert rename == {"source_labels": ["__name__"], "regex": "ray_(reranker_.+)", "target_label": "__name__",

@@ -142,7 +142,7 @@ def test_a_replica_exports_the_gpus_ray_gave_it_and_no_others() -> None:
 
 
 def test_the_launcher_puts_rays_metrics_agent_on_a_fixed_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prometheus.yml's `ray` job needs a known port; Ray would pick a random one."""
+    """monitoring/prometheus-serve.yml's `ray` job needs a known port; Ray would pick a random one."""
     calls: list[dict[str, Any]] = []
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=lambda **kwargs: calls.append(kwargs)))
     environ: dict[str, str] = {}

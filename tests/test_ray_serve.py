@@ -39,6 +39,7 @@ from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
 from tests.servers import HANG_S  # noqa: E402
 from tests.test_prometheus import (  # noqa: E402
     ALERTS,
+    SERVE_CONFIG,
     _tool,
     api,
     dashboard_exprs,
@@ -125,10 +126,10 @@ def test_same_errors_limits_and_auth_as_one_process(cluster: LocalRay) -> None:
 
 
 def test_prometheus_scrapes_every_replica_through_ray(cluster: LocalRay, tmp_path: Path) -> None:
-    """prometheus.yml's Ray job, pointed at this node's metrics agent: each replica's reranker_* series under
-    the single-process names with its `replica` label (the one X-Reranker-Replica named), Ray's ray_serve_*,
-    and the alert rules evaluating on them."""
-    (job,) = [job for job in load_yaml(ROOT / "prometheus.yml")["scrape_configs"] if job["job_name"] == "ray"]
+    """monitoring/prometheus-serve.yml's Ray job, pointed at this node's metrics agent: each replica's reranker_*
+    series under the single-process names with its `replica` label (the one X-Reranker-Replica named), Ray's
+    ray_serve_*, and the alert rules evaluating on them."""
+    (job,) = load_yaml(SERVE_CONFIG)["scrape_configs"]
     job = {**job, "scrape_interval": "1s", "static_configs": [{"targets": [f"127.0.0.1:{cluster.metrics_port}"]}]}
     load = Load(cluster.url, clients=4, seed=6).start()
     try:

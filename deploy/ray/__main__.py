@@ -51,7 +51,7 @@ def start_local_ray(environ: MutableMapping[str, str]) -> None:
     import ray
 
     # A fixed port for the node's metrics agent (every replica's reranker_* and Ray's ray_serve_*), which
-    # prometheus.yml's `ray` job scrapes; Ray would pick a random one.
+    # monitoring/prometheus-serve.yml's `ray` job scrapes; Ray would pick a random one.
     port = environ.get("RERANKER_RAY_METRICS_PORT") or str(DEFAULT_METRICS_PORT)
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"RERANKER_RAY_METRICS_PORT={port!r} is not valid; use a port number from 1 to 65535")

@@ -4,8 +4,8 @@ prometheus_client metrics made in a replica are never scraped: Ray exports only 
 node's metrics agent (the port of `ray start --metrics-export-port`). `RayMirror` tees every metric into one of
 those under the same family name, label names and histogram buckets, and Serve adds the `deployment`,
 `replica` and `application` labels. The agent prefixes every name with `ray_`
-(`ray_reranker_requests_total`); prometheus.yml's Ray job renames them back, so the alert rules and the
-dashboard read both modes under one set of names. The local registry keeps every value too: the Monitoring
+(`ray_reranker_requests_total`); monitoring/prometheus-serve.yml's Ray job renames them back, so the alert
+rules and the dashboard read both modes under one set of names. The local registry keeps every value too: the Monitoring
 tab and the tests read it. An info becomes a gauge of 1 labelled with its keys, as prometheus_client
 exports one.
 """
