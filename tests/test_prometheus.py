@@ -46,7 +46,7 @@ PANEL_TITLES = {
     "In-flight requests",
     "Batch size (pairs per forward pass)",
     "Batch tokens (padded tokens per forward pass)",
-    "Queue depth (pairs) and capacity",
+    "Queue depth (pairs) and capacity by replica",
     "Cache hit ratio",
     "Truncations per second (truncated and chunked documents)",
     "Throughput (pairs scored and input tokens per second)",
@@ -54,9 +54,16 @@ PANEL_TITLES = {
     "GPU memory used / total",
     "GPU utilization",
     "Top-1 score drift (p50 of top-1 score and score stddev)",
+    "Pairs scored per second by replica",
+    "Request latency p95 by replica",
 }
+# One series per replica in Ray Serve mode (and one per process).
+PER_REPLICA = {"In-flight requests", "Queue depth (pairs) and capacity by replica",
+               "Pairs scored per second by replica", "Request latency p95 by replica"}
 # What Grafana puts in place of its variables before the query reaches Prometheus.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*"}
+# The selection variables take their All value, as the dashboard opens.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*",
+                     "$deployment": ".*", "$replica": ".*"}
 WAIT_S = HANG_S  # Prometheus scrapes and evaluates every second; this only bounds a hang
 
 
@@ -248,6 +255,35 @@ def test_dashboard_is_importable_and_has_every_panel() -> None:
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
 
 
+def test_dashboard_selects_deployments_and_replicas_and_all_keeps_one_process() -> None:
+    """Ray Serve mode's deployment and replica variables: several at once, and an All whose value also matches
+    series without the label (a `.*` regex; Grafana's default all-value, a list of the values found, would
+    hide one process, which has neither label)."""
+    dashboard = load_dashboard()
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    for name in ("instance", "deployment", "replica"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["multi"] and variable["includeAll"], name
+        assert variable["allValue"] == ".*", name
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+    assert variables["deployment"]["current"]["value"] == variables["replica"]["current"]["value"] == ["$__all"]
+    assert variables["deployment"]["query"]["query"].endswith(", deployment)")
+    assert 'deployment=~"$deployment"' in variables["replica"]["query"]["query"]  # replicas of those deployments
+    assert variables["replica"]["query"]["query"].endswith(", replica)")
+    # Every selector of every panel narrows to the chosen instances, deployments and replicas.
+    for expr in dashboard_exprs(dashboard["panels"]):
+        selectors = re.findall(r"\breranker_[a-z0-9_]+\{([^}]*)\}", expr)
+        assert selectors and len(selectors) == len(re.findall(r"\breranker_[a-z0-9_]+", expr)), expr
+        for selector in selectors:
+            assert {'instance=~"$instance"', 'deployment=~"$deployment"', 'replica=~"$replica"'} <= set(
+                selector.split(",")), expr
+    panels = {panel["title"]: panel for panel in dashboard["panels"] if panel["type"] != "row"}
+    for title in PER_REPLICA:
+        for target in panels[title]["targets"]:
+            assert re.search(r"\bby \(instance, replica(, le)?\)", target["expr"]), title
+            assert "{{replica}}" in target["legendFormat"], title
+
+
 def test_every_dashboard_query_is_valid_promql(prometheus: str, tmp_path: Path) -> None:
     exprs = dashboard_exprs(load_dashboard())
     assert len(exprs) >= len(PANEL_TITLES)
@@ -293,6 +329,10 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
                 assert read - exported == set()
                 for expr in dashboard_exprs(load_dashboard()):
                     api(url, "query", query=as_promql(expr))
+                # The per-replica panels with All selected show the one process, which has no replica label.
+                (inflight,) = [panel for panel in load_dashboard()["panels"] if panel["title"] == "In-flight requests"]
+                (series,) = api(url, "query", query=as_promql(inflight["targets"][0]["expr"]))["result"]
+                assert series["metric"] == {"instance": target}
 
                 # The rules evaluate without error on live data, and healthy traffic raises no alert.
                 def evaluated_rules() -> list[dict[str, Any]]:
