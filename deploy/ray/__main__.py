@@ -1,21 +1,26 @@
-"""`python -m deploy.ray [CONFIG]` (what `./start.sh --ray` runs): `serve run` of deploy/ray/serve.yaml, stopped
-cleanly by SIGTERM as by Ctrl-C.
+"""`python -m deploy.ray [CONFIG]` (what `./start.sh --ray` runs): `serve run` of deploy/ray/serve.yaml, drained by
+SIGTERM or Ctrl-C.
 
 Without RAY_ADDRESS it starts a one-node Ray of its own, as `serve run` would, but kept to loopback (node address
 127.0.0.1), without the dashboard, and with a token for this run only: a local Ray otherwise saves a new one in
 ~/.ray. RERANKER_HOST and RERANKER_PORT, when set, replace serve.yaml's `http_options` host and port (as they
 name the single-process server's address); RERANKER_RAY_METRICS_PORT (8080) is the port of the node's metrics
-agent, which exports every replica's metrics for Prometheus. On SIGTERM or SIGINT, Serve drains and deletes the
-applications, then Ray stops every process it started.
+agent, which exports every replica's metrics for Prometheus. On SIGTERM or SIGINT the applications are deleted
+first, while Serve's proxies still serve: every replica finishes what it accepted (graceful_shutdown_timeout_s)
+and the answers reach their clients. Then `serve run` shuts Serve down, and Ray stops every process it started.
+A second signal skips the wait. (`serve run`'s own Ctrl-C shuts the proxies down with the replicas, cutting the
+requests in flight.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,15 +64,43 @@ def start_local_ray(environ: MutableMapping[str, str]) -> None:
              _metrics_export_port=int(port))
 
 
+def drain_applications() -> None:
+    """Delete every Serve application and wait until they are gone: Serve stops routing to their replicas, which
+    finish the requests they accepted (up to graceful_shutdown_timeout_s), and the proxies pass the answers on.
+    New requests meanwhile get the proxies' 404 (no route)."""
+    from ray import serve
+
+    names = list(serve.status().applications)
+    print(json.dumps({"level": "INFO", "logger": "deploy.ray", "applications": names,
+                      "message": "draining: deleting the applications; their replicas finish what they accepted"}),
+          file=sys.stderr, flush=True)
+    for name in names:
+        serve.delete(name, _blocking=False)
+    while serve.status().applications:  # Serve bounds each replica's stop by its graceful_shutdown_timeout_s
+        time.sleep(0.5)
+
+
+def drain_then_interrupt(signum: int, frame: object) -> None:
+    """The first SIGTERM or SIGINT: drain, then KeyboardInterrupt, on which `serve run` shuts Serve down. A second
+    signal interrupts the drain."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        drain_applications()
+    except Exception as err:  # the controller gone already: nothing left to drain
+        print(f"drain failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
 def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     """Run `serve run` on `config_path` (with the address overrides) until SIGTERM or SIGINT."""
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
     if not environ.get("RAY_ADDRESS"):
         start_local_ray(environ)
-    # After ray.init, whose own SIGTERM handler exits without deleting the applications: `serve run` shuts
-    # Serve down on KeyboardInterrupt, letting replicas finish what they accepted (graceful_shutdown_timeout_s).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # After ray.init, whose own SIGTERM handler exits without deleting the applications.
+    signal.signal(signal.SIGTERM, drain_then_interrupt)
+    signal.signal(signal.SIGINT, drain_then_interrupt)
     from ray.serve.scripts import cli
 
     with tempfile.TemporaryDirectory(prefix="reranker-serve-") as folder:
