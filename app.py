@@ -119,7 +119,8 @@ def serve(reranker: Reranker) -> int:
 
     model, settings = reranker.model, reranker.settings
     logger.info("model ready", extra={
-        "model": model.model_id, "device": model.device, "dtype": model.dtype, "compile": model.compiled,
+        "model": model.model_id, "device": model.device, "backend": model.backend.name, "dtype": model.dtype,
+        "dtype_reason": model.dtype_reason, "compile": model.compiled,
         "max_length": model.max_length, "load_seconds": round(model.load_seconds, 3),
         "batch_tokens": reranker.batch_tokens, "versions": package_versions(),
     })

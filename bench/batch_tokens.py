@@ -38,7 +38,7 @@ def main() -> None:
         raw = time.perf_counter() - started
         print(f"raw CrossEncoder.predict float32, batch 32: {raw:.2f} s (1.00x)")
         for budget in (int(b) for b in args.budgets.split(",")):
-            settings = Settings(model=str(path), dtype=args.dtype, batch_tokens=budget, cache_size=0)
+            settings = Settings(model=str(path), dtype=args.dtype, backend="torch", batch_tokens=budget, cache_size=0)
             with Reranker.from_settings(settings) as reranker:
                 reranker.rerank(workload[0].query, workload[0].documents)
                 started = time.perf_counter()

@@ -176,8 +176,8 @@ class Baseline:
 
 
 def engine_settings(path: Path, device: str, variant: str) -> Settings:
-    return Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device, "RERANKER_CACHE_SIZE": "0",
-                              "RERANKER_MAX_LENGTH": "1024", **VARIANTS[variant]})
+    return Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device, "RERANKER_BACKEND": "torch",
+                              "RERANKER_CACHE_SIZE": "0", "RERANKER_MAX_LENGTH": "1024", **VARIANTS[variant]})
 
 
 def baselines(path: Path, device: str, scale: float) -> tuple[str, list[Baseline]]:

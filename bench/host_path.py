@@ -78,8 +78,8 @@ def main() -> None:
             raw(request)
         raw_seconds = timed(lambda: [raw(r) for r in workload])
 
-        env = {"RERANKER_MODEL": str(path), "RERANKER_DEVICE": args.device, "RERANKER_CACHE_SIZE": "0",
-               "RERANKER_BATCH_TOKENS": args.batch_tokens}
+        env = {"RERANKER_MODEL": str(path), "RERANKER_DEVICE": args.device, "RERANKER_BACKEND": "torch",
+               "RERANKER_CACHE_SIZE": "0", "RERANKER_BATCH_TOKENS": args.batch_tokens}
         rates: dict[str, tuple[float, float, float]] = {}  # mode -> (seconds, tokens, batches)
         for mode, callers in (("sequential", 1), (f"{args.concurrency} concurrent callers", args.concurrency)):
             metrics = Metrics(CollectorRegistry())

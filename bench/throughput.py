@@ -83,7 +83,8 @@ def main() -> None:
                 r32.rerank(request.query, request.documents)
             f32_seconds, f32_scores = timed(lambda: [scores_by_index(r32, r) for r in workload])
         # torch.compile (RERANKER_COMPILE=on): its compile and warm-up are in load_seconds, not in the timing.
-        compiled = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_COMPILE": "on"})
+        compiled = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_COMPILE": "on",
+                                      "RERANKER_BACKEND": "torch"})
         with Reranker.from_settings(compiled) as rc:
             compile_load = rc.model.load_seconds
             for request in warmup:

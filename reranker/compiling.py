@@ -18,16 +18,12 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from reranker.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from reranker.model import ScoringModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +41,24 @@ def bucketed(rows: int, width: int, max_width: int) -> tuple[int, int]:
     return -(-rows // ROW_BUCKET) * ROW_BUCKET, min(max(width, max_width), padded)
 
 
-def compile_model(model: ScoringModel, setting: str) -> float:
+class Compilable(Protocol):
+    """What compiling needs of a loaded model (reranker.model.ScoringModel on the torch backend)."""
+
+    model_id: str
+    compiled: str  # the mode in force; collate and launch read it
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def network(self) -> nn.Module | None:
+        """The transformers module whose forward is compiled."""
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> object:
+        """Tokenize, pad and score `pairs` (a warm-up batch)."""
+
+
+def compile_model(model: Compilable, setting: str) -> float:
     """Compile `model`'s network in place for `setting` (off, on, cudagraphs) and warm it; the seconds spent.
 
     Raises ModelLoadError, naming RERANKER_COMPILE, when the model cannot be compiled.
@@ -54,7 +67,7 @@ def compile_model(model: ScoringModel, setting: str) -> float:
         return 0.0
     if setting == "cudagraphs" and not model.device.startswith("cuda"):
         raise ModelLoadError("RERANKER_COMPILE=cudagraphs needs a CUDA device; use RERANKER_COMPILE=on or off")
-    network = model.cross_encoder.transformers_model
+    network = model.network
     if network is None:
         raise ModelLoadError(f"model {model.model_id!r} has no transformers network to compile; "
                              "set RERANKER_COMPILE=off")
@@ -69,7 +82,7 @@ def compile_model(model: ScoringModel, setting: str) -> float:
     model.compiled = setting
     try:
         for pairs in warm_up_pairs():
-            model.score(model.encode(pairs))
+            model.score_pairs(pairs)
     except Exception as err:
         del network.forward  # the class's own forward again
         model.compiled = "off"

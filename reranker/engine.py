@@ -14,13 +14,14 @@ from types import TracebackType
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import spans
+import reranker.spans as spans
 from reranker.batcher import Batcher, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import LimitExceededError, ScoringError
 from reranker.longdocs import DocumentClipper, window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
+from reranker.results import RankedDocument, RerankResult, RerankStats
 from reranker.settings import Settings
 from reranker.tokens import EncodedPair
 from reranker.tracing import Tracing
@@ -40,38 +41,6 @@ CHUNK_MARGIN = 2
 def batch_token_budget(device: str) -> int:
     """The automatic RERANKER_BATCH_TOKENS for a device."""
     return CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
-
-
-@dataclass(frozen=True)
-class RankedDocument:
-    """One result: the document's position in the request, its score and its text."""
-
-    index: int
-    score: float
-    document: str
-
-
-@dataclass(frozen=True)
-class RerankStats:
-    """What one call cost, for logs, metrics and the UI's status line."""
-
-    n_docs: int
-    tokens: int = 0
-    truncated: int = 0
-    chunked: int = 0
-    cache_hits: int = 0
-    pairs_scored: int = 0
-    queue_seconds: float = 0.0
-    inference_seconds: float = 0.0
-    total_seconds: float = 0.0
-    top1_score: float | None = None
-    score_std: float | None = None
-
-
-@dataclass(frozen=True)
-class RerankResult:
-    results: list[RankedDocument]
-    stats: RerankStats = field(default_factory=lambda: RerankStats(n_docs=0))
 
 
 @dataclass
@@ -106,10 +75,12 @@ class Reranker:
             shape=model.padded_shape if score_fn is None else unpadded,
         )
         self.metrics.model_info.info({
-            "model": model.model_id, "device": model.device, "dtype": model.dtype,
-            "max_length": str(model.max_length), "compile": model.compiled,
+            "model": model.model_id, "device": model.device, "backend": model.backend.name,
+            "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": str(model.max_length),
+            "compile": model.compiled,
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
+        self.metrics.model_convert_seconds.set(model.convert_seconds)
         self.metrics.queue_capacity_pairs.set(settings.max_queue)
 
     @classmethod

@@ -109,6 +109,10 @@ class Metrics:
         self.model_info: InfoLike = info if mirror is None else mirror.info(
             MetricSpec(f"{NAMESPACE}_model", "The loaded model."), info)
         self.model_load_seconds = gauge("model_load_seconds", "Time to load and warm the model.")
+        self.model_convert_seconds = gauge(
+            "model_convert_seconds",
+            "Time this start spent converting the model for its backend (OpenVINO, int8); 0 when it came from "
+            "the conversion cache or needs none.")
         self.trace_spans_dropped = counter(
             "trace_spans_dropped", "Finished trace spans lost before the collector got them, by reason.", ("reason",))
         for result in ("hit", "miss"):

@@ -6,15 +6,18 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 from sentence_transformers.cross_encoder.modules import LogitScore
+from torch import nn
 
-from reranker.compiling import bucketed, compile_model, mark_step, uncompiled
+from reranker.backends import Backend, Padded, Pending, choose_backend
+from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
+from reranker.backends.pytorch import TorchBackend
+from reranker.compiling import compile_model
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
@@ -24,10 +27,6 @@ logger = logging.getLogger(__name__)
 
 # Tokenizers report this sentinel (or larger) when they have no length limit of their own.
 _NO_LIMIT = 1_000_000
-# collate's notes to launch: how many rows are real when shape buckets added padding rows, and that a
-# retry under CUDA graphs runs uncompiled at its own shape.
-_ROWS = "reranker_rows"
-_EAGER = "reranker_eager"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,20 +41,23 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this torch build reports AMX tiles (fast bfloat16 matmuls) on this CPU."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+def pick_precision(setting: str, device: str, checkpoint_dtype: str | None = None,
+                   native_bf16: list[str] | None = None) -> Precision:
+    """RERANKER_DTYPE resolved, with the reason. `auto`: on CUDA the checkpoint's own half type if it says
+    bfloat16 (float16 can overflow on such models, Qwen3-Reranker among them), else float16; on the CPU
+    bfloat16 where the CPU runs it natively (`native_bf16`, by default what torch detects), else float32."""
+    if setting != "auto":
+        return explicit(setting)
+    if device.startswith("cuda"):
+        if checkpoint_dtype == "bfloat16":
+            return Precision("bfloat16", "auto: CUDA, the checkpoint declares bfloat16")
+        return Precision("float16", "auto: CUDA")
+    return auto_precision(torch_native_bf16() if native_bf16 is None else native_bf16)
 
 
 def resolve_dtype(setting: str, device: str, checkpoint_dtype: str | None = None) -> torch.dtype:
-    """`auto`: on CUDA the checkpoint's own half type if it says bfloat16 (float16 can overflow on such
-    models, Qwen3-Reranker among them), else float16; bfloat16 on a CPU with AMX-BF16; else float32."""
-    if setting != "auto":
-        return DTYPES[setting]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
-    return torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
+    """The torch dtype `pick_precision` chooses for the torch backend."""
+    return DTYPES[pick_precision(setting, device, checkpoint_dtype).dtype]
 
 
 def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | None:
@@ -73,8 +75,9 @@ def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | No
 class ScoringModel:
     """A loaded cross-encoder: pairs in (see reranker.tokens), float32 logits out, one padded batch at a time.
 
-    Scoring is split for the worker's pipeline: `collate` pads on the CPU (any thread), `launch` copies to
-    the device and starts the forward pass (the worker thread only), and `wait` returns the scores.
+    Scoring is split for the worker's pipeline: `collate` pads on the CPU (any thread), `launch` starts the
+    backend's forward pass (the worker thread only), and `wait` returns the scores. `cross_encoder` is the
+    PyTorch model as loaded; it tokenizes for every backend and runs the network on the torch one.
     """
 
     def __init__(self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int) -> None:
@@ -82,9 +85,6 @@ class ScoringModel:
         self.model_id = model_id
         self.max_length = max_length
         self.load_seconds = 0.0  # set by load_model once the model is warm
-        self.compiled = "off"  # the RERANKER_COMPILE mode in force, set by compile_model
-        self.device = str(cross_encoder.device)
-        self.dtype = str(next(cross_encoder.parameters()).dtype).removeprefix("torch.")
         self.is_causal = any(isinstance(module, LogitScore) for module in cross_encoder)
         tokenizer = cross_encoder.tokenizer
         if tokenizer is None:
@@ -95,8 +95,34 @@ class ScoringModel:
         self._pad_left = tokenizer.padding_side == "left"
         # The non-tensor features preprocess adds (modality, logits_to_keep) are the same for every batch.
         probe = cross_encoder.preprocess([("q", "d")])
-        self._extras = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)}
-        self._cuda = self.device.startswith("cuda")
+        self.extras = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)}
+        self._token_types = "token_type_ids" in probe
+        self.torch = TorchBackend(cross_encoder, self.extras, max_length)
+        self.backend: Backend = self.torch
+        self.backend_reason = "RERANKER_BACKEND=torch"
+        self.dtype_reason = f"RERANKER_DTYPE={self.torch.dtype}"
+        self.convert_seconds = 0.0  # conversion for a backend other than torch, 0 when it came from the cache
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype
+
+    @property
+    def compiled(self) -> str:
+        """The RERANKER_COMPILE mode in force (torch only; `off` on other backends)."""
+        return self.torch.compiled if self.backend is self.torch else "off"
+
+    @compiled.setter
+    def compiled(self, mode: str) -> None:
+        self.torch.compiled = mode
+
+    @property
+    def network(self) -> nn.Module | None:
+        return self.cross_encoder.transformers_model
 
     @property
     def accepts_instruction(self) -> bool:
@@ -112,17 +138,17 @@ class ScoringModel:
 
     def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
         """The shape `collate` pads a batch of `rows` pairs, the longest `width` tokens, to."""
-        return bucketed(rows, width, self.max_length) if self.compiled == "cudagraphs" else (rows, width)
+        return self.backend.padded_shape(rows, width)
 
-    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> dict[str, Any]:
-        """Pad a batch to its longest pair, on the tokenizer's side, into CPU tensors. Under CUDA graphs the
-        shape is rounded up to a bucket; the extra rows repeat the first pair and their scores are dropped.
-        An `exact` batch (a retry) keeps its own shape and runs uncompiled (see reranker.compiling)."""
+    def collate(self, batch: Sequence[EncodedPair], *, exact: bool = False) -> Padded:
+        """Pad a batch to its longest pair, on the tokenizer's side. The backend may round the shape up to a
+        bucket (CUDA graphs); the extra rows repeat the first pair and their scores are dropped. An `exact`
+        batch (a retry) keeps its own shape."""
         longest = max(pair.n_tokens for pair in batch)
         rows, width = (len(batch), longest) if exact else self.padded_shape(len(batch), longest)
         ids = np.full((rows, width), self._pad_id, dtype=np.int64)
         mask = np.zeros((rows, width), dtype=np.int64)
-        types = np.zeros((rows, width), dtype=np.int64) if batch[0].token_type_ids is not None else None
+        types = np.zeros((rows, width), dtype=np.int64) if self._token_types else None
         for row in range(rows):
             pair = batch[row] if row < len(batch) else batch[0]
             columns = slice(width - pair.n_tokens, width) if self._pad_left else slice(0, pair.n_tokens)
@@ -130,63 +156,18 @@ class ScoringModel:
             mask[row, columns] = 1
             if types is not None and pair.token_type_ids is not None:
                 types[row, columns] = pair.token_type_ids
-        features: dict[str, Any] = dict(self._extras)
-        features["input_ids"] = torch.from_numpy(ids)
-        features["attention_mask"] = torch.from_numpy(mask)
-        if types is not None:
-            features["token_type_ids"] = torch.from_numpy(types)
-        if rows != len(batch):
-            features[_ROWS] = len(batch)
-        if exact and self.compiled == "cudagraphs":
-            features[_EAGER] = True
-        return features
+        return Padded(ids, mask, types, rows=len(batch), exact=exact)
 
-    @torch.inference_mode()
-    def launch(self, features: dict[str, Any]) -> PendingScores:
-        """Copy a collated batch to the device and start its forward pass; on a GPU this returns at once."""
-        device = self.cross_encoder.device
-        rows, eager = features.get(_ROWS), features.get(_EAGER, False)
-        features = {k: v for k, v in features.items() if k not in (_ROWS, _EAGER)}
-        if self._cuda:
-            # Pinned staging makes the copies asynchronous; pinning here keeps every CUDA call on this thread.
-            features = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                        for k, v in features.items()}
-        if self.compiled == "cudagraphs" and not eager:
-            mark_step()
-        network = self.cross_encoder.transformers_model
-        with uncompiled(network) if eager and network is not None else nullcontext():
-            scores = self.cross_encoder(features)["scores"]
-        if scores.ndim > 1:
-            scores = scores.squeeze(-1)
-        scores = scores[:rows].float()
-        if not self._cuda:
-            return PendingScores(scores)
-        host = torch.empty(scores.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(scores, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return PendingScores(host, done)
+    def launch(self, batch: Padded) -> Pending:
+        """Start the forward pass of a collated batch on the backend; on a GPU this returns at once."""
+        return self.backend.launch(batch)
 
     def score(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
         """Raw logits of a batch as a 1-D float32 CPU tensor, in batch order (collate, launch, wait)."""
         return self.launch(self.collate(batch)).wait()
 
-
-class PendingScores:
-    """The scores of a launched batch; `wait` blocks until they are on the host."""
-
-    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
-        self._host = host
-        self._done = done
-
-    @property
-    def ran(self) -> bool:
-        return self._done is None  # no event: a CPU pass, finished inside launch
-
-    def wait(self) -> torch.Tensor:
-        if self._done is not None:
-            self._done.synchronize()  # deliberate: the one synchronisation per batch, after its scores copy
-        return self._host
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        return self.score(self.encode(pairs))
 
 
 def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | None:
@@ -204,11 +185,16 @@ def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | N
 
 
 def load_model(settings: Settings) -> ScoringModel:
-    """Load, configure and warm the model named by RERANKER_MODEL; raise ModelLoadError on failure."""
+    """Load, configure and warm the model named by RERANKER_MODEL on the backend RERANKER_BACKEND picks;
+    raise ModelLoadError on failure. A model OpenVINO cannot convert is served by torch, with a warning."""
     device = resolve_device(settings.device)
+    backend, backend_reason = choose_backend(settings.backend, device, settings.dtype)
+    _check_combination(settings, device, backend)
     on_gpu = settings.dtype == "auto" and device.startswith("cuda")
     declared = checkpoint_dtype(settings.model, settings.trust_remote_code) if on_gpu else None
-    dtype = resolve_dtype(settings.dtype, device, declared)
+    # OpenVINO converts the float32 module and applies its precision when it compiles.
+    precision = pick_precision(settings.dtype, device, declared)
+    load_dtype = DTYPES["float32"] if backend == "openvino" else DTYPES[precision.dtype]
     # The original Qwen3-Reranker checkpoints ship the chat template of the base LLM, which knows
     # nothing of query/document roles: give them the prompt of their model card, before loading, so
     # that sentence-transformers routes pairs through it.
@@ -219,7 +205,7 @@ def load_model(settings: Settings) -> ScoringModel:
             settings.model,
             device=device,
             trust_remote_code=settings.trust_remote_code,
-            model_kwargs={"dtype": dtype},
+            model_kwargs={"dtype": load_dtype},
             processor_kwargs=processor_kwargs,
         )
     except Exception as err:
@@ -236,15 +222,58 @@ def load_model(settings: Settings) -> ScoringModel:
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()
     model = ScoringModel(cross_encoder, model_id=settings.model, max_length=max_length)
+    model.backend_reason, model.dtype_reason = backend_reason, precision.reason
+    if backend == "openvino":
+        _use_openvino(model, settings, backend_reason)
+    if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not torch_native_bf16():
+        logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
+                       "float32", extra={"dtype": precision.dtype})
     model.score(model.encode([("warm-up query", "warm-up document")]))
     compile_model(model, settings.compile)
     model.load_seconds = time.perf_counter() - started
     logger.info(
         "model loaded",
-        extra={"model": settings.model, "device": model.device, "dtype": model.dtype, "max_length": max_length,
+        extra={"model": settings.model, "device": model.device, "backend": model.backend.name,
+               "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": max_length,
                "compile": model.compiled},
     )
     return model
+
+
+def _check_combination(settings: Settings, device: str, backend: str) -> None:
+    """Refuse settings that cannot work together before anything is loaded."""
+    if backend == "openvino" and device != "cpu":
+        raise ModelLoadError(f"RERANKER_BACKEND=openvino runs on the CPU, not {device}; set RERANKER_DEVICE=cpu "
+                             "or RERANKER_BACKEND=torch")
+    if backend == "openvino" and settings.dtype == "float16":
+        raise ModelLoadError("RERANKER_DTYPE=float16 is not an OpenVINO CPU precision; use auto, float32, "
+                             "bfloat16 or int8, or RERANKER_BACKEND=torch")
+    if backend == "openvino" and settings.compile != "off":
+        raise ModelLoadError("RERANKER_COMPILE applies to the torch backend; OpenVINO compiles the model itself: "
+                             "set RERANKER_COMPILE=off or RERANKER_BACKEND=torch")
+    if settings.dtype == "int8" and backend != "openvino":
+        why = "openvino is not installed" if settings.backend == "auto" and device == "cpu" else f"backend {backend}"
+        raise ModelLoadError(f"RERANKER_DTYPE=int8 runs on the OpenVINO backend on the CPU ({why}); install "
+                             "requirements.txt's openvino and nncf and use RERANKER_DEVICE=cpu with "
+                             "RERANKER_BACKEND=auto or openvino")
+
+
+def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) -> None:
+    """Convert the loaded model for OpenVINO and serve it there; on a ConversionError stay on torch at the
+    precision torch would have picked, saying why."""
+    from reranker.backends.openvino import ConversionError, load_openvino
+
+    try:
+        load_openvino(model, settings)
+    except ConversionError as err:
+        precision = pick_precision("float32" if settings.dtype == "int8" else settings.dtype, "cpu")
+        logger.warning("OpenVINO cannot run this model; serving it with torch",
+                       extra={"model": model.model_id, "cause": str(err), "dtype": precision.dtype})
+        model.cross_encoder.to(DTYPES[precision.dtype])
+        model.torch.dtype = precision.dtype
+        model.backend = model.torch
+        model.backend_reason = f"{backend_reason}; OpenVINO failed ({err}), torch"
+        model.dtype_reason = precision.reason
 
 
 def _load_failure_message(model_id: str, err: Exception) -> str:

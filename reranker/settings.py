@@ -12,7 +12,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+BACKENDS = ("auto", "torch", "openvino")
+INT8_MODES = ("static", "weights")
+INT8_ON_FAIL = ("fallback", "exit")
 LONG_DOC_MODES = ("truncate", "chunk")
 COMPILE_MODES = ("off", "on", "cudagraphs")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -35,6 +38,12 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "off"
+    backend: str = "auto"
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())
+    int8_mode: str = "static"
+    int8_calibration: str | None = None  # a JSONL file of {"query", "document"} lines; None: the built-in set
+    int8_min_spearman: float = 0.99
+    int8_on_fail: str = "fallback"
     max_length: int = 1024
     long_docs: str = "truncate"
     batch_tokens: int | None = None  # None: auto, by device (see batch_token_budget)
@@ -77,6 +86,13 @@ class Settings:
             device=get("RERANKER_DEVICE", _device, d.device),
             dtype=get("RERANKER_DTYPE", _choice(DTYPES), d.dtype),
             compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
+            backend=get("RERANKER_BACKEND", _choice(BACKENDS), d.backend),
+            cache_dir=get("RERANKER_CACHE_DIR", _path, default_cache_dir(env)),
+            int8_mode=get("RERANKER_INT8_MODE", _choice(INT8_MODES), d.int8_mode),
+            int8_calibration=get("RERANKER_INT8_CALIBRATION", _text, None),
+            int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", _float(-1.0, 1.0, "a number from -1 to 1"),
+                                  d.int8_min_spearman),
+            int8_on_fail=get("RERANKER_INT8_ON_FAIL", _choice(INT8_ON_FAIL), d.int8_on_fail),
             max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
             long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
             batch_tokens=get("RERANKER_BATCH_TOKENS", _auto_or(_int(1)), d.batch_tokens),
@@ -103,6 +119,14 @@ class Settings:
         )
 
 
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
+    """Where converted models are kept when RERANKER_CACHE_DIR is unset: $XDG_CACHE_HOME/reranker, else
+    ~/.cache/reranker."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return str(Path(base) / "reranker")
+
+
 def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple[bool, str]:
     """RERANKER_TRACING wins either way; unset, an OTLP endpoint turns tracing on. Only the switch and the
     transport are ours: the SDK reads every other OTEL_* variable itself."""
@@ -117,6 +141,10 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
 
 def _text(name: str, raw: str) -> str:
     return raw
+
+
+def _path(name: str, raw: str) -> str:
+    return str(Path(raw).expanduser())
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:

@@ -20,7 +20,7 @@ from reranker.errors import OverloadedError, ValidationError
 from reranker.tokens import EncodedPair
 
 if TYPE_CHECKING:
-    from reranker.engine import RerankStats
+    from reranker.results import RerankStats
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # Before anything imports huggingface_hub: no test may reach the network or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # interface address, and no usage stats.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Converted models (the OpenVINO backend) go to a folder of this run, never the user's ~/.cache; every
+# service a test starts inherits it. pytest_sessionfinish removes it.
+os.environ["RERANKER_CACHE_DIR"] = tempfile.mkdtemp(prefix="reranker-test-cache-")
 
 import random  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -51,8 +56,14 @@ def causal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_causal_reranker(tmp_path_factory.mktemp("models") / "tiny-Qwen3-Reranker")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(os.environ["RERANKER_CACHE_DIR"], ignore_errors=True)
+
+
 def model_settings(path: Path, **overrides: object) -> Settings:
-    values: dict = {"model": str(path), "dtype": "float32", "device": "cpu", "max_length": TEST_MAX_LENGTH}
+    # torch unless a test asks for another backend: most tests compare with CrossEncoder.predict's own module.
+    values: dict = {"model": str(path), "dtype": "float32", "device": "cpu", "max_length": TEST_MAX_LENGTH,
+                    "backend": "torch", "cache_dir": os.environ["RERANKER_CACHE_DIR"]}
     values.update(overrides)
     return Settings(**values)
 
@@ -70,6 +81,12 @@ def causal_model(causal_dir: Path) -> ScoringModel:
 @pytest.fixture(scope="session")
 def xlmr_model(xlmr_dir: Path) -> ScoringModel:
     return load_model(model_settings(xlmr_dir))
+
+
+@pytest.fixture(scope="session")
+def ov_bert_model(bert_dir: Path) -> ScoringModel:
+    """The tiny BERT on OpenVINO at float32."""
+    return load_model(model_settings(bert_dir, backend="openvino"))
 
 
 @pytest.fixture(params=["bert", "xlmr", "causal"])

@@ -91,7 +91,7 @@ def test_bucketed_batches_score_like_unpadded_ones(any_model: ScoringModel) -> N
             padded = any_model.launch(features).wait()
         finally:
             any_model.compiled = "off"
-        rows, width = features["input_ids"].shape
+        rows, width = features.shape
         assert rows % ROW_BUCKET == 0 and (width % TOKEN_BUCKET == 0 or width == any_model.max_length)
         torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-4)
 

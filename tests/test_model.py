@@ -30,22 +30,38 @@ def test_asking_for_cuda_without_a_gpu_fails_with_advice(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "amx", "expected"),
+    ("setting", "device", "amx", "avx512_bf16", "expected"),
     [
-        ("auto", "cuda", False, torch.float16),
-        ("auto", "cuda:0", True, torch.float16),
-        ("auto", "cpu", True, torch.bfloat16),
-        ("auto", "cpu", False, torch.float32),
-        ("float32", "cuda", False, torch.float32),
-        ("float16", "cpu", False, torch.float16),
-        ("bfloat16", "cpu", False, torch.bfloat16),
+        ("auto", "cuda", False, False, torch.float16),
+        ("auto", "cuda:0", True, True, torch.float16),
+        ("auto", "cpu", True, False, torch.bfloat16),
+        ("auto", "cpu", False, True, torch.bfloat16),  # AVX512-BF16 without AMX (Zen 4, Cooper Lake)
+        ("auto", "cpu", False, False, torch.float32),  # AVX2 or AVX-512 without BF16: emulated, so float32
+        ("float32", "cuda", False, False, torch.float32),
+        ("float16", "cpu", False, False, torch.float16),
+        ("bfloat16", "cpu", False, False, torch.bfloat16),
     ],
 )
-def test_dtype_resolution(
-    monkeypatch: pytest.MonkeyPatch, setting: str, device: str, amx: bool, expected: torch.dtype
-) -> None:
-    monkeypatch.setattr(model_module, "cpu_has_amx_bf16", lambda: amx)
+def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch, setting: str, device: str, amx: bool,
+                          avx512_bf16: bool, expected: torch.dtype) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert resolve_dtype(setting, device) == expected
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
+    """torch's probes against the kernel's own list of this CPU's features."""
+    from reranker.backends.cpu import auto_precision, torch_native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    expected = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+    assert sorted(torch_native_bf16()) == expected
+    picked = auto_precision(torch_native_bf16())
+    assert picked.dtype == ("bfloat16" if expected else "float32")
+    assert all(name in picked.reason for name in expected)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("torch", "transformers", "sentence-transformers", "gradio", "fastapi", "prometheus-client")
+PACKAGES = ("torch", "transformers", "sentence-transformers", "openvino", "nncf", "gradio", "fastapi",
+            "prometheus-client")
 
 
 def package_versions() -> dict[str, str]:

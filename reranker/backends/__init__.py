@@ -1,0 +1,94 @@
+"""The runtimes a model's forward pass runs on, behind one small protocol: a padded batch in, logits out.
+
+reranker.model tokenizes, pads (`Padded`) and picks the runtime; a backend only runs the network. Adding a
+runtime (ONNX Runtime, say) is one module with a `launch`, plus a line in `choose_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Padded:
+    """One batch as the network takes it: int64 arrays of `shape` (rows, width), padded on the tokenizer's
+    side. `rows` of them are real; the rest (shape buckets) repeat the first pair and their scores are
+    dropped. An `exact` batch is a retry at its own shape, run without what only pays off on repeats."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
+    rows: int
+    exact: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, width = self.input_ids.shape
+        return int(rows), int(width)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The network's inputs by name."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return out
+
+
+class Pending(Protocol):
+    """The scores of a launched batch."""
+
+    @property
+    def ran(self) -> bool:
+        """True when the pass already ran inside `launch` (the CPU): nothing is gained by holding it."""
+
+    def wait(self) -> torch.Tensor:
+        """Block until the batch's float32 scores (one per real row) are on the host."""
+
+
+class Finished:
+    """The scores of a pass that ran to completion inside `launch`."""
+
+    ran = True
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        self._scores = scores
+
+    def wait(self) -> torch.Tensor:
+        return self._scores
+
+
+class Backend(Protocol):
+    """A loaded network on one device. Only the worker's device thread calls `launch`."""
+
+    name: str  # "torch", "openvino"
+    device: str
+    dtype: str  # the precision the network runs at: float32, float16, bfloat16, int8
+
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The shape a batch of `rows` pairs, the longest `width` tokens, is padded to for this backend."""
+
+    def launch(self, batch: Padded) -> Pending:
+        """Start the forward pass of a padded batch."""
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def choose_backend(setting: str, device: str, dtype: str) -> tuple[str, str]:
+    """RERANKER_BACKEND resolved for a device and RERANKER_DTYPE: the backend and why it was picked.
+    `auto` takes OpenVINO on the CPU when it is installed and runs the precision asked for, else torch."""
+    if setting != "auto":
+        return setting, f"RERANKER_BACKEND={setting}"
+    if device != "cpu":
+        return "torch", f"auto: {device}"
+    if dtype == "float16":
+        return "torch", "auto: OpenVINO's CPU plugin does not take float16"
+    if not openvino_installed():
+        return "torch", "auto: openvino is not installed"
+    return "openvino", "auto: the CPU, openvino installed"

@@ -1,0 +1,133 @@
+"""RERANKER_DTYPE=int8: quantize the converted model with NNCF, and serve it only if it still ranks like the
+float32 model on a fixed probe set (RERANKER_INT8_MIN_SPEARMAN); else fall back or exit, as configured."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from scipy.stats import rankdata
+
+from reranker.backends.corpus import build_workload
+from reranker.backends.cpu import Precision
+from reranker.backends.store import ConvertedModels
+from reranker.errors import ModelLoadError
+from reranker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Seeded query/document sets from reranker.backends.corpus; the probe shares no query with the calibration.
+CALIBRATION = {"n_requests": 16, "docs_per_request": 16, "seed": 101}
+PROBE = {"n_requests": 8, "docs_per_request": 24, "seed": 202}
+CALIBRATION_BATCH = 16  # pairs per calibration sample: padded batches, as the service runs them
+
+Group = list[tuple[str, str]]
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Rank correlation of two score lists (ties averaged); 0 when either is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return 1.0 if np.ptp(ra) == np.ptp(rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def calibration_groups(settings: Settings) -> list[Group]:
+    """The calibration pairs, in batches of CALIBRATION_BATCH: RERANKER_INT8_CALIBRATION's file of JSON lines
+    `{"query": ..., "document": ...}`, else the built-in set."""
+    if settings.int8_calibration is None:
+        pairs = [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
+    else:
+        pairs = read_calibration(Path(settings.int8_calibration))
+    return [pairs[i:i + CALIBRATION_BATCH] for i in range(0, len(pairs), CALIBRATION_BATCH)]
+
+
+def read_calibration(path: Path) -> list[tuple[str, str]]:
+    name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{name} cannot be read ({err}); name a UTF-8 file of JSON lines "
+                             '{"query": "...", "document": "..."}') from err
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            query, document = row["query"], row["document"]
+        except (ValueError, TypeError, KeyError):
+            raise ModelLoadError(f'{name}: line {number} is not a JSON object with "query" and "document" '
+                                 "strings") from None
+        if not isinstance(query, str) or not isinstance(document, str) or not query or not document:
+            raise ModelLoadError(f'{name}: line {number} needs non-empty "query" and "document" strings')
+        pairs.append((query, document))
+    if len(pairs) < CALIBRATION_BATCH:
+        raise ModelLoadError(f"{name} has {len(pairs)} pairs; give at least {CALIBRATION_BATCH} (a few hundred "
+                             "from your own traffic calibrate best)")
+    return pairs
+
+
+def quantize(graph: ov.Model, samples: list[dict[str, np.ndarray]], mode: str) -> ov.Model:
+    """An int8 copy of `graph`: weights only, or weights and activations calibrated on `samples` (static)."""
+    import nncf
+
+    if mode == "weights":
+        return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    return nncf.quantize(graph.clone(), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(samples))
+
+
+def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel) -> list[float]:
+    """Per probe query, the Spearman correlation of the candidate's ranking with the reference's."""
+    out = []
+    for request in build_workload(**PROBE):
+        arrays = model.collate(model.encode([(request.query, d) for d in request.documents])).arrays()
+        scores = [np.array(compiled(arrays)[0]).reshape(-1) for compiled in (reference, candidate)]
+        out.append(spearman(scores[0], scores[1]))
+    return out
+
+
+# (graph, precision hint or None for OpenVINO's choice) -> a model compiled for the CPU
+Compile = Callable[[ov.Model, "str | None"], ov.CompiledModel]
+
+
+def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: ov.Model, store: ConvertedModels,
+                key: str, *, fallback: Precision) -> tuple[ov.Model, Precision]:
+    """The int8 graph and its precision when it passes the guard; else the float graph at `fallback`
+    (RERANKER_INT8_ON_FAIL=fallback) or ModelLoadError (exit)."""
+    groups = calibration_groups(settings)
+    digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12]
+    key8 = f"{key}-int8-{settings.int8_mode}-{digest}"
+    quantized = store.load(key8)
+    if quantized is None:
+        started = time.perf_counter()
+        samples = [model.collate(model.encode(group)).arrays() for group in groups]
+        quantized = quantize(graph, samples, settings.int8_mode)
+        seconds = time.perf_counter() - started
+        store.save(key8, quantized, seconds=seconds, int8_mode=settings.int8_mode)
+        model.convert_seconds += seconds
+        logger.info("model quantized to int8", extra={"int8_mode": settings.int8_mode,
+                                                      "quantize_seconds": round(seconds, 2)})
+    rhos = agreement(model, compile_graph(graph, "f32"), compile_graph(quantized, None))
+    mean, lowest, bar = float(np.mean(rhos)), min(rhos), settings.int8_min_spearman
+    figures = (f"Spearman {mean:.4f} against float32 (mean over {len(rhos)} probe queries, lowest {lowest:.4f})")
+    if mean >= bar:
+        logger.info("int8 passed its guard", extra={"spearman_mean": round(mean, 4), "spearman_min": round(lowest, 4),
+                                                    "bar": bar})
+        return quantized, Precision("int8", f"RERANKER_DTYPE=int8 ({settings.int8_mode}): {figures} >= {bar}")
+    refusal = f"int8 ({settings.int8_mode}) refused: {figures} is below RERANKER_INT8_MIN_SPEARMAN={bar}"
+    if settings.int8_on_fail == "exit":
+        raise ModelLoadError(f"{refusal}; set RERANKER_INT8_ON_FAIL=fallback to serve {fallback.dtype} instead, "
+                             "try RERANKER_INT8_MODE=weights, or calibrate on your own traffic "
+                             "(RERANKER_INT8_CALIBRATION)")
+    logger.warning(refusal + f"; serving {fallback.dtype}",
+                   extra={"spearman_mean": round(mean, 4), "spearman_min": round(lowest, 4), "bar": bar})
+    return graph, Precision(fallback.dtype, f"{refusal}; {fallback.reason}")

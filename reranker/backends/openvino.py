@@ -1,0 +1,174 @@
+"""The OpenVINO backend: the loaded PyTorch model converted once (and cached on disk), compiled for the CPU
+with dynamic batch and sequence axes, at float32 (exact), bfloat16 or int8."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import openvino as ov
+import torch
+from torch import nn
+
+from reranker.backends import Finished, Padded
+from reranker.backends.cpu import auto_precision, explicit, torch_native_bf16
+from reranker.backends.store import ConvertedModels, fingerprint
+from reranker.settings import Settings
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
+logger = logging.getLogger(__name__)
+
+HINTS = {"float32": "f32", "bfloat16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT per RERANKER_DTYPE
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ConversionError(Exception):
+    """OpenVINO cannot convert or compile this model; the service falls back to torch."""
+
+
+class Scores(nn.Module):
+    """The CrossEncoder from token arrays to one float32 logit per row: what OpenVINO converts."""
+
+    def __init__(self, cross_encoder: CrossEncoder, extras: dict[str, Any]) -> None:
+        super().__init__()
+        self.cross_encoder = cross_encoder
+        self.extras = extras
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        features = {**self.extras, "input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            features["token_type_ids"] = token_type_ids
+        return self.cross_encoder(features)["scores"].reshape(-1).float()
+
+
+def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded, *, causal: bool) -> ov.Model:
+    """Trace the model into an OpenVINO graph with dynamic (rows, tokens) inputs.
+
+    A causal model is traced with eager attention: its left padding leaves the first rows of a padded
+    sequence with nothing to attend to, which the SDPA path turns into NaN on OpenVINO (and NaN times a zero
+    weight is still NaN); eager attention's finite mask gives the same scores as torch with no NaN."""
+    network = cross_encoder.transformers_model
+    previous = getattr(getattr(network, "config", None), "_attn_implementation", None)
+    if causal and network is not None and previous not in (None, "eager"):
+        network.set_attn_implementation("eager")
+    arrays = example.arrays()
+    try:
+        # Tracing warns about Python branches on shapes and, in torch 2.13, about torch.jit.trace itself:
+        # nothing an operator can act on; the float32 tests hold the converted graph to torch's scores.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ov.convert_model(
+                Scores(cross_encoder, extras).eval(),
+                example_input={name: torch.from_numpy(array) for name, array in arrays.items()},
+                input=[(name, [-1, -1], ov.Type.i64) for name in arrays],
+            )
+    except Exception as err:
+        raise ConversionError(conversion_failure(err)) from err
+    finally:
+        if causal and network is not None and previous not in (None, "eager"):
+            network.set_attn_implementation(previous)
+
+
+def conversion_failure(err: Exception) -> str:
+    """The useful line of a conversion error: the frontend's summary of the operations it has no rule for."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    summary = [line.removeprefix("-- ") for line in lines if line.startswith("-- ")]
+    return "; ".join(summary)[:300] if summary else f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def native_bf16(core: ov.Core) -> list[str]:
+    """The CPU features behind OpenVINO's BF16 capability; OpenVINO's own word when torch names none."""
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return []
+    return torch_native_bf16() or ["OpenVINO CPU capability BF16"]
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OpenVINOBackend:
+    """Runs padded batches through one compiled model; one infer request, used by the device thread only."""
+
+    name = "openvino"
+    device = "cpu"
+
+    def __init__(self, compiled: ov.CompiledModel, dtype: str) -> None:
+        self.dtype = dtype
+        self._inputs = {port.get_any_name() for port in compiled.inputs}
+        self._request = compiled.create_infer_request()
+
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        return rows, width  # dynamic axes: every shape runs as it is, no recompiling
+
+    def launch(self, batch: Padded) -> Finished:
+        arrays = {name: array for name, array in batch.arrays().items() if name in self._inputs}
+        result = self._request.infer(arrays)
+        # Copied: the request reuses its output buffer on the next pass.
+        scores = np.array(result[0], dtype=np.float32).reshape(-1)[:batch.rows]
+        return Finished(torch.from_numpy(scores))
+
+
+def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None) -> ov.CompiledModel:
+    """One stream on every core this process may use, as a single in-flight batch wants; `hint` None leaves
+    the precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": cpu_threads()}
+    if hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    try:
+        return core.compile_model(model, "CPU", config)
+    except Exception as err:
+        raise ConversionError(f"compiling failed: {type(err).__name__}: {err}".splitlines()[0][:300]) from err
+
+
+def load_openvino(model: Any, settings: Settings) -> None:
+    """Put `model` (a reranker.model.ScoringModel) on OpenVINO at the precision RERANKER_DTYPE asks for.
+
+    Raises ConversionError when OpenVINO cannot take the model (the caller serves it with torch), and
+    ModelLoadError when int8 fails its guard and RERANKER_INT8_ON_FAIL=exit."""
+    core = ov.Core()
+    native = native_bf16(core)
+    precision = explicit(settings.dtype) if settings.dtype != "auto" else auto_precision(native)
+    if precision.dtype == "bfloat16" and not native:
+        logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16): OpenVINO will run it "
+                       "slower than float32", extra={"dtype": "bfloat16"})
+    store = ConvertedModels(settings.cache_dir)
+    key = fingerprint(model.model_id, settings.trust_remote_code)
+    example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
+    started = time.perf_counter()
+    graph = store.load(key)
+    if graph is None:
+        graph = convert(model.cross_encoder, model.extras, example, causal=model.is_causal)
+        store.save(key, graph, seconds=time.perf_counter() - started)
+        model.convert_seconds = time.perf_counter() - started
+        logger.info("model converted for OpenVINO",
+                    extra={"model": model.model_id, "convert_seconds": round(model.convert_seconds, 2),
+                           "cache": str(store.path(key))})
+    else:
+        logger.info("converted model taken from the cache", extra={"cache": str(store.path(key))})
+
+    if precision.dtype == "int8":
+        from reranker.backends.int8 import choose_int8
+
+        graph, precision = choose_int8(model, settings, lambda g, hint: compile_for_cpu(core, g, hint), graph, store,
+                                       key, fallback=auto_precision(native))
+    hint = HINTS.get(precision.dtype)
+    compiled = compile_for_cpu(core, graph, hint)
+    model.backend = OpenVINOBackend(compiled, precision.dtype)
+    model.dtype_reason = precision.reason
+    release_weights(model.cross_encoder)
+
+
+def release_weights(cross_encoder: CrossEncoder) -> None:
+    """Free the PyTorch weights once OpenVINO holds its own copy: tokenizing needs none of them, and a
+    float32 bge-reranker-v2-m3 would otherwise sit in memory twice (2.2 GB)."""
+    network = cross_encoder.transformers_model
+    if network is not None:
+        nn.Module.to(network, device="meta")

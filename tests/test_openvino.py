@@ -1,0 +1,276 @@
+"""The OpenVINO backend: exact float32, the conversion cache, the fallback to torch, and the int8 guard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from reranker import ModelLoadError, Reranker
+from reranker.metrics import Metrics
+from reranker.model import ScoringModel, load_model
+from tests.conftest import model_settings
+from tests.test_faults import GatedScorer, wait_until
+from tests.tiny_models import build_bert_reranker, random_text
+
+TOLERANCE = 1e-4  # float32 OpenVINO against float32 torch, per score
+
+
+def varied_pairs(seed: int, n: int = 24) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [(random_text(rng, rng.randint(1, 12)), random_text(rng, rng.randint(1, 300))) for _ in range(n)]
+
+
+@pytest.fixture(params=["bert", "xlmr", "causal"])
+def model_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[ScoringModel, ScoringModel]:
+    """A tiny model on torch and the same files on OpenVINO, both float32."""
+    torch_model: ScoringModel = request.getfixturevalue(f"{request.param}_model")
+    ov_model = load_model(model_settings(Path(torch_model.model_id), backend="openvino"))
+    return torch_model, ov_model
+
+
+def test_float32_on_openvino_equals_torch_at_every_length(model_pair: tuple[ScoringModel, ScoringModel]) -> None:
+    torch_model, ov_model = model_pair
+    assert (ov_model.backend.name, ov_model.dtype, ov_model.dtype_reason) == (
+        "openvino", "float32", "RERANKER_DTYPE=float32")
+    rng = random.Random(7)
+    short, medium = ("q", random_text(rng, 3)), ("a query", random_text(rng, 40))
+    batches = [[short], [medium, short, short], [short, medium] * 3, varied_pairs(7)]  # one row to max_length
+    widths = set()
+    for batch in batches:
+        encoded = torch_model.encode(batch)
+        widths.add(torch_model.collate(encoded).shape[1])
+        torch.testing.assert_close(ov_model.score(encoded), torch_model.score(encoded), atol=TOLERANCE, rtol=0)
+    assert len(widths) == 3 and max(widths) == torch_model.max_length  # the lengths really varied
+
+
+def test_chunked_long_documents_score_the_same_on_openvino(bert_model: ScoringModel, ov_bert_model: ScoringModel,
+                                                           documents: list[str]) -> None:
+    settings = model_settings(Path(bert_model.model_id), long_docs="chunk", cache_size=0)
+    with Reranker(bert_model, settings) as on_torch, Reranker(ov_bert_model, settings) as on_openvino:
+        expected = on_torch.rerank_detailed("cache servers", documents[:40])
+        got = on_openvino.rerank_detailed("cache servers", documents[:40])
+    assert got.stats.chunked == expected.stats.chunked > 0
+    assert [r.index for r in got.results] == [r.index for r in expected.results]
+    np.testing.assert_allclose([r.score for r in got.results], [r.score for r in expected.results], atol=TOLERANCE)
+
+
+def test_the_second_start_takes_the_converted_model_from_the_cache(bert_dir: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    settings = model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        first = load_model(settings)
+    assert "model converted for OpenVINO" in caplog.messages and first.convert_seconds > 0
+    (entry,) = (tmp_path / "openvino").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["libraries"]["openvino"] != "none" and meta["seconds"] > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        second = load_model(settings)
+    assert "converted model taken from the cache" in caplog.messages
+    assert "model converted for OpenVINO" not in caplog.messages and second.convert_seconds == 0
+    pairs = first.encode(varied_pairs(3))
+    torch.testing.assert_close(second.score(pairs), first.score(pairs), atol=0, rtol=0)
+
+
+def test_changed_model_files_are_converted_again(tmp_path: Path) -> None:
+    model_dir = build_bert_reranker(tmp_path / "model", seed=3)
+    settings = model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path / "cache"))
+    before = load_model(settings)
+    build_bert_reranker(model_dir, seed=4)  # new weights in the same folder
+    after = load_model(settings)
+    assert after.convert_seconds > 0 and len(list((tmp_path / "cache" / "openvino").iterdir())) == 2
+    pairs = before.encode(varied_pairs(5, 4))
+    assert not torch.allclose(before.score(pairs), after.score(pairs))
+
+
+def test_a_damaged_cache_entry_is_converted_again(bert_dir: Path, tmp_path: Path) -> None:
+    settings = model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path))
+    load_model(settings)
+    (entry,) = (tmp_path / "openvino").iterdir()
+    (entry / "model.xml").write_text("<net")  # a disk that filled up mid-write, say
+    model = load_model(settings)
+    assert model.backend.name == "openvino" and model.convert_seconds > 0  # not served: converted again
+    pairs = model.encode(varied_pairs(2, 3))
+    assert torch.isfinite(model.score(pairs)).all()
+    assert load_model(settings).convert_seconds == 0  # and stored again in its place
+
+
+UNCONVERTIBLE = '''
+import torch
+from transformers import BertForSequenceClassification
+
+
+class BesselBert(BertForSequenceClassification):
+    """A BERT cross-encoder whose head ends in an operation OpenVINO has no conversion rule for."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = torch.special.bessel_j0(out.logits)
+        return out
+'''
+
+
+def test_a_model_openvino_cannot_convert_is_served_by_torch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model_dir = build_bert_reranker(tmp_path / "bessel")
+    (model_dir / "modeling_bessel.py").write_text(UNCONVERTIBLE)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_bessel.BesselBert"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    settings = model_settings(model_dir, backend="auto", trust_remote_code=True,
+                              cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(settings)
+    assert model.backend.name == "torch"
+    assert "OpenVINO failed (No conversion rule found for operations: aten::special_bessel_j0)" in model.backend_reason
+    assert "OpenVINO cannot run this model; serving it with torch" in caplog.messages
+    scores = model.score(model.encode(varied_pairs(1, 6)))
+    assert torch.isfinite(scores).all() and scores.abs().max() <= 1.0  # J0 of the logits: the torch path ran
+
+
+def outlier_model(tmp_path: Path) -> Path:
+    """A BERT whose feed-forward layers carry a few channels 300x larger than the rest: one scale per tensor
+    or channel cannot hold both, so int8 scrambles its ranking."""
+    from transformers import BertForSequenceClassification
+
+    model_dir = build_bert_reranker(tmp_path / "outliers", seed=5)
+    network = BertForSequenceClassification.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        for layer in network.bert.encoder.layer:
+            layer.intermediate.dense.weight[:, :3] *= 300.0
+            layer.output.dense.weight[:3, :] *= 300.0
+    network.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_the_int8_guard_refuses_a_model_that_ranks_differently(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    model_dir = outlier_model(tmp_path)
+    settings = model_settings(model_dir, backend="openvino", dtype="int8", cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(settings)
+    assert model.backend.name == "openvino" and model.dtype in ("float32", "bfloat16")  # auto's precision
+    assert model.dtype_reason.startswith("int8 (static) refused: Spearman 0.")
+    assert "is below RERANKER_INT8_MIN_SPEARMAN=0.99" in model.dtype_reason
+    assert any(message.startswith("int8 (static) refused") for message in caplog.messages)
+    with pytest.raises(ModelLoadError, match=r"int8 \(weights\) refused: Spearman 0\.\d{4} .*RERANKER_INT8_ON_FAIL"):
+        load_model(model_settings(model_dir, backend="openvino", dtype="int8", int8_mode="weights",
+                                  int8_on_fail="exit", cache_dir=str(tmp_path / "cache")))
+
+
+def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    settings = model_settings(bert_dir, backend="openvino", dtype="int8", int8_mode="weights",
+                              int8_min_spearman=0.5, cache_dir=str(tmp_path))
+    model = load_model(settings)
+    assert model.dtype == "int8" and "RERANKER_DTYPE=int8 (weights): Spearman" in model.dtype_reason
+    assert model.dtype_reason.endswith(">= 0.5")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        again = load_model(settings)
+    assert again.dtype == "int8" and "model quantized to int8" not in caplog.messages
+    assert "int8 passed its guard" in caplog.messages  # the guard runs at every start, cached model or not
+
+
+def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    good = tmp_path / "calibration.jsonl"
+    good.write_text("\n".join(json.dumps({"query": random_text(rng, 4), "document": random_text(rng, 30)})
+                              for _ in range(40)))
+    model = load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(good),
+                                      int8_min_spearman=-1.0, cache_dir=str(tmp_path / "cache")))
+    assert model.dtype == "int8"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "document": "d"}\n{"query": "q"}\n')
+    with pytest.raises(ModelLoadError, match=r"bad.jsonl'?: line 2 is not a JSON object with \"query\" and"):
+        load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(bad),
+                                  cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(ModelLoadError, match="cannot be read"):
+        load_model(model_settings(bert_dir, backend="openvino", dtype="int8",
+                                  int8_calibration=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dtype": "int8", "backend": "torch"}, "RERANKER_DTYPE=int8 runs on the OpenVINO backend"),
+        ({"dtype": "float16", "backend": "openvino"}, "RERANKER_DTYPE=float16 is not an OpenVINO CPU precision"),
+        ({"compile": "on", "backend": "openvino"}, "RERANKER_COMPILE applies to the torch backend"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(bert_dir: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(model_settings(bert_dir, **overrides))
+
+
+def test_auto_picks_openvino_on_the_cpu_and_says_why(bert_dir: Path) -> None:
+    from reranker.backends.cpu import torch_native_bf16
+
+    model = load_model(model_settings(bert_dir, backend="auto", dtype="auto"))
+    assert (model.backend.name, model.backend_reason) == ("openvino", "auto: the CPU, openvino installed")
+    assert model.dtype == ("bfloat16" if torch_native_bf16() else "float32")
+    assert model.dtype_reason.startswith("auto: ")
+
+
+def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: ScoringModel,
+                                                              documents: list[str]) -> None:
+    settings = model_settings(Path(ov_bert_model.model_id), cache_size=0, batch_tokens=512)
+    with Reranker(ov_bert_model, settings) as reranker:
+        alone = [reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10]) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda i: reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10]),
+                                     range(8)))
+    for one, other in zip(alone, together, strict=True):
+        assert [r.index for r in one] == [r.index for r in other]
+        np.testing.assert_allclose([r.score for r in one], [r.score for r in other], atol=TOLERANCE)
+
+
+def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: ScoringModel,
+                                                               documents: list[str]) -> None:
+    gated = GatedScorer(ov_bert_model)
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(Path(ov_bert_model.model_id), cache_size=0)
+    with Reranker(ov_bert_model, settings, metrics=metrics, score_fn=gated) as reranker:
+        warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
+        warm.start()
+        assert gated.first_batch.wait(120)
+        cancel = threading.Event()
+        failed: list[BaseException] = []
+
+        def doomed() -> None:
+            try:
+                reranker.rerank_detailed("q", documents[:50], cancel=cancel)
+            except Exception as err:
+                failed.append(err)
+
+        caller = threading.Thread(target=doomed)
+        caller.start()
+        wait_until(lambda: reranker.queued_pairs == 51)
+        cancel.set()
+        caller.join(120)
+        gated.gate.set()
+        warm.join(120)
+        assert len(reranker.rerank("q", documents[:3])) == 3
+    assert failed and type(failed[0]).__name__ == "CancelledError"
+    assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 50
+    assert gated.pairs == 1 + 3
+
+
+def test_cache_dir_unwritable_is_not_fatal(bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(blocked)))
+    assert model.backend.name == "openvino"
+    assert "the converted model could not be cached; the next start converts again" in caplog.messages
+    shutil.rmtree(tmp_path, ignore_errors=True)
