@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
 from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
@@ -54,21 +54,6 @@ class Result:
     pairs_per_s: float
     p50_ms: float
     p95_ms: float
-
-
-def host() -> str:
-    """The CPU's name, cores and the vector extensions that matter to a float32/bfloat16 forward pass."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extensions = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(extensions) or 'no AVX-512'}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure(name: str, setup: str, url: str, warm_up: list[Request], workload: list[Request],

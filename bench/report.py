@@ -1,0 +1,22 @@
+"""What every benchmark prints beside its figures: the host it ran on, and latency percentiles."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def host() -> str:
+    """The CPU's name, cores and the vector extensions that matter to a float32/bfloat16 forward pass."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extensions = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(extensions) or 'no AVX-512'}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
