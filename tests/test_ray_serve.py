@@ -239,8 +239,8 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
         wait_for(lambda: load.total >= 20, HANG_S, "load running")
         victim, survivor = replica_pids(APP, MODEL)
         os.kill(victim, signal.SIGKILL)
-        # 11-18 s measured on a 2-core host at load average 5-10: a new process imports torch, transformers and
-        # sentence-transformers before it loads the model.
+        # 15-17 s measured on a 2-core host at load average 10-14 (17-19 s before the replica's imports ran with
+        # the GC paused): a new process imports torch, transformers and sentence-transformers before its model.
         recovered = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(
             set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, HANG_S, "a replacement replica")
         served = load.total

@@ -7,7 +7,7 @@ from typing import Any, cast
 from ray.serve import Application, Deployment
 
 from deploy.ray.ingress import Ingress
-from deploy.ray.model import RerankModel
+from deploy.ray.model import RerankModelDeployment
 
 
 def build(args: dict[str, Any] | None = None) -> Application:
@@ -15,7 +15,7 @@ def build(args: dict[str, Any] | None = None) -> Application:
     the replicas' environment; `tries` and `deadline_s`, the ingress's retry bounds."""
     args = args or {}
     environ = {str(k): str(v) for k, v in (args.get("env") or {}).items()}
-    # serve.deployment made the classes Deployments; its type hints keep them classes.
-    model = cast(Deployment, RerankModel).bind(environ)
+    # serve.deployment made Ingress a Deployment; its type hints keep it a class.
+    model = RerankModelDeployment.bind(environ)
     return cast(Deployment, Ingress).bind(model, environ, int(args.get("tries", 3)),
                                           float(args.get("deadline_s", 60.0)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -11,17 +12,26 @@ from typing import Any
 from opentelemetry import context, propagate
 from ray import serve
 
-from deploy.ray.gpu import replica_gpus
-from deploy.ray.metrics import replica_metrics
-from deploy.ray.panel import ReplicaView, replica_view
-from reranker import Reranker, RerankResult, Settings
-from reranker.logs import setup_logging
-from reranker.tracing import Tracing
-from web.backend import describe, readiness
-from web.cancel import run_cancellable
-from web.errors import HttpError
-from web.request_id import bound_request_id
-from web.service import RerankCall, RerankService
+# Most of a new replica's start, before its model loads, is these imports: torch, transformers and
+# sentence-transformers, about 6 s of CPU on a 2-core host. Python's cyclic GC, run again and again while they
+# fill the heap, was a fifth of that CPU; it is paused for them, and collects whatever they left once it resumes.
+_gc_was_enabled = gc.isenabled()
+gc.disable()
+try:
+    from deploy.ray.gpu import replica_gpus
+    from deploy.ray.metrics import replica_metrics
+    from deploy.ray.panel import ReplicaView, replica_view
+    from reranker import Reranker, RerankResult, Settings
+    from reranker.logs import setup_logging
+    from reranker.tracing import Tracing
+    from web.backend import describe, readiness
+    from web.cancel import run_cancellable
+    from web.errors import HttpError
+    from web.request_id import bound_request_id
+    from web.service import RerankCall, RerankService
+finally:
+    if _gc_was_enabled:
+        gc.enable()
 
 logger = logging.getLogger("reranker.ray")
 
@@ -43,7 +53,6 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-@serve.deployment(name="RerankModel")
 class RerankModel:
     """One engine per replica. Settings come from RERANKER_* of the replica's environment (as ./start.sh
     reads them), with `environ` on top: the application's args, for tests and per-app overrides."""
@@ -100,3 +109,10 @@ class RerankModel:
             reranker.close()
             self.tracing.shutdown()
             self.gpus.close()
+
+
+# The deployment, under its own name: the class stays importable as deploy.ray.model.RerankModel, so Serve ships it
+# to a replica by reference, and the replica imports this module (the GC paused above). Decorated in place, the
+# name was the Deployment's, so the class went by value, and unpickling its globals one by one imported torch and
+# the rest with the GC running.
+RerankModelDeployment = serve.deployment(name="RerankModel")(RerankModel)
