@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     parser.add_argument("--int8-bar", type=float, default=None, help="RERANKER_INT8_MIN_SPEARMAN for the int8 modes")
     parser.add_argument("--no-infinity", action="store_true")
+    parser.add_argument("--infinity", choices=("fastest", "all"), default="all",
+                        help="Infinity's fastest CPU setup as bench/peers.py measured it, or every variant")
     args = parser.parse_args()
 
     workload = build_workload(args.requests, args.docs)
@@ -162,7 +164,8 @@ def main() -> None:
             rows.append(row(name, ran, workload, elapsed, latencies, scores, reference))
             print_row(rows[-1], rows[0].pairs_per_s)
         if not args.no_infinity:
-            rows.extend(infinity_rows(model, Path(tmp), warm_up, workload, args.clients, reference, rows[0]))
+            rows.extend(infinity_rows(model, Path(tmp), warm_up, workload, args.clients, reference, rows[0],
+                                      everything=args.infinity == "all"))
     print()
     print("| mode | pairs/s | x raw predict | Spearman mean / min | p50 / p95 ms | ran |")
     print("|---|---|---|---|---|---|")
@@ -172,8 +175,8 @@ def main() -> None:
 
 
 def infinity_rows(model: Path, tmp: Path, warm_up: list[Request], workload: list[Request], clients: int,
-                  reference: list[np.ndarray], baseline: Row) -> list[Row]:
-    """Infinity's fastest CPU setup (bench/peers.py), the same requests over its /rerank."""
+                  reference: list[np.ndarray], baseline: Row, *, everything: bool) -> list[Row]:
+    """Infinity (bench/peers.py) in every CPU variant, or its fastest, the same requests over its /rerank."""
     try:
         from bench import peers
     except ImportError as err:
@@ -182,7 +185,7 @@ def infinity_rows(model: Path, tmp: Path, warm_up: list[Request], workload: list
     out = []
     try:
         peers.ensure_venv()
-        for variant in peers.VARIANTS:  # all of them: which is fastest is measured here, not assumed
+        for variant in peers.VARIANTS if everything else (peers.FASTEST,):
             with peers.Infinity.start(model, workdir=tmp, variant=variant) as peer:
                 score: Scorer = lambda r: np.asarray(peer.rerank(r.query, r.documents))  # noqa: E731
                 elapsed, latencies, scores = run_load(score, warm_up, workload, clients)
