@@ -4,7 +4,6 @@ with dynamic batch and sequence axes, at float32 (exact), bfloat16 or int8."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -91,7 +90,9 @@ def native_bf16(core: ov.Core) -> list[str]:
 
 
 def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The threads torch would use: both backends follow OMP_NUM_THREADS (which Ray sets for each replica from
+    its num_cpus), and default to torch's choice, one per physical core."""
+    return torch.get_num_threads()
 
 
 class OpenVINOBackend:
@@ -117,7 +118,7 @@ class OpenVINOBackend:
 
 
 def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None) -> ov.CompiledModel:
-    """One stream on every core this process may use, as a single in-flight batch wants; `hint` None leaves
+    """One stream on `cpu_threads()` threads, as a single in-flight batch wants; `hint` None leaves
     the precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": cpu_threads()}
     if hint is not None:
