@@ -54,6 +54,17 @@ def test_float32_on_openvino_equals_torch_at_every_length(model_pair: tuple[Scor
     assert len(widths) == 3 and max(widths) == torch_model.max_length  # the lengths really varied
 
 
+def test_openvino_threads_follow_torch_and_are_not_pinned(ov_bert_model: ScoringModel) -> None:
+    """Two one-thread replicas on one machine (Ray Serve) must not both pin their thread to the first core: measured
+    with pinning, 2 replicas ran 0.88x one replica (bench/scale.py)."""
+    from reranker.backends.openvino import OpenVINOBackend
+
+    assert isinstance(ov_bert_model.backend, OpenVINOBackend)
+    compiled = ov_bert_model.backend.compiled
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
+
+
 def test_chunked_long_documents_score_the_same_on_openvino(bert_model: ScoringModel, ov_bert_model: ScoringModel,
                                                            documents: list[str]) -> None:
     settings = model_settings(Path(bert_model.model_id), long_docs="chunk", cache_size=0)

@@ -103,6 +103,7 @@ class OpenVINOBackend:
 
     def __init__(self, compiled: ov.CompiledModel, dtype: str) -> None:
         self.dtype = dtype
+        self.compiled = compiled
         self._inputs = {port.get_any_name() for port in compiled.inputs}
         self._request = compiled.create_infer_request()
 
@@ -120,7 +121,10 @@ class OpenVINOBackend:
 def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None) -> ov.CompiledModel:
     """One stream on `cpu_threads()` threads, as a single in-flight batch wants; `hint` None leaves
     the precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": cpu_threads()}
+    # No pinning: OpenVINO would pin its threads to the first cores, and two replicas of one thread each on
+    # one machine (Ray Serve) would then share one core while the other idled.
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": cpu_threads(),
+                              "ENABLE_CPU_PINNING": False}
     if hint is not None:
         config["INFERENCE_PRECISION_HINT"] = hint
     try:
