@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from sentence_transformers import CrossEncoder  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.int8 import spearman  # noqa: E402
-from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
+from tests.servers import app_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> the service's RERANKER_* for that mode (RERANKER_DEVICE=cpu and the cache off in all)
@@ -91,21 +89,10 @@ def row(name: str, ran: str, workload: list[Request], elapsed: float, latencies:
                percentile(latencies, 0.95) * 1000)
 
 
-@contextmanager
-def service(model: Path, env: dict[str, str], cache_dir: str) -> Iterator[str]:
-    """app.py with `env` on a free loopback port; stopped by pid afterwards."""
-    port = free_port()
-    full = {**os.environ, "RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_CACHE_SIZE": "0",
-            "RERANKER_LOG_SAMPLE_RATE": "0", "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(free_port()),
-            "RERANKER_CACHE_DIR": cache_dir, "GRADIO_ANALYTICS_ENABLED": "False", **env}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=900)
-        yield url
-    finally:
-        stop_process(process, grace=60)
+def service(model: Path, env: dict[str, str], cache_dir: str) -> AbstractContextManager[str]:
+    """app.py in one mode; every mode on the CPU with the pair-score cache off and request lines sampled away."""
+    return app_process({"RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_CACHE_SIZE": "0",
+                        "RERANKER_LOG_SAMPLE_RATE": "0", "RERANKER_CACHE_DIR": cache_dir, **env}, ready_s=900)
 
 
 def service_scorer(client: httpx.Client) -> Scorer:

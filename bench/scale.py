@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,7 @@ import yaml  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
-from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
+from tests.servers import app_process  # noqa: E402
 
 # Every configuration: float32 on the CPU, no pair-score cache (every pair is scored), request log lines
 # sampled away.
@@ -74,21 +71,9 @@ def measure(name: str, setup: str, url: str, warm_up: list[Request], workload: l
     return Result(name, setup, pairs / elapsed, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.95) * 1000)
 
 
-@contextmanager
-def single_process(model: Path, threads: int) -> Iterator[str]:
-    """app.py on a free loopback port, its torch on `threads` threads; SIGTERM afterwards, by pid."""
-    port = free_port()
-    env = {**os.environ, **ENV, "RERANKER_MODEL": str(model), "RERANKER_PORT": str(port),
-           "RERANKER_METRICS_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=300)
-        yield url
-    finally:
-        stop_process(process, grace=60)
+def single_process(model: Path, threads: int) -> AbstractContextManager[str]:
+    """app.py on a free loopback port, its torch on `threads` threads."""
+    return app_process({**ENV, "RERANKER_MODEL": str(model), "OMP_NUM_THREADS": str(threads)}, ready_s=300)
 
 
 def serve_config(model: Path, replicas: int, threads: int) -> dict[str, Any]:

@@ -66,3 +66,24 @@ def stop_process(process: subprocess.Popen[Any], grace: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+@contextmanager
+def app_process(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[str]:
+    """app.py (the single-process service) with `env` over this process's environment, on free loopback ports;
+    its URL once ready, and the process stopped by id afterwards, whatever happened."""
+    import os
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    full = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "RERANKER_PORT": str(port),
+            "RERANKER_METRICS_PORT": str(free_port()), **env}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=Path(__file__).resolve().parent.parent, env=full,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=ready_s)
+        yield url
+    finally:
+        stop_process(process, grace=60)

@@ -10,11 +10,12 @@ import os
 import shutil
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import openvino as ov
+
+from reranker.versions import installed
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,7 @@ LIBRARIES = ("torch", "transformers", "sentence-transformers", "openvino", "nncf
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "none"
-    return out
+    return installed(LIBRARIES, missing="none")
 
 
 def model_files(model_id: str) -> Path | None:
