@@ -96,8 +96,12 @@ def fidelity(device: str, variants: Sequence[str], variant_env: dict[str, dict[s
         print("\n## fidelity against float32 raw predict, real MiniLM-L6 weights, 8 x 60 documents")
         for variant in variants:
             overrides = {**variant_env[variant], "RERANKER_MAX_LENGTH": "512"}
+            # torch: the GPU's backend. A smoke run on the CPU runs float32, where auto would pick bfloat16 on a CPU
+            # with native bf16: the check then says whether the variants reproduce raw predict exactly.
+            on_cpu = {"RERANKER_DTYPE": "float32"} if device == "cpu" else {}
             settings = Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": device,
-                                          "RERANKER_CACHE_SIZE": "0", **overrides})
+                                          "RERANKER_BACKEND": "torch", "RERANKER_CACHE_SIZE": "0", **on_cpu,
+                                          **overrides})
             with Reranker.from_settings(settings) as reranker:
                 rhos, deltas = [], []
                 for request, want in zip(requests, expected, strict=True):

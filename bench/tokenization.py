@@ -45,7 +45,8 @@ def main() -> None:
     workload = build_workload(args.requests, args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_benchmark_model(Path(tmp) / "minilm-l6-reranker")
-        model: ScoringModel = load_model(Settings(model=str(path), device="cpu", dtype="float32", max_length=512))
+        model: ScoringModel = load_model(Settings(model=str(path), device="cpu", backend="torch", dtype="float32",
+                                                  max_length=512))
     assert isinstance(model.encoder, TextPairEncoder), "the benchmark model should take the one-pass encoder"
     reference = ReferenceEncoder(model.cross_encoder, model.tokenizer, model.max_length)
     tokens = sum(doc.pair.n_tokens for r in workload for doc in model.encoder.encode(r.query, r.documents))

@@ -74,10 +74,17 @@ def test_the_hook_logs_and_refuses_non_loopback_use(audited: tuple[dict[str, str
     assert local == [("socket.connect", True), ("socket.connect", True)]  # loopback TCP, then a UNIX socket
 
 
-def test_start_up_and_requests_reach_only_loopback(bert_dir: Path, audited: tuple[dict[str, str], Path]) -> None:
+# The default start, and one that converts the model for OpenVINO and quantizes it with NNCF: both libraries
+# send usage events to Google Analytics on import and on conversion unless told no (reranker/backends).
+@pytest.mark.parametrize("converts", [False, True], ids=["default", "openvino-convert-and-int8"])
+def test_start_up_and_requests_reach_only_loopback(bert_dir: Path, audited: tuple[dict[str, str], Path],
+                                                   converts: bool, tmp_path: Path) -> None:
     env, log = audited
     port, metrics_port = free_port(), free_port()
     env.update(RERANKER_MODEL=str(bert_dir), RERANKER_PORT=str(port), RERANKER_METRICS_PORT=str(metrics_port))
+    if converts:
+        env.update(RERANKER_CACHE_DIR=str(tmp_path / "fresh-cache"), RERANKER_BACKEND="openvino",
+                   RERANKER_DTYPE="int8", RERANKER_INT8_MIN_SPEARMAN="-1")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -92,3 +92,22 @@ def choose_backend(setting: str, device: str, dtype: str) -> tuple[str, str]:
     if not openvino_installed():
         return "torch", "auto: openvino is not installed"
     return "openvino", "auto: the CPU, openvino installed"
+
+
+def decline_openvino_telemetry() -> None:
+    """OpenVINO (on import, and on each conversion) and NNCF send usage events to Google Analytics unless the
+    user ran `opt_in_out --opt_out` or a CI variable is set. This service never phones home: every consent check
+    in this process answers "declined", without writing the user's own consent file."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # no telemetry package: OpenVINO and NNCF use their stubs
+        return
+
+    def declined(self: OptInChecker, *args: object, **kwargs: object) -> ConsentCheckResult:
+        return ConsentCheckResult.DECLINED
+
+    OptInChecker.check = declined
+
+
+# Before any module of this package imports openvino: its import alone sends an event.
+decline_openvino_telemetry()
