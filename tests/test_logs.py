@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -148,6 +149,7 @@ def test_setup_logging_routes_library_output_and_warnings_to_json() -> None:
 def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
+           "RERANKER_CACHE_DIR": os.environ["RERANKER_CACHE_DIR"],  # conftest's, not ~/.cache
            "RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(metrics_port),
            "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_MAX_DOCS": "5"}
     process = subprocess.Popen([str(ROOT / "start.sh")], cwd=ROOT, env=env, text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -229,6 +230,7 @@ def test_the_service_flushes_its_spans_when_stopped(bert_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     with otlp_receiver() as (collector, received):
         env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
+               "RERANKER_CACHE_DIR": os.environ["RERANKER_CACHE_DIR"],  # conftest's, not ~/.cache
                "RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(metrics_port),
                "RERANKER_LOG_SAMPLE_RATE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
                "OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_SERVICE_NAME": "reranker-under-test"}
