@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from opentelemetry.trace import Span
 
+from reranker.backends import Finished, Pending
 from reranker.errors import CancelledError, DeviceFaultError, RerankerError, ScoringError
 from reranker.metrics import Metrics
 from reranker.spans import BatchSpans
@@ -28,15 +29,6 @@ from reranker.tokens import EncodedPair
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[Sequence[EncodedPair]], torch.Tensor]
-
-
-class Pending(Protocol):
-    def wait(self) -> torch.Tensor:
-        """Block until the batch's float32 scores are on the host."""
-
-    @property
-    def ran(self) -> bool:
-        """True when the pass already ran inside `launch` (the CPU): nothing is gained by holding it."""
 
 
 class Scorer(Protocol):
@@ -50,16 +42,6 @@ class Scorer(Protocol):
         """Start scoring collated features; runs on the device thread only."""
 
 
-class _Done:
-    def __init__(self, scores: torch.Tensor) -> None:
-        self._scores = scores
-
-    def wait(self) -> torch.Tensor:
-        return self._scores
-
-    ran = True
-
-
 class FunctionScorer:
     """A plain `pairs -> scores` function (fakes in tests) as a scorer: nothing to collate, scored at launch."""
 
@@ -70,7 +52,7 @@ class FunctionScorer:
         return batch
 
     def launch(self, features: Sequence[EncodedPair]) -> Pending:
-        return _Done(self._score_fn(features))
+        return Finished(self._score_fn(features))
 
 
 def as_scorer(model: Scorer | ScoreFn) -> Scorer:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -72,10 +75,6 @@ def stop_process(process: subprocess.Popen[Any], grace: float) -> None:
 def app_process(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[str]:
     """app.py (the single-process service) with `env` over this process's environment, on free loopback ports;
     its URL once ready, and the process stopped by id afterwards, whatever happened."""
-    import os
-    import sys
-    from pathlib import Path
-
     port = free_port()
     full = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "RERANKER_PORT": str(port),
             "RERANKER_METRICS_PORT": str(free_port()), **env}

@@ -3,6 +3,7 @@ int8 calibration and probe sets, and the benchmarks' workload."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import random
@@ -53,11 +54,17 @@ def _paragraphs(module_name: str) -> list[str]:
     return passages
 
 
+@functools.cache
+def _corpus() -> dict[str, list[str]]:
+    """Passages by module, for modules with at least four: read once (it imports about 80 modules)."""
+    corpus = {name: _paragraphs(name) for name in MODULES}
+    return {name: paras for name, paras in corpus.items() if len(paras) >= 4}
+
+
 def build_workload(n_requests: int = 32, docs_per_request: int = 50, seed: int = 0) -> list[Request]:
     """Each request asks about one module: a few of its paragraphs among random others."""
     rng = random.Random(seed)
-    corpus = {name: _paragraphs(name) for name in MODULES}
-    corpus = {name: paras for name, paras in corpus.items() if len(paras) >= 4}
+    corpus = _corpus()
     everything = [p for paras in corpus.values() for p in paras]
     names = sorted(corpus)
     requests = []

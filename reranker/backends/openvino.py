@@ -144,7 +144,7 @@ def load_openvino(model: Any, settings: Settings) -> None:
     if precision.dtype == "bfloat16" and not native:
         logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16): OpenVINO will run it "
                        "slower than float32", extra={"dtype": "bfloat16"})
-    store = ConvertedModels(settings.cache_dir)
+    store = ConvertedModels(settings.cache_dir, core)
     key = fingerprint(model.model_id, settings.trust_remote_code)
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
     started = time.perf_counter()

@@ -62,8 +62,9 @@ class ConvertedModels:
     """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json). Writes are atomic (a temporary folder
     renamed into place), so replicas converting at once never read half a model."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, core: ov.Core) -> None:
         self.root = Path(cache_dir).expanduser() / "openvino"
+        self._core = core
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -73,7 +74,7 @@ class ConvertedModels:
         if not xml.is_file():
             return None
         try:
-            return ov.Core().read_model(str(xml))
+            return self._core.read_model(str(xml))
         except Exception as err:  # a damaged entry is removed and converted again, not served
             logger.warning("a cached converted model could not be read; converting again",
                            extra={"cache": str(xml.parent), "cause": f"{type(err).__name__}: {err}"[:300]})
