@@ -314,3 +314,29 @@ def test_bfloat16_and_int8_meet_their_bars_on_the_minilm_benchmark_model(minilm_
     int8 = load_model(model_settings(minilm_dir, backend="openvino", dtype="int8", int8_mode="weights",
                                      int8_on_fail="exit", cache_dir=str(tmp_path), max_length=512))
     assert int8.dtype == "int8" and int8.dtype_reason.endswith(">= 0.99")
+
+
+@pytest.mark.parametrize("name", ["bert", "xlmr", "causal"])
+def test_static_int8_keeps_the_head_and_the_feed_forward_down_projections_in_float(
+        name: str, request: pytest.FixtureRequest) -> None:
+    """KEEP_FLOAT on each architecture: the scoring head and every block's FFN down projection take float inputs;
+    every other linear layer is quantized."""
+    import re
+
+    from reranker.backends.int8 import KEEP_FLOAT, calibration_groups, quantize
+    from reranker.backends.openvino import convert
+
+    model: ScoringModel = request.getfixturevalue(f"{name}_model")
+    settings = model_settings(Path(model.model_id))
+    samples = [model.collate(model.encode(group)).arrays() for group in calibration_groups(settings)[:4]]
+    graph = convert(model.cross_encoder, model.extras, model.collate(model.encode([("q", "d")] * 2)),
+                    causal=model.is_causal)
+    quantized = quantize(graph, samples, "static")
+    linear = {op.get_friendly_name(): op.input_value(0).get_node().get_type_name() for op in quantized.get_ops()
+              if op.get_type_name() == "MatMul" and "aten::linear" in op.get_friendly_name()}
+    kept = {op for op in linear if any(re.fullmatch(pattern, op) for pattern in KEEP_FLOAT)}
+    heads = {"bert": "classifier", "xlmr": "classifier", "causal": "lm_head"}
+    downs = {"bert": ".output.dense", "xlmr": ".output.dense", "causal": "mlp.down_proj"}
+    assert any(heads[name] in op for op in kept) and len([op for op in kept if downs[name] in op]) == 2, kept
+    assert all(linear[op] != "FakeQuantize" for op in kept), linear
+    assert all(linear[op] == "FakeQuantize" for op in set(linear) - kept), linear
