@@ -91,3 +91,17 @@ def test_host_path_bench_prints_ratios_against_raw_predict() -> None:
     for line in lines[1:]:
         assert "batches of <= 2048 tokens" in line and "ms of host time per batch" in line
         assert float(line.split("(")[1].split("x)")[0]) > 0
+
+
+def test_roofline_bench_prints_both_precisions_against_a_measured_peak() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.roofline", "--requests", "2", "--docs", "10"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "20 pairs" in result.stdout and "MFLOP per token" in result.stdout
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
+            if line.startswith(("| f32", "| bf16"))}
+    assert set(rows) == {"f32", "bf16"}
+    for cells in rows.values():
+        pairs_per_s, achieved, peak = (float(cells[i]) for i in (2, 3, 4))
+        assert pairs_per_s > 0 and achieved > 0 and peak > 0
+        assert cells[5].strip().endswith("%")
