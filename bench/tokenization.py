@@ -13,26 +13,17 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from bench.report import best_of  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker import Settings  # noqa: E402
 from reranker.model import ScoringModel, load_model  # noqa: E402
 from reranker.tokens import ReferenceEncoder, TextPairEncoder  # noqa: E402
-
-
-def best_of(repeats: int, run: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
