@@ -29,6 +29,7 @@ from openvino import opset13 as ops  # noqa: E402
 from bench.report import best_of, host  # noqa: E402
 from bench.workload import build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.openvino import compile_for_cpu, convert  # noqa: E402
+from reranker.batcher import cut_batches  # noqa: E402
 from reranker.model import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402
 
@@ -77,13 +78,10 @@ def main() -> None:
         path = build_benchmark_model(Path(tmp) / "minilm")
         model = load_model(Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": "cpu",
                                               "RERANKER_BACKEND": "torch", "RERANKER_DTYPE": "float32"}))
-        pairs = sorted((pair for r in build_workload(args.requests, args.docs)
-                        for pair in model.encode([(r.query, d) for d in r.documents])), key=lambda p: p.n_tokens)
-        batches: list[list[Any]] = [[]]
-        for pair in pairs:  # the batcher's rule: rows x longest within the token budget
-            if batches[-1] and (len(batches[-1]) + 1) * pair.n_tokens > args.batch_tokens:
-                batches.append([])
-            batches[-1].append(pair)
+        pairs = [pair for r in build_workload(args.requests, args.docs)
+                 for pair in model.encode([(r.query, d) for d in r.documents])]
+        batches = [[pairs[i] for i in indices]  # as the batcher cuts them: shortest first, within the budget
+                   for indices in cut_batches([p.n_tokens for p in pairs], args.batch_tokens)]
         padded = [model.collate(batch).arrays() for batch in batches]
         tokens = sum(p.n_tokens for p in pairs)
         padded_tokens = sum(a["input_ids"].size for a in padded)

@@ -81,8 +81,8 @@ def read_calibration(path: Path) -> list[tuple[str, str]]:
 #   int8 rounding reorders;
 # - each block's feed-forward down projection (BERT/RoBERTa `layer.N.output.dense`, Llama/Qwen `mlp.down_proj`):
 #   its input, after GELU/SiLU, holds the activation outliers that per-tensor int8 scales clip.
-# On the MiniLM benchmark model this moved the probe's Spearman from 0.9837 to 0.9908 for about a fifth of the
-# speed static int8 gains over bfloat16 (docs/cpu.md).
+# On the MiniLM benchmark model this moved the probe's Spearman from 0.9837 to 0.9908 for about a sixth of the
+# speed static int8 gains over bfloat16 (docs/benchmarks.md).
 KEEP_FLOAT = (r".*\.pooler\..*", r".*\.classifier.*", r".*\.score/.*", r".*lm_head.*",
               r".*\.layer\.\d+\.output\.dense.*", r".*\.mlp\.down_proj.*")
 QUANTIZE_FORMAT = 2  # in the cache key: graphs quantized under other rules are not reused
