@@ -26,6 +26,14 @@ def torch_native_bf16() -> list[str]:
     return features
 
 
+def int8_dot_products() -> list[str]:
+    """The CPU features that multiply int8 matrices at int8 speed (AMX-INT8, AVX512-VNNI, AVX-VNNI), as torch's
+    cpuinfo reports them. Without them the products go through AVX2's 16-bit multiply-adds: on the AVX2-only EPYC
+    static int8 ran 1.05x float32 and weights-only int8 slower than float32 (docs/cpu.md)."""
+    capabilities = torch.cpu.get_capabilities()
+    return [name for name in ("amx_int8", "avx512_vnni", "avx_vnni") if capabilities.get(name)]
+
+
 def auto_precision(native: list[str]) -> Precision:
     """bfloat16 when `native` names the features that run it, else float32."""
     if native:

@@ -16,7 +16,7 @@ import openvino as ov
 from scipy.stats import rankdata
 
 from reranker.backends.corpus import build_workload
-from reranker.backends.cpu import Precision
+from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
 from reranker.settings import Settings
@@ -119,6 +119,9 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
                 key: str, *, fallback: Precision) -> tuple[ov.Model, Precision]:
     """The int8 graph and its precision when it passes the guard; else the float graph at `fallback`
     (RERANKER_INT8_ON_FAIL=fallback) or ModelLoadError (exit)."""
+    if not int8_dot_products():
+        logger.warning("int8 on a CPU without VNNI or AMX-INT8: expect about the speed of float32, not more",
+                       extra={"dtype": "int8"})
     groups = calibration_groups(settings)
     digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12]
     key8 = f"{key}-int8-{settings.int8_mode}-{digest}-q{QUANTIZE_FORMAT}"

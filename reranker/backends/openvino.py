@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from reranker.backends import Finished, Padded
-from reranker.backends.cpu import auto_precision, explicit, torch_native_bf16
+from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
 from reranker.backends.store import ConvertedModels, fingerprint
 from reranker.settings import Settings
 
@@ -82,6 +82,11 @@ def conversion_failure(err: Exception) -> str:
     return "; ".join(summary)[:300] if summary else f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def compiled_precision(compiled: ov.CompiledModel) -> str:
+    """The precision OpenVINO runs the float operations of `compiled` in ('f32', 'bf16'), whatever was asked."""
+    return str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+
+
 def native_bf16(core: ov.Core) -> list[str]:
     """The CPU features behind OpenVINO's BF16 capability; OpenVINO's own word when torch names none."""
     if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -141,9 +146,6 @@ def load_openvino(model: Any, settings: Settings) -> None:
     core = ov.Core()
     native = native_bf16(core)
     precision = explicit(settings.dtype) if settings.dtype != "auto" else auto_precision(native)
-    if precision.dtype == "bfloat16" and not native:
-        logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16): OpenVINO will run it "
-                       "slower than float32", extra={"dtype": "bfloat16"})
     store = ConvertedModels(settings.cache_dir, core)
     key = fingerprint(model.model_id, settings.trust_remote_code)
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
@@ -164,8 +166,13 @@ def load_openvino(model: Any, settings: Settings) -> None:
 
         graph, precision = choose_int8(model, settings, lambda g, hint: compile_for_cpu(core, g, hint), graph, store,
                                        key, fallback=auto_precision(native))
-    hint = HINTS.get(precision.dtype)
-    compiled = compile_for_cpu(core, graph, hint)
+    compiled = compile_for_cpu(core, graph, HINTS.get(precision.dtype))
+    if precision.dtype == "bfloat16" and compiled_precision(compiled) != "bf16":
+        # OpenVINO takes a bf16 hint on a CPU without bf16 and runs float32: say what runs, not what was asked.
+        precision = Precision("float32", f"{precision.reason} asked; this CPU has no native bfloat16 "
+                                         "(no AMX-BF16 or AVX512-BF16), so OpenVINO runs float32")
+        logger.warning("bfloat16 asked on a CPU without native bfloat16: OpenVINO runs float32",
+                       extra={"dtype": "float32"})
     model.backend = OpenVINOBackend(compiled, precision.dtype)
     model.dtype_reason = precision.reason
     release_weights(model.cross_encoder)
