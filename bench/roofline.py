@@ -95,8 +95,9 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for hint in HINTS:
             compiled = compile_for_cpu(core, graph, hint)
-            if compiled_precision(compiled) != hint:  # a bf16 hint on a CPU without bfloat16 runs f32
-                print(f"| {hint} | runs as {compiled_precision(compiled)} on this CPU | | | |")
+            ran = compiled_precision(compiled)
+            if ran != hint:  # a bf16 hint on a CPU without bfloat16 runs f32
+                print(f"| {hint} | runs as {ran} on this CPU | | | |")
                 continue
             request = compiled.create_infer_request()
 
