@@ -122,7 +122,7 @@ def serve(reranker: Reranker) -> int:
         "model": model.model_id, "device": model.device, "backend": model.backend.name, "dtype": model.dtype,
         "dtype_reason": model.dtype_reason, "compile": model.compiled,
         "max_length": model.max_length, "load_seconds": round(model.load_seconds, 3),
-        "batch_tokens": reranker.batch_tokens, "versions": package_versions(),
+        "from_cache": model.from_cache, "batch_tokens": reranker.batch_tokens, "versions": package_versions(),
     })
     for warning in exposure_warnings(settings):
         logger.warning("%s", warning)

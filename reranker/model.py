@@ -6,12 +6,12 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sentence_transformers import CrossEncoder
-from sentence_transformers.cross_encoder.modules import LogitScore
+from tokenizers import Tokenizer
 from torch import nn
 
 from reranker.backends import Backend, Padded, Pending, choose_backend
@@ -21,7 +21,10 @@ from reranker.compiling import compile_model
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
-from reranker.tokens import EncodedPair, build_encoder
+from reranker.tokens import EncodedPair, PairEncoder, TextPairEncoder, build_encoder, text_pair_encoder
+
+if TYPE_CHECKING:  # imported where a model is loaded: transformers and sentence-transformers take seconds
+    from sentence_transformers import CrossEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -72,36 +75,116 @@ def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | No
     return str(declared).removeprefix("torch.") if declared else None
 
 
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What serving asks of a tokenizer, all that a start from the conversion cache (`ScoringModel.from_spec`)
+    has without transformers: the Rust tokenizer, the sides it pads and truncates on, the inputs it makes."""
+
+    backend_tokenizer: Tokenizer
+    pad_token_id: int | None
+    padding_side: str
+    truncation_side: str
+    model_input_names: tuple[str, ...]
+
+
+class Unloaded:
+    """The backend of a model started from the conversion cache until OpenVINO has compiled it: pads as it is
+    and runs nothing."""
+
+    name = "none"
+    device = "cpu"
+    dtype = "float32"
+
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        return rows, width
+
+    def launch(self, batch: Padded) -> Pending:
+        raise RuntimeError("the model's backend is not loaded yet")
+
+
 class ScoringModel:
     """A loaded cross-encoder: pairs in (see reranker.tokens), float32 logits out, one padded batch at a time.
 
     Scoring is split for the worker's pipeline: `collate` pads on the CPU (any thread), `launch` starts the
     backend's forward pass (the worker thread only), and `wait` returns the scores. `cross_encoder` is the
-    PyTorch model as loaded; it tokenizes for every backend and runs the network on the torch one.
+    PyTorch model as loaded (`from_cross_encoder`); the torch backend runs it. A model started from the
+    conversion cache has none: OpenVINO runs the network and `tokenizer` is a TokenizerFacts.
     """
 
-    def __init__(self, cross_encoder: CrossEncoder, *, model_id: str, max_length: int) -> None:
-        self.cross_encoder = cross_encoder
+    def __init__(self, *, model_id: str, max_length: int, tokenizer: Any, encoder: PairEncoder, is_causal: bool,
+                 token_types: bool, length_limit: int | None, cross_encoder: CrossEncoder | None = None,
+                 extras: dict[str, Any] | None = None) -> None:
+        self._cross_encoder = cross_encoder
         self.model_id = model_id
         self.max_length = max_length
+        self.length_limit = length_limit  # the model's own, before RERANKER_MAX_LENGTH
         self.load_seconds = 0.0  # set by load_model once the model is warm
-        self.is_causal = any(isinstance(module, LogitScore) for module in cross_encoder)
+        self.is_causal = is_causal
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self._pad_id = tokenizer.pad_token_id or 0
+        self._pad_left = tokenizer.padding_side == "left"
+        self._token_types = token_types
+        # The non-tensor features preprocess adds (modality, logits_to_keep) are the same for every batch.
+        self.extras = extras or {}
+        self.torch = None if cross_encoder is None else TorchBackend(cross_encoder, self.extras, max_length)
+        self.backend: Backend = self.torch if self.torch is not None else Unloaded()
+        self.backend_reason = "RERANKER_BACKEND=torch"
+        self.dtype_reason = f"RERANKER_DTYPE={self.torch.dtype if self.torch else 'float32'}"
+        self.convert_seconds = 0.0  # conversion for a backend other than torch, 0 when it came from the cache
+        self.from_cache = cross_encoder is None
+
+    @property
+    def cross_encoder(self) -> CrossEncoder:
+        """The PyTorch model as loaded; one started from the conversion cache (`from_cache`) has none."""
+        if self._cross_encoder is None:
+            raise RuntimeError(f"model {self.model_id!r} started from the conversion cache: no PyTorch model is loaded")
+        return self._cross_encoder
+
+    @classmethod
+    def from_cross_encoder(cls, cross_encoder: CrossEncoder, *, model_id: str, max_length: int,
+                           length_limit: int | None = None) -> ScoringModel:
+        from sentence_transformers.cross_encoder.modules import LogitScore
+
         tokenizer = cross_encoder.tokenizer
         if tokenizer is None:
             raise ModelLoadError(f"model {model_id!r} has no tokenizer; a text reranker needs one")
-        self.tokenizer = tokenizer
-        self.encoder = build_encoder(cross_encoder, tokenizer, max_length, causal=self.is_causal)
-        self._pad_id = tokenizer.pad_token_id or 0
-        self._pad_left = tokenizer.padding_side == "left"
-        # The non-tensor features preprocess adds (modality, logits_to_keep) are the same for every batch.
+        causal = any(isinstance(module, LogitScore) for module in cross_encoder)
         probe = cross_encoder.preprocess([("q", "d")])
-        self.extras = {k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)}
-        self._token_types = "token_type_ids" in probe
-        self.torch = TorchBackend(cross_encoder, self.extras, max_length)
-        self.backend: Backend = self.torch
-        self.backend_reason = "RERANKER_BACKEND=torch"
-        self.dtype_reason = f"RERANKER_DTYPE={self.torch.dtype}"
-        self.convert_seconds = 0.0  # conversion for a backend other than torch, 0 when it came from the cache
+        return cls(model_id=model_id, max_length=max_length, tokenizer=tokenizer,
+                   encoder=build_encoder(cross_encoder, tokenizer, max_length, causal=causal), is_causal=causal,
+                   token_types="token_type_ids" in probe, length_limit=length_limit, cross_encoder=cross_encoder,
+                   extras={k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)})
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, model_id: str, max_length: int) -> ScoringModel:
+        """A model whose network is still to be loaded, tokenizing as `serving_spec` recorded; raises
+        ValueError or KeyError on a spec it cannot use."""
+        try:
+            backend = Tokenizer.from_str(spec["tokenizer"])
+        except Exception as err:  # the Rust tokenizer raises a bare Exception on a bad definition
+            raise ValueError(f"the stored tokenizer cannot be read: {err}") from err
+        tokenizer = TokenizerFacts(backend, spec["pad_token_id"], spec["padding_side"], spec["truncation_side"],
+                                   tuple(spec["model_input_names"]))
+        limit = spec["length_limit"]
+        max_length = min(max_length, limit) if limit else max_length
+        return cls(model_id=model_id, max_length=max_length, tokenizer=tokenizer,
+                   encoder=text_pair_encoder(tokenizer, max_length), is_causal=False,
+                   token_types=bool(spec["token_types"]), length_limit=limit)
+
+    @property
+    def tokenizes_alone(self) -> bool:
+        """The one-pass text-pair encoder, checked against preprocess at load, serves this model: its
+        tokenizing needs nothing of transformers and can be stored (`serving_spec`)."""
+        return isinstance(self.encoder, TextPairEncoder) and not self.is_causal
+
+    def serving_spec(self) -> dict[str, Any]:
+        """How this model tokenizes and pads, as JSON: what `from_spec` needs to serve it without PyTorch."""
+        tokenizer = self.tokenizer
+        return {"tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token_id": tokenizer.pad_token_id,
+                "padding_side": tokenizer.padding_side, "truncation_side": tokenizer.truncation_side,
+                "model_input_names": list(tokenizer.model_input_names), "token_types": self._token_types,
+                "length_limit": self.length_limit}
 
     @property
     def device(self) -> str:
@@ -114,15 +197,17 @@ class ScoringModel:
     @property
     def compiled(self) -> str:
         """The RERANKER_COMPILE mode in force (torch only; `off` on other backends)."""
-        return self.torch.compiled if self.backend is self.torch else "off"
+        return self.torch.compiled if self.torch is not None and self.backend is self.torch else "off"
 
     @compiled.setter
     def compiled(self, mode: str) -> None:
+        if self.torch is None:
+            raise ModelLoadError("RERANKER_COMPILE applies to the torch backend; set RERANKER_COMPILE=off")
         self.torch.compiled = mode
 
     @property
     def network(self) -> nn.Module | None:
-        return self.cross_encoder.transformers_model
+        return None if self._cross_encoder is None else self._cross_encoder.transformers_model
 
     @property
     def accepts_instruction(self) -> bool:
@@ -194,18 +279,43 @@ def load_model(settings: Settings) -> ScoringModel:
     declared = checkpoint_dtype(settings.model, settings.trust_remote_code) if on_gpu else None
     # OpenVINO converts the float32 module and applies its precision when it compiles.
     precision = pick_precision(settings.dtype, device, declared)
-    load_dtype = DTYPES["float32"] if backend == "openvino" else DTYPES[precision.dtype]
+    started = time.perf_counter()
+    model = _start_from_cache(settings, backend_reason) if backend == "openvino" else None
+    if model is None:
+        model = _load_cross_encoder(settings, device, DTYPES["float32"] if backend == "openvino" else
+                                    DTYPES[precision.dtype])
+        model.backend_reason, model.dtype_reason = backend_reason, precision.reason
+        if backend == "openvino":
+            _use_openvino(model, settings, backend_reason)
+    if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not torch_native_bf16():
+        logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
+                       "float32", extra={"dtype": precision.dtype})
+    model.score(model.encode([("warm-up query", "warm-up document")]))
+    compile_model(model, settings.compile)
+    model.load_seconds = time.perf_counter() - started
+    logger.info(
+        "model loaded",
+        extra={"model": settings.model, "device": model.device, "backend": model.backend.name,
+               "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": model.max_length,
+               "compile": model.compiled, "from_cache": model.from_cache},
+    )
+    return model
+
+
+def _load_cross_encoder(settings: Settings, device: str, dtype: torch.dtype) -> ScoringModel:
+    """RERANKER_MODEL loaded in PyTorch through sentence-transformers, on `device` at `dtype`."""
+    from sentence_transformers import CrossEncoder
+
     # The original Qwen3-Reranker checkpoints ship the chat template of the base LLM, which knows
     # nothing of query/document roles: give them the prompt of their model card, before loading, so
     # that sentence-transformers routes pairs through it.
     processor_kwargs = {"chat_template": QWEN3_RERANKER_TEMPLATE} if is_qwen3_reranker(settings.model) else None
-    started = time.perf_counter()
     try:
         cross_encoder = CrossEncoder(
             settings.model,
             device=device,
             trust_remote_code=settings.trust_remote_code,
-            model_kwargs={"dtype": load_dtype},
+            model_kwargs={"dtype": dtype},
             processor_kwargs=processor_kwargs,
         )
     except Exception as err:
@@ -221,22 +331,30 @@ def load_model(settings: Settings) -> ScoringModel:
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()
-    model = ScoringModel(cross_encoder, model_id=settings.model, max_length=max_length)
-    model.backend_reason, model.dtype_reason = backend_reason, precision.reason
-    if backend == "openvino":
-        _use_openvino(model, settings, backend_reason)
-    if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not torch_native_bf16():
-        logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
-                       "float32", extra={"dtype": precision.dtype})
-    model.score(model.encode([("warm-up query", "warm-up document")]))
-    compile_model(model, settings.compile)
-    model.load_seconds = time.perf_counter() - started
-    logger.info(
-        "model loaded",
-        extra={"model": settings.model, "device": model.device, "backend": model.backend.name,
-               "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": max_length,
-               "compile": model.compiled},
-    )
+    return ScoringModel.from_cross_encoder(cross_encoder, model_id=settings.model, max_length=max_length,
+                                           length_limit=limit)
+
+
+def _start_from_cache(settings: Settings, backend_reason: str) -> ScoringModel | None:
+    """The model straight from the conversion cache, where an earlier start stored the converted graph and how
+    to tokenize for it: neither transformers nor sentence-transformers is imported, and no PyTorch weights are
+    read (a replacement replica is up seconds sooner). None when the cache holds no such entry or OpenVINO
+    cannot compile it: the full load follows."""
+    from reranker.backends.openvino import ConversionError, cached_serving, load_openvino
+
+    spec = cached_serving(settings)
+    if spec is None:
+        return None
+    try:
+        model = ScoringModel.from_spec(spec, model_id=settings.model, max_length=settings.max_length)
+        model.backend_reason = backend_reason
+        load_openvino(model, settings)
+    except (ConversionError, KeyError, ValueError, TypeError) as err:
+        logger.warning("the conversion cache's entry cannot start the model; loading it in full",
+                       extra={"model": settings.model, "cause": f"{type(err).__name__}: {err}"[:300]})
+        return None
+    logger.info("model started from the conversion cache, without PyTorch weights",
+                extra={"model": settings.model})
     return model
 
 
@@ -266,6 +384,8 @@ def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) 
     try:
         load_openvino(model, settings)
     except ConversionError as err:
+        if model.torch is None:  # started from the cache: no PyTorch model to fall back on
+            raise
         precision = pick_precision("float32" if settings.dtype == "int8" else settings.dtype, "cpu")
         logger.warning("OpenVINO cannot run this model; serving it with torch",
                        extra={"model": model.model_id, "cause": str(err), "dtype": precision.dtype})

@@ -15,13 +15,15 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from sentence_transformers import CrossEncoder
 from tokenizers import Encoding, Tokenizer
 
 from reranker.errors import ValidationError
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +246,12 @@ class ReferenceEncoder:
         ]
 
 
+def text_pair_encoder(tokenizer: Any, max_length: int) -> TextPairEncoder:
+    """The one-pass encoder of a BERT/RoBERTa-style `tokenizer` (a transformers one, or reranker.model's
+    TokenizerFacts); raises ValueError when its pair template has another layout."""
+    return TextPairEncoder(tokenizer, max_length, type_ids="token_type_ids" in tokenizer.model_input_names)
+
+
 def build_encoder(cross_encoder: CrossEncoder, tokenizer: Any, max_length: int, *, causal: bool) -> PairEncoder:
     """The fastest encoder that reproduces `preprocess` on probe pairs; the reference one otherwise."""
     reference = ReferenceEncoder(cross_encoder, tokenizer, max_length)
@@ -252,7 +260,7 @@ def build_encoder(cross_encoder: CrossEncoder, tokenizer: Any, max_length: int, 
         if causal:
             fast = ChatTemplateEncoder(cross_encoder, tokenizer, max_length)
         else:
-            fast = TextPairEncoder(tokenizer, max_length, type_ids="token_type_ids" in tokenizer.model_input_names)
+            fast = text_pair_encoder(tokenizer, max_length)
         mismatch = _first_mismatch(fast, reference, causal=causal, max_length=max_length)
     except Exception as err:  # any tokenizer the fast path cannot read keeps the exact, slower path
         mismatch = f"{type(err).__name__}: {err}"

@@ -156,10 +156,10 @@ def deploy(config: dict[str, Any], app: str, timeout: float = START_S) -> None:
     raise TimeoutError(f"{app} not running after {timeout} s: {serve.status().applications.get(app)}")
 
 
-def worker_log_lines(cluster: LocalRay) -> list[dict[str, Any]]:
-    """Every JSON line the workers (replicas) wrote to stdout so far."""
+def worker_log_lines(cluster: LocalRay, pid: int | None = None) -> list[dict[str, Any]]:
+    """Every JSON line the workers (replicas), or the one of process `pid`, wrote to stdout so far."""
     lines = []
-    for path in (cluster.temp / "session_latest" / "logs").glob("worker-*.out"):
+    for path in (cluster.temp / "session_latest" / "logs").glob(f"worker-*-{pid or '*'}.out"):
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
                 try:

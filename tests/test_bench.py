@@ -108,3 +108,14 @@ def test_roofline_bench_prints_both_precisions_against_a_measured_peak() -> None
         pairs_per_s, achieved, peak = (float(cells[i]) for i in (2, 3, 4))
         assert pairs_per_s > 0 and achieved > 0 and peak > 0
         assert cells[5].strip().endswith("%")
+
+
+def test_start_bench_compares_the_full_load_with_the_start_from_the_cache(bert_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.start", "--model", str(bert_dir), "--repeats", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert rows["full load, graph cached"][6].strip() == "yes" and rows["from the cache"][6].strip() == "no"
+    assert re.search(r"start from the cache: \d+\.\d\dx faster than the full load \(wall\), \d+\.\d\dx less CPU",
+                     result.stdout)

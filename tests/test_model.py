@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sentence_transformers
 import torch
 
 from reranker import ModelLoadError
@@ -105,7 +106,7 @@ def test_auto_dtype_on_cuda_loads_a_bfloat16_checkpoint_in_bfloat16(
 
     monkeypatch.setattr(model_module, "resolve_device", lambda setting: "cuda")
     monkeypatch.setattr(model_module, "checkpoint_dtype", lambda model_id, trust: "bfloat16")
-    monkeypatch.setattr(model_module, "CrossEncoder", fake_cross_encoder)
+    monkeypatch.setattr(sentence_transformers, "CrossEncoder", fake_cross_encoder)  # imported where it loads
     with pytest.raises(ModelLoadError):
         load_model(model_settings(bert_dir, dtype="auto", device="auto"))
     assert seen["model_kwargs"] == {"dtype": torch.bfloat16} and seen["device"] == "cuda"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +24,8 @@ from reranker.model import ScoringModel, load_model
 from tests.conftest import model_settings
 from tests.test_faults import GatedScorer, wait_until
 from tests.tiny_models import build_bert_reranker, random_text
+from web.backend import describe
+from web.service import RerankService
 
 TOLERANCE = 1e-4  # float32 OpenVINO against float32 torch, per score
 
@@ -92,6 +97,98 @@ def test_the_second_start_takes_the_converted_model_from_the_cache(bert_dir: Pat
     assert "model converted for OpenVINO" not in caplog.messages and second.convert_seconds == 0
     pairs = first.encode(varied_pairs(3))
     torch.testing.assert_close(second.score(pairs), first.score(pairs), atol=0, rtol=0)
+
+
+# A second start in a fresh interpreter, so that nothing of this test's process is preloaded: loads the model from
+# the cache the first start filled, and reports what it imported and scored.
+SECOND_START = """
+import json, sys
+from reranker.model import load_model
+from reranker.settings import Settings
+
+model = load_model(Settings(model=sys.argv[1], backend="openvino", dtype="float32", device="cpu",
+                            cache_dir=sys.argv[2], max_length=int(sys.argv[3])))
+pairs = json.loads(sys.argv[4])
+scores = model.score(model.encode([tuple(p) for p in pairs])).tolist()
+imported = sorted(m for m in ("transformers", "sentence_transformers", "sklearn") if m in sys.modules)
+print(json.dumps({"scores": scores, "imported": imported, "from_cache": model.from_cache,
+                  "pytorch_model": model.network is not None, "max_length": model.max_length,
+                  "dtype": model.dtype, "backend": model.backend.name}))
+"""
+
+
+def second_start(model_dir: Path, cache: Path, pairs: list[tuple[str, str]], max_length: int = 64) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", SECOND_START, str(model_dir), str(cache), str(max_length),
+                           json.dumps(pairs)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["bert", "xlmr"])
+def test_a_start_from_the_cache_skips_pytorch_and_scores_the_same(name: str, tmp_path: Path,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """The second start of a text-pair model reads the converted graph and the stored tokenizer only: no
+    transformers or sentence-transformers import, no PyTorch weights, and the same scores, long documents cut."""
+    model_dir: Path = request.getfixturevalue(f"{name}_dir")
+    pairs = varied_pairs(11, 16) + [("q", ""), ("Ünïcödé ☕ 数据", "line\nbreaks\ttabs " * 40)]
+    first = load_model(model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path), max_length=64))
+    assert not first.from_cache and first.tokenizes_alone
+    (entry,) = (tmp_path / "openvino").iterdir()
+    assert (entry / "serving.json").is_file()
+    want = first.score(first.encode(pairs)).tolist()
+    got = second_start(model_dir, tmp_path, pairs)
+    assert got["from_cache"] and not got["pytorch_model"] and got["backend"] == "openvino"
+    assert got["imported"] == [], f"a start from the cache imported {got['imported']}"
+    assert got["dtype"] == first.dtype and got["max_length"] == first.max_length == 64
+    np.testing.assert_array_equal(got["scores"], want)
+
+
+def test_a_start_from_the_cache_serves_the_engine_as_a_full_load_does(bert_dir: Path, tmp_path: Path,
+                                                                      documents: list[str]) -> None:
+    """Chunking long documents (RERANKER_LONG_DOCS=chunk) and clipping them (max_doc_tokens) tokenize through the
+    stored tokenizer as through the loaded one."""
+    long_documents = [*documents[:12], " ".join(documents[:12])[:5000], "Ünïcödé ☕ 数据 🙂 " * 60]
+    answers, info = [], []
+    for _ in range(2):
+        model = load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
+        with Reranker(model, model_settings(bert_dir, long_docs="chunk"), metrics=Metrics(CollectorRegistry())) as r:
+            answers.append([r.rerank_detailed("rivers and json", long_documents, max_doc_tokens=cut)
+                            for cut in (None, 24)])
+            info.append(describe(RerankService(r)))
+    assert model.from_cache and model.network is None
+    assert [i["model_from_cache"] for i in info] == [False, True] and info[0]["dtype"] == info[1]["dtype"]
+    for full, cached in zip(*answers, strict=True):
+        assert [(x.index, x.score) for x in cached.results] == [(x.index, x.score) for x in full.results]
+        assert (cached.stats.truncated, cached.stats.chunked, cached.stats.tokens) == \
+            (full.stats.truncated, full.stats.chunked, full.stats.tokens)
+    assert answers[0][0].stats.chunked > 0 and answers[0][1].stats.truncated > 0
+
+
+def test_a_causal_model_is_loaded_in_full_on_every_start(causal_dir: Path, tmp_path: Path) -> None:
+    """A chat-template reranker tokenizes through transformers' template rendering: nothing to start without it."""
+    settings = model_settings(causal_dir, backend="openvino", cache_dir=str(tmp_path))
+    load_model(settings)
+    (entry,) = (tmp_path / "openvino").iterdir()
+    assert not (entry / "serving.json").exists()
+    again = load_model(settings)
+    assert not again.from_cache and again.network is not None and again.convert_seconds == 0
+
+
+def test_a_damaged_serving_entry_falls_back_to_the_full_load(bert_dir: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    settings = model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path))
+    want = load_model(settings)
+    (entry,) = (tmp_path / "openvino").iterdir()
+    spec = json.loads((entry / "serving.json").read_text())
+    (entry / "serving.json").write_text(json.dumps({**spec, "tokenizer": "{not a tokenizer"}))
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(settings)
+    assert "the conversion cache's entry cannot start the model; loading it in full" in caplog.messages
+    assert not model.from_cache and model.convert_seconds == 0  # the graph itself was still good
+    pairs = want.encode(varied_pairs(4, 6))
+    torch.testing.assert_close(model.score(pairs), want.score(pairs), atol=0, rtol=0)
+    assert load_model(settings).from_cache  # the full load stored a good serving.json again
 
 
 def test_changed_model_files_are_converted_again(tmp_path: Path) -> None:

@@ -91,6 +91,7 @@ def describe(service: RerankService) -> dict[str, Any]:
         "accepts_instruction": model.accepts_instruction,
         "model_load_seconds": round(model.load_seconds, 3),
         "model_convert_seconds": round(model.convert_seconds, 3),
+        "model_from_cache": model.from_cache,
         "limits": {
             "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
             "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,

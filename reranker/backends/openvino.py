@@ -151,6 +151,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
     started = time.perf_counter()
     graph = store.load(key)
+    if graph is None and model.from_cache:
+        raise ConversionError("the converted model left the cache during the start")
     if graph is None:
         graph = convert(model.cross_encoder, model.extras, example, causal=model.is_causal)
         store.save(key, graph, seconds=time.perf_counter() - started)
@@ -175,7 +177,16 @@ def load_openvino(model: Any, settings: Settings) -> None:
                        extra={"dtype": "float32"})
     model.backend = OpenVINOBackend(compiled, precision.dtype)
     model.dtype_reason = precision.reason
-    release_weights(model.cross_encoder)
+    if not model.from_cache:
+        release_weights(model.cross_encoder)
+        if model.tokenizes_alone:
+            store.save_serving(key, model.serving_spec())
+
+
+def cached_serving(settings: Settings) -> dict[str, Any] | None:
+    """What an earlier start stored of how to serve RERANKER_MODEL on OpenVINO without loading it in PyTorch."""
+    return ConvertedModels(settings.cache_dir, ov.Core()).load_serving(fingerprint(settings.model,
+                                                                                    settings.trust_remote_code))
 
 
 def release_weights(cross_encoder: CrossEncoder) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sentence_transformers import CrossEncoder
 
 from reranker.backends import Padded
 from reranker.compiling import bucketed, mark_step, uncompiled
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
 
 
 class TorchBackend:

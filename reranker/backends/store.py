@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when the traced module (reranker.backends.openvino.Scores, its inputs or attention) changes.
 FORMAT = 1
+# Bump when what reranker.model stores of a tokenizer in serving.json changes.
+SERVING_FORMAT = 1
 LIBRARIES = ("torch", "transformers", "sentence-transformers", "openvino", "nncf")
 
 
@@ -59,7 +61,8 @@ def fingerprint(model_id: str, trust_remote_code: bool, *parts: str) -> str:
 
 
 class ConvertedModels:
-    """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json). Writes are atomic (a temporary folder
+    """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json), and serving.json: how to tokenize for the
+    model, which lets the next start skip loading it in PyTorch. Writes are atomic (a temporary folder or file
     renamed into place), so replicas converting at once never read half a model."""
 
     def __init__(self, cache_dir: str, core: ov.Core) -> None:
@@ -98,3 +101,28 @@ class ConvertedModels:
         except OSError as err:
             logger.warning("the converted model could not be cached; the next start converts again",
                            extra={"cache": str(target), "cause": str(err)[:300]})
+
+    def load_serving(self, key: str) -> dict[str, Any] | None:
+        """What an earlier start stored of how to serve the model under `key`; None when nothing usable is."""
+        entry = self.path(key)
+        if not (entry / "serving.json").is_file() or not (entry / "model.xml").is_file():
+            return None
+        try:
+            spec = json.loads((entry / "serving.json").read_text())
+        except (OSError, ValueError) as err:
+            logger.warning("a cached serving.json could not be read; loading the model in full",
+                           extra={"cache": str(entry), "cause": f"{type(err).__name__}: {err}"[:300]})
+            return None
+        return spec if isinstance(spec, dict) and spec.get("format") == SERVING_FORMAT else None
+
+    def save_serving(self, key: str, spec: dict[str, Any]) -> None:
+        """Store `spec` beside the converted model under `key`; a failure is logged, not fatal."""
+        entry = self.path(key)
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=entry, prefix=".serving-", suffix=".json",
+                                             delete=False) as staging:
+                json.dump({**spec, "format": SERVING_FORMAT}, staging)
+            os.replace(staging.name, entry / "serving.json")
+        except OSError as err:
+            logger.warning("how to serve the converted model could not be cached; the next start loads it in full",
+                           extra={"cache": str(entry), "cause": str(err)[:300]})
