@@ -28,7 +28,8 @@ from openvino import opset13 as ops  # noqa: E402
 
 from bench.report import best_of, host  # noqa: E402
 from bench.workload import build_benchmark_model, build_workload  # noqa: E402
-from reranker.backends.openvino import compile_for_cpu, compiled_precision, convert  # noqa: E402
+from reranker.backends.convert import convert  # noqa: E402
+from reranker.backends.openvino import compile_for_cpu, compiled_precision  # noqa: E402
 from reranker.batcher import cut_batches  # noqa: E402
 from reranker.model import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402

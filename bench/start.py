@@ -6,10 +6,10 @@ replacement Ray Serve replica does. Three kinds, on one model and one cache dire
 - first start: nothing cached, the model is loaded in PyTorch and converted;
 - full load, graph cached: what every restart did before the cache stored how to tokenize (serving.json is
   removed before each such start);
-- start from the cache: the tokenizer and graph only, no transformers, sentence-transformers or PyTorch weights.
+- start from the cache: the tokenizer and graph only, no torch, transformers or sentence-transformers import.
 
 Printed per kind: wall time of the process (interpreter start to model warm), its CPU time, peak memory and
-whether transformers was imported; and the ratio of the full load to the start from the cache.
+which of torch and transformers it imported; and the ratio of the full load to the start from the cache.
 
 Run: .venv/bin/python -m bench.start [--model PATH] [--repeats 3]
 """
@@ -44,7 +44,8 @@ model = load_model(Settings(model=sys.argv[1], cache_dir=sys.argv[2], backend="o
                             device="cpu", max_length=512))
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu_s": usage.ru_utime + usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024,
-                  "from_cache": model.from_cache, "transformers": "transformers" in sys.modules}))
+                  "from_cache": model.from_cache,
+                  "imported": [name for name in ("torch", "transformers") if name in sys.modules]}))
 """
 
 
@@ -69,9 +70,9 @@ def row(name: str, runs: list[dict]) -> str:
     def median(key: str) -> float:
         return statistics.median(run[key] for run in runs)
 
-    imported = "yes" if any(run["transformers"] for run in runs) else "no"
+    imported = sorted({name for run in runs for name in run["imported"]})
     return (f"| {name} | {len(runs)} | {median('wall_s'):.2f} s | {median('cpu_s'):.2f} s | "
-            f"{median('peak_mib'):.0f} MiB | {imported} |")
+            f"{median('peak_mib'):.0f} MiB | {', '.join(imported) or 'neither'} |")
 
 
 def main() -> None:
@@ -90,12 +91,12 @@ def main() -> None:
             forget_tokenizing(cache)
             full.append(start(model, cache))  # stores serving.json again
             cached.append(start(model, cache))
-    if not all(run["from_cache"] and not run["transformers"] for run in cached):
+    if not all(run["from_cache"] and not run["imported"] for run in cached):
         raise SystemExit("the start from the cache loaded the model in full: is it a text-pair cross-encoder?")
 
     print(f"machine: {host()}")
     print(f"model: {model.name}, OpenVINO float32; median of each kind (wall: interpreter start to model warm)")
-    print("| start | runs | wall | CPU | peak memory | transformers imported |")
+    print("| start | runs | wall | CPU | peak memory | torch / transformers imported |")
     print("|---|---|---|---|---|---|")
     print(row("first (convert)", first))
     print(row("full load, graph cached", full))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 from opentelemetry.trace import SpanContext
 
 from reranker.errors import (
@@ -279,11 +279,11 @@ class Batcher:
                         self._deliver(batch.items, error, 0.0)
                     return False
 
-    def _deliver(self, items: Sequence[_Item], outcome: torch.Tensor | RerankerError, seconds: float) -> None:
+    def _deliver(self, items: Sequence[_Item], outcome: np.ndarray | RerankerError, seconds: float) -> None:
         """Record each item's score, or fail its job, and wake the callers whose jobs are complete."""
         if not items:
             return
-        scores = outcome.tolist() if isinstance(outcome, torch.Tensor) else None
+        scores = None if isinstance(outcome, RerankerError) else outcome.tolist()
         share = seconds / len(items)
         with self._cond:
             fresh = 0

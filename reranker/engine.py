@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-import torch
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 import reranker.spans as spans
@@ -41,6 +41,12 @@ CHUNK_MARGIN = 2
 def batch_token_budget(device: str) -> int:
     """The automatic RERANKER_BATCH_TOKENS for a device."""
     return CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow at either end: CrossEncoder.predict's default activation."""
+    small = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32)
 
 
 @dataclass
@@ -187,8 +193,8 @@ class Reranker:
                 logits[doc_index] = best[slot]
                 self._cache.put(keys[doc_index], best[slot])
 
-            raw = torch.tensor(logits, dtype=torch.float32)
-            probabilities = torch.sigmoid(raw).tolist()
+            raw = np.asarray(logits, dtype=np.float32)
+            probabilities = sigmoid(raw).tolist()
             shown = raw.tolist() if raw_scores else probabilities
             order = sorted(range(len(documents)), key=lambda i: (-shown[i], i))
             limit = len(order) if top_n is None else min(top_n, len(order))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -10,34 +11,55 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
-from torch import nn
 
 from reranker.backends import Backend, Padded, Pending, choose_backend
 from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
-from reranker.backends.pytorch import TorchBackend
-from reranker.compiling import compile_model
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
 from reranker.tokens import EncodedPair, PairEncoder, TextPairEncoder, build_encoder, text_pair_encoder
 
-if TYPE_CHECKING:  # imported where a model is loaded: transformers and sentence-transformers take seconds
+if TYPE_CHECKING:  # imported where a model is loaded in PyTorch: torch, transformers and sentence-transformers
+    import torch  # take seconds, and a start from the conversion cache needs none of them
     from sentence_transformers import CrossEncoder
+    from torch import nn
+
+    from reranker.backends.pytorch import TorchBackend
 
 logger = logging.getLogger(__name__)
 
 # Tokenizers report this sentinel (or larger) when they have no length limit of their own.
 _NO_LIMIT = 1_000_000
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Device files a GPU that torch.cuda can use shows up as: NVIDIA's, ROCm's, WSL's.
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def gpu_device_files() -> bool:
+    """Whether this machine shows any GPU device file; without one, CUDA cannot be available."""
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a machine with no GPU device file at all."""
+    if not gpu_device_files():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_device(setting: str) -> str:
     """`auto` picks CUDA when torch sees a GPU, else the CPU."""
     if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if setting.startswith("cuda") and not cuda_available():
         raise ModelLoadError(
             f"RERANKER_DEVICE={setting} but torch sees no CUDA device; use RERANKER_DEVICE=cpu or auto"
         )
@@ -60,7 +82,7 @@ def pick_precision(setting: str, device: str, checkpoint_dtype: str | None = Non
 
 def resolve_dtype(setting: str, device: str, checkpoint_dtype: str | None = None) -> torch.dtype:
     """The torch dtype `pick_precision` chooses for the torch backend."""
-    return DTYPES[pick_precision(setting, device, checkpoint_dtype).dtype]
+    return torch_dtype(pick_precision(setting, device, checkpoint_dtype).dtype)
 
 
 def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | None:
@@ -127,7 +149,11 @@ class ScoringModel:
         self._token_types = token_types
         # The non-tensor features preprocess adds (modality, logits_to_keep) are the same for every batch.
         self.extras = extras or {}
-        self.torch = None if cross_encoder is None else TorchBackend(cross_encoder, self.extras, max_length)
+        self.torch: TorchBackend | None = None
+        if cross_encoder is not None:
+            from reranker.backends.pytorch import TorchBackend
+
+            self.torch = TorchBackend(cross_encoder, self.extras, max_length)
         self.backend: Backend = self.torch if self.torch is not None else Unloaded()
         self.backend_reason = "RERANKER_BACKEND=torch"
         self.dtype_reason = f"RERANKER_DTYPE={self.torch.dtype if self.torch else 'float32'}"
@@ -144,6 +170,7 @@ class ScoringModel:
     @classmethod
     def from_cross_encoder(cls, cross_encoder: CrossEncoder, *, model_id: str, max_length: int,
                            length_limit: int | None = None) -> ScoringModel:
+        import torch
         from sentence_transformers.cross_encoder.modules import LogitScore
 
         tokenizer = cross_encoder.tokenizer
@@ -247,11 +274,11 @@ class ScoringModel:
         """Start the forward pass of a collated batch on the backend; on a GPU this returns at once."""
         return self.backend.launch(batch)
 
-    def score(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
-        """Raw logits of a batch as a 1-D float32 CPU tensor, in batch order (collate, launch, wait)."""
+    def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
+        """Raw logits of a batch as a 1-D float32 array, in batch order (collate, launch, wait)."""
         return self.launch(self.collate(batch)).wait()
 
-    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         return self.score(self.encode(pairs))
 
 
@@ -282,8 +309,7 @@ def load_model(settings: Settings) -> ScoringModel:
     started = time.perf_counter()
     model = _start_from_cache(settings, backend_reason) if backend == "openvino" else None
     if model is None:
-        model = _load_cross_encoder(settings, device, DTYPES["float32"] if backend == "openvino" else
-                                    DTYPES[precision.dtype])
+        model = _load_cross_encoder(settings, device, "float32" if backend == "openvino" else precision.dtype)
         model.backend_reason, model.dtype_reason = backend_reason, precision.reason
         if backend == "openvino":
             _use_openvino(model, settings, backend_reason)
@@ -291,7 +317,10 @@ def load_model(settings: Settings) -> ScoringModel:
         logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
                        "float32", extra={"dtype": precision.dtype})
     model.score(model.encode([("warm-up query", "warm-up document")]))
-    compile_model(model, settings.compile)
+    if settings.compile != "off":
+        from reranker.compiling import compile_model
+
+        compile_model(model, settings.compile)
     model.load_seconds = time.perf_counter() - started
     logger.info(
         "model loaded",
@@ -302,7 +331,7 @@ def load_model(settings: Settings) -> ScoringModel:
     return model
 
 
-def _load_cross_encoder(settings: Settings, device: str, dtype: torch.dtype) -> ScoringModel:
+def _load_cross_encoder(settings: Settings, device: str, dtype: str) -> ScoringModel:
     """RERANKER_MODEL loaded in PyTorch through sentence-transformers, on `device` at `dtype`."""
     from sentence_transformers import CrossEncoder
 
@@ -315,7 +344,7 @@ def _load_cross_encoder(settings: Settings, device: str, dtype: torch.dtype) -> 
             settings.model,
             device=device,
             trust_remote_code=settings.trust_remote_code,
-            model_kwargs={"dtype": dtype},
+            model_kwargs={"dtype": torch_dtype(dtype)},
             processor_kwargs=processor_kwargs,
         )
     except Exception as err:
@@ -389,7 +418,7 @@ def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) 
         precision = pick_precision("float32" if settings.dtype == "int8" else settings.dtype, "cpu")
         logger.warning("OpenVINO cannot run this model; serving it with torch",
                        extra={"model": model.model_id, "cause": str(err), "dtype": precision.dtype})
-        model.cross_encoder.to(DTYPES[precision.dtype])
+        model.cross_encoder.to(torch_dtype(precision.dtype))
         model.torch.dtype = precision.dtype
         model.backend = model.torch
         model.backend_reason = f"{backend_reason}; OpenVINO failed ({err}), torch"

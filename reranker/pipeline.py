@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
+import numpy as np
 from opentelemetry.trace import Span
 
 from reranker.backends import Finished, Pending
@@ -28,7 +29,7 @@ from reranker.tokens import EncodedPair
 
 logger = logging.getLogger(__name__)
 
-ScoreFn = Callable[[Sequence[EncodedPair]], torch.Tensor]
+ScoreFn = Callable[[Sequence[EncodedPair]], np.ndarray]
 
 
 class Scorer(Protocol):
@@ -61,9 +62,16 @@ def as_scorer(model: Scorer | ScoreFn) -> Scorer:
     return model  # type: ignore[return-value]
 
 
+def loaded_torch() -> Any:
+    """torch where this process has imported it, else None: a model started from the conversion cache runs without
+    it, and nothing torch raises can happen there."""
+    return sys.modules.get("torch")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA OOM, or a CPU allocation that failed inside torch."""
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+    torch = loaded_torch()
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)):
         return True
     message = str(err)
     return isinstance(err, RuntimeError) and (
@@ -92,7 +100,7 @@ class Batch:
 
 # Hands each item its score (a float32 tensor in batch order) or the error that failed it, with the
 # device seconds the batch took.
-Deliver = Callable[[Sequence[Any], "torch.Tensor | RerankerError", float], None]
+Deliver = Callable[[Sequence[Any], "np.ndarray | RerankerError", float], None]
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,8 @@ class DeviceStage:
 
     def _bisect(self, batch: Batch, failure: BaseException) -> None:
         out_of_memory = is_out_of_memory(failure)
-        if out_of_memory and torch.cuda.is_available():
+        torch = loaded_torch()
+        if out_of_memory and torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
         if self.fault is None and not out_of_memory and self._device_is_poisoned():
             logger.critical("the scoring device is unusable; failing all work", extra={"cause": self.fault},

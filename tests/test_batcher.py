@@ -48,7 +48,7 @@ class FlakyDevice:
         self.max_pair_tokens = max_pair_tokens
         self.calls = 0
 
-    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def __call__(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         self.calls += 1
         if len(batch) > self.max_pairs or max(p.n_tokens for p in batch) > self.max_pair_tokens:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -101,7 +101,7 @@ def test_an_unfittable_pair_fails_only_its_request(bert_model: ScoringModel, doc
 def test_a_failing_model_fails_the_request_not_the_worker(bert_model: ScoringModel) -> None:
     calls = {"n": 0}
 
-    def broken_once(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def broken_once(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("device-side assert triggered")
@@ -115,8 +115,8 @@ def test_a_failing_model_fails_the_request_not_the_worker(bert_model: ScoringMod
 
 
 def test_non_finite_scores_fail_the_request_and_are_counted(bert_model: ScoringModel, metrics: Metrics) -> None:
-    def nan_scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
-        scores = bert_model.score(batch).clone()
+    def nan_scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        scores = bert_model.score(batch).copy()
         scores[0] = float("nan")
         return scores
 
@@ -132,7 +132,7 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
     """Refused before any tokenizing, and the refused request counts no cache lookups or tokens."""
     release = threading.Event()
 
-    def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def slow(batch: Sequence[EncodedPair]) -> np.ndarray:
         release.wait(HANG_S)
         return bert_model.score(batch)
 
@@ -181,7 +181,7 @@ def test_a_pair_that_breaks_the_model_fails_only_its_own_request(bert_model: Sco
 
     poisoned: list[int] = []  # the size of each pass that held the poison
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         if any(pair.n_tokens > 20 for pair in batch):
             poisoned.append(len(batch))
             raise RuntimeError("index out of range in self")
@@ -189,7 +189,7 @@ def test_a_pair_that_breaks_the_model_fails_only_its_own_request(bert_model: Sco
 
     held, release = threading.Event(), threading.Event()
 
-    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def gated(batch: Sequence[EncodedPair]) -> np.ndarray:
         held.set()
         release.wait(HANG_S)  # hold the worker so that both requests land in one batch
         return scorer(batch)
@@ -227,13 +227,13 @@ def test_a_request_finished_before_a_later_failure_stays_successful(bert_model: 
     """OOM on the full batch, the first half scores, the second half fails: each job gets one outcome."""
     calls = {"n": 0}
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         if calls["n"] == 3:
             raise RuntimeError("device-side assert")
-        return torch.ones(len(batch))
+        return np.ones(len(batch), dtype=np.float32)
 
     metrics = Metrics(CollectorRegistry())
     batcher = Batcher(scorer, batch_tokens=10**6, max_queue=100, metrics=metrics)
@@ -254,7 +254,7 @@ def test_the_failed_pass_is_freed_before_the_retry(bert_model: ScoringModel) -> 
 
     refs: list[weakref.ref[torch.Tensor]] = []
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         if len(batch) > 1:
             activations = torch.zeros(1024)
             refs.append(weakref.ref(activations))
@@ -295,12 +295,12 @@ class RecordingScorer:
         return RecordingScorer.Pending(self, number, self.model.score(features[1]))
 
     class Pending:
-        def __init__(self, owner: RecordingScorer, number: int, scores: torch.Tensor) -> None:
+        def __init__(self, owner: RecordingScorer, number: int, scores: np.ndarray) -> None:
             self.owner, self.number, self.scores = owner, number, scores
 
         ran = False  # as on a GPU: launch returns before the pass has run
 
-        def wait(self) -> torch.Tensor:
+        def wait(self) -> np.ndarray:
             self.owner.threads["wait"].add(threading.current_thread().name)
             self.owner.events.append(f"wait {self.number}")
             return self.scores
@@ -335,9 +335,9 @@ def test_close_finishes_a_queue_deeper_than_the_pipeline() -> None:
 
     gate = threading.Event()
 
-    def slow(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def slow(batch: Sequence[EncodedPair]) -> np.ndarray:
         gate.wait(HANG_S)
-        return torch.arange(len(batch), dtype=torch.float32)
+        return np.arange(len(batch), dtype=np.float32)
 
     batcher = Batcher(slow, batch_tokens=10, max_queue=1000, metrics=Metrics(CollectorRegistry()))
     job = batcher.submit([EncodedPair(np.arange(10)) for _ in range(6)])  # one pair per batch: six passes
@@ -361,13 +361,13 @@ def test_on_the_cpu_scores_are_delivered_when_their_own_pass_ends() -> None:
     gate = threading.Event()
     passes = {"n": 0}
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         passes["n"] += 1
         if passes["n"] == 1:  # the second batch is ready when the first pass ends: nothing to wait for first
             wait_until(lambda: batcher._ready.qsize() > 0)
         if passes["n"] == 2:
             gate.wait(HANG_S)  # the second pass holds the device until the first caller has its scores
-        return torch.zeros(len(batch))
+        return np.zeros(len(batch), dtype=np.float32)
 
     batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=Metrics(CollectorRegistry()))
     with batcher._cond:  # one round, two batches of one pair each

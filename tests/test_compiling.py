@@ -44,7 +44,7 @@ def compiled(request: pytest.FixtureRequest) -> tuple[ScoringModel, ScoringModel
         return spent[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("reranker.model.compile_model", timed)
+        patch.setattr("reranker.compiling.compile_model", timed)  # load_model imports it when it compiles
         model = load_model(model_settings(path, compile="on"))
     return eager, model, spent[0]
 

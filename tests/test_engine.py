@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from reranker import LimitExceededError, Reranker, ValidationError
 from reranker.metrics import Metrics
@@ -20,7 +20,7 @@ class CountingScorer:
         self.model = model
         self.pairs = 0
 
-    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def __call__(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         self.pairs += len(batch)
         return self.model.score(batch)
 

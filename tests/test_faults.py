@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from reranker import CancelledError, DeviceFaultError, Reranker
 from reranker.batcher import ScoreFn
@@ -29,7 +28,7 @@ class GatedScorer:
         self.pairs = 0
         self.first_batch = threading.Event()
 
-    def __call__(self, batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def __call__(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         self.first_batch.set()
         self.gate.wait(HANG_S)  # tests open it; the bound only frees the worker of a test that failed first
         self.pairs += len(batch)
@@ -136,7 +135,7 @@ def test_abandoned_pairs_are_dropped_unscored_while_others_get_their_answers(
 def poisoning_scorer(model: ScoringModel, healthy_batches: int) -> ScoreFn:
     calls = {"n": 0}
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] > healthy_batches:
             # What a CUDA context looks like after an illegal memory access: every later call fails.
@@ -152,7 +151,7 @@ def test_a_poisoned_device_fails_all_work_once_and_turns_unready(bert_model: Sco
     poisoned = poisoning_scorer(bert_model, 1)
     passes = {"n": 0}
 
-    def counted(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def counted(batch: Sequence[EncodedPair]) -> np.ndarray:
         passes["n"] += 1
         return poisoned(batch)
 
@@ -173,7 +172,7 @@ def test_a_poisoned_device_fails_all_work_once_and_turns_unready(bert_model: Sco
 def test_a_one_off_failure_is_not_a_fault(bert_model: ScoringModel, metrics: Metrics) -> None:
     calls = {"n": 0}
 
-    def once(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def once(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("CUDA error: device-side assert triggered")
@@ -190,7 +189,7 @@ class WorkerBug(BaseException):
 
 
 def test_a_dead_worker_thread_turns_unready_and_fails_waiting_requests(bert_model: ScoringModel) -> None:
-    def broken(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def broken(batch: Sequence[EncodedPair]) -> np.ndarray:
         raise WorkerBug("boom")
 
     with Reranker(bert_model, model_settings(Path(bert_model.model_id)), score_fn=broken) as reranker:
@@ -213,7 +212,7 @@ def test_requests_failed_together_each_raise_their_own_error(bert_model: Scoring
     gate = threading.Event()
     calls = {"n": 0}
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             gate.wait(HANG_S)  # holds the device while the others queue behind it

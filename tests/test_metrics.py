@@ -10,8 +10,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter
 
@@ -133,7 +133,7 @@ def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path)
     release = threading.Event()
     calls = {"n": 0}
 
-    def scorer(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             release.wait(HANG_S)

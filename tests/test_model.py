@@ -16,12 +16,24 @@ from tests.conftest import model_settings
 
 
 def test_auto_device_is_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "gpu_device_files", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"
     assert resolve_device("cuda:1") == "cuda:1"
     assert resolve_device("cpu") == "cpu"
+
+
+def test_without_a_gpu_device_file_torch_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /dev/nvidia*, /dev/kfd or /dev/dxg: no CUDA, known without importing torch (a start from the conversion
+    cache never imports it)."""
+    assert model_module.gpu_device_files() or not torch.cuda.is_available()  # where torch sees a GPU, so do we
+    monkeypatch.setattr(model_module, "gpu_device_files", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # would be wrong to ask
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
 
 
 def test_asking_for_cuda_without_a_gpu_fails_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,15 +63,16 @@ def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch, setting: str, device:
 
 
 def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
-    """torch's probes against the kernel's own list of this CPU's features."""
-    from reranker.backends.cpu import auto_precision, torch_native_bf16
+    """torch's probes against the kernel's own list of this CPU's features, and the service's reading of that list
+    (which a start from the conversion cache uses instead of importing torch) against both."""
+    from reranker.backends.cpu import auto_precision, kernel_bf16_flags, torch_native_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo")
     flags = set(cpuinfo.read_text().split())
     expected = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    assert sorted(torch_native_bf16()) == expected
+    assert sorted(torch_native_bf16()) == expected == kernel_bf16_flags()
     picked = auto_precision(torch_native_bf16())
     assert picked.dtype == ("bfloat16" if expected else "float32")
     assert all(name in picked.reason for name in expected)

@@ -239,8 +239,8 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
         wait_for(lambda: load.total >= 20, HANG_S, "load running")
         victim, survivor = replica_pids(APP, MODEL)
         os.kill(victim, signal.SIGKILL)
-        # About 14 s on a 2-core host that this load saturates, 7 s quiet: the new process starts Ray's worker and
-        # imports torch and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
+        # About 9 s on a 2-core host that this load saturates, 5 s quiet: the new process starts Ray's worker and
+        # imports Ray Serve and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
         recovered = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(
             set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, HANG_S, "a replacement replica")
         (replacement,) = set(replica_pids(APP, MODEL)) - {victim, survivor}
@@ -250,7 +250,7 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
         load.stop()
     print(f"replica replaced in {recovered:.1f} s after the kill")
     assert load.failures == {}, load.failures
-    # The replacement started from what the first replicas stored, without transformers or PyTorch weights.
+    # The replacement started from what the first replicas stored, without torch, transformers or their weights.
     assert any(line.get("message") == "model loaded" and line.get("from_cache")
                for line in worker_log_lines(cluster, replacement))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -141,7 +142,7 @@ def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel,
                                                        exporter: InMemorySpanExporter) -> None:
     held, release = threading.Event(), threading.Event()
 
-    def gated(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def gated(batch: Sequence[EncodedPair]) -> np.ndarray:
         held.set()
         release.wait(HANG_S)  # hold the device so that both requests wait in one round
         return bert_model.score(batch)
@@ -179,7 +180,7 @@ def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel,
 
 def test_errors_are_recorded_with_status_error(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
                                                exporter: InMemorySpanExporter) -> None:
-    def small_device(batch: Sequence[EncodedPair]) -> torch.Tensor:
+    def small_device(batch: Sequence[EncodedPair]) -> np.ndarray:
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return bert_model.score(batch)

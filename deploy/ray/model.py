@@ -12,10 +12,10 @@ from typing import Any
 from opentelemetry import context, propagate
 from ray import serve
 
-# Most of a new replica's start, before its model loads, is these imports: Ray Serve, torch and OpenVINO, about
-# 3 s of CPU on a 2-core host (transformers and sentence-transformers come only where a model is loaded in full,
-# not when it starts from the conversion cache). Python's cyclic GC, run again and again while they fill the heap,
-# was a fifth of that CPU; it is paused for them, and collects whatever they left once it resumes.
+# Most of a new replica's start, before its model loads, is these imports: Ray Serve and OpenVINO, about 2 s of CPU
+# on a 2-core host (torch, transformers and sentence-transformers come only where a model is loaded in full, not
+# when it starts from the conversion cache). Python's cyclic GC, run again and again while they fill the heap, was
+# a fifth of that CPU; it is paused for them, and collects whatever they left once it resumes.
 _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,8 @@ class Pending(Protocol):
     def ran(self) -> bool:
         """True when the pass already ran inside `launch` (the CPU): nothing is gained by holding it."""
 
-    def wait(self) -> torch.Tensor:
-        """Block until the batch's float32 scores (one per real row) are on the host."""
+    def wait(self) -> np.ndarray:
+        """Block until the batch's scores (float32, one per real row) are on the host."""
 
 
 class Finished:
@@ -55,11 +54,15 @@ class Finished:
 
     ran = True
 
-    def __init__(self, scores: torch.Tensor) -> None:
+    def __init__(self, scores: np.ndarray) -> None:
         self._scores = scores
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> np.ndarray:
         return self._scores
+
+
+class ConversionError(Exception):
+    """A backend cannot convert or compile this model; the service serves it with torch."""
 
 
 class Backend(Protocol):

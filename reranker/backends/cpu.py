@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -18,6 +17,8 @@ class Precision:
 def torch_native_bf16() -> list[str]:
     """The CPU features that give torch's oneDNN kernels native bfloat16 (AMX tiles, AVX512-BF16); empty when
     bfloat16 would be emulated. The same probes torch's CPU dispatch uses (cpuinfo through torch.cpu)."""
+    import torch  # here, not at the top: a start from the conversion cache on a CPU without BF16 never asks
+
     features = []
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         features.append("amx_bf16")
@@ -26,10 +27,23 @@ def torch_native_bf16() -> list[str]:
     return features
 
 
+def kernel_bf16_flags() -> list[str]:
+    """The native-bfloat16 features (amx_bf16, avx512_bf16) by the names Linux's /proc/cpuinfo gives them, read
+    without importing torch; empty where the file cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+
+
 def int8_dot_products() -> list[str]:
     """The CPU features that multiply int8 matrices at int8 speed (AMX-INT8, AVX512-VNNI, AVX-VNNI), as torch's
     cpuinfo reports them. Without them the products go through AVX2's 16-bit multiply-adds: on the AVX2-only EPYC
     static int8 ran 1.05x float32 and weights-only int8 slower than float32 (docs/cpu.md)."""
+    import torch
+
     capabilities = torch.cpu.get_capabilities()
     return [name for name in ("amx_int8", "avx512_vnni", "avx_vnni") if capabilities.get(name)]
 

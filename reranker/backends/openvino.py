@@ -4,82 +4,23 @@ with dynamic batch and sequence axes, at float32 (exact), bfloat16 or int8."""
 from __future__ import annotations
 
 import logging
+import os
 import time
-import warnings
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino as ov
-import torch
-from torch import nn
 
-from reranker.backends import Finished, Padded
-from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
+from reranker.backends import ConversionError, Finished, Padded
+from reranker.backends.cpu import Precision, auto_precision, explicit, kernel_bf16_flags, torch_native_bf16
 from reranker.backends.store import ConvertedModels, fingerprint
 from reranker.settings import Settings
-
-if TYPE_CHECKING:
-    from sentence_transformers import CrossEncoder
 
 logger = logging.getLogger(__name__)
 
 HINTS = {"float32": "f32", "bfloat16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT per RERANKER_DTYPE
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class ConversionError(Exception):
-    """OpenVINO cannot convert or compile this model; the service falls back to torch."""
-
-
-class Scores(nn.Module):
-    """The CrossEncoder from token arrays to one float32 logit per row: what OpenVINO converts."""
-
-    def __init__(self, cross_encoder: CrossEncoder, extras: dict[str, Any]) -> None:
-        super().__init__()
-        self.cross_encoder = cross_encoder
-        self.extras = extras
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        features = {**self.extras, "input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            features["token_type_ids"] = token_type_ids
-        return self.cross_encoder(features)["scores"].reshape(-1).float()
-
-
-def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded, *, causal: bool) -> ov.Model:
-    """Trace the model into an OpenVINO graph with dynamic (rows, tokens) inputs.
-
-    A causal model is traced with eager attention: its left padding leaves the first rows of a padded
-    sequence with nothing to attend to, which the SDPA path turns into NaN on OpenVINO (and NaN times a zero
-    weight is still NaN); eager attention's finite mask gives the same scores as torch with no NaN."""
-    network = cross_encoder.transformers_model
-    previous = getattr(getattr(network, "config", None), "_attn_implementation", None)
-    if causal and network is not None and previous not in (None, "eager"):
-        network.set_attn_implementation("eager")
-    arrays = example.arrays()
-    try:
-        # Tracing warns about Python branches on shapes and, in torch 2.13, about torch.jit.trace itself:
-        # nothing an operator can act on; the float32 tests hold the converted graph to torch's scores.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ov.convert_model(
-                Scores(cross_encoder, extras).eval(),
-                example_input={name: torch.from_numpy(array) for name, array in arrays.items()},
-                input=[(name, [-1, -1], ov.Type.i64) for name in arrays],
-            )
-    except Exception as err:
-        raise ConversionError(conversion_failure(err)) from err
-    finally:
-        if causal and network is not None and previous not in (None, "eager"):
-            network.set_attn_implementation(previous)
-
-
-def conversion_failure(err: Exception) -> str:
-    """The useful line of a conversion error: the frontend's summary of the operations it has no rule for."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    summary = [line.removeprefix("-- ") for line in lines if line.startswith("-- ")]
-    return "; ".join(summary)[:300] if summary else f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def compiled_precision(compiled: ov.CompiledModel) -> str:
@@ -88,16 +29,35 @@ def compiled_precision(compiled: ov.CompiledModel) -> str:
 
 
 def native_bf16(core: ov.Core) -> list[str]:
-    """The CPU features behind OpenVINO's BF16 capability; OpenVINO's own word when torch names none."""
+    """The CPU features behind OpenVINO's BF16 capability, as the kernel names them (torch's names where it names
+    none); OpenVINO's own word when neither does."""
     if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         return []
-    return torch_native_bf16() or ["OpenVINO CPU capability BF16"]
+    return kernel_bf16_flags() or torch_native_bf16() or ["OpenVINO CPU capability BF16"]
 
 
 def cpu_threads() -> int:
-    """The threads torch would use: both backends follow OMP_NUM_THREADS (which Ray sets for each replica from
-    its num_cpus), and default to torch's choice, one per physical core."""
-    return torch.get_num_threads()
+    """The threads torch would use, worked out without importing it: both backends follow OMP_NUM_THREADS (which
+    Ray sets for each replica from its num_cpus), and default to torch's choice, one per physical core."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return physical_cores()
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyperthread siblings counted once), from /proc/cpuinfo."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
+    except OSError:
+        return len(allowed)
+    cores = set()
+    for block in blocks:
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in block.splitlines())}
+        if fields.get("processor", "").isdigit() and int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
+    return len(cores) or len(allowed)
 
 
 class OpenVINOBackend:
@@ -120,7 +80,7 @@ class OpenVINOBackend:
         result = self._request.infer(arrays)
         # Copied: the request reuses its output buffer on the next pass.
         scores = np.array(result[0], dtype=np.float32).reshape(-1)[:batch.rows]
-        return Finished(torch.from_numpy(scores))
+        return Finished(scores)
 
 
 def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None) -> ov.CompiledModel:
@@ -154,6 +114,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
     if graph is None and model.from_cache:
         raise ConversionError("the converted model left the cache during the start")
     if graph is None:
+        from reranker.backends.convert import convert
+
         graph = convert(model.cross_encoder, model.extras, example, causal=model.is_causal)
         store.save(key, graph, seconds=time.perf_counter() - started)
         model.convert_seconds = time.perf_counter() - started
@@ -178,6 +140,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
     model.backend = OpenVINOBackend(compiled, precision.dtype)
     model.dtype_reason = precision.reason
     if not model.from_cache:
+        from reranker.backends.convert import release_weights
+
         release_weights(model.cross_encoder)
         if model.tokenizes_alone:
             store.save_serving(key, model.serving_spec())
@@ -187,11 +151,3 @@ def cached_serving(settings: Settings) -> dict[str, Any] | None:
     """What an earlier start stored of how to serve RERANKER_MODEL on OpenVINO without loading it in PyTorch."""
     return ConvertedModels(settings.cache_dir, ov.Core()).load_serving(fingerprint(settings.model,
                                                                                     settings.trust_remote_code))
-
-
-def release_weights(cross_encoder: CrossEncoder) -> None:
-    """Free the PyTorch weights once OpenVINO holds its own copy: tokenizing needs none of them, and a
-    float32 bge-reranker-v2-m3 would otherwise sit in memory twice (2.2 GB)."""
-    network = cross_encoder.transformers_model
-    if network is not None:
-        nn.Module.to(network, device="meta")

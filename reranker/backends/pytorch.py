@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from reranker.backends import Padded
@@ -70,7 +71,7 @@ class PendingScores:
     def ran(self) -> bool:
         return self._done is None  # no event: a CPU pass, finished inside launch
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> np.ndarray:
         if self._done is not None:
             self._done.synchronize()  # deliberate: the one synchronisation per batch, after its scores copy
-        return self._host
+        return self._host.numpy()  # a view: the array keeps the (pinned) host tensor alive
