@@ -6,15 +6,15 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from reranker.backends.cpu import cpu_flags, cpuinfo
 
 
 def host() -> str:
     """The CPU's name, cores and the vector extensions that matter to a float32/bfloat16 forward pass."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    cpus = cpuinfo()
+    name = cpus[0].get("model name", platform.machine()) if cpus else platform.machine()
+    flags = cpu_flags()
     extensions = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return f"{name}, {os.cpu_count()} cores, {' '.join(extensions) or 'no AVX-512'}"
 

@@ -158,7 +158,11 @@ class ScoringModel:
         self.backend_reason = "RERANKER_BACKEND=torch"
         self.dtype_reason = f"RERANKER_DTYPE={self.torch.dtype if self.torch else 'float32'}"
         self.convert_seconds = 0.0  # conversion for a backend other than torch, 0 when it came from the cache
-        self.from_cache = cross_encoder is None
+
+    @property
+    def from_cache(self) -> bool:
+        """Started from the conversion cache alone (`from_spec`): no PyTorch model was loaded."""
+        return self._cross_encoder is None
 
     @property
     def cross_encoder(self) -> CrossEncoder:
@@ -194,7 +198,7 @@ class ScoringModel:
         tokenizer = TokenizerFacts(backend, spec["pad_token_id"], spec["padding_side"], spec["truncation_side"],
                                    tuple(spec["model_input_names"]))
         limit = spec["length_limit"]
-        max_length = min(max_length, limit) if limit else max_length
+        max_length = capped(max_length, limit)
         return cls(model_id=model_id, max_length=max_length, tokenizer=tokenizer,
                    encoder=text_pair_encoder(tokenizer, max_length), is_causal=False,
                    token_types=bool(spec["token_types"]), length_limit=limit)
@@ -203,7 +207,7 @@ class ScoringModel:
     def tokenizes_alone(self) -> bool:
         """The one-pass text-pair encoder, checked against preprocess at load, serves this model: its
         tokenizing needs nothing of transformers and can be stored (`serving_spec`)."""
-        return isinstance(self.encoder, TextPairEncoder) and not self.is_causal
+        return isinstance(self.encoder, TextPairEncoder)  # causal models take the chat-template encoder
 
     def serving_spec(self) -> dict[str, Any]:
         """How this model tokenizes and pads, as JSON: what `from_spec` needs to serve it without PyTorch."""
@@ -296,6 +300,11 @@ def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | N
     return int(positions)
 
 
+def capped(max_length: int, limit: int | None) -> int:
+    """RERANKER_MAX_LENGTH, no longer than the model's own limit where it has one."""
+    return min(max_length, limit) if limit else max_length
+
+
 def load_model(settings: Settings) -> ScoringModel:
     """Load, configure and warm the model named by RERANKER_MODEL on the backend RERANKER_BACKEND picks;
     raise ModelLoadError on failure. A model OpenVINO cannot convert is served by torch, with a warning."""
@@ -357,7 +366,7 @@ def _load_cross_encoder(settings: Settings, device: str, dtype: str) -> ScoringM
         )
     tokenizer = cross_encoder.tokenizer
     limit = model_length_limit(tokenizer.model_max_length if tokenizer else None, cross_encoder.config)
-    max_length = min(settings.max_length, limit) if limit else settings.max_length
+    max_length = capped(settings.max_length, limit)
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()
     return ScoringModel.from_cross_encoder(cross_encoder, model_id=settings.model, max_length=max_length,

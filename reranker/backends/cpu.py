@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,36 @@ def torch_native_bf16() -> list[str]:
     return features
 
 
+def cpuinfo() -> list[dict[str, str]]:
+    """Linux's /proc/cpuinfo, one dict of fields per logical CPU; empty where the file cannot be read."""
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
+    except OSError:
+        return []
+    parsed = [{key.strip(): value.strip() for key, _, value in (line.partition(":") for line in block.splitlines())}
+              for block in blocks]
+    return [fields for fields in parsed if "processor" in fields]
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags the kernel lists for this CPU (avx2, avx512_bf16, amx_tile, ...)."""
+    cpus = cpuinfo()
+    return set(cpus[0].get("flags", "").split()) if cpus else set()
+
+
 def kernel_bf16_flags() -> list[str]:
     """The native-bfloat16 features (amx_bf16, avx512_bf16) by the names Linux's /proc/cpuinfo gives them, read
     without importing torch; empty where the file cannot be read."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    flags = cpu_flags()
     return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyperthread siblings counted once), from /proc/cpuinfo."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = {(cpu.get("physical id"), cpu.get("core id", cpu["processor"])) for cpu in cpuinfo()
+             if cpu["processor"].isdigit() and int(cpu["processor"]) in allowed}
+    return len(cores) or len(allowed)
 
 
 def int8_dot_products() -> list[str]:

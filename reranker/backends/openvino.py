@@ -6,14 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openvino as ov
 
 from reranker.backends import ConversionError, Finished, Padded
-from reranker.backends.cpu import Precision, auto_precision, explicit, kernel_bf16_flags, torch_native_bf16
+from reranker.backends.cpu import (
+    Precision,
+    auto_precision,
+    explicit,
+    kernel_bf16_flags,
+    physical_cores,
+    torch_native_bf16,
+)
 from reranker.backends.store import ConvertedModels, fingerprint
 from reranker.settings import Settings
 
@@ -43,21 +49,6 @@ def cpu_threads() -> int:
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
     return physical_cores()
-
-
-def physical_cores() -> int:
-    """The physical cores this process may run on (hyperthread siblings counted once), from /proc/cpuinfo."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    try:
-        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
-    except OSError:
-        return len(allowed)
-    cores = set()
-    for block in blocks:
-        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in block.splitlines())}
-        if fields.get("processor", "").isdigit() and int(fields["processor"]) in allowed:
-            cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
-    return len(cores) or len(allowed)
 
 
 class OpenVINOBackend:
