@@ -2,25 +2,31 @@
 and the Infinity server, on one workload, in one run.
 
 Each mode is app.py in its own process on a free loopback port (the pair-score cache off, so every pair is
-scored), sent a warm-up pass and then the same requests over /v1/rerank from `--clients` concurrent callers.
-Infinity (bench/peers.py, its own venv) gets the same requests over its /rerank. Printed per mode: pairs/s,
-the ratio to raw predict float32, the Spearman correlation of each query's ranking with raw predict float32
-(mean and lowest), p50/p95 latency, and the precision the service says it ran (/info).
+scored); Infinity (bench/peers.py, its own venv) runs beside them. All are started first and stay up. Then, for
+each of `--rounds` rounds: raw predict scores the workload in this process, and every contender, in an order
+rotated each round, gets the same requests over HTTP from `--clients` concurrent callers (a warm-up pass first,
+in round 1). A contender's ratio in a round is its pairs/s over that round's raw predict; the table gives the
+median ratio and its range over the rounds. On a shared host whose speed drifts (a 2-core VM's rate moved by
+up to 1.5x between minutes here), each ratio then rests on a baseline measured minutes, not a whole run,
+away, and the range shows how far one round could mislead.
+Also printed: the Spearman correlation of each query's ranking with raw predict float32 (mean and lowest),
+p50/p95 latency over all rounds, and the precision the service says it ran (/info).
 int8 is measured as served: when its load-time guard refuses it, the service runs its fallback and the row
-says so. `--int8-bar -1` measures int8 whatever its ranking quality (the row is marked).
-Run: .venv/bin/python -m bench.cpu   [--requests 16 --docs 50 --clients 4 --no-infinity]
+says so. `--int8-bar -1` measures int8 whatever its ranking quality.
+Run: .venv/bin/python -m bench.cpu   [--rounds 3 --requests 16 --docs 50 --clients 4 --no-infinity]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +37,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from sentence_transformers import CrossEncoder  # noqa: E402
 
+from bench import peers  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.int8 import spearman  # noqa: E402
@@ -51,22 +58,43 @@ MODES = {
 }
 
 
+Scorer = Callable[[Request], np.ndarray]
+
+
 @dataclass(frozen=True)
-class Row:
+class Round:
+    """One contender's load in one round."""
+
+    pairs_per_s: float
+    ratio: float  # to raw predict float32 in the same round
+    latencies: list[float]
+    scores: list[np.ndarray]
+
+
+@dataclass
+class Contender:
     name: str
     ran: str  # what the service says it ran (backend, dtype, why), or the peer's setup
-    pairs_per_s: float
-    spearman_mean: float
-    spearman_min: float
-    p50_ms: float
-    p95_ms: float
+    score: Scorer
+    rounds: list[Round] = field(default_factory=list)
+
+    def summary(self, reference: list[np.ndarray]) -> str:
+        """The table's row: median pairs/s and ratio, the ratio's range, ranking fidelity, latency."""
+        rhos = [spearman(a, b) for a, b in zip(self.rounds[0].scores, reference, strict=True)]
+        rates, ratios = [r.pairs_per_s for r in self.rounds], [r.ratio for r in self.rounds]
+        latencies = [latency for r in self.rounds for latency in r.latencies]
+        return (f"| {self.name} | {statistics.median(rates):.1f}{spread(rates, '.1f')} | "
+                f"{statistics.median(ratios):.2f}x{spread(ratios, '.2f')} | {np.mean(rhos):.4f} / {min(rhos):.4f} | "
+                f"{percentile(latencies, 0.5) * 1000:.0f} / {percentile(latencies, 0.95) * 1000:.0f} | {self.ran} |")
 
 
-Scorer = Callable[[Request], np.ndarray]
+def spread(values: list[float], spec: str) -> str:
+    return f" ({min(values):{spec}}-{max(values):{spec}})" if min(values) != max(values) else ""
 
 
 def run_load(score: Scorer, warm_up: list[Request], workload: list[Request], clients: int
              ) -> tuple[float, list[float], list[np.ndarray]]:
+    """Send `warm_up`, then `workload` timed, from `clients` concurrent callers: seconds, latencies, scores."""
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(score, warm_up))
 
@@ -79,14 +107,6 @@ def run_load(score: Scorer, warm_up: list[Request], workload: list[Request], cli
         outcomes = list(pool.map(timed, workload))
         elapsed = time.perf_counter() - started
     return elapsed, [o[0] for o in outcomes], [o[1] for o in outcomes]
-
-
-def row(name: str, ran: str, workload: list[Request], elapsed: float, latencies: list[float],
-        scores: list[np.ndarray], reference: list[np.ndarray]) -> Row:
-    rhos = [spearman(a, b) for a, b in zip(scores, reference, strict=True)]
-    pairs = sum(len(r.documents) for r in workload)
-    return Row(name, ran, pairs / elapsed, float(np.mean(rhos)), min(rhos), percentile(latencies, 0.5) * 1000,
-               percentile(latencies, 0.95) * 1000)
 
 
 def service(model: Path, env: dict[str, str], cache_dir: str) -> AbstractContextManager[str]:
@@ -108,8 +128,45 @@ def service_scorer(client: httpx.Client) -> Scorer:
     return score
 
 
+def start_services(stack: ExitStack, model: Path, modes: list[str], cache_dir: str,
+                   int8_bar: float | None) -> list[Contender]:
+    """Every mode's service, up until `stack` closes."""
+    out = []
+    for name in modes:
+        env = dict(MODES[name])
+        if int8_bar is not None and "int8" in name:
+            env["RERANKER_INT8_MIN_SPEARMAN"] = str(int8_bar)
+        url = stack.enter_context(service(model, env, cache_dir))
+        client = stack.enter_context(httpx.Client(base_url=url, timeout=900))
+        info = client.get("/info").json()
+        out.append(Contender(name, f"{info['backend']} {info['dtype']} ({info['dtype_reason']})",
+                             service_scorer(client)))
+        print(f"started {name}: {out[-1].ran}", flush=True)
+    return out
+
+
+def peer_scorer(peer: peers.Infinity) -> Scorer:
+    return lambda request: np.asarray(peer.rerank(request.query, request.documents))
+
+
+def start_infinity(stack: ExitStack, model: Path, tmp: Path, *, everything: bool) -> list[Contender]:
+    """Infinity (bench/peers.py) in every CPU variant, or its fastest, up until `stack` closes."""
+    out = []
+    try:
+        peers.ensure_venv()
+        for variant in peers.VARIANTS if everything else (peers.FASTEST,):
+            peer = stack.enter_context(peers.Infinity.start(model, workdir=tmp, variant=variant))
+            out.append(Contender(f"infinity {variant.name}", "infinity-emb, requirements-infinity.txt",
+                                 peer_scorer(peer)))
+            print(f"started infinity {variant.name}", flush=True)
+    except peers.PeerError as err:
+        print(f"infinity: skipped ({err})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--clients", type=int, default=4)
@@ -119,75 +176,51 @@ def main() -> None:
     parser.add_argument("--infinity", choices=("fastest", "all"), default="all",
                         help="Infinity's fastest CPU setup as bench/peers.py measured it, or every variant")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or args.rounds < 1:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}" if unknown else "--rounds must be at least 1")
 
     workload = build_workload(args.requests, args.docs)
     warm_up = build_workload(4, args.docs, seed=1)
-    print(f"host: {host()}; {sum(len(r.documents) for r in workload)} pairs in {len(workload)} requests, "
-          f"{args.clients} clients")
-    with tempfile.TemporaryDirectory() as tmp:
+    pairs = sum(len(r.documents) for r in workload)
+    print(f"host: {host()}; {pairs} pairs in {len(workload)} requests, {args.clients} clients, "
+          f"{args.rounds} rounds")
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         model = build_benchmark_model(Path(tmp) / "minilm")
-        cache_dir = str(Path(tmp) / "cache")
         raw = CrossEncoder(str(model), device="cpu")
 
         def predict(r: Request) -> np.ndarray:
             return np.asarray(raw.predict([(r.query, d) for d in r.documents], batch_size=32,
                                           show_progress_bar=False))
 
-        predict(warm_up[0])
-        started = time.perf_counter()
-        reference = [predict(r) for r in workload]
-        raw_elapsed = time.perf_counter() - started
-        rows = [row("raw predict float32 (baseline)", "CrossEncoder.predict(batch_size=32), one caller", workload,
-                    raw_elapsed, [raw_elapsed / len(workload)] * len(workload), reference, reference)]
-        print_row(rows[0], rows[0].pairs_per_s)
-        for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            env = dict(MODES[name])
-            if args.int8_bar is not None and "int8" in name:
-                env["RERANKER_INT8_MIN_SPEARMAN"] = str(args.int8_bar)
-            with service(model, env, cache_dir) as url, httpx.Client(base_url=url, timeout=900) as client:
-                info = client.get("/info").json()
-                ran = f"{info['backend']} {info['dtype']} ({info['dtype_reason']})"
-                elapsed, latencies, scores = run_load(service_scorer(client), warm_up, workload, args.clients)
-            rows.append(row(name, ran, workload, elapsed, latencies, scores, reference))
-            print_row(rows[-1], rows[0].pairs_per_s)
+        baseline = Contender("raw predict float32 (baseline)", "CrossEncoder.predict(batch_size=32), one caller",
+                             predict)
+        contenders = start_services(stack, model, modes, str(Path(tmp) / "cache"), args.int8_bar)
         if not args.no_infinity:
-            rows.extend(infinity_rows(model, Path(tmp), warm_up, workload, args.clients, reference, rows[0],
-                                      everything=args.infinity == "all"))
+            contenders += start_infinity(stack, model, Path(tmp), everything=args.infinity == "all")
+        predict(warm_up[0])
+        for index in range(args.rounds):
+            started = time.perf_counter()
+            scores = [predict(r) for r in workload]
+            elapsed = time.perf_counter() - started
+            raw_rate = pairs / elapsed
+            baseline.rounds.append(Round(raw_rate, 1.0, [elapsed / len(workload)] * len(workload), scores))
+            print(f"round {index + 1}: raw predict {raw_rate:.1f} pairs/s", flush=True)
+            turn = index % len(contenders) if contenders else 0
+            for contender in contenders[turn:] + contenders[:turn]:
+                elapsed, latencies, scores = run_load(contender.score, warm_up if index == 0 else [], workload,
+                                                      args.clients)
+                contender.rounds.append(Round(pairs / elapsed, pairs / elapsed / raw_rate, latencies, scores))
+                print(f"round {index + 1}: {contender.name:28s} {pairs / elapsed:7.1f} pairs/s  "
+                      f"{pairs / elapsed / raw_rate:5.2f}x raw predict", flush=True)
+    reference = baseline.rounds[0].scores
     print()
-    print("| mode | pairs/s | x raw predict | Spearman mean / min | p50 / p95 ms | ran |")
+    print("| mode | pairs/s: median (range) | x raw predict: median (range) | Spearman mean / min | p50 / p95 ms "
+          "| ran |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r.name} | {r.pairs_per_s:.1f} | {r.pairs_per_s / rows[0].pairs_per_s:.2f}x | "
-              f"{r.spearman_mean:.4f} / {r.spearman_min:.4f} | {r.p50_ms:.0f} / {r.p95_ms:.0f} | {r.ran} |")
-
-
-def infinity_rows(model: Path, tmp: Path, warm_up: list[Request], workload: list[Request], clients: int,
-                  reference: list[np.ndarray], baseline: Row, *, everything: bool) -> list[Row]:
-    """Infinity (bench/peers.py) in every CPU variant, or its fastest, the same requests over its /rerank."""
-    try:
-        from bench import peers
-    except ImportError as err:
-        print(f"infinity: skipped ({err})")
-        return []
-    out = []
-    try:
-        peers.ensure_venv()
-        for variant in peers.VARIANTS if everything else (peers.FASTEST,):
-            with peers.Infinity.start(model, workdir=tmp, variant=variant) as peer:
-                score: Scorer = lambda r: np.asarray(peer.rerank(r.query, r.documents))  # noqa: E731
-                elapsed, latencies, scores = run_load(score, warm_up, workload, clients)
-            out.append(row(f"infinity {variant.name}", "infinity-emb, requirements-infinity.txt",
-                           workload, elapsed, latencies, scores, reference))
-            print_row(out[-1], baseline.pairs_per_s)
-    except peers.PeerError as err:
-        print(f"infinity: skipped ({err})")
-    return out
-
-
-def print_row(r: Row, baseline: float) -> None:
-    print(f"{r.name:32s} {r.pairs_per_s:8.1f} pairs/s  {r.pairs_per_s / baseline:5.2f}x raw predict  "
-          f"Spearman {r.spearman_mean:.4f} (min {r.spearman_min:.4f})  p50 {r.p50_ms:.0f} ms  p95 {r.p95_ms:.0f} ms  "
-          f"[{r.ran}]", flush=True)
+    for contender in [baseline, *contenders]:
+        print(contender.summary(reference))
 
 
 if __name__ == "__main__":

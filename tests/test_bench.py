@@ -120,3 +120,28 @@ def test_start_bench_compares_the_full_load_with_the_start_from_the_cache(bert_d
     assert rows["from the cache"][6].strip() == "neither"
     assert re.search(r"start from the cache: \d+\.\d\dx faster than the full load \(wall\), \d+\.\d\dx less CPU",
                      result.stdout)
+
+
+def test_cpu_bench_measures_each_mode_against_raw_predict_in_every_round() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.cpu", "--rounds", "2", "--requests", "2", "--docs", "8",
+                             "--clients", "2", "--modes", "openvino float32", "--no-infinity"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "16 pairs in 2 requests, 2 clients, 2 rounds" in result.stdout
+    for index in (1, 2):  # each round measures its own baseline, then the mode against it
+        assert re.search(rf"round {index}: raw predict \d+\.\d pairs/s", result.stdout)
+        assert re.search(rf"round {index}: openvino float32 +\d+\.\d pairs/s +\d+\.\d\dx raw predict", result.stdout)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"mode", "raw predict float32 (baseline)", "openvino float32"}
+    cells = rows["openvino float32"]
+    assert re.fullmatch(r" \d+\.\d\dx( \(\d+\.\d\d-\d+\.\d\d\))? ", cells[3])  # the median ratio and its range
+    assert cells[4].strip().startswith("1.0000 /")  # float32 ranks as raw predict float32 does
+    assert cells[6].strip() == "openvino float32 (RERANKER_DTYPE=float32)"
+
+
+def test_cpu_bench_names_the_modes_it_knows() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.cpu", "--modes", "openvino fp8", "--no-infinity"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "unknown mode(s) openvino fp8" in result.stderr
