@@ -7,7 +7,9 @@ from the same concurrent callers over /v1/rerank after a warm-up pass:
 - `serve-1xT`: deploy/ray/serve.yaml on a local loopback Ray, one model replica with as many threads, behind the
   ingress: the same compute as `single`, so their ratio is what the hop through Serve costs (target >= 0.9);
 - `serve-1`, `serve-2`: 1 and 2 replicas of one torch thread each: their ratio is how replicas scale
-  (target >= 1.7); `serve-2 / single` compares the same cores used either way.
+  (target >= 1.7); `serve-2 / single` compares the same cores used either way;
+- the host's own ceiling for that ratio (bench/copies.py): 1 and then 2 copies of the bare model, one thread each,
+  no service and no Ray. Where the cores give two copies less than 2x one, two replicas cannot reach more.
 
 It prints pairs/s, p50/p95 latency, the ratios and what each configuration had. On a host with fewer cores than
 replicas + 1, the replicas, the ingress, the proxy and the callers share the cores.
@@ -33,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.copies import run_copies  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
@@ -108,6 +111,7 @@ def main() -> None:
     started_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         model = build_benchmark_model(Path(folder) / "minilm")
+        copies = [sum(run_copies(model, n, cache_dir=Path(folder) / "cache")) for n in (1, 2)]
         with single_process(model, args.threads) as url:
             results.append(measure("single", f"1 process x {args.threads} torch threads", url, warm_up,
                                    workload, args.clients))
@@ -129,6 +133,8 @@ def main() -> None:
     single, same, one, two = results
     print(f"serve-1xT / single: {same.pairs_per_s / single.pairs_per_s:.2f}x (the hop; target >= 0.9)")
     print(f"serve-2 / serve-1: {two.pairs_per_s / one.pairs_per_s:.2f}x (replicas; target >= 1.7)")
+    print(f"the host's ceiling for that: 2 bare copies of the model / 1 = {copies[1] / copies[0]:.2f}x "
+          f"({copies[0]:.1f} -> {copies[1]:.1f} pairs/s, one thread each, no service, no Ray)")
     print(f"serve-2 / single: {two.pairs_per_s / single.pairs_per_s:.2f}x (the same cores either way)")
 
 

@@ -145,3 +145,16 @@ def test_cpu_bench_names_the_modes_it_knows() -> None:
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "unknown mode(s) openvino fp8" in result.stderr
+
+
+def test_copies_bench_runs_concurrent_copies_of_the_bare_model() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.copies", "--copies", "1,2", "--seconds", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = re.search(r"1 copy x 1 thread: (\d+\.\d) pairs/s in all \((\d+\.\d)\); 1\.00x 1 copy", result.stdout)
+    two = re.search(r"2 copies x 1 thread: (\d+\.\d) pairs/s in all \((\d+\.\d), (\d+\.\d)\); (\d+\.\d\d)x 1 copy",
+                    result.stdout)
+    assert one is not None and two is not None, result.stdout
+    assert float(one.group(1)) > 0 and float(two.group(2)) > 0 and float(two.group(3)) > 0  # every copy scored
+    assert abs(float(two.group(1)) / float(one.group(1)) - float(two.group(4))) < 0.01

@@ -1,0 +1,93 @@
+"""The host's own ceiling for replicas: copies of the bare model, one thread each, scoring at the same time.
+
+No service, no HTTP, no Ray: each copy is a process that loads the model as the service does (OpenVINO float32,
+one thread), scores bench/cpu.py's workload in the batcher's token-budget batches again and again for a fixed
+time, and reports its pairs/s. All copies start scoring together (a barrier). Two copies on two cores reach less
+than twice one copy where the cores share what the model leans on (caches, memory bandwidth, a hypervisor's
+sibling threads): that ratio bounds what two model replicas can reach over one, whatever the serving layer does.
+bench/scale.py prints it beside the replicas' ratio.
+
+Run: .venv/bin/python -m bench.copies   [--copies 1,2 --seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+import time
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SETTINGS = {"RERANKER_DEVICE": "cpu", "RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "float32"}
+
+
+def _copy(model_dir: str, cache_dir: str, seconds: float, start: Barrier, rates: multiprocessing.Queue) -> None:
+    """One copy (a spawned process): load, warm up, wait for the others, score for `seconds`, report pairs/s."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread, as a replica with num_cpus 1 gets
+    from reranker.backends.corpus import build_workload
+    from reranker.batcher import cut_batches
+    from reranker.model import load_model
+    from reranker.settings import Settings
+
+    model = load_model(Settings.from_env({**SETTINGS, "RERANKER_MODEL": model_dir, "RERANKER_CACHE_DIR": cache_dir}))
+    pairs = [pair for r in build_workload(16, 50) for pair in model.encode([(r.query, d) for d in r.documents])]
+    batches = [[pairs[i] for i in indices] for indices in cut_batches([p.n_tokens for p in pairs], 2048)]
+    for batch in batches[::8]:  # warm-up: a few shapes, short to long
+        model.score(batch)
+    start.wait()
+    scored, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch = batches[scored % len(batches)]  # round and round the workload's batches, short to long
+        model.score(batch)
+        scored += 1
+    rates.put(sum(len(batches[i % len(batches)]) for i in range(scored)) / (time.perf_counter() - started))
+
+
+def run_copies(model_dir: Path, copies: int, *, seconds: float = 15.0, cache_dir: Path | None = None) -> list[float]:
+    """Pairs/s of each of `copies` concurrent copies of the model at `model_dir`."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or OpenVINO state inherited
+    start, rates = context.Barrier(copies), context.Queue()
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = str(cache_dir or scratch)
+        workers = [context.Process(target=_copy, args=(str(model_dir), cache, seconds, start, rates))
+                   for _ in range(copies)]
+        for worker in workers:
+            worker.start()
+        try:
+            out = [rates.get(timeout=600) for _ in workers]
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+                if worker.is_alive():
+                    worker.kill()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", default="1,2", help="comma-separated numbers of concurrent copies")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    from bench.report import host
+    from bench.workload import build_benchmark_model
+
+    print(f"host: {host()}")
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_benchmark_model(Path(folder) / "minilm")
+        cache = Path(folder) / "cache"
+        totals = {}
+        for copies in (int(c) for c in args.copies.split(",")):
+            rates = run_copies(model, copies, seconds=args.seconds, cache_dir=cache)
+            totals[copies] = sum(rates)
+            print(f"{copies} cop{'y' if copies == 1 else 'ies'} x 1 thread: {totals[copies]:.1f} pairs/s in all "
+                  f"({', '.join(f'{r:.1f}' for r in rates)}); {totals[copies] / totals[min(totals)]:.2f}x "
+                  f"{min(totals)} cop{'y' if min(totals) == 1 else 'ies'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
