@@ -1,11 +1,11 @@
 """The host's own ceiling for replicas: copies of the bare model, one thread each, scoring at the same time.
 
 No service, no HTTP, no Ray: each copy is a process that loads the model as the service does (OpenVINO float32,
-one thread), scores bench/cpu.py's workload in the batcher's token-budget batches again and again for a fixed
-time, and reports its pairs/s. All copies start scoring together (a barrier). Two copies on two cores reach less
-than twice one copy where the cores share what the model leans on (caches, memory bandwidth, a hypervisor's
-sibling threads): that ratio bounds what two model replicas can reach over one, whatever the serving layer does.
-bench/scale.py prints it beside the replicas' ratio.
+one thread), scores bench/cpu.py's workload in the batcher's token-budget batches (shuffled, fixed seed) again
+and again for a fixed time, and reports its pairs/s. All copies start scoring together (a barrier). Two copies
+on two cores reach less than twice one copy where the cores share what the model leans on (caches, memory
+bandwidth, a hypervisor's sibling threads): that ratio bounds what two model replicas can reach over one,
+whatever the serving layer does. bench/scale.py prints it beside the replicas' ratio.
 
 Run: .venv/bin/python -m bench.copies   [--copies 1,2 --seconds 15]
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import tempfile
 import time
 from multiprocessing.synchronize import Barrier
@@ -37,12 +38,13 @@ def _copy(model_dir: str, cache_dir: str, seconds: float, start: Barrier, rates:
     model = load_model(Settings.from_env({**SETTINGS, "RERANKER_MODEL": model_dir, "RERANKER_CACHE_DIR": cache_dir}))
     pairs = [pair for r in build_workload(16, 50) for pair in model.encode([(r.query, d) for d in r.documents])]
     batches = [[pairs[i] for i in indices] for indices in cut_batches([p.n_tokens for p in pairs], 2048)]
+    random.Random(0).shuffle(batches)  # any stretch of the loop then holds short and long batches alike
     for batch in batches[::8]:  # warm-up: a few shapes, short to long
         model.score(batch)
     start.wait()
     scored, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch = batches[scored % len(batches)]  # round and round the workload's batches, short to long
+        batch = batches[scored % len(batches)]  # round and round the workload's batches
         model.score(batch)
         scored += 1
     rates.put(sum(len(batches[i % len(batches)]) for i in range(scored)) / (time.perf_counter() - started))

@@ -2,13 +2,13 @@
 and the Infinity server, on one workload, in one run.
 
 Each mode is app.py in its own process on a free loopback port (the pair-score cache off, so every pair is
-scored); Infinity (bench/peers.py, its own venv) runs beside them. All are started first and stay up. Then, for
-each of `--rounds` rounds: raw predict scores the workload in this process, and every contender, in an order
-rotated each round, gets the same requests over HTTP from `--clients` concurrent callers (a warm-up pass first,
-in round 1). A contender's ratio in a round is its pairs/s over that round's raw predict; the table gives the
-median ratio and its range over the rounds. On a shared host whose speed drifts (a 2-core VM's rate moved by
-up to 1.5x between minutes here), each ratio then rests on a baseline measured minutes, not a whole run,
-away, and the range shows how far one round could mislead.
+scored); Infinity (bench/peers.py, its own venv) runs beside them. All are started first and stay up, each paused
+(SIGSTOP) while another is measured. Then, for each of `--rounds` rounds: raw predict scores the workload in
+this process, and every contender, in an order rotated each round, gets the same requests over HTTP from
+`--clients` concurrent callers (a warm-up pass first, in round 1). A contender's ratio in a round is its pairs/s
+over that round's raw predict; the table gives the median ratio and its range over the rounds. On a shared host
+whose speed drifts (a 2-core VM's rate moved by up to 1.5x between minutes here), each ratio then rests on a
+baseline measured minutes, not a whole run, away, and the range shows how far one round could mislead.
 Also printed: the Spearman correlation of each query's ranking with raw predict float32 (mean and lowest),
 p50/p95 latency over all rounds, and the precision the service says it ran (/info).
 int8 is measured as served: when its load-time guard refuses it, the service runs its fallback and the row
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from bench import peers  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.int8 import spearman  # noqa: E402
-from tests.servers import app_process  # noqa: E402
+from tests.servers import app_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> the service's RERANKER_* for that mode (RERANKER_DEVICE=cpu and the cache off in all)
@@ -76,6 +78,7 @@ class Contender:
     name: str
     ran: str  # what the service says it ran (backend, dtype, why), or the peer's setup
     score: Scorer
+    pid: int | None = None  # its server process, paused while another contender is measured
     rounds: list[Round] = field(default_factory=list)
 
     def summary(self, reference: list[np.ndarray]) -> str:
@@ -109,9 +112,10 @@ def run_load(score: Scorer, warm_up: list[Request], workload: list[Request], cli
     return elapsed, [o[0] for o in outcomes], [o[1] for o in outcomes]
 
 
-def service(model: Path, env: dict[str, str], cache_dir: str) -> AbstractContextManager[str]:
+def service(model: Path, env: dict[str, str], cache_dir: str
+            ) -> AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
     """app.py in one mode; every mode on the CPU with the pair-score cache off and request lines sampled away."""
-    return app_process({"RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_CACHE_SIZE": "0",
+    return app_server({"RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_CACHE_SIZE": "0",
                         "RERANKER_LOG_SAMPLE_RATE": "0", "RERANKER_CACHE_DIR": cache_dir, **env}, ready_s=900)
 
 
@@ -136,11 +140,11 @@ def start_services(stack: ExitStack, model: Path, modes: list[str], cache_dir: s
         env = dict(MODES[name])
         if int8_bar is not None and "int8" in name:
             env["RERANKER_INT8_MIN_SPEARMAN"] = str(int8_bar)
-        url = stack.enter_context(service(model, env, cache_dir))
+        url, process = stack.enter_context(service(model, env, cache_dir))
         client = stack.enter_context(httpx.Client(base_url=url, timeout=900))
         info = client.get("/info").json()
         out.append(Contender(name, f"{info['backend']} {info['dtype']} ({info['dtype_reason']})",
-                             service_scorer(client)))
+                             service_scorer(client), process.pid))
         print(f"started {name}: {out[-1].ran}", flush=True)
     return out
 
@@ -157,11 +161,25 @@ def start_infinity(stack: ExitStack, model: Path, tmp: Path, *, everything: bool
         for variant in peers.VARIANTS if everything else (peers.FASTEST,):
             peer = stack.enter_context(peers.Infinity.start(model, workdir=tmp, variant=variant))
             out.append(Contender(f"infinity {variant.name}", "infinity-emb, requirements-infinity.txt",
-                                 peer_scorer(peer)))
+                                 peer_scorer(peer), peer.process.pid))
             print(f"started infinity {variant.name}", flush=True)
     except peers.PeerError as err:
         print(f"infinity: skipped ({err})")
     return out
+
+
+@contextmanager
+def only(running: Contender | None, contenders: list[Contender]) -> Iterator[None]:
+    """Pause every contender's server but `running` (None: all of them) for the block: an idle service still
+    wakes its event loop, and each of the 8 would take its share of the cores from the one measured."""
+    paused = [c.pid for c in contenders if c is not running and c.pid is not None]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
 
 
 def main() -> None:
@@ -201,16 +219,18 @@ def main() -> None:
             contenders += start_infinity(stack, model, Path(tmp), everything=args.infinity == "all")
         predict(warm_up[0])
         for index in range(args.rounds):
-            started = time.perf_counter()
-            scores = [predict(r) for r in workload]
-            elapsed = time.perf_counter() - started
+            with only(None, contenders):
+                started = time.perf_counter()
+                scores = [predict(r) for r in workload]
+                elapsed = time.perf_counter() - started
             raw_rate = pairs / elapsed
             baseline.rounds.append(Round(raw_rate, 1.0, [elapsed / len(workload)] * len(workload), scores))
             print(f"round {index + 1}: raw predict {raw_rate:.1f} pairs/s", flush=True)
             turn = index % len(contenders) if contenders else 0
             for contender in contenders[turn:] + contenders[:turn]:
-                elapsed, latencies, scores = run_load(contender.score, warm_up if index == 0 else [], workload,
-                                                      args.clients)
+                with only(contender, contenders):
+                    elapsed, latencies, scores = run_load(contender.score, warm_up if index == 0 else [], workload,
+                                                          args.clients)
                 contender.rounds.append(Round(pairs / elapsed, pairs / elapsed / raw_rate, latencies, scores))
                 print(f"round {index + 1}: {contender.name:28s} {pairs / elapsed:7.1f} pairs/s  "
                       f"{pairs / elapsed / raw_rate:5.2f}x raw predict", flush=True)

@@ -75,6 +75,13 @@ def stop_process(process: subprocess.Popen[Any], grace: float) -> None:
 def app_process(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[str]:
     """app.py (the single-process service) with `env` over this process's environment, on free loopback ports;
     its URL once ready, and the process stopped by id afterwards, whatever happened."""
+    with app_server(env, ready_s=ready_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def app_server(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """app_process, with the process too (bench/cpu.py pauses the services it is not measuring)."""
     port = free_port()
     full = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "RERANKER_PORT": str(port),
             "RERANKER_METRICS_PORT": str(free_port()), **env}
@@ -83,6 +90,7 @@ def app_process(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[st
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout=ready_s)
-        yield url
+        yield url, process
     finally:
+        process.send_signal(signal.SIGCONT)  # in case it was paused
         stop_process(process, grace=60)
