@@ -30,24 +30,22 @@ SETTINGS = {"RERANKER_DEVICE": "cpu", "RERANKER_BACKEND": "openvino", "RERANKER_
 def _copy(model_dir: str, cache_dir: str, seconds: float, start: Barrier, rates: multiprocessing.Queue) -> None:
     """One copy (a spawned process): load, warm up, wait for the others, score for `seconds`, report pairs/s."""
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread, as a replica with num_cpus 1 gets
-    from reranker.backends.corpus import build_workload
-    from reranker.batcher import cut_batches
+    from bench.workload import batcher_batches, build_workload
     from reranker.model import load_model
     from reranker.settings import Settings
 
     model = load_model(Settings.from_env({**SETTINGS, "RERANKER_MODEL": model_dir, "RERANKER_CACHE_DIR": cache_dir}))
-    pairs = [pair for r in build_workload(16, 50) for pair in model.encode([(r.query, d) for d in r.documents])]
-    batches = [[pairs[i] for i in indices] for indices in cut_batches([p.n_tokens for p in pairs], 2048)]
+    batches = batcher_batches(model, build_workload(16, 50), 2048)
     random.Random(0).shuffle(batches)  # any stretch of the loop then holds short and long batches alike
-    for batch in batches[::8]:  # warm-up: a few shapes, short to long
+    for batch in batches[::8]:  # warm-up: a few of the shapes
         model.score(batch)
     start.wait()
-    scored, started = 0, time.perf_counter()
+    done, pairs, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch = batches[scored % len(batches)]  # round and round the workload's batches
+        batch = batches[done % len(batches)]  # round and round the workload's batches
         model.score(batch)
-        scored += 1
-    rates.put(sum(len(batches[i % len(batches)]) for i in range(scored)) / (time.perf_counter() - started))
+        done, pairs = done + 1, pairs + len(batch)
+    rates.put(pairs / (time.perf_counter() - started))
 
 
 def run_copies(model_dir: Path, copies: int, *, seconds: float = 15.0, cache_dir: Path | None = None) -> list[float]:

@@ -68,7 +68,6 @@ class Round:
     """One contender's load in one round."""
 
     pairs_per_s: float
-    ratio: float  # to raw predict float32 in the same round
     latencies: list[float]
     scores: list[np.ndarray]
 
@@ -81,10 +80,12 @@ class Contender:
     pid: int | None = None  # its server process, paused while another contender is measured
     rounds: list[Round] = field(default_factory=list)
 
-    def summary(self, reference: list[np.ndarray]) -> str:
-        """The table's row: median pairs/s and ratio, the ratio's range, ranking fidelity, latency."""
-        rhos = [spearman(a, b) for a, b in zip(self.rounds[0].scores, reference, strict=True)]
-        rates, ratios = [r.pairs_per_s for r in self.rounds], [r.ratio for r in self.rounds]
+    def summary(self, baseline: Contender) -> str:
+        """The table's row: median pairs/s and ratio (each round against `baseline` in the same round), their
+        ranges, ranking fidelity against the baseline's scores, latency."""
+        rhos = [spearman(a, b) for a, b in zip(self.rounds[0].scores, baseline.rounds[0].scores, strict=True)]
+        rates = [r.pairs_per_s for r in self.rounds]
+        ratios = [r.pairs_per_s / b.pairs_per_s for r, b in zip(self.rounds, baseline.rounds, strict=True)]
         latencies = [latency for r in self.rounds for latency in r.latencies]
         return (f"| {self.name} | {statistics.median(rates):.1f}{spread(rates, '.1f')} | "
                 f"{statistics.median(ratios):.2f}x{spread(ratios, '.2f')} | {np.mean(rhos):.4f} / {min(rhos):.4f} | "
@@ -224,23 +225,22 @@ def main() -> None:
                 scores = [predict(r) for r in workload]
                 elapsed = time.perf_counter() - started
             raw_rate = pairs / elapsed
-            baseline.rounds.append(Round(raw_rate, 1.0, [elapsed / len(workload)] * len(workload), scores))
+            baseline.rounds.append(Round(raw_rate, [elapsed / len(workload)] * len(workload), scores))
             print(f"round {index + 1}: raw predict {raw_rate:.1f} pairs/s", flush=True)
             turn = index % len(contenders) if contenders else 0
             for contender in contenders[turn:] + contenders[:turn]:
                 with only(contender, contenders):
                     elapsed, latencies, scores = run_load(contender.score, warm_up if index == 0 else [], workload,
                                                           args.clients)
-                contender.rounds.append(Round(pairs / elapsed, pairs / elapsed / raw_rate, latencies, scores))
+                contender.rounds.append(Round(pairs / elapsed, latencies, scores))
                 print(f"round {index + 1}: {contender.name:28s} {pairs / elapsed:7.1f} pairs/s  "
                       f"{pairs / elapsed / raw_rate:5.2f}x raw predict", flush=True)
-    reference = baseline.rounds[0].scores
     print()
     print("| mode | pairs/s: median (range) | x raw predict: median (range) | Spearman mean / min | p50 / p95 ms "
           "| ran |")
     print("|---|---|---|---|---|---|")
     for contender in [baseline, *contenders]:
-        print(contender.summary(reference))
+        print(contender.summary(baseline))
 
 
 if __name__ == "__main__":

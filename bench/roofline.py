@@ -27,10 +27,9 @@ import openvino as ov  # noqa: E402
 from openvino import opset13 as ops  # noqa: E402
 
 from bench.report import best_of, host  # noqa: E402
-from bench.workload import build_benchmark_model, build_workload  # noqa: E402
+from bench.workload import batcher_batches, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.convert import convert  # noqa: E402
 from reranker.backends.openvino import compile_for_cpu, compiled_precision  # noqa: E402
-from reranker.batcher import cut_batches  # noqa: E402
 from reranker.model import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402
 
@@ -79,10 +78,8 @@ def main() -> None:
         path = build_benchmark_model(Path(tmp) / "minilm")
         model = load_model(Settings.from_env({"RERANKER_MODEL": str(path), "RERANKER_DEVICE": "cpu",
                                               "RERANKER_BACKEND": "torch", "RERANKER_DTYPE": "float32"}))
-        pairs = [pair for r in build_workload(args.requests, args.docs)
-                 for pair in model.encode([(r.query, d) for d in r.documents])]
-        batches = [[pairs[i] for i in indices]  # as the batcher cuts them: shortest first, within the budget
-                   for indices in cut_batches([p.n_tokens for p in pairs], args.batch_tokens)]
+        batches = batcher_batches(model, build_workload(args.requests, args.docs), args.batch_tokens)
+        pairs = [pair for batch in batches for pair in batch]
         padded = [model.collate(batch).arrays() for batch in batches]
         tokens = sum(p.n_tokens for p in pairs)
         padded_tokens = sum(a["input_ids"].size for a in padded)

@@ -5,14 +5,23 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 # The workload's text is the int8 calibration corpus's: one seeded generator of query/document sets.
 from reranker.backends.corpus import Request, build_workload
+from reranker.batcher import cut_batches
 
-__all__ = ["Request", "build_benchmark_model", "build_workload", "export_minilm", "minilm_source"]
+__all__ = ["Request", "batcher_batches", "build_benchmark_model", "build_workload", "export_minilm", "minilm_source"]
+
+
+def batcher_batches(model: Any, requests: list[Request], batch_tokens: int) -> list[list[Any]]:
+    """`requests`' pairs, encoded by `model` (a reranker.model.ScoringModel) and cut as the batcher cuts them:
+    shortest first, each batch within `batch_tokens`."""
+    pairs = [pair for r in requests for pair in model.encode([(r.query, d) for d in r.documents])]
+    return [[pairs[i] for i in indices] for indices in cut_batches([p.n_tokens for p in pairs], batch_tokens)]
 
 
 def minilm_source() -> Path | None:

@@ -92,5 +92,4 @@ def app_server(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[tup
         wait_ready(url, timeout=ready_s)
         yield url, process
     finally:
-        process.send_signal(signal.SIGCONT)  # in case it was paused
         stop_process(process, grace=60)
