@@ -94,20 +94,35 @@ def test_host_path_bench_prints_ratios_against_raw_predict() -> None:
         assert float(line.split("(")[1].split("x)")[0]) > 0
 
 
-def test_roofline_bench_prints_both_precisions_against_a_measured_peak() -> None:
+def test_roofline_bench_prints_each_precision_against_a_measured_peak_and_where_the_time_goes() -> None:
     result = subprocess.run([sys.executable, "-m", "bench.roofline", "--requests", "2", "--docs", "10"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "20 pairs" in result.stdout and "MFLOP per token" in result.stdout
-    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
-            if line.startswith(("| f32", "| bf16"))}
-    assert set(rows) == {"f32", "bf16"}
+    ceiling, _, split = result.stdout.partition("where one pass spends its time")
+
+    def table(text: str) -> dict[str, list[str]]:
+        return {line.split("|")[1].strip(): line.split("|") for line in text.splitlines()
+                if line.startswith(("| f32", "| bf16", "| int8"))}
+
+    rows = table(ceiling)
+    assert set(rows) == {"f32", "bf16", "int8"}
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # OpenVINO would run it as f32
         assert rows.pop("bf16")[2].strip() == "runs as f32 on this CPU"
+    else:
+        assert re.search(r"int8's fastest dense layer: \d+\.\d\dx bfloat16's", ceiling)
     for cells in rows.values():
         pairs_per_s, achieved, peak = (float(cells[i]) for i in (2, 3, 4))
         assert pairs_per_s > 0 and achieved > 0 and peak > 0
         assert cells[5].strip().endswith("%")
+    shares = table(split)
+    assert set(shares) == set(rows)
+    for cells in shares.values():
+        dense, attention = (re.fullmatch(r"(\d+)%, (\d+)", cells[i].strip()) for i in (2, 3))
+        assert dense and attention, cells
+        other = int(cells[4].strip().rstrip("%"))
+        assert 97 <= int(dense[1]) + int(attention[1]) + other <= 103  # rounded shares of one pass
+        assert int(dense[1]) > 0 and int(attention[1]) > 0 and int(dense[2]) > 0 and int(attention[2]) > 0
 
 
 def test_start_bench_compares_the_full_load_with_the_start_from_the_cache(bert_dir: Path) -> None:
