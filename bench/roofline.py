@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,23 +104,42 @@ def model_flops_per_token(config: Any, mean_tokens: float) -> float:
     return dense_flops_per_token(config) + config.num_hidden_layers * 4 * mean_tokens * config.hidden_size
 
 
+DENSE_TYPES = ("FullyConnected", "MatMul", "QKVProjection", "LLMMLP")  # FullyConnected* covers the quantized ones
+INT8_KERNEL = re.compile(r"(?i)[ius]8")  # exec types such as brgemm_avx512_amx_I8, jit_avx512_i8; never a float's
+
+
 def operation_kind(info: Any) -> str:
     """'attention', 'dense' or 'other' for one entry of OpenVINO's per-operation counters."""
     if "scaled_dot_product_attention" in info.node_name or info.node_type == "ScaledDotProductAttention":
         return "attention"
-    return "dense" if info.node_type.startswith(("FullyConnected", "MatMul")) else "other"
+    return "dense" if info.node_type.startswith(DENSE_TYPES) else "other"
 
 
-def time_split(compiled: ov.CompiledModel, padded: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Seconds per operation kind over one pass of `padded`, from a compile with PERF_COUNT on."""
+@dataclass
+class Split:
+    """Counted seconds of one pass: per operation kind, the dense layers' in int8 kernels, the rest per type."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("dense", "attention", "other"), 0.0))
+    int8_dense: float = 0.0
+    rest: Counter[str] = field(default_factory=Counter)
+
+
+def time_split(compiled: ov.CompiledModel, padded: list[dict[str, np.ndarray]]) -> Split:
+    """Where one pass of `padded` spends its time, from a compile with PERF_COUNT on."""
     request = compiled.create_infer_request()
-    request.infer(padded[0])  # warm-up
-    seconds = dict.fromkeys(("dense", "attention", "other"), 0.0)
+    for arrays in padded:  # warm-up: every shape once, so no kernel is built while it is counted
+        request.infer(arrays)
+    split = Split()
     for arrays in padded:
         request.infer(arrays)
         for info in request.profiling_info:
-            seconds[operation_kind(info)] += info.real_time.total_seconds()
-    return seconds
+            kind, seconds = operation_kind(info), info.real_time.total_seconds()
+            split.seconds[kind] += seconds
+            if kind == "dense" and INT8_KERNEL.search(info.exec_type):
+                split.int8_dense += seconds
+            if kind == "other":
+                split.rest[info.node_type] += seconds
+    return split
 
 
 def main() -> None:
@@ -152,7 +174,7 @@ def main() -> None:
               f"{per_token / 1e6:.1f} MFLOP per token")
         print("| precision | model pairs/s | model GFLOP/s | dense-layer peak GFLOP/s | of peak |")
         print("|---|---|---|---|---|")
-        runs = {}
+        peaks = {}
         for precision in PRECISIONS:
             compiled = compile_at(core, graphs[precision], precision)
             ran = compiled_precision(compiled)
@@ -168,10 +190,10 @@ def main() -> None:
             seconds = best_seconds(every_batch, repeats=2)
             achieved = tokens * per_token / seconds / 1e9
             peak = dense_peak(core, precision, config)
-            runs[precision] = peak
+            peaks[precision] = peak
             print(f"| {precision} | {len(pairs) / seconds:.1f} | {achieved:.0f} | {peak:.0f} | {achieved / peak:.0%} |")
-        if "int8" in runs and "bf16" in runs:
-            print(f"int8's fastest dense layer: {runs['int8'] / runs['bf16']:.2f}x bfloat16's")
+        if "int8" in peaks and "bf16" in peaks:
+            print(f"int8's fastest dense layer: {peaks['int8'] / peaks['bf16']:.2f}x bfloat16's")
 
         counting = ov.Core()
         counting.set_property("CPU", {"PERF_COUNT": True})
@@ -179,16 +201,19 @@ def main() -> None:
         flops = {"dense": padded_tokens * dense_flops_per_token(config),
                  "attention": sum(layers * 4 * a["input_ids"].shape[0] * a["input_ids"].shape[1] ** 2 * width
                                   for a in padded)}
-        print("\nwhere one pass spends its time (OpenVINO's per-operation counters; GFLOP/s over the padded batches)")
-        print("| precision | dense layers | attention | everything else |")
-        print("|---|---|---|---|")
-        for precision in runs:
+        print("\nwhere one pass spends its time (OpenVINO's per-operation counters, shares of the counted time; "
+              "GFLOP/s over the padded batches)")
+        print("| precision | dense layers | int8 kernels, of dense time | attention | everything else "
+              "| largest of the rest |")
+        print("|---|---|---|---|---|---|")
+        for precision in peaks:
             split = time_split(compile_at(counting, graphs[precision], precision), padded)
-            total = sum(split.values())
-            cells = [f"{split[kind] / total:.0%}, {flops[kind] / split[kind] / 1e9:.0f}"
-                     for kind in ("dense", "attention")]
-            print(f"| {precision} | {cells[0]} | {cells[1]} | {split['other'] / total:.0%} |")
-
+            total = sum(split.seconds.values())
+            dense, attention = (f"{split.seconds[kind] / total:.0%}, {flops[kind] / split.seconds[kind] / 1e9:.0f}"
+                                for kind in ("dense", "attention"))
+            rest = ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in split.rest.most_common(3))
+            print(f"| {precision} | {dense} | {split.int8_dense / split.seconds['dense']:.0%} | {attention} | "
+                  f"{split.seconds['other'] / total:.0%} | {rest} |")
 
 if __name__ == "__main__":
     main()

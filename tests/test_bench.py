@@ -117,12 +117,16 @@ def test_roofline_bench_prints_each_precision_against_a_measured_peak_and_where_
         assert cells[5].strip().endswith("%")
     shares = table(split)
     assert set(shares) == set(rows)
-    for cells in shares.values():
-        dense, attention = (re.fullmatch(r"(\d+)%, (\d+)", cells[i].strip()) for i in (2, 3))
+    for precision, cells in shares.items():
+        dense, attention = (re.fullmatch(r"(\d+)%, (\d+)", cells[i].strip()) for i in (2, 4))
         assert dense and attention, cells
-        other = int(cells[4].strip().rstrip("%"))
+        other = int(cells[5].strip().rstrip("%"))
         assert 97 <= int(dense[1]) + int(attention[1]) + other <= 103  # rounded shares of one pass
         assert int(dense[1]) > 0 and int(attention[1]) > 0 and int(dense[2]) > 0 and int(attention[2]) > 0
+        in_int8 = int(cells[3].strip().rstrip("%"))
+        # Static int8 runs its quantized layers in int8 kernels; the float precisions never do.
+        assert in_int8 > 0 if precision == "int8" else in_int8 == 0, cells
+        assert re.fullmatch(r"(\w+ \d+%)(, \w+ \d+%){0,2}", cells[6].strip()), cells
 
 
 def test_start_bench_compares_the_full_load_with_the_start_from_the_cache(bert_dir: Path) -> None:
