@@ -129,6 +129,20 @@ def test_roofline_bench_prints_each_precision_against_a_measured_peak_and_where_
         assert re.fullmatch(r"(\w+ \d+%)(, \w+ \d+%){0,2}", cells[6].strip()), cells
 
 
+def test_roofline_large_encoder_has_bert_large_shapes_under_the_benchmark_tokenizer(tmp_path: Path) -> None:
+    """`--encoder large` (too slow to run whole here: NNCF quantizes 335M parameters) builds what it says."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bench.roofline import build_large_encoder
+    from bench.workload import minilm_source
+
+    path = build_large_encoder(tmp_path / "large")
+    config = AutoConfig.from_pretrained(path)
+    shapes = (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.num_attention_heads)
+    assert shapes == (24, 1024, 4096, 16) and config.num_labels == 1
+    assert AutoTokenizer.from_pretrained(path).get_vocab() == AutoTokenizer.from_pretrained(minilm_source()).get_vocab()
+
+
 def test_start_bench_compares_the_full_load_with_the_start_from_the_cache(bert_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "bench.start", "--model", str(bert_dir), "--repeats", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
