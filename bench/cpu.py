@@ -11,6 +11,8 @@ whose speed drifts (a 2-core VM's rate moved by up to 1.5x between minutes here)
 baseline measured minutes, not a whole run, away, and the range shows how far one round could mislead.
 Also printed: the Spearman correlation of each query's ranking with raw predict float32 (mean and lowest),
 p50/p95 latency over all rounds, and the precision the service says it ran (/info).
+The `(1 stream)` modes are the default and exact float32 with RERANKER_CPU_STREAMS=1: one batch at a time on
+every thread, side by side with the default's two streams (docs/cpu.md#streams).
 int8 is measured as served: when its load-time guard refuses it, the service runs its fallback and the row
 says so. `--int8-bar -1` measures int8 whatever its ranking quality.
 Run: .venv/bin/python -m bench.cpu   [--rounds 3 --requests 16 --docs 50 --clients 4 --no-infinity]
@@ -53,6 +55,9 @@ MODES = {
     "openvino float32": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "float32"},
     "openvino bfloat16": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "bfloat16"},
     "default (auto)": {},
+    "default (1 stream)": {"RERANKER_CPU_STREAMS": "1"},
+    "openvino float32 (1 stream)": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "float32",
+                                   "RERANKER_CPU_STREAMS": "1"},
     "openvino int8 weights": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "int8",
                               "RERANKER_INT8_MODE": "weights"},
     "openvino int8 static": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "int8",

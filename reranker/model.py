@@ -424,7 +424,10 @@ def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) 
     except ConversionError as err:
         if model.torch is None:  # started from the cache: no PyTorch model to fall back on
             raise
-        precision = pick_precision("float32" if settings.dtype == "int8" else settings.dtype, "cpu")
+        precision = pick_precision("auto" if settings.dtype == "int8" else settings.dtype, "cpu")
+        if settings.dtype == "int8":  # int8 is OpenVINO's alone: torch serves what auto picks, and says so
+            precision = Precision(precision.dtype, f"RERANKER_DTYPE=int8 needs OpenVINO, which cannot run this model; "
+                                                   f"{precision.reason}")
         logger.warning("OpenVINO cannot run this model; serving it with torch",
                        extra={"model": model.model_id, "cause": str(err), "dtype": precision.dtype})
         model.cross_encoder.to(torch_dtype(precision.dtype))

@@ -3,8 +3,9 @@
 The collating thread (reranker.batcher) hands over padded CPU batches through a queue of one. This thread
 copies a batch to the device and launches its forward pass, and only then waits for the batch before it
 and delivers that one's scores: on a GPU the next pass is already queued while Python finishes the last,
-so with work waiting the GPU never idles on Python. On the CPU a launch runs the pass to completion, and its
-scores are delivered at once rather than after the next pass.
+so with work waiting the GPU never idles on Python. OpenVINO with two streams works the same way: the next
+batch starts on the other stream while the last one runs. On one CPU stream (torch, or OpenVINO on one thread) a
+launch runs the pass to completion, and its scores are delivered at once rather than after the next pass.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ class Settings:
     int8_calibration: str | None = None  # a JSONL file of {"query", "document"} lines; None: the built-in set
     int8_min_spearman: float = 0.99
     int8_on_fail: str = "fallback"
+    cpu_streams: int | None = None  # OpenVINO streams; None: auto (two where there are two threads or more)
     max_length: int = 1024
     long_docs: str = "truncate"
     batch_tokens: int | None = None  # None: auto, by device (see batch_token_budget)
@@ -93,6 +94,7 @@ class Settings:
             int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", _float(-1.0, 1.0, "a number from -1 to 1"),
                                   d.int8_min_spearman),
             int8_on_fail=get("RERANKER_INT8_ON_FAIL", _choice(INT8_ON_FAIL), d.int8_on_fail),
+            cpu_streams=get("RERANKER_CPU_STREAMS", _auto_or(_int(1)), d.cpu_streams),
             max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
             long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
             batch_tokens=get("RERANKER_BATCH_TOKENS", _auto_or(_int(1)), d.batch_tokens),

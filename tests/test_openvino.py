@@ -70,6 +70,98 @@ def test_openvino_threads_follow_torch_and_are_not_pinned(ov_bert_model: Scoring
     assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
 
 
+@pytest.fixture
+def two_stream_models(bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[ScoringModel, ScoringModel]:
+    """The tiny BERT on OpenVINO at float32 on two threads: one stream of both, and two streams of one each."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    one, two = (load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path), cpu_streams=n))
+                for n in (1, None))
+    return one, two
+
+
+def test_two_streams_run_batches_side_by_side_with_one_streams_scores(
+        two_stream_models: tuple[ScoringModel, ScoringModel]) -> None:
+    """As the device thread drives them (reranker.pipeline): each batch launched before the one in flight is
+    waited for. A batch launched with nothing in flight is split over both streams."""
+    from reranker.backends.openvino import OpenVINOBackend
+
+    one, two = two_stream_models
+    backend = two.backend
+    assert isinstance(backend, OpenVINOBackend) and isinstance(one.backend, OpenVINOBackend)
+    assert (one.backend.streams, backend.streams) == (1, 2)
+    assert backend.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    batches = [two.collate(two.encode(varied_pairs(seed, n))) for seed, n in ((1, 9), (2, 1), (3, 24), (4, 5))]
+    expected = [one.backend.launch(batch).wait() for batch in batches]
+    assert one.backend.launch(batches[0]).ran  # one stream: the pass runs inside launch
+    got, in_flight = [], []
+    pending = backend.launch(batches[0])
+    in_flight.append(backend.in_flight)
+    for batch in batches[1:]:
+        launched = backend.launch(batch)
+        in_flight.append(backend.in_flight)
+        got.append(pending.wait())
+        pending = launched
+    got.append(pending.wait())
+    assert in_flight == [2, 3, 2, 2] and backend.in_flight == 0  # split alone, then one batch per stream
+    for scores, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(scores, want, atol=1e-5, rtol=0)
+
+
+def test_a_failed_pass_on_two_streams_frees_its_requests(two_stream_models: tuple[ScoringModel, ScoringModel]) -> None:
+    """Every part of a failed batch is waited for and its request taken back, so the worker's next launch finds
+    its streams free. (Whether OpenVINO's graph scores again after a failed pass is its own affair: the worker's
+    device probe, reranker.pipeline, finds out.)"""
+    from reranker.backends import Padded
+    from reranker.backends.openvino import OpenVINOBackend
+
+    backend = two_stream_models[1].backend
+    assert isinstance(backend, OpenVINOBackend) and backend.streams == 2
+    ids = np.ones((4, 8), dtype=np.int64)
+    broken = Padded(ids, np.ones((4, 9), dtype=np.int64), np.zeros_like(ids), rows=4)  # mask wider than the ids
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="broadcast"):
+            backend.launch(broken).wait()
+        assert backend.in_flight == 0
+
+
+# A causal model started at bfloat16 on `OMP_NUM_THREADS` threads, in its own interpreter: OpenVINO 2026.4 kills
+# the process (SIGFPE) when it compiles such a graph for one thread per stream on a CPU with native bfloat16.
+CAUSAL_BF16_START = """
+import json, sys
+from reranker.model import load_model
+from reranker.settings import Settings
+
+model = load_model(Settings(model=sys.argv[1], backend="openvino", dtype="bfloat16", device="cpu",
+                            cache_dir=sys.argv[2], max_length=64))
+scores = model.score(model.encode([("a query", "a document"), ("a query", "another, longer document")]))
+print(json.dumps({"backend": model.backend.name, "dtype": model.dtype, "backend_reason": model.backend_reason,
+                  "streams": getattr(model.backend, "streams", None), "scores": scores.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_causal_model_at_bfloat16_starts_on_any_thread_count(causal_dir: Path, tmp_path: Path, threads: int
+                                                               ) -> None:
+    from reranker.backends.openvino import native_bf16
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-c", CAUSAL_BF16_START, str(causal_dir), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    started = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(np.isfinite(started["scores"]))
+    import openvino as ov
+
+    if not native_bf16(ov.Core()):  # OpenVINO runs float32 here, which compiles on any thread count
+        assert (started["backend"], started["dtype"]) == ("openvino", "float32")
+    elif threads == 1:  # left to torch, saying why
+        assert (started["backend"], started["dtype"]) == ("torch", "bfloat16")
+        assert "cannot compile a causal model at bfloat16 on one thread" in started["backend_reason"]
+    else:  # every thread on one stream
+        assert (started["backend"], started["dtype"], started["streams"]) == ("openvino", "bfloat16", 1)
+
+
 def test_chunked_long_documents_score_the_same_on_openvino(bert_model: ScoringModel, ov_bert_model: ScoringModel,
                                                            documents: list[str]) -> None:
     settings = model_settings(Path(bert_model.model_id), long_docs="chunk", cache_size=0)
@@ -244,6 +336,25 @@ def test_a_model_openvino_cannot_convert_is_served_by_torch(tmp_path: Path, capl
     assert "OpenVINO cannot run this model; serving it with torch" in caplog.messages
     scores = model.score(model.encode(varied_pairs(1, 6)))
     assert np.isfinite(scores).all() and np.abs(scores).max() <= 1.0  # J0 of the logits: the torch path ran
+
+
+def test_int8_that_openvino_cannot_run_falls_back_to_autos_precision(bert_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch has no int8: it serves what auto picks on this CPU, and says why."""
+    from reranker.backends import ConversionError
+    from reranker.backends import openvino as backend
+    from reranker.model import pick_precision
+
+    def fails(model: object, settings: object) -> None:
+        raise ConversionError("compiling failed: RuntimeError: no kernel")
+
+    monkeypatch.setattr(backend, "load_openvino", fails)
+    model = load_model(model_settings(bert_dir, backend="auto", dtype="int8", cache_dir=str(tmp_path)))
+    auto = pick_precision("auto", "cpu")
+    assert (model.backend.name, model.dtype) == ("torch", auto.dtype)
+    assert model.dtype_reason == f"RERANKER_DTYPE=int8 needs OpenVINO, which cannot run this model; {auto.reason}"
+    assert "OpenVINO failed (compiling failed: RuntimeError: no kernel), torch" in model.backend_reason
+    assert np.isfinite(model.score(model.encode(varied_pairs(2, 4)))).all()
 
 
 def outlier_model(tmp_path: Path) -> Path:

@@ -43,7 +43,7 @@ class Pending(Protocol):
 
     @property
     def ran(self) -> bool:
-        """True when the pass already ran inside `launch` (the CPU): nothing is gained by holding it."""
+        """True when the pass already ran inside `launch` (one CPU stream): nothing is gained by holding it."""
 
     def wait(self) -> np.ndarray:
         """Block until the batch's scores (float32, one per real row) are on the host."""

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
 import openvino as ov
 
-from reranker.backends import ConversionError, Finished, Padded
+from reranker.backends import ConversionError, Finished, Padded, Pending
 from reranker.backends.cpu import (
     Precision,
     auto_precision,
@@ -52,7 +53,11 @@ def cpu_threads() -> int:
 
 
 class OpenVINOBackend:
-    """Runs padded batches through one compiled model; one infer request, used by the device thread only."""
+    """Runs padded batches through one compiled model. With two streams (two or more threads) a launch returns
+    at once and the pass runs while the device thread launches the next batch on the other stream: the
+    pipeline's one batch in flight (reranker.pipeline) keeps both streams busy. A batch launched with nothing
+    else in flight is split across the streams instead, so a lone request still has every thread. Only the
+    device thread launches and waits."""
 
     name = "openvino"
     device = "cpu"
@@ -60,27 +65,94 @@ class OpenVINOBackend:
     def __init__(self, compiled: ov.CompiledModel, dtype: str) -> None:
         self.dtype = dtype
         self.compiled = compiled
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._inputs = {port.get_any_name() for port in compiled.inputs}
-        self._request = compiled.create_infer_request()
+        self._idle = [compiled.create_infer_request() for _ in range(self.streams)]
+        self._busy = 0  # infer requests launched and not yet waited for
+
+    @property
+    def in_flight(self) -> int:
+        """Infer requests launched and not yet waited for."""
+        return self._busy
 
     def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
         return rows, width  # dynamic axes: every shape runs as it is, no recompiling
 
-    def launch(self, batch: Padded) -> Finished:
+    def launch(self, batch: Padded) -> Pending:
         arrays = {name: array for name, array in batch.arrays().items() if name in self._inputs}
-        result = self._request.infer(arrays)
-        # Copied: the request reuses its output buffer on the next pass.
-        scores = np.array(result[0], dtype=np.float32).reshape(-1)[:batch.rows]
-        return Finished(scores)
+        if self.streams == 1:
+            request = self._idle[0]
+            # Copied: the request reuses its output buffer on the next pass.
+            return Finished(np.array(request.infer(arrays)[0], dtype=np.float32).reshape(-1)[:batch.rows])
+        parts = max(1, self.streams - self._busy)
+        bounds = np.linspace(0, batch.rows, min(parts, batch.rows) + 1).round().astype(int)
+        running: list[ov.InferRequest] = []
+        try:
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+                self._busy += 1
+                running.append(request)
+                request.start_async({name: array[start:end] for name, array in arrays.items()})
+        except Exception:
+            Running(self, running, 0).release()
+            raise
+        return Running(self, running, batch.rows)
+
+    def collect(self, request: ov.InferRequest) -> np.ndarray:
+        """Wait for one launched part and take back its request."""
+        try:
+            request.wait()
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+        finally:
+            self._busy -= 1
+            self._idle.append(request)
 
 
-def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None) -> ov.CompiledModel:
-    """One stream on `cpu_threads()` threads, as a single in-flight batch wants; `hint` None leaves
-    the precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
+class Running:
+    """The scores of a batch whose parts run on the compiled model's streams."""
+
+    ran = False
+
+    def __init__(self, backend: OpenVINOBackend, requests: list[ov.InferRequest], rows: int) -> None:
+        self._backend = backend
+        self._requests = requests
+        self._rows = rows
+
+    def wait(self) -> np.ndarray:
+        parts = []
+        failure: Exception | None = None
+        for request in self._requests:  # every part waited for and its request freed, even after a failure
+            try:
+                parts.append(self._backend.collect(request))
+            except Exception as err:
+                failure = failure or err
+        self._requests = []
+        if failure is not None:
+            raise failure
+        return np.concatenate(parts)[:self._rows]
+
+    def release(self) -> None:
+        """Wait for the parts that started and free every request, for a launch that failed part-way."""
+        with suppress(Exception):  # the launch's own error is the one raised
+            self.wait()
+
+
+def stream_count(configured: int | None, threads: int) -> int:
+    """RERANKER_CPU_STREAMS, or auto: two streams where there are two threads or more (one batch runs while the
+    next is launched), else one; never more streams than threads."""
+    wanted = configured if configured is not None else 2
+    return max(1, min(wanted, threads))
+
+
+def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None, streams: int | None = 1) -> ov.CompiledModel:
+    """`streams` (RERANKER_CPU_STREAMS: None is auto) sharing `cpu_threads()` threads; `hint` None leaves the
+    precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
+    threads = cpu_threads()
     # No pinning: OpenVINO would pin its threads to the first cores, and two replicas of one thread each on
     # one machine (Ray Serve) would then share one core while the other idled.
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": cpu_threads(),
-                              "ENABLE_CPU_PINNING": False}
+    count = stream_count(streams, threads)
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if count == 1 else "THROUGHPUT", "NUM_STREAMS": count,
+                              "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
     if hint is not None:
         config["INFERENCE_PRECISION_HINT"] = hint
     try:
@@ -97,6 +169,15 @@ def load_openvino(model: Any, settings: Settings) -> None:
     core = ov.Core()
     native = native_bf16(core)
     precision = explicit(settings.dtype) if settings.dtype != "auto" else auto_precision(native)
+    streams = settings.cpu_streams
+    if model.is_causal and native and precision.dtype != "float32":
+        # OpenVINO 2026.4's CPU plugin dies of SIGFPE (no Python error to catch) compiling a causal LM's bfloat16
+        # graph for one thread per stream: seen on AMX with Qwen3's shapes and the tiny test model alike. So a
+        # causal model keeps every thread on one stream, and on a single thread it is left to torch.
+        if cpu_threads() < 2:
+            raise ConversionError("OpenVINO cannot compile a causal model at bfloat16 on one thread "
+                                  "(OMP_NUM_THREADS=1); give it 2 threads or more, or RERANKER_DTYPE=float32")
+        streams = 1
     store = ConvertedModels(settings.cache_dir, core)
     key = fingerprint(model.model_id, settings.trust_remote_code)
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
@@ -121,7 +202,7 @@ def load_openvino(model: Any, settings: Settings) -> None:
 
         graph, precision = choose_int8(model, settings, lambda g, hint: compile_for_cpu(core, g, hint), graph, store,
                                        key, fallback=auto_precision(native))
-    compiled = compile_for_cpu(core, graph, HINTS.get(precision.dtype))
+    compiled = compile_for_cpu(core, graph, HINTS.get(precision.dtype), streams)
     if precision.dtype == "bfloat16" and compiled_precision(compiled) != "bf16":
         # OpenVINO takes a bf16 hint on a CPU without bf16 and runs float32: say what runs, not what was asked.
         precision = Precision("float32", f"{precision.reason} asked; this CPU has no native bfloat16 "
@@ -129,6 +210,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
         logger.warning("bfloat16 asked on a CPU without native bfloat16: OpenVINO runs float32",
                        extra={"dtype": "float32"})
     model.backend = OpenVINOBackend(compiled, precision.dtype)
+    logger.info("model compiled for the CPU", extra={"dtype": precision.dtype, "streams": model.backend.streams,
+                                                     "threads": compiled.get_property("INFERENCE_NUM_THREADS")})
     model.dtype_reason = precision.reason
     if not model.from_cache:
         from reranker.backends.convert import release_weights
