@@ -35,15 +35,24 @@ def test_serve_yaml_keeps_to_loopback() -> None:
     assert yaml.safe_load(SERVE_YAML.read_text())["http_options"]["host"] == "127.0.0.1"
 
 
-def test_the_kuberay_manifest_embeds_serve_yaml_listening_on_every_interface() -> None:
-    """serve.yaml's proxies keep to loopback, as ./start.sh does; a cluster's take traffic from the pods' network.
-    That host is the one difference."""
+def test_the_kuberay_manifest_embeds_serve_yaml_on_every_interface_with_a_gpu_per_replica() -> None:
+    """serve.yaml's proxies keep to loopback, as ./start.sh does, and its model replicas run on the CPU; a cluster's
+    proxies take traffic from the pods' network, and each model replica claims one of the GPU workers' GPUs.
+    Those are the two differences."""
     manifest = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert embedded["http_options"]["host"] == "0.0.0.0"
     local = yaml.safe_load(SERVE_YAML.read_text())
-    assert embedded == {**local, "http_options": {**local["http_options"], "host": "0.0.0.0"}}
+    local["http_options"]["host"] = "0.0.0.0"
+    model = next(d for d in local["applications"][0]["deployments"] if d["name"] == "RerankModel")
+    assert model["ray_actor_options"]["num_gpus"] == 0
+    model["ray_actor_options"]["num_gpus"] = 1
+    assert embedded == local
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    containers = [c for w in workers for c in w["template"]["spec"]["containers"]]
+    gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for c in containers]
+    assert gpus and all(g == "1" for g in gpus)  # the GPU each replica claims is there
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()
 
 

@@ -143,3 +143,44 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
     assert "draining: deleting the applications" in output, output[-3000:]
     assert "installing requirements" not in output and "Got KeyboardInterrupt, shutting down" in output
     assert had_home_ray or not home_ray.exists(), "a local Ray saved a token in ~/.ray"
+
+
+def test_a_bad_setting_stops_the_ray_start_before_ray_starts(tmp_path: Path) -> None:
+    """As ./start.sh does: exit 2 naming the variable, not a Serve retrying replicas that cannot start."""
+    env = {**os.environ, "RERANKER_LONG_DOCS": "bogus", "RAY_TMPDIR": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "deploy.ray"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=HANG_S)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "RERANKER_LONG_DOCS" in done.stderr and "truncate, chunk" in done.stderr
+    assert time.monotonic() - started < 30 and not list(tmp_path.iterdir()), "Ray was not started"
+
+
+def test_a_model_that_cannot_load_ends_the_ray_start_with_serves_message(tmp_path: Path) -> None:
+    """Serve gives up deploying (DEPLOY_FAILED) after the replica's constructor failed a few times: the process
+    drains what did deploy, says why, and exits 1, leaving no Ray process."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": temp, "RERANKER_PORT": str(free_port()), "RERANKER_DEVICE": "cpu",
+           "RERANKER_MODEL": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1",
+           "RERANKER_RAY_METRICS_PORT": str(free_port())}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RERANKER_HOST"):
+        env.pop(name, None)
+    process = subprocess.Popen([sys.executable, "-m", "deploy.ray"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: set[int] = set()
+    try:
+        output, _ = process.communicate(timeout=START_S)
+        started = session_members(process.pid)
+        assert process.returncode == 1, output[-3000:]
+        assert "deploying failed, stopping" in output and "no-such-model" in output, output[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        started |= session_members(process.pid)
+        stop(started)
+        shutil.rmtree(temp, ignore_errors=True)
+    deadline = time.monotonic() + HANG_S
+    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in started if alive(pid)], "Ray processes left after the exit"

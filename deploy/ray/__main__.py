@@ -10,6 +10,11 @@ first, while Serve's proxies still serve: every replica finishes what it accepte
 and the answers reach their clients. Then `serve run` shuts Serve down, and Ray stops every process it started.
 A second signal skips the wait. (`serve run`'s own Ctrl-C shuts the proxies down with the replicas, cutting the
 requests in flight.)
+
+A start that cannot work ends the process, as ./start.sh's does, instead of leaving Serve retrying replicas
+forever: a RERANKER_* value the service cannot use exits 2 before Ray starts, and an application that Serve
+gives up deploying (DEPLOY_FAILED: a model that cannot be loaded, say) is drained and exits 1 with Serve's
+message.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import secrets
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -64,6 +70,53 @@ def start_local_ray(environ: MutableMapping[str, str]) -> None:
              _metrics_export_port=int(port))
 
 
+def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Every application's RERANKER_* as its replicas will read them: this environment (a local Ray's replicas
+    inherit it; a remote cluster's have their own) under serve.yaml's `args.env`."""
+    from reranker.settings import Settings, SettingsError
+
+    base = {} if environ.get("RAY_ADDRESS") else environ
+    for application in config.get("applications") or []:
+        overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
+        try:
+            Settings.from_env({**base, **overlay})
+        except SettingsError as err:
+            raise ConfigError(f"application {application.get('name')!r}: {err}") from None
+
+
+class DeployWatch:
+    """Polls Serve until every application is RUNNING; if one is DEPLOY_FAILED instead, records Serve's message
+    and sends this process SIGTERM, which drains what did deploy and ends `serve run`."""
+
+    def __init__(self, period_s: float = 2.0) -> None:
+        self.failure: str | None = None
+        self._period_s = period_s
+        self._thread = threading.Thread(target=self._watch, name="deploy-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        from ray import serve
+
+        while True:
+            time.sleep(self._period_s)
+            try:
+                applications = serve.status().applications
+            except Exception:  # Serve not up yet, or shutting down
+                continue
+            failed = {name: app.message for name, app in applications.items() if app.status == "DEPLOY_FAILED"}
+            if failed:
+                self.failure = "; ".join(f"{name}: {message}" for name, message in failed.items())
+                print(json.dumps({"level": "ERROR", "logger": "deploy.ray", "applications": sorted(failed),
+                                  "message": f"deploying failed, stopping: {self.failure}"[:4000]}),
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if applications and all(app.status == "RUNNING" for app in applications.values()):
+                return
+
+
 def drain_applications() -> None:
     """Delete every Serve application and wait until they are gone: Serve stops routing to their replicas, which
     finish the requests they accepted (up to graceful_shutdown_timeout_s), and the proxies pass the answers on.
@@ -96,6 +149,7 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     """Run `serve run` on `config_path` (with the address overrides) until SIGTERM or SIGINT."""
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
+    check_settings(config, environ)
     if not environ.get("RAY_ADDRESS"):
         start_local_ray(environ)
     # After ray.init, whose own SIGTERM handler exits without deleting the applications.
@@ -103,10 +157,20 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     signal.signal(signal.SIGINT, drain_then_interrupt)
     from ray.serve.scripts import cli
 
+    watch = DeployWatch()
+    watch.start()
     with tempfile.TemporaryDirectory(prefix="reranker-serve-") as folder:
         path = Path(folder) / "serve.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        cli.main(["run", str(path)], prog_name="serve")
+        try:
+            cli.main(["run", str(path)], prog_name="serve")
+        finally:
+            if watch.failure is not None:  # instead of `serve run`'s exit 0 after the drain
+                raise DeployFailed(watch.failure)
+
+
+class DeployFailed(RuntimeError):
+    """An application that Serve gave up deploying."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DeployFailed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
