@@ -5,6 +5,8 @@ GPU gauges of its own GPUs only (Ray's classes and NVML replaced by fakes)."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ from deploy.ray.gpu import ReplicaGpus
 from deploy.ray.metrics import replica_metrics
 from reranker.gpu import Nvml
 from reranker.metrics import LATENCY_BUCKETS, Metrics
+from tests.servers import HANG_S
 from tests.test_prometheus import fake_nvml
 
 
@@ -71,6 +74,7 @@ def fake_ray_metrics() -> tuple[Any, dict[str, FakeRayMetric]]:
 def test_every_metric_has_a_ray_twin_with_the_same_name_labels_and_buckets() -> None:
     module, made = fake_ray_metrics()
     metrics = replica_metrics(module)
+    metrics.close()
     metrics.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64", "compile": "no"})
     single = Metrics(CollectorRegistry())
     single.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64", "compile": "no"})
@@ -96,6 +100,7 @@ def test_every_metric_has_a_ray_twin_with_the_same_name_labels_and_buckets() -> 
 def test_what_the_engine_records_reaches_both_the_registry_and_ray() -> None:
     module, made = fake_ray_metrics()
     metrics = replica_metrics(module)
+    metrics.close()  # no refresh in between: this test reads every value set
     metrics.requests.labels(route="/v1/rerank", status="ok").inc()
     metrics.requests.labels("/rerank", "invalid").inc()
     metrics.request_seconds.labels(route="/v1/rerank").observe(0.2, exemplar={"trace_id": "ab" * 16})
@@ -121,6 +126,45 @@ def test_what_the_engine_records_reaches_both_the_registry_and_ray() -> None:
     assert made["reranker_inflight_requests"].values == {(): [0.0, 1.0, 2.0, 1.0]}
     (info,) = made["reranker_model_info"].values.items()
     assert dict(info[0])["model"] == "m" and info[1] == [1]
+
+
+def test_every_gauge_is_set_again_while_nothing_changes_it_until_close() -> None:
+    """Ray 2.60 stops exporting a gauge series nobody set for about two report intervals: the queue's capacity,
+    the model's info and load time (set once, at load) and an idle replica's queue depth and requests in flight
+    vanished from Prometheus, and the alerts on them with them. The replica sets each again every refresh_s."""
+    module, made = fake_ray_metrics()
+    metrics = replica_metrics(module, refresh_s=0.02)
+    try:
+        metrics.queue_capacity_pairs.set(20000)
+        metrics.model_load_seconds.set(1.5)
+        metrics.inflight_requests.inc()
+        metrics.inflight_requests.dec()
+        metrics.model_info.info({"model": "m", "device": "cpu", "dtype": "float32", "max_length": "64",
+                                 "compile": "no"})
+        gauges = [name for name, metric in made.items() if metric.kind == "gauge"]
+        assert {"reranker_queue_pairs", "reranker_queue_capacity_pairs", "reranker_inflight_requests",
+                "reranker_model_load_seconds", "reranker_model_info"} <= set(gauges)
+
+        def sets(name: str) -> int:
+            return sum(len(values) for values in made[name].values.values())
+
+        before = {name: sets(name) for name in gauges}
+        deadline = time.monotonic() + HANG_S
+        while any(sets(name) < before[name] + 3 for name in gauges) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        metrics.close()
+    for name in gauges:
+        assert sets(name) >= before[name] + 3, f"{name} was not set again"
+    # Each at its last value, under its own tags.
+    assert made["reranker_queue_capacity_pairs"].values[()][-1] == 20000
+    assert made["reranker_inflight_requests"].values[()][-1] == 0
+    (info_tags,) = made["reranker_model_info"].values
+    assert dict(info_tags)["model"] == "m" and set(made["reranker_model_info"].values[info_tags]) == {1}
+    closed = {name: sets(name) for name in gauges}
+    time.sleep(0.1)
+    assert {name: sets(name) for name in gauges} == closed  # close() stopped the thread
+    assert not any(thread.name == "replica-gauges" for thread in threading.enumerate())
 
 
 def test_a_replica_exports_the_gpus_ray_gave_it_and_no_others() -> None:

@@ -83,3 +83,4 @@ class Ingress:
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()
+            self.metrics.close()

@@ -8,10 +8,17 @@ those under the same family name, label names and histogram buckets, and Serve a
 rules and the dashboard read both modes under one set of names. The local registry keeps every value too: the Monitoring
 tab and the tests read it. An info becomes a gauge of 1 labelled with its keys, as prometheus_client
 exports one.
+
+Ray 2.60 stops exporting a gauge series that nobody set within about two report intervals, so a value set once
+(the model's info and load time, the queue's capacity) vanished minutes after the start, and one left alone
+while idle (queue depth, requests in flight) 15 s after the load stopped, and with them every alert on them. A
+daemon thread sets every gauge again, at its last value, every `refresh_s` (as deploy/ray/gpu.py does for the
+GPU gauges) until the replica closes its metrics.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -21,27 +28,63 @@ from prometheus_client.metrics_core import Metric
 
 from reranker.metrics import CounterLike, GaugeLike, HistogramLike, InfoLike, Metrics, MetricSpec
 
+logger = logging.getLogger("reranker.ray")
 
-def replica_metrics(ray_metrics: Any = None) -> Metrics:
-    """The Metrics of a Serve replica (model or ingress), exported through Ray. `ray_metrics` is a module with
-    Ray's Counter, Gauge and Histogram classes: `ray.serve.metrics` unless a test gives its own."""
+REFRESH_S = 5.0  # well inside the ~15 s after which Ray 2.60 stopped exporting a gauge nobody set
+
+
+def replica_metrics(ray_metrics: Any = None, refresh_s: float = REFRESH_S) -> ReplicaMetrics:
+    """The Metrics of a Serve replica (model, ingress or UI), exported through Ray, its gauges set again every
+    `refresh_s`. `ray_metrics` is a module with Ray's Counter, Gauge and Histogram classes: `ray.serve.metrics`
+    unless a test gives its own."""
     if ray_metrics is None:
         from ray.serve import metrics as ray_metrics
-    return Metrics(CollectorRegistry(), process_collector=True, mirror=RayMirror(ray_metrics))
+    return ReplicaMetrics(RayMirror(ray_metrics), refresh_s)
+
+
+class ReplicaMetrics(Metrics):
+    """Metrics on a fresh registry, teed into Ray; a daemon thread keeps the Ray gauges exported until close()."""
+
+    def __init__(self, mirror: RayMirror, refresh_s: float) -> None:
+        super().__init__(CollectorRegistry(), process_collector=True, mirror=mirror)
+        self.mirror = mirror
+        self.refresh_s = refresh_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replica-gauges", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.mirror.refresh()
+            except Exception as err:  # Ray shutting down under the thread: the next round tries again
+                logger.debug("gauges not refreshed", extra={"error": type(err).__name__})
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(self.refresh_s + 5)
 
 
 class RayMirror:
-    """Builds the tees; see reranker.metrics.Mirror."""
+    """Builds the tees and keeps the gauges among them, to set them again (refresh); see reranker.metrics.Mirror."""
 
     def __init__(self, ray_metrics: Any) -> None:
         self.ray = ray_metrics
+        self.gauges: list[_Gauge | _Info] = []
+
+    def refresh(self) -> None:
+        """Set every Ray gauge again at its last value, so that Ray keeps exporting it."""
+        for gauge in self.gauges:
+            gauge.refresh()
 
     def counter(self, spec: MetricSpec, metric: Counter) -> CounterLike:
         ray_metric = self.ray.Counter(spec.name, spec.documentation, tag_keys=spec.labelnames)
         return _Counter(metric, ray_metric, spec.labelnames, {})
 
     def gauge(self, spec: MetricSpec, metric: Gauge) -> GaugeLike:
-        return _Gauge(metric, self.ray.Gauge(spec.name, spec.documentation, tag_keys=spec.labelnames))
+        gauge = _Gauge(metric, self.ray.Gauge(spec.name, spec.documentation, tag_keys=spec.labelnames))
+        self.gauges.append(gauge)
+        return gauge
 
     def histogram(self, spec: MetricSpec, metric: Histogram) -> HistogramLike:
         ray_metric = self.ray.Histogram(spec.name, spec.documentation, boundaries=[float(b) for b in spec.buckets],
@@ -49,7 +92,9 @@ class RayMirror:
         return _Histogram(metric, ray_metric, spec.labelnames, {})
 
     def info(self, spec: MetricSpec, metric: Info) -> InfoLike:
-        return _Info(metric, self.ray, spec)
+        info = _Info(metric, self.ray, spec)
+        self.gauges.append(info)
+        return info
 
 
 def _tags(labelnames: Iterable[str], values: tuple[str, ...], by_name: dict[str, str]) -> dict[str, str]:
@@ -129,19 +174,30 @@ class _Gauge(_Tee):
             self.metric.set(self._value)
             self.ray_metric.set(self._value, tags={})
 
+    def refresh(self) -> None:
+        with self._lock:
+            self.ray_metric.set(self._value, tags={})
+
 
 class _Info(_Tee):
     """A gauge `<name>_info` of 1 labelled with the info's keys, made on the first info() (when the keys are
-    known); the engine sets it once, at load."""
+    known); the engine sets it once, at load, and refresh() sets it again."""
 
     def __init__(self, metric: Any, ray_metrics: Any, spec: MetricSpec) -> None:
         super().__init__(metric)
         self.ray, self.spec = ray_metrics, spec
         self.ray_metric: Any = None
+        self.tags: dict[str, str] | None = None
 
     def info(self, val: dict[str, str]) -> None:
         self.metric.info(val)
         if self.ray_metric is None:
             self.ray_metric = self.ray.Gauge(f"{self.spec.name}_info", self.spec.documentation,
                                              tag_keys=tuple(sorted(val)))
-        self.ray_metric.set(1, tags={k: str(v) for k, v in val.items()})
+        self.tags = {k: str(v) for k, v in val.items()}
+        self.ray_metric.set(1, tags=dict(self.tags))
+
+    def refresh(self) -> None:
+        tags = self.tags  # one read: info() may replace it meanwhile
+        if tags is not None:
+            self.ray_metric.set(1, tags=dict(tags))

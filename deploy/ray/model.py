@@ -110,6 +110,7 @@ class RerankModel:
             reranker.close()
             self.tracing.shutdown()
             self.gpus.close()
+            self.metrics.close()
 
 
 # The deployment, under its own name: the class stays importable as deploy.ray.model.RerankModel, so Serve ships it
