@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -329,3 +330,26 @@ def test_a_body_not_sent_as_json_says_how_to_send_it(url: str) -> None:
     packed = httpx.post(f"{url}/rerank", content=gzip.compress(b'{"query": "q", "texts": ["a"]}'), timeout=HANG_S,
                         headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert packed.status_code == 400 and "send it uncompressed" in packed.json()["error"]["message"]
+
+
+def test_healthz_answers_at_once_while_every_worker_thread_waits_on_scoring(bert_model: ScoringModel,
+                                                                           bert_dir: Path) -> None:
+    """A liveness probe must not queue behind scoring: the rerank routes wait for their scores on threads of a
+    bounded pool (40), and a synchronous /healthz took 5.8 s and then 20.3 s behind them under load."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_faults import GatedScorer, wait_until
+
+    scorer = GatedScorer(bert_model)
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), score_fn=scorer) as reranker, \
+            serve(create_app(reranker, ui=False)) as url, ThreadPoolExecutor(60) as pool:
+        calls = [pool.submit(post, url, "/v1/rerank", {"query": f"q{i}", "documents": ["a", "b"]}) for i in range(60)]
+        assert scorer.first_batch.wait(HANG_S)
+        wait_until(lambda: reranker.queued_pairs >= 60)  # the pool's 40 threads wait on the held device
+        started = time.monotonic()
+        for method in (httpx.get, httpx.head):
+            assert method(f"{url}/healthz", timeout=HANG_S).status_code == 200
+        waited = time.monotonic() - started
+        scorer.gate.set()
+        assert all(call.result().status_code == 200 for call in calls)
+    assert waited < 2.0, f"/healthz took {waited:.1f} s behind the scoring calls"

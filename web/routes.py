@@ -162,8 +162,9 @@ def build_router(backend: Backend) -> APIRouter:
         router.add_api_route(path + "/", _trailing_slash(path),
                              methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 
+    # async: answered on the event loop, never queued behind the scoring calls that hold the thread pool.
     @router.get("/healthz", tags=["health"], summary="200 while the process serves")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
