@@ -172,3 +172,27 @@ def worker_log_lines(cluster: LocalRay, pid: int | None = None) -> list[dict[str
 def running_replicas(app: str, deployment: str) -> int:
     status = serve.status().applications[app].deployments[deployment]
     return sum(n for state, n in status.replica_states.items() if state == "RUNNING")
+
+
+def faulty_app(args: dict[str, Any] | None = None) -> Any:
+    """deploy.ray.app:build (serve.yaml's import_path), but each model replica can be told `fail_device()`: what its
+    batcher does when the device fails every pass (a poisoned CUDA context) or its worker thread dies."""
+    from typing import cast
+
+    from ray.serve import Deployment
+
+    from deploy.ray.ingress import Ingress
+    from deploy.ray.model import RerankModel
+
+    class FaultyModel(RerankModel):
+        def fail_device(self) -> str:
+            """Fail this replica's device as reranker/pipeline.py does on a fault; its replica id."""
+            batcher = self.reranker._batcher
+            batcher._device.fault = "the device failed (injected by the test)"
+            batcher._on_fault(batcher._device.fault)
+            return self.replica
+
+    args = args or {}
+    environ = {str(k): str(v) for k, v in (args.get("env") or {}).items()}
+    model = serve.deployment(name="RerankModel")(FaultyModel).bind(environ)
+    return cast(Deployment, Ingress).bind(model, environ, int(args.get("tries", 3)), float(args.get("deadline_s", 60)))

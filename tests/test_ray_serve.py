@@ -19,6 +19,7 @@ from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import yaml  # noqa: E402
+from ray import serve  # noqa: E402
 
 from reranker import Reranker, spans  # noqa: E402
 from reranker.metrics import LATENCY_BUCKETS  # noqa: E402
@@ -257,6 +258,79 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
     # The replacement started from what the first replicas stored, without torch, transformers or their weights.
     assert any(line.get("message") == "model loaded" and line.get("from_cache")
                for line in worker_log_lines(cluster, replacement))
+
+
+def test_a_replica_whose_device_failed_loses_no_request(cluster: LocalRay, bert_dir: Path) -> None:
+    """A replica whose device failed answers every call at once with 503 not_ready, so Serve's router, which
+    favours the least busy replica, sent it most of the traffic: 64 503s reached the clients in 3.5 s while the
+    other replica was free. The ingress retries such an answer on another replica, and the failed replica ends
+    itself (deploy/ray/model.py's check_health), so Serve replaces it. Redeploys the model replicas with a
+    fault switch (tests/ray_cluster.py's faulty_app; the next test redeploys them)."""
+    config = app_config(bert_dir)
+    config["applications"][0]["import_path"] = "tests.ray_cluster:faulty_app"
+    before = set(replica_pids(APP, MODEL))
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 2 and not set(replica_pids(APP, MODEL)) & before, 120,
+             "two replicas with a fault switch")
+    faulty = set(replica_pids(APP, MODEL))
+    load = Load(cluster.url, clients=4, seed=8).start()
+    try:
+        wait_for(lambda: load.total >= 20, HANG_S, "load running")
+        failed = serve.get_deployment_handle(MODEL, APP).fail_device.remote().result(timeout_s=HANG_S)
+        replaced = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(set(replica_pids(APP, MODEL)) - faulty)
+                            == 1, HANG_S, "a replacement for the replica whose device failed")
+        served = load.total
+        wait_for(lambda: load.total >= served + 20, HANG_S, "load served after the replacement")
+    finally:
+        load.stop()
+    print(f"the replica whose device failed was replaced in {replaced:.1f} s")
+    assert load.failures == {}, load.failures
+    assert any(line.get("message") == "the scoring device failed: this replica ends" and line.get("replica") == failed
+               for line in worker_log_lines(cluster))
+
+
+def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluster: LocalRay, bert_dir: Path) -> None:
+    """One replica taking one request at a time and queueing one more: a burst beyond that is one process's
+    overload (429 overloaded, Retry-After: 1), not Serve's plain-text 503 'Request dropped due to backpressure';
+    /readyz, meanwhile, is the controller's count of running replicas, not a call queued behind the burst (which
+    answered 503 after 5 s). With RERANKER_UI_AUTH and no API key, /api/predict needs the UI's login, as in one
+    process, and the ingress cannot see that login: 401. Redeploys (the next test redeploys again)."""
+    import random
+    import threading
+
+    config = app_config(bert_dir, replicas=1, RERANKER_UI_AUTH="admin:secret")
+    del config["applications"][0]["args"]["env"]["RERANKER_API_KEY"]
+    model = config["applications"][0]["deployments"][0]
+    model["max_ongoing_requests"], model["max_queued_requests"] = 1, 1
+    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
+             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
+             "one model replica and an ingress of the new config")
+    # The ingress learns the model id that /readyz names from the replicas' answers.
+    assert httpx.post(f"{cluster.url}/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+    rng = random.Random(9)
+    docs = [random_text(rng, 100) for _ in range(150)]
+    answers: list[httpx.Response] = []
+
+    def one(i: int) -> None:
+        body = {"query": f"q{i}", "documents": docs}
+        answers.append(httpx.post(f"{cluster.url}/v1/rerank", json=body, timeout=HANG_S))
+
+    burst = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in burst:
+        thread.start()
+    ready = httpx.get(f"{cluster.url}/readyz", timeout=HANG_S)
+    for thread in burst:
+        thread.join(HANG_S)
+    assert ready.status_code == 200, ready.text
+    statuses = sorted(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses, statuses
+    for answer in answers:
+        if answer.status_code == 429:
+            assert answer.headers["retry-after"] == "1" and answer.json()["error"]["type"] == "overloaded"
+    predict = httpx.post(f"{cluster.url}/api/predict", json={"data": ["q", ["a"]]})
+    assert predict.status_code == 401 and predict.json()["error"]["type"] == "unauthorized"
 
 
 def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir: Path) -> None:

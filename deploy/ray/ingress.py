@@ -20,15 +20,18 @@ from deploy.ray.metrics import replica_metrics
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend
 from reranker import Settings
 from reranker.logs import setup_logging
+from reranker.metrics import Metrics
 from reranker.tracing import Tracing
 from web.api import build_api, json_refusals
+from web.errors import HttpError
 from web.history import RequestHistory
-from web.middleware import App, BearerKey, BodyLimit, Message, Receive, Scope, Send
+from web.middleware import App, BearerKey, BodyLimit, Message, OnRefuse, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
 from web.service import book_refusal
 from web.tracing import instrument
 
 REPLICA_HEADER = b"x-reranker-replica"
+PREDICT = "/api/predict"
 
 
 class ReplicaHeader:
@@ -52,6 +55,43 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_replica)
 
 
+class UiLoginOnly:
+    """With RERANKER_UI_AUTH set and no RERANKER_API_KEY, one process serves the Gradio-style /api/predict only to
+    a logged-in UI session (web/gradio_login.py), and answers anyone else 401. Here no session can be checked: they
+    live in the UI replica (serve.yaml's `ui` application), and its login cookie is sent only under its route. So
+    /api/predict is refused here to everyone, with one process's status and error type; the message says where to
+    go instead. Without this, the route was open to anonymous callers in this mode only."""
+
+    def __init__(self, app: App, on_refuse: OnRefuse) -> None:
+        self.app = app
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or route_path(scope) != PREDICT:
+            await self.app(scope, receive, send)
+            return
+        error = HttpError(401, "unauthorized", "log in to the UI first (RERANKER_UI_AUTH) and call the UI's Gradio "
+                          "API; on Ray Serve, /api/predict takes only RERANKER_API_KEY")
+        self.on_refuse(PREDICT, error)
+        await error.response(PREDICT)(scope, receive, send)
+
+
+def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistory, tracing: Tracing) -> FastAPI:
+    """web/'s JSON routes over the model replicas, with one process's guards (web/http.py) in its order."""
+    settings = backend.settings
+    refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
+    app = build_api(backend, refused)
+    # Starlette runs the last added first: request id, UI login, replica header, key, body limit.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
+    app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
+    app.add_middleware(ReplicaHeader)
+    if settings.ui_auth and settings.api_key is None:
+        app.add_middleware(UiLoginOnly, on_refuse=refused)
+    app.add_middleware(RequestIdMiddleware, echo=False)  # Serve's proxy answers X-Request-ID
+    instrument(app, tracing)
+    return app
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -68,16 +108,7 @@ class Ingress:
         self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        settings, metrics, history = self.settings, self.metrics, self.history
-        refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
-        app = build_api(self.backend, refused)
-        # Starlette runs the last added first: request id, replica header, key, body limit (as web/http.py).
-        app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
-        app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
-        app.add_middleware(ReplicaHeader)
-        app.add_middleware(RequestIdMiddleware, echo=False)  # Serve's proxy answers X-Request-ID
-        instrument(app, self.tracing)
-        return app
+        return ingress_app(self.backend, self.metrics, self.history, self.tracing)
 
     def __del__(self) -> None:
         tracing = getattr(self, "tracing", None)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from opentelemetry import context, propagate
 from ray import serve
 
@@ -25,7 +26,7 @@ try:
     from reranker import Reranker, RerankResult, Settings
     from reranker.logs import setup_logging
     from reranker.tracing import Tracing
-    from web.backend import describe, readiness
+    from web.backend import describe
     from web.cancel import run_cancellable
     from web.errors import HttpError
     from web.request_id import bound_request_id
@@ -44,6 +45,7 @@ class Reply:
     replica: str
     result: RerankResult | None = None
     error: tuple[int, str, str] | None = None  # status, type, message of an HttpError
+    model: str | None = None  # the model id: the ingress's /readyz and Cohere's `model` need not ask a replica
 
 
 def replica_id() -> str:
@@ -79,16 +81,11 @@ class RerankModel:
             with bound_request_id(request_id):
                 service = self.service
                 result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel))
-            return Reply(self.replica, result=result)
+            return Reply(self.replica, result=result, model=self.reranker.model.model_id)
         except HttpError as err:
-            return Reply(self.replica, error=(err.status, err.type, err.message))
+            return Reply(self.replica, error=(err.status, err.type, err.message), model=self.reranker.model.model_id)
         finally:
             context.detach(token)
-
-    def readiness(self) -> tuple[int, str, str] | None:
-        """None when this replica can score, else the 503 to answer."""
-        refusal = readiness(self.service)
-        return None if refusal is None else (refusal.status, refusal.type, refusal.message)
 
     def info(self) -> dict[str, Any]:
         return {**describe(self.service), "replica": self.replica}
@@ -99,9 +96,20 @@ class RerankModel:
 
     def check_health(self) -> None:
         """Serve's health check: a dead worker or a poisoned device makes the replica unhealthy, and Serve
-        replaces it (the engine cannot recover in-process)."""
-        if not self.reranker.ready:
-            raise RuntimeError(f"reranker not ready: {self.reranker.fault or 'closed'}")
+        replaces it (the engine cannot recover in-process).
+
+        A failed replica also ends its own process, as one process exits on a device fault: it answers every
+        call at once with 503, so Serve's routers, which favour the least busy replica, sent it most of the
+        traffic (and the ingress's retries) until the controller had seen three failed checks, about 3 s. A dead
+        replica is dropped by a router on its first call and by the controller on its next check; the ingress
+        retries the calls it held on another replica."""
+        reranker = self.reranker
+        if reranker.fault is not None:
+            logger.error("the scoring device failed: this replica ends", extra={"replica": self.replica,
+                                                                               "fault": reranker.fault})
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        if not reranker.ready:
+            raise RuntimeError(f"reranker not ready: {reranker.fault or 'closed'}")
 
     def __del__(self) -> None:
         # Serve calls this once the replica's graceful shutdown has let accepted requests finish.

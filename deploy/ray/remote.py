@@ -1,7 +1,9 @@
 """RemoteBackend: the web routes' Backend over a DeploymentHandle to the model replicas.
 
-Scoring is idempotent, so a call whose replica died (SIGKILL, node lost) is retried on another replica,
-a bounded number of times and only while the request's deadline allows; Serve itself does not retry.
+Scoring is idempotent, so a call whose replica died (SIGKILL, node lost), or whose replica answered that it cannot
+score (its device failed), is retried on another replica, a bounded number of times and only while the request's
+deadline allows; Serve itself does not retry. A full queue at the handle (max_queued_requests) is one process's
+overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind scoring work.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from opentelemetry import propagate
+from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
@@ -29,19 +32,37 @@ logger = logging.getLogger("reranker.ray")
 
 # The replica died under the call, or was gone before it started: nothing was answered, so try another.
 RETRYABLE = (RayActorError, ReplicaUnavailableError)
+# What a replica answers when it cannot score at all (its device failed, its engine closed): nothing was scored.
+UNAVAILABLE = (503, "not_ready")
+# A replica that cannot score answers at once, so Serve's router, which favours the least busy replica, sends it
+# the retry too, until the replica is gone (deploy/ray/model.py: within a health-check period). The retries after
+# such an answer wait: BACKOFF_S, then twice that, and so on.
+BACKOFF_S = 0.5
 # The ingress's X-Reranker-Replica header reads this from the request's scope state.
 REPLICA_STATE = "reranker_replica"
+READY_TTL_S = 1.0  # /readyz asks the controller at most once a second
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    """RUNNING replicas of the deployment, as the Serve controller sees them (a blocking call)."""
+    application = serve.status().applications.get(app)
+    status = None if application is None else application.deployments.get(deployment)
+    return 0 if status is None else sum(n for state, n in status.replica_states.items() if state == "RUNNING")
 
 
 class RemoteBackend:
-    """Reranks on the model deployment's replicas; readiness and info ask one of them."""
+    """Reranks on the model deployment's replicas; info asks one of them, readiness asks the controller
+    (`running`: how many of them run; serve.status() unless a test gives its own)."""
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
-                 deadline_s: float = 60.0) -> None:
+                 deadline_s: float = 60.0, running: Callable[[], int] | None = None) -> None:
         self.handle = handle
         self.settings = settings
         self.tries = tries
         self.deadline_s = deadline_s
+        self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
+        self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
+        self._looking: asyncio.Lock | None = None
         self._model_id: str | None = None
 
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
@@ -49,23 +70,35 @@ class RemoteBackend:
         request_id = current_request_id() or new_request_id()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the ingress's server span, when tracing is on
+        backoff = BACKOFF_S
         for attempt in range(1, self.tries + 1):
             try:
                 reply = await self._call(request, route, call, request_id, carrier)
+            except BackPressureError as err:
+                # Every replica busy and the handle's queue full: one process's full queue, and answered alike.
+                raise HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
+                                "(max_queued_requests); retry shortly") from err
             except RETRYABLE as err:
-                left = deadline - time.monotonic()
-                logger.warning("replica lost a request", extra={
-                    "request_id": request_id, "route": route, "attempt": attempt, "error": type(err).__name__,
-                    "retry": attempt < self.tries and left > 0})
-                if attempt < self.tries and left > 0:
-                    continue
-                raise HttpError(503, "not_ready", "no replica could serve the request; retry shortly") from err
-            if request is not None:
-                request.scope.setdefault("state", {})[REPLICA_STATE] = reply.replica
-            if reply.error is not None:
-                raise HttpError(*reply.error, counted=True)  # the replica booked it
-            assert reply.result is not None
-            return reply.result
+                failed = HttpError(503, "not_ready", "no replica could serve the request; retry shortly")
+                reason, wait = type(err).__name__, 0.0  # Serve's router has dropped the dead replica already
+            else:
+                if request is not None:
+                    request.scope.setdefault("state", {})[REPLICA_STATE] = reply.replica
+                self._model_id = reply.model or self._model_id
+                if reply.error is None:
+                    assert reply.result is not None
+                    return reply.result
+                failed = HttpError(*reply.error, counted=True)  # the replica booked it
+                if reply.error[:2] != UNAVAILABLE:
+                    raise failed
+                reason, wait, backoff = failed.message, backoff, backoff * 2
+            left = deadline - time.monotonic()
+            retry = attempt < self.tries and left > wait
+            logger.warning("replica could not serve a request", extra={
+                "request_id": request_id, "route": route, "attempt": attempt, "error": reason, "retry": retry})
+            if not retry:
+                raise failed
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _call(self, request: Request | None, route: str, call: RerankCall, request_id: str,
@@ -95,15 +128,27 @@ class RemoteBackend:
             answer.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def readiness(self) -> HttpError | None:
+        """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and
+        passes its health checks (a failed device fails them). Not a call to a replica, which would queue behind
+        its scoring work (max_ongoing_requests) and time out under load. Looked up at most once a second."""
+        if self._looking is None:
+            self._looking = asyncio.Lock()
+        async with self._looking:  # concurrent probes share one look
+            if self._ready is None or time.monotonic() - self._ready[0] >= READY_TTL_S:
+                self._ready = (time.monotonic(), await self._look())
+            return self._ready[1]
+
+    async def _look(self) -> HttpError | None:
         try:
-            asked = cast("Awaitable[tuple[int, str, str] | None]", self.handle.readiness.remote())
-            refusal = await asyncio.wait_for(asked, timeout=5)
-        except Exception as err:  # no replica yet, or none answering
-            logger.warning("readiness: no replica answered", extra={"error": type(err).__name__})
-            return HttpError(503, "not_ready", "no model replica is ready")
-        return None if refusal is None else HttpError(*refusal)
+            running = await asyncio.to_thread(self._running)  # a blocking call to the controller
+        except Exception as err:  # the controller restarting
+            logger.warning("readiness: the Serve controller did not answer", extra={"error": type(err).__name__})
+            return HttpError(503, "not_ready", "the Serve controller did not answer; retry shortly")
+        return None if running > 0 else HttpError(503, "not_ready", "no model replica is running")
 
     async def model_id(self) -> str:
+        """What the replicas last said they serve; only before any answer, a call to one of them (queued behind
+        their scoring work)."""
         if self._model_id is None:
             self._model_id = str((await self.info())["model"])
         return self._model_id

@@ -1,0 +1,196 @@
+"""deploy/ray's ingress without a cluster, over a fake DeploymentHandle: which failures of a model replica are retried
+on another, Serve's backpressure answered as one process's overload, /readyz from the controller's view of the
+replicas (not a call queued behind scoring work), and RERANKER_UI_AUTH's guard on /api/predict."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
+
+import asyncio  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from typing import Any, cast  # noqa: E402
+
+import httpx  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from ray.exceptions import ActorDiedError  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+
+from deploy.ray import remote  # noqa: E402
+from deploy.ray.ingress import ingress_app  # noqa: E402
+from deploy.ray.model import Reply  # noqa: E402
+from deploy.ray.remote import RemoteBackend  # noqa: E402
+from reranker import RerankResult, Settings  # noqa: E402
+from reranker.metrics import Metrics  # noqa: E402
+from reranker.results import RankedDocument  # noqa: E402
+from reranker.tracing import Tracing  # noqa: E402
+from web.errors import HttpError  # noqa: E402
+from web.history import RequestHistory  # noqa: E402
+from web.service import RerankCall  # noqa: E402
+
+FAULT = Reply("faulty", error=(503, "not_ready", "the scoring device failed; the service is restarting, retry shortly"))
+RESULT = RerankResult([RankedDocument(index=0, score=0.5, document="a")])
+CALL = RerankCall(query="q", documents=["a"])
+
+
+class FakeResponse:
+    """A DeploymentResponse that answers `outcome` (or raises it)."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+    def __await__(self) -> Any:
+        return self._answer().__await__()
+
+    async def _answer(self) -> Any:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self) -> None:
+        pass
+
+
+class FakeHandle:
+    """Answers the rerank calls with `outcomes` in turn, the last one for ever; info with a model id."""
+
+    app_name = "reranker"
+    deployment_name = "RerankModel"
+
+    def __init__(self, *outcomes: Reply | BaseException) -> None:
+        self.outcomes = list(outcomes)
+        self.calls = 0
+        self.rerank = SimpleNamespace(remote=self._rerank)
+        self.info = SimpleNamespace(remote=lambda: FakeResponse({"model": "tiny"}))
+
+    def _rerank(self, *args: Any) -> FakeResponse:
+        self.calls += 1
+        return FakeResponse(self.outcomes[min(self.calls, len(self.outcomes)) - 1])
+
+
+def backend(handle: FakeHandle, environ: dict[str, str] | None = None, **kwargs: Any) -> RemoteBackend:
+    return RemoteBackend(cast(DeploymentHandle, handle), Settings.from_env(environ or {}), **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+
+
+def test_a_replica_whose_device_failed_is_retried_on_another() -> None:
+    """A failed replica answers every call at once with 503 not_ready: nothing was scored, so another replica
+    can answer it (a healthy one was free while the audit's clients got 64 of these in 3.5 s)."""
+    handle = FakeHandle(FAULT, FAULT, Reply("healthy", result=RESULT))
+    assert asyncio.run(backend(handle).rerank(None, "/v1/rerank", CALL)) == RESULT
+    assert handle.calls == 3
+    died = FakeHandle(ActorDiedError(), FAULT, Reply("healthy", result=RESULT))  # the two kinds, mixed
+    assert asyncio.run(backend(died).rerank(None, "/v1/rerank", CALL)) == RESULT
+
+
+def test_the_model_id_comes_with_the_answers() -> None:
+    """/readyz names the model: asking a replica for it queued behind scoring work, as readiness did."""
+    remote_backend = backend(FakeHandle(Reply("r", result=RESULT, model="their-model")))
+
+    async def ask() -> str:
+        await remote_backend.rerank(None, "/v1/rerank", CALL)
+        return await remote_backend.model_id()
+
+    assert asyncio.run(ask()) == "their-model"  # not FakeHandle.info's
+
+
+def test_retries_are_bounded_by_tries_and_the_deadline() -> None:
+    handle = FakeHandle(FAULT)
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(handle, tries=3).rerank(None, "/v1/rerank", CALL))
+    assert handle.calls == 3
+    assert (failed.value.status, failed.value.type, failed.value.counted) == (503, "not_ready", True)
+    late = FakeHandle(FAULT)  # no time left for the wait before another try
+    with pytest.raises(HttpError):
+        asyncio.run(backend(late, tries=3, deadline_s=0.005).rerank(None, "/v1/rerank", CALL))
+    assert late.calls == 1
+
+
+def test_a_replicas_answer_to_a_bad_request_is_not_retried() -> None:
+    handle = FakeHandle(Reply("r", error=(400, "invalid_request", "query must not be empty")))
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(handle).rerank(None, "/v1/rerank", CALL))
+    assert failed.value.status == 400 and handle.calls == 1
+
+
+def test_readiness_is_the_controllers_count_of_running_replicas_asked_once_a_second() -> None:
+    """Not a call to a replica: under load that queued behind max_ongoing_requests of scoring and timed out."""
+    running = iter([0, 1, 1])
+    asked: list[int] = []
+
+    def count() -> int:
+        asked.append(1)
+        return next(running)
+
+    async def probe() -> None:
+        ready = backend(FakeHandle(AssertionError("readiness asked a replica")), running=count)
+        refusal = await ready.readiness()
+        assert refusal is not None and (refusal.status, refusal.type) == (503, "not_ready")
+        assert await asyncio.gather(*(ready.readiness() for _ in range(20))) == [refusal] * 20  # cached
+        assert len(asked) == 1
+        ready._ready = None  # a second later
+        assert await ready.readiness() is None
+
+    asyncio.run(probe())
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def client(handle: FakeHandle, metrics: Metrics, environ: dict[str, str]) -> httpx.AsyncClient:
+    remote_backend = backend(handle, environ)
+    app = ingress_app(remote_backend, metrics, RequestHistory(), Tracing.from_settings(remote_backend.settings,
+                                                                                        metrics))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")
+
+
+def post(handle: FakeHandle, metrics: Metrics, path: str, body: dict[str, Any],
+         environ: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    async def send() -> httpx.Response:
+        async with client(handle, metrics, environ or {}) as http:
+            return await http.post(path, json=body, **kwargs)
+
+    return asyncio.run(send())
+
+
+@pytest.fixture
+def requests_total(metrics: Metrics) -> Iterator[Any]:
+    yield lambda route, status: metrics.registry.get_sample_value(
+        "reranker_requests_total", {"route": route, "status": status})
+
+
+def test_serves_backpressure_is_one_process_overload(metrics: Metrics, requests_total: Any) -> None:
+    """Serve's own answer was a plain-text 503 'Request dropped due to backpressure', without Retry-After and
+    uncounted; one process answers a full queue 429 overloaded, Retry-After: 1, counted."""
+    handle = FakeHandle(BackPressureError(num_queued_requests=2, max_queued_requests=2))
+    answer = post(handle, metrics, "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["type"] == "overloaded"
+    assert "max_queued_requests" in answer.json()["error"]["message"]
+    assert handle.calls == 1  # the whole deployment is full: no other replica to try
+    assert requests_total("/v1/rerank", "overloaded") == 1
+
+
+def test_with_ui_auth_and_no_api_key_predict_is_refused_as_in_one_process(metrics: Metrics,
+                                                                          requests_total: Any) -> None:
+    handle = FakeHandle(Reply("r", result=RESULT))
+    ui_auth = {"RERANKER_UI_AUTH": "admin:secret"}
+    refused = post(handle, metrics, "/api/predict", {"data": ["q", ["a"]]}, ui_auth)
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+    assert "RERANKER_UI_AUTH" in refused.json()["error"]["message"]
+    assert requests_total("/api/predict", "invalid") == 1 and handle.calls == 0
+    # The JSON routes stay open (they take RERANKER_API_KEY alone), and an API key decides /api/predict too.
+    assert post(handle, metrics, "/v1/rerank", {"query": "q", "documents": ["a"]}, ui_auth).status_code == 200
+    keyed = {**ui_auth, "RERANKER_API_KEY": "k"}
+    answer = post(handle, metrics, "/api/predict", {"data": ["q", ["a"]]}, keyed, headers={"authorization": "Bearer k"})
+    assert answer.status_code == 200 and answer.json()["data"][0][0]["index"] == 0
+    assert post(handle, metrics, "/api/predict", {"data": ["q", ["a"]]}).status_code == 200  # no UI_AUTH: open
