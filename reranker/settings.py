@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class Settings:
     dtype: str = "auto"
     compile: str = "off"
     backend: str = "auto"
-    cache_dir: str = field(default_factory=lambda: default_cache_dir())
+    cache_dir: str | None = None  # None: default_cache_dir(), resolved only where a converted model is kept
     int8_mode: str = "static"
     int8_calibration: str | None = None  # a JSONL file of {"query", "document"} lines; None: the built-in set
     int8_min_spearman: float = 0.99
@@ -81,16 +82,20 @@ class Settings:
             return parse(name, raw.strip())
 
         d = cls()
+        dtype = get("RERANKER_DTYPE", _choice(DTYPES), d.dtype)
+        int8_mode = get("RERANKER_INT8_MODE", _choice(INT8_MODES), d.int8_mode)
+        # Only static int8 reads the calibration file: checked here, before minutes of loading and converting.
+        static_int8 = dtype == "int8" and int8_mode == "static"
         tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", _bool, None), d.tracing_protocol)
         return cls(
             model=get("RERANKER_MODEL", _text, d.model),
             device=get("RERANKER_DEVICE", _device, d.device),
-            dtype=get("RERANKER_DTYPE", _choice(DTYPES), d.dtype),
+            dtype=dtype,
             compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
             backend=get("RERANKER_BACKEND", _choice(BACKENDS), d.backend),
-            cache_dir=get("RERANKER_CACHE_DIR", _path, default_cache_dir(env)),
-            int8_mode=get("RERANKER_INT8_MODE", _choice(INT8_MODES), d.int8_mode),
-            int8_calibration=get("RERANKER_INT8_CALIBRATION", _text, None),
+            cache_dir=get("RERANKER_CACHE_DIR", _path, d.cache_dir),
+            int8_mode=int8_mode,
+            int8_calibration=get("RERANKER_INT8_CALIBRATION", _calibration if static_int8 else _text, None),
             int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", _float(-1.0, 1.0, "a number from -1 to 1"),
                                   d.int8_min_spearman),
             int8_on_fail=get("RERANKER_INT8_ON_FAIL", _choice(INT8_ON_FAIL), d.int8_on_fail),
@@ -123,10 +128,24 @@ class Settings:
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
     """Where converted models are kept when RERANKER_CACHE_DIR is unset: $XDG_CACHE_HOME/reranker, else
-    ~/.cache/reranker."""
+    ~/.cache/reranker. Raises SettingsError when there is no home directory to put it in."""
     env = os.environ if environ is None else environ
-    base = env.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    base = env.get("XDG_CACHE_HOME", "").strip()
+    if not base:
+        home = env.get("HOME", "").strip() or _account_home()
+        if not home:
+            raise SettingsError(f"RERANKER_CACHE_DIR is unset and this user has no home directory to keep converted "
+                                f"models in (HOME is unset and uid {os.getuid()} has no passwd entry): set "
+                                "RERANKER_CACHE_DIR to a writable folder")
+        base = str(Path(home) / ".cache")
     return str(Path(base) / "reranker")
+
+
+def _account_home() -> str | None:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir or None
+    except KeyError:  # a uid with no passwd entry: containers run as an arbitrary user
+        return None
 
 
 def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple[bool, str]:
@@ -146,7 +165,23 @@ def _text(name: str, raw: str) -> str:
 
 
 def _path(name: str, raw: str) -> str:
-    return str(Path(raw).expanduser())
+    try:
+        return str(Path(raw).expanduser())
+    except RuntimeError:  # `~` with no home directory
+        raise SettingsError(f"{name}={raw!r} is not valid: this user has no home directory for '~'; "
+                            "use an absolute path") from None
+
+
+def _calibration(name: str, raw: str) -> str:
+    """A calibration file that exists and can be read; its lines are checked where it is used."""
+    path = _path(name, raw)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise SettingsError(f"{name}={raw!r} cannot be read ({err.strerror or err}); name a UTF-8 file of JSON "
+                            'lines {"query": "...", "document": "..."}') from None
+    return path
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:

@@ -191,3 +191,48 @@ def test_the_otlp_protocol_is_http_unless_grpc_is_named() -> None:
         Settings.from_env({**on, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
     # With tracing off the transport is nobody's business.
     assert Settings.from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}).tracing is False
+
+
+@pytest.fixture
+def no_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME unset and a uid with no passwd entry: a container run as an arbitrary user."""
+    import pwd
+
+    def no_entry(uid: int) -> None:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for name in ("HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+@pytest.mark.usefixtures("no_home")
+def test_no_home_directory_stops_nothing_that_does_not_need_one() -> None:
+    from reranker.settings import default_cache_dir
+
+    assert Settings.from_env({"RERANKER_CACHE_DIR": "/srv/cache"}).cache_dir == "/srv/cache"
+    assert Settings.from_env({}).cache_dir is None and Settings().cache_dir is None  # resolved where it is used
+    with pytest.raises(SettingsError, match="RERANKER_CACHE_DIR is unset and this user has no home directory"):
+        default_cache_dir({})
+    with pytest.raises(SettingsError, match="RERANKER_CACHE_DIR='~/cache' is not valid: this user has no home"):
+        Settings.from_env({"RERANKER_CACHE_DIR": "~/cache"})
+
+
+def test_the_default_cache_dir_follows_xdg_then_home() -> None:
+    from reranker.settings import default_cache_dir
+
+    assert default_cache_dir({"HOME": "/home/ann"}) == "/home/ann/.cache/reranker"
+    assert default_cache_dir({"HOME": "/home/ann", "XDG_CACHE_HOME": "/var/cache"}) == "/var/cache/reranker"
+
+
+def test_a_calibration_file_that_static_int8_cannot_read_is_a_configuration_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.jsonl")
+    static = {"RERANKER_DTYPE": "int8", "RERANKER_INT8_CALIBRATION": missing}
+    with pytest.raises(SettingsError, match=r"RERANKER_INT8_CALIBRATION='.*missing.jsonl' cannot be read \(No such "
+                                            r"file or directory\); name a UTF-8 file of JSON lines"):
+        Settings.from_env(static)
+    with pytest.raises(SettingsError, match="cannot be read"):
+        Settings.from_env({**static, "RERANKER_INT8_CALIBRATION": str(tmp_path)})  # a folder
+    # Unused, it is not read: weights-only int8 and the other precisions calibrate on nothing.
+    assert Settings.from_env({**static, "RERANKER_INT8_MODE": "weights"}).int8_calibration == missing
+    assert Settings.from_env({**static, "RERANKER_DTYPE": "bfloat16"}).int8_calibration == missing
