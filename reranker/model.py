@@ -8,12 +8,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from reranker.backends import Backend, Padded, Pending, choose_backend
+from reranker.backends import Backend, Padded, Pending, choose_backend, nncf_installed, openvino_installed
 from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
 from reranker.errors import ModelLoadError
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
@@ -309,8 +310,9 @@ def load_model(settings: Settings) -> ScoringModel:
     """Load, configure and warm the model named by RERANKER_MODEL on the backend RERANKER_BACKEND picks;
     raise ModelLoadError on failure. A model OpenVINO cannot convert is served by torch, with a warning."""
     device = resolve_device(settings.device)
-    backend, backend_reason = choose_backend(settings.backend, device, settings.dtype)
-    _check_combination(settings, device, backend)
+    backend, backend_reason = choose_backend(settings.backend, device, settings.dtype, settings.compile)
+    _check_combination(settings, device, backend, backend_reason)
+    _check_calibration(settings)
     on_gpu = settings.dtype == "auto" and device.startswith("cuda")
     declared = checkpoint_dtype(settings.model, settings.trust_remote_code) if on_gpu else None
     # OpenVINO converts the float32 module and applies its precision when it compiles.
@@ -380,14 +382,14 @@ def _start_from_cache(settings: Settings, backend_reason: str) -> ScoringModel |
     cannot compile it: the full load follows."""
     from reranker.backends.openvino import ConversionError, cached_serving, load_openvino
 
-    spec = cached_serving(settings)
-    if spec is None:
-        return None
     try:
+        spec = cached_serving(settings)
+        if spec is None:
+            return None
         model = ScoringModel.from_spec(spec, model_id=settings.model, max_length=settings.max_length)
         model.backend_reason = backend_reason
         load_openvino(model, settings)
-    except (ConversionError, KeyError, ValueError, TypeError) as err:
+    except (ConversionError, KeyError, ValueError, TypeError, OSError) as err:
         logger.warning("the conversion cache's entry cannot start the model; loading it in full",
                        extra={"model": settings.model, "cause": f"{type(err).__name__}: {err}"[:300]})
         return None
@@ -396,8 +398,11 @@ def _start_from_cache(settings: Settings, backend_reason: str) -> ScoringModel |
     return model
 
 
-def _check_combination(settings: Settings, device: str, backend: str) -> None:
-    """Refuse settings that cannot work together before anything is loaded."""
+def _check_combination(settings: Settings, device: str, backend: str, backend_reason: str) -> None:
+    """Refuse settings that cannot work together, or packages that are missing, before anything is loaded."""
+    if backend == "openvino" and not openvino_installed():
+        raise ModelLoadError(f"the OpenVINO backend ({backend_reason}) needs the openvino package, which is not "
+                             "installed: pip install -r requirements.txt, or set RERANKER_BACKEND=torch")
     if backend == "openvino" and device != "cpu":
         raise ModelLoadError(f"RERANKER_BACKEND=openvino runs on the CPU, not {device}; set RERANKER_DEVICE=cpu "
                              "or RERANKER_BACKEND=torch")
@@ -408,10 +413,27 @@ def _check_combination(settings: Settings, device: str, backend: str) -> None:
         raise ModelLoadError("RERANKER_COMPILE applies to the torch backend; OpenVINO compiles the model itself: "
                              "set RERANKER_COMPILE=off or RERANKER_BACKEND=torch")
     if settings.dtype == "int8" and backend != "openvino":
-        why = "openvino is not installed" if settings.backend == "auto" and device == "cpu" else f"backend {backend}"
-        raise ModelLoadError(f"RERANKER_DTYPE=int8 runs on the OpenVINO backend on the CPU ({why}); install "
-                             "requirements.txt's openvino and nncf and use RERANKER_DEVICE=cpu with "
-                             "RERANKER_BACKEND=auto or openvino")
+        raise ModelLoadError(f"RERANKER_DTYPE=int8 runs on the OpenVINO backend on the CPU, not on torch "
+                             f"({backend_reason}); install requirements.txt's openvino and nncf and use "
+                             "RERANKER_DEVICE=cpu with RERANKER_BACKEND=auto or openvino and RERANKER_COMPILE=off")
+    if settings.dtype == "int8" and not nncf_installed():
+        raise ModelLoadError("RERANKER_DTYPE=int8 needs the nncf package, which quantizes the model and is not "
+                             "installed: pip install -r requirements.txt, or choose another RERANKER_DTYPE")
+
+
+def _check_calibration(settings: Settings) -> None:
+    """RERANKER_INT8_CALIBRATION read and checked before minutes of loading and converting (it is read again
+    where it calibrates); named where nothing calibrates, it is ignored, with a warning."""
+    if settings.int8_calibration is None:
+        return
+    if settings.dtype != "int8" or settings.int8_mode != "static":
+        logger.warning("RERANKER_INT8_CALIBRATION is ignored: only static int8 (RERANKER_DTYPE=int8 with "
+                       "RERANKER_INT8_MODE=static) calibrates",
+                       extra={"dtype": settings.dtype, "int8_mode": settings.int8_mode})
+        return
+    from reranker.backends.int8 import read_calibration
+
+    read_calibration(Path(settings.int8_calibration))
 
 
 def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) -> None:

@@ -436,10 +436,85 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) 
     bad.write_text('{"query": "q", "document": "d"}\n{"query": "q"}\n')
     with pytest.raises(ModelLoadError, match=r"bad.jsonl'?: line 2 is not a JSON object with \"query\" and"):
         load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(bad),
-                                  cache_dir=str(tmp_path / "cache")))
+                                  cache_dir=str(tmp_path / "early")))
+    assert not (tmp_path / "early").exists()  # refused before minutes of loading and converting, not after
     with pytest.raises(ModelLoadError, match="cannot be read"):
         load_model(model_settings(bert_dir, backend="openvino", dtype="int8",
                                   int8_calibration=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c")))
+
+
+def test_a_calibration_file_is_ignored_where_nothing_calibrates(bert_dir: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Weights-only int8 reads no calibration set: a named file, even a missing one, neither stops the start nor
+    enters the cache key."""
+    weights = {"backend": "openvino", "dtype": "int8", "int8_mode": "weights", "int8_min_spearman": -1.0,
+               "cache_dir": str(tmp_path)}
+    load_model(model_settings(bert_dir, **weights))
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        model = load_model(model_settings(bert_dir, **weights, int8_calibration=str(tmp_path / "missing.jsonl")))
+    assert model.dtype == "int8" and "model quantized to int8" not in caplog.messages  # the same cached graph
+    assert any(m.startswith("RERANKER_INT8_CALIBRATION is ignored: only static int8") for m in caplog.messages)
+
+
+def test_compile_on_the_cpu_picks_torch_under_auto() -> None:
+    from reranker.backends import choose_backend
+
+    assert choose_backend("auto", "cpu", "auto", "on") == (
+        "torch", "auto: RERANKER_COMPILE=on compiles the torch model")
+    assert choose_backend("auto", "cpu", "auto", "off") == ("openvino", "auto: the CPU, openvino installed")
+
+
+# A start in a fresh interpreter where one package cannot be imported, as where it was never installed.
+WITHOUT_PACKAGE = """
+import json, sys
+sys.modules[sys.argv[1]] = None
+from reranker import ModelLoadError
+from reranker.model import load_model
+from reranker.settings import Settings
+
+try:
+    load_model(Settings(**json.loads(sys.argv[2])))
+except ModelLoadError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize(
+    ("missing", "overrides", "message"),
+    [
+        ("openvino", {"backend": "openvino"},
+         "the OpenVINO backend (RERANKER_BACKEND=openvino) needs the openvino package, which is not installed: "
+         "pip install -r requirements.txt"),
+        ("nncf", {"backend": "openvino", "dtype": "int8"},
+         "RERANKER_DTYPE=int8 needs the nncf package, which quantizes the model and is not installed: "
+         "pip install -r requirements.txt"),
+    ],
+)
+def test_a_missing_package_is_named_before_anything_loads(bert_dir: Path, tmp_path: Path, missing: str,
+                                                          overrides: dict, message: str) -> None:
+    settings = {"model": str(bert_dir), "device": "cpu", "cache_dir": str(tmp_path), **overrides}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, missing, json.dumps(settings)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert message in done.stdout
+    assert not (tmp_path / "openvino").exists()  # said before anything was loaded or converted
+
+
+def test_a_cache_entry_this_user_cannot_read_is_a_full_load(bert_dir: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """However reading the entry fails (another user's folder, say), the start goes on without it."""
+    from reranker.backends import openvino as backend
+
+    def denied(settings: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "openvino"))
+
+    monkeypatch.setattr(backend, "cached_serving", denied)
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
+    assert model.backend.name == "openvino" and not model.from_cache
+    assert "the conversion cache's entry cannot start the model; loading it in full" in caplog.messages
 
 
 @pytest.mark.parametrize(

@@ -83,15 +83,22 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def choose_backend(setting: str, device: str, dtype: str) -> tuple[str, str]:
-    """RERANKER_BACKEND resolved for a device and RERANKER_DTYPE: the backend and why it was picked.
-    `auto` takes OpenVINO on the CPU when it is installed and runs the precision asked for, else torch."""
+def nncf_installed() -> bool:
+    """NNCF, which quantizes for RERANKER_DTYPE=int8."""
+    return importlib.util.find_spec("nncf") is not None
+
+
+def choose_backend(setting: str, device: str, dtype: str, compile_mode: str = "off") -> tuple[str, str]:
+    """RERANKER_BACKEND resolved for a device, RERANKER_DTYPE and RERANKER_COMPILE: the backend and why it was
+    picked. `auto` takes OpenVINO on the CPU when it is installed and runs what was asked for, else torch."""
     if setting != "auto":
         return setting, f"RERANKER_BACKEND={setting}"
     if device != "cpu":
         return "torch", f"auto: {device}"
     if dtype == "float16":
         return "torch", "auto: OpenVINO's CPU plugin does not take float16"
+    if compile_mode != "off":
+        return "torch", f"auto: RERANKER_COMPILE={compile_mode} compiles the torch model"
     if not openvino_installed():
         return "torch", "auto: openvino is not installed"
     return "openvino", "auto: the CPU, openvino installed"

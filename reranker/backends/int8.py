@@ -91,8 +91,11 @@ QUANTIZE_FORMAT = 2  # in the cache key: graphs quantized under other rules are 
 def quantize(graph: ov.Model, samples: list[dict[str, np.ndarray]], mode: str) -> ov.Model:
     """An int8 copy of `graph`: weights only, or weights and activations calibrated on `samples` (static),
     KEEP_FLOAT's operations excepted."""
-    import nncf
-
+    try:
+        import nncf
+    except ImportError as err:
+        raise ModelLoadError("RERANKER_DTYPE=int8 needs the nncf package, which quantizes the model and cannot be "
+                             f"imported ({err}): pip install -r requirements.txt") from err
     if mode == "weights":
         return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
     # validate=False: a pattern that matches nothing in this architecture is not an error.
@@ -122,8 +125,9 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
     if not int8_dot_products():
         logger.warning("int8 on a CPU without VNNI or AMX-INT8: expect about the speed of float32, not more",
                        extra={"dtype": "int8"})
-    groups = calibration_groups(settings)
-    digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12]
+    # Weights-only int8 calibrates on nothing: no set is read, and none goes into its key.
+    groups = calibration_groups(settings) if settings.int8_mode == "static" else []
+    digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12] if groups else "uncalibrated"
     key8 = f"{key}-int8-{settings.int8_mode}-{digest}-q{QUANTIZE_FORMAT}"
     quantized = store.load(key8)
     if quantized is None:
