@@ -34,6 +34,13 @@ def model_folder(path: Path, weights: bytes) -> Path:
     return path
 
 
+def restart() -> None:
+    """A new process: nothing hashed yet."""
+    from reranker.backends import store
+
+    store._HASHED.clear()
+
+
 def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tmp_path: Path) -> None:
     """A fine-tune of the same architecture copied over the model with `cp -p` or `rsync -a`, or baked into an
     image with fixed timestamps: same names, sizes and modification times, other weights."""
@@ -44,6 +51,7 @@ def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tm
     weights.write_bytes(b"\x02" * 4096)
     os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert os.stat(weights).st_size == times.st_size and os.stat(weights).st_mtime_ns == times.st_mtime_ns
+    restart()
     assert fingerprint(str(model), False) != before
     # The same content written again (new inode, times and ctime) is the same model: a cache warmed at image build
     # serves the containers started from that image on any host.
@@ -51,6 +59,7 @@ def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tm
     shutil.move(model, tmp_path / "elsewhere")
     shutil.copytree(tmp_path / "elsewhere", model)
     os.utime(model / "model.safetensors", ns=(1, 1))
+    restart()
     assert fingerprint(str(model), False) == after
 
 
@@ -175,3 +184,23 @@ def test_no_home_and_no_cache_dir_is_a_clear_error_where_the_cache_is_needed(mon
     with pytest.raises(ModelLoadError, match="RERANKER_CACHE_DIR is unset and this user has no home directory"):
         ConvertedModels(None, ov.Core())
     assert ConvertedModels("/srv/cache", ov.Core()).root == Path("/srv/cache/openvino")
+
+
+def test_a_start_hashes_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start from the cache and the backend both key the model: a 2 GB checkpoint is read once."""
+    import hashlib
+
+    model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    calls = []
+    real = hashlib.sha256
+
+    def counted(*args: bytes) -> hashlib._Hash:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr("reranker.backends.store.hashlib.sha256", counted)
+    first = fingerprint(str(model), False)
+    files_hashed = len(calls) - 1  # one for the key itself
+    assert files_hashed == 2 and fingerprint(str(model), False) == first and len(calls) == 2 + files_hashed
+    (model / "model.safetensors").write_bytes(b"\x02" * 8192)  # another file now: hashed again
+    assert fingerprint(str(model), False) != first

@@ -55,6 +55,7 @@ HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # time instead of hashing what can be several times the model's own size (some hub repositories ship many).
 UNREAD_FOLDERS = ("onnx", "openvino")
 CHUNK = 8 * 1024 * 1024
+_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def content_key(path: Path, relative: Path) -> str:
@@ -66,11 +67,16 @@ def content_key(path: Path, relative: Path) -> str:
     stat = path.stat()  # follows links
     if relative.parts[0] in UNREAD_FOLDERS:
         return f"{stat.st_size}:{stat.st_mtime_ns}"
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    # A start keys the model twice (the cache's quick start, then the backend): each file is hashed once per process,
+    # while its path, inode, size and times stay the same. A restart hashes again.
+    seen = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if seen not in _HASHED:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        _HASHED[seen] = digest.hexdigest()
+    return _HASHED[seen]
 
 
 def fingerprint(model_id: str, trust_remote_code: bool, *parts: str) -> str:
