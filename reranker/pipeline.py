@@ -192,8 +192,11 @@ class DeviceStage:
             self._recover(launched.batch, err.with_traceback(None))
             return
         done = time.perf_counter()
-        # The time this batch had the device: from its launch, or from the end of the one queued before it.
-        elapsed = done - max(launched.started, self._last_done)
+        # The time this batch had the device: as the backend timed it where passes run side by side; else from
+        # its launch, or from the end of the pass queued before it.
+        elapsed = launched.pending.seconds
+        if elapsed is None:
+            elapsed = done - max(launched.started, self._last_done)
         self._last_done = done
         batch = launched.batch
         self._metrics.inference_seconds.observe(elapsed)

@@ -299,6 +299,7 @@ class RecordingScorer:
             self.owner, self.number, self.scores = owner, number, scores
 
         ran = False  # as on a GPU: launch returns before the pass has run
+        seconds: float | None = None  # as on a GPU: the worker's clock times the pass
 
         def wait(self) -> np.ndarray:
             self.owner.threads["wait"].add(threading.current_thread().name)
@@ -388,3 +389,24 @@ def test_a_lone_unpadded_pair_out_of_memory_is_not_run_again(bert_model: Scoring
         with pytest.raises(ScoringError, match="out of memory scoring one document"):
             r.rerank("q", ["a lone document"])
     assert device.calls == 1 and metrics.registry.get_sample_value("reranker_oom_retries_total") == 0
+
+
+def test_a_pass_the_backend_timed_is_booked_at_its_own_time(bert_model: ScoringModel, documents: list[str]) -> None:
+    """Passes side by side (OpenVINO's two streams) end close together, so the worker's clock would book the
+    second at almost nothing: the time the backend measured goes to the histogram, the span and the request."""
+    class Timed(RecordingScorer):
+        class Pending(RecordingScorer.Pending):
+            seconds = 0.125
+
+        def launch(self, features: tuple[int, Sequence[EncodedPair]]) -> RecordingScorer.Pending:
+            self.launches += 1
+            return Timed.Pending(self, self.launches, self.model.score(features[1]))
+
+    metrics = Metrics(CollectorRegistry())
+    scorer = Timed(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, batch_tokens=1024)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker:  # type: ignore[arg-type]
+        result = reranker.rerank_detailed("json", documents[:60])
+    booked = metrics.registry.get_sample_value("reranker_inference_duration_seconds_sum")
+    assert scorer.launches >= 3 and booked == pytest.approx(0.125 * scorer.launches)
+    assert result.stats.inference_seconds == pytest.approx(0.125 * scorer.launches)

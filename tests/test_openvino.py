@@ -104,6 +104,8 @@ def test_two_streams_run_batches_side_by_side_with_one_streams_scores(
         pending = launched
     got.append(pending.wait())
     assert in_flight == [2, 3, 2, 2] and backend.in_flight == 0  # split alone, then one batch per stream
+    assert pending.seconds is not None and pending.seconds > 0  # side by side, each pass is timed by OpenVINO
+    assert one.backend.launch(batches[0]).seconds is None  # one at a time: the worker's clock times it
     for scores, want in zip(got, expected, strict=True):
         np.testing.assert_allclose(scores, want, atol=1e-5, rtol=0)
 

@@ -48,11 +48,17 @@ class Pending(Protocol):
     def wait(self) -> np.ndarray:
         """Block until the batch's scores (float32, one per real row) are on the host."""
 
+    @property
+    def seconds(self) -> float | None:
+        """After `wait`: how long the pass ran, where the backend timed it because passes run side by side
+        (OpenVINO's streams); None where they run one at a time and the worker's clock tells."""
+
 
 class Finished:
     """The scores of a pass that ran to completion inside `launch`."""
 
     ran = True
+    seconds = None
 
     def __init__(self, scores: np.ndarray) -> None:
         self._scores = scores

@@ -98,11 +98,12 @@ class OpenVINOBackend:
             raise
         return Running(self, running, batch.rows)
 
-    def collect(self, request: ov.InferRequest) -> np.ndarray:
-        """Wait for one launched part and take back its request."""
+    def collect(self, request: ov.InferRequest) -> tuple[np.ndarray, float]:
+        """Wait for one launched part and take back its request: its scores and how long it ran (seconds)."""
         try:
             request.wait()
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+            scores = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+            return scores, request.latency / 1000  # OpenVINO's own start-to-end time of this inference, in ms
         finally:
             self._busy -= 1
             self._idle.append(request)
@@ -117,13 +118,16 @@ class Running:
         self._backend = backend
         self._requests = requests
         self._rows = rows
+        self.seconds: float | None = None  # the longest part's run time, once waited for
 
     def wait(self) -> np.ndarray:
         parts = []
         failure: Exception | None = None
         for request in self._requests:  # every part waited for and its request freed, even after a failure
             try:
-                parts.append(self._backend.collect(request))
+                scores, seconds = self._backend.collect(request)
+                parts.append(scores)
+                self.seconds = max(self.seconds or 0.0, seconds)
             except Exception as err:
                 failure = failure or err
         self._requests = []
@@ -175,8 +179,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
         # graph for one thread per stream: seen on AMX with Qwen3's shapes and the tiny test model alike. So a
         # causal model keeps every thread on one stream, and on a single thread it is left to torch.
         if cpu_threads() < 2:
-            raise ConversionError("OpenVINO cannot compile a causal model at bfloat16 on one thread "
-                                  "(OMP_NUM_THREADS=1); give it 2 threads or more, or RERANKER_DTYPE=float32")
+            raise ConversionError("OpenVINO cannot compile a causal model at bfloat16 on one thread (one core, "
+                                  "or OMP_NUM_THREADS=1); give it 2 threads or more, or RERANKER_DTYPE=float32")
         streams = 1
     store = ConvertedModels(settings.cache_dir, core)
     key = fingerprint(model.model_id, settings.trust_remote_code)

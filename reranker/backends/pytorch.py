@@ -67,6 +67,8 @@ class PendingScores:
         self._host = host
         self._done = done
 
+    seconds = None  # one pass at a time on the device: the worker's clock times it
+
     @property
     def ran(self) -> bool:
         return self._done is None  # no event: a CPU pass, finished inside launch
