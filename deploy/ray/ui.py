@@ -119,6 +119,14 @@ class UI:
         if self.gradio is not None:  # None if Serve stopped the replica before it built its app
             self.gradio.stop_event.set()  # Gradio's own signal to its heartbeat streams that the server stops
 
+    def __del__(self) -> None:
+        # Serve calls this once the replica's graceful shutdown is over: the gauge refresher and the span exporter
+        # stop with it.
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
+            self.metrics.close()
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         info, settings, replicas = self.info, self.settings, self.replicas
         panel = Panel(replicas.snapshot, replicas.card, replicas.latest)
