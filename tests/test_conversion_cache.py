@@ -35,17 +35,51 @@ def model_folder(path: Path, weights: bytes) -> Path:
 
 
 def restart() -> None:
-    """A new process: nothing hashed yet."""
+    """A new process: nothing hashed yet (what the cache's file-digests remember stays)."""
     from reranker.backends import store
 
     store._HASHED.clear()
 
 
-def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tmp_path: Path) -> None:
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a new process: nothing hashed, no cache opened by an earlier test."""
+    monkeypatch.setattr("reranker.backends.store._HASHED", {})
+    monkeypatch.setattr("reranker.backends.store._digests_dir", None)
+
+
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's digest is remembered once it is 50 ms past its last change instead of 2 s, and the files written so
+    far are: the clock file times come from ticks every few ms at most, so a later change gets another ctime."""
+    monkeypatch.setattr("reranker.backends.store.RECENT_SECONDS", 0.05)
+    time.sleep(0.1)
+
+
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the model files read and hashed from now on."""
+    from reranker.backends import store
+
+    read: list[str] = []
+    real = store.file_sha256
+
+    def counted(path: Path) -> str:
+        read.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(store, "file_sha256", counted)
+    return read
+
+
+def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A fine-tune of the same architecture copied over the model with `cp -p` or `rsync -a`, or baked into an
-    image with fixed timestamps: same names, sizes and modification times, other weights."""
+    image with fixed timestamps: same names, sizes and modification times, other weights; the digests the cache
+    remembers of the old files do not hide it (the swap changed the file's ctime)."""
     model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    settled(monkeypatch)
     before = fingerprint(str(model), False)
+    assert list((tmp_path / "cache" / "file-digests").iterdir())  # remembered
     weights = model / "model.safetensors"
     times = os.stat(weights)
     weights.write_bytes(b"\x02" * 4096)
@@ -187,20 +221,146 @@ def test_no_home_and_no_cache_dir_is_a_clear_error_where_the_cache_is_needed(mon
 
 
 def test_a_start_hashes_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The quick start from the cache and the backend both key the model: a 2 GB checkpoint is read once."""
-    import hashlib
-
+    """The quick start from the cache and the backend both key the model: a 2 GB checkpoint is read once, even
+    where the cache cannot be written."""
     model = model_folder(tmp_path / "model", b"\x01" * 4096)
-    calls = []
-    real = hashlib.sha256
-
-    def counted(*args: bytes) -> hashlib._Hash:
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr("reranker.backends.store.hashlib.sha256", counted)
+    settled(monkeypatch)
+    read = hashes(monkeypatch)
     first = fingerprint(str(model), False)
-    files_hashed = len(calls) - 1  # one for the key itself
-    assert files_hashed == 2 and fingerprint(str(model), False) == first and len(calls) == 2 + files_hashed
+    assert sorted(read) == ["config.json", "model.safetensors"]
+    assert fingerprint(str(model), False) == first and len(read) == 2
     (model / "model.safetensors").write_bytes(b"\x02" * 8192)  # another file now: hashed again
-    assert fingerprint(str(model), False) != first
+    assert fingerprint(str(model), False) != first and read[2:] == ["model.safetensors"]
+
+
+def test_a_restart_takes_the_digests_from_the_cache_and_reads_no_model_file(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing 2.2 GB at every start would cost seconds (tens on cold network storage): the cache remembers each
+    file's digest for as long as its device, inode, size, mtime and ctime stay the same."""
+    model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    store = ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    settled(monkeypatch)
+    first = fingerprint(str(model), False)
+    restart()
+    read = hashes(monkeypatch)
+    assert fingerprint(str(model), False) == first and read == []
+    restart()
+    assert fingerprint(str(model), False, digests=store.digests) == first and read == []
+    shutil.rmtree(store.digests)  # a cache without them: hashed again, to the same key
+    restart()
+    assert fingerprint(str(model), False) == first and sorted(read) == ["config.json", "model.safetensors"]
+
+
+def test_just_changed_files_are_hashed_at_every_start_until_they_settle(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file changed within the last 2 s could be changed again within the same tick of the clock file times come
+    from, keeping its ctime: its digest is not remembered yet."""
+    monkeypatch.setattr("reranker.backends.store.RECENT_SECONDS", 3600.0)  # however slowly this test runs
+    model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    read = hashes(monkeypatch)
+    fingerprint(str(model), False)
+    restart()
+    fingerprint(str(model), False)
+    assert sorted(read) == ["config.json", "config.json", "model.safetensors", "model.safetensors"]
+
+
+@pytest.mark.parametrize("memo", ["{", '{"format": 1, "files": [[1, 2]]}', '{"format": 1, "files": [["a"]]}',
+                                  '{"format": 1, "files": {"a": 1}}', "[]", "not a file"])
+def test_digests_the_cache_cannot_read_or_write_are_a_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           memo: str) -> None:
+    model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    settled(monkeypatch)
+    expected = fingerprint(str(model), False)
+    store = ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    if memo == "not a file":  # nothing can be read or written there
+        store.digests.parent.mkdir(parents=True)
+        store.digests.write_text("")
+    else:
+        fingerprint(str(model), False)
+        [path] = store.digests.iterdir()
+        path.write_text(memo)
+    restart()
+    read = hashes(monkeypatch)
+    assert fingerprint(str(model), False) == expected and sorted(read) == ["config.json", "model.safetensors"]
+    if memo != "not a file":  # written again, whole
+        restart()
+        assert fingerprint(str(model), False) == expected and len(read) == 2
+        assert [p.name for p in store.digests.iterdir()] == [path.name]
+
+
+def test_only_what_a_loader_reads_is_keyed_wherever_the_model_lies(tmp_path: Path) -> None:
+    """Folders are skipped by their path inside the model folder: a model under a `.git` folder is keyed by its
+    files, while its own dot-folders (`hf download --local-dir` rewrites .cache/huggingface at every download),
+    a Trainer's checkpoint-*/ and TensorBoard's runs/ are not."""
+    model = model_folder(tmp_path / "repo" / ".git" / "model", b"\x01" * 4096)
+    before = fingerprint(str(model), False)
+    for junk in (".cache/huggingface/download/model.safetensors.metadata", ".git/objects/ab/cdef",
+                 "checkpoint-500/optimizer.pt", "runs/Dec01_12-00-00/events.out.tfevents", "sub/.hidden/x"):
+        (model / junk).parent.mkdir(parents=True, exist_ok=True)
+        (model / junk).write_bytes(b"not read by any loader")
+    restart()
+    assert fingerprint(str(model), False) == before
+    (model / "model.safetensors").write_bytes(b"\x02" * 4096)
+    restart()
+    assert fingerprint(str(model), False) != before
+
+
+def test_linked_folders_are_keyed_and_link_loops_end(tmp_path: Path) -> None:
+    """Python 3.11's rglob does not enter a linked folder (a sentence-transformers module shared between models,
+    say): its files are keyed all the same, and a link back up is not followed round."""
+    model = model_folder(tmp_path / "model", b"\x01" * 4096)
+    pooling = tmp_path / "shared" / "1_Pooling"
+    pooling.mkdir(parents=True)
+    (pooling / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (model / "1_Pooling").symlink_to(pooling, target_is_directory=True)
+    (pooling / "model").symlink_to(model, target_is_directory=True)  # round and round
+    (model / "itself").symlink_to(".", target_is_directory=True)
+    before = fingerprint(str(model), False)
+    (pooling / "config.json").write_text('{"pooling_mode_cls_token": false}')
+    restart()
+    assert fingerprint(str(model), False) != before
+
+
+def broken_entry(store: ConvertedModels, key: str) -> Path:
+    store.save(key, graph())
+    (store.path(key) / "model.xml").write_text("<net> cut short")
+    return store.path(key)
+
+
+def other_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process runs as another user than the one who wrote the cache."""
+    uid = os.getuid() + 4242
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+
+
+def test_a_broken_entry_another_user_wrote_is_left_and_named(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's entry may serve that user's replicas, and this one cannot remove it: a failed read leaves it,
+    and the save that cannot replace it says where it is and what to do, instead of every start converting again
+    with no sign why."""
+    store = ConvertedModels(str(tmp_path), ov.Core())
+    entry = broken_entry(store, "tiny-0123")
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="reranker"):
+        other_user(m)
+        assert store.load("tiny-0123") is None
+        assert entry.is_dir()
+        store.save("tiny-0123", graph())
+    warned = [r for r in caplog.records if r.getMessage().startswith("a broken conversion cache entry is in the way")]
+    assert [r.getMessage() for r in warned] == [
+        "a broken conversion cache entry is in the way and cannot be replaced; every start converts again until "
+        "its owner (or root) removes it"]
+    assert vars(warned[0])["cache"] == str(entry) and vars(warned[0])["owner_uid"] == os.getuid()
+    assert [p.name for p in store.root.iterdir()] == ["tiny-0123"]  # no staging left
+
+
+def test_a_broken_entry_this_user_wrote_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = ConvertedModels(str(tmp_path), ov.Core())
+    broken_entry(store, "tiny-0123")
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        store.save("tiny-0123", graph())  # another process's save found it first, say
+    assert store.load("tiny-0123") is not None and caplog.messages == []
+    broken_entry(store, "tiny-0123")
+    assert store.load("tiny-0123") is None and not store.path("tiny-0123").exists()
+    assert caplog.messages == ["a cached converted model could not be read; removed, converting again"]
+    assert [p.name for p in store.root.iterdir()] == []
