@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import random
 import tempfile
 import time
@@ -59,7 +60,15 @@ def run_copies(model_dir: Path, copies: int, *, seconds: float = 15.0, cache_dir
         for worker in workers:
             worker.start()
         try:
-            out = [rates.get(timeout=600) for _ in workers]
+            out: list[float] = []
+            deadline = time.monotonic() + 600
+            while len(out) < copies:  # a copy that died says so now, not after the deadline
+                try:
+                    out.append(rates.get(timeout=1))
+                except queue.Empty:
+                    failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                    if failed or time.monotonic() > deadline:
+                        raise RuntimeError(f"a copy of the model failed (exit codes {failed}) or hung") from None
         finally:
             for worker in workers:
                 worker.join(timeout=30)

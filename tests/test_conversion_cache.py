@@ -18,7 +18,8 @@ import pytest
 from openvino import opset13 as ops
 
 from reranker import ModelLoadError
-from reranker.backends.store import STALE_SECONDS, ConvertedModels, fingerprint
+from reranker.backends.keys import fingerprint
+from reranker.backends.store import STALE_SECONDS, ConvertedModels
 
 
 def graph(values: int = 4) -> ov.Model:
@@ -36,37 +37,36 @@ def model_folder(path: Path, weights: bytes) -> Path:
 
 def restart() -> None:
     """A new process: nothing hashed yet (what the cache's file-digests remember stays)."""
-    from reranker.backends import store
+    from reranker.backends import keys
 
-    store._HASHED.clear()
+    keys._HASHED.clear()
 
 
 @pytest.fixture(autouse=True)
 def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts as a new process: nothing hashed, no cache opened by an earlier test."""
-    monkeypatch.setattr("reranker.backends.store._HASHED", {})
-    monkeypatch.setattr("reranker.backends.store._digests_dir", None)
+    """Each test starts as a new process: nothing hashed."""
+    monkeypatch.setattr("reranker.backends.keys._HASHED", {})
 
 
 def settled(monkeypatch: pytest.MonkeyPatch) -> None:
     """A file's digest is remembered once it is 50 ms past its last change instead of 2 s, and the files written so
     far are: the clock file times come from ticks every few ms at most, so a later change gets another ctime."""
-    monkeypatch.setattr("reranker.backends.store.RECENT_SECONDS", 0.05)
+    monkeypatch.setattr("reranker.backends.keys.RECENT_SECONDS", 0.05)
     time.sleep(0.1)
 
 
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the model files read and hashed from now on."""
-    from reranker.backends import store
+    from reranker.backends import keys
 
     read: list[str] = []
-    real = store.file_sha256
+    real = keys.file_sha256
 
     def counted(path: Path) -> str:
         read.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(store, "file_sha256", counted)
+    monkeypatch.setattr(keys, "file_sha256", counted)
     return read
 
 
@@ -76,9 +76,9 @@ def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tm
     image with fixed timestamps: same names, sizes and modification times, other weights; the digests the cache
     remembers of the old files do not hide it (the swap changed the file's ctime)."""
     model = model_folder(tmp_path / "model", b"\x01" * 4096)
-    ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    digests = ConvertedModels(str(tmp_path / "cache"), ov.Core()).digests
     settled(monkeypatch)
-    before = fingerprint(str(model), False)
+    before = fingerprint(str(model), False, digests=digests)
     assert list((tmp_path / "cache" / "file-digests").iterdir())  # remembered
     weights = model / "model.safetensors"
     times = os.stat(weights)
@@ -86,15 +86,15 @@ def test_a_model_swapped_in_place_with_the_same_size_and_times_gets_a_new_key(tm
     os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert os.stat(weights).st_size == times.st_size and os.stat(weights).st_mtime_ns == times.st_mtime_ns
     restart()
-    assert fingerprint(str(model), False) != before
+    assert fingerprint(str(model), False, digests=digests) != before
     # The same content written again (new inode, times and ctime) is the same model: a cache warmed at image build
     # serves the containers started from that image on any host.
-    after = fingerprint(str(model), False)
+    after = fingerprint(str(model), False, digests=digests)
     shutil.move(model, tmp_path / "elsewhere")
     shutil.copytree(tmp_path / "elsewhere", model)
     os.utime(model / "model.safetensors", ns=(1, 1))
     restart()
-    assert fingerprint(str(model), False) == after
+    assert fingerprint(str(model), False, digests=digests) == after
 
 
 def test_hub_blobs_are_keyed_by_the_hash_in_their_name_without_reading_them(tmp_path: Path) -> None:
@@ -240,28 +240,30 @@ def test_a_restart_takes_the_digests_from_the_cache_and_reads_no_model_file(tmp_
     model = model_folder(tmp_path / "model", b"\x01" * 4096)
     store = ConvertedModels(str(tmp_path / "cache"), ov.Core())
     settled(monkeypatch)
-    first = fingerprint(str(model), False)
+    first = fingerprint(str(model), False, digests=store.digests)
     restart()
     read = hashes(monkeypatch)
-    assert fingerprint(str(model), False) == first and read == []
-    restart()
     assert fingerprint(str(model), False, digests=store.digests) == first and read == []
+    restart()
+    assert fingerprint(str(model), False) == first  # no cache named: hashed, to the same key
+    assert sorted(read) == ["config.json", "model.safetensors"]
     shutil.rmtree(store.digests)  # a cache without them: hashed again, to the same key
     restart()
-    assert fingerprint(str(model), False) == first and sorted(read) == ["config.json", "model.safetensors"]
+    assert fingerprint(str(model), False, digests=store.digests) == first
+    assert sorted(read) == ["config.json", "config.json", "model.safetensors", "model.safetensors"]
 
 
 def test_just_changed_files_are_hashed_at_every_start_until_they_settle(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A file changed within the last 2 s could be changed again within the same tick of the clock file times come
     from, keeping its ctime: its digest is not remembered yet."""
-    monkeypatch.setattr("reranker.backends.store.RECENT_SECONDS", 3600.0)  # however slowly this test runs
+    monkeypatch.setattr("reranker.backends.keys.RECENT_SECONDS", 3600.0)  # however slowly this test runs
     model = model_folder(tmp_path / "model", b"\x01" * 4096)
-    ConvertedModels(str(tmp_path / "cache"), ov.Core())
+    digests = ConvertedModels(str(tmp_path / "cache"), ov.Core()).digests
     read = hashes(monkeypatch)
-    fingerprint(str(model), False)
+    fingerprint(str(model), False, digests=digests)
     restart()
-    fingerprint(str(model), False)
+    fingerprint(str(model), False, digests=digests)
     assert sorted(read) == ["config.json", "config.json", "model.safetensors", "model.safetensors"]
 
 
@@ -277,15 +279,16 @@ def test_digests_the_cache_cannot_read_or_write_are_a_miss(tmp_path: Path, monke
         store.digests.parent.mkdir(parents=True)
         store.digests.write_text("")
     else:
-        fingerprint(str(model), False)
+        fingerprint(str(model), False, digests=store.digests)
         [path] = store.digests.iterdir()
         path.write_text(memo)
     restart()
     read = hashes(monkeypatch)
-    assert fingerprint(str(model), False) == expected and sorted(read) == ["config.json", "model.safetensors"]
+    assert fingerprint(str(model), False, digests=store.digests) == expected
+    assert sorted(read) == ["config.json", "model.safetensors"]
     if memo != "not a file":  # written again, whole
         restart()
-        assert fingerprint(str(model), False) == expected and len(read) == 2
+        assert fingerprint(str(model), False, digests=store.digests) == expected and len(read) == 2
         assert [p.name for p in store.digests.iterdir()] == [path.name]
 
 
@@ -364,3 +367,18 @@ def test_a_broken_entry_this_user_wrote_is_replaced(tmp_path: Path, caplog: pyte
     assert store.load("tiny-0123") is None and not store.path("tiny-0123").exists()
     assert caplog.messages == ["a cached converted model could not be read; removed, converting again"]
     assert [p.name for p in store.root.iterdir()] == []
+
+
+def test_the_service_keys_its_model_with_the_digests_its_cache_remembers(bert_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker.model import load_model
+    from tests.conftest import model_settings
+
+    monkeypatch.setattr("reranker.backends.keys.RECENT_SECONDS", 0.0)
+    load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
+    [memo] = (tmp_path / "file-digests").iterdir()
+    assert str(bert_dir.resolve()) in memo.read_text()
+    restart()
+    read = hashes(monkeypatch)
+    load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
+    assert read == []  # a restart reads none of the model's files to key it

@@ -21,7 +21,8 @@ from reranker.backends.cpu import (
     physical_cores,
     torch_native_bf16,
 )
-from reranker.backends.store import ConvertedModels, fingerprint
+from reranker.backends.keys import fingerprint
+from reranker.backends.store import ConvertedModels
 from reranker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def load_openvino(model: Any, settings: Settings) -> None:
                                   "or OMP_NUM_THREADS=1); give it 2 threads or more, or RERANKER_DTYPE=float32")
         streams = 1
     store = ConvertedModels(settings.cache_dir, core)
-    key = fingerprint(model.model_id, settings.trust_remote_code)
+    key = fingerprint(model.model_id, settings.trust_remote_code, digests=store.digests)
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
     started = time.perf_counter()
     graph = store.load(key)
@@ -227,5 +228,5 @@ def load_openvino(model: Any, settings: Settings) -> None:
 
 def cached_serving(settings: Settings) -> dict[str, Any] | None:
     """What an earlier start stored of how to serve RERANKER_MODEL on OpenVINO without loading it in PyTorch."""
-    return ConvertedModels(settings.cache_dir, ov.Core()).load_serving(fingerprint(settings.model,
-                                                                                    settings.trust_remote_code))
+    store = ConvertedModels(settings.cache_dir, ov.Core())
+    return store.load_serving(fingerprint(settings.model, settings.trust_remote_code, digests=store.digests))
