@@ -32,6 +32,7 @@ from ray._private.authentication_test_utils import reset_auth_token_state  # noq
 from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
+from deploy.ray.remote import running_replicas  # noqa: E402, F401 (the ingress's readiness count, for tests)
 from tests.servers import START_S, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,11 +168,6 @@ def worker_log_lines(cluster: LocalRay, pid: int | None = None) -> list[dict[str
                 except ValueError:
                     continue
     return lines
-
-
-def running_replicas(app: str, deployment: str) -> int:
-    status = serve.status().applications[app].deployments[deployment]
-    return sum(n for state, n in status.replica_states.items() if state == "RUNNING")
 
 
 def faulty_app(args: dict[str, Any] | None = None) -> Any:

@@ -13,9 +13,9 @@ import os  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
 
 import httpx  # noqa: E402
 import yaml  # noqa: E402
@@ -50,6 +50,8 @@ from tests.test_prometheus import (  # noqa: E402
     running_prometheus,
 )
 from tests.tiny_models import random_text  # noqa: E402
+
+T = TypeVar("T")
 
 APP = "reranker"
 MODEL = "RerankModel"
@@ -235,23 +237,34 @@ def _address(hex_address: str, v6: bool) -> str:
     return f"::ffff:{address.ipv4_mapped}" if address.ipv4_mapped else str(address)
 
 
-def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
-    load = Load(cluster.url, clients=4, seed=2).start()
+def replaced_under_load(cluster: LocalRay, seed: int, disrupt: Callable[[], T], what: str) -> tuple[float, int, T]:
+    """Under load from 4 clients, `disrupt()` one of the two model replicas, then wait until a new one runs beside
+    the other and the load has gone on after it: the seconds until the replacement ran, its pid, and what
+    `disrupt` returned. No client may have seen a failure."""
+    load = Load(cluster.url, clients=4, seed=seed).start()
     try:
         wait_for(lambda: load.total >= 20, HANG_S, "load running")
-        victim, survivor = replica_pids(APP, MODEL)
-        os.kill(victim, signal.SIGKILL)
-        # About 9 s on a 2-core host that this load saturates, 5 s quiet: the new process starts Ray's worker and
-        # imports Ray Serve and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
-        recovered = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(
-            set(replica_pids(APP, MODEL)) - {victim, survivor}) == 1, HANG_S, "a replacement replica")
-        (replacement,) = set(replica_pids(APP, MODEL)) - {victim, survivor}
+        before = set(replica_pids(APP, MODEL))
+        disrupted = disrupt()
+        replaced = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(set(replica_pids(APP, MODEL)) - before)
+                            == 1, HANG_S, what)
+        (replacement,) = set(replica_pids(APP, MODEL)) - before
         served = load.total
         wait_for(lambda: load.total >= served + 20, HANG_S, "load served after the replacement")
     finally:
         load.stop()
-    print(f"replica replaced in {recovered:.1f} s after the kill")
     assert load.failures == {}, load.failures
+    return replaced, replacement, disrupted
+
+
+def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
+    def kill() -> None:
+        os.kill(replica_pids(APP, MODEL)[0], signal.SIGKILL)
+
+    # About 9 s on a 2-core host that this load saturates, 5 s quiet: the new process starts Ray's worker and
+    # imports Ray Serve and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
+    recovered, replacement, _ = replaced_under_load(cluster, 2, kill, "a replacement replica")
+    print(f"replica replaced in {recovered:.1f} s after the kill")
     # The issue's budget is 10 s, which a saturated 2-core host meets with little room (8.5-9.7 s measured). Twice
     # that bounds it here without flaking, and still fails a replacement that loads the model in full (26.5 s).
     assert recovered < REPLACED_WITHIN_S, f"the replacement took {recovered:.1f} s"
@@ -272,19 +285,11 @@ def test_a_replica_whose_device_failed_loses_no_request(cluster: LocalRay, bert_
     deploy(config, APP)
     wait_for(lambda: running_replicas(APP, MODEL) == 2 and not set(replica_pids(APP, MODEL)) & before, 120,
              "two replicas with a fault switch")
-    faulty = set(replica_pids(APP, MODEL))
-    load = Load(cluster.url, clients=4, seed=8).start()
-    try:
-        wait_for(lambda: load.total >= 20, HANG_S, "load running")
-        failed = serve.get_deployment_handle(MODEL, APP).fail_device.remote().result(timeout_s=HANG_S)
-        replaced = wait_for(lambda: running_replicas(APP, MODEL) == 2 and len(set(replica_pids(APP, MODEL)) - faulty)
-                            == 1, HANG_S, "a replacement for the replica whose device failed")
-        served = load.total
-        wait_for(lambda: load.total >= served + 20, HANG_S, "load served after the replacement")
-    finally:
-        load.stop()
+    failing = serve.get_deployment_handle(MODEL, APP)
+    replaced, _, failed = replaced_under_load(
+        cluster, 8, lambda: failing.fail_device.remote().result(timeout_s=HANG_S),
+        "a replacement for the replica whose device failed")
     print(f"the replica whose device failed was replaced in {replaced:.1f} s")
-    assert load.failures == {}, load.failures
     assert any(line.get("message") == "the scoring device failed: this replica ends" and line.get("replica") == failed
                for line in worker_log_lines(cluster))
 
