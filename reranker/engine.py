@@ -82,7 +82,7 @@ class Reranker:
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "backend": model.backend.name,
-            "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": str(model.max_length),
+            "backend_reason": model.backend_reason, "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": str(model.max_length),
             "compile": model.compiled,
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
