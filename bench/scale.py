@@ -1,9 +1,11 @@
 """Scale-out: pairs/s and latency of the single-process service, Ray Serve with 1 replica and with 2, same load.
 
-One run, three configurations, on the MiniLM benchmark model (bench/workload.py), each sent the same workload
-from the same concurrent callers over /v1/rerank after a warm-up pass:
+One run, on the MiniLM benchmark model (bench/workload.py), in rounds (`--rounds`, 3): each round measures every
+configuration below once, each sent the same workload from the same concurrent callers over /v1/rerank after a
+warm-up pass, and each ratio is taken within a round (this kind of 2-core VM moves by a tenth or more from one
+minute to the next; two bare copies alone ranged 1.6x-2.1x one copy within 20 minutes):
 
-- `single`: app.py, one process, its torch with `--threads` threads (default: one per core);
+- `single`: app.py, one process with `--threads` threads (default: one per core);
 - `serve-1xT`: deploy/ray/serve.yaml on a local loopback Ray, one model replica with as many threads, behind the
   ingress: the same compute as `single`, so their ratio is what the hop through Serve costs (target >= 0.9);
 - `serve-1`, `serve-2`: 1 and 2 replicas of one torch thread each: their ratio is how replicas scale
@@ -11,8 +13,11 @@ from the same concurrent callers over /v1/rerank after a warm-up pass:
 - the host's own ceiling for that ratio (bench/copies.py): 1 and then 2 copies of the bare model, one thread each,
   no service and no Ray. Where the cores give two copies less than 2x one, two replicas cannot reach more.
 
-It prints pairs/s, p50/p95 latency, the ratios and what each configuration had. On a host with fewer cores than
-replicas + 1, the replicas, the ingress, the proxy and the callers share the cores.
+It prints each round, then per configuration the median pairs/s and range with p50/p95 latency of its median
+run, and the median and range of each ratio. The single process waits stopped (SIGSTOP) while the others run, and
+Ray is started afresh each round after the single process and the copies are measured, so neither idles beside
+them. On a host with fewer cores than replicas + 1, the replicas, the ingress, the proxy and the callers share the
+cores.
 
 Run: .venv/bin/python -m bench.scale   (needs requirements-ray.txt and requirements-dev.txt)
 """
@@ -21,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from bench.copies import run_copies  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
-from tests.servers import app_process  # noqa: E402
+from tests.servers import app_server  # noqa: E402
 
 # Every configuration: float32 on the CPU, no pair-score cache (every pair is scored), request log lines
 # sampled away.
@@ -74,11 +80,6 @@ def measure(name: str, setup: str, url: str, warm_up: list[Request], workload: l
     return Result(name, setup, pairs / elapsed, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.95) * 1000)
 
 
-def single_process(model: Path, threads: int) -> AbstractContextManager[str]:
-    """app.py on a free loopback port, its torch on `threads` threads."""
-    return app_process({**ENV, "RERANKER_MODEL": str(model), "OMP_NUM_THREADS": str(threads)}, ready_s=300)
-
-
 def serve_config(model: Path, replicas: int, threads: int) -> dict[str, Any]:
     """deploy/ray/serve.yaml's reranker application with `replicas` fixed model replicas of `threads` torch
     threads each."""
@@ -96,46 +97,88 @@ def serve_config(model: Path, replicas: int, threads: int) -> dict[str, Any]:
     return config
 
 
+def serve_round(model: Path, order: list[tuple[str, int, int]], warm_up: list[Request], workload: list[Request],
+                clients: int) -> list[Result]:
+    """Each Serve configuration of `order` on a Ray started for this round (so that no idle Ray takes CPU from the
+    single process or the bare copies measured before it)."""
+    results = []
+    with local_ray({}) as cluster:
+        for name, replicas, threads in order:
+            deploy(serve_config(model, replicas, threads), "reranker", timeout=600)
+            deadline = time.monotonic() + 300
+            while running_replicas("reranker", "RerankModel") != replicas and time.monotonic() < deadline:
+                time.sleep(0.5)
+            setup = f"{replicas} replica(s) x {threads} thread(s) + ingress"
+            results.append(measure(name, setup, cluster.url, warm_up, workload, clients))
+    return results
+
+
+def ratio_line(label: str, values: list[float], target: str) -> str:
+    spread = f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+    return f"{label}: {statistics.median(values):.2f}x{spread} {target}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96, help="timed requests per configuration")
     parser.add_argument("--docs", type=int, default=20, help="documents per request")
     parser.add_argument("--clients", type=int, default=8, help="concurrent callers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads of the single process (default: one per core)")
+                        help="threads of the single process (default: one per core)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every configuration; the ratios are taken within a round")
     args = parser.parse_args()
 
     workload = build_workload(args.requests, args.docs)
     warm_up = build_workload(args.clients * 2, args.docs, seed=1)
-    results: list[Result] = []
+    rounds: list[dict[str, Result]] = []
+    ceilings: list[float] = []
     started_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         model = build_benchmark_model(Path(folder) / "minilm")
-        copies = [sum(run_copies(model, n, cache_dir=Path(folder) / "cache")) for n in (1, 2)]
-        with single_process(model, args.threads) as url:
-            results.append(measure("single", f"1 process x {args.threads} torch threads", url, warm_up,
-                                   workload, args.clients))
-        with local_ray({}) as cluster:
-            for name, replicas, threads in (("serve-1xT", 1, args.threads), ("serve-1", 1, 1), ("serve-2", 2, 1)):
-                deploy(serve_config(model, replicas, threads), "reranker", timeout=600)
-                deadline = time.monotonic() + 300
-                while running_replicas("reranker", "RerankModel") != replicas and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                setup = f"{replicas} replica(s) x {threads} torch thread(s) + ingress"
-                results.append(measure(name, setup, cluster.url, warm_up, workload, args.clients))
+        with app_server({**ENV, "RERANKER_MODEL": str(model), "OMP_NUM_THREADS": str(args.threads)},
+                        ready_s=300) as (url, process):
+            process.send_signal(signal.SIGSTOP)
+            for number in range(args.rounds):
+                copies = [sum(run_copies(model, n, cache_dir=Path(folder) / "cache")) for n in (1, 2)]
+                ceilings.append(copies[1] / copies[0])
+                process.send_signal(signal.SIGCONT)
+                single = measure("single", f"1 process x {args.threads} threads", url, warm_up, workload,
+                                 args.clients)
+                process.send_signal(signal.SIGSTOP)  # an idle service still wakes; it waits, stopped, for its turn
+                # serve-1 and serve-2 swap places every round: neither is always the one measured later.
+                order = [("serve-1xT", 1, args.threads), ("serve-1", 1, 1), ("serve-2", 2, 1)]
+                if number % 2:
+                    order[1], order[2] = order[2], order[1]
+                measured = {r.name: r for r in [single, *serve_round(model, order, warm_up, workload, args.clients)]}
+                rounds.append(measured)
+                print(f"round {number + 1}: " + ", ".join(f"{r.name} {r.pairs_per_s:.1f}" for r in measured.values())
+                      + f" pairs/s; 2 bare copies / 1 = {ceilings[-1]:.2f}x ({copies[0]:.1f} -> {copies[1]:.1f})",
+                      flush=True)
+            process.send_signal(signal.SIGCONT)  # to be stopped by app_server
 
     print(f"host: {host()}; load average {started_load:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{args.requests} requests x {args.docs} documents, {args.clients} concurrent callers, /v1/rerank, "
-          "after a warm-up pass")
-    print(f"{'configuration':<10} {'what it had':<42} {'pairs/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
-    for r in results:
-        print(f"{r.name:<10} {r.setup:<42} {r.pairs_per_s:>8.1f} {r.p50_ms:>8.0f} {r.p95_ms:>8.0f}")
-    single, same, one, two = results
-    print(f"serve-1xT / single: {same.pairs_per_s / single.pairs_per_s:.2f}x (the hop; target >= 0.9)")
-    print(f"serve-2 / serve-1: {two.pairs_per_s / one.pairs_per_s:.2f}x (replicas; target >= 1.7)")
-    print(f"the host's ceiling for that: 2 bare copies of the model / 1 = {copies[1] / copies[0]:.2f}x "
-          f"({copies[0]:.1f} -> {copies[1]:.1f} pairs/s, one thread each, no service, no Ray)")
-    print(f"serve-2 / single: {two.pairs_per_s / single.pairs_per_s:.2f}x (the same cores either way)")
+          f"after a warm-up pass; {args.rounds} round(s), each configuration once per round")
+    print(f"{'configuration':<10} {'what it had':<42} {'pairs/s (median, range)':>24} {'p50 ms':>8} {'p95 ms':>8}")
+    for name, setup in ((r.name, r.setup) for r in rounds[0].values()):
+        runs = [measured[name] for measured in rounds]
+        rates = [r.pairs_per_s for r in runs]
+        middle = sorted(runs, key=lambda r: r.pairs_per_s)[len(runs) // 2]
+        print(f"{name:<10} {setup:<42} {statistics.median(rates):>8.1f} ({min(rates):.1f}-{max(rates):.1f})"
+              f"{'':>4} {middle.p50_ms:>8.0f} {middle.p95_ms:>8.0f}")
+
+    def per_round(over: str, under: str) -> list[float]:
+        return [m[over].pairs_per_s / m[under].pairs_per_s for m in rounds]
+
+    replicas = per_round("serve-2", "serve-1")
+    print(ratio_line("serve-1xT / single", per_round("serve-1xT", "single"), "(the hop; target >= 0.9)"))
+    print(ratio_line("serve-2 / serve-1", replicas, "(replicas; target >= 1.7)"))
+    print(ratio_line("the host's ceiling for that: 2 bare copies of the model / 1", ceilings,
+                     "(one thread each, no service, no Ray)"))
+    print(ratio_line("replicas / that ceiling, in the same round",
+                     [r / c for r, c in zip(replicas, ceilings, strict=True)], ""))
+    print(ratio_line("serve-2 / single", per_round("serve-2", "single"), "(the same cores either way)"))
 
 
 if __name__ == "__main__":
