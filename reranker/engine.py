@@ -82,8 +82,8 @@ class Reranker:
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "backend": model.backend.name,
-            "backend_reason": model.backend_reason, "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": str(model.max_length),
-            "compile": model.compiled,
+            "backend_reason": model.backend_reason, "dtype": model.dtype, "dtype_reason": model.dtype_reason,
+            "max_length": str(model.max_length), "compile": model.compiled,
         })
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.metrics.model_convert_seconds.set(model.convert_seconds)

@@ -145,8 +145,9 @@ def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documen
     assert value("reranker_truncated_documents_total") == stats.truncated > 0
     assert value("reranker_top1_score_count") == 1 and value("reranker_score_stddev_count") == 1
     assert value("reranker_model_info", {"model": bert_model.model_id, "device": "cpu", "backend": "torch",
-                                         "backend_reason": "RERANKER_BACKEND=torch", "dtype": "float32", "dtype_reason": "RERANKER_DTYPE=float32",
-                                         "max_length": "256", "compile": "off"}) == 1
+                                         "backend_reason": "RERANKER_BACKEND=torch", "dtype": "float32",
+                                         "dtype_reason": "RERANKER_DTYPE=float32", "max_length": "256",
+                                         "compile": "off"}) == 1
     assert value("reranker_model_convert_seconds") == 0
     assert value("reranker_model_load_seconds") > 0
 

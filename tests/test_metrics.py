@@ -122,7 +122,8 @@ def test_model_info_load_time_queue_gauges_and_process_collector(traffic: tuple[
                                                                  bert_model: ScoringModel) -> None:
     _, metrics = traffic
     assert value(metrics, "reranker_model_info", model=bert_model.model_id, device="cpu", backend="torch",
-                 backend_reason="RERANKER_BACKEND=torch", dtype="float32", dtype_reason="RERANKER_DTYPE=float32", max_length="256", compile="off") == 1
+                 backend_reason="RERANKER_BACKEND=torch", dtype="float32", dtype_reason="RERANKER_DTYPE=float32",
+                 max_length="256", compile="off") == 1
     assert value(metrics, "reranker_model_load_seconds") > 0
     assert value(metrics, "reranker_queue_pairs") == 0
     assert value(metrics, "reranker_queue_capacity_pairs") == 20000
