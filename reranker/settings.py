@@ -41,6 +41,7 @@ class Settings:
     compile: str = "off"
     backend: str = "auto"
     cache_dir: str | None = None  # None: default_cache_dir(), resolved only where a converted model is kept
+    cache_max_age_days: float = 30.0  # converted models unused this long are removed when one is added; 0: never
     int8_mode: str = "static"
     int8_calibration: str | None = None  # a JSONL file of {"query", "document"} lines; None: the built-in set
     int8_min_spearman: float = 0.99
@@ -94,6 +95,7 @@ class Settings:
             compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
             backend=get("RERANKER_BACKEND", _choice(BACKENDS), d.backend),
             cache_dir=get("RERANKER_CACHE_DIR", _path, d.cache_dir),
+            cache_max_age_days=get("RERANKER_CACHE_MAX_AGE_DAYS", _non_negative_float, d.cache_max_age_days),
             int8_mode=int8_mode,
             int8_calibration=get("RERANKER_INT8_CALIBRATION", _calibration if static_int8 else _text, None),
             int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", _float(-1.0, 1.0, "a number from -1 to 1"),

@@ -185,7 +185,7 @@ def test_entries_are_readable_by_others_unless_the_umask_says_otherwise(tmp_path
     entry = store.path("tiny-0123")
     assert stat.S_IMODE(entry.stat().st_mode) == folder
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in entry.iterdir()} == {
-        name: file for name in ("model.xml", "model.bin", "meta.json", "serving.json")}
+        name: file for name in ("model.xml", "model.bin", "meta.json", "serving.json", "last-used")}
 
 
 def test_an_entry_this_user_cannot_read_is_a_miss_not_a_crash(tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -382,3 +382,64 @@ def test_the_service_keys_its_model_with_the_digests_its_cache_remembers(bert_di
     read = hashes(monkeypatch)
     load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
     assert read == []  # a restart reads none of the model's files to key it
+
+
+def aged(entry: Path, days: float, *names: str) -> None:
+    when = time.time() - days * 86400
+    for name in names:
+        os.utime(entry / name, (when, when))
+
+
+def test_entries_no_start_took_for_the_max_age_go_when_a_model_is_added(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys change with every library upgrade, so old entries would pile up for ever: a save removes this user's
+    entries no start has taken for RERANKER_CACHE_MAX_AGE_DAYS, and only those. Taking an entry marks it, an
+    entry from before the marker counts from its meta.json (and gets a marker when taken), another user's entry
+    is left."""
+    store = ConvertedModels(str(tmp_path), ov.Core(), max_age_days=30)
+    for key in ("unused-1", "taken-2", "legacy-3", "legacy-taken-4", "recent-5"):
+        store.save(key, graph())
+    aged(store.path("unused-1"), 31, "last-used")
+    aged(store.path("taken-2"), 31, "last-used")
+    assert store.load("taken-2") is not None
+    for key in ("legacy-3", "legacy-taken-4"):
+        (store.path(key) / "last-used").unlink()
+        aged(store.path(key), 31, "meta.json")
+    assert store.load("legacy-taken-4") is not None
+    aged(store.path("recent-5"), 29, "last-used")
+    with monkeypatch.context() as m:
+        other_user(m)  # every entry is another user's: none is removed
+        store.save("theirs-6", graph())
+    assert len(list(store.root.iterdir())) == 6
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        store.save("new-7", graph())
+    assert sorted(p.name for p in store.root.iterdir()) == [
+        "legacy-taken-4", "new-7", "recent-5", "taken-2", "theirs-6"]
+    removed = [r for r in caplog.records if r.getMessage().startswith("removed a converted model")]
+    assert sorted(vars(r)["cache"] for r in removed) == [str(store.path("legacy-3")), str(store.path("unused-1"))]
+    assert all(vars(r)["mib"] >= 0 and vars(r)["max_age_days"] == 30 for r in removed)
+
+
+def test_a_max_age_of_zero_keeps_every_entry(tmp_path: Path) -> None:
+    store = ConvertedModels(str(tmp_path), ov.Core(), max_age_days=0)
+    store.save("old-1", graph())
+    aged(store.path("old-1"), 3650, "last-used", "meta.json")
+    store.save("new-2", graph())
+    assert sorted(p.name for p in store.root.iterdir()) == ["new-2", "old-1"]
+
+
+def test_the_service_removes_what_its_max_age_says_when_it_converts(bert_dir: Path, tmp_path: Path) -> None:
+    from reranker.model import load_model
+    from tests.conftest import model_settings
+
+    old = ConvertedModels(str(tmp_path), ov.Core())
+    old.save("upgraded-away-0123", graph())
+    aged(old.path("upgraded-away-0123"), 8, "last-used")
+    load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path), cache_max_age_days=10))
+    assert old.path("upgraded-away-0123").is_dir()  # 8 days < 10
+    kept = {p.name for p in old.root.iterdir()}
+    load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path), cache_max_age_days=7,
+                              dtype="int8", int8_mode="weights", int8_min_spearman=-1.0))  # stores its int8 copy
+    now = {p.name for p in old.root.iterdir()}
+    assert len(now - kept) == 1 and kept - now == {"upgraded-away-0123"}  # the int8 copy in, the unused entry out

@@ -25,7 +25,7 @@ def test_every_variable_is_read() -> None:
     s = Settings.from_env({
         "RERANKER_MODEL": "/models/x", "RERANKER_DEVICE": "cuda:1", "RERANKER_DTYPE": "BFloat16",
         "RERANKER_COMPILE": "CUDAGraphs", "RERANKER_MAX_LENGTH": "512", "RERANKER_LONG_DOCS": "chunk",
-        "RERANKER_BATCH_TOKENS": "4096", "RERANKER_CPU_STREAMS": "1",
+        "RERANKER_BATCH_TOKENS": "4096", "RERANKER_CPU_STREAMS": "1", "RERANKER_CACHE_MAX_AGE_DAYS": "7.5",
         "RERANKER_CACHE_SIZE": "0", "RERANKER_MAX_DOCS": "10", "RERANKER_MAX_DOC_CHARS": "99",
         "RERANKER_MAX_QUEUE": "7", "RERANKER_MAX_QUERY_CHARS": "300",
         "RERANKER_TRUST_REMOTE_CODE": "yes", "RERANKER_HOST": "0.0.0.0",
@@ -36,7 +36,7 @@ def test_every_variable_is_read() -> None:
     })
     assert s == Settings(
         model="/models/x", device="cuda:1", dtype="bfloat16", compile="cudagraphs", max_length=512, long_docs="chunk",
-        batch_tokens=4096, cpu_streams=1,
+        batch_tokens=4096, cpu_streams=1, cache_max_age_days=7.5,
         cache_size=0, max_docs=10, max_doc_chars=99, max_query_chars=300, max_queue=7, trust_remote_code=True,
         host="0.0.0.0",
         port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
@@ -79,6 +79,7 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_LOG_SAMPLE_RATE", "1.5", "from 0 to 1"),
         ("RERANKER_LOG_SAMPLE_RATE", "nan", "from 0 to 1"),
         ("RERANKER_SLOW_MS", "-3", "a number >= 0"),
+        ("RERANKER_CACHE_MAX_AGE_DAYS", "-1", "a number >= 0"),
         ("RERANKER_LOG_QUERY_PREVIEW", "-1", "an integer >= 0"),
         ("RERANKER_TRACING", "sometimes", "true, false"),
     ],

@@ -183,7 +183,7 @@ def load_openvino(model: Any, settings: Settings) -> None:
             raise ConversionError("OpenVINO cannot compile a causal model at bfloat16 on one thread (one core, "
                                   "or OMP_NUM_THREADS=1); give it 2 threads or more, or RERANKER_DTYPE=float32")
         streams = 1
-    store = ConvertedModels(settings.cache_dir, core)
+    store = ConvertedModels(settings.cache_dir, core, settings.cache_max_age_days)
     key = fingerprint(model.model_id, settings.trust_remote_code, digests=store.digests)
     example = model.collate(model.encode([("an example query", "an example document to trace")] * 2))
     started = time.perf_counter()

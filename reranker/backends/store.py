@@ -25,15 +25,22 @@ logger = logging.getLogger(__name__)
 SERVING_FORMAT = 1
 # A staging entry untouched this long was left by a process that died while saving it.
 STALE_SECONDS = 3600
+# In each entry: its mtime is when a start last took the entry (or stored it).
+LAST_USED = "last-used"
 class ConvertedModels:
     """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json), and serving.json: how to tokenize for the
     model, which lets the next start skip loading it in PyTorch. Writes are atomic (a staging folder or file
     renamed into place), so replicas converting at once never read half a model. Entries get the modes the
     user's umask gives (0755 folders, 0644 files under the usual 022): a cache warmed by another user, root at
     image build say, serves this one. A cache that cannot be read or written is a warning, never a failure;
-    only a default location that cannot be named (no home directory) stops the start."""
+    only a default location that cannot be named (no home directory) stops the start.
 
-    def __init__(self, cache_dir: str | None, core: ov.Core) -> None:
+    Entries are keyed by library versions among the rest, so every upgrade leaves the old ones behind: each save
+    first removes this user's entries that no start has taken for `max_age_days` (RERANKER_CACHE_MAX_AGE_DAYS;
+    0 keeps them all). A start that takes an entry marks it used; another user's start cannot, and does not
+    remove it either."""
+
+    def __init__(self, cache_dir: str | None, core: ov.Core, max_age_days: float = 0.0) -> None:
         """`cache_dir` None: RERANKER_CACHE_DIR's default, resolved here, where it is first needed."""
         if cache_dir is None:
             try:
@@ -43,6 +50,7 @@ class ConvertedModels:
         self.root = Path(cache_dir).expanduser() / "openvino"
         self.digests = Path(cache_dir).expanduser() / DIGESTS
         self._core = core
+        self.max_age_days = max_age_days
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -56,7 +64,7 @@ class ConvertedModels:
             _unreadable(xml.parent, err)
             return None
         try:
-            return self._core.read_model(str(xml))
+            model = self._core.read_model(str(xml))
         except Exception as err:  # a damaged entry is converted again, not served
             entry, cause = xml.parent, f"{type(err).__name__}: {err}"[:300]
             # Another user's entry is left alone: it may serve that user's replicas, and this one cannot remove it.
@@ -67,6 +75,9 @@ class ConvertedModels:
                 logger.warning("a cached converted model could not be read; converting again without replacing it",
                                extra={"cache": str(entry), "owner_uid": _owner(entry), "cause": cause})
             return None
+        with suppress(OSError):  # another user's entry, or a read-only cache: served all the same
+            (xml.parent / LAST_USED).touch()  # created where an entry from before markers has none
+        return model
 
     def save(self, key: str, model: ov.Model, **meta: Any) -> None:
         """Keep `model` under `key`; a cache that cannot be written is logged, not fatal. Staging folders left
@@ -77,12 +88,14 @@ class ConvertedModels:
             self.root.mkdir(parents=True, exist_ok=True)
             remove_stale(self.root)
             remove_stale(self.digests)
+            self.remove_unused()
             staging = self.root / f".{key}-{uuid.uuid4().hex[:12]}"
             staging.mkdir()  # not tempfile.mkdtemp: its 0700 would keep every other user out
             # float32 weights as they are: the default would halve them to float16 and change the scores.
             ov.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
             (staging / "meta.json").write_text(json.dumps(
                 {"key": key, "libraries": library_versions(), "format": FORMAT, **meta}, indent=1, default=str))
+            (staging / LAST_USED).touch()
             try:
                 staging.rename(target)
             except OSError as err:  # another process stored it first (the same model), or a broken entry is there
@@ -93,6 +106,25 @@ class ConvertedModels:
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def remove_unused(self) -> None:
+        """Remove this user's entries that no start has taken for `max_age_days` (none when it is 0), logging
+        each with its size."""
+        if self.max_age_days <= 0:
+            return
+        cutoff = time.time() - self.max_age_days * 86400
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or _owner(entry) != os.getuid() or _last_used(entry) >= cutoff:
+                continue
+            size = _size(entry)
+            if self._remove(entry):
+                logger.info("removed a converted model no start has used for RERANKER_CACHE_MAX_AGE_DAYS",
+                            extra={"cache": str(entry), "max_age_days": self.max_age_days,
+                                   "mib": round(size / 2**20, 1)})
 
     def _settle(self, target: Path, staging: Path, err: OSError) -> None:
         """`staging` could not be renamed to `target`. Fine when another process stored a readable entry there
@@ -165,6 +197,25 @@ def _owner(path: Path) -> int | None:
         return path.stat().st_uid
     except OSError:
         return None
+
+
+def _last_used(entry: Path) -> float:
+    """When a start last took `entry` (its marker's mtime; an entry from before markers: its meta.json's); inf
+    when that cannot be read, so nothing is removed on a guess."""
+    for name in (LAST_USED, "meta.json"):
+        try:
+            return (entry / name).stat().st_mtime
+        except OSError:
+            continue
+    return float("inf")
+
+
+def _size(entry: Path) -> int:
+    total = 0
+    for path in entry.rglob("*"):
+        with suppress(OSError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
 
 
 def _unreadable(entry: Path, err: Exception) -> None:
