@@ -120,7 +120,10 @@ class ConvertedModels:
         for entry in entries:
             if entry.name.startswith(".") or _owner(entry) != os.getuid() or _last_used(entry) >= cutoff:
                 continue
-            size = _size(entry)
+            try:
+                size = _size(entry)
+            except OSError:  # an entry that cannot be walked is left as it is
+                continue
             if self._remove(entry):
                 logger.info("removed a converted model no start has used for RERANKER_CACHE_MAX_AGE_DAYS",
                             extra={"cache": str(entry), "max_age_days": self.max_age_days,
@@ -211,11 +214,7 @@ def _last_used(entry: Path) -> float:
 
 
 def _size(entry: Path) -> int:
-    total = 0
-    for path in entry.rglob("*"):
-        with suppress(OSError):
-            total += path.stat().st_size if path.is_file() else 0
-    return total
+    return sum(path.lstat().st_size for path in entry.rglob("*") if not path.is_dir())
 
 
 def _unreadable(entry: Path, err: Exception) -> None:
