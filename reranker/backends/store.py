@@ -27,6 +27,8 @@ SERVING_FORMAT = 1
 STALE_SECONDS = 3600
 # In each entry: its mtime is when a start last took the entry (or stored it).
 LAST_USED = "last-used"
+
+
 class ConvertedModels:
     """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json), and serving.json: how to tokenize for the
     model, which lets the next start skip loading it in PyTorch. Writes are atomic (a staging folder or file
