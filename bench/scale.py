@@ -44,7 +44,8 @@ import yaml  # noqa: E402
 from bench.copies import run_copies  # noqa: E402
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
-from tests.ray_cluster import ROOT, deploy, local_ray, running_replicas  # noqa: E402
+from deploy.ray.remote import running_replicas  # noqa: E402
+from tests.ray_cluster import ROOT, deploy, local_ray  # noqa: E402
 from tests.servers import app_server  # noqa: E402
 
 # Every configuration: float32 on the CPU, no pair-score cache (every pair is scored), request log lines

@@ -32,7 +32,6 @@ from ray._private.authentication_test_utils import reset_auth_token_state  # noq
 from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from deploy.ray.remote import running_replicas  # noqa: E402, F401 (the ingress's readiness count, for tests)
 from tests.servers import START_S, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 
+from deploy.ray.remote import running_replicas  # noqa: E402
 from reranker import Reranker, spans  # noqa: E402
 from reranker.metrics import LATENCY_BUCKETS  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
@@ -33,7 +34,6 @@ from tests.ray_cluster import (  # noqa: E402
     descendants,
     local_ray,
     replica_pids,
-    running_replicas,
     worker_log_lines,
 )
 from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
