@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
 import asyncio  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any, cast  # noqa: E402
@@ -140,6 +141,47 @@ def test_readiness_is_the_controllers_count_of_running_replicas_asked_once_a_sec
 
     asyncio.run(probe())
 
+
+
+class WaitingHandle(FakeHandle):
+    """A call that never gets an answer, as one queued at the handle while no replica is running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    def _rerank(self, *args: Any) -> Any:
+        self.calls += 1
+        handle = self
+
+        class Waiting:
+            def __await__(self) -> Any:
+                return asyncio.Event().wait().__await__()
+
+            def cancel(self) -> None:
+                handle.cancelled += 1
+
+        return Waiting()
+
+
+def test_a_try_no_replica_answers_ends_at_the_deadline_with_504() -> None:
+    """Without a bound on each try, a call waiting for a replica waited out the proxy's request_timeout_s, whose
+    408 is Serve's plain text."""
+    handle = WaitingHandle()
+    started = time.monotonic()
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(handle, deadline_s=0.3).rerank(None, "/v1/rerank", CALL))
+    assert 0.3 <= time.monotonic() - started < 5
+    assert (failed.value.status, failed.value.type, failed.value.counted) == (504, "timeout", False)
+    assert "0.3 s" in failed.value.message
+    assert handle.calls == 1 and handle.cancelled == 1  # not tried again, and the call is withdrawn
+
+
+def test_tries_and_the_deadline_must_allow_one_try() -> None:
+    with pytest.raises(ValueError, match="tries must be at least 1 and deadline_s above 0"):
+        backend(FakeHandle(), tries=0)
+    with pytest.raises(ValueError, match="got tries=3, deadline_s=0"):
+        backend(FakeHandle(), deadline_s=0)
 
 @pytest.fixture
 def metrics() -> Metrics:

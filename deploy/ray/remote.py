@@ -2,8 +2,10 @@
 
 Scoring is idempotent, so a call whose replica died (SIGKILL, node lost), or whose replica answered that it cannot
 score (its device failed), is retried on another replica, a bounded number of times and only while the request's
-deadline allows; Serve itself does not retry. A full queue at the handle (max_queued_requests) is one process's
-overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind scoring work.
+deadline allows; Serve itself does not retry. The deadline bounds each try too: a request no replica answered
+within it gets 504 `timeout`, and its call is cancelled. A full queue at the handle (max_queued_requests) is one
+process's overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind
+scoring work.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class RemoteBackend:
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
                  deadline_s: float = 60.0, running: Callable[[], int] | None = None) -> None:
+        if tries < 1 or not deadline_s > 0:
+            raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
+                             f"got tries={tries}, deadline_s={deadline_s}")
         self.handle = handle
         self.settings = settings
         self.tries = tries
@@ -73,7 +78,15 @@ class RemoteBackend:
         backoff = BACKOFF_S
         for attempt in range(1, self.tries + 1):
             try:
-                reply = await self._call(request, route, call, request_id, carrier)
+                # Bounded by what is left: a try can wait in Serve's queue for a replica (one being replaced, say)
+                # for as long as the proxy's request_timeout_s, whose 408 is Serve's text, not this API's answer.
+                reply = await asyncio.wait_for(self._call(request, route, call, request_id, carrier),
+                                               max(deadline - time.monotonic(), 0.0))
+            except TimeoutError as err:  # the call was cancelled with the try: the replica drops unstarted pairs
+                logger.warning("no replica answered within the request's deadline", extra={
+                    "request_id": request_id, "route": route, "attempt": attempt, "deadline_s": self.deadline_s})
+                raise HttpError(504, "timeout", f"no model replica answered within the request's deadline "
+                                f"({self.deadline_s:g} s); retry later, or send fewer documents") from err
             except BackPressureError as err:
                 # Every replica busy and the handle's queue full: one process's full queue, and answered alike.
                 raise HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
