@@ -51,7 +51,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
-    inference_seconds: float = 0.0
+    passes: set[tuple[float, float]] = field(default_factory=set)  # (start, end) of each pass that scored its pairs
     cancelled: bool = False
     span_context: SpanContext | None = None  # the caller's request span, which the batch spans link to
     batch_spans: list[SpanContext] = field(default_factory=list)  # the traced passes that carried its pairs
@@ -62,6 +62,17 @@ class Job:
         self.finished = [False] * len(self.pairs)
         if not self.pairs:
             self.done.set()
+
+    @property
+    def inference_seconds(self) -> float:
+        """The wall time during which at least one of its passes ran: passes side by side (OpenVINO's streams)
+        count once, so it never exceeds the job's own time; a pass shared with other jobs counts whole for each."""
+        total, reached = 0.0, float("-inf")
+        for start, end in sorted(self.passes):
+            if end > reached:
+                total += end - max(start, reached)
+                reached = end
+        return total
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ class Batcher:
             waiting, self._pending = self._pending, []
             self._cond.notify()
         error = DeviceFaultError()
-        self._deliver(waiting, error, 0.0)
+        self._deliver(waiting, error, None)
 
     def check_room(self, n_pairs: int) -> None:
         """Raise what `submit` would for `n_pairs` pairs, without queuing anything: callers check before the
@@ -215,7 +226,7 @@ class Batcher:
             mine = [item for item in self._pending if item.job is job]
             if mine:
                 self._pending = [item for item in self._pending if item.job is not job]
-        self._deliver(mine, CancelledError("the caller gave up"), 0.0)
+        self._deliver(mine, CancelledError("the caller gave up"), None)
         # Pairs already in a round are dropped before their batch runs; the caller stops waiting now.
         with self._cond:
             job.error = job.error or CancelledError("the caller gave up")
@@ -252,7 +263,8 @@ class Batcher:
             for indices in cut_batches(lengths, self._batch_tokens, self._shape):
                 items = [round_items[i] for i in indices]
                 # A caller that gave up while this round waited loses its pairs here, unscored.
-                self._deliver([item for item in items if item.job.cancelled], CancelledError("the caller gave up"), 0.0)
+                gone = [item for item in items if item.job.cancelled]
+                self._deliver(gone, CancelledError("the caller gave up"), None)
                 items = [item for item in items if not item.job.cancelled]
                 if not items:
                     continue
@@ -276,15 +288,16 @@ class Batcher:
                 if not self._device.thread.is_alive():
                     if isinstance(batch, Batch):
                         error = DeviceFaultError("the scoring worker stopped; the service is restarting")
-                        self._deliver(batch.items, error, 0.0)
+                        self._deliver(batch.items, error, None)
                     return False
 
-    def _deliver(self, items: Sequence[_Item], outcome: np.ndarray | RerankerError, seconds: float) -> None:
-        """Record each item's score, or fail its job, and wake the callers whose jobs are complete."""
+    def _deliver(self, items: Sequence[_Item], outcome: np.ndarray | RerankerError,
+                 ran: tuple[float, float] | None) -> None:
+        """Record each item's score, or fail its job, and wake the callers whose jobs are complete; `ran` is when
+        the pass that scored them ran."""
         if not items:
             return
         scores = None if isinstance(outcome, RerankerError) else outcome.tolist()
-        share = seconds / len(items)
         with self._cond:
             fresh = 0
             for slot, item in enumerate(items):
@@ -295,7 +308,8 @@ class Batcher:
                 job.finished[item.position] = True
                 if scores is not None:
                     job.scores[item.position] = scores[slot]
-                    job.inference_seconds += share
+                    if ran is not None:
+                        job.passes.add(ran)
                 elif job.error is None:
                     job.error = outcome  # type: ignore[assignment]
                 job.remaining -= 1

@@ -99,9 +99,9 @@ class Batch:
         return (Batch(self.pairs[:half], self.items[:half]), Batch(self.pairs[half:], self.items[half:]))
 
 
-# Hands each item its score (a float32 tensor in batch order) or the error that failed it, with the
-# device seconds the batch took.
-Deliver = Callable[[Sequence[Any], "np.ndarray | RerankerError", float], None]
+# Hands each item its score (a float32 tensor in batch order) or the error that failed it, with when the pass
+# that scored it ran ((start, end) on time.perf_counter), or None where no pass did.
+Deliver = Callable[[Sequence[Any], "np.ndarray | RerankerError", "tuple[float, float] | None"], None]
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class DeviceStage:
         self._metrics.batch_tokens.observe(batch.padded_tokens)
         self._metrics.pairs_scored.inc(len(batch.pairs))
         self._end_span(launched.span, batch, inference_seconds=elapsed)
-        self._deliver(batch.items, scores, elapsed)
+        self._deliver(batch.items, scores, (done - elapsed, done))
 
     def _end_span(self, span: Span | None, batch: Batch, *, error: BaseException | None = None,
                   inference_seconds: float | None = None) -> None:
@@ -227,13 +227,13 @@ class DeviceStage:
             logger.exception("recovering a failed batch failed", extra={"batch_size": len(batch.pairs)})
             error = ScoringError("the model failed to score this request")
             error.__cause__ = err
-            self._deliver(batch.items, error, 0.0)
+            self._deliver(batch.items, error, None)
 
     def _drop(self, batch: Batch) -> None:
         error: RerankerError = CancelledError("the caller gave up")
         if self.fault is not None:
             error = DeviceFaultError()
-        self._deliver(batch.items, error, 0.0)
+        self._deliver(batch.items, error, None)
 
     def _device_is_poisoned(self) -> bool:
         """After a failure that is not about memory: does a known-good pair still score? CUDA errors such as
@@ -274,7 +274,7 @@ class DeviceStage:
                 logger.error("the model failed on one pair", exc_info=failure)
                 error = ScoringError("the model failed to score this request")
             error.__cause__ = failure
-            self._deliver(batch.items, error, 0.0)
+            self._deliver(batch.items, error, None)
             return
         if out_of_memory:
             self._metrics.oom_retries.inc()
