@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -57,16 +58,24 @@ def main() -> int:
     metrics = Metrics(registry, process_collector=True)
     registry.register(GpuCollector())
     try:
-        # Up before the model loads, so that load time and load failures can be scraped.
+        # Both ports before the model loads: metrics, so that load time and load failures can be scraped; the UI
+        # and API's, so that a port in use fails at once rather than after a load of minutes.
         metrics_handle = metrics_server.start(registry, settings.metrics_host, settings.metrics_port)
-    except metrics_server.MetricsPortError as err:
-        logger.error("%s", err, extra={"error_type": "metrics_port"})
+        try:
+            http_socket = metrics_server.bind(settings.host, settings.port, serving="the UI and API",
+                                              variable="RERANKER_PORT")
+        except metrics_server.PortError:
+            metrics_handle.stop()
+            raise
+    except metrics_server.PortError as err:
+        logger.error("%s", err, extra={"error_type": "port"})
         return 1
     logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_handle.port)
     try:
         tracing = Tracing.from_settings(settings, metrics)
     except Exception as err:  # an OTEL_* value the exporter cannot use
         logger.error("tracing setup failed: %s", err, extra={"error_type": "configuration"})
+        http_socket.close()
         metrics_handle.stop()
         return 2
     if tracing.enabled:
@@ -78,11 +87,12 @@ def main() -> int:
             logger.error("model load failed: %s", err, extra={"error_type": "model_load"})
             return 1
         try:
-            status = serve(reranker)
+            status = serve(reranker, http_socket)
         finally:
             reranker.close()
     finally:
         tracing.shutdown()  # after the worker's last batch spans; bounded, whatever the collector does
+        http_socket.close()
         metrics_handle.stop()
     return status
 
@@ -111,8 +121,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(reranker: Reranker) -> int:
-    """Serve the UI and API until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
+def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
+    """Serve the UI and API, on `sock` (bound to the configured port) or else on the configured host and port,
+    until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
     from web.http import create_app
     from web.lifecycle import Lifecycle
     from web.routes import package_versions
@@ -138,7 +149,7 @@ def serve(reranker: Reranker) -> int:
         signal.signal(sig, lambda signum, frame: None)
     threading.Thread(target=watch_faults, args=(reranker, server), name="fault-watch", daemon=True).start()
     logger.info("serving on http://%s:%d/", settings.host, settings.port)
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     return 1 if server.fault else 0
 
 

@@ -12,8 +12,8 @@ from prometheus_client.exposition import choose_encoder
 from werkzeug.serving import BaseWSGIServer, make_server
 
 
-class MetricsPortError(OSError):
-    """The metrics port cannot be bound."""
+class PortError(OSError):
+    """A port the service is set to serve on cannot be bound; the message names the variable to change."""
 
 
 def create_app(registry: CollectorRegistry) -> Flask:
@@ -48,21 +48,30 @@ class MetricsServer:
         self.thread.join(timeout)
 
 
-def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091) -> MetricsServer:
-    """Serve `registry` on host:port (0 picks a free port); raise MetricsPortError if it is taken."""
-    # Bind here rather than in werkzeug, which prints to stderr and exits the process on a taken port.
+def bind(host: str, port: int, *, serving: str, variable: str) -> socket.socket:
+    """A socket bound to host:port (0 picks a free port), not yet listening; raise PortError naming `variable` if
+    the port cannot be had. app.py takes the UI and API's port with it before the model loads: bound only, so that
+    a client meanwhile is refused at once rather than left waiting for a server that is not up."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise PortError(
+            f"cannot serve {serving} on {host}:{port}: {err.strerror or err}; set {variable} to a free port"
+        ) from err
+    return sock
+
+
+def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091) -> MetricsServer:
+    """Serve `registry` on host:port (0 picks a free port); raise PortError if it is taken."""
+    # Bound here rather than in werkzeug, which prints to stderr and exits the process on a taken port.
+    listener = bind(host, port, serving="metrics", variable="RERANKER_METRICS_PORT")
+    try:
         listener.listen(128)
         server = make_server(host, port, create_app(registry), threaded=True, fd=listener.fileno())
-    except OSError as err:
-        raise MetricsPortError(
-            f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
-            "set RERANKER_METRICS_PORT to a free port"
-        ) from err
     finally:
         listener.close()  # the server holds its own duplicate of the socket
     thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)

@@ -59,7 +59,7 @@ def test_a_taken_port_names_the_variable() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(metrics_server.MetricsPortError, match="set RERANKER_METRICS_PORT to a free port"):
+        with pytest.raises(metrics_server.PortError, match="set RERANKER_METRICS_PORT to a free port"):
             metrics_server.start(CollectorRegistry(), "127.0.0.1", port)
 
 

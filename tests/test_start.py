@@ -68,3 +68,18 @@ def test_start_sh_names_the_metrics_port_when_it_is_taken(bert_dir: Path) -> Non
     assert process.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in output and "RERANKER_METRICS_PORT" in output
     assert "model loaded" not in output  # it stopped before loading the model
+
+
+def test_start_sh_names_the_port_when_it_is_taken_before_loading_the_model(bert_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port)})
+        output, _ = process.communicate(timeout=START_S)
+    assert process.returncode == 1
+    assert f"cannot serve the UI and API on 127.0.0.1:{port}" in output
+    assert "set RERANKER_PORT to a free port" in output
+    assert "model loaded" not in output and "Traceback" not in output  # it stopped before loading the model
