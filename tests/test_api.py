@@ -316,6 +316,33 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tup
         "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"}) == counted
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/rank"), ("GET", "/v1/foo"), ("POST", "/v2/rerank/more"), ("GET", "/no-such-page"),
+])
+def test_an_unknown_route_gets_this_apis_error_shape_naming_the_routes(url: str, method: str, path: str) -> None:
+    """Not Gradio's bare {"detail": "Not Found"}: the app mounted at / answers every path none of ours serves."""
+    response = httpx.request(method, f"{url}{path}", json={"query": "q", "documents": ["a"]}, timeout=HANG_S)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["type"] == "not_found" and "POST /v1/rerank, /v2/rerank, /rerank" in error["message"]
+
+
+def test_gradio_keeps_its_own_routes_and_404s(url: str, bert_model: ScoringModel, bert_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    assert httpx.get(f"{url}/gradio_api/info", timeout=HANG_S).status_code == 200
+    assert httpx.get(f"{url}/config", timeout=HANG_S).status_code == 200
+    # Under Gradio's API prefix, and for its own routes' misses, Gradio's clients get Gradio's answer.
+    for path in ("/gradio_api/no-such-route", "/assets/no-such-file.js"):
+        missing = httpx.get(f"{url}{path}", timeout=HANG_S)
+        assert missing.status_code == 404 and "detail" in missing.json(), path
+    # Without the UI (the Ray Serve ingress builds the same API) an unknown path is answered alike.
+    with Reranker(bert_model, model_settings(bert_dir)) as reranker:
+        response = TestClient(create_app(reranker, ui=False)).post("/v1/rank", json={})
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+    assert "/v1/rerank" in response.json()["error"]["message"]
+
+
 def test_health_routes_answer_head(url: str) -> None:
     assert httpx.head(f"{url}/healthz", timeout=HANG_S).status_code == 200
     assert httpx.head(f"{url}/readyz", timeout=HANG_S).status_code == 200

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from web.backend import Backend
 from web.errors import HttpError, to_http_error
 from web.middleware import LIMITED_PATHS, OnRefuse
-from web.routes import build_router
+from web.routes import build_router, no_route
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8).
-        kind = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8), or a path no route serves.
+        kind = {400: "invalid_json", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
-        error = HttpError(err.status_code, kind, message)
+        error = no_route() if err.status_code == 404 else HttpError(err.status_code, kind, message)
         if err.status_code < 500:
             refused(request.url.path.rstrip("/"), error)
         return error.response(request.url.path, getattr(err, "headers", None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 from fastapi import FastAPI
+from gradio.route_utils import API_PREFIX
 
 from reranker import Reranker
 from web.api import build_api, json_refusals
@@ -13,11 +14,23 @@ from web.gradio_api import ROUTE, GradioApiStatus, is_api_path
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
-from web.middleware import BearerKey, BodyLimit
+from web.middleware import App, BearerKey, BodyLimit, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
+from web.routes import no_route
 from web.service import RerankService
 from web.tracing import instrument
 from web.ui import build_ui
+
+
+def json_not_found(gradio_not_found: App) -> App:
+    """Gradio's answer for a path none of its routes match: this API's 404 outside Gradio's API prefix."""
+    async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if scope["type"] != "http" or path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+            await gradio_not_found(scope, receive, send)
+            return
+        await no_route().response(path)(scope, receive, send)
+    return not_found
 
 
 def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory | None = None,
@@ -55,6 +68,10 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a
         # second queue loop, its running jobs forgotten, a new limiter.
         find_gradio_app(app).startup_events_triggered = True
+        # Gradio's app, mounted at /, answers every path no route of ours serves: its bare 404 for those would not
+        # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
+        gradio_router = find_gradio_app(app).router
+        gradio_router.default = json_not_found(gradio_router.default)
     # Starlette runs the last added first: drain gate, request id, Gradio login, Gradio API status, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)

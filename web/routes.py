@@ -90,6 +90,12 @@ def _trailing_slash(path: str) -> Callable[[], None]:
     return refuse
 
 
+def no_route() -> HttpError:
+    """The 404 of a path that no route serves, naming those that do; the path is not echoed."""
+    return HttpError(404, "not_found", "no such route; the JSON routes are POST /v1/rerank, /v2/rerank, /rerank and "
+                     "/api/predict, and GET /healthz, /readyz and /info (all listed at /docs)", counted=True)
+
+
 def build_router(backend: Backend) -> APIRouter:
     """Routes over one backend: this process's engine, or Ray Serve replicas (the bearer key is checked by
     web.middleware before them)."""
