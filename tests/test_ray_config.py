@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
@@ -24,35 +26,61 @@ def test_serve_yaml_passes_ray_serves_schema() -> None:
     assert model.name == "RerankModel" and ingress.name == "Ingress"
     # What the issue measured: Serve's default of 5 starves the batcher; a 10 s health check period took 15 s
     # to replace a killed replica.
-    assert model.max_ongoing_requests >= 32 and ingress.max_ongoing_requests >= model.max_ongoing_requests
-    assert model.autoscaling_config is not None and model.health_check_period_s <= 2
+    assert model.max_ongoing_requests >= 16 and model.health_check_period_s <= 2
+    overload_is_answered_by_the_ingress(config)
     assert model.ray_actor_options is not None and model.ray_actor_options.num_gpus is not None
     assert model.graceful_shutdown_timeout_s >= 30  # RERANKER_DRAIN_SECONDS' default
     assert config.logging_config is not None and config.logging_config.encoding == "JSON"
+
+
+def overload_is_answered_by_the_ingress(config: Any) -> None:
+    """Serve counts max_queued_requests per caller, and the ingress is the JSON routes' one caller: it can hold
+    every model replica's max_ongoing_requests and the queue behind them, so a full queue reaches it as 429
+    `overloaded`, one process's answer. Before, the queue (1024) was out of the ingress's reach (512): overload
+    waited at Serve's proxy until its 408."""
+    model, ingress = config.applications[0].deployments
+    assert model.autoscaling_config is not None and model.max_queued_requests > 0
+    most = model.autoscaling_config["max_replicas"] * model.max_ongoing_requests + model.max_queued_requests
+    assert ingress.max_ongoing_requests >= most
+    # Beyond that, Serve's proxy answers 429 instead of queueing without bound.
+    assert ingress.max_queued_requests > 0 and ingress.backpressure_config.status_code == 429
+    # A rolling update starts a new replica before stopping an old one: a surge of at least one.
+    assert model.max_surge_percent > 0
 
 
 def test_serve_yaml_keeps_to_loopback() -> None:
     assert yaml.safe_load(SERVE_YAML.read_text())["http_options"]["host"] == "127.0.0.1"
 
 
-def test_the_kuberay_manifest_embeds_serve_yaml_on_every_interface_with_a_gpu_per_replica() -> None:
-    """serve.yaml's proxies keep to loopback, as ./start.sh does, and its model replicas run on the CPU; a cluster's
-    proxies take traffic from the pods' network, and each model replica claims one of the GPU workers' GPUs.
-    Those are the two differences."""
+def test_the_kuberay_manifest_embeds_serve_yaml_sized_for_a_gpu_cluster() -> None:
+    """serve.yaml's proxies keep to loopback, as ./start.sh does, its model replicas run on the CPU and it has one
+    ingress; a cluster's proxies take traffic from the pods' network, each model replica claims one of the GPU
+    workers' GPUs and holds a GPU pass's worth of requests, and two ingresses keep serving while one is replaced.
+    Those are the differences."""
     manifest = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    overload_is_answered_by_the_ingress(schema.ServeDeploySchema.model_validate(embedded))
     assert embedded["http_options"]["host"] == "0.0.0.0"
     local = yaml.safe_load(SERVE_YAML.read_text())
     local["http_options"]["host"] = "0.0.0.0"
-    model = next(d for d in local["applications"][0]["deployments"] if d["name"] == "RerankModel")
-    assert model["ray_actor_options"]["num_gpus"] == 0
+    model, ingress = local["applications"][0]["deployments"]
+    assert model["ray_actor_options"]["num_gpus"] == 0 and ingress["num_replicas"] == 1
     model["ray_actor_options"]["num_gpus"] = 1
+    model["max_ongoing_requests"], model["autoscaling_config"]["target_ongoing_requests"] = 64, 24
+    ingress["num_replicas"] = 2
     assert embedded == local
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     containers = [c for w in workers for c in w["template"]["spec"]["containers"]]
     gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for c in containers]
     assert gpus and all(g == "1" for g in gpus)  # the GPU each replica claims is there
+    # Room for the autoscaler's most replicas and a rolling update's surge replica, one GPU worker each.
+    surge = -(-model["max_surge_percent"] * model["autoscaling_config"]["max_replicas"] // 100)
+    assert sum(w["maxReplicas"] for w in workers) >= model["autoscaling_config"]["max_replicas"] + surge
+    # Proxies on every interface: the JSON routes and the UI each need their login, from the secret.
+    for container in containers:
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+        assert secrets == {"RERANKER_API_KEY": "reranker", "RERANKER_UI_AUTH": "reranker"}
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()
 
 
@@ -79,3 +107,51 @@ def test_reranker_host_and_port_replace_the_proxies_address_where_set() -> None:
     assert moved["request_timeout_s"] == config["http_options"]["request_timeout_s"]
     with pytest.raises(ConfigError, match="RERANKER_PORT='http' is not valid"):
         with_address(config, {"RERANKER_PORT": "http"})
+
+
+def test_a_local_ray_offers_the_cpus_serve_yaml_claims_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 2-core host Ray offered 2 logical CPUs: the model replica (1) and the ingress and UI (0.5 each) took
+    them all, so an autoscaled replica or a rolling update's surge replica was never placed, and the update, which
+    stops an old replica only once its new one runs, never ended."""
+    import sys
+
+    from deploy.ray import __main__ as launcher
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    assert launcher.cpus_needed(config) == 1 * (4 + 1) + 0.5 + 0.5  # 4 model replicas and a surge one
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=lambda **kwargs: calls.append(kwargs)))
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
+    launcher.start_local_ray({}, launcher.cpus_needed(config))
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 64)
+    launcher.start_local_ray({}, launcher.cpus_needed(config))
+    assert [call["num_cpus"] for call in calls] == [6, 64]
+
+
+def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_serve_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    from deploy.ray import __main__ as launcher
+
+    running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(running)))
+    monkeypatch.setattr(serve, "delete", lambda name, _blocking: running.pop(name))
+    monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
+    with pytest.raises(SystemExit) as ended:  # on a cluster: `serve run`'s KeyboardInterrupt path stops all Serve
+        launcher.drain_then_stop(["reranker", "ui"], remote=True)(15, None)
+    assert ended.value.code == 0 and list(running) == ["someone-elses"]
+    with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts Serve down
+        launcher.drain_then_stop(["reranker", "ui"], remote=False)(15, None)
+
+
+def test_served_beyond_loopback_without_a_login_it_warns_as_start_sh_does() -> None:
+    from deploy.ray.__main__ import exposure_warnings, with_address
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    assert exposure_warnings(config, {}) == []  # loopback
+    exposed = with_address(config, {"RERANKER_HOST": "0.0.0.0"})
+    warnings = exposure_warnings(exposed, {})
+    assert len(warnings) == 2 and "RERANKER_UI_AUTH" in warnings[0] and "RERANKER_API_KEY" in warnings[1]
+    assert exposure_warnings(exposed, {"RERANKER_UI_AUTH": "a:b", "RERANKER_API_KEY": "k"}) == []
+    assert exposure_warnings(exposed, {"RAY_ADDRESS": "ray://head:10001"}) == []  # the cluster's env, not ours
