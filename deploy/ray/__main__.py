@@ -5,11 +5,16 @@ Without RAY_ADDRESS it starts a one-node Ray of its own, as `serve run` would, b
 127.0.0.1), without the dashboard, and with a token for this run only: a local Ray otherwise saves a new one in
 ~/.ray. RERANKER_HOST and RERANKER_PORT, when set, replace serve.yaml's `http_options` host and port (as they
 name the single-process server's address); RERANKER_RAY_METRICS_PORT (8080) is the port of the node's metrics
-agent, which exports every replica's metrics for Prometheus. On SIGTERM or SIGINT the applications are deleted
-first, while Serve's proxies still serve: every replica finishes what it accepted (graceful_shutdown_timeout_s)
-and the answers reach their clients. Then `serve run` shuts Serve down, and Ray stops every process it started.
-A second signal skips the wait. (`serve run`'s own Ctrl-C shuts the proxies down with the replicas, cutting the
-requests in flight.)
+agent, which exports every replica's metrics for Prometheus. Its Ray offers at least the logical CPUs the config's
+replicas claim at most (autoscaled, and a rolling update's surge replica), so that neither waits for ever on a
+small host. Served beyond loopback without a login, it warns as ./start.sh does.
+
+On SIGTERM or SIGINT the config's applications are deleted first, while Serve's proxies still serve: every
+replica finishes what it accepted (graceful_shutdown_timeout_s) and the answers reach their clients. Then, on its
+own Ray, `serve run` shuts Serve down and Ray stops every process it started; on a cluster (RAY_ADDRESS) it just
+exits, leaving Serve and any other application running. A second signal skips the wait. (`serve run`'s own
+Ctrl-C shuts the proxies down with the replicas, cutting the requests in flight, and on a cluster shuts down
+every application.)
 
 A start that cannot work ends the process, as ./start.sh's does, instead of leaving Serve retrying replicas
 forever: a RERANKER_* value the service cannot use exits 2 before Ray starts, and an application that Serve
@@ -20,6 +25,7 @@ message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import signal
@@ -27,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +60,23 @@ def with_address(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     return {**config, "http_options": http}
 
 
-def start_local_ray(environ: MutableMapping[str, str]) -> None:
-    """A one-node Ray on 127.0.0.1 for this process; Ray stops it when this process exits."""
+def cpus_needed(config: Mapping[str, Any]) -> float:
+    """Logical CPUs the config's replicas claim at most: every deployment at its most replicas (autoscaling's
+    max_replicas, else num_replicas), plus the replicas a rolling update starts first (max_surge_percent)."""
+    total = 0.0
+    for application in config.get("applications") or []:
+        for deployment in application.get("deployments") or []:
+            autoscaling = deployment.get("autoscaling_config") or {}
+            replicas = int(autoscaling.get("max_replicas") or deployment.get("num_replicas") or 1)
+            surge = -(-int(deployment.get("max_surge_percent") or 0) * replicas // 100)  # Serve rounds it up
+            per_replica = float((deployment.get("ray_actor_options") or {}).get("num_cpus", 1))
+            total += per_replica * (replicas + surge)
+    return total
+
+
+def start_local_ray(environ: MutableMapping[str, str], num_cpus: float | None = None) -> None:
+    """A one-node Ray on 127.0.0.1 for this process; Ray stops it when this process exits. `num_cpus`, when above
+    the cores, is how many logical CPUs it offers instead (a replica's threads follow its own num_cpus)."""
     # Read when ray is imported: a one-node Ray takes 127.0.0.1, not the interface address, for every agent.
     environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
@@ -66,8 +87,20 @@ def start_local_ray(environ: MutableMapping[str, str]) -> None:
     port = environ.get("RERANKER_RAY_METRICS_PORT") or str(DEFAULT_METRICS_PORT)
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"RERANKER_RAY_METRICS_PORT={port!r} is not valid; use a port number from 1 to 65535")
+    cores = os.cpu_count() or 1
+    if num_cpus is not None and num_cpus > cores:
+        # Fewer, and a replica that autoscaling or a rolling update's surge asks for is never placed: autoscaling
+        # stops short, and a rolling update, which stops an old replica only once its new one runs, never ends.
+        log("INFO", f"a local Ray of {cores} cores offers {num_cpus:g} logical CPUs: what serve.yaml's replicas "
+            "claim at most, autoscaled and during a rolling update", cores=cores, num_cpus=num_cpus)
     ray.init(namespace="serve", include_dashboard=False, _node_ip_address="127.0.0.1",
-             _metrics_export_port=int(port))
+             _metrics_export_port=int(port), num_cpus=max(cores, math.ceil(num_cpus or 0)))
+
+
+def log(level: str, message: str, **fields: Any) -> None:
+    """One JSON line on stderr, as the replicas log (logging is Ray's and Serve's in this process)."""
+    print(json.dumps({"level": level, "logger": "deploy.ray", **fields, "message": message[:4000]}),
+          file=sys.stderr, flush=True)
 
 
 def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -108,41 +141,59 @@ class DeployWatch:
             failed = {name: app.message for name, app in applications.items() if app.status == "DEPLOY_FAILED"}
             if failed:
                 self.failure = "; ".join(f"{name}: {message}" for name, message in failed.items())
-                print(json.dumps({"level": "ERROR", "logger": "deploy.ray", "applications": sorted(failed),
-                                  "message": f"deploying failed, stopping: {self.failure}"[:4000]}),
-                      file=sys.stderr, flush=True)
+                log("ERROR", f"deploying failed, stopping: {self.failure}", applications=sorted(failed))
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             if applications and all(app.status == "RUNNING" for app in applications.values()):
                 return
 
 
-def drain_applications() -> None:
-    """Delete every Serve application and wait until they are gone: Serve stops routing to their replicas, which
-    finish the requests they accepted (up to graceful_shutdown_timeout_s), and the proxies pass the answers on.
-    New requests meanwhile get the proxies' 404 (no route)."""
+def drain_applications(names: Sequence[str]) -> None:
+    """Delete the config's Serve applications (a shared cluster's others are not ours) and wait until they are
+    gone: Serve stops routing to their replicas, which finish the requests they accepted (up to
+    graceful_shutdown_timeout_s), and the proxies pass the answers on. New requests meanwhile get the proxies' 404
+    (no route)."""
     from ray import serve
 
-    names = list(serve.status().applications)
-    print(json.dumps({"level": "INFO", "logger": "deploy.ray", "applications": names,
-                      "message": "draining: deleting the applications; their replicas finish what they accepted"}),
-          file=sys.stderr, flush=True)
-    for name in names:
+    running = [name for name in serve.status().applications if name in names]
+    log("INFO", "draining: deleting the applications; their replicas finish what they accepted", applications=running)
+    for name in running:
         serve.delete(name, _blocking=False)
-    while serve.status().applications:  # Serve bounds each replica's stop by its graceful_shutdown_timeout_s
+    # Serve bounds each replica's stop by its graceful_shutdown_timeout_s.
+    while any(name in names for name in serve.status().applications):
         time.sleep(0.5)
 
 
-def drain_then_interrupt(signum: int, frame: object) -> None:
-    """The first SIGTERM or SIGINT: drain, then KeyboardInterrupt, on which `serve run` shuts Serve down. A second
-    signal interrupts the drain."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        drain_applications()
-    except Exception as err:  # the controller gone already: nothing left to drain
-        print(f"drain failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-    raise KeyboardInterrupt
+def drain_then_stop(names: Sequence[str], *, remote: bool) -> Callable[[int, object], None]:
+    """The handler of the first SIGTERM or SIGINT: drain `names`, then end `serve run`. On our own Ray, by
+    KeyboardInterrupt, on which `serve run` shuts Serve down and Ray stops with this process; on a cluster
+    (RAY_ADDRESS), by SystemExit(0), which `serve run` does not catch: its serve.shutdown() would stop every
+    application on the cluster. A second signal interrupts the drain."""
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            drain_applications(names)
+        except Exception as err:  # the controller gone already: nothing left to drain
+            log("WARNING", f"drain failed: {type(err).__name__}: {err}")
+        if remote:
+            raise SystemExit(0)
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """One process's warnings for routes served beyond loopback without a login, for the proxies' host and the
+    replicas' settings (a local Ray's inherit this environment; a cluster's have their own, so none there)."""
+    from app import exposure_warnings as warnings_for
+    from reranker.settings import Settings
+
+    host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
+    if environ.get("RAY_ADDRESS"):
+        return []
+    overlay = {str(k): str(v) for k, v in ((config["applications"][0].get("args") or {}).get("env") or {}).items()}
+    return warnings_for(Settings.from_env({**environ, **overlay, "RERANKER_HOST": host}))
 
 
 def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
@@ -150,11 +201,20 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
     check_settings(config, environ)
-    if not environ.get("RAY_ADDRESS"):
-        start_local_ray(environ)
+    for warning in exposure_warnings(config, environ):
+        log("WARNING", warning)
+    remote = bool(environ.get("RAY_ADDRESS"))
+    if remote:
+        import ray
+
+        # Here, not in `serve run` (which skips its own ray.init then): ray.init replaces the SIGTERM handler.
+        ray.init(address=environ["RAY_ADDRESS"], namespace="serve")
+    else:
+        start_local_ray(environ, cpus_needed(config))
     # After ray.init, whose own SIGTERM handler exits without deleting the applications.
-    signal.signal(signal.SIGTERM, drain_then_interrupt)
-    signal.signal(signal.SIGINT, drain_then_interrupt)
+    names = [str(application["name"]) for application in config.get("applications") or []]
+    signal.signal(signal.SIGTERM, drain_then_stop(names, remote=remote))
+    signal.signal(signal.SIGINT, drain_then_stop(names, remote=remote))
     from ray.serve.scripts import cli
 
     watch = DeployWatch()
