@@ -22,7 +22,7 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
     _check_text("query", query)
     if len(query) > s.max_query_chars:
         raise LimitExceededError(
-            f"query has {len(query)} characters; the limit is {s.max_query_chars}"
+            f"query has {len(query)} characters; the limit is RERANKER_MAX_QUERY_CHARS={s.max_query_chars}"
         )
     if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
         raise InvalidTypeError("documents must be a list of strings")
@@ -62,7 +62,8 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
             )
         if len(instruction) > s.max_query_chars:
             raise LimitExceededError(
-                f"instruction has {len(instruction)} characters; the limit is {s.max_query_chars}"
+                f"instruction has {len(instruction)} characters; the limit is "
+                f"RERANKER_MAX_QUERY_CHARS={s.max_query_chars}"
             )
 
 

@@ -40,7 +40,7 @@ def small_limits(bert_model: ScoringModel, metrics: Metrics) -> Iterator[Reranke
         ("   ", ["d"], {}, ValidationError, "query is empty"),
         (None, ["d"], {}, ValidationError, "query must be a string, got NoneType"),
         (5, ["d"], {}, ValidationError, "query must be a string, got int"),
-        ("q" * 41, ["d"], {}, LimitExceededError, "query has 41 characters; the limit is 40"),
+        ("q" * 41, ["d"], {}, LimitExceededError, "query has 41 characters; the limit is RERANKER_MAX_QUERY_CHARS=40$"),
         ("q", [], {}, ValidationError, "documents is empty"),
         ("q", "not a list", {}, ValidationError, "documents must be a list of strings"),
         ("q", None, {}, ValidationError, "documents must be a list of strings"),
