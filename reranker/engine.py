@@ -254,9 +254,11 @@ class Reranker:
         min_room = min(64, max_length // 4) if self.model.is_causal else max_length // 2
         if room < min_room:
             what = "the query and instruction take" if instruction else "the query takes"
+            share = (f"{overhead} of the model's {max_length} tokens, leaving {room} for a document" if room >= 0
+                     else f"{overhead} tokens, over the model's limit of {max_length}")
             raise LimitExceededError(
-                f"{what} {overhead} of the model's {max_length} tokens, leaving {room} for a document; "
-                f"shorten {'them' if instruction else 'it'} so that at least {min_room} are left"
+                f"{what} {share}; shorten {'them' if instruction else 'it'} so that at least {min_room} are left "
+                "for a document"
             )
         chunking = self.settings.long_docs == "chunk"
         plan = _Plan()

@@ -99,5 +99,10 @@ def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -
 def test_a_query_that_leaves_no_room_is_rejected(bert_reranker: Reranker) -> None:
     from reranker import LimitExceededError
 
-    with pytest.raises(LimitExceededError, match=r"^the query takes \d+ of the model.s 256 tokens.*; shorten it so"):
+    with pytest.raises(LimitExceededError, match=r"^the query takes 203 of the model.s 256 tokens, leaving 53 for a "
+                                                 r"document; shorten it so that at least 128 are left for a document$"):
         bert_reranker.rerank("cache " * 200, ["doc"])
+    # Over the model's limit: said so, not as a negative number of tokens left.
+    with pytest.raises(LimitExceededError, match=r"^the query takes 403 tokens, over the model.s limit of 256; "
+                                                 r"shorten it so that at least 128 are left for a document$"):
+        bert_reranker.rerank("cache " * 400, ["doc"])
