@@ -220,8 +220,12 @@ def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Pa
                               ("/api/predict", {"data": ["q", "a"]})]:
             for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
                 response = client.post(path, json=payload, headers=headers)
-                assert response.status_code == 401 and "Bearer" in response.json()["error"]["message"]
+                message = response.json()["error"]["message"]
+                assert response.status_code == 401 and "Bearer" in message
                 assert response.headers["www-authenticate"] == "Bearer"
+                # A key that was sent is said to be refused, not missing, and is never echoed.
+                assert ("was not accepted" in message) == bool(headers)
+                assert "wrong" not in message and "s3cret" not in message
             assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         # The key is checked before the body is read: a stranger learns nothing about the body's shape.
         unauthorized = client.post("/v1/rerank", content=b"{", headers={"content-type": "application/json"})

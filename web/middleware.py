@@ -69,7 +69,11 @@ class BearerKey:
         if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
             await self.app(scope, receive, send)
             return
-        error = HttpError(401, "unauthorized", "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
+        # What was sent is never echoed: it may be a real key, of another service.
+        message = ("the API key sent was not accepted; send the one set as RERANKER_API_KEY, as "
+                   "'Authorization: Bearer <key>'" if header.strip() else
+                   "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
+        error = HttpError(401, "unauthorized", message)
         self.on_refuse(route, error)
         await _answer(error, scope, receive, send, {"WWW-Authenticate": "Bearer"})
 
