@@ -134,15 +134,21 @@ def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_s
 
     from deploy.ray import __main__ as launcher
 
+    from deploy.ray import stopping
+
     running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
+    steps: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(running)))
     monkeypatch.setattr(serve, "delete", lambda name, _blocking: running.pop(name))
+    monkeypatch.setattr(launcher, "drain_fronts", lambda apps, seconds: steps.append(("drain", list(apps))))
+    monkeypatch.setattr(stopping, "withdraw_drain", lambda apps: steps.append(("withdraw", list(apps))))
     monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
     with pytest.raises(SystemExit) as ended:  # on a cluster: `serve run`'s KeyboardInterrupt path stops all Serve
-        launcher.drain_then_stop(["reranker", "ui"], remote=True)(15, None)
+        launcher.drain_then_stop(["reranker", "ui"], 30.0, remote=True)(15, None)
     assert ended.value.code == 0 and list(running) == ["someone-elses"]
+    assert steps == [("drain", ["reranker", "ui"]), ("withdraw", ["reranker", "ui"])]
     with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts Serve down
-        launcher.drain_then_stop(["reranker", "ui"], remote=False)(15, None)
+        launcher.drain_then_stop(["reranker", "ui"], 30.0, remote=False)(15, None)
 
 
 def test_served_beyond_loopback_without_a_login_it_warns_as_start_sh_does() -> None:

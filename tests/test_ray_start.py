@@ -72,6 +72,9 @@ def start_sh_would_install() -> list[str]:
     return stale
 
 
+CALLERS = 24  # above serve.yaml's max_ongoing_requests of the model replica (16)
+
+
 def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -> None:
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -109,9 +112,11 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
         dashboards = [cmdline(pid) for pid in started if b"dashboard/dashboard.py" in cmdline(pid)]
         assert all(b"--disable-frontend" in line for line in dashboards), "the dashboard is off"
 
-        # Requests of 1000 long documents each (seconds of scoring on one replica), in flight at the signal.
+        # More requests than the model replica holds (max_ongoing_requests 16), of long documents, in flight at the
+        # signal: the rest wait at the ingress. Deleting the application at once lost those (a 500 once the
+        # ingress's grace period ran out), and answered new requests with the proxy's 404.
         rng = Random(3)
-        docs = [random_text(rng, 300) for _ in range(1000)]
+        docs = [random_text(rng, 300) for _ in range(200)]
 
         def call(query: str) -> None:
             try:
@@ -120,11 +125,20 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
             except httpx.HTTPError as err:
                 statuses.append(type(err).__name__)
 
-        callers = [threading.Thread(target=call, args=(f"query {i}",)) for i in range(3)]
+        callers = [threading.Thread(target=call, args=(f"query {i}",)) for i in range(CALLERS)]
         for caller in callers:
             caller.start()
-        time.sleep(1.0)  # on their way to the replica
+        time.sleep(1.0)  # on their way to the ingress
         process.send_signal(signal.SIGTERM)
+        # A new request during the drain: one process's 503 with Retry-After, once the ingress has heard of it.
+        late: list[httpx.Response] = []
+        deadline = time.monotonic() + 20
+        while not late or late[-1].status_code == 200 and time.monotonic() < deadline:
+            late.append(httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["a"]}, timeout=HANG_S))
+            time.sleep(0.2)
+        refused = late[-1]
+        assert refused.status_code == 503, [r.status_code for r in late]
+        assert refused.json()["error"]["type"] == "shutting_down" and refused.headers["retry-after"] == "5"
         for caller in callers:
             caller.join(HANG_S)
         assert process.wait(timeout=HANG_S) == 0
@@ -139,8 +153,9 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
         output, _ = process.communicate(timeout=HANG_S)
         shutil.rmtree(temp, ignore_errors=True)
     # Accepted before the signal, so all answered: `serve run`'s own Ctrl-C cut them (the proxies stopped too).
-    assert statuses == [200, 200, 200], (statuses, output[-3000:])
-    assert "draining: deleting the applications" in output, output[-3000:]
+    assert statuses == [200] * CALLERS, (statuses, output[-3000:])
+    assert "the ingress answers what it holds" in output and "draining: deleting the applications" in output, \
+        output[-3000:]
     assert "installing requirements" not in output and "Got KeyboardInterrupt, shutting down" in output
     assert had_home_ray or not home_ray.exists(), "a local Ray saved a token in ~/.ray"
 

@@ -9,8 +9,11 @@ agent, which exports every replica's metrics for Prometheus. Its Ray offers at l
 replicas claim at most (autoscaled, and a rolling update's surge replica), so that neither waits for ever on a
 small host. Served beyond loopback without a login, it warns as ./start.sh does.
 
-On SIGTERM or SIGINT the config's applications are deleted first, while Serve's proxies still serve: every
-replica finishes what it accepted (graceful_shutdown_timeout_s) and the answers reach their clients. Then, on its
+On SIGTERM or SIGINT the config's applications drain first, as one process does: their ingress and UI replicas
+answer new requests 503 with Retry-After and /readyz 503, and answer what they hold, those still waiting for a
+busy model replica included, within RERANKER_DRAIN_SECONDS (deploy/ray/stopping.py). Then the applications are
+deleted while Serve's proxies still serve: every replica finishes what it accepted (graceful_shutdown_timeout_s)
+and the answers reach their clients. Then, on its
 own Ray, `serve run` shuts Serve down and Ray stops every process it started; on a cluster (RAY_ADDRESS) it just
 exits, leaving Serve and any other application running. A second signal skips the wait. (`serve run`'s own
 Ctrl-C shuts the proxies down with the replicas, cutting the requests in flight, and on a cluster shuts down
@@ -103,18 +106,21 @@ def log(level: str, message: str, **fields: Any) -> None:
           file=sys.stderr, flush=True)
 
 
-def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> None:
+def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> float:
     """Every application's RERANKER_* as its replicas will read them: this environment (a local Ray's replicas
-    inherit it; a remote cluster's have their own) under serve.yaml's `args.env`."""
+    inherit it; a remote cluster's have their own) under serve.yaml's `args.env`. Returns the longest
+    RERANKER_DRAIN_SECONDS among them."""
     from reranker.settings import Settings, SettingsError
 
     base = {} if environ.get("RAY_ADDRESS") else environ
+    drain_seconds = 0.0
     for application in config.get("applications") or []:
         overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
         try:
-            Settings.from_env({**base, **overlay})
+            drain_seconds = max(drain_seconds, Settings.from_env({**base, **overlay}).drain_seconds)
         except SettingsError as err:
             raise ConfigError(f"application {application.get('name')!r}: {err}") from None
+    return drain_seconds
 
 
 class DeployWatch:
@@ -148,23 +154,66 @@ class DeployWatch:
                 return
 
 
-def drain_applications(names: Sequence[str]) -> None:
-    """Delete the config's Serve applications (a shared cluster's others are not ours) and wait until they are
-    gone: Serve stops routing to their replicas, which finish the requests they accepted (up to
-    graceful_shutdown_timeout_s), and the proxies pass the answers on. New requests meanwhile get the proxies' 404
-    (no route)."""
+# The deployments that take requests from Serve's proxies and drain on the announcement (deploy/ray/stopping.py).
+FRONT_DEPLOYMENTS = ("Ingress", "UI")
+
+
+def front_replicas(apps: Sequence[str]) -> set[str]:
+    """`app/replica_id` of every running ingress and UI replica of `apps`."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    details = client.get_serve_details() if client is not None else {}
+    found = set()
+    for app in apps:
+        deployments = ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
+        for name in FRONT_DEPLOYMENTS:
+            for replica in (deployments.get(name) or {}).get("replicas") or []:
+                if replica.get("state") == "RUNNING":
+                    found.add(f"{app}/{replica['replica_id']}")
+    return found
+
+
+def drain_fronts(apps: Sequence[str], drain_seconds: float) -> None:
+    """Announce the drain and wait until every ingress and UI replica has answered what it holds (those still
+    waiting for a busy model replica included) or `drain_seconds` have passed; new requests meanwhile get one
+    process's 503 with Retry-After."""
+    from deploy.ray.stopping import announce_drain, inflight_reports
+
+    fronts = front_replicas(apps)
+    announce_drain(list(apps))
+    log("INFO", "draining: new requests get 503; the ingress answers what it holds",
+        applications=list(apps), replicas=len(fronts), drain_seconds=drain_seconds)
+    deadline = time.monotonic() + drain_seconds + 2.0  # the replicas look once a second
+    while time.monotonic() < deadline:
+        reports = inflight_reports(list(apps))
+        if all(reports.get(front) == 0 for front in fronts):
+            return
+        time.sleep(0.25)
+    log("WARNING", "drain deadline reached with requests still in flight at the ingress",
+        inflight=inflight_reports(list(apps)))
+
+
+def drain_applications(names: Sequence[str], drain_seconds: float) -> None:
+    """Drain the config's Serve applications (a shared cluster's others are not ours), then delete them and wait
+    until they are gone: Serve stops routing to their replicas, which finish the requests they accepted (up to
+    graceful_shutdown_timeout_s), and the proxies pass the answers on."""
     from ray import serve
 
+    from deploy.ray.stopping import withdraw_drain
+
     running = [name for name in serve.status().applications if name in names]
+    drain_fronts(running, drain_seconds)
     log("INFO", "draining: deleting the applications; their replicas finish what they accepted", applications=running)
     for name in running:
         serve.delete(name, _blocking=False)
     # Serve bounds each replica's stop by its graceful_shutdown_timeout_s.
     while any(name in names for name in serve.status().applications):
         time.sleep(0.5)
+    withdraw_drain(running)
 
 
-def drain_then_stop(names: Sequence[str], *, remote: bool) -> Callable[[int, object], None]:
+def drain_then_stop(names: Sequence[str], drain_seconds: float, *, remote: bool) -> Callable[[int, object], None]:
     """The handler of the first SIGTERM or SIGINT: drain `names`, then end `serve run`. On our own Ray, by
     KeyboardInterrupt, on which `serve run` shuts Serve down and Ray stops with this process; on a cluster
     (RAY_ADDRESS), by SystemExit(0), which `serve run` does not catch: its serve.shutdown() would stop every
@@ -173,7 +222,7 @@ def drain_then_stop(names: Sequence[str], *, remote: bool) -> Callable[[int, obj
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            drain_applications(names)
+            drain_applications(names, drain_seconds)
         except Exception as err:  # the controller gone already: nothing left to drain
             log("WARNING", f"drain failed: {type(err).__name__}: {err}")
         if remote:
@@ -200,7 +249,7 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     """Run `serve run` on `config_path` (with the address overrides) until SIGTERM or SIGINT."""
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
-    check_settings(config, environ)
+    drain_seconds = check_settings(config, environ)
     for warning in exposure_warnings(config, environ):
         log("WARNING", warning)
     remote = bool(environ.get("RAY_ADDRESS"))
@@ -213,8 +262,11 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
         start_local_ray(environ, cpus_needed(config))
     # After ray.init, whose own SIGTERM handler exits without deleting the applications.
     names = [str(application["name"]) for application in config.get("applications") or []]
-    signal.signal(signal.SIGTERM, drain_then_stop(names, remote=remote))
-    signal.signal(signal.SIGINT, drain_then_stop(names, remote=remote))
+    from deploy.ray.stopping import withdraw_drain
+
+    withdraw_drain(names)  # one left by a launcher that was killed mid-drain would drain the new replicas at once
+    signal.signal(signal.SIGTERM, drain_then_stop(names, drain_seconds, remote=remote))
+    signal.signal(signal.SIGINT, drain_then_stop(names, drain_seconds, remote=remote))
     from ray.serve.scripts import cli
 
     watch = DeployWatch()

@@ -9,6 +9,7 @@ models' string annotations did not resolve.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 
@@ -18,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend
+from deploy.ray.stopping import drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.metrics import Metrics
@@ -25,6 +27,7 @@ from reranker.tracing import Tracing
 from web.api import build_api, json_refusals
 from web.errors import HttpError
 from web.history import RequestHistory
+from web.lifecycle import DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Message, OnRefuse, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
 from web.service import book_refusal
@@ -76,7 +79,8 @@ class UiLoginOnly:
         await error.response(PREDICT)(scope, receive, send)
 
 
-def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistory, tracing: Tracing) -> FastAPI:
+def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistory, tracing: Tracing,
+                lifecycle: Lifecycle | None = None) -> FastAPI:
     """web/'s JSON routes over the model replicas, with one process's guards (web/http.py) in its order."""
     settings = backend.settings
     refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
@@ -88,6 +92,10 @@ def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistor
     if settings.ui_auth and settings.api_key is None:
         app.add_middleware(UiLoginOnly, on_refuse=refused)
     app.add_middleware(RequestIdMiddleware, echo=False)  # Serve's proxy answers X-Request-ID
+    if lifecycle is not None:
+        # Outermost, as in one process: while draining, new work gets 503 and Retry-After; what is in flight is
+        # counted until its last byte.
+        app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
     instrument(app, tracing)
     return app
 
@@ -98,17 +106,30 @@ class Ingress:
     """HTTP in front of the model deployment; owns no model. `tries` and `deadline_s` bound the retries of a
     call whose replica died."""
 
-    def __init__(self, model: DeploymentHandle, environ: Mapping[str, str] | None = None, tries: int = 3,
-                 deadline_s: float = 60.0) -> None:
+    # Async, as Serve allows: the drain watch is a task on the replica's event loop.
+    async def __init__(self, model: DeploymentHandle, environ: Mapping[str, str] | None = None,  # type: ignore[misc]
+                       tries: int = 3, deadline_s: float = 60.0) -> None:
         self.settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(self.settings.log_level)
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
-        self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s)
+        self.lifecycle = Lifecycle()
+        self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s,
+                                     lifecycle=self.lifecycle)
+        self._drain_watch = asyncio.get_running_loop().create_task(self._drain_when_told())
+
+    async def _drain_when_told(self) -> None:
+        """Once its application's drain is announced, drain as one process does on SIGTERM: the requests it holds,
+        those still waiting for a model replica included, are answered while the model replicas still run; new
+        ones get 503 `shutting_down` with Retry-After, and /readyz 503. Not when Serve stops this replica alone
+        (an update, say): Serve's proxy still sends a stopping ingress requests until its replacement runs, and
+        refusing them failed a rolling update's load 566 times."""
+        await until_stopping(stopping=False)
+        await drain(self.lifecycle, "the service is shutting down", self.settings.drain_seconds)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return ingress_app(self.backend, self.metrics, self.history, self.tracing)
+        return ingress_app(self.backend, self.metrics, self.history, self.tracing, self.lifecycle)
 
     def __del__(self) -> None:
         tracing = getattr(self, "tracing", None)

@@ -27,6 +27,7 @@ from deploy.ray.model import Reply
 from reranker import RerankResult, Settings
 from web.cancel import client_gone
 from web.errors import CLIENT_CLOSED, HttpError
+from web.lifecycle import Lifecycle
 from web.request_id import current_request_id, new_request_id
 from web.service import RerankCall
 
@@ -57,7 +58,8 @@ class RemoteBackend:
     (`running`: how many of them run; serve.status() unless a test gives its own)."""
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
-                 deadline_s: float = 60.0, running: Callable[[], int] | None = None) -> None:
+                 deadline_s: float = 60.0, running: Callable[[], int] | None = None,
+                 lifecycle: Lifecycle | None = None) -> None:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
@@ -65,6 +67,7 @@ class RemoteBackend:
         self.settings = settings
         self.tries = tries
         self.deadline_s = deadline_s
+        self.lifecycle = lifecycle  # the ingress's drain: /readyz says so
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
@@ -143,7 +146,10 @@ class RemoteBackend:
     async def readiness(self) -> HttpError | None:
         """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and
         passes its health checks (a failed device fails them). Not a call to a replica, which would queue behind
-        its scoring work (max_ongoing_requests) and time out under load. Looked up at most once a second."""
+        its scoring work (max_ongoing_requests) and time out under load. Looked up at most once a second. Not
+        ready while this replica drains."""
+        if self.lifecycle is not None and self.lifecycle.draining:
+            return HttpError(503, "shutting_down", self.lifecycle.reason)
         if self._looking is None:
             self._looking = asyncio.Lock()
         async with self._looking:  # concurrent probes share one look

@@ -1,23 +1,73 @@
-"""When Serve starts stopping this replica: what the UI needs to drain as one process does on SIGTERM.
+"""When a replica should drain as one process does on SIGTERM: Serve starts stopping it, or `python -m deploy.ray`
+announces that it is about to delete the application.
 
 Ray 2.60 tells a deployment nothing before its `__del__`, and Serve calls that only after its own drain, once
 every request open on the replica has ended. A browser tab keeps one open for as long as it is open (Gradio's
 heartbeat stream), so a UI replica with a tab open would wait out its graceful_shutdown_timeout_s and then be
 killed. The controller knows sooner: from the moment the stop begins, the replica is STOPPING in the details
-that `serve.status()` reads (one call a second; the UI has one replica).
+that `serve.status()` reads (one call a second; the UI and the ingress have one replica or few).
+
+Deleting an application stops its ingress and its model replicas at once, so requests the ingress still had
+waiting for a model replica (all of them busy) never got one, and new ones got the proxy's 404. So
+`python -m deploy.ray` first announces the drain in Ray's key-value store (the GCS): the ingress and UI replicas
+then refuse new work with one process's 503 and Retry-After, report what they still have in flight, and only when
+that is nothing (or RERANKER_DRAIN_SECONDS have passed) does it delete the applications.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from ray import serve
 
+from web.lifecycle import Lifecycle
+
 logger = logging.getLogger("reranker.ray")
 
 STOPPING = ("STOPPING", "STOPPED")
+NAMESPACE = "reranker"  # in Ray's key-value store
+
+
+def _kv() -> Any:
+    from ray.experimental import internal_kv  # Ray's own key-value store in the GCS (what Serve keeps its state in)
+
+    return internal_kv
+
+
+def announce_drain(apps: list[str]) -> None:
+    """From `python -m deploy.ray`, connected to the cluster: the applications' ingress and UI replicas drain."""
+    for app in apps:
+        _kv()._internal_kv_put(f"drain/{app}", b"1", namespace=NAMESPACE)
+
+
+def withdraw_drain(apps: list[str]) -> None:
+    """After the applications are gone, so that the next deployment of the same names does not drain at once."""
+    kv = _kv()
+    for app in apps:
+        kv._internal_kv_del(f"drain/{app}", namespace=NAMESPACE)
+        kv._internal_kv_del(f"inflight/{app}/", del_by_prefix=True, namespace=NAMESPACE)
+
+
+def drain_announced(app: str) -> bool:
+    return _kv()._internal_kv_exists(f"drain/{app}", namespace=NAMESPACE)
+
+
+def report_inflight(app: str, replica: str, count: int) -> None:
+    _kv()._internal_kv_put(f"inflight/{app}/{replica}", str(count).encode(), namespace=NAMESPACE)
+
+
+def inflight_reports(apps: list[str]) -> dict[str, int]:
+    """What each draining replica of `apps` last reported in flight, by `app/replica`."""
+    kv, reports = _kv(), {}
+    for app in apps:
+        for key in kv._internal_kv_list(f"inflight/{app}/", namespace=NAMESPACE):
+            value = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if value is not None:
+                reports[key.decode().removeprefix("inflight/")] = int(value)
+    return reports
 
 
 def replica_state(details: dict[str, Any], app: str, deployment: str, replica: str) -> str | None:
@@ -42,18 +92,45 @@ def _state(app: str, deployment: str, replica: str) -> str | None:
     return replica_state(client.get_serve_details(), app, deployment, replica)
 
 
-async def until_stopping(period_s: float = 1.0) -> None:
-    """Return once Serve has begun stopping the calling replica (its deployment's update, downscaling, its
-    application's deletion, Serve's shutdown)."""
+def _should_drain(app: str, deployment: str, replica: str, stopping: bool) -> bool:
+    return drain_announced(app) or (stopping and _state(app, deployment, replica) in STOPPING)
+
+
+async def until_stopping(period_s: float = 1.0, *, stopping: bool = True) -> None:
+    """Return once a drain of the calling replica's application is announced or, with `stopping`, once Serve has
+    begun stopping the replica (its deployment's update, downscaling, its application's deletion, Serve's
+    shutdown)."""
     context = serve.get_replica_context()
     app, deployment, replica = context.app_name, context.deployment, context.replica_id.unique_id
     while True:
         await asyncio.sleep(period_s)
         try:
-            # A blocking call to the controller: off the replica's event loop.
-            state = await asyncio.to_thread(_state, app, deployment, replica)
+            # Blocking calls to the GCS and the controller: off the replica's event loop.
+            if await asyncio.to_thread(_should_drain, app, deployment, replica, stopping):
+                return
         except Exception as err:  # the controller restarting, or gone at shutdown: Serve's own drain remains
             logger.debug("replica state unknown", extra={"error": type(err).__name__})
-            continue
-        if state in STOPPING:
-            return
+
+
+async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_s: float = 0.25) -> None:
+    """As one process on SIGTERM: new work gets 503 (lifecycle's DrainGate), and what is in flight finishes within
+    `drain_seconds`; the count is reported for `python -m deploy.ray` to wait on, until it is nothing."""
+    context = serve.get_replica_context()
+    app, replica = context.app_name, context.replica_id.unique_id
+    lifecycle.begin_drain(reason)
+    logger.info("draining: new requests get 503", extra={"inflight": lifecycle.inflight,
+                                                         "drain_seconds": drain_seconds})
+    deadline = time.monotonic() + drain_seconds
+    while True:
+        count = lifecycle.inflight
+        try:
+            await asyncio.to_thread(report_inflight, app, replica, count)
+        except Exception as err:  # the GCS unreachable: the launcher's own deadline remains
+            logger.debug("in-flight count not reported", extra={"error": type(err).__name__})
+        if not count or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(period_s)
+    if lifecycle.inflight:
+        logger.warning("drain deadline reached with requests still in flight", extra={"inflight": lifecycle.inflight})
+    else:
+        logger.info("drained: every accepted request was answered")

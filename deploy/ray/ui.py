@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -26,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import Replicas, ReplicaView
 from deploy.ray.remote import RemoteBackend
-from deploy.ray.stopping import until_stopping
+from deploy.ray.stopping import drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.tracing import Tracing
@@ -99,23 +98,12 @@ class UI:
             self.refused(ROUTE, error)
 
     async def _drain_when_stopping(self) -> None:
-        """Once Serve starts stopping this replica, drain as one process does on SIGTERM: new Gradio work gets
-        503 (Serve routes none here by then, but a request already on its way may come), the events in flight
-        finish within RERANKER_DRAIN_SECONDS, then the heartbeat streams of open browser tabs end, which Serve's
-        own drain waits for: without that, a tab kept the replica until graceful_shutdown_timeout_s killed it."""
+        """Once Serve starts stopping this replica, or its application's drain is announced, drain as one process
+        does on SIGTERM (deploy/ray/stopping.py): new Gradio work gets 503, the events in flight finish within
+        RERANKER_DRAIN_SECONDS, then the heartbeat streams of open browser tabs end, which Serve's own drain
+        waits for: without that, a tab kept the replica until graceful_shutdown_timeout_s killed it."""
         await until_stopping()
-        lifecycle = self.lifecycle
-        lifecycle.begin_drain("this UI replica is stopping")
-        logger.info("draining: new requests get 503",
-                    extra={"inflight": lifecycle.inflight, "drain_seconds": self.settings.drain_seconds})
-        deadline = time.monotonic() + self.settings.drain_seconds
-        while lifecycle.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if lifecycle.inflight:
-            logger.warning("drain deadline reached with requests still in flight",
-                           extra={"inflight": lifecycle.inflight})
-        else:
-            logger.info("drained: every accepted request was answered")
+        await drain(self.lifecycle, "this UI replica is stopping", self.settings.drain_seconds)
         if self.gradio is not None:  # None if Serve stopped the replica before it built its app
             self.gradio.stop_event.set()  # Gradio's own signal to its heartbeat streams that the server stops
 
