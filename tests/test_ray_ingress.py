@@ -183,6 +183,27 @@ def test_tries_and_the_deadline_must_allow_one_try() -> None:
     with pytest.raises(ValueError, match="got tries=3, deadline_s=0"):
         backend(FakeHandle(), deadline_s=0)
 
+
+def test_a_new_ingress_names_the_configured_model_while_the_replicas_are_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz names the model; before any answer it asked a replica, queued behind their scoring work."""
+    monkeypatch.setattr(remote, "MODEL_ID_WAIT_S", 0.05)
+    busy = WaitingHandle()
+    busy.info = SimpleNamespace(remote=lambda: busy._rerank())
+    remote_backend = backend(busy, {"RERANKER_MODEL": "org/their-model"})
+    started = time.monotonic()
+    assert asyncio.run(remote_backend.model_id()) == "org/their-model"
+    assert time.monotonic() - started < 2
+
+
+def test_info_answers_a_dead_replica_or_a_full_queue_as_a_rerank_does() -> None:
+    for failure, status in ((ActorDiedError(), 503), (BackPressureError(num_queued_requests=1,
+                                                                         max_queued_requests=1), 429)):
+        handle = FakeHandle()
+        handle.info = SimpleNamespace(remote=lambda failure=failure: FakeResponse(failure))
+        with pytest.raises(HttpError) as failed:
+            asyncio.run(backend(handle).info())
+        assert failed.value.status == status
+
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(CollectorRegistry())

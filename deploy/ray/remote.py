@@ -44,6 +44,7 @@ BACKOFF_S = 0.5
 # The ingress's X-Reranker-Replica header reads this from the request's scope state.
 REPLICA_STATE = "reranker_replica"
 READY_TTL_S = 1.0  # /readyz asks the controller at most once a second
+MODEL_ID_WAIT_S = 2.0  # ...and a replica for the model id, before the first answer, this long at most
 
 
 def running_replicas(app: str, deployment: str) -> int:
@@ -166,11 +167,22 @@ class RemoteBackend:
         return None if running > 0 else HttpError(503, "not_ready", "no model replica is running")
 
     async def model_id(self) -> str:
-        """What the replicas last said they serve; only before any answer, a call to one of them (queued behind
-        their scoring work)."""
+        """What the replicas last said they serve. Before any answer (a new ingress), one replica's word, waited for
+        MODEL_ID_WAIT_S at most (the call queues behind their scoring work, and /readyz must not), else
+        RERANKER_MODEL as configured: the replicas read the same."""
         if self._model_id is None:
-            self._model_id = str((await self.info())["model"])
+            try:
+                self._model_id = str((await asyncio.wait_for(self.info(), MODEL_ID_WAIT_S))["model"])
+            except (TimeoutError, HttpError):
+                return self.settings.model
         return self._model_id
 
     async def info(self) -> dict[str, Any]:
-        return await cast("Awaitable[dict[str, Any]]", self.handle.info.remote())
+        """One replica's /info; a full queue or a replica that died under the call is answered as a rerank's is."""
+        try:
+            return await cast("Awaitable[dict[str, Any]]", self.handle.info.remote())
+        except BackPressureError as err:
+            raise HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
+                            "(max_queued_requests); retry shortly") from err
+        except RETRYABLE as err:
+            raise HttpError(503, "not_ready", "no replica could serve the request; retry shortly") from err
