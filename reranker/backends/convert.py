@@ -3,7 +3,10 @@ only on a start that does not find the graph in the conversion cache."""
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import openvino as ov
@@ -46,7 +49,7 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
     try:
         # Tracing warns about Python branches on shapes and, in torch 2.13, about torch.jit.trace itself:
         # nothing an operator can act on; the float32 tests hold the converted graph to torch's scores.
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet(TRACED_ATTRIBUTE_NOISE):
             warnings.simplefilter("ignore")
             return ov.convert_model(
                 Scores(cross_encoder, extras).eval(),
@@ -58,6 +61,32 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
     finally:
         if causal and network is not None and previous not in (None, "eager"):
             network.set_attn_implementation(previous)
+
+
+# torch.jit.trace reads every attribute of the modules it traces (looking for exported methods), CrossEncoder's
+# deprecated `_target_device` included, whose getter logs a deprecation warning each time: four WARNING lines at
+# every conversion about a name nothing here uses.
+TRACED_ATTRIBUTE_NOISE = ("sentence_transformers.base.model", "_target_device` has been deprecated")
+
+
+class _Without(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def _quiet(noise: tuple[str, str]) -> Iterator[None]:
+    """Drop the log records of logger `noise[0]` that contain `noise[1]`, while the block runs."""
+    logger, only = logging.getLogger(noise[0]), _Without(noise[1])
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
 
 
 def conversion_failure(err: Exception) -> str:
