@@ -114,6 +114,16 @@ def test_retries_are_bounded_by_tries_and_the_deadline() -> None:
     assert late.calls == 1
 
 
+def test_a_replica_whose_queue_is_full_is_tried_once_more() -> None:
+    """Serve balances requests, not pairs: one replica can hold a few huge requests while another is idle."""
+    full = Reply("busy", error=(429, "overloaded", "the queue is full (RERANKER_MAX_QUEUE=20000 pairs)"))
+    handle = FakeHandle(full, Reply("idle", result=RESULT))
+    assert asyncio.run(backend(handle).rerank(None, "/v1/rerank", CALL)) == RESULT
+    everywhere = FakeHandle(full)  # every replica full: the 429, after one more try only
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(everywhere, tries=3).rerank(None, "/v1/rerank", CALL))
+    assert (failed.value.status, failed.value.counted, everywhere.calls) == (429, True, 2)
+
 def test_a_replicas_answer_to_a_bad_request_is_not_retried() -> None:
     handle = FakeHandle(Reply("r", error=(400, "invalid_request", "query must not be empty")))
     with pytest.raises(HttpError) as failed:

@@ -41,6 +41,9 @@ UNAVAILABLE = (503, "not_ready")
 # the retry too, until the replica is gone (deploy/ray/model.py: within a health-check period). The retries after
 # such an answer wait: BACKOFF_S, then twice that, and so on.
 BACKOFF_S = 0.5
+# What a replica answers when its own queue (RERANKER_MAX_QUEUE pairs) is full. Serve's router balances requests,
+# not pairs, so one replica can hold a few huge requests while another is idle: such an answer is tried once more.
+FULL = (429, "overloaded")
 # The ingress's X-Reranker-Replica header reads this from the request's scope state.
 REPLICA_STATE = "reranker_replica"
 READY_TTL_S = 1.0  # /readyz asks the controller at most once a second
@@ -79,7 +82,7 @@ class RemoteBackend:
         request_id = current_request_id() or new_request_id()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the ingress's server span, when tracing is on
-        backoff = BACKOFF_S
+        backoff, full_once = BACKOFF_S, False
         for attempt in range(1, self.tries + 1):
             try:
                 # Bounded by what is left: a try can wait in Serve's queue for a replica (one being replaced, say)
@@ -106,9 +109,12 @@ class RemoteBackend:
                     assert reply.result is not None
                     return reply.result
                 failed = HttpError(*reply.error, counted=True)  # the replica booked it
-                if reply.error[:2] != UNAVAILABLE:
+                if reply.error[:2] == FULL and not full_once:
+                    reason, wait, full_once = failed.message, 0.0, True
+                elif reply.error[:2] == UNAVAILABLE:
+                    reason, wait, backoff = failed.message, backoff, backoff * 2
+                else:
                     raise failed
-                reason, wait, backoff = failed.message, backoff, backoff * 2
             left = deadline - time.monotonic()
             retry = attempt < self.tries and left > wait
             logger.warning("replica could not serve a request", extra={
