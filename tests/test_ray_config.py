@@ -133,7 +133,6 @@ def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_s
     from ray import serve
 
     from deploy.ray import __main__ as launcher
-
     from deploy.ray import stopping
 
     running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
