@@ -29,7 +29,7 @@ from web.service import RerankCall, RerankService
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST_FIELDS = {"timestamp", "level", "logger", "message", "request_id", "route", "status", "n_docs",
-                  "query_chars", "top_n", "latency_ms", "queue_ms", "inference_ms", "tokens", "truncated",
+                  "query_chars", "query_hash", "top_n", "latency_ms", "queue_ms", "inference_ms", "tokens", "truncated",
                   "cache_hits", "top1_score", "score_std"}
 SECRET_DOC = "zebra-confidential-passage"
 

@@ -23,7 +23,7 @@ logger = logging.getLogger("reranker.requests")
 
 # Every request line carries these (SPEC section 7), null where they do not apply (a refused request scored
 # nothing), so a log pipeline can rely on the schema.
-OPTIONAL_FIELDS = ("n_docs", "query_chars", "top_n", "latency_ms", "queue_ms", "inference_ms", "tokens",
+OPTIONAL_FIELDS = ("n_docs", "query_chars", "query_hash", "top_n", "latency_ms", "queue_ms", "inference_ms", "tokens",
                    "truncated", "chunked", "cache_hits", "top1_score", "score_std", "error_type")
 
 
