@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.servers import HANG_S, START_S, free_port, wait_ready
 
@@ -56,30 +57,18 @@ def test_start_sh_rejects_a_bad_setting() -> None:
     assert "RERANKER_DTYPE='fp8' is not valid; use one of: auto, float32, float16, bfloat16" in output
 
 
-def test_start_sh_names_the_metrics_port_when_it_is_taken(bert_dir: Path) -> None:
+@pytest.mark.parametrize(("variable", "message"), [("RERANKER_METRICS_PORT", "cannot serve metrics on"),
+                                                    ("RERANKER_PORT", "cannot serve the UI and API on")])
+def test_start_sh_names_a_taken_port_before_loading_the_model(bert_dir: Path, variable: str, message: str) -> None:
+    """The HTTP port too: it failed after the whole model load, with uvicorn's own line and exit status 3."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_METRICS_PORT": str(port)})
+        process = start({"RERANKER_MODEL": str(bert_dir), variable: str(port)})
         output, _ = process.communicate(timeout=START_S)
     assert process.returncode == 1
-    assert f"cannot serve metrics on 127.0.0.1:{port}" in output and "RERANKER_METRICS_PORT" in output
-    assert "model loaded" not in output  # it stopped before loading the model
-
-
-def test_start_sh_names_the_port_when_it_is_taken_before_loading_the_model(bert_dir: Path) -> None:
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port)})
-        output, _ = process.communicate(timeout=START_S)
-    assert process.returncode == 1
-    assert f"cannot serve the UI and API on 127.0.0.1:{port}" in output
-    assert "set RERANKER_PORT to a free port" in output
+    assert f"{message} 127.0.0.1:{port}" in output and f"set {variable} to a free port" in output
     assert "model loaded" not in output and "Traceback" not in output  # it stopped before loading the model
