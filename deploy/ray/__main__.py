@@ -13,11 +13,10 @@ On SIGTERM or SIGINT the config's applications drain first, as one process does:
 answer new requests 503 with Retry-After and /readyz 503, and answer what they hold, those still waiting for a
 busy model replica included, within RERANKER_DRAIN_SECONDS (deploy/ray/stopping.py). Then the applications are
 deleted while Serve's proxies still serve: every replica finishes what it accepted (graceful_shutdown_timeout_s)
-and the answers reach their clients. Then, on its
-own Ray, `serve run` shuts Serve down and Ray stops every process it started; on a cluster (RAY_ADDRESS) it just
-exits, leaving Serve and any other application running. A second signal skips the wait. (`serve run`'s own
-Ctrl-C shuts the proxies down with the replicas, cutting the requests in flight, and on a cluster shuts down
-every application.)
+and the answers reach their clients. Then, on its own Ray, `serve run` shuts Serve down and Ray stops every
+process it started; on a cluster (RAY_ADDRESS) it just exits, leaving Serve and any other application running.
+A second signal skips the wait. (`serve run`'s own Ctrl-C shuts the proxies down with the replicas, cutting the
+requests in flight, and on a cluster shuts down every application.)
 
 A start that cannot work ends the process, as ./start.sh's does, instead of leaving Serve retrying replicas
 forever: a RERANKER_* value the service cannot use exits 2 before Ray starts, and an application that Serve
@@ -27,6 +26,7 @@ message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,9 +38,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from reranker.settings import Settings
 
 DEFAULT_CONFIG = "deploy/ray/serve.yaml"
 DEFAULT_METRICS_PORT = 8080  # KubeRay's metrics port too
@@ -106,18 +109,24 @@ def log(level: str, message: str, **fields: Any) -> None:
           file=sys.stderr, flush=True)
 
 
-def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> float:
-    """Every application's RERANKER_* as its replicas will read them: this environment (a local Ray's replicas
-    inherit it; a remote cluster's have their own) under serve.yaml's `args.env`. Returns the longest
-    RERANKER_DRAIN_SECONDS among them."""
-    from reranker.settings import Settings, SettingsError
+def app_settings(application: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """An application's RERANKER_* as its replicas will read them: this environment (a local Ray's replicas
+    inherit it; a remote cluster's have their own) under serve.yaml's `args.env`."""
+    from reranker.settings import Settings
 
     base = {} if environ.get("RAY_ADDRESS") else environ
+    overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
+    return Settings.from_env({**base, **overlay})
+
+
+def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> float:
+    """Every application's settings (app_settings), each checked; returns the longest RERANKER_DRAIN_SECONDS."""
+    from reranker.settings import SettingsError
+
     drain_seconds = 0.0
     for application in config.get("applications") or []:
-        overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
         try:
-            drain_seconds = max(drain_seconds, Settings.from_env({**base, **overlay}).drain_seconds)
+            drain_seconds = max(drain_seconds, app_settings(application, environ).drain_seconds)
         except SettingsError as err:
             raise ConfigError(f"application {application.get('name')!r}: {err}") from None
     return drain_seconds
@@ -236,13 +245,11 @@ def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     """One process's warnings for routes served beyond loopback without a login, for the proxies' host and the
     replicas' settings (a local Ray's inherit this environment; a cluster's have their own, so none there)."""
     from app import exposure_warnings as warnings_for
-    from reranker.settings import Settings
 
-    host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
     if environ.get("RAY_ADDRESS"):
         return []
-    overlay = {str(k): str(v) for k, v in ((config["applications"][0].get("args") or {}).get("env") or {}).items()}
-    return warnings_for(Settings.from_env({**environ, **overlay, "RERANKER_HOST": host}))
+    host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
+    return warnings_for(dataclasses.replace(app_settings(config["applications"][0], environ), host=host))
 
 
 def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
