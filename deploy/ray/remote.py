@@ -50,6 +50,17 @@ READY_TTL_S = 1.0  # /readyz asks the controller at most once a second
 MODEL_ID_WAIT_S = 2.0  # ...and a replica for the model id, before the first answer, this long at most
 
 
+def overloaded() -> HttpError:
+    """Every replica busy and the handle's queue full: one process's full queue, and answered alike."""
+    return HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
+                     "(max_queued_requests); retry shortly")
+
+
+def no_replica() -> HttpError:
+    """The replica died under the call, or none was there to take it."""
+    return HttpError(503, "not_ready", "no replica could serve the request; retry shortly")
+
+
 def running_replicas(app: str, deployment: str) -> int:
     """RUNNING replicas of the deployment, as the Serve controller sees them (a blocking call)."""
     application = serve.status().applications.get(app)
@@ -95,11 +106,9 @@ class RemoteBackend:
                 raise HttpError(504, "timeout", f"no model replica answered within the request's deadline "
                                 f"({self.deadline_s:g} s); retry later, or send fewer documents") from err
             except BackPressureError as err:
-                # Every replica busy and the handle's queue full: one process's full queue, and answered alike.
-                raise HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
-                                "(max_queued_requests); retry shortly") from err
+                raise overloaded() from err
             except RETRYABLE as err:
-                failed = HttpError(503, "not_ready", "no replica could serve the request; retry shortly")
+                failed = no_replica()
                 reason, wait = type(err).__name__, 0.0  # Serve's router has dropped the dead replica already
             else:
                 if request is not None:
@@ -188,7 +197,6 @@ class RemoteBackend:
         try:
             return await cast("Awaitable[dict[str, Any]]", self.handle.info.remote())
         except BackPressureError as err:
-            raise HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
-                            "(max_queued_requests); retry shortly") from err
+            raise overloaded() from err
         except RETRYABLE as err:
-            raise HttpError(503, "not_ready", "no replica could serve the request; retry shortly") from err
+            raise no_replica() from err
