@@ -49,7 +49,7 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
     try:
         # Tracing warns about Python branches on shapes and, in torch 2.13, about torch.jit.trace itself:
         # nothing an operator can act on; the float32 tests hold the converted graph to torch's scores.
-        with torch.no_grad(), warnings.catch_warnings(), _quiet(TRACED_ATTRIBUTE_NOISE):
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_traced_attributes():
             warnings.simplefilter("ignore")
             return ov.convert_model(
                 Scores(cross_encoder, extras).eval(),
@@ -66,27 +66,20 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
 # torch.jit.trace reads every attribute of the modules it traces (looking for exported methods), CrossEncoder's
 # deprecated `_target_device` included, whose getter logs a deprecation warning each time: four WARNING lines at
 # every conversion about a name nothing here uses.
-TRACED_ATTRIBUTE_NOISE = ("sentence_transformers.base.model", "_target_device` has been deprecated")
+DEPRECATIONS = logging.getLogger("sentence_transformers.base.model")
 
 
-class _Without(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+def _not_target_device(record: logging.LogRecord) -> bool:
+    return "_target_device` has been deprecated" not in record.getMessage()
 
 
 @contextmanager
-def _quiet(noise: tuple[str, str]) -> Iterator[None]:
-    """Drop the log records of logger `noise[0]` that contain `noise[1]`, while the block runs."""
-    logger, only = logging.getLogger(noise[0]), _Without(noise[1])
-    logger.addFilter(only)
+def _quiet_traced_attributes() -> Iterator[None]:
+    DEPRECATIONS.addFilter(_not_target_device)
     try:
         yield
     finally:
-        logger.removeFilter(only)
+        DEPRECATIONS.removeFilter(_not_target_device)
 
 
 def conversion_failure(err: Exception) -> str:
