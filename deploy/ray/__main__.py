@@ -183,24 +183,24 @@ def front_replicas(apps: Sequence[str]) -> set[str]:
     return found
 
 
-def drain_fronts(apps: Sequence[str], drain_seconds: float) -> None:
+def drain_fronts(apps: list[str], drain_seconds: float) -> None:
     """Announce the drain and wait until every ingress and UI replica has answered what it holds (those still
     waiting for a busy model replica included) or `drain_seconds` have passed; new requests meanwhile get one
     process's 503 with Retry-After."""
     from deploy.ray.stopping import announce_drain, inflight_reports
 
     fronts = front_replicas(apps)
-    announce_drain(list(apps))
+    announce_drain(apps)
     log("INFO", "draining: new requests get 503; the ingress answers what it holds",
-        applications=list(apps), replicas=len(fronts), drain_seconds=drain_seconds)
+        applications=apps, replicas=len(fronts), drain_seconds=drain_seconds)
     deadline = time.monotonic() + drain_seconds + 2.0  # the replicas look once a second
     while time.monotonic() < deadline:
-        reports = inflight_reports(list(apps))
+        reports = inflight_reports(apps)
         if all(reports.get(front) == 0 for front in fronts):
             return
         time.sleep(0.25)
     log("WARNING", "drain deadline reached with requests still in flight at the ingress",
-        inflight=inflight_reports(list(apps)))
+        inflight=inflight_reports(apps))
 
 
 def drain_applications(names: Sequence[str], drain_seconds: float) -> None:
