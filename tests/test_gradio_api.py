@@ -183,6 +183,17 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
     assert [getattr(r, "error_type", None) for r in refusals] == ["limit_exceeded"] * 2
 
 
+def test_the_api_names_its_parameters_and_outputs(live: tuple[str, Reranker]) -> None:
+    """gradio_client's view_api lists the endpoint as docs/api.md gives it: no `value_NN` placeholders."""
+    from gradio_client import Client
+
+    info = Client(live[0], verbose=False).view_api(return_format="dict", print_info=False)
+    endpoint = info["named_endpoints"]["/predict"]
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == [
+        "query", "documents", "top_n", "instruction", "raw_scores", "file"]
+    assert [r["label"] for r in endpoint["returns"]] == ["Ranked documents", "status"]
+
+
 def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) -> None:
     """The documents Textbox takes lines; a list of one-line strings is those lines, not its repr."""
     from gradio_client import Client

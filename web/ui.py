@@ -139,7 +139,7 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                         raw = gr.Checkbox(label="Raw scores (logits)", value=False)
                     button = gr.Button("Rerank", variant="primary", elem_id="rerank")
                 with gr.Column():
-                    status = gr.Markdown(elem_id="status")
+                    status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
                     table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
                                          label="Ranked documents", interactive=False, wrap=True,
                                          elem_id="results")
