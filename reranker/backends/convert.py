@@ -63,23 +63,31 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
             network.set_attn_implementation(previous)
 
 
-# torch.jit.trace reads every attribute of the modules it traces (looking for exported methods), CrossEncoder's
-# deprecated `_target_device` included, whose getter logs a deprecation warning each time: four WARNING lines at
-# every conversion about a name nothing here uses.
-DEPRECATIONS = logging.getLogger("sentence_transformers.base.model")
+# torch.jit.trace reads every attribute of the modules it traces (looking for exported methods), and two getters
+# log about names nothing here uses: CrossEncoder's deprecated `_target_device` (four deprecation warnings at every
+# conversion) and transformers' `loss_function`, which warns that `loss_type=None` is unrecognized and "uses
+# ForCausalLMLoss", on a BERT reranker as on any model whose config names no loss.
+TRACED_GETTERS = {
+    "sentence_transformers.base.model": "_target_device` has been deprecated",
+    "transformers.modeling_utils": "`loss_type=None` was set in the config",
+}
 
 
-def _not_target_device(record: logging.LogRecord) -> bool:
-    return "_target_device` has been deprecated" not in record.getMessage()
+def _not_a_traced_getter(record: logging.LogRecord) -> bool:
+    noise = TRACED_GETTERS.get(record.name)
+    return noise is None or noise not in record.getMessage()
 
 
 @contextmanager
 def _quiet_traced_attributes() -> Iterator[None]:
-    DEPRECATIONS.addFilter(_not_target_device)
+    loggers = [logging.getLogger(name) for name in TRACED_GETTERS]
+    for logger in loggers:
+        logger.addFilter(_not_a_traced_getter)
     try:
         yield
     finally:
-        DEPRECATIONS.removeFilter(_not_target_device)
+        for logger in loggers:
+            logger.removeFilter(_not_a_traced_getter)
 
 
 def conversion_failure(err: Exception) -> str:
