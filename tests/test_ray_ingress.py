@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
 import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -17,8 +18,9 @@ from typing import Any, cast  # noqa: E402
 import httpx  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from ray.exceptions import ActorDiedError  # noqa: E402
-from ray.serve.exceptions import BackPressureError  # noqa: E402
+from ray.serve.exceptions import BackPressureError, RequestCancelledError  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
+from starlette.requests import Request  # noqa: E402
 
 from deploy.ray import remote  # noqa: E402
 from deploy.ray.ingress import ingress_app  # noqa: E402
@@ -154,22 +156,36 @@ def test_readiness_is_the_controllers_count_of_running_replicas_asked_once_a_sec
 
 
 class WaitingHandle(FakeHandle):
-    """A call that never gets an answer, as one queued at the handle while no replica is running."""
+    """A call that gets no answer, as one queued at the handle while no replica is running (or one a replica holds,
+    `taken`). Cancelled, it ends as Serve 2.60 ends such a call: RequestCancelledError either way, and its
+    replica-result future (resolved once a replica takes the call) cancelled only while it waited for a replica."""
 
-    def __init__(self) -> None:
+    def __init__(self, taken: bool = False) -> None:
         super().__init__()
+        self.taken = taken
         self.cancelled = 0
 
     def _rerank(self, *args: Any) -> Any:
         self.calls += 1
         handle = self
+        answer: asyncio.Future[Any] | None = None
 
         class Waiting:
+            def __init__(self) -> None:
+                self._replica_result_future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                if handle.taken:
+                    self._replica_result_future.set_result("a replica's result")
+
             def __await__(self) -> Any:
-                return asyncio.Event().wait().__await__()
+                nonlocal answer
+                answer = asyncio.get_running_loop().create_future()
+                return answer.__await__()
 
             def cancel(self) -> None:
                 handle.cancelled += 1
+                self._replica_result_future.cancel()
+                assert answer is not None
+                answer.set_exception(RequestCancelledError())
 
         return Waiting()
 
@@ -185,6 +201,54 @@ def test_a_try_no_replica_answers_ends_at_the_deadline_with_504() -> None:
     assert (failed.value.status, failed.value.type, failed.value.counted) == (504, "timeout", False)
     assert "0.3 s" in failed.value.message
     assert handle.calls == 1 and handle.cancelled == 1  # not tried again, and the call is withdrawn
+
+
+def leaving_client(after_s: float) -> Request:
+    """A request whose client disconnects `after_s` seconds after sending its body."""
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(after_s)
+        return {"type": "http.disconnect"}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/rerank", "headers": []}, receive)
+
+
+@pytest.mark.parametrize("taken", [False, True], ids=["waiting for a replica", "held by a replica"])
+def test_a_request_whose_client_leaves_is_counted_once(taken: bool) -> None:
+    """A replica counts a call cancelled while it held it; one still waiting for a replica never reached one, and
+    went uncounted and unlogged (Ray's proxy saw a 499, reranker_requests_total nothing): the ingress counts it."""
+    booked: list[tuple[str, str]] = []
+
+    def book(route: str, error: HttpError) -> None:
+        booked.append((route, error.outcome))
+
+    async def leave(how: str) -> None:
+        handle = WaitingHandle(taken)
+        remote_backend = backend(handle, book=book)
+        if how == "disconnect":  # the ingress saw the client go
+            with pytest.raises(HttpError) as failed:
+                await remote_backend.rerank(leaving_client(0.05), "/v1/rerank", CALL)
+            assert (failed.value.status, failed.value.counted) == (499, True)
+        else:  # Serve cancelled the ingress's request: its client left at the proxy, or Gradio cancelled the event
+            call = asyncio.ensure_future(remote_backend.rerank(None, "/v1/rerank", CALL))
+            await asyncio.sleep(0.05)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert handle.cancelled == 1
+
+    for how in ("disconnect", "cancelled"):
+        booked.clear()
+        asyncio.run(leave(how))
+        assert booked == ([] if taken else [("/v1/rerank", "cancelled")]), how
+
+
+def test_a_request_past_its_deadline_is_counted_once_as_a_timeout() -> None:
+    """The 504 is booked by the route's error handler; the withdrawn call adds no `cancelled` here."""
+    booked: list[HttpError] = []
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(WaitingHandle(), deadline_s=0.1, book=lambda _, error: booked.append(error))
+                    .rerank(None, "/v1/rerank", CALL))
+    assert (failed.value.status, failed.value.counted, booked) == (504, False, [])
 
 
 def test_tries_and_the_deadline_must_allow_one_try() -> None:

@@ -183,14 +183,19 @@ def test_a_client_disconnect_cancels_the_replica_call(cluster: LocalRay) -> None
     rng = random.Random(7)
     docs = [random_text(rng, 400) for _ in range(1000)]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{cluster.url}/v1/rerank", json={"query": "cancel me", "documents": docs}, headers=HEADERS,
-                   timeout=httpx.Timeout(30, read=1.0))
+        httpx.post(f"{cluster.url}/v1/rerank", json={"query": "cancel me", "documents": docs},
+                   headers={**HEADERS, "x-request-id": "leaves"}, timeout=httpx.Timeout(30, read=1.0))
 
-    def cancelled() -> bool:
-        return any(line.get("status") == "cancelled" and line.get("route") == "/v1/rerank"
-                   for line in worker_log_lines(cluster))
+    def lines() -> list[dict[str, Any]]:
+        return [line for line in worker_log_lines(cluster)
+                if line.get("request_id") == "leaves" and line.get("logger") == "reranker.requests"]
 
-    wait_for(cancelled, HANG_S, "a replica's request line with status cancelled")
+    wait_for(lines, HANG_S, "the request's line")
+    time.sleep(1.0)  # a second line, were there one, would be written by now
+    # Counted once, by the replica that held it; the ingress adds no line of its own.
+    (line,) = lines()
+    assert line["message"] in ("rerank", "slow rerank") and (line["status"], line["route"]) == (
+        "cancelled", "/v1/rerank"), line
 
 
 def test_loopback_only(cluster: LocalRay) -> None:
@@ -345,6 +350,58 @@ def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluste
             assert answer.headers["retry-after"] == "1" and answer.json()["error"]["type"] == "overloaded"
     predict = httpx.post(f"{cluster.url}/api/predict", json={"data": ["q", ["a"]]})
     assert predict.status_code == 401 and predict.json()["error"]["type"] == "unauthorized"
+
+
+def test_a_client_that_leaves_while_its_request_waits_for_a_replica_is_counted_once(cluster: LocalRay,
+                                                                                     bert_dir: Path) -> None:
+    """One replica taking one request at a time, busy with a long one: a request queued behind it whose client
+    leaves never reaches a replica, and went uncounted and unlogged (only Ray's proxy saw its 499). The ingress
+    counts it `cancelled`, once; a request a replica held is still counted by that replica alone. Redeploys (the
+    next test redeploys again)."""
+    import random
+    import threading
+
+    # A longer hold (1000 pairs of 512 tokens), and every request line written.
+    config = app_config(bert_dir, replicas=1, RERANKER_MAX_LENGTH="512", RERANKER_LOG_SAMPLE_RATE="1")
+    config["applications"][0]["deployments"][0]["max_ongoing_requests"] = 1
+    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
+             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
+             "one model replica taking one request at a time")
+    rng = random.Random(11)
+    held: list[tuple[int, float]] = []
+
+    def hold() -> None:
+        docs = [random_text(rng, 600) for _ in range(1000)]
+        answer = httpx.post(f"{cluster.url}/v1/rerank", json={"query": "hold", "documents": docs},
+                            headers={**HEADERS, "x-request-id": "holder"}, timeout=HANG_S)
+        held.append((answer.status_code, time.monotonic()))
+
+    holder = threading.Thread(target=hold)
+    started = time.monotonic()
+    holder.start()
+    time.sleep(1.0)  # the holder's 4 MB body reaches the replica
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.url}/v1/rerank", json={"query": "queued", "documents": ["a", "b"]},
+                   headers={**HEADERS, "x-request-id": "queued"}, timeout=httpx.Timeout(30, read=0.5))
+    left = time.monotonic()
+    holder.join(HANG_S)
+    print(f"the queued client left {left - started:.1f} s after the holder was sent; the holder took "
+          f"{held[0][1] - started:.1f} s" if held else "the holder got no answer")
+    assert held and held[0][0] == 200 and held[0][1] > left, "the holder ended before the queued client left"
+
+    def lines(request_id: str) -> list[dict[str, Any]]:
+        return [line for line in worker_log_lines(cluster)
+                if line.get("request_id") == request_id and line.get("logger") == "reranker.requests"]
+
+    wait_for(lambda: lines("queued") and lines("holder"), HANG_S, "the request lines")
+    time.sleep(1.0)  # a second line, were there one, would be written by now
+    (queued,) = lines("queued")
+    assert (queued["message"], queued["status"], queued["http_status"]) == ("rerank refused", "cancelled", 499)
+    assert "waited for a model replica" in queued["error"]
+    (holder_line,) = lines("holder")
+    assert holder_line["status"] == "ok"
 
 
 def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir: Path) -> None:

@@ -116,7 +116,7 @@ class Ingress:
         self.history = RequestHistory()
         self.lifecycle = Lifecycle()
         self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s,
-                                     lifecycle=self.lifecycle)
+                                     lifecycle=self.lifecycle, book=self.refused)
         self._drain_watch = asyncio.get_running_loop().create_task(self._drain_when_told())
 
     async def _drain_when_told(self) -> None:
@@ -127,6 +127,9 @@ class Ingress:
         refusing them failed a rolling update's load 566 times."""
         await until_stopping(stopping=False)
         await drain(self.lifecycle, "the service is shutting down", self.settings.drain_seconds)
+
+    def refused(self, route: str, error: HttpError) -> None:
+        book_refusal(self.metrics, self.history, route, error)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return ingress_app(self.backend, self.metrics, self.history, self.tracing, self.lifecycle)

@@ -5,7 +5,8 @@ score (its device failed), is retried on another replica, a bounded number of ti
 deadline allows; Serve itself does not retry. The deadline bounds each try too: a request no replica answered
 within it gets 504 `timeout`, and its call is cancelled. A full queue at the handle (max_queued_requests) is one
 process's overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind
-scoring work.
+scoring work. A request whose client leaves is counted `cancelled` once: by the replica that held it, or here when
+it was still waiting for one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from reranker import RerankResult, Settings
 from web.cancel import client_gone
 from web.errors import CLIENT_CLOSED, HttpError
 from web.lifecycle import Lifecycle
+from web.middleware import OnRefuse
 from web.request_id import current_request_id, new_request_id
 from web.service import RerankCall
 
@@ -68,13 +70,23 @@ def running_replicas(app: str, deployment: str) -> int:
     return 0 if status is None else sum(n for state, n in status.replica_states.items() if state == "RUNNING")
 
 
+def withdrawn_unassigned(response: object) -> bool:
+    """Whether cancelling `response` withdrew it before Serve's router gave it to a replica, so that no replica saw
+    it. Ray 2.60 keeps that in the response's replica-result future, which cancel() cancels only while no replica
+    has the call. No public API tells (awaiting either raises RequestCancelledError): a real cluster checks this
+    in tests/test_ray_serve.py, so a Ray upgrade that moves it fails there."""
+    future = getattr(response, "_replica_result_future", None)
+    return future is not None and future.cancelled()
+
+
 class RemoteBackend:
     """Reranks on the model deployment's replicas; info asks one of them, readiness asks the controller
-    (`running`: how many of them run; serve.status() unless a test gives its own)."""
+    (`running`: how many of them run; serve.status() unless a test gives its own). `book` counts and logs a request
+    that no replica will: one whose client left while it still waited for a replica."""
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
                  deadline_s: float = 60.0, running: Callable[[], int] | None = None,
-                 lifecycle: Lifecycle | None = None) -> None:
+                 lifecycle: Lifecycle | None = None, book: OnRefuse | None = None) -> None:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
@@ -83,6 +95,7 @@ class RemoteBackend:
         self.tries = tries
         self.deadline_s = deadline_s
         self.lifecycle = lifecycle  # the ingress's drain: /readyz says so
+        self.book = book
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
@@ -98,9 +111,8 @@ class RemoteBackend:
             try:
                 # Bounded by what is left: a try can wait in Serve's queue for a replica (one being replaced, say)
                 # for as long as the proxy's request_timeout_s, whose 408 is Serve's text, not this API's answer.
-                reply = await asyncio.wait_for(self._call(request, route, call, request_id, carrier),
-                                               max(deadline - time.monotonic(), 0.0))
-            except TimeoutError as err:  # the call was cancelled with the try: the replica drops unstarted pairs
+                reply = await self._call(request, route, call, request_id, carrier, deadline - time.monotonic())
+            except TimeoutError as err:  # the call was cancelled: the replica drops unstarted pairs
                 logger.warning("no replica answered within the request's deadline", extra={
                     "request_id": request_id, "route": route, "attempt": attempt, "deadline_s": self.deadline_s})
                 raise HttpError(504, "timeout", f"no model replica answered within the request's deadline "
@@ -134,30 +146,37 @@ class RemoteBackend:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _call(self, request: Request | None, route: str, call: RerankCall, request_id: str,
-                    carrier: dict[str, str]) -> Reply:
-        """One call to one replica; a client that disconnects cancels it (the replica drops its pairs)."""
+                    carrier: dict[str, str], timeout: float) -> Reply:
+        """One call to one replica, cancelled after `timeout` seconds (TimeoutError) or as soon as the client
+        disconnects (the replica drops its unstarted pairs)."""
         response = self.handle.rerank.remote(route, call, request_id, carrier)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
         # Without a request (a UI event), only cancelling this task cancels the call.
         watch = client_gone(request) if request is not None else asyncio.Event().wait()
         gone: asyncio.Future[Any] = asyncio.ensure_future(watch)
+        # Ended without an answer, the call was given up by its client (here, or at Serve's proxy, which then cancels
+        # this request), unless its deadline passed.
+        client_left = True
         try:
-            waiting: set[asyncio.Future[Any]] = {answer, gone}
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
             if answer in done:
                 return answer.result()
-            response.cancel()
-            # The replica counts the request as cancelled; nobody reads this answer.
+            if gone not in done:
+                client_left = False  # the caller answers 504, and counts it
+                raise TimeoutError
             raise HttpError(CLIENT_CLOSED, "cancelled", "the client went away", counted=True)
-        except asyncio.CancelledError:
-            response.cancel()  # Serve cancelled the ingress's request: pass it on
-            raise
         finally:
             gone.cancel()
             if not answer.done():
-                answer.cancel()
-            # An abandoned answer's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
-            answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+                response.cancel()
+                # An abandoned answer's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
+                answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+                # A replica that held the call counted it `cancelled`; one still waiting for a replica was counted by
+                # nobody (Ray's proxy saw a 499, reranker_requests_total nothing): it is counted here.
+                if client_left and self.book is not None and withdrawn_unassigned(response):
+                    self.book(route, HttpError(CLIENT_CLOSED, "cancelled",
+                                               "the client went away while the request waited for a model replica"))
 
     async def readiness(self) -> HttpError | None:
         """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and

@@ -82,7 +82,7 @@ class UI:
         self.history = RequestHistory()
         self.lifecycle = Lifecycle()
         handle: DeploymentHandle = serve.get_deployment_handle(deployment, app)
-        self.backend = RemoteBackend(handle, self.settings, tries=tries, deadline_s=deadline_s)
+        self.backend = RemoteBackend(handle, self.settings, tries=tries, deadline_s=deadline_s, book=self.refused)
         self.replicas = Replicas(handle)
         self.replicas.add(cast(ReplicaView, await handle.snapshot.remote()))
         self.info = await self.backend.info()
