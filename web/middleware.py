@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from web.errors import HttpError
+from web.errors import CLIENT_CLOSED, HttpError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -93,18 +93,20 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(route, scope, receive, send)
+            await self._refuse(route, self._too_big(), scope, receive, send)
             return
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, receive, send)  # the client went away; let the app see it
+                # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
+                await self._refuse(route, HttpError(CLIENT_CLOSED, "cancelled", "the client closed the connection "
+                                                    "before sending the whole body"), scope, receive, send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(route, scope, receive, send)
+                await self._refuse(route, self._too_big(), scope, receive, send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -120,9 +122,11 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
-        error = HttpError(413, "limit_exceeded",
-                          f"request body is over {self.limit} bytes; send fewer documents or raise "
-                          "RERANKER_MAX_BODY_BYTES")
+    def _too_big(self) -> HttpError:
+        return HttpError(413, "limit_exceeded", f"request body is over {self.limit} bytes; send fewer documents or "
+                         "raise RERANKER_MAX_BODY_BYTES")
+
+    async def _refuse(self, route: str, error: HttpError, scope: Scope, receive: Receive, send: Send) -> None:
+        """Book `error` and answer it (to nobody, when the client has gone: the server drops the answer)."""
         self.on_refuse(route, error)
         await _answer(error, scope, receive, send)
