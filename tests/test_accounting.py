@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio.queueing import Queue
 from prometheus_client import CollectorRegistry
@@ -18,6 +20,8 @@ from tests.servers import HANG_S, serve
 from tests.test_faults import GatedScorer, wait_until
 from web.gradio_login import find_gradio_app
 from web.http import create_app
+
+RUNNING = 16  # build_blocks' concurrency_limit: the next event waits in Gradio's queue
 
 
 def counts(metrics: Metrics, route: str) -> dict[str, float]:
@@ -59,3 +63,53 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_cancelled(
     leave_while_sending(url, path, sent)
     wait_until(lambda: sum(counts(reranker.metrics, route).values()) > 0)
     assert counts(reranker.metrics, route) == {**dict.fromkeys(STATUSES, 0), "cancelled": 1}
+
+
+@contextmanager
+def every_slot_taken(url: str, reranker: Reranker, gated: GatedScorer) -> Iterator[None]:
+    """RUNNING events of one session held on the device, so the next event waits in Gradio's queue; once the
+    block ends they run and the test waits for their answers."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    running = [client.submit("q", f"document {i}", api_name="/predict") for i in range(RUNNING)]
+    wait_until(lambda: reranker.metrics.registry.get_sample_value("reranker_inflight_requests") == RUNNING)
+    yield
+    gated.gate.set()
+    for job in running:
+        job.result(HANG_S)
+
+
+def test_a_gradio_event_cancelled_while_it_waits_in_gradios_queue_is_counted(
+        held: tuple[str, Reranker, GatedScorer, Queue], caplog: pytest.LogCaptureFixture) -> None:
+    """Job.cancel() of an event Gradio has queued but not started removes it: its handler never runs."""
+    from gradio_client import Client
+
+    caplog.set_level("INFO", logger="reranker.requests")
+    url, reranker, gated, queue = held
+    with every_slot_taken(url, reranker, gated):
+        # Its own session: Gradio's cancel also stops the running events of the session that cancels.
+        waiting = Client(url, verbose=False).submit("q", "a\nb", api_name="/predict")
+        wait_until(lambda: waiting.communicator is not None and waiting.communicator.event_id is not None)
+        assert len(queue) == 1
+        waiting.cancel()
+        wait_until(lambda: len(queue) == 0)
+    assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "ok": RUNNING, "cancelled": 1}
+    [line] = [r for r in caplog.records if r.getMessage() == "rerank refused"]
+    assert (line.route, line.status, line.latency_ms) == ("ui", "cancelled", None)  # type: ignore[attr-defined]
+
+
+def test_a_gradio_event_whose_browser_leaves_while_it_waits_in_gradios_queue_is_counted(
+        held: tuple[str, Reranker, GatedScorer, Queue]) -> None:
+    """A tab closed while its event waits: Gradio drops the session's queued events when its stream closes."""
+    url, reranker, gated, queue = held
+    [predict] = [fn._id for fn in queue.blocks.fns.values() if fn.api_name == "predict"]
+    with every_slot_taken(url, reranker, gated), httpx.Client(base_url=url, timeout=HANG_S) as browser:
+        joined = browser.post("/gradio_api/queue/join", json={
+            "data": ["q", "a\nb", None, "", False, None], "fn_index": predict, "session_hash": "closed-tab"})
+        assert joined.status_code == 200, joined.text
+        with browser.stream("GET", "/gradio_api/queue/data", params={"session_hash": "closed-tab"}) as stream:
+            assert next(stream.iter_lines()).startswith("data:")  # the queue's estimation: the event waits
+            assert len(queue) == 1
+        wait_until(lambda: len(queue) == 0)
+    assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "ok": RUNNING, "cancelled": 1}

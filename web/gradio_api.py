@@ -8,8 +8,9 @@ from typing import Any
 
 import gradio as gr
 from gradio.exceptions import InvalidPathError
+from gradio.queueing import Event
 
-from web.errors import HttpError
+from web.errors import CLIENT_CLOSED, HttpError
 from web.middleware import App, Message, Receive, Scope, Send, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -32,18 +33,51 @@ class RerankError(gr.Error):
         self.status = error.status
 
 
+class _EventTable(dict[str, Event]):
+    """Gradio's queue's events by id, which every queued event leaves by `pop` once Gradio is done with it:
+    after it ran, or when it was dropped unrun (`left` is told of each)."""
+
+    def __init__(self, left: Callable[[Event], None]) -> None:
+        super().__init__()
+        self._left = left
+
+    def pop(self, event_id: str, default: Any = None) -> Any:
+        event = super().pop(event_id, default)
+        if isinstance(event, Event):
+            self._left(event)
+        return event
+
+
 class CountedBlocks(gr.Blocks):
     """Blocks whose rerank handlers are counted even when Gradio refuses the call before they run.
 
     Gradio checks the number of inputs, validates files and preprocesses each component (a Number
     given "abc" or 1e400) before it calls the handler; a call that fails there never reaches the
-    service. Handlers registered with `count` get such a failure booked as an invalid request.
+    service. Handlers registered with `count` get such a failure booked as an invalid request, and
+    an event of theirs that Gradio's queue drops before running it booked as cancelled.
     """
 
     def __init__(self, on_refuse: OnRefuse, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         self._on_refuse = on_refuse
         self._counted: dict[Callable[..., Any], tuple[int, ...]] = {}
+        self._started: set[str] = set()  # ids of queued events that reached process_api
+        super().__init__(**kwargs)  # which builds the queue
+
+    def queue(self, *args: Any, **kwargs: Any) -> CountedBlocks:
+        super().queue(*args, **kwargs)
+        self._queue.event_ids_to_events = _EventTable(self._left_queue)
+        return self
+
+    def _left_queue(self, event: Event) -> None:
+        """Book an event of a counted handler that Gradio dropped from its queue unrun: cancelled with
+        gradio_client's Job.cancel(), or with its browser session closed, while it waited for a slot."""
+        started = event._id in self._started
+        self._started.discard(event._id)
+        if started or event.fn.fn not in self._counted:
+            return
+        error = HttpError(CLIENT_CLOSED, "cancelled", "the call was cancelled before it ran")
+        # In a context of its own: the HTTP request that dropped it (a cancel, a closed stream) is another one.
+        contextvars.Context().run(self._on_refuse, ROUTE, error)
 
     def count(self, handler: Callable[..., Any], *, line_inputs: tuple[int, ...] = ()) -> Callable[..., Any]:
         """Book refusals of `handler`'s calls. `line_inputs`: positions of text inputs holding one item per line,
@@ -84,6 +118,9 @@ class CountedBlocks(gr.Blocks):
         return inputs
 
     async def process_api(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # From here the call is counted: as refused by preprocess_data, or by the handler.
+        if kwargs.get("event_id") in self._queue.event_ids_to_events:
+            self._started.add(kwargs["event_id"])
         try:
             return await super().process_api(*args, **kwargs)
         except RerankError as err:
