@@ -113,3 +113,41 @@ def test_a_gradio_event_whose_browser_leaves_while_it_waits_in_gradios_queue_is_
             assert len(queue) == 1
         wait_until(lambda: len(queue) == 0)
     assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "ok": RUNNING, "cancelled": 1}
+
+
+def all_requests(metrics: Metrics) -> float:
+    return sum(sample.value for metric in metrics.registry.collect() for sample in metric.samples
+               if sample.name == "reranker_requests_total")
+
+
+NOT_RERANKS = [("GET", "/v1/rerank"), ("DELETE", "/rerank"), ("POST", "/v1/rerank/"), ("POST", "/api/predict/"),
+               ("OPTIONS", "/v2/rerank")]
+
+
+REFUSALS = [*((refusal, ui) for refusal in ("none", "no key", "draining") for ui in (True, False)),
+            ("no UI login", True)]  # which guards /api/predict only with the UI
+
+
+@pytest.mark.parametrize(("refusal", "ui"), REFUSALS, ids=[f"{r}, {'UI' if ui else 'no UI'}" for r, ui in REFUSALS])
+def test_a_wrong_method_or_a_trailing_slash_is_no_rerank_request_whoever_answers_it(
+        bert_model: ScoringModel, bert_dir: Path, refusal: str, ui: bool) -> None:
+    """Answered by the route table (405, 404) they were not counted; answered first by the key check, the
+    drain gate or the UI login (401, 503) they were counted as rerank requests."""
+    from fastapi.testclient import TestClient
+
+    from web.lifecycle import Lifecycle
+
+    overrides: dict[str, dict[str, object]] = {"none": {}, "no key": {"api_key": "s3cret"}, "draining": {},
+                                               "no UI login": {"ui_auth": (("alice", "pw"),)}}
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, model_settings(bert_dir, **overrides[refusal]),
+                  metrics=Metrics(CollectorRegistry())) as reranker:
+        client = TestClient(create_app(reranker, ui=ui, lifecycle=lifecycle))
+        if refusal == "draining":
+            lifecycle.begin_drain()
+        for method, path in NOT_RERANKS:
+            client.request(method, path, json={"query": "q", "documents": ["a"]})
+        assert all_requests(reranker.metrics) == 0
+        # What is a rerank request is still counted, once.
+        client.post("/api/predict", json={"data": ["q", "a"]})
+        assert all_requests(reranker.metrics) == 1

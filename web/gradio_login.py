@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketClose
 
 from web.errors import HttpError
-from web.middleware import App, OnRefuse, Receive, Scope, Send, route_path
+from web.middleware import App, OnRefuse, Receive, Scope, Send, rerank_route, route_path
 
 PREDICT = "/api/predict"
 
@@ -52,7 +52,7 @@ class GradioLogin:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        predict = self.guard_predict and scope["type"] == "http" and path == PREDICT
+        predict = self.guard_predict and rerank_route(scope) == PREDICT
         if not (predict or _guarded(path)) or self._user(scope):
             await self.app(scope, receive, send)
         elif predict:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from web.errors import HttpError
-from web.middleware import LIMITED_PATHS, App, Receive, Scope, Send, route_path
+from web.middleware import App, Receive, Scope, Send, rerank_route, route_path
 
 RETRY_AFTER_SECONDS = 5
 
@@ -53,9 +53,9 @@ class Lifecycle:
 
 
 def _starts_work(scope: Scope) -> bool:
-    """JSON rerank routes, and Gradio POSTs (a queue join or an API call); pages, streams and health pass."""
-    path = route_path(scope)
-    return path in LIMITED_PATHS or (scope.get("method") == "POST" and path.startswith("/gradio_api"))
+    """Rerank requests, and Gradio POSTs (a queue join or an API call); pages, streams and health pass."""
+    return rerank_route(scope) is not None or (scope.get("method") == "POST" and
+                                                route_path(scope).startswith("/gradio_api"))
 
 
 class DrainGate:

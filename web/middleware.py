@@ -28,8 +28,10 @@ def route_path(scope: Scope) -> str:
     return path.rstrip("/")
 
 
-def _route(scope: Scope) -> str | None:
-    if scope["type"] != "http":
+def rerank_route(scope: Scope) -> str | None:
+    """The JSON rerank route that the request calls: a POST to one of LIMITED_PATHS. Another method or a trailing
+    slash is no rerank request, whoever answers it: the routes answer it 405 or 404, uncounted."""
+    if scope["type"] != "http" or scope.get("method") != "POST" or str(scope["path"]).endswith("/"):
         return None
     path = route_path(scope)
     return path if path in LIMITED_PATHS else None
@@ -38,7 +40,7 @@ def _route(scope: Scope) -> str | None:
 def _bounded(scope: Scope) -> str | None:
     """The path of a request whose body BodyLimit caps: the JSON routes, and every POST to the Gradio API
     but its uploads, which Gradio caps itself (mount_gradio_app's max_file_size)."""
-    route = _route(scope)
+    route = rerank_route(scope)
     if route is None and scope["type"] == "http" and scope.get("method") == "POST":
         path = route_path(scope)
         if path.startswith("/gradio_api/") and not path.endswith("/upload"):
@@ -60,7 +62,7 @@ class BearerKey:
         self.on_refuse = on_refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope)
+        route = rerank_route(scope)
         if self.key is None or route is None:
             await self.app(scope, receive, send)
             return
