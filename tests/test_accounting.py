@@ -151,3 +151,16 @@ def test_a_wrong_method_or_a_trailing_slash_is_no_rerank_request_whoever_answers
         # What is a rerank request is still counted, once.
         client.post("/api/predict", json={"data": ["q", "a"]})
         assert all_requests(reranker.metrics) == 1
+
+
+def test_gradio_api_calls_without_the_ui_login_are_counted(bert_model: ScoringModel, bert_dir: Path) -> None:
+    """As /api/predict's are: the login's 401 came before GradioApiStatus, which counts the Gradio API's refusals."""
+    from fastapi.testclient import TestClient
+
+    settings = model_settings(bert_dir, ui_auth=(("alice", "pw"),))
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        client = TestClient(create_app(reranker))
+        for path in ("/gradio_api/call/predict", "/gradio_api/api/predict", "/api/predict"):
+            assert client.post(path, json={"data": ["q", "a"]}).status_code == 401, path
+        assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "invalid": 2}
+        assert all_requests(reranker.metrics) == 3

@@ -72,14 +72,14 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio_router = find_gradio_app(app).router
         gradio_router.default = json_not_found(gradio_router.default)
-    # Starlette runs the last added first: drain gate, request id, Gradio login, Gradio API status, key, body limit.
+    # Starlette runs the last added first: drain gate, request id, Gradio API status, Gradio login, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
-    if ui:
-        app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     if ui and settings.ui_auth:
         app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=settings.api_key is None,
                            on_refuse=refused)
+    if ui:  # outside the login, so that it counts the Gradio API calls the login refuses
+        app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining)
