@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -164,3 +165,30 @@ def test_gradio_api_calls_without_the_ui_login_are_counted(bert_model: ScoringMo
             assert client.post(path, json={"data": ["q", "a"]}).status_code == 401, path
         assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "invalid": 2}
         assert all_requests(reranker.metrics) == 3
+
+
+def test_a_bug_in_a_route_is_counted_as_an_error() -> None:
+    """An exception the engine did not answer (a bug in shaping a request or a response) gets the 500 of the
+    catch-all handler; uncounted, the error-ratio alerts never saw it."""
+    from fastapi.testclient import TestClient
+
+    from reranker import Settings
+    from web.api import build_api
+    from web.backend import Backend
+    from web.errors import HttpError
+
+    class Broken:
+        settings = Settings.from_env({})
+
+        async def rerank(self, *args: object) -> None:
+            raise RuntimeError("a bug")
+
+    booked: list[tuple[str, int, str]] = []
+
+    def book(route: str, error: HttpError) -> None:
+        booked.append((route, error.status, error.outcome))
+
+    client = TestClient(build_api(cast(Backend, Broken()), book), raise_server_exceptions=False)
+    answer = client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "internal_error"
+    assert booked == [("/v1/rerank", 500, "error")]
