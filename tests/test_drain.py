@@ -74,6 +74,44 @@ def test_a_cancelled_gradio_event_has_its_pairs_dropped(bert_model: ScoringModel
     assert gated.pairs == 1 + 2
 
 
+def test_a_drain_waits_for_the_events_still_in_gradios_queue(bert_model: ScoringModel) -> None:
+    """16 UI events run (the Rerank event's concurrency limit) and 4 wait in Gradio's queue for a slot. Between
+    the last running one leaving the engine and Gradio starting the next, nothing is in flight: a drain that looked
+    then ended, and the process exited with the 4 unanswered. Gradio's dispatch is paused here to hold that moment
+    open."""
+    import time
+
+    from gradio_client import Client
+
+    from web.gradio_login import find_gradio_app
+    from web.lifecycle import Lifecycle
+
+    gated = GatedScorer(bert_model)
+    lifecycle = Lifecycle()
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry()), score_fn=gated) as reranker:
+        app = create_app(reranker, lifecycle=lifecycle)
+        queue = find_gradio_app(app).get_blocks()._queue
+        try:
+            with serve(app) as url:
+                client = Client(url, verbose=False)
+                jobs = [client.submit(f"q{i}", "a\nb", api_name="/predict") for i in range(20)]
+                wait_until(lambda: lifecycle.inflight == 16 and len(queue.event_ids_to_events) == 20)
+                queue.get_events = lambda: None  # type: ignore[method-assign]  # no waiting event starts until this goes
+                try:
+                    lifecycle.begin_drain()
+                    gated.gate.set()
+                    wait_until(lambda: lifecycle.inflight == 0)
+                    assert not lifecycle.wait_idle(time.monotonic() + 0.5)  # 4 accepted events not answered yet
+                finally:
+                    del queue.get_events
+                assert lifecycle.wait_idle(time.monotonic() + HANG_S)
+                answers = [job.result(timeout=HANG_S) for job in jobs]
+        finally:
+            gated.gate.set()
+    assert all("2 documents" in status for _, status in answers)
+
+
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
     port, metrics_port = free_port(), free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(port),

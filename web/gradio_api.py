@@ -79,6 +79,10 @@ class CountedBlocks(gr.Blocks):
         # In a context of its own: the HTTP request that dropped it (a cancel, a closed stream) is another one.
         contextvars.Context().run(self._on_refuse, ROUTE, error)
 
+    def unfinished_events(self) -> int:
+        """Events in Gradio's queue, waiting for a slot or running: a drain waits for them (web/lifecycle.py)."""
+        return len(self._queue.event_ids_to_events)
+
     def count(self, handler: Callable[..., Any], *, line_inputs: tuple[int, ...] = ()) -> Callable[..., Any]:
         """Book refusals of `handler`'s calls. `line_inputs`: positions of text inputs holding one item per line,
         which also take a list of one-line strings (gradio_client users send lists, as /api/predict allows)."""

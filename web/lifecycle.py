@@ -3,7 +3,7 @@
 `Lifecycle` is the one flag and counter that the routes, `/readyz` and app.py share. `DrainGate` is the
 ASGI middleware that answers new work with 503 and `Retry-After` while draining; it counts JSON-route
 requests from arrival to the last byte sent, and RerankService counts every call in the engine, Gradio's
-included. A drain ends when the count is back to zero.
+included. A drain ends when the count is back to zero and no accepted work waits to join it (`wait_also_for`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inflight = 0
+        self._pending: list[Callable[[], int]] = []
         self.draining = False
         self.reason = "the service is shutting down"
 
@@ -43,13 +44,23 @@ class Lifecycle:
     def inflight(self) -> int:
         return self._inflight
 
-    def wait_idle(self, deadline: float, idle: Callable[[], bool] = lambda: True) -> bool:
-        """Block until nothing is in flight (and `idle()` agrees) or the monotonic deadline; True if idle."""
+    def wait_also_for(self, pending: Callable[[], int]) -> None:
+        """Make a drain also wait while `pending()` counts work accepted that has not reached the count yet: the
+        events in Gradio's queue wait there for one of its slots before their handler runs, and a drain that saw the
+        count at zero between two of them ended with the rest unanswered."""
+        self._pending.append(pending)
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight == 0 and not any(pending() for pending in self._pending)
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Block until idle or the monotonic deadline; True if idle."""
         while time.monotonic() < deadline:
-            if self._inflight == 0 and idle():
+            if self.idle:
                 return True
             time.sleep(0.05)
-        return self._inflight == 0 and idle()
+        return self.idle
 
 
 def _starts_work(scope: Scope) -> bool:

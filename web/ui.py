@@ -12,6 +12,7 @@ from reranker import RerankResult, Settings, ValidationError
 from web.cancel import run_cancellable
 from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError
+from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.tracing import ui_span
@@ -114,13 +115,15 @@ def build_ui(service: RerankService) -> gr.Blocks:
     model = service.reranker.model
     return build_blocks(cancellable(make_predict(service)), service.refused,
                         header(model.model_id, model.device, model.dtype, model.max_length),
-                        Monitor(service.reranker, service.history), takes_instruction=model.accepts_instruction)
+                        Monitor(service.reranker, service.history), takes_instruction=model.accepts_instruction,
+                        lifecycle=service.lifecycle)
 
 
 def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, panel: Panel, *,
-                 takes_instruction: bool) -> gr.Blocks:
+                 takes_instruction: bool, lifecycle: Lifecycle) -> gr.Blocks:
     """The Rerank and Monitoring tabs over any scorer: `predict` is the async event handler (the Gradio API
-    `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab."""
+    `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
+    `lifecycle`'s drains wait for the events in Gradio's queue."""
     with CountedBlocks(refused, title="Reranker") as demo:
         predict = demo.count(predict, line_inputs=(1,))  # documents
         gr.Markdown(title)
@@ -150,6 +153,7 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
         query.submit(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
                      api_visibility="private", concurrency_limit=16)
     poll_gently(demo)
+    lifecycle.wait_also_for(demo.unfinished_events)
     return demo
 
 

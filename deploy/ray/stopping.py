@@ -122,7 +122,8 @@ async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_
                                                          "drain_seconds": drain_seconds})
     deadline = time.monotonic() + drain_seconds
     while True:
-        count = lifecycle.inflight
+        # Work accepted but not yet counted (events in the UI's Gradio queue) keeps the drain going.
+        count = 0 if lifecycle.idle else max(lifecycle.inflight, 1)
         try:
             await asyncio.to_thread(report_inflight, app, replica, count)
         except Exception as err:  # the GCS unreachable: the launcher's own deadline remains
@@ -130,7 +131,7 @@ async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_
         if not count or time.monotonic() >= deadline:
             break
         await asyncio.sleep(period_s)
-    if lifecycle.inflight:
+    if not lifecycle.idle:
         logger.warning("drain deadline reached with requests still in flight", extra={"inflight": lifecycle.inflight})
     else:
         logger.info("drained: every accepted request was answered")
