@@ -54,6 +54,11 @@ class HttpError(Exception):
 # nginx's "client closed request": never seen by the client, which is gone; it labels the metrics.
 CLIENT_CLOSED = 499
 
+
+def client_left(message: str, *, counted: bool = False) -> HttpError:
+    """The answer to a request whose caller went away (counted `cancelled`); `message` says when it left."""
+    return HttpError(CLIENT_CLOSED, "cancelled", message, counted=counted)
+
 # Most specific first: the first class the error is an instance of decides. Their messages are written
 # for the caller; any other error gets a fixed message, so internal details never leave the process.
 STATUSES: list[tuple[type[RerankerError], int, str]] = [

@@ -10,7 +10,7 @@ import gradio as gr
 from gradio.exceptions import InvalidPathError
 from gradio.queueing import Event
 
-from web.errors import CLIENT_CLOSED, HttpError
+from web.errors import HttpError, client_left
 from web.middleware import App, Message, Receive, Scope, Send, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -75,7 +75,7 @@ class CountedBlocks(gr.Blocks):
         self._started.discard(event._id)
         if started or event.fn.fn not in self._counted:
             return
-        error = HttpError(CLIENT_CLOSED, "cancelled", "the call was cancelled before it ran")
+        error = client_left("the call was cancelled before it ran")
         # In a context of its own: the HTTP request that dropped it (a cancel, a closed stream) is another one.
         contextvars.Context().run(self._on_refuse, ROUTE, error)
 

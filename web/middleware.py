@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from web.errors import CLIENT_CLOSED, HttpError
+from web.errors import HttpError, client_left
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,8 +102,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] != "http.request":
                 # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
-                await self._refuse(route, HttpError(CLIENT_CLOSED, "cancelled", "the client closed the connection "
-                                                    "before sending the whole body"), scope, receive, send)
+                await self._refuse(route, client_left("the client closed the connection before sending the whole "
+                                                      "body"), scope, receive, send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)

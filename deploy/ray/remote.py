@@ -27,7 +27,7 @@ from starlette.requests import Request
 from deploy.ray.model import Reply
 from reranker import RerankResult, Settings
 from web.cancel import client_gone
-from web.errors import CLIENT_CLOSED, HttpError
+from web.errors import HttpError, client_left
 from web.lifecycle import Lifecycle
 from web.middleware import OnRefuse
 from web.request_id import current_request_id, new_request_id
@@ -156,16 +156,16 @@ class RemoteBackend:
         gone: asyncio.Future[Any] = asyncio.ensure_future(watch)
         # Ended without an answer, the call was given up by its client (here, or at Serve's proxy, which then cancels
         # this request), unless its deadline passed.
-        client_left = True
+        given_up = True
         try:
             done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0),
                                          return_when=asyncio.FIRST_COMPLETED)
             if answer in done:
                 return answer.result()
             if gone not in done:
-                client_left = False  # the caller answers 504, and counts it
+                given_up = False  # the caller answers 504, and counts it
                 raise TimeoutError
-            raise HttpError(CLIENT_CLOSED, "cancelled", "the client went away", counted=True)
+            raise client_left("the client went away", counted=True)
         finally:
             gone.cancel()
             if not answer.done():
@@ -174,9 +174,8 @@ class RemoteBackend:
                 answer.add_done_callback(lambda done: done.cancelled() or done.exception())
                 # A replica that held the call counted it `cancelled`; one still waiting for a replica was counted by
                 # nobody (Ray's proxy saw a 499, reranker_requests_total nothing): it is counted here.
-                if client_left and self.book is not None and withdrawn_unassigned(response):
-                    self.book(route, HttpError(CLIENT_CLOSED, "cancelled",
-                                               "the client went away while the request waited for a model replica"))
+                if given_up and self.book is not None and withdrawn_unassigned(response):
+                    self.book(route, client_left("the client went away while the request waited for a model replica"))
 
     async def readiness(self) -> HttpError | None:
         """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and
