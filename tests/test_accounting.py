@@ -19,6 +19,7 @@ from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import HANG_S, serve
 from tests.test_faults import GatedScorer, wait_until
+from web.errors import HttpError
 from web.gradio_login import find_gradio_app
 from web.http import create_app
 
@@ -178,7 +179,6 @@ def test_a_bug_in_a_route_is_counted_as_an_error() -> None:
     from reranker import Settings
     from web.api import build_api
     from web.backend import Backend
-    from web.errors import HttpError
 
     class Broken:
         settings = Settings.from_env({})
@@ -195,3 +195,46 @@ def test_a_bug_in_a_route_is_counted_as_an_error() -> None:
     answer = client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
     assert answer.status_code == 500 and answer.json()["error"]["type"] == "internal_error"
     assert booked == [("/v1/rerank", 500, "error")]
+
+
+GRADIO_REFUSALS = {"draining": 503, "no UI login": 401, "over the body limit": 413, "no session": 400}
+
+
+@pytest.mark.parametrize("refusal", GRADIO_REFUSALS)
+def test_refusals_of_gradio_calls_that_name_their_event_by_index_count_the_rerank_event_alone(
+        bert_model: ScoringModel, bert_dir: Path, refusal: str) -> None:
+    """queue/join (where the browser's Rerank button and gradio_client queue events) and /run/predict (where the
+    browser sends every unqueued event: the Monitoring tab's timer) run the event that the body's fn_index names.
+    A refused queue/join of the Rerank event was counted by nobody, and a refused timer tick on /run/predict was
+    counted as a rerank request (every open tab's, for as long as a drain lasted)."""
+    from fastapi.testclient import TestClient
+
+    from web.lifecycle import Lifecycle
+
+    limit = 4000
+    settings = model_settings(bert_dir, max_body_bytes=limit,
+                              ui_auth=(("alice", "pw"),) if refusal == "no UI login" else ())
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        app = create_app(reranker, lifecycle=lifecycle)
+        blocks = find_gradio_app(app).get_blocks()
+        [rerank] = [fn._id for fn in blocks.fns.values() if fn.api_name == "predict"]
+        [tick] = [fn._id for fn in blocks.fns.values() if getattr(fn.fn, "__name__", "") == "refresh"]
+        client = TestClient(app)
+        if refusal == "draining":
+            lifecycle.begin_drain()
+        documents = "x" * limit if refusal == "over the body limit" else "a\nb"
+        paths = ["/gradio_api/queue/join"] + ([] if refusal == "no session" else ["/gradio_api/run/predict"])
+        for path in paths:
+            for fn_index, data in ((rerank, ["q", documents, None, "", False, None]), (tick, [])):
+                body: dict[str, object] = {"data": data, "fn_index": fn_index}
+                if refusal != "no session":
+                    body["session_hash"] = "a-tab"
+                before = all_requests(reranker.metrics)
+                answer = client.post(path, json=body)
+                if fn_index == rerank or refusal in ("draining", "no UI login"):
+                    assert answer.status_code == GRADIO_REFUSALS[refusal], (path, fn_index, answer.text)
+                assert all_requests(reranker.metrics) - before == (fn_index == rerank), (path, fn_index)
+        outcome = HttpError(GRADIO_REFUSALS[refusal], "", "").outcome
+        assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), outcome: len(paths)}
+        assert all_requests(reranker.metrics) == len(paths)

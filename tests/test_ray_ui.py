@@ -99,6 +99,36 @@ def test_every_gradio_api_route_needs_the_login(cluster: LocalRay) -> None:
         assert "/predict" in client.get("/gradio_api/info").json()["named_endpoints"]
 
 
+def test_refused_calls_of_the_rerank_event_are_counted_and_no_other_event(cluster: LocalRay) -> None:
+    """As in one process (tests/test_accounting.py): the login's 401 for a call of the Rerank event is counted on
+    the `ui` route however the call came (the Gradio API, a queue join naming it by fn_index), and the same 401
+    for the Monitoring tab's timer is not. The login stood outside the counting here, so none was counted."""
+    from tests.ray_cluster import replica_pids
+
+    with login(cluster) as client:
+        dependencies = client.get("/config").json()["dependencies"]
+    [rerank] = [d["id"] for d in dependencies if d["api_name"] == "predict"]
+    [tick] = [d["id"] for d in dependencies if any(target[1] == "tick" for target in d["targets"])]
+    [pid] = replica_pids("ui", "UI")
+
+    def refusals() -> list[dict[str, object]]:
+        return [line for line in worker_log_lines(cluster, pid) if line.get("message") == "rerank refused"
+                and line.get("http_status") == 401]
+
+    before = len(refusals())
+    url = f"{cluster.url}/ui/gradio_api"
+    inputs = ["cache", "\n".join(DOCS), None, "", False, None]
+    for path, body in [("/call/predict", {"data": inputs}),
+                       ("/queue/join", {"data": inputs, "fn_index": rerank, "session_hash": "anonymous"}),
+                       ("/queue/join", {"data": [], "fn_index": tick, "session_hash": "anonymous"}),
+                       ("/run/predict", {"data": [], "fn_index": tick, "session_hash": "anonymous"})]:
+        assert httpx.post(f"{url}{path}", json=body, timeout=HANG_S).status_code == 401, path
+    wait_for(lambda: len(refusals()) >= before + 2, HANG_S, "two refusals in the UI replica's request log")
+    time.sleep(1)  # anything more would have come by now: each line is written as the request is answered
+    lines = refusals()[before:]
+    assert [(line["route"], line["status"]) for line in lines] == [("ui", "invalid")] * 2, lines
+
+
 def test_a_body_over_the_limit_gets_413_and_is_counted(cluster: LocalRay) -> None:
     """web/middleware.py's BodyLimit on the Gradio API, before Gradio parses anything; the refusal is booked on
     the `ui` route of the UI's metrics, which Ray exports (deployment UI)."""

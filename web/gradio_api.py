@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextvars
+import json
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 from gradio.exceptions import InvalidPathError
 from gradio.queueing import Event
+from gradio.route_utils import API_PREFIX
 
 from web.errors import HttpError, client_left
 from web.middleware import App, Message, Receive, Scope, Send, route_path
@@ -18,6 +21,10 @@ PREPROCESS_STATUS = 422
 # Gradio's POST routes of a named event, under /gradio_api: direct calls answer in the POST; queued
 # calls (/call/) answer in a later event stream, so only their refusals show in the POST's status.
 _ROUTES = ("/run/", "/api/", "/call/", "/call/v2/")
+# Where the browser, and gradio_client, queue an event by its function's index, given in the body.
+QUEUE_JOIN = f"{API_PREFIX}/queue/join"
+# Set in an ASGI scope by RerankEvents: whether a Gradio POST calls the Rerank tab's event.
+RERANK_EVENT = "reranker.rerank_event"
 
 OnRefuse = Callable[[str, HttpError], None]
 # The status a direct call's handler chose for its failure, written where Gradio swallows the exception.
@@ -78,6 +85,17 @@ class CountedBlocks(gr.Blocks):
         error = client_left("the call was cancelled before it ran")
         # In a context of its own: the HTTP request that dropped it (a cancel, a closed stream) is another one.
         contextvars.Context().run(self._on_refuse, ROUTE, error)
+
+    def counted_index(self, body: bytes) -> bool | None:
+        """Whether the `fn_index` of a call's JSON `body` names a counted handler's event; None without one."""
+        try:
+            fn_index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, RecursionError):  # not JSON (Gradio answers 422), or no JSON object
+            return None
+        if type(fn_index) is not int:
+            return None
+        block_fn = self.fns.get(fn_index)
+        return block_fn is not None and block_fn.fn in self._counted
 
     def unfinished_events(self) -> int:
         """Events in Gradio's queue, waiting for a slot or running: a drain waits for them (web/lifecycle.py)."""
@@ -140,8 +158,62 @@ def is_api_path(path: str, api_name: str = "predict") -> bool:
     return name == api_name and prefix.startswith("/gradio_api/") and prefix[len("/gradio_api"):] + "/" in _ROUTES
 
 
-def _is_api_call(scope: Scope, api_name: str) -> bool:
-    return scope["type"] == "http" and scope["method"] == "POST" and is_api_path(route_path(scope), api_name)
+def _is_api_call(scope: Scope, api_name: str = "predict") -> bool:
+    """A call of the event `api_name`: as RerankEvents found, or else by its path."""
+    if scope["type"] != "http" or scope.get("method") != "POST":
+        return False
+    marked = scope.get(RERANK_EVENT)
+    return bool(marked) if marked is not None else is_api_path(route_path(scope), api_name)
+
+
+def counted_route(scope: Scope) -> str:
+    """The route a refusal of this request is counted on: `ui` for a call of the Rerank tab's event, its path for
+    anything else."""
+    return ROUTE if _is_api_call(scope) else route_path(scope)
+
+
+class RerankEvents:
+    """Tell which POSTs to Gradio call the Rerank tab's event, as Gradio will: by the body's `fn_index` where
+    the route reads one (queue/join, where the browser and gradio_client queue events; /run/ and /api/, where
+    the browser sends every unqueued event, the Monitoring tab's timer too, as `/run/predict`), else by the
+    path. The guards inside count the refusals of those calls alone (draining, the UI login, the body limit,
+    Gradio's own). The body is read here, up to `limit` bytes, and handed on as it came; one over the limit is
+    the Rerank event's, the only one that carries documents. Outermost, so that the drain gate knows too."""
+
+    def __init__(self, app: App, blocks: CountedBlocks, limit: int) -> None:
+        self.app = app
+        self.blocks = blocks
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope) if scope["type"] == "http" and scope.get("method") == "POST" else ""
+        queued = path == QUEUE_JOIN
+        if not (queued or any(path.startswith(f"{API_PREFIX}{route}") for route in ("/run/", "/api/"))):
+            await self.app(scope, receive, send)
+            return
+        by_path = False if queued else is_api_path(path)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        read: deque[Message] = deque()
+        if declared.isdigit() and int(declared) > self.limit:
+            scope[RERANK_EVENT] = True
+        else:
+            body, size = b"", 0
+            while size <= self.limit:
+                message = await receive()
+                read.append(message)
+                if message["type"] != "http.request":  # the client left
+                    break
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body = b"".join(m.get("body", b"") for m in read)
+                    break
+            named = self.blocks.counted_index(body)
+            scope[RERANK_EVENT] = size > self.limit or (by_path if named is None else named)
+
+        async def replay() -> Message:
+            return read.popleft() if read else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class GradioApiStatus:

@@ -10,7 +10,7 @@ from reranker import Reranker
 from web.api import build_api, json_refusals
 from web.backend import LocalBackend
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, is_api_path
+from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
@@ -40,13 +40,13 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     service = RerankService(reranker, history, lifecycle=lifecycle)
     refused = json_refusals(service.refused)
 
-    def refused_while_draining(path: str, error: HttpError) -> None:
-        """A JSON route, or a Gradio API call (route `ui`); the browser UI's queued events are not told apart
-        from its other events, so they are not counted."""
-        if ui and is_api_path(path):
+    def refused_while_draining(route: str, error: HttpError) -> None:
+        """A JSON route, or a call of the Rerank tab's event (`ui`): the Gradio API's, or one queued from a browser
+        or gradio_client. The UI's other events are not counted."""
+        if route == ROUTE:
             service.refused(ROUTE, error)
         else:
-            refused(path, error)
+            refused(route, error)
 
     app = build_api(LocalBackend(service), refused)
     settings = reranker.settings
@@ -72,7 +72,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio_router = find_gradio_app(app).router
         gradio_router.default = json_not_found(gradio_router.default)
-    # Starlette runs the last added first: drain gate, request id, Gradio API status, Gradio login, key, body limit.
+    # Starlette runs the last added first: Rerank events, drain gate, request id, Gradio API status, Gradio login, key,
+    # body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     if ui and settings.ui_auth:
@@ -82,6 +83,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: while draining, new work is refused before anything else looks at it.
-    app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining)
+    app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining, route=counted_route)
+    if ui:  # outside the drain gate: which event a Gradio call runs is in its body
+        app.add_middleware(RerankEvents, blocks=demo, limit=settings.max_body_bytes)
     instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above
     return app

@@ -70,12 +70,15 @@ def _starts_work(scope: Scope) -> bool:
 
 
 class DrainGate:
-    """While draining, new work gets 503 with Retry-After; JSON-route requests in flight are counted."""
+    """While draining, new work gets 503 with Retry-After; JSON-route requests in flight are counted. A refusal
+    is booked on the route that `route` names (by default the path)."""
 
-    def __init__(self, app: App, lifecycle: Lifecycle, on_refuse: Callable[[str, HttpError], None]) -> None:
+    def __init__(self, app: App, lifecycle: Lifecycle, on_refuse: Callable[[str, HttpError], None],
+                 route: Callable[[Scope], str] = route_path) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self.on_refuse = on_refuse
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _starts_work(scope):
@@ -83,9 +86,8 @@ class DrainGate:
             return
         if self.lifecycle.draining:
             error = HttpError(503, "shutting_down", f"{self.lifecycle.reason}; retry on another instance")
-            path = route_path(scope)
-            self.on_refuse(path, error)
-            await error.response(path, {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
+            self.on_refuse(self.route(scope), error)
+            await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
             return
         self.lifecycle.enter()
         try:

@@ -109,7 +109,7 @@ def header(model_id: str, device: str, dtype: str, max_length: int) -> str:
     return f"# Reranker\n`{model_id}` on {device} ({dtype}, max_length {max_length})"
 
 
-def build_ui(service: RerankService) -> gr.Blocks:
+def build_ui(service: RerankService) -> CountedBlocks:
     """The demo UI over this process's engine; `predict(query, documents, top_n, instruction, raw_scores, file)`
     is its API."""
     model = service.reranker.model
@@ -120,7 +120,7 @@ def build_ui(service: RerankService) -> gr.Blocks:
 
 
 def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, panel: Panel, *,
-                 takes_instruction: bool, lifecycle: Lifecycle) -> gr.Blocks:
+                 takes_instruction: bool, lifecycle: Lifecycle) -> CountedBlocks:
     """The Rerank and Monitoring tabs over any scorer: `predict` is the async event handler (the Gradio API
     `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
     `lifecycle`'s drains wait for the events in Gradio's queue."""

@@ -31,7 +31,7 @@ from reranker.logs import setup_logging
 from reranker.tracing import Tracing
 from web.api import json_refusals
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, RerankError, is_api_path
+from web.gradio_api import ROUTE, GradioApiStatus, RerankError, RerankEvents, counted_route
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
@@ -92,9 +92,10 @@ class UI:
     def refused(self, route: str, error: HttpError) -> None:
         book_refusal(self.metrics, self.history, route, error)
 
-    def refused_while_draining(self, path: str, error: HttpError) -> None:
-        """As web/http.py: a Gradio API call is counted on the `ui` route; the browser's own events are not."""
-        if is_api_path(path):
+    def refused_while_draining(self, route: str, error: HttpError) -> None:
+        """As web/http.py: a call of the Rerank tab's event is counted on the `ui` route; the UI's other events are
+        not."""
+        if route == ROUTE:
             self.refused(ROUTE, error)
 
     async def _drain_when_stopping(self) -> None:
@@ -129,15 +130,17 @@ class UI:
         demo.has_launched = True
         self.gradio = find_gradio_app(app)
         self.gradio.startup_events_triggered = True
-        # web/http.py's guards, in its order (the last added runs first): drain gate, Gradio login, Gradio API
-        # status, body limit. No JSON routes here (the ingress serves them), so no bearer key, and the login
-        # need not guard /api/predict.
+        # web/http.py's guards, in its order (the last added runs first): Rerank events, drain gate, Gradio API
+        # status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer key, and
+        # the login need not guard /api/predict.
         refused = json_refusals(self.refused)  # books nothing here: the Gradio API's refusals are booked below
         app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
-        app.add_middleware(GradioApiStatus, on_refuse=self.refused)
         if settings.ui_auth:
             app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=False, on_refuse=refused)
-        app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining)
+        app.add_middleware(GradioApiStatus, on_refuse=self.refused)  # outside the login: counts its refusals
+        app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining,
+                           route=counted_route)
+        app.add_middleware(RerankEvents, blocks=demo, limit=settings.max_body_bytes)
         return app
 
 
