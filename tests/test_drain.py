@@ -112,6 +112,32 @@ def test_a_drain_waits_for_the_events_still_in_gradios_queue(bert_model: Scoring
     assert all("2 documents" in status for _, status in answers)
 
 
+@pytest.mark.parametrize("path", ["/v2/rerank", "/v1/rerank", "/gradio_api/api/predict"])
+def test_a_refusal_while_draining_has_the_requests_id_and_latency(
+        bert_model: ScoringModel, bert_dir: Path, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The drain gate ran outside the request id: its 503 had no X-Request-ID, /v2/rerank's body another id
+    than the log line's, and the line no latency (nor the duration histogram a sample)."""
+    from fastapi.testclient import TestClient
+
+    from web.lifecycle import Lifecycle
+
+    caplog.set_level("INFO", logger="reranker.requests")
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        client = TestClient(create_app(reranker, lifecycle=lifecycle))
+        lifecycle.begin_drain()
+        body = {"data": ["q", "a"]} if path.startswith("/gradio") else {"query": "q", "documents": ["a"]}
+        answer = client.post(path, json=body, headers={"X-Request-ID": "my-id-1"})
+        assert answer.status_code == 503 and answer.headers["x-request-id"] == "my-id-1"
+        if path == "/v2/rerank":
+            assert answer.json()["id"] == "my-id-1"
+        [line] = [r for r in caplog.records if r.getMessage() == "rerank refused"]
+        assert line.request_id == "my-id-1" and line.latency_ms is not None  # type: ignore[attr-defined]
+        route = "ui" if path.startswith("/gradio") else path
+        assert reranker.metrics.registry.get_sample_value("reranker_request_duration_seconds_count",
+                                                          {"route": route}) == 1
+
+
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
     port, metrics_port = free_port(), free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(port),

@@ -331,3 +331,27 @@ def test_with_ui_auth_and_no_api_key_predict_is_refused_as_in_one_process(metric
     answer = post(handle, metrics, "/api/predict", {"data": ["q", ["a"]]}, keyed, headers={"authorization": "Bearer k"})
     assert answer.status_code == 200 and answer.json()["data"][0][0]["index"] == 0
     assert post(handle, metrics, "/api/predict", {"data": ["q", ["a"]]}).status_code == 200  # no UI_AUTH: open
+
+
+def test_a_refusal_while_draining_is_logged_with_the_requests_id_and_latency(
+        metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    """As in one process (tests/test_drain.py): the drain gate ran outside the request id, so the 503's request
+    line had another id than the one Serve's proxy answered, and no latency."""
+    from web.lifecycle import Lifecycle
+
+    caplog.set_level("INFO", logger="reranker.requests")
+    handle = FakeHandle(Reply("r", result=RESULT))
+    remote_backend = backend(handle)
+    lifecycle = Lifecycle()
+    lifecycle.begin_drain()
+    app = ingress_app(remote_backend, metrics, RequestHistory(),
+                      Tracing.from_settings(remote_backend.settings, metrics), lifecycle)
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress") as http:
+            return await http.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                   headers={"X-Request-ID": "from-the-proxy"})
+
+    assert asyncio.run(send()).status_code == 503 and handle.calls == 0
+    [line] = [r for r in caplog.records if r.getMessage() == "rerank refused"]
+    assert line.request_id == "from-the-proxy" and line.latency_ms is not None  # type: ignore[attr-defined]

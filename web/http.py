@@ -72,7 +72,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio_router = find_gradio_app(app).router
         gradio_router.default = json_not_found(gradio_router.default)
-    # Starlette runs the last added first: Rerank events, drain gate, request id, Gradio API status, Gradio login, key,
+    # Starlette runs the last added first: request id, Rerank events, drain gate, Gradio API status, Gradio login, key,
     # body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
@@ -81,10 +81,11 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
                            on_refuse=refused)
     if ui:  # outside the login, so that it counts the Gradio API calls the login refuses
         app.add_middleware(GradioApiStatus, on_refuse=service.refused)
-    app.add_middleware(RequestIdMiddleware)
-    # Outermost: while draining, new work is refused before anything else looks at it.
+    # While draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining, route=counted_route)
     if ui:  # outside the drain gate: which event a Gradio call runs is in its body
         app.add_middleware(RerankEvents, blocks=demo, limit=settings.max_body_bytes)
+    # Outermost: every answer carries X-Request-ID and every refusal its request's id and latency, the drain's too.
+    app.add_middleware(RequestIdMiddleware)
     instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above
     return app

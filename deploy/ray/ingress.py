@@ -85,17 +85,18 @@ def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistor
     settings = backend.settings
     refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
     app = build_api(backend, refused)
-    # Starlette runs the last added first: request id, UI login, replica header, key, body limit.
+    # Starlette runs the last added first: request id, drain gate, UI login, replica header, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     app.add_middleware(ReplicaHeader)
     if settings.ui_auth and settings.api_key is None:
         app.add_middleware(UiLoginOnly, on_refuse=refused)
-    app.add_middleware(RequestIdMiddleware, echo=False)  # Serve's proxy answers X-Request-ID
     if lifecycle is not None:
-        # Outermost, as in one process: while draining, new work gets 503 and Retry-After; what is in flight is
-        # counted until its last byte.
+        # As in one process: while draining, new work gets 503 and Retry-After; what is in flight is counted until
+        # its last byte.
         app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
+    # Outermost: a refusal's request line has the request's id (the one Serve's proxy answers) and latency.
+    app.add_middleware(RequestIdMiddleware, echo=False)
     instrument(app, tracing)
     return app
 
