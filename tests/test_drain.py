@@ -112,6 +112,31 @@ def test_a_drain_waits_for_the_events_still_in_gradios_queue(bert_model: Scoring
     assert all("2 documents" in status for _, status in answers)
 
 
+@pytest.mark.parametrize("path", ["/v1/rerank", "/gradio_api/api/predict"])
+def test_a_request_in_the_engine_is_one_request_in_flight(bert_model: ScoringModel, bert_dir: Path,
+                                                           path: str) -> None:
+    """The drain gate and the engine call both counted it: the drain's log lines said 2 in flight for 1."""
+    from web.lifecycle import Lifecycle
+
+    gated = GatedScorer(bert_model)
+    lifecycle = Lifecycle()
+    body = ({"data": ["q", "a", None, "", False, None]} if path.startswith("/gradio") else
+            {"query": "q", "documents": ["a"]})
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()),
+                  score_fn=gated) as reranker, serve(create_app(reranker, lifecycle=lifecycle)) as url:
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(httpx.post, f"{url}{path}", json=body, timeout=HANG_S)
+                wait_until(lambda: reranker.metrics.registry.get_sample_value("reranker_inflight_requests") == 1)
+                seen = lifecycle.inflight
+                gated.gate.set()
+                assert answer.result(HANG_S).status_code == 200
+            assert seen == 1
+            wait_until(lambda: lifecycle.inflight == 0)
+        finally:
+            gated.gate.set()
+
+
 @pytest.mark.parametrize("path", ["/v2/rerank", "/v1/rerank", "/gradio_api/api/predict"])
 def test_a_refusal_while_draining_has_the_requests_id_and_latency(
         bert_model: ScoringModel, bert_dir: Path, path: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,19 +3,25 @@
 `Lifecycle` is the one flag and counter that the routes, `/readyz` and app.py share. `DrainGate` is the
 ASGI middleware that answers new work with 503 and `Retry-After` while draining; it counts JSON-route
 requests from arrival to the last byte sent, and RerankService counts every call in the engine, Gradio's
-included. A drain ends when the count is back to zero and no accepted work waits to join it (`wait_also_for`).
+included; a request is counted once (`serving`). A drain ends when the count is back to zero and no accepted
+work waits to join it (`wait_also_for`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from web.errors import HttpError
 from web.middleware import App, Receive, Scope, Send, rerank_route, route_path
 
 RETRY_AFTER_SECONDS = 5
+# Set while a request is counted in flight: the engine call of a JSON request that the drain gate counts is the
+# same request, not a second one.
+_serving: contextvars.ContextVar[bool] = contextvars.ContextVar("lifecycle_serving", default=False)
 
 
 class Lifecycle:
@@ -32,13 +38,22 @@ class Lifecycle:
         self.reason = reason
         self.draining = True
 
-    def enter(self) -> None:
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count one request in flight for the block, once: inside a request already counted (its context, or a
+        thread started from it) this adds nothing."""
+        if _serving.get():
+            yield
+            return
+        token = _serving.set(True)
         with self._lock:
             self._inflight += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._inflight -= 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+            _serving.reset(token)
 
     @property
     def inflight(self) -> int:
@@ -89,8 +104,10 @@ class DrainGate:
             self.on_refuse(self.route(scope), error)
             await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
             return
-        self.lifecycle.enter()
-        try:
+        if rerank_route(scope) is None:
+            # A Gradio call, whose event runs in Gradio's queue, in another context: counted there (RerankService,
+            # and `wait_also_for` while it waits), and here it would be counted twice.
             await self.app(scope, receive, send)
-        finally:
-            self.lifecycle.leave()
+            return
+        with self.lifecycle.serving():
+            await self.app(scope, receive, send)

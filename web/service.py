@@ -62,16 +62,16 @@ class RerankService:
         metrics = reranker.metrics
         request_id = current_request_id() or new_request_id()
         metrics.inflight_requests.inc()
-        self.lifecycle.enter()
         started = time.perf_counter()
         error: HttpError | None = None
         result: RerankResult | None = None
         try:
-            # The engine validates the untyped fields before any work; bad ones raise ValidationError.
-            result = reranker.rerank_detailed(
-                call.query, call.documents, call.top_n, call.instruction, call.raw_scores,  # type: ignore[arg-type]
-                cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
-            )
+            with self.lifecycle.serving():  # the drain waits for it (once, if the drain gate counts its request)
+                # The engine validates the untyped fields before any work; bad ones raise ValidationError.
+                result = reranker.rerank_detailed(
+                    call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
+                    call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
+                )
             return result
         except Exception as err:
             error = to_http_error(err)
@@ -86,7 +86,6 @@ class RerankService:
             span = trace.get_current_span().get_span_context()
             ids = trace_fields(span)
             metrics.inflight_requests.dec()
-            self.lifecycle.leave()
             metrics.requests.labels(route=route, status=status).inc()
             # An exemplar only for a trace the collector keeps; OpenMetrics scrapes show it.
             exemplar = {"trace_id": ids["trace_id"]} if ids and span.trace_flags.sampled else None

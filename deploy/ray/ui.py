@@ -56,13 +56,11 @@ def remote_predict(backend: RemoteBackend, tracing: Tracing, refused: Callable[[
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         with ui_span(tracing, request.headers if request is not None else None):
             call = ui_call(query, documents, top_n, instruction, raw_scores, file, settings, refused)
-            lifecycle.enter()
-            try:
-                return ui_answer(await backend.rerank(None, ROUTE, call))
-            except HttpError as err:
-                raise RerankError(err) from None
-            finally:
-                lifecycle.leave()
+            with lifecycle.serving():
+                try:
+                    return ui_answer(await backend.rerank(None, ROUTE, call))
+                except HttpError as err:
+                    raise RerankError(err) from None
 
     return rerank
 
