@@ -165,7 +165,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.lifecycle.draining:
-            logger.warning("second stop signal: exiting without waiting for accepted requests")
+            logger.warning("second stop signal: exiting without waiting for accepted requests",
+                           extra={"inflight": self.lifecycle.inflight})
             self.force_exit = self.should_exit = True
             return
         self.drain("stop signal received")
@@ -179,7 +180,10 @@ class DrainingServer(uvicorn.Server):
             "reason": reason, "inflight": self.lifecycle.inflight, "drain_seconds": self.drain_seconds})
 
         def finish() -> None:
-            if self.lifecycle.wait_idle(deadline):
+            idle = self.lifecycle.wait_idle(deadline)
+            if self.force_exit:  # a second signal, which said so: what it cut off was not answered
+                return
+            if idle:
                 logger.info("drained: every accepted request was answered")
             else:
                 logger.warning("drain deadline reached with requests still in flight",

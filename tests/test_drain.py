@@ -224,6 +224,39 @@ def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: 
     assert "drained: every accepted request was answered" in output
 
 
+def test_a_second_sigterm_stops_at_once_and_says_how_many_requests_it_cut_off(bert_dir: Path) -> None:
+    """The second signal's line gave no number, and once the cut-off requests had ended the drain's thread
+    logged 'drained: every accepted request was answered'."""
+    process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
+                                           "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
+    try:
+        wait_ready(url)
+        docs = [f"document {j} about cache servers and rivers " * 4 for j in range(400)]
+
+        def call() -> None:
+            try:
+                httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": docs}, timeout=DRAIN_S)
+            except httpx.TransportError:
+                pass  # cut off: that is the point
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(call)
+            wait_until(lambda: inflight(metrics_url) >= 2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=HANG_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output, _ = process.communicate(timeout=HANG_S)
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    [second] = [line for line in lines if line["message"].startswith("second stop signal")]
+    assert second["inflight"] >= 2
+    assert "drained: every accepted request was answered" not in output
+
+
 FAULTY_APP = """
 import sys
 from pathlib import Path
