@@ -301,7 +301,8 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v1/rerank", 405), ("PUT", "/rerank", 405), ("DELETE", "/api/predict", 405),
-    ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404), ("GET", "/api/predict/", 404),
+    ("OPTIONS", "/v1/rerank", 405), ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404),
+    ("GET", "/api/predict/", 404),
 ])
 def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tuple[str, Reranker], method: str,
                                                                         path: str, status: int) -> None:

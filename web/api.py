@@ -68,7 +68,7 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
         # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8), or a path no route serves.
         kind = {400: "invalid_json", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
-        # A method no route takes (OPTIONS) is no rerank request, as those routes.py refuses itself.
+        # A method no route takes is no rerank request, as those routes.py refuses itself.
         error = no_route() if err.status_code == 404 else HttpError(err.status_code, kind, message,
                                                                      counted=err.status_code == 405)
         if err.status_code < 500:

@@ -163,7 +163,7 @@ def build_router(backend: Backend) -> APIRouter:
     # Without these, a wrong method or a trailing slash on a rerank route fell through to the Gradio app
     # mounted at / and got its bare 404 instead of this API's error shape.
     for path in LIMITED_PATHS:
-        router.add_api_route(path, _wrong_method(path), methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"],
+        router.add_api_route(path, _wrong_method(path), methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"],
                              include_in_schema=False)
         router.add_api_route(path + "/", _trailing_slash(path),
                              methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
