@@ -107,7 +107,10 @@ def exposure_warnings(settings: Settings) -> list[str]:
                         "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to "
                         "user:password, or to a file of such lines, to require a login")
     if not settings.api_key:
-        warnings.append(f"the JSON routes (/v1/rerank, /rerank, /api/predict) on {settings.host} are open to anyone "
+        from web.middleware import LIMITED_PATHS
+
+        routes = ", ".join(sorted(LIMITED_PATHS))
+        warnings.append(f"the JSON routes ({routes}) on {settings.host} are open to anyone "
                         "who can reach them: set RERANKER_API_KEY to require Authorization: Bearer <key>")
     return warnings
 
@@ -148,7 +151,8 @@ def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     threading.Thread(target=watch_faults, args=(reranker, server), name="fault-watch", daemon=True).start()
-    logger.info("serving on http://%s:%d/", settings.host, settings.port)
+    # The bound port: RERANKER_PORT=0 takes a free one.
+    logger.info("serving on http://%s:%d/", settings.host, sock.getsockname()[1] if sock else settings.port)
     server.run(sockets=None if sock is None else [sock])
     return 1 if server.fault else 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,27 @@ def test_start_sh_serves_a_local_model_and_stops_on_sigterm(bert_dir: Path) -> N
             process.kill()
         output, _ = process.communicate(timeout=HANG_S)
     assert f"http://127.0.0.1:{port}/" in output
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(bert_dir: Path) -> None:
+    """The log named port 0 (the setting), not the port the kernel chose; nobody could find the service."""
+    process = start({"RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": "0", "RERANKER_METRICS_PORT": "0"})
+    try:
+        assert process.stdout is not None
+        serving = ""
+        for line in process.stdout:  # ends with the process, if it never serves
+            if '"serving on http://' in line:
+                serving = json.loads(line)["message"]
+                break
+        port = int(serving.rstrip("/").rsplit(":", 1)[-1])
+        assert port != 0
+        wait_ready(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=HANG_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=HANG_S)
 
 
 def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:

@@ -164,3 +164,5 @@ def test_serving_beyond_loopback_unguarded_warns_with_the_fix(env: dict[str, str
     assert len(warnings) == len(fixes)
     for warning, fix in zip(warnings, fixes, strict=True):
         assert f"set {fix}" in warning and "0.0.0.0" in warning
+        if fix == "RERANKER_API_KEY":  # every route the key guards
+            assert all(path in warning for path in ("/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"))
