@@ -390,18 +390,46 @@ def test_a_client_that_leaves_while_its_request_waits_for_a_replica_is_counted_o
     print(f"the queued client left {left - started:.1f} s after the holder was sent; the holder took "
           f"{held[0][1] - started:.1f} s" if held else "the holder got no answer")
     assert held and held[0][0] == 200 and held[0][1] > left, "the holder ended before the queued client left"
-
-    def lines(request_id: str) -> list[dict[str, Any]]:
-        return [line for line in worker_log_lines(cluster)
-                if line.get("request_id") == request_id and line.get("logger") == "reranker.requests"]
-
-    wait_for(lambda: lines("queued") and lines("holder"), HANG_S, "the request lines")
+    wait_for(lambda: request_lines(cluster, "queued") and request_lines(cluster, "holder"), HANG_S,
+             "the request lines")
     time.sleep(1.0)  # a second line, were there one, would be written by now
-    (queued,) = lines("queued")
+    (queued,) = request_lines(cluster, "queued")
     assert (queued["message"], queued["status"], queued["http_status"]) == ("rerank refused", "cancelled", 499)
     assert "waited for a model replica" in queued["error"]
-    (holder_line,) = lines("holder")
+    (holder_line,) = request_lines(cluster, "holder")
     assert holder_line["status"] == "ok"
+
+
+def request_lines(cluster: LocalRay, request_id: str) -> list[dict[str, Any]]:
+    """The request log lines of `request_id`, from every replica of every deployment."""
+    return [line for line in worker_log_lines(cluster)
+            if line.get("request_id") == request_id and line.get("logger") == "reranker.requests"]
+
+
+def test_a_request_past_its_deadline_is_answered_and_counted_once_by_its_replica(cluster: LocalRay,
+                                                                                   bert_dir: Path) -> None:
+    """The ingress gave up at the deadline (504, counted `error`) and withdrew the call, which the replica then
+    counted `cancelled`: two counts, in two series, for one request. The replica now stops at the deadline
+    itself and answers the 504, counted there alone. Redeploys (the next test redeploys again)."""
+    import random
+
+    config = app_config(bert_dir, replicas=1, RERANKER_MAX_LENGTH="512", RERANKER_LOG_SAMPLE_RATE="1")
+    config["applications"][0]["args"]["deadline_s"] = 2
+    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
+             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
+             "the application with a 2 s deadline")
+    rng = random.Random(12)
+    docs = [random_text(rng, 600) for _ in range(1000)]  # far more than 2 s of scoring here
+    answer = httpx.post(f"{cluster.url}/v1/rerank", json={"query": "late", "documents": docs},
+                        headers={**HEADERS, "x-request-id": "late"}, timeout=HANG_S)
+    assert answer.status_code == 504 and answer.json()["error"]["type"] == "timeout", answer.text
+    assert "deadline passed before all its pairs were scored" in answer.json()["error"]["message"]  # the replica's
+    wait_for(lambda: request_lines(cluster, "late"), HANG_S, "the request line")
+    time.sleep(1.0)  # a second line, were there one, would be written by now
+    (line,) = request_lines(cluster, "late")
+    assert line["message"] in ("rerank", "slow rerank") and (line["status"], line["http_status"]) == ("error", 504)
 
 
 def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir: Path) -> None:

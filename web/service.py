@@ -14,7 +14,7 @@ from opentelemetry import trace
 from reranker import Reranker, RerankResult
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
-from web.errors import HttpError, to_http_error
+from web.errors import CLIENT_CLOSED, HttpError, to_http_error
 from web.history import RequestHistory
 from web.lifecycle import Lifecycle
 from web.request_id import current_request_id, new_request_id, request_age
@@ -53,10 +53,12 @@ class RerankService:
         self.history = history or RequestHistory()
         self._rng = rng or random.Random()
 
-    def rerank(self, route: str, call: RerankCall, cancel: threading.Event | None = None) -> RerankResult:
+    def rerank(self, route: str, call: RerankCall, cancel: threading.Event | None = None,
+               deadline: float | None = None) -> RerankResult:
         """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
 
-        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`.
+        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`,
+        or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`.
         """
         reranker = self.reranker
         metrics = reranker.metrics
@@ -75,8 +77,12 @@ class RerankService:
             return result
         except Exception as err:
             error = to_http_error(err)
+            timed_out = error.status == CLIENT_CLOSED and deadline is not None and time.monotonic() >= deadline
+            if timed_out:
+                error = HttpError(504, "timeout", "the request's deadline passed before all its pairs were scored; "
+                                  "retry later, or send fewer documents")
             error.counted = True
-            if error.status >= 500:
+            if error.status >= 500 and not timed_out:  # a failure to look into, with its traceback
                 logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
             raise error from err
         finally:

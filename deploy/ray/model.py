@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import ray
@@ -73,14 +76,20 @@ class RerankModel:
                                             "device": self.reranker.model.device,
                                             "batch_tokens": self.reranker.batch_tokens})
 
-    async def rerank(self, route: str, call: RerankCall, request_id: str, carrier: dict[str, str]) -> Reply:
+    async def rerank(self, route: str, call: RerankCall, request_id: str, carrier: dict[str, str],
+                     deadline_at: float | None = None) -> Reply:
         """One rerank, booked here (metrics, log line). A cancelled call (the client left the ingress) drops
-        its unstarted pairs, as in one process; `carrier` continues the caller's trace."""
+        its unstarted pairs, as in one process; `carrier` continues the caller's trace. At `deadline_at` (epoch
+        seconds: the ingress's deadline) it drops them too and answers 504 itself, so that a request that ran out
+        of time is counted once, here, not also as the cancellation of the ingress's withdrawal."""
         token = context.attach(propagate.extract(carrier))
+        left = None if deadline_at is None else max(deadline_at - time.time(), 0.0)
+        expires = None if left is None else time.monotonic() + left
         try:
             with bound_request_id(request_id):
                 service = self.service
-                result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel))
+                deadline = None if left is None else partial(asyncio.sleep, left)
+                result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel, expires), deadline)
             return Reply(self.replica, result=result, model=self.reranker.model.model_id)
         except HttpError as err:
             return Reply(self.replica, error=(err.status, err.type, err.message), model=self.reranker.model.model_id)

@@ -2,8 +2,9 @@
 
 Scoring is idempotent, so a call whose replica died (SIGKILL, node lost), or whose replica answered that it cannot
 score (its device failed), is retried on another replica, a bounded number of times and only while the request's
-deadline allows; Serve itself does not retry. The deadline bounds each try too: a request no replica answered
-within it gets 504 `timeout`, and its call is cancelled. A full queue at the handle (max_queued_requests) is one
+deadline allows; Serve itself does not retry. The deadline bounds each try too: the replica that holds the call
+stops at the deadline and answers 504 `timeout` itself (and counts it); a call no replica answered within
+REPLICA_GRACE_S more gets 504 here, and is cancelled. A full queue at the handle (max_queued_requests) is one
 process's overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind
 scoring work. A request whose client leaves is counted `cancelled` once: by the replica that held it, or here when
 it was still waiting for one.
@@ -48,6 +49,9 @@ BACKOFF_S = 0.5
 FULL = (429, "overloaded")
 # The ingress's X-Reranker-Replica header reads this from the request's scope state.
 REPLICA_STATE = "reranker_replica"
+# How long past a request's deadline the ingress waits for the replica's own 504 (which it counts once, where the
+# ingress's withdrawal would add a `cancelled`): a forward pass under way at the deadline finishes first.
+REPLICA_GRACE_S = 2.0
 READY_TTL_S = 1.0  # /readyz asks the controller at most once a second
 MODEL_ID_WAIT_S = 2.0  # ...and a replica for the model id, before the first answer, this long at most
 
@@ -147,9 +151,10 @@ class RemoteBackend:
 
     async def _call(self, request: Request | None, route: str, call: RerankCall, request_id: str,
                     carrier: dict[str, str], timeout: float) -> Reply:
-        """One call to one replica, cancelled after `timeout` seconds (TimeoutError) or as soon as the client
-        disconnects (the replica drops its unstarted pairs)."""
-        response = self.handle.rerank.remote(route, call, request_id, carrier)
+        """One call to one replica, which answers 504 itself after `timeout` seconds; cancelled REPLICA_GRACE_S later
+        (TimeoutError), or as soon as the client disconnects (the replica drops its unstarted pairs)."""
+        # Epoch seconds: the replica may wait in Serve's queue first, and may run on another node.
+        response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + max(timeout, 0.0))
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
         # Without a request (a UI event), only cancelling this task cancels the call.
         watch = client_gone(request) if request is not None else asyncio.Event().wait()
@@ -158,7 +163,7 @@ class RemoteBackend:
         # this request), unless its deadline passed.
         given_up = True
         try:
-            done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0),
+            done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0) + REPLICA_GRACE_S,
                                          return_when=asyncio.FIRST_COMPLETED)
             if answer in done:
                 return answer.result()
