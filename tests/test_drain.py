@@ -137,6 +137,32 @@ def test_a_request_in_the_engine_is_one_request_in_flight(bert_model: ScoringMod
             gated.gate.set()
 
 
+@pytest.mark.parametrize("path", ["/gradio_api/api/predict", "/gradio_api/run/predict"])
+def test_a_direct_gradio_api_call_is_in_flight_before_it_reaches_the_engine(
+        bert_model: ScoringModel, bert_dir: Path, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio parses and preprocesses such a call (and the handler reads an upload) before the engine counts it:
+    a drain that began then saw nothing in flight and ended, cutting the call off."""
+    from fastapi.testclient import TestClient
+
+    from web.gradio_api import CountedBlocks
+    from web.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle()
+    seen: list[bool] = []
+    preprocess = CountedBlocks.preprocess_data
+
+    async def watched(self: CountedBlocks, *args: object, **kwargs: object) -> object:
+        seen.append(lifecycle.idle)
+        return await preprocess(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CountedBlocks, "preprocess_data", watched)
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        client = TestClient(create_app(reranker, lifecycle=lifecycle))
+        answer = client.post(path, json={"data": ["q", "a\nb", None, "", False, None]})
+        assert answer.status_code == 200, answer.text
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("path", ["/v2/rerank", "/v1/rerank", "/gradio_api/api/predict"])
 def test_a_refusal_while_draining_has_the_requests_id_and_latency(
         bert_model: ScoringModel, bert_dir: Path, path: str, caplog: pytest.LogCaptureFixture) -> None:

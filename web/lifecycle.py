@@ -1,10 +1,10 @@
 """Drain: once the process is asked to stop, refuse new work with 503 and finish what was accepted.
 
 `Lifecycle` is the one flag and counter that the routes, `/readyz` and app.py share. `DrainGate` is the
-ASGI middleware that answers new work with 503 and `Retry-After` while draining; it counts JSON-route
-requests from arrival to the last byte sent, and RerankService counts every call in the engine, Gradio's
-included; a request is counted once (`serving`). A drain ends when the count is back to zero and no accepted
-work waits to join it (`wait_also_for`).
+ASGI middleware that answers new work with 503 and `Retry-After` while draining; it counts the requests that
+start work (the JSON routes, Gradio's POSTs) from arrival to the last byte sent, and RerankService counts every
+call in the engine, Gradio's queued events included; a request is counted once (`serving`). A drain ends when
+the count is back to zero and no accepted work waits to join it (`wait_also_for`).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _starts_work(scope: Scope) -> bool:
 
 
 class DrainGate:
-    """While draining, new work gets 503 with Retry-After; JSON-route requests in flight are counted. A refusal
-    is booked on the route that `route` names (by default the path)."""
+    """While draining, new work gets 503 with Retry-After; requests that start work are counted in flight. A
+    refusal is booked on the route that `route` names (by default the path)."""
 
     def __init__(self, app: App, lifecycle: Lifecycle, on_refuse: Callable[[str, HttpError], None],
                  route: Callable[[Scope], str] = route_path) -> None:
@@ -104,10 +104,8 @@ class DrainGate:
             self.on_refuse(self.route(scope), error)
             await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
             return
-        if rerank_route(scope) is None:
-            # A Gradio call, whose event runs in Gradio's queue, in another context: counted there (RerankService,
-            # and `wait_also_for` while it waits), and here it would be counted twice.
-            await self.app(scope, receive, send)
-            return
+        # Counted until the last byte, once: a JSON request's engine call, or a direct Gradio API call's handler,
+        # runs in this context and adds nothing. A queued Gradio event runs in Gradio's queue, counted there
+        # (RerankService, and `wait_also_for` while it waits): its queue join is counted here until it is queued.
         with self.lifecycle.serving():
             await self.app(scope, receive, send)

@@ -55,8 +55,8 @@ def remote_predict(backend: RemoteBackend, tracing: Tracing, refused: Callable[[
                      request: gr.Request | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
         with ui_span(tracing, request.headers if request is not None else None):
-            call = ui_call(query, documents, top_n, instruction, raw_scores, file, settings, refused)
-            with lifecycle.serving():
+            with lifecycle.serving():  # from the start: reading an uploaded file is part of the call
+                call = ui_call(query, documents, top_n, instruction, raw_scores, file, settings, refused)
                 try:
                     return ui_answer(await backend.rerank(None, ROUTE, call))
                 except HttpError as err:
