@@ -238,3 +238,30 @@ def test_refusals_of_gradio_calls_that_name_their_event_by_index_count_the_reran
         outcome = HttpError(GRADIO_REFUSALS[refusal], "", "").outcome
         assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), outcome: len(paths)}
         assert all_requests(reranker.metrics) == len(paths)
+
+
+def test_a_gradio_call_naming_its_event_as_gradio_reads_any_fn_index_is_counted(bert_model: ScoringModel,
+                                                                                 bert_dir: Path) -> None:
+    """Gradio reads fn_index leniently ("3", 3.0): such a queue join of the Rerank event runs it, and its refusal
+    went uncounted; a large body is read only in part, and is the Rerank event's (the only one with documents)."""
+    from fastapi.testclient import TestClient
+
+    from web.gradio_api import PEEK_BYTES
+    from web.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        app = create_app(reranker, lifecycle=lifecycle)
+        blocks = find_gradio_app(app).get_blocks()
+        [rerank] = [fn._id for fn in blocks.fns.values() if fn.api_name == "predict"]
+        [tick] = [fn._id for fn in blocks.fns.values() if getattr(fn.fn, "__name__", "") == "refresh"]
+        client = TestClient(app)
+        lifecycle.begin_drain()
+        big = "x" * PEEK_BYTES
+        for fn_index, documents, counted in [(str(rerank), "a", 1), (float(rerank), "a", 1), (str(tick), "a", 0),
+                                             ("not a number", "a", 0), (rerank, big, 1)]:
+            before = all_requests(reranker.metrics)
+            answer = client.post("/gradio_api/queue/join", json={
+                "data": ["q", documents, None, "", False, None], "fn_index": fn_index, "session_hash": "a-tab"})
+            assert answer.status_code == 503
+            assert all_requests(reranker.metrics) - before == counted, fn_index

@@ -12,6 +12,7 @@ import gradio as gr
 from gradio.exceptions import InvalidPathError
 from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
+from pydantic import TypeAdapter
 
 from web.errors import HttpError, client_left
 from web.middleware import App, Message, Receive, Scope, Send, route_path
@@ -25,6 +26,12 @@ _ROUTES = ("/run/", "/api/", "/call/", "/call/v2/")
 QUEUE_JOIN = f"{API_PREFIX}/queue/join"
 # Set in an ASGI scope by RerankEvents: whether a Gradio POST calls the Rerank tab's event.
 RERANK_EVENT = "reranker.rerank_event"
+# RerankEvents reads a body up to this size to find its fn_index; a larger one is the Rerank event's, the only
+# one that carries documents (the UI's other events send a few bytes). Bounded, because it reads before the
+# login and the drain gate refuse anyone, and parses on the event loop.
+PEEK_BYTES = 64 * 1024
+# fn_index as Gradio's PredictBody reads it (lax: "2" and 2.0 are 2).
+_FN_INDEX: TypeAdapter[int] = TypeAdapter(int)
 
 OnRefuse = Callable[[str, HttpError], None]
 # The status a direct call's handler chose for its failure, written where Gradio swallows the exception.
@@ -89,10 +96,8 @@ class CountedBlocks(gr.Blocks):
     def counted_index(self, body: bytes) -> bool | None:
         """Whether the `fn_index` of a call's JSON `body` names a counted handler's event; None without one."""
         try:
-            fn_index = json.loads(body).get("fn_index")
-        except (ValueError, AttributeError, RecursionError):  # not JSON (Gradio answers 422), or no JSON object
-            return None
-        if type(fn_index) is not int:
+            fn_index = _FN_INDEX.validate_python(json.loads(body)["fn_index"])
+        except (ValueError, LookupError, TypeError, RecursionError):  # not JSON, or no usable fn_index
             return None
         block_fn = self.fns.get(fn_index)
         return block_fn is not None and block_fn.fn in self._counted
@@ -177,13 +182,12 @@ class RerankEvents:
     the route reads one (queue/join, where the browser and gradio_client queue events; /run/ and /api/, where
     the browser sends every unqueued event, the Monitoring tab's timer too, as `/run/predict`), else by the
     path. The guards inside count the refusals of those calls alone (draining, the UI login, the body limit,
-    Gradio's own). The body is read here, up to `limit` bytes, and handed on as it came; one over the limit is
-    the Rerank event's, the only one that carries documents. Outermost, so that the drain gate knows too."""
+    Gradio's own). The body is read here, up to PEEK_BYTES, and handed on as it came. Outermost, so that the
+    drain gate knows too."""
 
-    def __init__(self, app: App, blocks: CountedBlocks, limit: int) -> None:
+    def __init__(self, app: App, blocks: CountedBlocks) -> None:
         self.app = app
         self.blocks = blocks
-        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" and scope.get("method") == "POST" else ""
@@ -194,11 +198,11 @@ class RerankEvents:
         by_path = False if queued else is_api_path(path)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         read: deque[Message] = deque()
-        if declared.isdigit() and int(declared) > self.limit:
+        if declared.isdigit() and int(declared) > PEEK_BYTES:
             scope[RERANK_EVENT] = True
         else:
             body, size = b"", 0
-            while size <= self.limit:
+            while size <= PEEK_BYTES:
                 message = await receive()
                 read.append(message)
                 if message["type"] != "http.request":  # the client left
@@ -208,7 +212,7 @@ class RerankEvents:
                     body = b"".join(m.get("body", b"") for m in read)
                     break
             named = self.blocks.counted_index(body)
-            scope[RERANK_EVENT] = size > self.limit or (by_path if named is None else named)
+            scope[RERANK_EVENT] = size > PEEK_BYTES or (by_path if named is None else named)
 
         async def replay() -> Message:
             return read.popleft() if read else await receive()

@@ -84,7 +84,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     # While draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining, route=counted_route)
     if ui:  # outside the drain gate: which event a Gradio call runs is in its body
-        app.add_middleware(RerankEvents, blocks=demo, limit=settings.max_body_bytes)
+        app.add_middleware(RerankEvents, blocks=demo)
     # Outermost: every answer carries X-Request-ID and every refusal its request's id and latency, the drain's too.
     app.add_middleware(RequestIdMiddleware)
     instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above

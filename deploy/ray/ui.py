@@ -138,7 +138,7 @@ class UI:
         app.add_middleware(GradioApiStatus, on_refuse=self.refused)  # outside the login: counts its refusals
         app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining,
                            route=counted_route)
-        app.add_middleware(RerankEvents, blocks=demo, limit=settings.max_body_bytes)
+        app.add_middleware(RerankEvents, blocks=demo)
         return app
 
 
