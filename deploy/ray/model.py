@@ -77,13 +77,17 @@ class RerankModel:
                                             "batch_tokens": self.reranker.batch_tokens})
 
     async def rerank(self, route: str, call: RerankCall, request_id: str, carrier: dict[str, str],
-                     deadline_at: float | None = None) -> Reply:
+                     deadline_at: float | None = None, deadline_s: float | None = None) -> Reply:
         """One rerank, booked here (metrics, log line). A cancelled call (the client left the ingress) drops
         its unstarted pairs, as in one process; `carrier` continues the caller's trace. At `deadline_at` (epoch
-        seconds: the ingress's deadline) it drops them too and answers 504 itself, so that a request that ran out
-        of time is counted once, here, not also as the cancellation of the ingress's withdrawal."""
+        seconds: the ingress's deadline, which counts the call's wait in Serve's queue) it drops them too and
+        answers 504 itself, so that a request that ran out of time is counted once, here, not also as the
+        cancellation of the ingress's withdrawal; never later than `deadline_s` (what was left when the ingress
+        sent it) from now, whatever this node's clock says."""
         token = context.attach(propagate.extract(carrier))
         left = None if deadline_at is None else max(deadline_at - time.time(), 0.0)
+        if left is not None and deadline_s is not None:
+            left = min(left, deadline_s)
         expires = None if left is None else time.monotonic() + left
         try:
             with bound_request_id(request_id):

@@ -153,8 +153,9 @@ class RemoteBackend:
                     carrier: dict[str, str], timeout: float) -> Reply:
         """One call to one replica, which answers 504 itself after `timeout` seconds; cancelled REPLICA_GRACE_S later
         (TimeoutError), or as soon as the client disconnects (the replica drops its unstarted pairs)."""
-        # Epoch seconds: the replica may wait in Serve's queue first, and may run on another node.
-        response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + max(timeout, 0.0))
+        # Epoch seconds, for the wait in Serve's queue, and the seconds left, for a node whose clock runs behind.
+        left = max(timeout, 0.0)
+        response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + left, left)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
         # Without a request (a UI event), only cancelling this task cancels the call.
         watch = client_gone(request) if request is not None else asyncio.Event().wait()
