@@ -352,6 +352,14 @@ def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluste
     assert predict.status_code == 401 and predict.json()["error"]["type"] == "unauthorized"
 
 
+def redeploy_one_replica(config: dict[str, Any], what: str) -> None:
+    """Deploy `config` (one model replica) and wait until new replicas of both deployments run it."""
+    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    deploy(config, APP)
+    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
+             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120, what)
+
+
 def test_a_client_that_leaves_while_its_request_waits_for_a_replica_is_counted_once(cluster: LocalRay,
                                                                                      bert_dir: Path) -> None:
     """One replica taking one request at a time, busy with a long one: a request queued behind it whose client
@@ -364,11 +372,7 @@ def test_a_client_that_leaves_while_its_request_waits_for_a_replica_is_counted_o
     # A longer hold (1000 pairs of 512 tokens), and every request line written.
     config = app_config(bert_dir, replicas=1, RERANKER_MAX_LENGTH="512", RERANKER_LOG_SAMPLE_RATE="1")
     config["applications"][0]["deployments"][0]["max_ongoing_requests"] = 1
-    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
-    deploy(config, APP)
-    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
-             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
-             "one model replica taking one request at a time")
+    redeploy_one_replica(config, "one model replica taking one request at a time")
     rng = random.Random(11)
     held: list[tuple[int, float]] = []
 
@@ -415,11 +419,7 @@ def test_a_request_past_its_deadline_is_answered_and_counted_once_by_its_replica
 
     config = app_config(bert_dir, replicas=1, RERANKER_MAX_LENGTH="512", RERANKER_LOG_SAMPLE_RATE="1")
     config["applications"][0]["args"]["deadline_s"] = 2
-    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
-    deploy(config, APP)
-    wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
-             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
-             "the application with a 2 s deadline")
+    redeploy_one_replica(config, "the application with a 2 s deadline")
     rng = random.Random(12)
     docs = [random_text(rng, 600) for _ in range(1000)]  # far more than 2 s of scoring here
     answer = httpx.post(f"{cluster.url}/v1/rerank", json={"query": "late", "documents": docs},
