@@ -224,7 +224,14 @@ def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: 
 
         with ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(call, i) for i in range(24)]
-            wait_until(lambda: inflight(metrics_url) >= 8)  # the load is under way
+            try:
+                wait_until(lambda: inflight(metrics_url) >= 8)  # the load is under way
+            except AssertionError:  # once in a full run (stop 29), not since: say what the service did
+                process.kill()
+                output, _ = process.communicate(timeout=HANG_S)
+                done = [f.result()[1] for f in futures if f.done()]
+                raise AssertionError(f"never 8 requests in flight; answers so far {done}; the service's last "
+                                     f"lines:\n{output[-4000:]}") from None
             process.send_signal(signal.SIGTERM)
             # Refusals start with the drain, which /readyz reports: a request sent any earlier may be accepted.
             wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
