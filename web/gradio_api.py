@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
 
 from web.errors import HttpError, client_left
-from web.middleware import App, Message, Receive, Scope, Send, route_path
+from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
 PREPROCESS_STATUS = 422
@@ -197,27 +196,15 @@ class RerankEvents:
             return
         by_path = False if queued else is_api_path(path)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        read: deque[Message] = deque()
+        read: list[Message] = []
         if declared.isdigit() and int(declared) > PEEK_BYTES:
             scope[RERANK_EVENT] = True
         else:
-            body, size = b"", 0
-            while size <= PEEK_BYTES:
-                message = await receive()
-                read.append(message)
-                if message["type"] != "http.request":  # the client left
-                    break
-                size += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body = b"".join(m.get("body", b"") for m in read)
-                    break
-            named = self.blocks.counted_index(body)
+            read, size = await read_body(receive, PEEK_BYTES)
+            # A body cut short by the client is no JSON, and names no event.
+            named = self.blocks.counted_index(b"".join(m.get("body", b"") for m in read))
             scope[RERANK_EVENT] = size > PEEK_BYTES or (by_path if named is None else named)
-
-        async def replay() -> Message:
-            return read.popleft() if read else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(read, receive), send)
 
 
 class GradioApiStatus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -46,6 +47,32 @@ def _bounded(scope: Scope) -> str | None:
         if path.startswith("/gradio_api/") and not path.endswith("/upload"):
             return path
     return route
+
+
+async def read_body(receive: Receive, limit: int) -> tuple[list[Message], int]:
+    """The request's body messages as they come, and their bytes: up to the last one, or the disconnect that ends
+    them early (then the last message), or the first to pass `limit` bytes (then bytes > limit)."""
+    read: list[Message] = []
+    size = 0
+    while size <= limit:
+        message = await receive()
+        read.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return read, size
+
+
+def replaying(read: list[Message], receive: Receive) -> Receive:
+    """A `receive` that hands on the messages already `read`, then the server's next ones."""
+    pending = deque(read)
+
+    async def replay() -> Message:
+        return pending.popleft() if pending else await receive()
+
+    return replay
 
 
 async def _answer(error: HttpError, scope: Scope, receive: Receive, send: Send,
@@ -97,32 +124,15 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(route, self._too_big(), scope, receive, send)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
-                await self._refuse(route, client_left("the client closed the connection before sending the whole "
-                                                      "body"), scope, receive, send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(route, self._too_big(), scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        read, size = await read_body(receive, self.limit)
+        if size > self.limit:
+            await self._refuse(route, self._too_big(), scope, receive, send)
+        elif read[-1]["type"] != "http.request":
+            # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
+            await self._refuse(route, client_left("the client closed the connection before sending the whole body"),
+                               scope, receive, send)
+        else:
+            await self.app(scope, replaying(read, receive), send)
 
     def _too_big(self) -> HttpError:
         return HttpError(413, "limit_exceeded", f"request body is over {self.limit} bytes; send fewer documents or "
