@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -28,6 +30,9 @@ QUIET_DEFAULTS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "true",  # the engine tokenizes each request in one batched call
 }
+
+# At a stop that does not wait: how long the requests it cuts off, and then the app's lifespan, have to end.
+CUT_OFF_SECONDS = 2.0
 
 
 def main() -> int:
@@ -166,6 +171,21 @@ class DrainingServer(uvicorn.Server):
         self.lifecycle = lifecycle
         self.drain_seconds = drain_seconds
         self.fault: str | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.lifecycle.stop()  # what is cancelled from here on was cut off by this stop
+        await super().shutdown(sockets)
+        # uvicorn leaves the requests that a forced stop (or its graceful timeout) cuts off to the closing event
+        # loop, which cancels them without a word, and skips the app's lifespan: each then got a bare 500 and logged
+        # a traceback. Cancel them while the server still answers (CutOff: 503), and end the lifespan.
+        running = [task for task in self.server_state.tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CUT_OFF_SECONDS)
+        if self.force_exit:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=CUT_OFF_SECONDS)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.lifecycle.draining:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client import CollectorRegistry
 
 from reranker import Reranker
@@ -189,6 +192,45 @@ def test_a_refusal_while_draining_has_the_requests_id_and_latency(
                                                           {"route": route}) == 1
 
 
+def test_a_request_in_the_engine_that_a_second_signal_cuts_off_gets_503_and_is_counted_once(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """The server's event loop cancelled it as it closed: the client got uvicorn's bare 500, the log a traceback,
+    and the engine call counted it `cancelled`, as if its client had left."""
+    import app as service
+    from web.lifecycle import Lifecycle
+
+    gated = GatedScorer(bert_model)
+    lifecycle = Lifecycle()
+    servers: list[service.DrainingServer] = []
+
+    def draining(config: uvicorn.Config) -> uvicorn.Server:
+        servers.append(service.DrainingServer(config, lifecycle, DRAIN_S))
+        return servers[-1]
+
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()),
+                  score_fn=gated) as reranker:
+        try:
+            with serve(create_app(reranker, ui=False, lifecycle=lifecycle), draining) as url, \
+                    ThreadPoolExecutor(2) as pool:
+                pool.submit(reranker.rerank, "warm", ["up"])
+                assert gated.first_batch.wait(HANG_S)  # the device is held: the request's pairs wait in the queue
+                answer = pool.submit(httpx.post, f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]},
+                                     timeout=HANG_S)
+                wait_until(lambda: reranker.queued_pairs == 1 + 2)
+                [server] = servers
+                server.handle_exit(signal.SIGTERM, None)  # drains: the request is accepted, so it is waited for
+                server.handle_exit(signal.SIGTERM, None)  # stops at once
+                response = answer.result(HANG_S)
+                gated.gate.set()  # the warm-up call ends, and with it the pool
+        finally:
+            gated.gate.set()
+        sample = reranker.metrics.registry.get_sample_value
+        wait_until(lambda: sample("reranker_requests_total", {"route": "/v1/rerank", "status": "error"}) == 1)
+        assert sample("reranker_requests_total", {"route": "/v1/rerank", "status": "cancelled"}) is None
+    assert response.status_code == 503 and response.headers["retry-after"], response.text
+    assert response.json()["error"]["type"] == "shutting_down"
+
+
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
     port, metrics_port = free_port(), free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(port),
@@ -198,17 +240,48 @@ def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subpr
     return process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 
-def inflight(metrics_url: str) -> float:
-    for line in httpx.get(metrics_url, timeout=HANG_S).text.splitlines():
-        if line.startswith("reranker_inflight_requests "):
-            return float(line.split()[1])
-    return 0.0
+class HeldRequest:
+    """A /v1/rerank whose body waits for `answer`. It sends `Expect: 100-continue`, and the server says
+    "100 Continue" only once the app asks for the body: from then on the request is counted in flight, for as
+    long as the test likes. (Polling a gauge for "the load is under way" raced a fast backend: 24 requests of
+    400 documents were all answered before a scrape saw 8 in flight.)"""
+
+    def __init__(self, url: str, i: int) -> None:
+        self.docs = [f"held {i} document {j} about cache servers and rivers " * 4 for j in range(200)]
+        self.body = json.dumps({"query": f"held {i}", "documents": self.docs}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=HANG_S)
+        self.sock.sendall(f"POST /v1/rerank HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(self.body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = self.sock.recv(1)
+            assert byte, f"closed before 100 Continue: {head!r}"
+            head += byte
+        assert head.startswith(b"HTTP/1.1 100 "), head
+
+    def answer(self, send_body: bool = True) -> tuple[int, dict]:
+        """Send the body (or not); the status and JSON of the answer, or (-1, {}) if the connection just closed."""
+        try:
+            if send_body:
+                self.sock.sendall(self.body)
+            response = http.client.HTTPResponse(self.sock)
+            response.begin()
+            return response.status, json.loads(response.read())
+        except (OSError, http.client.HTTPException):
+            return -1, {}
+        finally:
+            self.sock.close()
+
+
+def log_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: Path) -> None:
     # A drain deadline no loaded machine reaches: the log line below proves the drain ended by itself.
-    process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
-                                           "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
+    process, url, _ = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
+                                 "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
     try:
         wait_ready(url)
 
@@ -222,72 +295,98 @@ def test_sigterm_during_a_load_answers_every_accepted_request_in_full(bert_dir: 
                 return i, -1, {}  # never accepted: the listener had closed
             return i, response.status_code, response.json() if response.content else {}
 
-        with ThreadPoolExecutor(24) as pool:
-            futures = [pool.submit(call, i) for i in range(24)]
-            try:
-                wait_until(lambda: inflight(metrics_url) >= 8)  # the load is under way
-            except AssertionError:  # once in a full run (stop 29), not since: say what the service did
-                process.kill()
-                output, _ = process.communicate(timeout=HANG_S)
-                done = [f.result()[1] for f in futures if f.done()]
-                raise AssertionError(f"never 8 requests in flight; answers so far {done}; the service's last "
-                                     f"lines:\n{output[-4000:]}") from None
+        def client(c: int) -> list[tuple[int, int, dict]]:
+            """One client of the load: it sends again after each answer, until it is refused."""
+            outcomes = [call(c * 100)]
+            while outcomes[-1][1] == 200 and len(outcomes) < 20:
+                outcomes.append(call(c * 100 + len(outcomes)))
+            return outcomes
+
+        with ThreadPoolExecutor(8) as pool:
+            load = [pool.submit(client, c) for c in range(8)]
+            held = [HeldRequest(url, i) for i in range(8)]  # in flight at the signal, whatever the load is doing
             process.send_signal(signal.SIGTERM)
             # Refusals start with the drain, which /readyz reports: a request sent any earlier may be accepted.
             wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
             late = httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["x"]}, timeout=HANG_S)
             ready = httpx.get(f"{url}/readyz", timeout=HANG_S)
-            outcomes = [f.result() for f in futures]
+            held_answers = [request.answer() for request in held]
+            outcomes = [outcome for future in load for outcome in future.result()]
         assert late.status_code == 503 and late.headers["retry-after"] and ready.status_code == 503
         assert process.wait(timeout=DRAIN_S) == 0
     finally:
         if process.poll() is None:
             process.kill()
         output, _ = process.communicate(timeout=HANG_S)
-    accepted = [(i, body) for i, status, body in outcomes if status == 200]
+    [draining] = [line for line in log_lines(output) if line["message"].startswith("draining")]
+    assert draining["inflight"] >= 8
+    for request, (status, body) in zip(held, held_answers, strict=True):
+        assert status == 200, (status, body)
+        assert [request.docs[r["index"]] for r in body["results"]] == [r["document"]["text"] for r in body["results"]]
+        assert sorted(r["index"] for r in body["results"]) == list(range(200))
     # Requests that arrived after the signal were refused whole (503, Retry-After) or found no listener.
-    refused = [body for _, status, body in outcomes if status == 503]
     assert all(status in (200, 503, -1) for _, status, _ in outcomes), [s for _, s, _ in outcomes]
-    assert all(body["error"]["type"] == "shutting_down" for body in refused)
-    assert len(accepted) >= 8, "the requests in flight at the signal were all answered"
-    for i, body in accepted:
-        results = body["results"]
-        assert sorted(r["index"] for r in results) == list(range(400))
-        assert all(r["document"]["text"].startswith(f"request {i} document {r['index']} ") for r in results)
+    assert all(body["error"]["type"] == "shutting_down" for _, status, body in outcomes if status == 503)
+    for i, status, body in outcomes:
+        if status == 200:
+            results = body["results"]
+            assert sorted(r["index"] for r in results) == list(range(400))
+            assert all(r["document"]["text"].startswith(f"request {i} document {r['index']} ") for r in results)
     assert "drained: every accepted request was answered" in output
 
 
 def test_a_second_sigterm_stops_at_once_and_says_how_many_requests_it_cut_off(bert_dir: Path) -> None:
     """The second signal's line gave no number, and once the cut-off requests had ended the drain's thread
     logged 'drained: every accepted request was answered'."""
-    process, url, metrics_url = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
-                                           "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
+    process, url, _ = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_MAX_LENGTH": "256",
+                                 "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
     try:
         wait_ready(url)
-        docs = [f"document {j} about cache servers and rivers " * 4 for j in range(400)]
-
-        def call() -> None:
-            try:
-                httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": docs}, timeout=DRAIN_S)
-            except httpx.TransportError:
-                pass  # cut off: that is the point
-
-        with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(call)
-            wait_until(lambda: inflight(metrics_url) >= 2)
-            process.send_signal(signal.SIGTERM)
-            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=HANG_S)
+        held = [HeldRequest(url, i) for i in range(2)]  # their bodies never come: the drain cannot end by itself
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=HANG_S).status_code == 503)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=HANG_S) == 0
+        # Cut off with an answer that says so, not uvicorn's bare 500 (and a logged traceback).
+        answers = [request.answer(send_body=False) for request in held]
     finally:
         if process.poll() is None:
             process.kill()
         output, _ = process.communicate(timeout=HANG_S)
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert all(status == 503 and body["error"]["type"] == "shutting_down" for status, body in answers), answers
+    lines = log_lines(output)
     [second] = [line for line in lines if line["message"].startswith("second stop signal")]
-    assert second["inflight"] >= 2
+    assert second["inflight"] == 2
+    assert [line["status"] for line in lines if line["message"] == "rerank refused"] == ["error"] * 2
     assert "drained: every accepted request was answered" not in output
+    assert [line for line in lines if line["level"] == "ERROR"] == []
+
+
+def test_a_stop_ends_an_open_tabs_heartbeat_stream_instead_of_cutting_it(bert_dir: Path) -> None:
+    """A browser tab holds a Gradio heartbeat stream, which ends only when told. Every stop with a tab open waited
+    out uvicorn's graceful timeout (5 s) and then cut the stream, logging two errors."""
+    process, url, _ = start_app({"RERANKER_MODEL": str(bert_dir), "RERANKER_DRAIN_SECONDS": str(DRAIN_S)})
+    tab: list[str] = []
+    try:
+        wait_ready(url)
+
+        def open_tab() -> None:
+            with httpx.stream("GET", f"{url}/gradio_api/heartbeat/open-tab", timeout=HANG_S) as stream:
+                tab.extend(stream.iter_lines())
+            tab.append("eof")  # ended by the server, not cut: a cut stream raises instead
+
+        with ThreadPoolExecutor(1) as pool:
+            heartbeat = pool.submit(open_tab)
+            wait_until(lambda: tab)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=HANG_S) == 0
+            heartbeat.result(HANG_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output, _ = process.communicate(timeout=HANG_S)
+    assert tab[-1] == "eof"
+    assert [line for line in log_lines(output) if line["level"] == "ERROR"] == []
 
 
 FAULTY_APP = """

@@ -13,7 +13,7 @@ from web.errors import HttpError
 from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
-from web.lifecycle import DrainGate, Lifecycle
+from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
 from web.routes import no_route
@@ -72,8 +72,11 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio_router = find_gradio_app(app).router
         gradio_router.default = json_not_found(gradio_router.default)
-    # Starlette runs the last added first: request id, Rerank events, drain gate, Gradio API status, Gradio login, key,
-    # body limit.
+        # An open tab's heartbeat stream ends only on Gradio's stop event: without it every stop waited out
+        # uvicorn's graceful timeout for the tab, then cut the stream (an error logged for each).
+        lifecycle.on_stop(find_gradio_app(app).stop_event.set)
+    # Starlette runs the last added first: request id, cut-off, Rerank events, drain gate, Gradio API status, Gradio
+    # login, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     if ui and settings.ui_auth:
@@ -85,6 +88,8 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining, route=counted_route)
     if ui:  # outside the drain gate: which event a Gradio call runs is in its body
         app.add_middleware(RerankEvents, blocks=demo)
+    # A request that a stop cuts off gets 503 with Retry-After, not the server's bare 500.
+    app.add_middleware(CutOff, lifecycle=lifecycle)
     # Outermost: every answer carries X-Request-ID and every refusal its request's id and latency, the drain's too.
     app.add_middleware(RequestIdMiddleware)
     instrument(app, reranker.tracing)  # last: the server span and traceresponse wrap everything above

@@ -5,23 +5,38 @@ ASGI middleware that answers new work with 503 and `Retry-After` while draining;
 start work (the JSON routes, Gradio's POSTs) from arrival to the last byte sent, and RerankService counts every
 call in the engine, Gradio's queued events included; a request is counted once (`serving`). A drain ends when
 the count is back to zero and no accepted work waits to join it (`wait_also_for`).
+
+A stop that does not wait (a second signal, the drain deadline) cuts off what is still running: `CutOff` answers
+each such request 503 `shutting_down`, where the server would send a bare 500 and log a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 from web.errors import HttpError
-from web.middleware import App, Receive, Scope, Send, rerank_route, route_path
+from web.middleware import App, Message, Receive, Scope, Send, rerank_route, route_path
 
 RETRY_AFTER_SECONDS = 5
+
+
+@dataclass
+class Served:
+    """One request counted in flight. `booked`: the engine call records it (metrics, log line), so a cut-off
+    that ends it is that call's to record."""
+
+    booked: bool = False
+
+
 # Set while a request is counted in flight: the engine call of a JSON request that the drain gate counts is the
-# same request, not a second one.
-_serving: contextvars.ContextVar[bool] = contextvars.ContextVar("lifecycle_serving", default=False)
+# same request, not a second one. A thread started from the request's context sees the same record.
+_serving: contextvars.ContextVar[Served | None] = contextvars.ContextVar("lifecycle_serving", default=None)
 
 
 class Lifecycle:
@@ -31,25 +46,43 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._inflight = 0
         self._pending: list[Callable[[], int]] = []
+        self._on_stop: list[Callable[[], object]] = []
         self.draining = False
+        self.stopping = False
         self.reason = "the service is shutting down"
 
     def begin_drain(self, reason: str = "the service is shutting down") -> None:
         self.reason = reason
         self.draining = True
 
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Call `callback` (on the event loop) when the server closes: streams that only end when told to."""
+        self._on_stop.append(callback)
+
+    def stop(self) -> None:
+        """The server is closing: a request cancelled from now on is cut off by the stop, not by its client."""
+        self.draining = self.stopping = True
+        for callback in self._on_stop:
+            callback()
+
+    def cut_off_error(self) -> HttpError:
+        return HttpError(503, "shutting_down", f"{self.reason}, and stopped before this request was answered; "
+                         "retry it on another instance")
+
     @contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self) -> Iterator[Served]:
         """Count one request in flight for the block, once: inside a request already counted (its context, or a
-        thread started from it) this adds nothing."""
-        if _serving.get():
-            yield
+        thread started from it) this adds nothing and yields that request's record."""
+        current = _serving.get()
+        if current is not None:
+            yield current
             return
-        token = _serving.set(True)
+        served = Served()
+        token = _serving.set(served)
         with self._lock:
             self._inflight += 1
         try:
-            yield
+            yield served
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -107,5 +140,46 @@ class DrainGate:
         # Counted until the last byte, once: a JSON request's engine call, or a direct Gradio API call's handler,
         # runs in this context and adds nothing. A queued Gradio event runs in Gradio's queue, counted there
         # (RerankService, and `wait_also_for` while it waits): its queue join is counted here until it is queued.
-        with self.lifecycle.serving():
+        with self.lifecycle.serving() as served:
+            try:
+                await self.app(scope, receive, send)
+            except asyncio.CancelledError:
+                if self.lifecycle.stopping and not served.booked:  # cut off before the engine call recorded it
+                    self.on_refuse(self.route(scope), self.lifecycle.cut_off_error())
+                raise
+
+
+class CutOff:
+    """A request that a stop cuts off (a second signal, the drain deadline) is cancelled. uvicorn would answer it
+    with a bare 500 and log the cancellation as an application error; this answers 503 `shutting_down` with
+    Retry-After instead, and ends a response already streaming (an open tab's heartbeat)."""
+
+    def __init__(self, app: App, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        state = {"started": False, "done": False}
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.lifecycle.stopping:
+                raise
+            if not state["started"]:
+                error = self.lifecycle.cut_off_error()
+                await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(
+                    scope, receive, send)
+            elif not state["done"]:
+                with suppress(Exception):  # a body cut short of its Content-Length: the connection just closes
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})

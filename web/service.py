@@ -58,7 +58,8 @@ class RerankService:
         """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
 
         Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`,
-        or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`.
+        or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a
+        stop that does not wait cut it off, 503 `shutting_down`.
         """
         reranker = self.reranker
         metrics = reranker.metrics
@@ -68,7 +69,9 @@ class RerankService:
         error: HttpError | None = None
         result: RerankResult | None = None
         try:
-            with self.lifecycle.serving():  # the drain waits for it (once, if the drain gate counts its request)
+            # The drain waits for it (once, if the drain gate counts its request); this call records it.
+            with self.lifecycle.serving() as served:
+                served.booked = True
                 # The engine validates the untyped fields before any work; bad ones raise ValidationError.
                 result = reranker.rerank_detailed(
                     call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
@@ -77,12 +80,14 @@ class RerankService:
             return result
         except Exception as err:
             error = to_http_error(err)
-            timed_out = error.status == CLIENT_CLOSED and deadline is not None and time.monotonic() >= deadline
-            if timed_out:
+            cancelled = error.status == CLIENT_CLOSED
+            if cancelled and deadline is not None and time.monotonic() >= deadline:
                 error = HttpError(504, "timeout", "the request's deadline passed before all its pairs were scored; "
                                   "retry later, or send fewer documents")
+            elif cancelled and self.lifecycle.stopping:  # cut off by a stop that did not wait, not by its caller
+                error = self.lifecycle.cut_off_error()
             error.counted = True
-            if error.status >= 500 and not timed_out:  # a failure to look into, with its traceback
+            if error.status >= 500 and not cancelled:  # a failure to look into, with its traceback
                 logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
             raise error from err
         finally:
