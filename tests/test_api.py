@@ -78,7 +78,7 @@ def test_tei_rerank(url: str) -> None:
     assert isinstance(results, list) and len(results) == len(DOCS)
     assert all(set(r) == {"index", "score"} for r in results)
     with_text = post(url, "/rerank", {"query": "cache server", "texts": DOCS, "return_text": True,
-                                      "raw_scores": True, "truncate": True}).json()
+                                      "raw_scores": True, "truncate": True, "truncation_direction": "Right"}).json()
     assert all(r["text"] == DOCS[r["index"]] for r in with_text)
     assert [r["index"] for r in with_text] == [r["index"] for r in results]
 
@@ -157,6 +157,9 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("TEI texts of numbers", "/rerank", {"query": "q", "texts": [1, 2]}, 422),
     ("TEI empty texts", "/rerank", {"query": "q", "texts": []}, 400),
     ("TEI too many texts", "/rerank", {"query": "q", "texts": ["t"] * 21}, 413),
+    ("TEI left truncation", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 400),
+    ("TEI truncation_direction a number", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": 1e999},
+     422),
     ("predict data too short", "/api/predict", {"data": ["q"]}, 422),
     ("predict data not a list", "/api/predict", {"data": "q"}, 422),
     ("predict documents of numbers", "/api/predict", {"data": ["q", [1, 2]]}, 422),

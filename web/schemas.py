@@ -111,6 +111,8 @@ class TeiRerankRequest(_Body):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool | None = Field(None, description="Accepted; long texts follow RERANKER_LONG_DOCS.")
+    truncation_direction: StrictStr | None = Field(
+        None, description='"Right" (TEI\'s default): a long text keeps its start, as here. "Left" is refused.')
     top_n: StrictInt | None = None
 
 
