@@ -113,6 +113,21 @@ def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Rer
     assert ui_requests(reranker) == before + 2
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/gradio_api/queue/join", b'{"fn_index": 1e999, "data": [], "session_hash": "s"}'),
+    ("/gradio_api/run/predict", b'{"fn_index": NaN, "data": []}'),
+    ("/gradio_api/queue/join", b'{"fn_index": 3, "trigger_id": -Infinity, "data": [], "session_hash": "s"}'),
+], ids=["queue join fn_index 1e999", "run fn_index NaN", "queue join trigger_id -Infinity"])
+def test_a_non_finite_number_where_gradio_wants_an_integer_is_a_422_not_a_500(
+        live: tuple[str, Reranker], path: str, body: bytes, capfd: pytest.CaptureFixture[str]) -> None:
+    """FastAPI's validation answer echoes the bad input, and writing inf as JSON raised: a 500 and a traceback."""
+    url, _ = live
+    response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=HANG_S)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["msg"] == "Input should be a finite number"
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_good_call_is_counted_once(live: tuple[str, Reranker]) -> None:
     url, reranker = live
     before = ui_requests(reranker)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextvars
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from gradio.exceptions import InvalidPathError
 from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
@@ -154,6 +159,29 @@ class CountedBlocks(gr.Blocks):
             if outcome is not None:
                 outcome["status"] = err.status
             raise
+
+
+def json_safe_validation_errors(gradio: FastAPI) -> None:
+    """Answer a Gradio request that fails validation as FastAPI does (422, `detail`), in JSON that can be written.
+    FastAPI's own answer echoes the bad input, and a non-finite number (`{"fn_index": 1e999}` parses as inf) made
+    writing it raise: a 500 and a traceback."""
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return JSONResponse({"detail": _finite(jsonable_encoder(errors))}, status_code=422)
+
+    gradio.add_exception_handler(RequestValidationError, invalid)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with each non-finite float written as a string ("inf", "nan"), which JSON can carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
 
 
 def is_api_path(path: str, api_name: str = "predict") -> bool:

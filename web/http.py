@@ -10,7 +10,7 @@ from reranker import Reranker
 from web.api import build_api, json_refusals
 from web.backend import LocalBackend
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route
+from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route, json_safe_validation_errors
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import CutOff, DrainGate, Lifecycle
@@ -68,6 +68,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a
         # second queue loop, its running jobs forgotten, a new limiter.
         find_gradio_app(app).startup_events_triggered = True
+        json_safe_validation_errors(find_gradio_app(app))
         # Gradio's app, mounted at /, answers every path no route of ours serves: its bare 404 for those would not
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio_router = find_gradio_app(app).router

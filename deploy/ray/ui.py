@@ -31,7 +31,14 @@ from reranker.logs import setup_logging
 from reranker.tracing import Tracing
 from web.api import json_refusals
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, RerankError, RerankEvents, counted_route
+from web.gradio_api import (
+    ROUTE,
+    GradioApiStatus,
+    RerankError,
+    RerankEvents,
+    counted_route,
+    json_safe_validation_errors,
+)
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import DrainGate, Lifecycle
@@ -128,6 +135,7 @@ class UI:
         demo.has_launched = True
         self.gradio = find_gradio_app(app)
         self.gradio.startup_events_triggered = True
+        json_safe_validation_errors(self.gradio)
         # web/http.py's guards, in its order (the last added runs first): Rerank events, drain gate, Gradio API
         # status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer key, and
         # the login need not guard /api/predict.
