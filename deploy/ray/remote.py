@@ -164,7 +164,7 @@ class RemoteBackend:
         # this request), unless its deadline passed.
         given_up = True
         try:
-            done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0) + REPLICA_GRACE_S,
+            done, _ = await asyncio.wait({answer, gone}, timeout=left + REPLICA_GRACE_S,
                                          return_when=asyncio.FIRST_COMPLETED)
             if answer in done:
                 return answer.result()
