@@ -20,7 +20,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,7 +32,7 @@ from ray._private.authentication_test_utils import reset_auth_token_state  # noq
 from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from tests.servers import START_S, free_port  # noqa: E402
+from tests.servers import HANG_S, START_S, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,4 +190,60 @@ def faulty_app(args: dict[str, Any] | None = None) -> Any:
     args = args or {}
     environ = {str(k): str(v) for k, v in (args.get("env") or {}).items()}
     model = serve.deployment(name="RerankModel")(FaultyModel).bind(environ)
+    return cast(Deployment, Ingress).bind(model, environ, int(args.get("tries", 3)), float(args.get("deadline_s", 60)))
+
+
+class FileGate:
+    """Scores as `model` does, but each batch first creates `holding` in `directory`, then waits while `closed`
+    is there: a test holds every replica's device from outside their processes (a handle call to the replica
+    would queue behind the request it holds), so that "still running" is a state it sets, not a race against
+    how fast the machine scores."""
+
+    def __init__(self, model: Any, directory: Path) -> None:
+        self.model = model
+        self.directory = directory
+
+    def __call__(self, batch: Sequence[Any]) -> Any:
+        (self.directory / "holding").touch()
+        deadline = time.monotonic() + HANG_S  # frees the replica of a test that failed before opening the gate
+        while (self.directory / "closed").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.model.score(batch)
+
+
+@contextmanager
+def device_held(directory: Path) -> Iterator[Path]:
+    """Close the gate of gated_app's replicas for the block; yields the file that shows a batch is held."""
+    (directory / "holding").unlink(missing_ok=True)
+    (directory / "closed").touch()
+    try:
+        yield directory / "holding"
+    finally:
+        (directory / "closed").unlink(missing_ok=True)
+
+
+def gated_app(args: dict[str, Any] | None = None) -> Any:
+    """deploy.ray.app:build (serve.yaml's import_path), but every model replica's device passes through a
+    FileGate on `args["gate"]`, a directory (see device_held)."""
+    from typing import cast
+
+    from ray.serve import Deployment
+
+    from deploy.ray.ingress import Ingress
+    from deploy.ray.model import RerankModel
+    from reranker import Reranker
+    from web.service import RerankService
+
+    class GatedModel(RerankModel):
+        def __init__(self, environ: dict[str, str], gate: str) -> None:
+            super().__init__(environ)
+            engine = self.reranker
+            engine.close()
+            self.reranker = Reranker(engine.model, engine.settings, metrics=self.metrics, tracing=self.tracing,
+                                     score_fn=FileGate(engine.model, Path(gate)))
+            self.service = RerankService(self.reranker)
+
+    args = args or {}
+    environ = {str(k): str(v) for k, v in (args.get("env") or {}).items()}
+    model = serve.deployment(name="RerankModel")(GatedModel).bind(environ, str(args["gate"]))
     return cast(Deployment, Ingress).bind(model, environ, int(args.get("tries", 3)), float(args.get("deadline_s", 60)))
