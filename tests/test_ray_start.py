@@ -82,7 +82,9 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
     had_home_ray = home_ray.exists()
     env = {**os.environ, "RAY_TMPDIR": temp, "RERANKER_PORT": str(port), "RERANKER_MODEL": str(bert_dir),
            "RERANKER_DEVICE": "cpu", "RERANKER_DTYPE": "float32", "HF_HUB_OFFLINE": "1",
-           "RERANKER_RAY_METRICS_PORT": str(free_port())}
+           "RERANKER_RAY_METRICS_PORT": str(free_port()),
+           # Time for the backlog on any machine: cut off at a 30 s deadline, the last waiters failed on a slow one.
+           "RERANKER_DRAIN_SECONDS": "120"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RERANKER_HOST"):
         env.pop(name, None)
     # In CI (./test.sh) ./start.sh --ray itself; it execs python, so the Popen's pid is the launcher's either way,
@@ -129,11 +131,13 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
         callers = [threading.Thread(target=call, args=(f"query {i}",)) for i in range(CALLERS)]
         for caller in callers:
             caller.start()
-        time.sleep(3.0)  # on their way to the ingress (some may not be there yet: those get 503 shutting_down)
+        # On their way to the ingress (any not there yet get 503 shutting_down; with 1 s, 4 of 24 were not). Work
+        # that ends before the signal only adds 200s.
+        time.sleep(5.0)
         process.send_signal(signal.SIGTERM)
         # A new request during the drain: one process's 503 with Retry-After, once the ingress has heard of it.
         late: list[httpx.Response] = []
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + HANG_S  # one sent before the ingress heard of the drain waits for the backlog
         while not late or late[-1].status_code == 200 and time.monotonic() < deadline:
             late.append(httpx.post(f"{url}/v1/rerank", json={"query": "late", "documents": ["a"]}, timeout=HANG_S))
             time.sleep(0.2)
@@ -183,7 +187,9 @@ def test_a_model_that_cannot_load_ends_the_ray_start_with_serves_message(tmp_pat
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": temp, "RERANKER_PORT": str(free_port()), "RERANKER_DEVICE": "cpu",
            "RERANKER_MODEL": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1",
-           "RERANKER_RAY_METRICS_PORT": str(free_port())}
+           "RERANKER_RAY_METRICS_PORT": str(free_port()),
+           # Time for the backlog on any machine: cut off at a 30 s deadline, the last waiters failed on a slow one.
+           "RERANKER_DRAIN_SECONDS": "120"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RERANKER_HOST"):
         env.pop(name, None)
     process = subprocess.Popen([sys.executable, "-m", "deploy.ray"], cwd=ROOT, env=env, start_new_session=True,
