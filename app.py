@@ -183,7 +183,9 @@ class DrainingServer(uvicorn.Server):
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=CUT_OFF_SECONDS)
-        if self.force_exit:
+        # uvicorn ran the lifespan's shutdown unless the stop was forced before it began.
+        ended = getattr(self.lifespan, "shutdown_event", None)
+        if ended is not None and not ended.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.lifespan.shutdown(), timeout=CUT_OFF_SECONDS)
 

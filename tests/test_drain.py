@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import HANG_S, free_port, serve, wait_ready
 from tests.test_faults import GatedScorer, wait_until
+from web.errors import HttpError
 from web.http import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +84,6 @@ def test_a_drain_waits_for_the_events_still_in_gradios_queue(bert_model: Scoring
     the last running one leaving the engine and Gradio starting the next, nothing is in flight: a drain that looked
     then ended, and the process exited with the 4 unanswered. Gradio's dispatch is paused here to hold that moment
     open."""
-    import time
-
     from gradio_client import Client
 
     from web.gradio_login import find_gradio_app
@@ -192,13 +192,22 @@ def test_a_refusal_while_draining_has_the_requests_id_and_latency(
                                                           {"route": route}) == 1
 
 
+CUT_OFF_CALLS = {
+    "/v1/rerank": ({"query": "q", "documents": ["a", "b"]}, "/v1/rerank"),
+    # Gradio's route turned the cancellation into a 500 with a traceback, which the engine call counted besides.
+    "/gradio_api/api/predict": ({"data": ["q", "a\nb", None, "", False, None]}, "ui"),
+}
+
+
+@pytest.mark.parametrize("path", list(CUT_OFF_CALLS))
 def test_a_request_in_the_engine_that_a_second_signal_cuts_off_gets_503_and_is_counted_once(
-        bert_model: ScoringModel, bert_dir: Path) -> None:
+        bert_model: ScoringModel, bert_dir: Path, path: str, capfd: pytest.CaptureFixture[str]) -> None:
     """The server's event loop cancelled it as it closed: the client got uvicorn's bare 500, the log a traceback,
     and the engine call counted it `cancelled`, as if its client had left."""
     import app as service
     from web.lifecycle import Lifecycle
 
+    body, route = CUT_OFF_CALLS[path]
     gated = GatedScorer(bert_model)
     lifecycle = Lifecycle()
     servers: list[service.DrainingServer] = []
@@ -209,26 +218,57 @@ def test_a_request_in_the_engine_that_a_second_signal_cuts_off_gets_503_and_is_c
 
     with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()),
                   score_fn=gated) as reranker:
+        sample = reranker.metrics.registry.get_sample_value
+
+        def counted() -> dict[str, float]:
+            return {status: sample("reranker_requests_total", {"route": route, "status": status}) or 0
+                    for status in ("ok", "invalid", "cancelled", "error")}
+
         try:
-            with serve(create_app(reranker, ui=False, lifecycle=lifecycle), draining) as url, \
+            with serve(create_app(reranker, ui=route == "ui", lifecycle=lifecycle), draining) as url, \
                     ThreadPoolExecutor(2) as pool:
                 pool.submit(reranker.rerank, "warm", ["up"])
                 assert gated.first_batch.wait(HANG_S)  # the device is held: the request's pairs wait in the queue
-                answer = pool.submit(httpx.post, f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]},
-                                     timeout=HANG_S)
+                answer = pool.submit(httpx.post, f"{url}{path}", json=body, timeout=HANG_S)
                 wait_until(lambda: reranker.queued_pairs == 1 + 2)
                 [server] = servers
                 server.handle_exit(signal.SIGTERM, None)  # drains: the request is accepted, so it is waited for
                 server.handle_exit(signal.SIGTERM, None)  # stops at once
                 response = answer.result(HANG_S)
+                wait_until(lambda: sum(counted().values()) > 0)  # its pairs dropped unscored while the device is held
                 gated.gate.set()  # the warm-up call ends, and with it the pool
         finally:
             gated.gate.set()
-        sample = reranker.metrics.registry.get_sample_value
-        wait_until(lambda: sample("reranker_requests_total", {"route": "/v1/rerank", "status": "error"}) == 1)
-        assert sample("reranker_requests_total", {"route": "/v1/rerank", "status": "cancelled"}) is None
+        time.sleep(0.5)  # a second count, were there one, would be in by now
+        assert counted() == {"ok": 0, "invalid": 0, "cancelled": 0, "error": 1}
     assert response.status_code == 503 and response.headers["retry-after"], response.text
-    assert response.json()["error"]["type"] == "shutting_down"
+    assert "stopped before this request was answered" in response.text
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_request_a_stop_cut_off_before_its_engine_call_is_neither_scored_nor_counted_there(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """More requests than the server's 40 worker threads: one cut off while it waited for a thread was answered
+    and counted by the drain gate, and then, once a thread was free, tokenized and counted again by the engine
+    call. Whoever claims the request first records it."""
+    from web.lifecycle import Lifecycle
+    from web.service import RerankCall, RerankService
+
+    gated = GatedScorer(bert_model)
+    gated.gate.set()
+    lifecycle = Lifecycle()
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()),
+                  score_fn=gated) as reranker:
+        service = RerankService(reranker, lifecycle=lifecycle)
+        with lifecycle.serving() as served:  # the drain gate's count of the request
+            lifecycle.stop()
+            assert served.claim()  # the gate answered its cut-off, and recorded it
+            with pytest.raises(HttpError) as refused:
+                service.rerank("/v1/rerank", RerankCall("q", ["a", "b"]))
+        assert refused.value.status == 503 and refused.value.counted
+        assert reranker.metrics.registry.get_sample_value("reranker_requests_total",
+                                                          {"route": "/v1/rerank", "status": "error"}) is None
+    assert gated.pairs == 0
 
 
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:

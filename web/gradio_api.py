@@ -19,6 +19,7 @@ from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
 
 from web.errors import HttpError, client_left
+from web.lifecycle import RETRY_AFTER_SECONDS
 from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -258,6 +259,9 @@ class GradioApiStatus:
                 if "status" in outcome:  # counted by the handler, or by preprocess_data
                     if status == 500 and outcome["status"] != 500:
                         message["status"] = outcome["status"]
+                        if outcome["status"] == 503:  # not ready, or cut off by a stop: worth a retry elsewhere
+                            message["headers"] = [*message.get("headers", []),
+                                                  (b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
                 elif status == 413:  # web.middleware.BodyLimit, inside this middleware
                     self.on_refuse(ROUTE, HttpError(status, "limit_exceeded", "the request body is over "
                                                     "RERANKER_MAX_BODY_BYTES"))

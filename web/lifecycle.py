@@ -17,8 +17,8 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from web.errors import HttpError
 from web.middleware import App, Message, Receive, Scope, Send, rerank_route, route_path
@@ -28,10 +28,17 @@ RETRY_AFTER_SECONDS = 5
 
 @dataclass
 class Served:
-    """One request counted in flight. `booked`: the engine call records it (metrics, log line), so a cut-off
-    that ends it is that call's to record."""
+    """One request counted in flight, recorded (metrics, log line) by whoever claims it first: its engine call as
+    it starts, or what answers its cut-off when a stop ends it before that. The other records nothing."""
 
-    booked: bool = False
+    _claimed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def claim(self) -> bool:
+        """True for the first caller only (any thread)."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
 
 
 # Set while a request is counted in flight: the engine call of a JSON request that the drain gate counts is the
@@ -65,9 +72,9 @@ class Lifecycle:
         for callback in self._on_stop:
             callback()
 
-    def cut_off_error(self) -> HttpError:
+    def cut_off_error(self, *, counted: bool = False) -> HttpError:
         return HttpError(503, "shutting_down", f"{self.reason}, and stopped before this request was answered; "
-                         "retry it on another instance")
+                         "retry it on another instance", counted=counted)
 
     @contextmanager
     def serving(self) -> Iterator[Served]:
@@ -144,15 +151,24 @@ class DrainGate:
             try:
                 await self.app(scope, receive, send)
             except asyncio.CancelledError:
-                if self.lifecycle.stopping and not served.booked:  # cut off before the engine call recorded it
+                if self.lifecycle.stopping and served.claim():  # cut off before its engine call started
                     self.on_refuse(self.route(scope), self.lifecycle.cut_off_error())
                 raise
+
+
+def handled_cancellation() -> None:
+    """Tell the current task that the cancellation just caught is dealt with (answered as a cut-off), so that
+    a cancel scope around it does not take it for one still pending."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 class CutOff:
     """A request that a stop cuts off (a second signal, the drain deadline) is cancelled. uvicorn would answer it
     with a bare 500 and log the cancellation as an application error; this answers 503 `shutting_down` with
-    Retry-After instead, and ends a response already streaming (an open tab's heartbeat)."""
+    Retry-After instead, and ends an event stream already under way (an open tab's heartbeat). The cancellation
+    is the stop's, which ends the task anyway, so it is not passed on."""
 
     def __init__(self, app: App, lifecycle: Lifecycle) -> None:
         self.app = app
@@ -162,11 +178,13 @@ class CutOff:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = {"started": False, "done": False}
+        state = {"started": False, "done": False, "stream": False}
 
         async def tracked(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["started"] = True
+                state["stream"] = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                                      for name, value in message.get("headers", []))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["done"] = True
             await send(message)
@@ -176,10 +194,10 @@ class CutOff:
         except asyncio.CancelledError:
             if not self.lifecycle.stopping:
                 raise
+            handled_cancellation()
             if not state["started"]:
                 error = self.lifecycle.cut_off_error()
                 await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(
                     scope, receive, send)
-            elif not state["done"]:
-                with suppress(Exception):  # a body cut short of its Content-Length: the connection just closes
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif state["stream"] and not state["done"]:  # events end at any message; other bodies stay cut short
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

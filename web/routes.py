@@ -142,7 +142,8 @@ def build_router(backend: Backend) -> APIRouter:
         direction = body.truncation_direction
         if direction is not None and direction.lower() != "right":  # TEI takes "Left"/"Right"; case as TEI's clients
             raise HttpError(400, "invalid_request", f"truncation_direction {direction!r} is not supported: a long "
-                                                    'text keeps its start here; leave it out or set it to "Right"')
+                                                    "text is cut at its end here (or split into windows, with "
+                                                    'RERANKER_LONG_DOCS=chunk); leave it out or set it to "Right"')
         call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores)
         result = await backend.rerank(request, "/rerank", call)
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)

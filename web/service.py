@@ -61,6 +61,14 @@ class RerankService:
         or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a
         stop that does not wait cut it off, 503 `shutting_down`.
         """
+        # The drain waits for it (once, if the drain gate counts its request).
+        with self.lifecycle.serving() as served:
+            if not served.claim():  # a stop cut it off before it got here, and answered and recorded that
+                raise self.lifecycle.cut_off_error(counted=True)
+            return self._rerank(route, call, cancel, deadline)
+
+    def _rerank(self, route: str, call: RerankCall, cancel: threading.Event | None,
+                deadline: float | None) -> RerankResult:
         reranker = self.reranker
         metrics = reranker.metrics
         request_id = current_request_id() or new_request_id()
@@ -69,14 +77,11 @@ class RerankService:
         error: HttpError | None = None
         result: RerankResult | None = None
         try:
-            # The drain waits for it (once, if the drain gate counts its request); this call records it.
-            with self.lifecycle.serving() as served:
-                served.booked = True
-                # The engine validates the untyped fields before any work; bad ones raise ValidationError.
-                result = reranker.rerank_detailed(
-                    call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
-                    call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
-                )
+            # The engine validates the untyped fields before any work; bad ones raise ValidationError.
+            result = reranker.rerank_detailed(
+                call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
+                call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
+            )
             return result
         except Exception as err:
             error = to_http_error(err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ from reranker import RerankResult, Settings, ValidationError
 from web.cancel import run_cancellable
 from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError
-from web.lifecycle import Lifecycle
+from web.lifecycle import Lifecycle, handled_cancellation
 from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.tracing import ui_span
@@ -91,16 +92,30 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
     return predict
 
 
-def cancellable(predict: Callable[..., tuple[list[list[object]], str]]) -> Callable[..., Any]:
+def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycle: Lifecycle,
+                refused: OnRefuse) -> Callable[..., Any]:
     """The event handler: `predict` on a worker thread, whose unstarted pairs are dropped if Gradio cancels
-    the event (a client's cancel, gradio_client's `Job.cancel()`), which cancels the handler's task."""
+    the event (a client's cancel, gradio_client's `Job.cancel()`), which cancels the handler's task.
+
+    Counted in flight from here. When a stop that does not wait cancels it, it fails with 503 `shutting_down`:
+    Gradio turned the cancellation into a 500 with a traceback, counted besides by the engine call."""
 
     async def rerank(query: str, documents: str, top_n: float | None = None, instruction: str | None = None,
                      raw_scores: bool = False, file: str | None = None,
                      request: gr.Request | None = None) -> tuple[list[list[object]], str]:
         """Rank the documents (one per line, plus any uploaded file) against the query, best first."""
-        return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction, raw_scores,
-                                                            file, request, cancel=cancel))
+        with lifecycle.serving() as served:
+            try:
+                return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction,
+                                                                    raw_scores, file, request, cancel=cancel))
+            except asyncio.CancelledError:
+                if not lifecycle.stopping:
+                    raise
+                handled_cancellation()
+                error = lifecycle.cut_off_error()
+                if served.claim():  # else its engine call started, and records it
+                    refused(ROUTE, error)
+                raise RerankError(error) from None
 
     return rerank
 
@@ -113,7 +128,7 @@ def build_ui(service: RerankService) -> CountedBlocks:
     """The demo UI over this process's engine; `predict(query, documents, top_n, instruction, raw_scores, file)`
     is its API."""
     model = service.reranker.model
-    return build_blocks(cancellable(make_predict(service)), service.refused,
+    return build_blocks(cancellable(make_predict(service), service.lifecycle, service.refused), service.refused,
                         header(model.model_id, model.device, model.dtype, model.max_length),
                         Monitor(service.reranker, service.history), takes_instruction=model.accepts_instruction,
                         lifecycle=service.lifecycle)
