@@ -150,6 +150,7 @@ def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
         create_app(reranker, lifecycle=lifecycle), host=settings.host, port=settings.port,
         log_config=None,  # our JSON handlers on the root logger, not uvicorn's own
         timeout_graceful_shutdown=5,  # after the drain: only responses still being written remain
+        timeout_keep_alive=settings.keep_alive_seconds,  # uvicorn's 5 s raced clients' own 5 s (reset requests)
     ), lifecycle, settings.drain_seconds)
     # uvicorn re-raises the stopping signal to the handler that was there before it. Make that one a
     # no-op so that a clean stop exits with status 0.

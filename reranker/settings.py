@@ -66,6 +66,9 @@ class Settings:
     slow_ms: float = 2000.0
     log_query_preview: int = 0
     drain_seconds: float = 30.0
+    # Above the idle timeout of the clients and load balancers in front (httpx 5 s, AWS ALB 60 s): the side that
+    # closes an idle connection first must be the client, or a request sent as the server closes it is reset.
+    keep_alive_seconds: int = 75
     api_key: str | None = field(default=None, repr=False)  # secrets stay out of reprs and logs
     ui_auth: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)  # (user, password) pairs
     tracing: bool = False
@@ -122,6 +125,7 @@ class Settings:
             log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
             api_key=get("RERANKER_API_KEY", _text, None),
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
+            keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
             tracing=tracing,
             tracing_protocol=tracing_protocol,

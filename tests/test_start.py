@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +36,14 @@ def test_start_sh_serves_a_local_model_and_stops_on_sigterm(bert_dir: Path) -> N
         response = httpx.post(f"{url}/v1/rerank", json={"query": "cache", "documents": ["a cache", "tea"]},
                               timeout=HANG_S)
         assert response.status_code == 200 and len(response.json()["results"]) == 2
+        # A connection idle for longer than uvicorn's default keep-alive (5 s, which is httpx's own idle expiry: a
+        # request sent as the server closed the connection was reset) still serves (RERANKER_KEEP_ALIVE_SECONDS).
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_S)
+        for pause in (6, 0):
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read() == b'{"status":"ok"}'
+            time.sleep(pause)
+        connection.close()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=HANG_S) == 0
     finally:
