@@ -49,6 +49,14 @@ def serve(app: Any, server_class: Callable[[uvicorn.Config], uvicorn.Server] = u
         thread.join(60)
 
 
+def post_head(url: str, path: str, length: int, headers: dict[str, str] | None = None) -> bytes:
+    """The request line and headers of a JSON POST of `length` bytes, for tests that send on a raw socket."""
+    fields = {**(headers or {}), "Host": url.removeprefix("http://").split(":")[0],
+              "Content-Type": "application/json", "Content-Length": str(length)}
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+            + "\r\n").encode()
+
+
 def wait_ready(url: str, timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

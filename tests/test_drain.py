@@ -23,7 +23,7 @@ from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import HANG_S, free_port, serve, wait_ready
+from tests.servers import HANG_S, free_port, post_head, serve, wait_ready
 from tests.test_faults import GatedScorer, wait_until
 from web.errors import HttpError
 from web.http import create_app
@@ -291,8 +291,7 @@ class HeldRequest:
         self.body = json.dumps({"query": f"held {i}", "documents": self.docs}).encode()
         host, port = url.removeprefix("http://").split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=HANG_S)
-        self.sock.sendall(f"POST /v1/rerank HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(self.body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        self.sock.sendall(post_head(url, "/v1/rerank", len(self.body), {"Expect": "100-continue"}))
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             byte = self.sock.recv(1)

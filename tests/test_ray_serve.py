@@ -40,7 +40,7 @@ from tests.ray_cluster import (  # noqa: E402
     worker_log_lines,
 )
 from tests.ray_load import HEADERS, KEY, Load  # noqa: E402
-from tests.servers import HANG_S  # noqa: E402
+from tests.servers import HANG_S, post_head  # noqa: E402
 from tests.test_prometheus import (  # noqa: E402
     ALERTS,
     SERVE_CONFIG,
@@ -422,10 +422,8 @@ def post_then_leave(url: str, path: str, body: Any, headers: dict[str, str], unt
     """POST `body` on a connection of its own, wait until `until()`, then close it unanswered."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    head = "".join(f"{name}: {value}\r\n" for name, value in {
-        **headers, "Host": host, "Content-Type": "application/json", "Content-Length": str(len(payload))}.items())
     with socket.create_connection((host, int(port)), timeout=HANG_S) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + payload)
+        sock.sendall(post_head(url, path, len(payload), headers) + payload)
         wait_for(until, HANG_S, f"{path} under way")
 
 

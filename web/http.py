@@ -64,24 +64,24 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # launch() records and mount_gradio_app does not: without it, a Gradio API call naming any server
         # path as its file had that file read and ranked (tests/test_gradio_api.py).
         demo.has_launched = True
+        gradio = find_gradio_app(app)
         # The mounted app's lifespan runs Gradio's startup events (the queue's loops, its limiter), but
         # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a
         # second queue loop, its running jobs forgotten, a new limiter.
-        find_gradio_app(app).startup_events_triggered = True
-        json_safe_validation_errors(find_gradio_app(app))
+        gradio.startup_events_triggered = True
+        json_safe_validation_errors(gradio)
         # Gradio's app, mounted at /, answers every path no route of ours serves: its bare 404 for those would not
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
-        gradio_router = find_gradio_app(app).router
-        gradio_router.default = json_not_found(gradio_router.default)
+        gradio.router.default = json_not_found(gradio.router.default)
         # An open tab's heartbeat stream ends only on Gradio's stop event: without it every stop waited out
         # uvicorn's graceful timeout for the tab, then cut the stream (an error logged for each).
-        lifecycle.on_stop(find_gradio_app(app).stop_event.set)
+        lifecycle.on_stop(gradio.stop_event.set)
     # Starlette runs the last added first: request id, cut-off, Rerank events, drain gate, Gradio API status, Gradio
     # login, key, body limit.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     if ui and settings.ui_auth:
-        app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=settings.api_key is None,
+        app.add_middleware(GradioLogin, gradio=gradio, guard_predict=settings.api_key is None,
                            on_refuse=refused)
     if ui:  # outside the login, so that it counts the Gradio API calls the login refuses
         app.add_middleware(GradioApiStatus, on_refuse=service.refused)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from web.errors import HttpError
 from web.middleware import App, Message, Receive, Scope, Send, rerank_route, route_path
@@ -75,6 +76,13 @@ class Lifecycle:
     def cut_off_error(self, *, counted: bool = False) -> HttpError:
         return HttpError(503, "shutting_down", f"{self.reason}, and stopped before this request was answered; "
                          "retry it on another instance", counted=counted)
+
+    def cut_off(self, served: Served, book: Callable[[HttpError], None]) -> HttpError:
+        """The error for a request the stop cut off, booked with `book` unless its engine call claimed it first."""
+        error = self.cut_off_error()
+        if served.claim():
+            book(error)
+        return error
 
     @contextmanager
     def serving(self) -> Iterator[Served]:
@@ -142,7 +150,7 @@ class DrainGate:
         if self.lifecycle.draining:
             error = HttpError(503, "shutting_down", f"{self.lifecycle.reason}; retry on another instance")
             self.on_refuse(self.route(scope), error)
-            await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(scope, receive, send)
+            await retry_later(error, scope)(scope, receive, send)
             return
         # Counted until the last byte, once: a JSON request's engine call, or a direct Gradio API call's handler,
         # runs in this context and adds nothing. A queued Gradio event runs in Gradio's queue, counted there
@@ -151,9 +159,14 @@ class DrainGate:
             try:
                 await self.app(scope, receive, send)
             except asyncio.CancelledError:
-                if self.lifecycle.stopping and served.claim():  # cut off before its engine call started
-                    self.on_refuse(self.route(scope), self.lifecycle.cut_off_error())
+                if self.lifecycle.stopping:
+                    self.lifecycle.cut_off(served, partial(self.on_refuse, self.route(scope)))
                 raise
+
+
+def retry_later(error: HttpError, scope: Scope) -> App:
+    """The 503 answer to a request the service will not serve now: try another instance after Retry-After."""
+    return error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def handled_cancellation() -> None:
@@ -196,8 +209,6 @@ class CutOff:
                 raise
             handled_cancellation()
             if not state["started"]:
-                error = self.lifecycle.cut_off_error()
-                await error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})(
-                    scope, receive, send)
+                await retry_later(self.lifecycle.cut_off_error(), scope)(scope, receive, send)
             elif state["stream"] and not state["done"]:  # events end at any message; other bodies stay cut short
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -112,10 +113,7 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycl
                 if not lifecycle.stopping:
                     raise
                 handled_cancellation()
-                error = lifecycle.cut_off_error()
-                if served.claim():  # else its engine call started, and records it
-                    refused(ROUTE, error)
-                raise RerankError(error) from None
+                raise RerankError(lifecycle.cut_off(served, partial(refused, ROUTE))) from None
 
     return rerank
 
