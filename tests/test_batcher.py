@@ -21,7 +21,7 @@ from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import HANG_S
-from tests.test_faults import fill_the_pipeline, outcome_within, wait_until
+from tests.test_faults import fill_the_pipeline, one_round, outcome_within, wait_until
 
 
 def test_batches_stay_within_the_token_budget() -> None:
@@ -41,16 +41,26 @@ def test_out_of_memory_is_recognised() -> None:
 
 
 class FlakyDevice:
-    """Runs the real model but raises CUDA out-of-memory above a batch size or token count."""
+    """Runs the real model but raises CUDA out-of-memory above a batch size or token count. Records each pass's
+    size; with `held`, the first pass waits for `gate`."""
 
-    def __init__(self, model: ScoringModel, max_pairs: int = 10**9, max_pair_tokens: int = 10**9) -> None:
+    def __init__(self, model: ScoringModel, max_pairs: int = 10**9, max_pair_tokens: int = 10**9,
+                 held: bool = False) -> None:
         self.model = model
         self.max_pairs = max_pairs
         self.max_pair_tokens = max_pair_tokens
         self.calls = 0
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        if not held:
+            self.gate.set()
+        self.first_batch = threading.Event()
 
     def __call__(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         self.calls += 1
+        self.first_batch.set()
+        self.gate.wait(HANG_S)
+        self.sizes.append(len(batch))
         if len(batch) > self.max_pairs or max(p.n_tokens for p in batch) > self.max_pair_tokens:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.model.score(batch)
@@ -72,26 +82,21 @@ def test_oom_halves_the_batch_and_gives_the_same_scores(
 
 
 def test_an_unfittable_pair_fails_only_its_request(bert_model: ScoringModel, documents: list[str]) -> None:
-    device = FlakyDevice(bert_model, max_pair_tokens=100)
+    device = FlakyDevice(bert_model, max_pair_tokens=100, held=True)
     settings = model_settings(Path(bert_model.model_id), cache_size=0)
     short_docs = ["a short one", "cache server", "tea"]
     long_docs = ["cache " * 150]
     outcomes: dict[str, object] = {}
     with Reranker(bert_model, settings, score_fn=device) as reranker:
-        barrier = threading.Barrier(2)
-
         def call(name: str, docs: list[str]) -> None:
-            barrier.wait()
             try:
                 outcomes[name] = reranker.rerank("cache", docs)
             except Exception as err:
                 outcomes[name] = err
 
-        threads = [threading.Thread(target=call, args=a) for a in (("short", short_docs), ("long", long_docs))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(HANG_S)
+        callers = [threading.Thread(target=call, args=a) for a in (("short", short_docs), ("long", long_docs))]
+        one_round(reranker, device, callers, pairs=3 + 1)
+        assert device.sizes[:4] == [1, 1, 1, 4], "the two requests' pairs ran out of memory in one pass"
         assert isinstance(outcomes["long"], ScoringError)
         assert "out of memory scoring one document" in str(outcomes["long"])
         assert isinstance(outcomes["short"], list) and len(outcomes["short"]) == 3

@@ -6,11 +6,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pytest
 
 from reranker import CancelledError, DeviceFaultError, Reranker
+from reranker.backends import Padded, Pending
 from reranker.batcher import ScoreFn
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
@@ -33,6 +35,25 @@ class GatedScorer:
         self.gate.wait(HANG_S)  # tests open it; the bound only frees the worker of a test that failed first
         self.pairs += len(batch)
         return self.model.score(batch)
+
+
+class GatedLaunch:
+    """The real model's passes (its own collate and backend: padding, OpenVINO's streams) behind a gate: set over
+    the model's `launch`, it holds the device at the first pass while a test queues work. Records each pass's
+    rows."""
+
+    def __init__(self, model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._launch = model.launch
+        self.gate = threading.Event()
+        self.first_batch = threading.Event()
+        self.rows: list[int] = []
+        monkeypatch.setattr(model, "launch", self)
+
+    def __call__(self, batch: Padded) -> Pending:
+        self.first_batch.set()
+        self.gate.wait(HANG_S)  # tests open it; the bound only frees the worker of a test that failed first
+        self.rows.append(batch.rows)
+        return self._launch(batch)
 
 
 def wait_until(condition: object, timeout: float = HANG_S) -> None:
@@ -76,6 +97,31 @@ def fill_the_pipeline(reranker: Reranker, start: Callable[[str], threading.Threa
         # Taken into a round, so the first is handed over (the queue had room) before the second is taken.
         wait_until(lambda taken=taken: jobs_taken(reranker) == taken + 1)
     return threads
+
+
+class Held(Protocol):
+    gate: threading.Event
+    first_batch: threading.Event
+
+
+def one_round(reranker: Reranker, held: Held, callers: Sequence[threading.Thread], pairs: int) -> None:
+    """Runs `callers` (threads not yet started, `pairs` pairs in all) as one round of the collating thread, so
+    their pairs share passes: a single pair's pass holds the device at `held`'s gate, fill_the_pipeline, the
+    callers queue together, then the gate opens. Returns when every thread has ended."""
+    def start(name: str) -> threading.Thread:
+        thread = threading.Thread(target=reranker.rerank, args=(name, ["x"]))
+        thread.start()
+        return thread
+
+    threads = [start("holds the device")]
+    assert held.first_batch.wait(HANG_S)
+    threads += fill_the_pipeline(reranker, start)
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: reranker.queued_pairs == 3 + pairs)  # the three single pairs are not scored yet
+    held.gate.set()
+    for thread in [*threads, *callers]:
+        thread.join(HANG_S)
 
 
 def test_abandoned_pairs_are_dropped_unscored_while_others_get_their_answers(

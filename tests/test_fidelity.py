@@ -12,7 +12,7 @@ import torch
 from reranker import Reranker
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.servers import HANG_S
+from tests.test_faults import GatedLaunch, one_round
 
 TOLERANCE = 1e-5
 
@@ -74,34 +74,29 @@ def test_results_are_sorted_best_first_and_cut_to_top_n(bert_reranker: Reranker,
 
 
 def test_concurrent_callers_each_get_exactly_their_own_results(
-    any_model: ScoringModel, documents: list[str]
+    any_model: ScoringModel, documents: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queries = [f"question {i}: {w}" for i, w in enumerate("river music cache token socket tea json year".split())]
     # Each caller sends a different slice, so a mix-up would show as wrong indices or wrong scores.
     slices = [documents[i * 20:(i * 20) + 60] for i in range(8)]
     expected = [reference(any_model, q, docs, raw=True) for q, docs in zip(queries, slices, strict=True)]
-    barrier = threading.Barrier(8)
     outcomes: list[object] = [None] * 8
     settings = model_settings(Path(any_model.model_id), batch_tokens=2048, cache_size=0)
-
+    held = GatedLaunch(any_model, monkeypatch)  # the first pass waits until all eight callers wait
     with Reranker(any_model, settings) as reranker:
         def call(i: int) -> None:
-            barrier.wait()
             try:
                 outcomes[i] = reranker.rerank(queries[i], slices[i], raw_scores=True)
             except Exception as err:  # reported below, with the caller's number
                 outcomes[i] = err
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(HANG_S)
-        batch_sizes = reranker.metrics.registry.get_sample_value("reranker_batch_size_count")
+        # All 480 pairs wait together, so the collating thread takes them as one round, sorted by length across
+        # the callers: its passes mix the callers' pairs.
+        one_round(reranker, held, [threading.Thread(target=call, args=(i,)) for i in range(8)], pairs=8 * 60)
 
     for i in range(8):
         results = outcomes[i]
         assert isinstance(results, list), f"caller {i} failed: {results!r}"
         assert all(r.document == slices[i][r.index] for r in results)
         np.testing.assert_allclose(by_index(results, 60), expected[i], rtol=TOLERANCE, atol=TOLERANCE)
-    assert batch_sizes is not None and batch_sizes >= 1
+    assert held.rows[:3] == [1, 1, 1] and sum(held.rows[3:]) == 8 * 60  # the held passes, then the callers' one round

@@ -78,6 +78,21 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
     assert all(name in picked.reason for name in expected)
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu avx2 fma", []),  # AVX2 only (Zen 3)
+    ("avx2 avx512f avx512_vnni avx512_bf16", ["avx512_bf16"]),  # Zen 4, Cooper Lake
+    ("avx2 avx512_bf16 amx_tile amx_bf16 amx_int8", ["amx_bf16", "avx512_bf16"]),  # Sapphire Rapids
+    ("avx2 amx_tile", []),  # tiles without their bfloat16 products
+])
+def test_the_kernel_flags_name_native_bf16(monkeypatch: pytest.MonkeyPatch, flags: str, expected: list[str]) -> None:
+    """The reading of /proc/cpuinfo a start from the conversion cache uses, on CPUs this one may not be."""
+    from reranker.backends import cpu
+
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: [{"processor": "0", "flags": flags}, {"processor": "1"}])
+    assert cpu.kernel_bf16_flags() == expected
+    assert cpu.auto_precision(expected).dtype == ("bfloat16" if expected else "float32")
+
+
 @pytest.mark.parametrize(
     ("setting", "device", "declared", "expected"),
     [

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import ModelLoadError, Reranker
+from reranker import ModelLoadError, RankedDocument, Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from tests.conftest import model_settings
-from tests.test_faults import GatedScorer, wait_until
+from tests.test_faults import GatedLaunch, one_round, wait_until
 from tests.tiny_models import build_bert_reranker, random_text
 from web.backend import describe
 from web.service import RerankService
@@ -129,9 +128,14 @@ def test_a_failed_pass_on_two_streams_frees_its_requests(two_stream_models: tupl
 
 # A causal model started at bfloat16 on `OMP_NUM_THREADS` threads, in its own interpreter: OpenVINO 2026.4 kills
 # the process (SIGFPE) when it compiles such a graph for one thread per stream on a CPU with native bfloat16.
+# With a third argument the CPU is taken to run bfloat16 natively, whatever it has: OpenVINO then compiles float32
+# on a CPU without it, but the service's choice of backend and streams is what runs on one with it.
 CAUSAL_BF16_START = """
 import json, sys
+import reranker.backends.openvino
 from reranker.model import load_model
+if len(sys.argv) > 3:
+    reranker.backends.openvino.native_bf16 = lambda core: [sys.argv[3]]
 from reranker.settings import Settings
 
 model = load_model(Settings(model=sys.argv[1], backend="openvino", dtype="bfloat16", device="cpu",
@@ -142,26 +146,33 @@ print(json.dumps({"backend": model.backend.name, "dtype": model.dtype, "backend_
 """
 
 
+@pytest.mark.parametrize("pretend", [False, True], ids=["this-cpu", "bf16-cpu"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_causal_model_at_bfloat16_starts_on_any_thread_count(causal_dir: Path, tmp_path: Path, threads: int
-                                                               ) -> None:
+def test_a_causal_model_at_bfloat16_starts_on_any_thread_count(causal_dir: Path, tmp_path: Path, threads: int,
+                                                               pretend: bool) -> None:
+    """On this CPU as it is, and (where it has no native bfloat16) as the service sees a CPU that has it: the
+    one-thread and one-stream rules then run here too, not only on the machines that have bf16."""
+    import openvino as ov
+
     from reranker.backends.openvino import native_bf16
 
+    real = bool(native_bf16(ov.Core()))
+    if pretend and real:
+        pytest.skip("this CPU runs bfloat16 natively: the this-cpu case covers it")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, "-c", CAUSAL_BF16_START, str(causal_dir), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-c", CAUSAL_BF16_START, str(causal_dir), str(tmp_path)] + ["avx512_bf16"] * pretend
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     started = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(np.isfinite(started["scores"]))
-    import openvino as ov
-
-    if not native_bf16(ov.Core()):  # OpenVINO runs float32 here, which compiles on any thread count
+    if not (real or pretend):  # OpenVINO runs float32 here, which compiles on any thread count
         assert (started["backend"], started["dtype"]) == ("openvino", "float32")
     elif threads == 1:  # left to torch, saying why
         assert (started["backend"], started["dtype"]) == ("torch", "bfloat16")
         assert "cannot compile a causal model at bfloat16 on one thread" in started["backend_reason"]
-    else:  # every thread on one stream
-        assert (started["backend"], started["dtype"], started["streams"]) == ("openvino", "bfloat16", 1)
+    else:  # every thread on one stream (the bf16 asked compiles as float32 on a CPU without it, and says so)
+        assert (started["backend"], started["streams"]) == ("openvino", 1)
+        assert started["dtype"] == ("bfloat16" if real else "float32")
 
 
 def test_chunked_long_documents_score_the_same_on_openvino(bert_model: ScoringModel, ov_bert_model: ScoringModel,
@@ -416,13 +427,19 @@ def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path:
     assert "int8 passed its guard" in caplog.messages  # the guard runs at every start, cached model or not
 
 
-def test_int8_dot_product_features_are_read_from_the_cpu() -> None:
-    """Checked against the kernel's own flags, not torch's: VNNI or AMX-INT8 is what makes int8 pay."""
+def test_int8_dot_product_features_are_read_from_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked against the kernel's own flags, not torch's: VNNI or AMX-INT8 is what makes int8 pay. Then against
+    capabilities this CPU may lack (an AVX2-only one has none of the three)."""
+    import torch
+
     from reranker.backends.cpu import int8_dot_products
 
     flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("flags")).split(":", 1)[1].split())
     assert set(int8_dot_products()) == flags & {"amx_int8", "avx512_vnni", "avx_vnni"}
+    monkeypatch.setattr(torch.cpu, "get_capabilities",
+                        lambda: {"avx2": True, "avx512_vnni": True, "amx_int8": False, "avx_vnni": True})
+    assert int8_dot_products() == ["avx512_vnni", "avx_vnni"]
 
 
 @pytest.mark.parametrize(("features", "warned"), [([], True), (["avx512_vnni"], False)])
@@ -571,25 +588,31 @@ def test_bfloat16_reports_the_precision_openvino_runs(bert_dir: Path) -> None:
     assert native or model.dtype_reason.endswith("so OpenVINO runs float32")
 
 
-def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: ScoringModel,
-                                                              documents: list[str]) -> None:
+def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: ScoringModel, documents: list[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     settings = model_settings(Path(ov_bert_model.model_id), cache_size=0, batch_tokens=512)
     with Reranker(ov_bert_model, settings) as reranker:
         alone = [reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10]) for i in range(8)]
-        with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda i: reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10]),
-                                     range(8)))
-    for one, other in zip(alone, together, strict=True):
+    held = GatedLaunch(ov_bert_model, monkeypatch)
+    together: dict[int, list[RankedDocument]] = {}
+    with Reranker(ov_bert_model, settings) as reranker:
+        def call(i: int) -> None:
+            together[i] = reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10])
+
+        # All eight wait together: one round, whose passes run on both streams.
+        one_round(reranker, held, [threading.Thread(target=call, args=(i,)) for i in range(8)], pairs=80)
+    assert held.rows[:3] == [1, 1, 1] and sum(held.rows[3:]) == 80
+    for one, other in zip(alone, [together[i] for i in range(8)], strict=True):
         assert [r.index for r in one] == [r.index for r in other]
         np.testing.assert_allclose([r.score for r in one], [r.score for r in other], atol=TOLERANCE)
 
 
-def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: ScoringModel,
-                                                               documents: list[str]) -> None:
-    gated = GatedScorer(ov_bert_model)
+def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: ScoringModel, documents: list[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    gated = GatedLaunch(ov_bert_model, monkeypatch)  # OpenVINO's own passes, held
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(Path(ov_bert_model.model_id), cache_size=0)
-    with Reranker(ov_bert_model, settings, metrics=metrics, score_fn=gated) as reranker:
+    with Reranker(ov_bert_model, settings, metrics=metrics) as reranker:
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
         assert gated.first_batch.wait(120)
@@ -612,7 +635,7 @@ def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: Sc
         assert len(reranker.rerank("q", documents[:3])) == 3
     assert failed and type(failed[0]).__name__ == "CancelledError"
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 50
-    assert gated.pairs == 1 + 3
+    assert gated.rows == [1, 3]
 
 
 def test_cache_dir_unwritable_is_not_fatal(bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def test_defaults_match_the_spec() -> None:
 
 
 def test_every_variable_is_read() -> None:
-    s = Settings.from_env({
+    environ = {
         "RERANKER_MODEL": "/models/x", "RERANKER_DEVICE": "cuda:1", "RERANKER_DTYPE": "BFloat16",
         "RERANKER_COMPILE": "CUDAGraphs", "RERANKER_MAX_LENGTH": "512", "RERANKER_LONG_DOCS": "chunk",
         "RERANKER_BATCH_TOKENS": "4096", "RERANKER_CPU_STREAMS": "1", "RERANKER_CACHE_MAX_AGE_DAYS": "7.5",
@@ -32,8 +33,15 @@ def test_every_variable_is_read() -> None:
         "RERANKER_PORT": "8000", "RERANKER_METRICS_HOST": "0.0.0.0", "RERANKER_METRICS_PORT": "9100",
         "RERANKER_LOG_LEVEL": "debug", "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_SLOW_MS": "250.5",
         "RERANKER_LOG_QUERY_PREVIEW": "40", "RERANKER_API_KEY": "secret", "RERANKER_UI_AUTH": "alice:pw",
-        "RERANKER_TRACING": "on",
-    })
+        "RERANKER_TRACING": "on", "RERANKER_BACKEND": "OpenVINO", "RERANKER_CACHE_DIR": "/var/cache/rr",
+        "RERANKER_DRAIN_SECONDS": "12.5", "RERANKER_INT8_CALIBRATION": "/data/pairs.jsonl",
+        "RERANKER_INT8_MIN_SPEARMAN": "0.95", "RERANKER_INT8_MODE": "weights", "RERANKER_INT8_ON_FAIL": "exit",
+        "RERANKER_KEEP_ALIVE_SECONDS": "620", "RERANKER_MAX_BODY_BYTES": "2048",
+    }
+    # The dict above names every variable Settings.from_env reads.
+    source = Path(__file__).resolve().parent.parent.joinpath("reranker", "settings.py").read_text()
+    assert set(re.findall(r'get\("(RERANKER_\w+)"', source)) == set(environ)
+    s = Settings.from_env(environ)
     assert s == Settings(
         model="/models/x", device="cuda:1", dtype="bfloat16", compile="cudagraphs", max_length=512, long_docs="chunk",
         batch_tokens=4096, cpu_streams=1, cache_max_age_days=7.5,
@@ -41,6 +49,9 @@ def test_every_variable_is_read() -> None:
         host="0.0.0.0",
         port=8000, metrics_host="0.0.0.0", metrics_port=9100, log_level="DEBUG", log_sample_rate=1.0,
         slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),), tracing=True,
+        backend="openvino", cache_dir="/var/cache/rr", drain_seconds=12.5, int8_calibration="/data/pairs.jsonl",
+        int8_min_spearman=0.95, int8_mode="weights", int8_on_fail="exit", keep_alive_seconds=620,
+        max_body_bytes=2048,
     )
 
 
@@ -82,6 +93,14 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_CACHE_MAX_AGE_DAYS", "-1", "a number >= 0"),
         ("RERANKER_LOG_QUERY_PREVIEW", "-1", "an integer >= 0"),
         ("RERANKER_TRACING", "sometimes", "true, false"),
+        ("RERANKER_BACKEND", "onnx", "auto, torch, openvino"),
+        ("RERANKER_DRAIN_SECONDS", "-1", "a number >= 0"),
+        ("RERANKER_INT8_MODE", "dynamic", "static, weights"),
+        ("RERANKER_INT8_MIN_SPEARMAN", "1.5", "a number from -1 to 1"),
+        ("RERANKER_INT8_ON_FAIL", "crash", "fallback, exit"),
+        ("RERANKER_KEEP_ALIVE_SECONDS", "0", "an integer >= 1"),
+        ("RERANKER_KEEP_ALIVE_SECONDS", "2.5", "an integer >= 1"),
+        ("RERANKER_MAX_BODY_BYTES", "100", "an integer >= 1024"),
     ],
 )
 def test_bad_value_names_variable_and_accepted_values(name: str, value: str, accepted: str) -> None:
