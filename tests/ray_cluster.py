@@ -205,6 +205,7 @@ class FileGate:
 
     def __call__(self, batch: Sequence[Any]) -> Any:
         (self.directory / "holding").touch()
+        (self.directory / f"holding-{os.getpid()}").touch()  # which replica holds one
         deadline = time.monotonic() + HANG_S  # frees the replica of a test that failed before opening the gate
         while (self.directory / "closed").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -213,8 +214,10 @@ class FileGate:
 
 @contextmanager
 def device_held(directory: Path) -> Iterator[Path]:
-    """Close the gate of gated_app's replicas for the block; yields the file that shows a batch is held."""
-    (directory / "holding").unlink(missing_ok=True)
+    """Close the gate of gated_app's replicas for the block; yields the file that shows a batch is held (and
+    `holding-<pid>` shows which replica holds one)."""
+    for holding in directory.glob("holding*"):
+        holding.unlink(missing_ok=True)
     (directory / "closed").touch()
     try:
         yield directory / "holding"

@@ -108,9 +108,11 @@ def assert_still_serving(http: httpx.Client, url: str, reranker: Reranker) -> No
 
 
 def fuzz_json_routes(http: httpx.Client, url: str, reranker: Reranker,
-                     bodies: Callable[[str], st.SearchStrategy[Any]]) -> None:
-    """Send hypothesis' bodies to random JSON routes; each is answered well and counted once."""
+                     bodies: Callable[[str], st.SearchStrategy[Any]]) -> Counter[int]:
+    """Send hypothesis' bodies to random JSON routes; each is answered well and counted once. Returns how many
+    got each status."""
     sent: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
     before = {route: requests_total(reranker, route) for route in ROUTES}
 
     @FUZZ
@@ -120,17 +122,21 @@ def fuzz_json_routes(http: httpx.Client, url: str, reranker: Reranker,
         count = requests_total(reranker, route)
         response = post(http, url, route, dump(body, ascii=ascii))
         sent[route] += 1
+        statuses[response.status_code] += 1
         check_answer(route, body, response)
         assert requests_total(reranker, route) == count + 1
 
     one()
     assert {route: requests_total(reranker, route) - before[route] for route in sent} == dict(sent)
+    return statuses
 
 
 def test_json_routes_survive_well_shaped_bodies_with_hostile_fields(
         live: tuple[str, Reranker], http: httpx.Client) -> None:
     url, reranker = live
-    fuzz_json_routes(http, url, reranker, inputs.SHAPED.__getitem__)
+    statuses = fuzz_json_routes(http, url, reranker, inputs.SHAPED.__getitem__)
+    print(f"statuses: {dict(statuses)}")
+    assert statuses[200] > 0, statuses  # so check_answer's checks of a ranking ran too
     assert_still_serving(http, url, reranker)
 
 

@@ -342,8 +342,10 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
 
                 for rule in wait_for("the alert rules to be evaluated", evaluated_rules):
                     assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
-                # Pending is tolerated (a slow CI machine may briefly cross a latency bound); firing is not.
-                firing = [a for a in api(url, "alerts")["alerts"] if a["state"] == "firing"]
-                assert firing == [], firing
+                # Pending counts too: six of the seven rules wait 2-10 minutes before they fire, so a rule whose
+                # condition always held would only ever be pending here. The latency rule alone may be pending: a
+                # slow CI machine can briefly cross its bound.
+                raised = [(a["labels"]["alertname"], a["state"]) for a in api(url, "alerts")["alerts"]]
+                assert [alert for alert in raised if alert != ("RerankerHighLatencyP95", "pending")] == [], raised
         finally:
             handle.stop()

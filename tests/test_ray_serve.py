@@ -91,9 +91,15 @@ def gated(config: dict[str, Any], gate: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cluster(bert_dir: Path) -> Iterator[LocalRay]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first deployment's device gate (device_held): open unless a test holds it."""
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def cluster(bert_dir: Path, gate: Path) -> Iterator[LocalRay]:
     with local_ray({}) as running:
-        deploy(app_config(bert_dir), APP)
+        deploy(gated(app_config(bert_dir), gate), APP)
         yield running
 
 
@@ -261,9 +267,21 @@ def replaced_under_load(cluster: LocalRay, seed: int, disrupt: Callable[[], T], 
     return replaced, replacement, disrupted
 
 
-def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
+def retries(cluster: LocalRay) -> int:
+    """How many calls the ingress has sent again after their replica could not serve them."""
+    return sum(1 for line in worker_log_lines(cluster)
+               if line.get("message") == "replica could not serve a request" and line.get("retry") is True)
+
+
+def test_a_killed_replica_loses_no_request(cluster: LocalRay, gate: Path) -> None:
+    """The replica is killed while it holds a batch, so requests certainly die with it: each must be sent again."""
+    retried = retries(cluster)
+
     def kill() -> None:
-        os.kill(replica_pids(APP, MODEL)[0], signal.SIGKILL)
+        victim = replica_pids(APP, MODEL)[0]
+        with device_held(gate):
+            wait_for((gate / f"holding-{victim}").exists, HANG_S, "a batch held on the replica to kill")
+            os.kill(victim, signal.SIGKILL)
 
     # About 9 s on a 2-core host that this load saturates, 5 s quiet: the new process starts Ray's worker and
     # imports Ray Serve and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
@@ -272,6 +290,7 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay) -> None:
     # The issue's budget is 10 s, which a saturated 2-core host meets with little room (8.5-9.7 s measured). Twice
     # that bounds it here without flaking, and still fails a replacement that loads the model in full (26.5 s).
     assert recovered < REPLACED_WITHIN_S, f"the replacement took {recovered:.1f} s"
+    assert retries(cluster) > retried, "no request was on the killed replica"
     # The replacement started from what the first replicas stored, without torch, transformers or their weights.
     assert any(line.get("message") == "model loaded" and line.get("from_cache")
                for line in worker_log_lines(cluster, replacement))

@@ -16,15 +16,16 @@ import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
 from reranker import Reranker  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
 from tests.conftest import model_settings  # noqa: E402
-from tests.ray_cluster import LocalRay, deploy, local_ray, worker_log_lines  # noqa: E402
+from tests.ray_cluster import LocalRay, deploy, device_held, local_ray, worker_log_lines  # noqa: E402
 from tests.servers import HANG_S  # noqa: E402
-from tests.test_ray_serve import app_config, wait_for  # noqa: E402
+from tests.test_ray_serve import app_config, gated, wait_for  # noqa: E402
 from tests.tiny_models import random_text  # noqa: E402
 
 DOCS = ["a cache keeps recent answers", "tea is a drink", "caches trade memory for time"]
@@ -34,10 +35,16 @@ NOT_AUTHENTICATED = {"detail": {"error": "Not authenticated", "auth_message": No
 
 
 @pytest.fixture(scope="module")
-def cluster(bert_dir: Path) -> Iterator[LocalRay]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model replica's device gate (tests/ray_cluster.py's device_held): open unless a test holds it."""
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def cluster(bert_dir: Path, gate: Path) -> Iterator[LocalRay]:
     with local_ray({}) as running:
-        deploy(app_config(bert_dir, replicas=1, ui=True, RERANKER_UI_AUTH=f"{USER}:{PASSWORD}",
-                          RERANKER_MAX_BODY_BYTES=str(MAX_BODY)), "ui")
+        deploy(gated(app_config(bert_dir, replicas=1, ui=True, RERANKER_UI_AUTH=f"{USER}:{PASSWORD}",
+                                RERANKER_MAX_BODY_BYTES=str(MAX_BODY)), gate), "ui")
         yield running
 
 
@@ -169,11 +176,16 @@ def stream(client: httpx.Client, path: str, into: dict[str, object]) -> threadin
     return thread
 
 
-def test_serve_stopping_the_ui_drains_it(cluster: LocalRay) -> None:
+def test_serve_stopping_the_ui_drains_it(cluster: LocalRay, gate: Path) -> None:
     """As one process on SIGTERM: once Serve starts stopping the replica, the event in flight finishes, and the
     replica then ends an open browser tab's heartbeat stream (which Serve's own drain waits for) instead of being
-    killed at graceful_shutdown_timeout_s with the stream cut."""
+    killed at graceful_shutdown_timeout_s with the stream cut. The event is held on the model replica's device
+    until the drain has begun, so it is certainly in flight then."""
     from ray import serve
+
+    def drain_lines() -> list[dict[str, Any]]:
+        return [line for line in worker_log_lines(cluster)
+                if line.get("logger") == "reranker.ray" and line.get("message") == "draining: new requests get 503"]
 
     rng = random.Random(11)
     docs = "\n".join(random_text(rng, 300).replace("\n", " ") for _ in range(800))  # about 2 MB
@@ -181,17 +193,23 @@ def test_serve_stopping_the_ui_drains_it(cluster: LocalRay) -> None:
         tab: dict[str, object] = {}
         heartbeat = stream(client, "/gradio_api/heartbeat/open-tab", tab)
         wait_for(lambda: "status" in tab, HANG_S, "the heartbeat stream open")
-        event = client.post("/gradio_api/call/predict", json={"data": ["which cache", docs, None, "", False, None]})
-        assert event.status_code == 200, event.text
-        result: dict[str, object] = {}
-        reader = stream(client, f"/gradio_api/call/predict/{event.json()['event_id']}", result)
-        started = time.monotonic()
-        serve.delete("ui", _blocking=False)
+        with device_held(gate) as holding:
+            event = client.post("/gradio_api/call/predict",
+                                json={"data": ["which cache", docs, None, "", False, None]})
+            assert event.status_code == 200, event.text
+            result: dict[str, object] = {}
+            reader = stream(client, f"/gradio_api/call/predict/{event.json()['event_id']}", result)
+            wait_for(holding.exists, HANG_S, "the event's first batch held on the model replica")
+            started = time.monotonic()
+            serve.delete("ui", _blocking=False)
+            wait_for(drain_lines, HANG_S, "the UI replica draining")
         reader.join(HANG_S)
         heartbeat.join(HANG_S)
         wait_for(lambda: "ui" not in serve.status().applications, HANG_S, "the UI application deleted")
     print(f"UI stopped {time.monotonic() - started:.1f} s after the delete")
     assert result.get("end") == "eof" and "event: complete" in str(result.get("text")), result
     assert tab.get("end") == "eof", f"the heartbeat stream was cut, not ended: {tab.get('end')}"
+    (drain,) = drain_lines()
+    assert int(drain["inflight"]) >= 1  # the event, held, when the drain began
     messages = [line.get("message") for line in worker_log_lines(cluster) if line.get("logger") == "reranker.ray"]
-    assert "draining: new requests get 503" in messages and "drained: every accepted request was answered" in messages
+    assert "drained: every accepted request was answered" in messages
