@@ -164,7 +164,7 @@ def start_infinity(stack: ExitStack, model: Path, tmp: Path, *, everything: bool
     out = []
     try:
         peers.ensure_venv()
-        for variant in peers.VARIANTS if everything else (peers.FASTEST,):
+        for variant in peers.VARIANTS if everything else (peers.fastest(),):
             peer = stack.enter_context(peers.Infinity.start(model, workdir=tmp, variant=variant))
             out.append(Contender(f"infinity {variant.name}", "infinity-emb, requirements-infinity.txt",
                                  peer_scorer(peer), peer.process.pid))
@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--int8-bar", type=float, default=None, help="RERANKER_INT8_MIN_SPEARMAN for the int8 modes")
     parser.add_argument("--no-infinity", action="store_true")
     parser.add_argument("--infinity", choices=("fastest", "all"), default="all",
-                        help="Infinity's fastest CPU setup as bench/peers.py measured it, or every variant")
+                        help="Infinity's fastest CPU setup on this CPU as bench/peers.py measured it (torch bfloat16 "
+                             "with native bfloat16, else ONNX Runtime int8), or every variant")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

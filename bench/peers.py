@@ -2,7 +2,7 @@
 
 Use:
     ensure_venv()  # creates or updates .venv-infinity from requirements-infinity.txt
-    with Infinity.start(model_dir, workdir=tmp) as peer:  # FASTEST variant, a free 127.0.0.1 port
+    with Infinity.start(model_dir, workdir=tmp) as peer:  # fastest() variant, a free 127.0.0.1 port
         scores = peer.rerank(query, documents)  # one score per document, in document order
 
 `model_dir` is a sentence-transformers CrossEncoder directory (bench.workload.build_benchmark_model). The
@@ -76,10 +76,19 @@ TORCH_INT8 = Variant(engine="torch", dtype="int8")
 ONNX_FP32 = Variant(engine="optimum", dtype="float32")
 ONNX_INT8 = Variant(engine="optimum", dtype="int8")
 VARIANTS = (TORCH_FP32, TORCH_BF16, TORCH_INT8, ONNX_FP32, ONNX_INT8)
-# Pairs per CPU-second of the server, 2-core AVX512_BF16 CPU, all-MiniLM-L6-v2, 50 passages a request
-# (2026-11-30): torch bfloat16 30 (24 without BetterTransformer), onnx int8 23, torch float32 15, onnx float32
-# 13; torch int8 ran no faster than float32. Where the CPU lacks native bfloat16, measure again.
-FASTEST = TORCH_BF16
+
+
+def fastest(native_bf16: bool | None = None) -> Variant:
+    """Infinity's fastest CPU setup on this CPU, as measured (MiniLM-L6, 50 passages a request, bench/cpu.py).
+    With native bfloat16 (2-core AVX512_BF16 EPYC, 2026-11-30, pairs per server CPU-second): torch bfloat16 30
+    (24 without BetterTransformer), onnx int8 23, torch float32 15, onnx float32 13; torch int8 no faster than
+    float32. Without it (2-core AVX2-only EPYC, 2026-11-30, pairs/s): onnx int8 32.8 (at Spearman 0.90), onnx
+    float32 23.0, torch float32 16.9, torch int8 15.7, torch bfloat16 2.3 (emulated)."""
+    if native_bf16 is None:
+        from reranker.backends.cpu import kernel_bf16_flags
+
+        native_bf16 = bool(kernel_bf16_flags())
+    return TORCH_BF16 if native_bf16 else ONNX_INT8
 
 
 def _venv_python(venv: Path) -> Path:
@@ -175,11 +184,13 @@ class Infinity:
 
     @classmethod
     @contextmanager
-    def start(cls, model_dir: Path, *, workdir: Path, variant: Variant = FASTEST, batch_size: int = 32,
+    def start(cls, model_dir: Path, *, workdir: Path, variant: Variant | None = None, batch_size: int = 32,
               venv: Path = VENV, environ: Mapping[str, str] = os.environ,
               timeout: float = START_S) -> Iterator[Infinity]:
         """Serve `model_dir` (prepared for `variant` first) until the block ends, then stop the process:
-        SIGTERM, 30 s, SIGKILL. `batch_size` is Infinity's --batch-size (pairs per forward pass)."""
+        SIGTERM, 30 s, SIGKILL. `batch_size` is Infinity's --batch-size (pairs per forward pass); `variant`
+        None is fastest() on this CPU."""
+        variant = variant or fastest()
         executable = venv / "bin" / "infinity_emb"
         if not executable.exists():
             raise PeerError(f"no {executable}: call bench.peers.ensure_venv() first")

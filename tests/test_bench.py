@@ -180,6 +180,29 @@ def test_cpu_bench_names_the_modes_it_knows() -> None:
     assert "unknown mode(s) openvino fp8" in result.stderr
 
 
+def test_streams_bench_alternates_one_and_two_streams_in_process() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.streams", "--rounds", "2", "--requests", "2", "--docs", "8",
+                             "--clients", "2"], cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "16 pairs in 2 requests, 2 callers, 2 rounds; OpenVINO " in result.stdout
+    rounds = re.findall(r"round \d: one stream (\d+\.\d) pairs/s, two (\d+\.\d): (\d+\.\d\d)x", result.stdout)
+    assert len(rounds) == 2 and all(float(one) > 0 and float(two) > 0 for one, two, _ in rounds), result.stdout
+    assert re.search(r"two streams / one: \d+\.\d\dx \(median; \d+\.\d\d-\d+\.\d\dx\)", result.stdout)
+
+
+def test_infinity_is_measured_in_its_fastest_setup_for_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import peers
+    from reranker.backends import cpu
+
+    assert peers.fastest(native_bf16=True) == peers.TORCH_BF16  # torch emulates bfloat16 without it: 0.17x
+    assert peers.fastest(native_bf16=False) == peers.ONNX_INT8
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: [{"processor": "0", "flags": "avx2 avx512_bf16"}])
+    assert peers.fastest() == peers.TORCH_BF16
+    monkeypatch.setattr(cpu, "cpuinfo", lambda: [{"processor": "0", "flags": "avx2 fma"}])
+    assert peers.fastest() == peers.ONNX_INT8
+
+
 def test_copies_bench_runs_concurrent_copies_of_the_bare_model() -> None:
     result = subprocess.run([sys.executable, "-m", "bench.copies", "--copies", "1,2", "--seconds", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
