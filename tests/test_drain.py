@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
+from reranker.tokens import EncodedDocument
 from tests.conftest import model_settings
 from tests.servers import HANG_S, free_port, post_head, serve, wait_ready
 from tests.test_faults import GatedScorer, wait_until
@@ -269,6 +272,74 @@ def test_a_request_a_stop_cut_off_before_its_engine_call_is_neither_scored_nor_c
         assert reranker.metrics.registry.get_sample_value("reranker_requests_total",
                                                           {"route": "/v1/rerank", "status": "error"}) is None
     assert gated.pairs == 0
+
+
+class GatedEncoder:
+    """The model's encoder, whose first call waits for `gate`: a request held in its tokenizing. Records the
+    documents of each call (one per slice of the request)."""
+
+    def __init__(self, model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._encode = model.encoder.encode
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.calls: list[int] = []
+        monkeypatch.setattr(model.encoder, "encode", self)
+
+    def __call__(self, query: str, documents: Sequence[str], instruction: str | None = None, *,
+                 offsets: bool = False) -> list[EncodedDocument]:
+        self.calls.append(len(documents))
+        self.started.set()
+        self.gate.wait(HANG_S)
+        return self._encode(query, documents, instruction, offsets=offsets)
+
+
+# Four of the engine's tokenizing slices (reranker.engine.SLICE_CHARS): 13 documents each, then 1.
+LARGE = [f"document {i} " + "about cache servers and rivers " * 650 for i in range(40)]
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["cancelled", "reaches-the-closed-queue"])
+def test_a_request_a_stop_cut_off_while_tokenizing_stops_there_and_is_answered_as_cut_off(
+        bert_model: ScoringModel, bert_dir: Path, cancelled: bool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop that does not wait, while a large request is being tokenized. Its caller's cancel (the stop
+    cancelled the request's task) ends the tokenizing at the next slice: it used to run to the end, and the
+    process to wait for it after the server had closed (47 s for two 1000-document requests). Where the
+    tokenizing ends after the stop closed the engine, the submit's ClosedError is the cut-off too: it was
+    answered `not_ready`, and logged as a failure with a traceback."""
+    from reranker.engine import SLICE_CHARS
+    from web.lifecycle import Lifecycle
+    from web.service import RerankCall, RerankService
+
+    assert sum(map(len, LARGE)) > 3 * SLICE_CHARS
+    lifecycle = Lifecycle()
+    cancel = threading.Event()
+    reranker = Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()))
+    encoder = GatedEncoder(bert_model, monkeypatch)  # after the engine's own start, which encodes a probe
+    service = RerankService(reranker, lifecycle=lifecycle)
+    with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.INFO, logger="reranker"):
+        call = pool.submit(service.rerank, "/v1/rerank", RerankCall("cache", LARGE), cancel)
+        assert encoder.started.wait(HANG_S)  # tokenizing the first slice
+        lifecycle.stop()
+        if cancelled:
+            cancel.set()  # as run_cancellable does when the stop cancels the request's task
+        else:
+            reranker.close()  # the lifespan's shutdown closed the engine first
+        encoder.gate.set()
+        with pytest.raises(HttpError) as cut_off:
+            call.result(HANG_S)
+    reranker.close()
+    assert cut_off.value.status == 503 and cut_off.value.type == "shutting_down"
+    assert encoder.calls == ([13] if cancelled else [13, 13, 13, 1])  # the request's slices that were tokenized
+    counted = {labels["status"]: value for labels, value in samples(reranker, "reranker_requests_total")}
+    assert counted == {"error": 1.0}
+    assert samples(reranker, "reranker_pairs_scored_total") == [({}, 0.0)]
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failures == [], [r.getMessage() for r in failures]
+
+
+def samples(reranker: Reranker, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(sample.labels, sample.value) for family in reranker.metrics.registry.collect()
+            for sample in family.samples if sample.name == name]
 
 
 def start_app(env: dict[str, str], argv: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:

@@ -154,3 +154,32 @@ def test_engine_metrics_move(bert_model: ScoringModel, metrics: Metrics, documen
 def test_a_blank_instruction_is_no_instruction(bert_reranker: Reranker) -> None:
     """Clients that always send the field send it blank to a model that takes none: that is not an error."""
     assert len(bert_reranker.rerank("q", ["a", "b"], instruction=" \n")) == 2
+
+
+@pytest.mark.parametrize(("lengths", "limit", "expected"), [
+    ([], 10, []),
+    ([3, 3, 3], 10, [(0, 3)]),
+    ([5, 5, 5, 5], 10, [(0, 2), (2, 4)]),
+    ([4, 30, 4], 10, [(0, 1), (1, 2), (2, 3)]),  # a text over the limit is a slice of its own
+    ([0, 0, 11, 2], 10, [(0, 3), (3, 4)]),  # empty texts go with the next
+])
+def test_char_slices(lengths: list[int], limit: int, expected: list[tuple[int, int]]) -> None:
+    from reranker.engine import char_slices
+
+    assert list(char_slices(["x" * n for n in lengths], limit)) == expected
+
+
+@pytest.mark.parametrize("long_docs", ["truncate", "chunk"])
+def test_tokenizing_in_slices_scores_as_in_one(any_model: ScoringModel, documents: list[str], long_docs: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker import engine
+
+    settings = model_settings(Path(any_model.model_id), cache_size=0, long_docs=long_docs)
+    with Reranker(any_model, settings) as reranker:
+        whole = reranker.rerank_detailed("cache servers", documents[:60], raw_scores=True)
+        monkeypatch.setattr(engine, "SLICE_CHARS", 500)  # about one document a slice
+        sliced = reranker.rerank_detailed("cache servers", documents[:60], raw_scores=True)
+    assert [r.index for r in sliced.results] == [r.index for r in whole.results]
+    np.testing.assert_allclose([r.score for r in sliced.results], [r.score for r in whole.results], atol=1e-6)
+    assert (sliced.stats.truncated, sliced.stats.chunked, sliced.stats.tokens) == \
+        (whole.stats.truncated, whole.stats.chunked, whole.stats.tokens)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from reranker import Reranker, RerankResult
+from reranker import ClosedError, Reranker, RerankResult
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
 from web.errors import CLIENT_CLOSED, HttpError, to_http_error
@@ -86,13 +86,16 @@ class RerankService:
         except Exception as err:
             error = to_http_error(err)
             cancelled = error.status == CLIENT_CLOSED
+            # Cut off by a stop that did not wait, not by its caller: cancelled, or it reached the engine's queue
+            # after the stop had closed it.
+            cut_off = self.lifecycle.stopping and (cancelled or type(err) is ClosedError)
             if cancelled and deadline is not None and time.monotonic() >= deadline:
                 error = HttpError(504, "timeout", "the request's deadline passed before all its pairs were scored; "
                                   "retry later, or send fewer documents")
-            elif cancelled and self.lifecycle.stopping:  # cut off by a stop that did not wait, not by its caller
+            elif cut_off:
                 error = self.lifecycle.cut_off_error()
             error.counted = True
-            if error.status >= 500 and not cancelled:  # a failure to look into, with its traceback
+            if error.status >= 500 and not (cancelled or cut_off):  # a failure to look into, with its traceback
                 logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
             raise error from err
         finally:
