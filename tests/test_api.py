@@ -264,6 +264,19 @@ def test_gradio_rest_routes_work(url: str) -> None:
     assert [r[2] for r in completed[0]["data"]] == [r[2] for r in rows]
 
 
+def test_an_event_id_gradio_does_not_hold_gets_its_error_event_and_a_clean_end(
+        url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Gradio raises its 404 after it has started the event stream: the server logged two tracebacks and cut the
+    stream mid-chunk (httpx: 'incomplete chunked read'). The client now reads the error event, then the end."""
+    capfd.readouterr()
+    unknown = httpx.get(f"{url}/gradio_api/call/predict/no-such-event", timeout=HANG_S)
+    assert (unknown.status_code, unknown.text) == (200, 'event: error\ndata: "404: Not Found"\n\n')
+    session = httpx.get(f"{url}/gradio_api/queue/data", params={"session_hash": "no-such-session"}, timeout=HANG_S)
+    assert session.status_code == 200 and '"session_not_found":true' in session.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "unhandled error" not in err and "Exception in ASGI application" not in err
+
+
 def test_ui_handler_errors_are_gradio_errors(live: tuple[str, Reranker]) -> None:
     import gradio as gr
 

@@ -176,6 +176,18 @@ def stream(client: httpx.Client, path: str, into: dict[str, object]) -> threadin
     return thread
 
 
+def test_an_event_id_gradio_does_not_hold_gets_its_error_event_and_a_clean_end(cluster: LocalRay) -> None:
+    """As one process (tests/test_api.py): the stream Gradio breaks off with its 404 ends after the error event."""
+    def errors() -> int:
+        return sum(line.get("level") == "ERROR" for line in worker_log_lines(cluster))
+
+    before = errors()
+    with login(cluster) as client:
+        unknown = client.get("/gradio_api/call/predict/no-such-event")
+    assert (unknown.status_code, unknown.text) == (200, 'event: error\ndata: "404: Not Found"\n\n')
+    assert errors() == before
+
+
 def test_serve_stopping_the_ui_drains_it(cluster: LocalRay, gate: Path) -> None:
     """As one process on SIGTERM: once Serve starts stopping the replica, the event in flight finishes, and the
     replica then ends an open browser tab's heartbeat stream (which Serve's own drain waits for) instead of being

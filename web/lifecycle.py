@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+from starlette.exceptions import HTTPException
+
 from web.errors import HttpError
 from web.middleware import App, Message, Receive, Scope, Send, rerank_route, route_path
 
@@ -181,7 +183,12 @@ class CutOff:
     """A request that a stop cuts off (a second signal, the drain deadline) is cancelled. uvicorn would answer it
     with a bare 500 and log the cancellation as an application error; this answers 503 `shutting_down` with
     Retry-After instead, and ends an event stream already under way (an open tab's heartbeat). The cancellation
-    is the stop's, which ends the task anyway, so it is not passed on."""
+    is the stop's, which ends the task anyway, so it is not passed on.
+
+    It also ends an event stream whose app raised an HTTP error after the stream had started: Gradio does that
+    for an event id it does not hold (`GET /gradio_api/call/<api>/<id>`), after sending `event: error`. No answer
+    can follow a started one, so Starlette raised, the server logged two tracebacks and cut the stream
+    mid-chunk; the client has its error event, and the stream now ends there."""
 
     def __init__(self, app: App, lifecycle: Lifecycle) -> None:
         self.app = app
@@ -212,3 +219,7 @@ class CutOff:
                 await retry_later(self.lifecycle.cut_off_error(), scope)(scope, receive, send)
             elif state["stream"] and not state["done"]:  # events end at any message; other bodies stay cut short
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except RuntimeError as err:
+            if not (state["stream"] and not state["done"] and isinstance(err.__cause__, HTTPException)):
+                raise
+            await send({"type": "http.response.body", "body": b"", "more_body": False})

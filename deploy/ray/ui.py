@@ -41,7 +41,7 @@ from web.gradio_api import (
 )
 from web.gradio_login import GradioLogin, find_gradio_app
 from web.history import RequestHistory
-from web.lifecycle import DrainGate, Lifecycle
+from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import BodyLimit
 from web.monitoring import Panel
 from web.service import book_refusal
@@ -136,9 +136,9 @@ class UI:
         self.gradio = find_gradio_app(app)
         self.gradio.startup_events_triggered = True
         json_safe_validation_errors(self.gradio)
-        # web/http.py's guards, in its order (the last added runs first): Rerank events, drain gate, Gradio API
-        # status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer key, and
-        # the login need not guard /api/predict.
+        # web/http.py's guards, in its order (the last added runs first): cut-off, Rerank events, drain gate,
+        # Gradio API status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer
+        # key, and the login need not guard /api/predict.
         refused = json_refusals(self.refused)  # books nothing here: the Gradio API's refusals are booked below
         app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
         if settings.ui_auth:
@@ -147,6 +147,9 @@ class UI:
         app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining,
                            route=counted_route)
         app.add_middleware(RerankEvents, blocks=demo)
+        # Serve drains and stops this replica (no forced stop cancels its requests here): it ends the event
+        # streams Gradio breaks off with an HTTP error (an unknown event id).
+        app.add_middleware(CutOff, lifecycle=self.lifecycle)
         return app
 
 
