@@ -20,7 +20,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -158,8 +158,13 @@ def deploy(config: dict[str, Any], app: str, timeout: float = START_S) -> None:
 
 def worker_log_lines(cluster: LocalRay, pid: int | None = None) -> list[dict[str, Any]]:
     """Every JSON line the workers (replicas), or the one of process `pid`, wrote to stdout so far."""
+    return json_log_lines((cluster.temp / "session_latest" / "logs").glob(f"worker-*-{pid or '*'}.out"))
+
+
+def json_log_lines(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The JSON lines of the log files `paths`, in order; other lines are skipped."""
     lines = []
-    for path in (cluster.temp / "session_latest" / "logs").glob(f"worker-*-{pid or '*'}.out"):
+    for path in paths:
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
                 try:

@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -19,11 +18,10 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from random import Random  # noqa: E402
-from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
-from tests.ray_cluster import ROOT, alive, stop  # noqa: E402
+from tests.ray_cluster import ROOT, alive, json_log_lines, stop  # noqa: E402
 from tests.servers import HANG_S, START_S, free_port, wait_ready  # noqa: E402
 from tests.tiny_models import random_text  # noqa: E402
 
@@ -72,19 +70,6 @@ def start_sh_would_install() -> list[str]:
         if not path.exists() or (ROOT / requirements).stat().st_mtime_ns > path.stat().st_mtime_ns:
             stale.append(f"it would install {requirements} first")
     return stale
-
-
-def json_lines(temp: Path) -> list[dict[str, Any]]:
-    """The JSON lines Ray's workers (the replicas) wrote to their logs under RAY_TMPDIR `temp`."""
-    lines = []
-    for path in temp.glob("**/session_latest/logs/worker-*.out"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    continue
-    return lines
 
 
 CALLERS = 24  # above serve.yaml's max_ongoing_requests of the model replica (16)
@@ -171,7 +156,8 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path) -
             process.kill()
         stop(session_members(process.pid) | started)
         output, _ = process.communicate(timeout=HANG_S)
-        drains = [line for line in json_lines(Path(temp)) if line.get("message") == "draining: new requests get 503"]
+        replicas = json_log_lines(Path(temp).glob("**/session_latest/logs/worker-*.out"))  # under RAY_TMPDIR
+        drains = [line for line in replicas if line.get("message") == "draining: new requests get 503"]
         shutil.rmtree(temp, ignore_errors=True)
     # The drain had work: the ingress held requests at the signal (24 of 24 on a 2-core EPYC, whose backlog then
     # took 28 s; a machine would have to be about 6x faster to answer all 24 within the 5 s before the signal).
