@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from prometheus_client import CollectorRegistry
 from reranker import Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
-from reranker.tokens import EncodedDocument
 from tests.conftest import model_settings
 from tests.servers import HANG_S, free_port, post_head, serve, wait_ready
-from tests.test_faults import GatedScorer, wait_until
+from tests.test_faults import GatedCall, GatedScorer, wait_until
 from web.errors import HttpError
 from web.http import create_app
 
@@ -274,25 +272,6 @@ def test_a_request_a_stop_cut_off_before_its_engine_call_is_neither_scored_nor_c
     assert gated.pairs == 0
 
 
-class GatedEncoder:
-    """The model's encoder, whose first call waits for `gate`: a request held in its tokenizing. Records the
-    documents of each call (one per slice of the request)."""
-
-    def __init__(self, model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._encode = model.encoder.encode
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.calls: list[int] = []
-        monkeypatch.setattr(model.encoder, "encode", self)
-
-    def __call__(self, query: str, documents: Sequence[str], instruction: str | None = None, *,
-                 offsets: bool = False) -> list[EncodedDocument]:
-        self.calls.append(len(documents))
-        self.started.set()
-        self.gate.wait(HANG_S)
-        return self._encode(query, documents, instruction, offsets=offsets)
-
-
 # Four of the engine's tokenizing slices (reranker.engine.SLICE_CHARS): 13 documents each, then 1.
 LARGE = [f"document {i} " + "about cache servers and rivers " * 650 for i in range(40)]
 
@@ -314,11 +293,13 @@ def test_a_request_a_stop_cut_off_while_tokenizing_stops_there_and_is_answered_a
     lifecycle = Lifecycle()
     cancel = threading.Event()
     reranker = Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry()))
-    encoder = GatedEncoder(bert_model, monkeypatch)  # after the engine's own start, which encodes a probe
+    # A request held in its tokenizing: records each call's documents (one call per slice). Set after the
+    # engine's own start, which encodes a probe.
+    encoder = GatedCall(bert_model.encoder, "encode", monkeypatch, lambda query, documents, *_, **__: len(documents))
     service = RerankService(reranker, lifecycle=lifecycle)
     with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.INFO, logger="reranker"):
         call = pool.submit(service.rerank, "/v1/rerank", RerankCall("cache", LARGE), cancel)
-        assert encoder.started.wait(HANG_S)  # tokenizing the first slice
+        assert encoder.first_batch.wait(HANG_S)  # tokenizing the first slice
         lifecycle.stop()
         if cancelled:
             cancel.set()  # as run_cancellable does when the stop cancels the request's task

@@ -6,13 +6,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
 
 from reranker import CancelledError, DeviceFaultError, Reranker
-from reranker.backends import Padded, Pending
 from reranker.batcher import ScoreFn
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
@@ -37,23 +36,30 @@ class GatedScorer:
         return self.model.score(batch)
 
 
-class GatedLaunch:
-    """The real model's passes (its own collate and backend: padding, OpenVINO's streams) behind a gate: set over
-    the model's `launch`, it holds the device at the first pass while a test queues work. Records each pass's
-    rows."""
+class GatedCall:
+    """`owner.name` (a method of the real model) behind a gate: each call records `measure(its arguments)`,
+    marks `first_batch` and waits until a test opens `gate`, then runs the method itself."""
 
-    def __init__(self, model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._launch = model.launch
+    def __init__(self, owner: object, name: str, monkeypatch: pytest.MonkeyPatch,
+                 measure: Callable[..., int]) -> None:
+        self._method = getattr(owner, name)
+        self._measure = measure
         self.gate = threading.Event()
         self.first_batch = threading.Event()
-        self.rows: list[int] = []
-        monkeypatch.setattr(model, "launch", self)
+        self.calls: list[int] = []
+        monkeypatch.setattr(owner, name, self)
 
-    def __call__(self, batch: Padded) -> Pending:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(self._measure(*args, **kwargs))
         self.first_batch.set()
         self.gate.wait(HANG_S)  # tests open it; the bound only frees the worker of a test that failed first
-        self.rows.append(batch.rows)
-        return self._launch(batch)
+        return self._method(*args, **kwargs)
+
+
+def gated_launch(model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> GatedCall:
+    """The real model's passes (its own collate and backend: padding, OpenVINO's streams) held at the first
+    while a test queues work; `calls` records each pass's rows."""
+    return GatedCall(model, "launch", monkeypatch, lambda batch: batch.rows)
 
 
 def wait_until(condition: object, timeout: float = HANG_S) -> None:

@@ -12,7 +12,7 @@ import torch
 from reranker import Reranker
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
-from tests.test_faults import GatedLaunch, one_round
+from tests.test_faults import gated_launch, one_round
 
 TOLERANCE = 1e-5
 
@@ -82,7 +82,7 @@ def test_concurrent_callers_each_get_exactly_their_own_results(
     expected = [reference(any_model, q, docs, raw=True) for q, docs in zip(queries, slices, strict=True)]
     outcomes: list[object] = [None] * 8
     settings = model_settings(Path(any_model.model_id), batch_tokens=2048, cache_size=0)
-    held = GatedLaunch(any_model, monkeypatch)  # the first pass waits until all eight callers wait
+    held = gated_launch(any_model, monkeypatch)  # the first pass waits until all eight callers wait
     with Reranker(any_model, settings) as reranker:
         def call(i: int) -> None:
             try:
@@ -99,4 +99,4 @@ def test_concurrent_callers_each_get_exactly_their_own_results(
         assert isinstance(results, list), f"caller {i} failed: {results!r}"
         assert all(r.document == slices[i][r.index] for r in results)
         np.testing.assert_allclose(by_index(results, 60), expected[i], rtol=TOLERANCE, atol=TOLERANCE)
-    assert held.rows[:3] == [1, 1, 1] and sum(held.rows[3:]) == 8 * 60  # the held passes, then the callers' one round
+    assert held.calls[:3] == [1, 1, 1] and sum(held.calls[3:]) == 8 * 60  # the held passes, then the callers' one round

@@ -21,7 +21,7 @@ from reranker import ModelLoadError, RankedDocument, Reranker
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from tests.conftest import model_settings
-from tests.test_faults import GatedLaunch, one_round, wait_until
+from tests.test_faults import gated_launch, one_round, wait_until
 from tests.tiny_models import build_bert_reranker, random_text
 from web.backend import describe
 from web.service import RerankService
@@ -593,7 +593,7 @@ def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: Sco
     settings = model_settings(Path(ov_bert_model.model_id), cache_size=0, batch_tokens=512)
     with Reranker(ov_bert_model, settings) as reranker:
         alone = [reranker.rerank(f"query {i}", documents[i * 10:i * 10 + 10]) for i in range(8)]
-    held = GatedLaunch(ov_bert_model, monkeypatch)
+    held = gated_launch(ov_bert_model, monkeypatch)
     together: dict[int, list[RankedDocument]] = {}
     with Reranker(ov_bert_model, settings) as reranker:
         def call(i: int) -> None:
@@ -601,7 +601,7 @@ def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: Sco
 
         # All eight wait together: one round, whose passes run on both streams.
         one_round(reranker, held, [threading.Thread(target=call, args=(i,)) for i in range(8)], pairs=80)
-    assert held.rows[:3] == [1, 1, 1] and sum(held.rows[3:]) == 80
+    assert held.calls[:3] == [1, 1, 1] and sum(held.calls[3:]) == 80
     for one, other in zip(alone, [together[i] for i in range(8)], strict=True):
         assert [r.index for r in one] == [r.index for r in other]
         np.testing.assert_allclose([r.score for r in one], [r.score for r in other], atol=TOLERANCE)
@@ -609,7 +609,7 @@ def test_concurrent_requests_on_openvino_get_their_own_scores(ov_bert_model: Sco
 
 def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: ScoringModel, documents: list[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    gated = GatedLaunch(ov_bert_model, monkeypatch)  # OpenVINO's own passes, held
+    gated = gated_launch(ov_bert_model, monkeypatch)  # OpenVINO's own passes, held
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(Path(ov_bert_model.model_id), cache_size=0)
     with Reranker(ov_bert_model, settings, metrics=metrics) as reranker:
@@ -635,7 +635,7 @@ def test_a_cancelled_request_on_openvino_has_its_pairs_dropped(ov_bert_model: Sc
         assert len(reranker.rerank("q", documents[:3])) == 3
     assert failed and type(failed[0]).__name__ == "CancelledError"
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 50
-    assert gated.rows == [1, 3]
+    assert gated.calls == [1, 3]
 
 
 def test_cache_dir_unwritable_is_not_fatal(bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

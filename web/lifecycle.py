@@ -209,6 +209,7 @@ class CutOff:
                 state["done"] = True
             await send(message)
 
+        end_of_stream = {"type": "http.response.body", "body": b"", "more_body": False}
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
@@ -218,8 +219,8 @@ class CutOff:
             if not state["started"]:
                 await retry_later(self.lifecycle.cut_off_error(), scope)(scope, receive, send)
             elif state["stream"] and not state["done"]:  # events end at any message; other bodies stay cut short
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send(end_of_stream)
         except RuntimeError as err:
             if not (state["stream"] and not state["done"] and isinstance(err.__cause__, HTTPException)):
                 raise
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send(end_of_stream)
