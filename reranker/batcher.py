@@ -36,7 +36,7 @@ PaddedShape = Callable[[int, int], tuple[int, int]]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batcher", "Job", "ScoreFn", "cut_batches", "is_out_of_memory"]
+__all__ = ["Batcher", "Job", "Room", "ScoreFn", "cut_batches", "is_out_of_memory"]
 
 
 @dataclass(eq=False)
@@ -73,6 +73,32 @@ class Job:
                 total += end - max(start, reached)
                 reached = end
         return total
+
+
+class Room:
+    """Room in the queue's bound that a caller holds from before its first tokenizer pass until it submits
+    (`Batcher.room`): requests being tokenized count against RERANKER_MAX_QUEUE with the queued pairs, so that a
+    burst past the bound is refused before its tokenizing, not after it. Leaving the `with` block gives back
+    whatever `submit` did not use."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self.pairs = 0
+
+    def need(self, pairs: int) -> None:
+        """Hold room for `pairs` pairs, raising what `submit` would when more than held do not fit; fewer give
+        the rest back. The documents' count is a lower bound when long documents are chunked."""
+        self._batcher.hold(self, pairs)
+
+    def submit(self, pairs: Sequence[EncodedPair]) -> Job:
+        """Queue the tokenized pairs in place of the room held; they may be more (chunks), checked again."""
+        return self._batcher.submit(pairs, self)
+
+    def __enter__(self) -> Room:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._batcher.hold(self, 0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,7 @@ class Batcher:
         self._max_queue = max_queue
         self._pending: list[_Item] = []
         self._queued_pairs = 0
+        self._held_pairs = 0  # held by callers still tokenizing (Room)
         self._cond = threading.Condition()
         self._closed = False
         # One collated batch waits while the device runs another: the prefetch of text-embeddings-inference.
@@ -171,14 +198,19 @@ class Batcher:
         error = DeviceFaultError()
         self._deliver(waiting, error, None)
 
-    def check_room(self, n_pairs: int) -> None:
-        """Raise what `submit` would for `n_pairs` pairs, without queuing anything: callers check before the
-        costly tokenizing (with the documents' count, a lower bound when long documents are chunked)."""
-        with self._cond:
-            self._refuse(n_pairs)
+    def room(self) -> Room:
+        """An empty hold on the queue's bound, for a caller about to tokenize (see Room)."""
+        return Room(self)
 
-    def _refuse(self, n_pairs: int) -> None:
-        """Under the lock: raise if `n_pairs` more pairs cannot be queued now."""
+    def hold(self, room: Room, pairs: int) -> None:
+        with self._cond:
+            if pairs > room.pairs:
+                self._refuse(pairs, held=room.pairs)
+            self._held_pairs += pairs - room.pairs
+            room.pairs = pairs
+
+    def _refuse(self, n_pairs: int, held: int = 0) -> None:
+        """Under the lock: raise if `n_pairs` more pairs cannot be queued now; `held` of them have room already."""
         if n_pairs > self._max_queue:
             raise LimitExceededError(
                 f"this request needs {n_pairs} model passes (documents plus chunks), more than "
@@ -188,17 +220,24 @@ class Batcher:
             if self._device.fault is not None:
                 raise DeviceFaultError()
             raise ClosedError("the reranker is shutting down")
-        if self._queued_pairs + n_pairs > self._max_queue:
+        others = self._held_pairs - held
+        if self._queued_pairs + others + n_pairs > self._max_queue:
+            preparing = f", {others} more being tokenized" if others else ""
             raise OverloadedError(
-                f"the scoring queue is full ({self._queued_pairs} pairs waiting, limit "
+                f"the scoring queue is full ({self._queued_pairs} pairs waiting{preparing}, limit "
                 f"RERANKER_MAX_QUEUE={self._max_queue}); retry shortly"
             )
 
-    def submit(self, pairs: Sequence[EncodedPair]) -> Job:
-        """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing."""
+    def submit(self, pairs: Sequence[EncodedPair], room: Room | None = None) -> Job:
+        """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing. `room`, held
+        since before tokenizing, is used up."""
         job = Job(pairs, span_context=current_span_context())
+        held = room.pairs if room is not None else 0
         with self._cond:
-            self._refuse(len(pairs))
+            self._refuse(len(pairs), held)
+            if room is not None:
+                self._held_pairs -= held
+                room.pairs = 0
             self._pending.extend(_Item(job, i) for i in range(len(pairs)))
             self._queued_pairs += len(pairs)
             self._metrics.queue_pairs.set(self._queued_pairs)

@@ -173,21 +173,27 @@ class Reranker:
             self.validate(query, documents, top_n, instruction, max_doc_tokens)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
-        texts, clipped = self._clip(documents, max_doc_tokens)
-        with self._tracer.start_as_current_span(spans.CACHE) as span:
-            keys = [self._key(query, text, instruction) for text in texts]
-            logits: list[float | None] = [self._cache.get(key) for key in keys]
-            hits = sum(value is not None for value in logits)
-            span.set_attribute("reranker.cache_hits", hits)
-        missing = [i for i, value in enumerate(logits) if value is None]
-        self._batcher.check_room(len(missing))  # a full queue refuses before any tokenizing
-
-        with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
-            plan = self._plan(query, [texts[i] for i in missing], instruction,
-                              {slot for slot, i in enumerate(missing) if i in clipped}, cancel) if missing else _Plan()
-            spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
-        given_up(cancel)
-        job = self._batcher.submit(plan.pairs)
+        # A full queue refuses before any tokenizer pass, and the room is held until the pairs are queued: a
+        # burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
+        with self._batcher.room() as room:
+            if self._clips(max_doc_tokens):
+                room.need(len(documents))
+            texts, clipped = self._clip(documents, max_doc_tokens)
+            with self._tracer.start_as_current_span(spans.CACHE) as span:
+                keys = [self._key(query, text, instruction) for text in texts]
+                logits: list[float | None] = [self._cache.get(key) for key in keys]
+                hits = sum(value is not None for value in logits)
+                span.set_attribute("reranker.cache_hits", hits)
+            missing = [i for i, value in enumerate(logits) if value is None]
+            room.need(len(missing))  # what the cache did not answer
+            with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
+                plan = _Plan()
+                if missing:
+                    plan = self._plan(query, [texts[i] for i in missing], instruction,
+                                      {slot for slot, i in enumerate(missing) if i in clipped}, cancel)
+                spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
+            given_up(cancel)
+            job = room.submit(plan.pairs)
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
         tokens = sum(pair.n_tokens for pair in plan.pairs)
         self.metrics.cache_requests.labels(result="hit").inc(hits)
@@ -244,18 +250,21 @@ class Reranker:
 
     def _clip(self, documents: Sequence[str], max_doc_tokens: int | None) -> tuple[Sequence[str], set[int]]:
         """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut."""
-        if max_doc_tokens is None:
-            return documents, set()
-        # Truncation keeps a pair's first tokens and never lets a document past max_length: a cut at or past
-        # that changes nothing, so it is not worth a tokenizer pass.
-        if self.settings.long_docs == "truncate" and max_doc_tokens >= self.model.max_length and \
-                self.model.tokenizer.truncation_side != "left":
+        if max_doc_tokens is None or not self._clips(max_doc_tokens):
             return documents, set()
         with self._tracer.start_as_current_span(spans.CLIP) as span:
             cuts = self._clipper.clip(documents, max_doc_tokens)
             clipped = {i for i, cut in enumerate(cuts) if cut is not None}
             span.set_attribute("reranker.clipped", len(clipped))
         return [doc if cut is None else cut for doc, cut in zip(documents, cuts, strict=True)], clipped
+
+    def _clips(self, max_doc_tokens: int | None) -> bool:
+        """Whether `max_doc_tokens` takes a tokenizer pass to cut documents to. Truncation keeps a pair's first
+        tokens and never lets a document past max_length: a cut at or past that changes nothing."""
+        if max_doc_tokens is None:
+            return False
+        return not (self.settings.long_docs == "truncate" and max_doc_tokens >= self.model.max_length and
+                    self.model.tokenizer.truncation_side != "left")
 
     def _key(self, query: str, document: str, instruction: str | None) -> bytes:
         return pair_key(

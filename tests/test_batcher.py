@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,14 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import DeviceFaultError, OverloadedError, Reranker, ScoringError
+from reranker import CancelledError, DeviceFaultError, LimitExceededError, OverloadedError, Reranker, ScoringError
 from reranker.batcher import Batcher, Job, cut_batches, is_out_of_memory
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import HANG_S
-from tests.test_faults import fill_the_pipeline, one_round, outcome_within, wait_until
+from tests.test_faults import GatedCall, fill_the_pipeline, one_round, outcome_within, wait_until
 
 
 def test_batches_stay_within_the_token_budget() -> None:
@@ -164,9 +165,73 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
     assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
 
 
-def test_a_request_larger_than_the_queue_is_a_limit_error(bert_model: ScoringModel) -> None:
-    from reranker import LimitExceededError
+def gated_tokenizing(model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> GatedCall:
+    """The model's tokenizer pass held at the gate; `calls` records how many documents each pass had."""
+    return GatedCall(model.encoder, "encode", monkeypatch, lambda query, documents, *args, **kwargs: len(documents))
 
+
+def test_requests_being_tokenized_hold_their_room_so_a_burst_is_refused_before_its_tokenizing(
+        bert_model: ScoringModel, metrics: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the bound only counted queued pairs: every request of a burst passed the check, all of them
+    tokenized side by side, and all but the first were refused after paying for it (429s of 3-7 s here)."""
+    settings = model_settings(Path(bert_model.model_id), max_queue=10, cache_size=0)
+    with Reranker(bert_model, settings, metrics=metrics) as reranker:
+        tokenizing = gated_tokenizing(bert_model, monkeypatch)
+        first = threading.Thread(target=reranker.rerank, args=("q", [f"doc {i}" for i in range(8)]))
+        first.start()
+        wait_until(lambda: tokenizing.calls == [8])
+        monkeypatch.setattr(reranker._clipper, "clip", lambda *args: pytest.fail("clipped a request it refused"))
+        for call in (lambda: reranker.rerank("q", ["x", "y", "z"]),
+                     lambda: reranker.rerank_detailed("q", ["x", "y", "z"], max_doc_tokens=2)):
+            refused = outcome_within(call)
+            assert isinstance(refused, OverloadedError), refused
+            assert "0 pairs waiting, 8 more being tokenized" in str(refused)
+        assert tokenizing.calls == [8] and reranker.queued_pairs == 0
+        with ThreadPoolExecutor(1) as pool:
+            fits = pool.submit(reranker.rerank, "q", ["x", "y"])  # 8 + 2: it tokenizes beside the first
+            wait_until(lambda: tokenizing.calls == [8, 2])
+            tokenizing.gate.set()
+            assert len(fits.result(HANG_S)) == 2
+        first.join(HANG_S)
+        assert len(reranker.rerank("q", [f"doc {i}" for i in range(10)])) == 10  # all the room is back
+
+
+def test_the_room_is_given_back_when_tokenizing_fails_or_the_caller_leaves(bert_model: ScoringModel,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = model_settings(Path(bert_model.model_id), max_queue=10, cache_size=0)
+    with Reranker(bert_model, settings) as reranker:
+        with pytest.raises(LimitExceededError, match="shorten it"):  # raised by the tokenizing, past the check
+            reranker.rerank("word " * 2000, [f"doc {i}" for i in range(10)])
+        tokenizing = gated_tokenizing(bert_model, monkeypatch)
+        cancel = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            leaving = pool.submit(reranker.rerank_detailed, "q", [f"doc {i}" for i in range(10)], cancel=cancel)
+            wait_until(lambda: tokenizing.calls == [10])
+            cancel.set()
+            tokenizing.gate.set()
+            with pytest.raises(CancelledError):
+                leaving.result(HANG_S)
+        assert len(reranker.rerank("q", [f"doc {i}" for i in range(10)])) == 10
+
+
+def test_documents_the_cache_answers_hold_no_room(bert_model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = model_settings(Path(bert_model.model_id), max_queue=10)
+    with Reranker(bert_model, settings) as reranker:
+        cached = [f"cached {i}" for i in range(8)]
+        reranker.rerank("q", cached)
+        tokenizing = gated_tokenizing(bert_model, monkeypatch)
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(reranker.rerank, "q", [f"new {i}" for i in range(4)])
+            wait_until(lambda: tokenizing.calls == [4])
+            mostly_cached = pool.submit(reranker.rerank, "q", [*cached, "new 4", "new 5"])  # 10 documents, 2 to score
+            wait_until(lambda: tokenizing.calls == [4, 2])
+            refused = outcome_within(lambda: reranker.rerank("q", [f"other {i}" for i in range(5)]))
+            assert isinstance(refused, OverloadedError) and "6 more being tokenized" in str(refused)
+            tokenizing.gate.set()
+            assert len(held.result(HANG_S)) == 4 and len(mostly_cached.result(HANG_S)) == 10
+
+
+def test_a_request_larger_than_the_queue_is_a_limit_error(bert_model: ScoringModel) -> None:
     settings = model_settings(Path(bert_model.model_id), max_queue=3)
     with Reranker(bert_model, settings) as reranker:
         with pytest.raises(LimitExceededError, match="RERANKER_MAX_QUEUE=3"):

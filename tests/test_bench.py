@@ -214,3 +214,20 @@ def test_copies_bench_runs_concurrent_copies_of_the_bare_model() -> None:
     assert one is not None and two is not None, result.stdout
     assert float(one.group(1)) > 0 and float(two.group(2)) > 0 and float(two.group(3)) > 0  # every copy scored
     assert abs(float(two.group(1)) / float(one.group(1)) - float(two.group(4))) < 0.01
+
+
+def test_burst_bench_measures_the_admitted_request_and_the_refusals_against_the_lone_request(bert_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.burst", "--rounds", "1", "--callers", "4", "--docs", "10",
+                             "--chars", "300", "--model", str(bert_dir), "--compare", str(ROOT)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "burst: 4 requests x 10 passages of ~300 characters at once, RERANKER_MAX_QUEUE=15" in result.stdout
+    for name in ("this checkout", str(ROOT)):  # the checkout compared, measured in the same rounds
+        section = result.stdout.split(f"\n{name}\n", 1)[1]
+        admitted = re.search(r"lone request: \d+\.\d\d s\n  admitted in the burst: \d+\.\d\d s, \d+\.\d\dx the lone "
+                             r"request \(\d+\.\d\d-\d+\.\d\d\); admitted per round: \[(\d)\]", section)
+        refused = re.search(r"429s: (\d)", section)
+        assert admitted is not None and refused is not None, section
+        assert int(admitted.group(1)) >= 1 and int(admitted.group(1)) + int(refused.group(1)) == 4
+        assert re.search(r"server CPU for the burst: \d+\.\d\dx the lone request's", section)

@@ -70,7 +70,7 @@ def build_workload(n_requests: int = 32, docs_per_request: int = 50, seed: int =
     requests = []
     for i in range(n_requests):
         topic = names[rng.randrange(len(names))]
-        own = rng.sample(corpus[topic], min(8, len(corpus[topic])))
+        own = rng.sample(corpus[topic], min(8, len(corpus[topic]), docs_per_request))
         first_sentence = own[0].split(". ")[0].rstrip(".")
         query = f"Python {topic} ({i}): how do I {first_sentence[:1].lower()}{first_sentence[1:120]}?"
         others = rng.sample(everything, docs_per_request - len(own))
