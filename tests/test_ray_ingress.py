@@ -30,8 +30,10 @@ from reranker import RerankResult, Settings  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
 from reranker.results import RankedDocument  # noqa: E402
 from reranker.tracing import Tracing  # noqa: E402
+from tests.servers import HANG_S  # noqa: E402
 from web.errors import HttpError  # noqa: E402
 from web.history import RequestHistory  # noqa: E402
+from web.lifecycle import Lifecycle  # noqa: E402
 from web.service import RerankCall  # noqa: E402
 
 FAULT = Reply("faulty", error=(503, "not_ready", "the scoring device failed; the service is restarting, retry shortly"))
@@ -240,6 +242,38 @@ def test_a_request_whose_client_leaves_is_counted_once(taken: bool) -> None:
         booked.clear()
         asyncio.run(leave(how))
         assert booked == ([] if taken else [("/v1/rerank", "cancelled")]), how
+
+
+def test_at_the_drain_deadline_calls_no_replica_took_get_503_and_those_a_replica_holds_go_on(
+        metrics: Metrics, requests_total: Any) -> None:
+    """Serve held a call still waiting for a model replica until it killed the stopping ingress at the end of its
+    graceful shutdown, and its proxy answered a plain-text 500, counted nowhere (11 of 40 requests, helper-25's
+    walkthrough, RERANKER_DRAIN_SECONDS=3). Now the drain's deadline answers it as one process's cut-off does."""
+    lifecycle = Lifecycle()
+
+    async def cut(taken: bool) -> tuple[WaitingHandle, Any]:
+        handle = WaitingHandle(taken)
+        remote_backend = backend(handle, lifecycle=lifecycle)
+        app = ingress_app(remote_backend, metrics, RequestHistory(),
+                          Tracing.from_settings(remote_backend.settings, metrics), lifecycle)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress") as http:
+            call = asyncio.ensure_future(http.post("/v1/rerank", json={"query": "q", "documents": ["a"]}))
+            while handle.calls == 0:
+                await asyncio.sleep(0.01)
+            remote_backend.cut_off_waiting(lifecycle.cut_off_error())
+            if taken:  # its replica answers it, within the replica's own graceful shutdown
+                await asyncio.sleep(0.2)
+                assert not call.done() and handle.cancelled == 0
+                call.cancel()
+                return handle, None
+            return handle, await asyncio.wait_for(call, HANG_S)
+
+    handle, answer = asyncio.run(cut(taken=False))
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["error"]["type"] == "shutting_down" and "retry it on another instance" in answer.text
+    assert handle.cancelled == 1  # withdrawn: no replica will take it later
+    assert requests_total("/v1/rerank", "error") == 1  # counted once, by the ingress
+    asyncio.run(cut(taken=True))
 
 
 def test_a_request_past_its_deadline_is_counted_once_as_a_timeout() -> None:

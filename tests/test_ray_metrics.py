@@ -194,5 +194,7 @@ def test_the_launcher_puts_rays_metrics_agent_on_a_fixed_port(monkeypatch: pytes
     launcher.start_local_ray({**environ, "RERANKER_RAY_METRICS_PORT": "18080"})
     assert [call["_metrics_export_port"] for call in calls] == [8080, 18080]
     assert calls[0]["_node_ip_address"] == "127.0.0.1"
-    with pytest.raises(launcher.ConfigError, match="RERANKER_RAY_METRICS_PORT='http' is not valid"):
-        launcher.start_local_ray({"RERANKER_RAY_METRICS_PORT": "http"})
+    for bad in ("http", "0", "65536"):  # 0 started Ray instead
+        with pytest.raises(launcher.ConfigError, match=f"RERANKER_RAY_METRICS_PORT='{bad}' is not valid"):
+            launcher.start_local_ray({"RERANKER_RAY_METRICS_PORT": bad})
+    assert len(calls) == 2

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from web.backend import Backend
 from web.errors import HttpError, to_http_error
+from web.lifecycle import RETRY_AFTER_SECONDS
 from web.middleware import LIMITED_PATHS, OnRefuse
 from web.routes import build_router, no_route
 
@@ -61,6 +62,8 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
         refused(request.url.path.rstrip("/"), err)
         headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
+        if err.type == "shutting_down":  # a drain's cut-off (Ray Serve's ingress): as one process answers it
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return err.response(request.url.path, headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -91,7 +91,7 @@ def start_local_ray(environ: MutableMapping[str, str], num_cpus: float | None = 
     # A fixed port for the node's metrics agent (every replica's reranker_* and Ray's ray_serve_*), which
     # monitoring/prometheus-serve.yml's `ray` job scrapes; Ray would pick a random one.
     port = environ.get("RERANKER_RAY_METRICS_PORT") or str(DEFAULT_METRICS_PORT)
-    if not port.isdigit() or int(port) > 65535:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"RERANKER_RAY_METRICS_PORT={port!r} is not valid; use a port number from 1 to 65535")
     cores = os.cpu_count() or 1
     if num_cpus is not None and num_cpus > cores:
@@ -132,6 +132,19 @@ def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> float:
     return drain_seconds
 
 
+def failure(app: Any) -> str:
+    """Serve's message for a DEPLOY_FAILED application, and the error of each deployment that failed to start: the
+    last line of the traceback Serve keeps, where the constructor's own message is (a model that cannot be loaded
+    says how to point RERANKER_MODEL at a local directory). Serve's application message names the deployments
+    only, and the tracebacks went to its controller's plain-text log."""
+    causes = []
+    for name, deployment in app.deployments.items():
+        lines = [line.strip() for line in str(deployment.message or "").splitlines() if line.strip()]
+        if deployment.status == "DEPLOY_FAILED" and lines:
+            causes.append(f"{name}: {lines[-1]}")
+    return " ".join([app.message, *causes])
+
+
 class DeployWatch:
     """Polls Serve until every application is RUNNING; if one is DEPLOY_FAILED instead, records Serve's message
     and sends this process SIGTERM, which drains what did deploy and ends `serve run`."""
@@ -153,7 +166,7 @@ class DeployWatch:
                 applications = serve.status().applications
             except Exception:  # Serve not up yet, or shutting down
                 continue
-            failed = {name: app.message for name, app in applications.items() if app.status == "DEPLOY_FAILED"}
+            failed = {name: failure(app) for name, app in applications.items() if app.status == "DEPLOY_FAILED"}
             if failed:
                 self.failure = "; ".join(f"{name}: {message}" for name, message in failed.items())
                 log("ERROR", f"deploying failed, stopping: {self.failure}", applications=sorted(failed))
@@ -162,6 +175,9 @@ class DeployWatch:
             if applications and all(app.status == "RUNNING" for app in applications.values()):
                 return
 
+
+# A second signal: how long the ingress and UI replicas get to answer what they hold 503 (they look 4 times a second).
+CUT_WAIT_S = 3.0
 
 # The deployments that take requests from Serve's proxies and drain on the announcement (deploy/ray/stopping.py).
 FRONT_DEPLOYMENTS = ("Ingress", "UI")
@@ -226,16 +242,44 @@ def drain_then_stop(names: Sequence[str], drain_seconds: float, *, remote: bool)
     """The handler of the first SIGTERM or SIGINT: drain `names`, then end `serve run`. On our own Ray, by
     KeyboardInterrupt, on which `serve run` shuts Serve down and Ray stops with this process; on a cluster
     (RAY_ADDRESS), by SystemExit(0), which `serve run` does not catch: its serve.shutdown() would stop every
-    application on the cluster. A second signal interrupts the drain."""
+    application on the cluster. A second signal interrupts the drain (cut_then_stop)."""
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, cut_then_stop(names))
+        signal.signal(signal.SIGINT, cut_then_stop(names))
         try:
             drain_applications(names, drain_seconds)
         except Exception as err:  # the controller gone already: nothing left to drain
             log("WARNING", f"drain failed: {type(err).__name__}: {err}")
         if remote:
             raise SystemExit(0)
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S) -> Callable[[int, object], None]:
+    """The handler of a second signal, as one process's: what the ingress and UI replicas still hold is answered
+    503 `shutting_down` (announce_cut), for up to `wait_s`, and then the drain is interrupted and Serve stops. Before,
+    the proxies stopped at once and every client still waiting saw its connection closed without an answer. A
+    third signal stops at once."""
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            from ray import serve
+
+            from deploy.ray.stopping import announce_cut, inflight_reports
+
+            running = [name for name in serve.status().applications if name in names]
+            fronts = front_replicas(running)
+            announce_cut(running)
+            log("WARNING", "second signal: what the ingress holds is answered 503, then Serve stops",
+                applications=running)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and not all(inflight_reports(running).get(f) == 0 for f in fronts):
+                time.sleep(0.1)
+        except Exception as err:  # the controller gone already: nothing left to answer
+            log("WARNING", f"cut-off failed: {type(err).__name__}: {err}")
         raise KeyboardInterrupt
 
     return handler

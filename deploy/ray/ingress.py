@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend
-from deploy.ray.stopping import drain, until_stopping
+from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.metrics import Metrics
@@ -125,9 +125,12 @@ class Ingress:
         those still waiting for a model replica included, are answered while the model replicas still run; new
         ones get 503 `shutting_down` with Retry-After, and /readyz 503. Not when Serve stops this replica alone
         (an update, say): Serve's proxy still sends a stopping ingress requests until its replacement runs, and
-        refusing them failed a rolling update's load 566 times."""
+        refusing them failed a rolling update's load 566 times. At the drain's deadline, what still waits for a model
+        replica is answered 503 `shutting_down`, and on a second signal everything it holds, as one process answers
+        what its stop cuts off."""
         await until_stopping(stopping=False)
-        await drain(self.lifecycle, "the service is shutting down", self.settings.drain_seconds)
+        drained = await drain(self.lifecycle, "the service is shutting down", self.settings.drain_seconds)
+        await cut_off(self.lifecycle, self.backend, drained)
 
     def refused(self, route: str, error: HttpError) -> None:
         book_refusal(self.metrics, self.history, route, error)

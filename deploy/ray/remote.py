@@ -83,6 +83,12 @@ def withdrawn_unassigned(response: object) -> bool:
     return future is not None and future.cancelled()
 
 
+def assigned(response: object) -> bool:
+    """Whether Serve's router has given the call to a replica (the private future withdrawn_unassigned reads)."""
+    future = getattr(response, "_replica_result_future", None)
+    return future is None or future.done()
+
+
 class RemoteBackend:
     """Reranks on the model deployment's replicas; info asks one of them, readiness asks the controller
     (`running`: how many of them run; serve.status() unless a test gives its own). `book` counts and logs a request
@@ -104,6 +110,22 @@ class RemoteBackend:
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
         self._model_id: str | None = None
+        # Set by cut_off_waiting: calls no model replica has taken (`_cut`), or all of them (`_cut_held` too), are
+        # answered `_cut_error`.
+        self._cut, self._cut_held = asyncio.Event(), asyncio.Event()
+        self._cut_error: HttpError | None = None
+
+    def cut_off_waiting(self, error: HttpError, *, held_too: bool = False) -> None:
+        """The drain's deadline passed: the calls that no model replica has taken yet are withdrawn and answered
+        `error` (503 `shutting_down`: nothing was scored, so the caller retries elsewhere), as one process answers
+        what its stop cuts off. Serve would otherwise hold them until it kills this replica at the end of its
+        graceful shutdown, and its proxy answers them a plain 500. A call a replica holds is answered by it: it
+        finishes within its own graceful shutdown. `held_too` (a second signal): those are cancelled and answered
+        `error` too, where the proxies' stop would drop their connections."""
+        self._cut_error = error
+        self._cut.set()
+        if held_too:
+            self._cut_held.set()
 
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         deadline = time.monotonic() + self.deadline_s
@@ -160,22 +182,40 @@ class RemoteBackend:
         # Without a request (a UI event), only cancelling this task cancels the call.
         watch = client_gone(request) if request is not None else asyncio.Event().wait()
         gone: asyncio.Future[Any] = asyncio.ensure_future(watch)
+        cut: asyncio.Future[Any] = asyncio.ensure_future(self._cut.wait())
+        cut_held: asyncio.Future[Any] = asyncio.ensure_future(self._cut_held.wait())
+        waiting = {answer, gone, cut, cut_held}
+        until = time.monotonic() + left + REPLICA_GRACE_S
         # Ended without an answer, the call was given up by its client (here, or at Serve's proxy, which then cancels
-        # this request), unless its deadline passed.
-        given_up = True
+        # this request), unless its deadline passed or the drain cut it off.
+        given_up, withdrawn = True, False
         try:
-            done, _ = await asyncio.wait({answer, gone}, timeout=left + REPLICA_GRACE_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if answer in done:
-                return answer.result()
-            if gone not in done:
-                given_up = False  # the caller answers 504, and counts it
-                raise TimeoutError
-            raise client_left("the client went away", counted=True)
+            while True:
+                done, _ = await asyncio.wait(waiting, timeout=max(until - time.monotonic(), 0.0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if answer in done:
+                    return answer.result()
+                if gone in done:
+                    raise client_left("the client went away", counted=True)
+                if cut not in done and cut_held not in done:
+                    given_up = False  # the caller answers 504, and counts it
+                    raise TimeoutError
+                waiting.discard(cut)
+                if cut_held in done or not assigned(response):
+                    given_up, withdrawn = False, True
+                    response.cancel()
+                    assert self._cut_error is not None
+                    # Withdrawn unassigned, it is counted by whoever answers it; a replica that held it counts it
+                    # `cancelled`.
+                    raise HttpError(self._cut_error.status, self._cut_error.type, self._cut_error.message,
+                                    counted=not withdrawn_unassigned(response))
         finally:
             gone.cancel()
+            cut.cancel()
+            cut_held.cancel()
             if not answer.done():
-                response.cancel()
+                if not withdrawn:
+                    response.cancel()
                 # An abandoned answer's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
                 answer.add_done_callback(lambda done: done.cancelled() or done.exception())
                 # A replica that held the call counted it `cancelled`; one still waiting for a replica was counted by

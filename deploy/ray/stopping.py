@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from web.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from deploy.ray.remote import RemoteBackend
 
 logger = logging.getLogger("reranker.ray")
 
@@ -43,11 +46,23 @@ def announce_drain(apps: list[str]) -> None:
         _kv()._internal_kv_put(f"drain/{app}", b"1", namespace=NAMESPACE)
 
 
+def announce_cut(apps: list[str]) -> None:
+    """From `python -m deploy.ray` on a second signal: the ingress and UI replicas answer everything they still hold
+    503 `shutting_down` at once, as one process's second signal cuts off what it is serving."""
+    for app in apps:
+        _kv()._internal_kv_put(f"cut/{app}", b"1", namespace=NAMESPACE)
+
+
+def cut_announced(app: str) -> bool:
+    return _kv()._internal_kv_exists(f"cut/{app}", namespace=NAMESPACE)
+
+
 def withdraw_drain(apps: list[str]) -> None:
     """After the applications are gone, so that the next deployment of the same names does not drain at once."""
     kv = _kv()
     for app in apps:
         kv._internal_kv_del(f"drain/{app}", namespace=NAMESPACE)
+        kv._internal_kv_del(f"cut/{app}", namespace=NAMESPACE)
         kv._internal_kv_del(f"inflight/{app}/", del_by_prefix=True, namespace=NAMESPACE)
 
 
@@ -112,9 +127,10 @@ async def until_stopping(period_s: float = 1.0, *, stopping: bool = True) -> Non
             logger.debug("replica state unknown", extra={"error": type(err).__name__})
 
 
-async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_s: float = 0.25) -> None:
+async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_s: float = 0.25) -> bool:
     """As one process on SIGTERM: new work gets 503 (lifecycle's DrainGate), and what is in flight finishes within
-    `drain_seconds`; the count is reported for `python -m deploy.ray` to wait on, until it is nothing."""
+    `drain_seconds`; the count is reported for `python -m deploy.ray` to wait on, until it is nothing. False if the
+    deadline passed, or a second signal came (announce_cut), with requests still in flight."""
     context = serve.get_replica_context()
     app, replica = context.app_name, context.replica_id.unique_id
     lifecycle.begin_drain(reason)
@@ -122,16 +138,51 @@ async def drain(lifecycle: Lifecycle, reason: str, drain_seconds: float, period_
                                                          "drain_seconds": drain_seconds})
     deadline = time.monotonic() + drain_seconds
     while True:
-        # Work accepted but not yet counted (events in the UI's Gradio queue) keeps the drain going.
-        count = 0 if lifecycle.idle else max(lifecycle.inflight, 1)
-        try:
-            await asyncio.to_thread(report_inflight, app, replica, count)
-        except Exception as err:  # the GCS unreachable: the launcher's own deadline remains
-            logger.debug("in-flight count not reported", extra={"error": type(err).__name__})
-        if not count or time.monotonic() >= deadline:
+        count = await _report(lifecycle, app, replica)
+        if not count:
             break
+        if await _cut(app):  # a second signal: cut_off answers the rest
+            return False
+        if time.monotonic() >= deadline:
+            logger.warning("drain deadline reached with requests still in flight: those no model replica holds get "
+                           "503", extra={"inflight": lifecycle.inflight})
+            return False
         await asyncio.sleep(period_s)
-    if not lifecycle.idle:
-        logger.warning("drain deadline reached with requests still in flight", extra={"inflight": lifecycle.inflight})
-    else:
-        logger.info("drained: every accepted request was answered")
+    logger.info("drained: every accepted request was answered")
+    return True
+
+
+async def _report(lifecycle: Lifecycle, app: str, replica: str) -> int:
+    """Report what the replica holds (work accepted but not yet counted, such as events in the UI's Gradio queue,
+    counts as one) for the launcher to wait on; the count."""
+    count = 0 if lifecycle.idle else max(lifecycle.inflight, 1)
+    try:
+        await asyncio.to_thread(report_inflight, app, replica, count)
+    except Exception as err:  # the GCS unreachable: the launcher's own deadline remains
+        logger.debug("in-flight count not reported", extra={"error": type(err).__name__})
+    return count
+
+
+async def _cut(app: str) -> bool:
+    try:
+        return await asyncio.to_thread(cut_announced, app)
+    except Exception:  # the GCS unreachable: no second signal can be heard
+        return False
+
+
+async def cut_off(lifecycle: Lifecycle, backend: RemoteBackend, drained: bool, period_s: float = 0.25,
+                  report_s: float = 3.0) -> None:
+    """After the drain: at its deadline (`drained` False) the calls still waiting for a model replica are answered
+    503 `shutting_down`; on a second signal (announce_cut) every call the replica still holds is, and the count is
+    reported until it is nothing, for the launcher to stop Serve on (at most `report_s`)."""
+    context = serve.get_replica_context()
+    app, replica = context.app_name, context.replica_id.unique_id
+    if not drained:
+        backend.cut_off_waiting(lifecycle.cut_off_error())
+    while not await _cut(app):
+        await asyncio.sleep(period_s)
+    backend.cut_off_waiting(lifecycle.cut_off_error(), held_too=True)
+    logger.warning("second signal: what is still in flight is answered 503", extra={"inflight": lifecycle.inflight})
+    deadline = time.monotonic() + report_s
+    while await _report(lifecycle, app, replica) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import Replicas, ReplicaView
 from deploy.ray.remote import RemoteBackend
-from deploy.ray.stopping import drain, until_stopping
+from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.tracing import Tracing
@@ -67,6 +67,8 @@ def remote_predict(backend: RemoteBackend, tracing: Tracing, refused: Callable[[
                 try:
                     return ui_answer(await backend.rerank(None, ROUTE, call))
                 except HttpError as err:
+                    if not err.counted:  # answered here, not by a model replica: an ingress's refusals are counted
+                        refused(ROUTE, err)
                     raise RerankError(err) from None
 
     return rerank
@@ -109,9 +111,10 @@ class UI:
         RERANKER_DRAIN_SECONDS, then the heartbeat streams of open browser tabs end, which Serve's own drain
         waits for: without that, a tab kept the replica until graceful_shutdown_timeout_s killed it."""
         await until_stopping()
-        await drain(self.lifecycle, "this UI replica is stopping", self.settings.drain_seconds)
+        drained = await drain(self.lifecycle, "this UI replica is stopping", self.settings.drain_seconds)
         if self.gradio is not None:  # None if Serve stopped the replica before it built its app
             self.gradio.stop_event.set()  # Gradio's own signal to its heartbeat streams that the server stops
+        await cut_off(self.lifecycle, self.backend, drained)
 
     def __del__(self) -> None:
         # Serve calls this once the replica's graceful shutdown is over: the gauge refresher and the span exporter
