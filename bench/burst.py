@@ -18,10 +18,9 @@ Run: .venv/bin/python -m bench.burst [--rounds 3] [--callers 30] [--docs 40] [--
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +37,7 @@ import httpx  # noqa: E402
 
 from bench.report import host, percentile  # noqa: E402
 from bench.workload import build_benchmark_model, build_workload  # noqa: E402
-from tests.servers import free_port, stop_process, wait_ready  # noqa: E402
+from tests.servers import app_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600.0
@@ -61,22 +60,13 @@ class Round:
 
 
 @contextmanager
-def service(root: Path, model: Path, max_queue: int, log: Path) -> Iterator[Service]:
-    """app.py of the checkout at `root` on a free loopback port; stopped with SIGTERM."""
-    port = free_port()
-    env = {**os.environ, "RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_PORT": str(port),
-           "RERANKER_METRICS_PORT": str(free_port()), "RERANKER_MAX_QUEUE": str(max_queue),
+def service(root: Path, model: Path, max_queue: int) -> Iterator[Service]:
+    """app.py of the checkout at `root` (tests.servers.app_server), with one client for every caller."""
+    env = {"RERANKER_MODEL": str(model), "RERANKER_DEVICE": "cpu", "RERANKER_MAX_QUEUE": str(max_queue),
            "RERANKER_CACHE_SIZE": "0", "RERANKER_LOG_SAMPLE_RATE": "0", "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("w") as out:
-        process = subprocess.Popen([root / ".venv/bin/python" if (root / ".venv").exists() else sys.executable,
-                                    "app.py"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
+    with app_server(env, root=root) as (url, process):
         with httpx.Client(base_url=url, timeout=TIMEOUT, limits=httpx.Limits(max_connections=None)) as client:
             yield Service(client, process.pid)
-    finally:
-        stop_process(process, grace=20)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -87,8 +77,6 @@ def cpu_seconds(pid: int) -> float:
 
 def body(docs: int, chars: int, seed: int) -> bytes:
     """One request: real passages, each repeated to about `chars` characters."""
-    import json
-
     request = build_workload(1, docs, seed=seed)[0]
     documents = [" ".join([d] * max(1, chars // (len(d) + 1))) for d in request.documents]
     return json.dumps({"query": request.query, "documents": documents}).encode()
@@ -176,7 +164,7 @@ def main() -> None:
         for number in range(args.rounds):
             request = body(args.docs, args.chars, seed=number)
             for name, root in roots.items():
-                with service(root, model, args.docs + args.docs // 2, Path(tmp) / "server.log") as svc:
+                with service(root, model, args.docs + args.docs // 2) as svc:
                     send(svc.client, body(args.docs, args.chars, seed=1000 + number))  # warm-up
                     measured[name].append(burst(svc, request, args.callers))
         for name, rounds in measured.items():

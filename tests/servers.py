@@ -88,12 +88,17 @@ def app_process(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[st
 
 
 @contextmanager
-def app_server(env: dict[str, str], *, ready_s: float = START_S) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """app_process, with the process too (bench/cpu.py pauses the services it is not measuring)."""
+def app_server(env: dict[str, str], *, ready_s: float = START_S,
+               root: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """app_process, with the process too (bench/cpu.py pauses the services it is not measuring). `root`: another
+    checkout's app.py, run by its own .venv where it has one (bench/burst.py compares two)."""
     port = free_port()
     full = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "RERANKER_PORT": str(port),
             "RERANKER_METRICS_PORT": str(free_port()), **env}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=Path(__file__).resolve().parent.parent, env=full,
+    python = sys.executable
+    if root is not None and (root / ".venv/bin/python").exists():
+        python = str(root / ".venv/bin/python")
+    process = subprocess.Popen([python, "app.py"], cwd=root or Path(__file__).resolve().parent.parent, env=full,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -184,6 +184,8 @@ class WaitingHandle(FakeHandle):
                 return answer.__await__()
 
             def cancel(self) -> None:
+                if self._replica_result_future.cancelled() or answer is not None and answer.done():
+                    return  # as Serve's: a second cancel does nothing
                 handle.cancelled += 1
                 self._replica_result_future.cancel()
                 assert answer is not None

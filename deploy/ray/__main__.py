@@ -209,14 +209,29 @@ def drain_fronts(apps: list[str], drain_seconds: float) -> None:
     announce_drain(apps)
     log("INFO", "draining: new requests get 503; the ingress answers what it holds",
         applications=apps, replicas=len(fronts), drain_seconds=drain_seconds)
-    deadline = time.monotonic() + drain_seconds + 2.0  # the replicas look once a second
+    if not until_fronts_idle(apps, fronts, drain_seconds + 2.0, 0.25):  # the replicas look once a second
+        log("WARNING", "drain deadline reached with requests still in flight at the ingress",
+            inflight=inflight_reports(apps))
+
+
+def until_fronts_idle(apps: list[str], fronts: set[str], seconds: float, period_s: float = 0.1) -> bool:
+    """Wait until every one of `fronts` reports nothing in flight, for `seconds` at most; whether they did."""
+    from deploy.ray.stopping import inflight_reports
+
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         reports = inflight_reports(apps)
         if all(reports.get(front) == 0 for front in fronts):
-            return
-        time.sleep(0.25)
-    log("WARNING", "drain deadline reached with requests still in flight at the ingress",
-        inflight=inflight_reports(apps))
+            return True
+        time.sleep(period_s)
+    return False
+
+
+def running_applications(names: Sequence[str]) -> list[str]:
+    """Those of `names` that Serve runs (a shared cluster's others are not ours)."""
+    from ray import serve
+
+    return [name for name in serve.status().applications if name in names]
 
 
 def drain_applications(names: Sequence[str], drain_seconds: float) -> None:
@@ -227,7 +242,7 @@ def drain_applications(names: Sequence[str], drain_seconds: float) -> None:
 
     from deploy.ray.stopping import withdraw_drain
 
-    running = [name for name in serve.status().applications if name in names]
+    running = running_applications(names)
     drain_fronts(running, drain_seconds)
     log("INFO", "draining: deleting the applications; their replicas finish what they accepted", applications=running)
     for name in running:
@@ -266,18 +281,14 @@ def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S) -> Callable[
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            from ray import serve
+            from deploy.ray.stopping import announce_cut
 
-            from deploy.ray.stopping import announce_cut, inflight_reports
-
-            running = [name for name in serve.status().applications if name in names]
+            running = running_applications(names)
             fronts = front_replicas(running)
             announce_cut(running)
             log("WARNING", "second signal: what the ingress holds is answered 503, then Serve stops",
                 applications=running)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and not all(inflight_reports(running).get(f) == 0 for f in fronts):
-                time.sleep(0.1)
+            until_fronts_idle(running, fronts, wait_s)
         except Exception as err:  # the controller gone already: nothing left to answer
             log("WARNING", f"cut-off failed: {type(err).__name__}: {err}")
         raise KeyboardInterrupt

@@ -188,7 +188,7 @@ class RemoteBackend:
         until = time.monotonic() + left + REPLICA_GRACE_S
         # Ended without an answer, the call was given up by its client (here, or at Serve's proxy, which then cancels
         # this request), unless its deadline passed or the drain cut it off.
-        given_up, withdrawn = True, False
+        given_up = True
         try:
             while True:
                 done, _ = await asyncio.wait(waiting, timeout=max(until - time.monotonic(), 0.0),
@@ -202,7 +202,7 @@ class RemoteBackend:
                     raise TimeoutError
                 waiting.discard(cut)
                 if cut_held in done or not assigned(response):
-                    given_up, withdrawn = False, True
+                    given_up = False
                     response.cancel()
                     assert self._cut_error is not None
                     # Withdrawn unassigned, it is counted by whoever answers it; a replica that held it counts it
@@ -214,8 +214,7 @@ class RemoteBackend:
             cut.cancel()
             cut_held.cancel()
             if not answer.done():
-                if not withdrawn:
-                    response.cancel()
+                response.cancel()  # once: Serve's cancel does nothing the second time
                 # An abandoned answer's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
                 answer.add_done_callback(lambda done: done.cancelled() or done.exception())
                 # A replica that held the call counted it `cancelled`; one still waiting for a replica was counted by
