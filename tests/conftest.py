@@ -16,8 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Converted models (the OpenVINO backend) go to a folder of this run, never the user's ~/.cache; every
-# service a test starts inherits it. pytest_sessionfinish removes it.
-os.environ["RERANKER_CACHE_DIR"] = tempfile.mkdtemp(prefix="reranker-test-cache-")
+# service a test starts inherits it, and pytest_sessionfinish removes it. A script a test runs that imports this
+# module (tests/test_drain.py's FAULTY_APP) keeps the run's folder rather than making one nobody removes.
+TEST_CACHE_PREFIX = "reranker-test-cache-"
+if not os.path.basename(os.environ.get("RERANKER_CACHE_DIR", "")).startswith(TEST_CACHE_PREFIX):
+    os.environ["RERANKER_CACHE_DIR"] = tempfile.mkdtemp(prefix=TEST_CACHE_PREFIX)
 
 import random  # noqa: E402
 from collections.abc import Iterator  # noqa: E402

@@ -10,6 +10,7 @@ pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
 import asyncio  # noqa: E402
 import concurrent.futures  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -351,6 +352,22 @@ def test_serves_backpressure_is_one_process_overload(metrics: Metrics, requests_
     assert "max_queued_requests" in answer.json()["error"]["message"]
     assert handle.calls == 1  # the whole deployment is full: no other replica to try
     assert requests_total("/v1/rerank", "overloaded") == 1
+
+
+def test_serves_own_warning_for_a_refused_call_is_dropped_and_its_other_lines_kept() -> None:
+    """The request line logs the 429 once; Serve's router also logged a WARNING naming no request for each."""
+    backend(FakeHandle())  # an ingress or UI replica in this process
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addHandler(handler)
+    try:
+        serve_logger.warning(BackPressureError(num_queued_requests=2, max_queued_requests=2).message)
+        serve_logger.warning("Replica r1 is unhealthy")
+    finally:
+        serve_logger.removeHandler(handler)
+    assert seen == ["Replica r1 is unhealthy"]
 
 
 def test_with_ui_auth_and_no_api_key_predict_is_refused_as_in_one_process(metrics: Metrics,

@@ -67,6 +67,23 @@ def no_replica() -> HttpError:
     return HttpError(503, "not_ready", "no replica could serve the request; retry shortly")
 
 
+class RouterRefusalFilter(logging.Filter):
+    """Drops the WARNING that Serve's router (logger `ray.serve`, in this process) writes for each call its queue
+    refuses ("Request dropped due to backpressure"). Each such call is answered 429 `overloaded` here and logged
+    once, by its request line with its id, route and latency; Serve's extra line named no request and read as a lost
+    one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Request dropped due to backpressure")
+
+
+def quiet_router_refusals() -> None:
+    """Install RouterRefusalFilter on Serve's logger once per process."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, RouterRefusalFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(RouterRefusalFilter())
+
+
 def running_replicas(app: str, deployment: str) -> int:
     """RUNNING replicas of the deployment, as the Serve controller sees them (a blocking call)."""
     application = serve.status().applications.get(app)
@@ -100,6 +117,7 @@ class RemoteBackend:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
+        quiet_router_refusals()  # this process calls the handle: its router refuses, and this answers the 429
         self.handle = handle
         self.settings = settings
         self.tries = tries
