@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.test_faults import GatedScorer, wait_until
 from web.errors import HttpError
 from web.gradio_login import find_gradio_app
 from web.http import create_app
+from web.service import RerankCall, RerankService
 
 RUNNING = 16  # build_blocks' concurrency_limit: the next event waits in Gradio's queue
 
@@ -265,3 +267,30 @@ def test_a_gradio_call_naming_its_event_as_gradio_reads_any_fn_index_is_counted(
                 "data": ["q", documents, None, "", False, None], "fn_index": fn_index, "session_hash": "a-tab"})
             assert answer.status_code == 503
             assert all_requests(reranker.metrics) - before == counted, fn_index
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["this process counts it", "another process counted it"])
+def test_a_cancelled_call_is_counted_only_where_its_claim_says(bert_model: ScoringModel, ours: bool) -> None:
+    """On Ray Serve a call withdrawn by the ingress can still reach a model replica; which of the two counts its
+    client's leaving is settled by a claim (deploy/ray/claims.py), asked only for such a cancellation. The other
+    books nothing: no count, no history entry, no log line; the gauge of requests in flight is back to 0 either
+    way."""
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, log_sample_rate=1.0)
+    asked: list[str] = []
+
+    def counts_left() -> bool:
+        asked.append("asked")
+        return ours
+
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        service = RerankService(reranker)
+        service.rerank("/v1/rerank", RerankCall("q", ["a", "b"]), counts_left=counts_left)
+        assert asked == []  # a call that was answered is this process's
+        gone = threading.Event()
+        gone.set()  # the client left before its pairs were scored
+        with pytest.raises(HttpError) as failed:
+            service.rerank("/v1/rerank", RerankCall("q", ["c", "d"]), gone, counts_left=counts_left)
+    assert failed.value.status == 499 and asked == ["asked"]
+    assert counts(reranker.metrics, "/v1/rerank") == {**dict.fromkeys(STATUSES, 0), "ok": 1, "cancelled": int(ours)}
+    assert [line.status for line in service.history.latest()] == ["cancelled", "ok"][1 - ours:]  # latest first
+    assert reranker.metrics.registry.get_sample_value("reranker_inflight_requests") == 0

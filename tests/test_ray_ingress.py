@@ -78,6 +78,7 @@ class FakeHandle:
 
 
 def backend(handle: FakeHandle, environ: dict[str, str] | None = None, **kwargs: Any) -> RemoteBackend:
+    kwargs.setdefault("claim", lambda call_id: True)  # no Ray key-value store here: this process counts
     return RemoteBackend(cast(DeploymentHandle, handle), Settings.from_env(environ or {}), **kwargs)
 
 
@@ -170,6 +171,7 @@ class WaitingHandle(FakeHandle):
 
     def _rerank(self, *args: Any) -> Any:
         self.calls += 1
+        self.sent = args
         handle = self
         answer: asyncio.Future[Any] | None = None
 
@@ -217,18 +219,25 @@ def leaving_client(after_s: float) -> Request:
     return Request({"type": "http", "method": "POST", "path": "/v1/rerank", "headers": []}, receive)
 
 
-@pytest.mark.parametrize("taken", [False, True], ids=["waiting for a replica", "held by a replica"])
-def test_a_request_whose_client_leaves_is_counted_once(taken: bool) -> None:
+@pytest.mark.parametrize(("taken", "claimed"), [(False, True), (False, False), (True, True)],
+                         ids=["waiting for a replica", "handed to a replica anyway", "held by a replica"])
+def test_a_request_whose_client_leaves_is_counted_once(taken: bool, claimed: bool) -> None:
     """A replica counts a call cancelled while it held it; one still waiting for a replica never reached one, and
-    went uncounted and unlogged (Ray's proxy saw a 499, reranker_requests_total nothing): the ingress counts it."""
+    went uncounted and unlogged (Ray's proxy saw a 499, reranker_requests_total nothing): the ingress counts it,
+    unless Ray handed the withdrawn call to a replica anyway and the replica claimed it first (claims.py)."""
     booked: list[tuple[str, str]] = []
+    claims: list[str] = []
 
     def book(route: str, error: HttpError) -> None:
         booked.append((route, error.outcome))
 
-    async def leave(how: str) -> None:
+    def claim(call_id: str) -> bool:
+        claims.append(call_id)
+        return claimed
+
+    async def leave(how: str) -> WaitingHandle:
         handle = WaitingHandle(taken)
-        remote_backend = backend(handle, book=book)
+        remote_backend = backend(handle, book=book, claim=claim)
         if how == "disconnect":  # the ingress saw the client go
             with pytest.raises(HttpError) as failed:
                 await remote_backend.rerank(leaving_client(0.05), "/v1/rerank", CALL)
@@ -240,11 +249,15 @@ def test_a_request_whose_client_leaves_is_counted_once(taken: bool) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await call
         assert handle.cancelled == 1
+        return handle
 
     for how in ("disconnect", "cancelled"):
         booked.clear()
-        asyncio.run(leave(how))
-        assert booked == ([] if taken else [("/v1/rerank", "cancelled")]), how
+        claims.clear()
+        handle = asyncio.run(leave(how))  # which waits for the claim, made off the event loop
+        assert booked == ([] if taken or not claimed else [("/v1/rerank", "cancelled")]), how
+        # The claim is on the id the replica was sent with the call.
+        assert claims == ([] if taken else [handle.sent[-1]]), how
 
 
 def test_at_the_drain_deadline_calls_no_replica_took_get_503_and_those_a_replica_holds_go_on(

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
+import collections  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -438,6 +439,48 @@ def test_a_client_disconnect_cancels_the_replica_call(cluster: LocalRay, bert_di
     (line,) = lines()
     assert line["message"] in ("rerank", "slow rerank") and (line["status"], line["route"]) == (
         "cancelled", "/v1/rerank"), line
+
+
+def test_a_cancelled_call_is_counted_by_whoever_claims_it_first(cluster: LocalRay, bert_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60 can hand a call to a model replica after the ingress's cancel() withdrew it, and the ingress
+    counted the withdrawal: the replica then saw it cancelled and counted it too. Both now claim the call's id in
+    Ray's key-value store, and only the first counts it. Here the ingress's claim is made first, by hand, and the
+    call sent straight to the replica and cancelled there: the replica books nothing. A call nobody claimed is
+    booked by the replica, once. The keys do not stay: the loser deletes one, a later claim deletes those past
+    FORGET_S, and the launcher's withdraw_drain every key of the application. Redeploys (the next test
+    redeploys again)."""
+    from deploy.ray import claims
+    from deploy.ray.stopping import NAMESPACE, kv_store, withdraw_drain
+    from web.service import RerankCall
+
+    def exists(call_id: str) -> bool:
+        return bool(kv_store()._internal_kv_exists(claims.call_key(APP, call_id), namespace=NAMESPACE))
+
+    redeploy_one_replica(gated(app_config(bert_dir, replicas=1, RERANKER_LOG_SAMPLE_RATE="1"), tmp_path),
+                         "a model replica behind a gate")
+    handle = serve.get_deployment_handle(MODEL, APP)
+    assert claims.claim_left(APP, "ingress-first") and exists("ingress-first")
+    with device_held(tmp_path) as holding:
+        responses = [handle.rerank.remote("/v1/rerank", RerankCall("q", ["a", "b"]), request_id, {}, None, None,
+                                          call_id)
+                     for request_id, call_id in (("withdrawn", "ingress-first"), ("held", "nobody-else"))]
+        wait_for(holding.exists, HANG_S, "the calls on the replica's device")
+        for response in responses:
+            response.cancel()
+        wait_for(lambda: request_lines(cluster, "held"), HANG_S, "the held call's line")
+    time.sleep(1.0)  # the withdrawn call's line, were there one, would be written by now
+    assert request_lines(cluster, "withdrawn") == []
+    (line,) = request_lines(cluster, "held")
+    assert line["status"] == "cancelled", line
+    assert not exists("ingress-first")  # deleted by the replica, which lost it
+    assert exists("nobody-else")  # won alone: kept FORGET_S, for a late second claim
+    monkeypatch.setattr(claims, "FORGET_S", 0.0)
+    monkeypatch.setattr(claims, "_claimed", collections.deque())  # "ingress-first" would be due in a minute
+    assert claims.claim_left(APP, "later") and not exists("later")  # past FORGET_S: deleted with the next claim
+    assert exists("nobody-else")  # the replica's own key, deleted by its own later claims or by the launcher
+    withdraw_drain([APP])
+    assert not exists("nobody-else")
 
 
 def post_then_leave(url: str, path: str, body: Any, headers: dict[str, str], until: Callable[[], bool]) -> None:

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -54,21 +54,22 @@ class RerankService:
         self._rng = rng or random.Random()
 
     def rerank(self, route: str, call: RerankCall, cancel: threading.Event | None = None,
-               deadline: float | None = None) -> RerankResult:
+               deadline: float | None = None, counts_left: Callable[[], bool] | None = None) -> RerankResult:
         """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
 
-        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`,
-        or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a
-        stop that does not wait cut it off, 503 `shutting_down`.
+        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`
+        (unless `counts_left()` says another process counts it: deploy/ray/claims.py), or, once the monotonic
+        `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a stop that does not wait
+        cut it off, 503 `shutting_down`.
         """
         # The drain waits for it (once, if the drain gate counts its request).
         with self.lifecycle.serving() as served:
             if not served.claim():  # a stop cut it off before it got here, and answered and recorded that
                 raise self.lifecycle.cut_off_error(counted=True)
-            return self._rerank(route, call, cancel, deadline)
+            return self._rerank(route, call, cancel, deadline, counts_left)
 
     def _rerank(self, route: str, call: RerankCall, cancel: threading.Event | None,
-                deadline: float | None) -> RerankResult:
+                deadline: float | None, counts_left: Callable[[], bool] | None) -> RerankResult:
         reranker = self.reranker
         metrics = reranker.metrics
         request_id = current_request_id() or new_request_id()
@@ -100,19 +101,27 @@ class RerankService:
             raise error from err
         finally:
             elapsed = time.perf_counter() - started
-            status = "ok" if error is None else error.outcome
-            # The request's span (HTTP server span, or the UI handler's): logs, history and exemplars name it.
-            span = trace.get_current_span().get_span_context()
-            ids = trace_fields(span)
             metrics.inflight_requests.dec()
-            metrics.requests.labels(route=route, status=status).inc()
-            # An exemplar only for a trace the collector keeps; OpenMetrics scrapes show it.
-            exemplar = {"trace_id": ids["trace_id"]} if ids and span.trace_flags.sampled else None
-            metrics.request_seconds.labels(route=route).observe(elapsed, exemplar=exemplar)
-            n_docs = len(call.documents) if isinstance(call.documents, Sequence) and not isinstance(
-                call.documents, str) else 0
-            self.history.add(route, n_docs, elapsed * 1000, status, request_id, ids.get("trace_id", ""))
-            self._log(route, request_id, call, status, elapsed, n_docs, result, error, ids)
+            left = error is not None and error.status == CLIENT_CLOSED
+            if not (left and counts_left is not None and not counts_left()):
+                self._book(route, call, request_id, elapsed, result, error)
+
+    def _book(self, route: str, call: RerankCall, request_id: str, elapsed: float, result: RerankResult | None,
+              error: HttpError | None) -> None:
+        """Metrics, history and log line of one rerank that reached the engine."""
+        metrics = self.reranker.metrics
+        status = "ok" if error is None else error.outcome
+        # The request's span (HTTP server span, or the UI handler's): logs, history and exemplars name it.
+        span = trace.get_current_span().get_span_context()
+        ids = trace_fields(span)
+        metrics.requests.labels(route=route, status=status).inc()
+        # An exemplar only for a trace the collector keeps; OpenMetrics scrapes show it.
+        exemplar = {"trace_id": ids["trace_id"]} if ids and span.trace_flags.sampled else None
+        metrics.request_seconds.labels(route=route).observe(elapsed, exemplar=exemplar)
+        n_docs = len(call.documents) if isinstance(call.documents, Sequence) and not isinstance(
+            call.documents, str) else 0
+        self.history.add(route, n_docs, elapsed * 1000, status, request_id, ids.get("trace_id", ""))
+        self._log(route, request_id, call, status, elapsed, n_docs, result, error, ids)
 
     def refused(self, route: str, error: HttpError) -> None:
         """Book a request answered before it reached the engine (bad JSON, wrong shape, too big, no key)."""

@@ -23,6 +23,7 @@ from ray import serve
 _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
+    from deploy.ray.claims import claim_left
     from deploy.ray.gpu import replica_gpus
     from deploy.ray.metrics import replica_metrics
     from deploy.ray.panel import ReplicaView, replica_view
@@ -59,6 +60,14 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def application() -> str | None:
+    """This replica's Serve application, or None outside one."""
+    try:
+        return str(serve.get_replica_context().app_name)
+    except Exception:
+        return None
+
+
 class RerankModel:
     """One engine per replica. Settings come from RERANKER_* of the replica's environment (as ./start.sh
     reads them), with `environ` on top: the application's args, for tests and per-app overrides."""
@@ -67,6 +76,7 @@ class RerankModel:
         settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
         self.replica = replica_id()
+        self.app = application()
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
         self.gpus = replica_gpus()  # reranker_gpu_* of this replica's GPUs, if it has any
         self.tracing = Tracing.from_settings(settings, self.metrics)
@@ -77,13 +87,15 @@ class RerankModel:
                                             "batch_tokens": self.reranker.batch_tokens})
 
     async def rerank(self, route: str, call: RerankCall, request_id: str, carrier: dict[str, str],
-                     deadline_at: float | None = None, deadline_s: float | None = None) -> Reply:
+                     deadline_at: float | None = None, deadline_s: float | None = None,
+                     call_id: str | None = None) -> Reply:
         """One rerank, booked here (metrics, log line). A cancelled call (the client left the ingress) drops
-        its unstarted pairs, as in one process; `carrier` continues the caller's trace. At `deadline_at` (epoch
-        seconds: the ingress's deadline, which counts the call's wait in Serve's queue) it drops them too and
-        answers 504 itself, so that a request that ran out of time is counted once, here, not also as the
-        cancellation of the ingress's withdrawal; never later than `deadline_s` (what was left when the ingress
-        sent it) from now, whatever this node's clock says."""
+        its unstarted pairs, as in one process, and is counted here unless the caller, which withdrew it before Ray
+        handed it here anyway, claimed `call_id` first (deploy/ray/claims.py); `carrier` continues the caller's
+        trace. At `deadline_at` (epoch seconds: the ingress's deadline, which counts the call's wait in Serve's
+        queue) it drops them too and answers 504 itself, so that a request that ran out of time is counted once,
+        here, not also as the cancellation of the ingress's withdrawal; never later than `deadline_s` (what was
+        left when the ingress sent it) from now, whatever this node's clock says."""
         token = context.attach(propagate.extract(carrier))
         left = None if deadline_at is None else max(deadline_at - time.time(), 0.0)
         if left is not None and deadline_s is not None:
@@ -93,7 +105,9 @@ class RerankModel:
             with bound_request_id(request_id):
                 service = self.service
                 deadline = None if left is None else partial(asyncio.sleep, left)
-                result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel, expires), deadline)
+                counts_left = None if call_id is None or self.app is None else partial(claim_left, self.app, call_id)
+                result = await run_cancellable(lambda cancel: service.rerank(route, call, cancel, expires, counts_left),
+                                               deadline)
             return Reply(self.replica, result=result, model=self.reranker.model.model_id)
         except HttpError as err:
             return Reply(self.replica, error=(err.status, err.type, err.message), model=self.reranker.model.model_id)

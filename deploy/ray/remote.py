@@ -7,15 +7,18 @@ stops at the deadline and answers 504 `timeout` itself (and counts it); a call n
 REPLICA_GRACE_S more gets 504 here, and is cancelled. A full queue at the handle (max_queued_requests) is one
 process's overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind
 scoring work. A request whose client leaves is counted `cancelled` once: by the replica that held it, or here when
-it was still waiting for one.
+it was still waiting for one (deploy/ray/claims.py settles a call that Ray handed to a replica after it was withdrawn).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 from opentelemetry import propagate
@@ -25,6 +28,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
+from deploy.ray.claims import claim_left
 from deploy.ray.model import Reply
 from reranker import RerankResult, Settings
 from web.cancel import client_gone
@@ -113,7 +117,8 @@ class RemoteBackend:
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
                  deadline_s: float = 60.0, running: Callable[[], int] | None = None,
-                 lifecycle: Lifecycle | None = None, book: OnRefuse | None = None) -> None:
+                 lifecycle: Lifecycle | None = None, book: OnRefuse | None = None,
+                 claim: Callable[[str], bool] | None = None) -> None:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
@@ -124,6 +129,10 @@ class RemoteBackend:
         self.deadline_s = deadline_s
         self.lifecycle = lifecycle  # the ingress's drain: /readyz says so
         self.book = book
+        # Whether this process counts a withdrawn call whose id it is given: a replica may have been handed it anyway
+        # (deploy/ray/claims.py). A blocking call, run off the event loop.
+        self.claim = claim or partial(claim_left, handle.app_name)
+        self._settling: set[asyncio.Future[None]] = set()
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
@@ -195,7 +204,8 @@ class RemoteBackend:
         (TimeoutError), or as soon as the client disconnects (the replica drops its unstarted pairs)."""
         # Epoch seconds, for the wait in Serve's queue, and the seconds left, for a node whose clock runs behind.
         left = max(timeout, 0.0)
-        response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + left, left)
+        call_id = uuid.uuid4().hex  # this try's, for deploy/ray/claims.py (a request id may repeat)
+        response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + left, left, call_id)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
         # Without a request (a UI event), only cancelling this task cancels the call.
         watch = client_gone(request) if request is not None else asyncio.Event().wait()
@@ -236,9 +246,29 @@ class RemoteBackend:
                 # An abandoned answer's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
                 answer.add_done_callback(lambda done: done.cancelled() or done.exception())
                 # A replica that held the call counted it `cancelled`; one still waiting for a replica was counted by
-                # nobody (Ray's proxy saw a 499, reranker_requests_total nothing): it is counted here.
+                # nobody (Ray's proxy saw a 499, reranker_requests_total nothing): it is counted here, unless a replica
+                # was handed it after all and counted it first.
                 if given_up and self.book is not None and withdrawn_unassigned(response):
-                    self.book(route, client_left("the client went away while the request waited for a model replica"))
+                    self._count_left(route, call_id, self.book)
+
+    def _count_left(self, route: str, call_id: str, book: OnRefuse) -> None:
+        """Count a withdrawn call `cancelled` if this process wins its claim: off the event loop (the claim asks the
+        GCS), in this request's context (its id and span), and whether or not this task is being cancelled."""
+        claim = self.claim
+        error = client_left("the client went away while the request waited for a model replica")
+
+        def settle() -> None:
+            if claim(call_id):
+                book(route, error)
+
+        settling = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, settle)
+        self._settling.add(settling)
+        settling.add_done_callback(self._settled)
+
+    def _settled(self, settling: asyncio.Future[None]) -> None:
+        self._settling.discard(settling)
+        if not settling.cancelled() and settling.exception() is not None:
+            logger.error("counting a cancelled request failed", exc_info=settling.exception())
 
     async def readiness(self) -> HttpError | None:
         """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and

@@ -34,7 +34,7 @@ STOPPING = ("STOPPING", "STOPPED")
 NAMESPACE = "reranker"  # in Ray's key-value store
 
 
-def _kv() -> Any:
+def kv_store() -> Any:
     from ray.experimental import internal_kv  # Ray's own key-value store in the GCS (what Serve keeps its state in)
 
     return internal_kv
@@ -43,40 +43,42 @@ def _kv() -> Any:
 def announce_drain(apps: list[str]) -> None:
     """From `python -m deploy.ray`, connected to the cluster: the applications' ingress and UI replicas drain."""
     for app in apps:
-        _kv()._internal_kv_put(f"drain/{app}", b"1", namespace=NAMESPACE)
+        kv_store()._internal_kv_put(f"drain/{app}", b"1", namespace=NAMESPACE)
 
 
 def announce_cut(apps: list[str]) -> None:
     """From `python -m deploy.ray` on a second signal: the ingress and UI replicas answer everything they still hold
     503 `shutting_down` at once, as one process's second signal cuts off what it is serving."""
     for app in apps:
-        _kv()._internal_kv_put(f"cut/{app}", b"1", namespace=NAMESPACE)
+        kv_store()._internal_kv_put(f"cut/{app}", b"1", namespace=NAMESPACE)
 
 
 def cut_announced(app: str) -> bool:
-    return _kv()._internal_kv_exists(f"cut/{app}", namespace=NAMESPACE)
+    return kv_store()._internal_kv_exists(f"cut/{app}", namespace=NAMESPACE)
 
 
 def withdraw_drain(apps: list[str]) -> None:
-    """After the applications are gone, so that the next deployment of the same names does not drain at once."""
-    kv = _kv()
+    """After the applications are gone, so that the next deployment of the same names does not drain at once; and
+    the keys of the cancelled calls that one side claimed (deploy/ray/claims.py)."""
+    kv = kv_store()
     for app in apps:
         kv._internal_kv_del(f"drain/{app}", namespace=NAMESPACE)
         kv._internal_kv_del(f"cut/{app}", namespace=NAMESPACE)
         kv._internal_kv_del(f"inflight/{app}/", del_by_prefix=True, namespace=NAMESPACE)
+        kv._internal_kv_del(f"left/{app}/", del_by_prefix=True, namespace=NAMESPACE)  # deploy/ray/claims.py's
 
 
 def drain_announced(app: str) -> bool:
-    return _kv()._internal_kv_exists(f"drain/{app}", namespace=NAMESPACE)
+    return kv_store()._internal_kv_exists(f"drain/{app}", namespace=NAMESPACE)
 
 
 def report_inflight(app: str, replica: str, count: int) -> None:
-    _kv()._internal_kv_put(f"inflight/{app}/{replica}", str(count).encode(), namespace=NAMESPACE)
+    kv_store()._internal_kv_put(f"inflight/{app}/{replica}", str(count).encode(), namespace=NAMESPACE)
 
 
 def inflight_reports(apps: list[str]) -> dict[str, int]:
     """What each draining replica of `apps` last reported in flight, by `app/replica`."""
-    kv, reports = _kv(), {}
+    kv, reports = kv_store(), {}
     for app in apps:
         for key in kv._internal_kv_list(f"inflight/{app}/", namespace=NAMESPACE):
             value = kv._internal_kv_get(key, namespace=NAMESPACE)
