@@ -24,6 +24,7 @@ from reranker import Reranker  # noqa: E402
 from reranker.model import ScoringModel  # noqa: E402
 from tests.conftest import model_settings  # noqa: E402
 from tests.ray_cluster import LocalRay, deploy, device_held, local_ray, worker_log_lines  # noqa: E402
+from tests.ray_load import HEADERS  # noqa: E402
 from tests.servers import HANG_S  # noqa: E402
 from tests.test_ray_serve import app_config, gated, wait_for  # noqa: E402
 from tests.tiny_models import random_text  # noqa: E402
@@ -60,15 +61,18 @@ def login(cluster: LocalRay) -> Iterator[httpx.Client]:
 def test_the_ui_reranks_through_the_model_replicas(cluster: LocalRay, bert_dir: Path,
                                                    bert_model: ScoringModel) -> None:
     from gradio_client import Client
-    from ray import serve
+    from prometheus_client import CollectorRegistry
 
-    from deploy.ray.panel import Replicas
+    from deploy.ray.panel import KIND_UI, Replicas, ReplicaView
+    from reranker.metrics import Metrics
+    from web.snapshots import metrics_snapshot
 
     with login(cluster) as browser:
         page = browser.get("/", follow_redirects=True)
     assert page.status_code == 200 and "gradio" in page.text.lower()
     assert "Monitoring" in page.text and bert_dir.name in page.text  # the tabs, and the model in the header
-    assert "1 model replica(s) on Ray Serve" in page.text  # the Monitoring tab's card, from the replica
+    # The Monitoring tab's card, from the views the replicas publish.
+    assert "1 model replica(s) and 1 ingress replica(s) on Ray Serve" in page.text
 
     client = Client(f"{cluster.url}/ui/", auth=(USER, PASSWORD), verbose=False)
     rows, status = client.predict("what is a cache", "\n".join(DOCS), api_name="/predict")
@@ -79,10 +83,17 @@ def test_the_ui_reranks_through_the_model_replicas(cluster: LocalRay, bert_dir: 
     assert "3 documents" in status
     client.close()
 
-    # What the Monitoring tab reads, each tick, from a Gradio worker thread: the replica booked the event.
-    replicas = Replicas(serve.get_deployment_handle("RerankModel", "reranker"))
+    # What the Monitoring tab reads each tick: the views the replicas publish. The model replica booked the event;
+    # the ingress, a bad request it answered itself (which the tab once missed).
+    bad = httpx.post(f"{cluster.url}/v1/rerank", content=b"{bad",
+                     headers={**HEADERS, "content-type": "application/json"})
+    assert bad.status_code == 400
+    own = ReplicaView("ui", metrics_snapshot(Metrics(CollectorRegistry())), [], kind=KIND_UI)
+    replicas = Replicas("reranker", lambda: own)
+    wait_for(lambda: replicas.snapshot().requests["invalid"] >= 1, 10, "the ingress's view with its 400")
     assert replicas.snapshot().requests["ok"] >= 1
-    assert "ui" in [r.route for r in replicas.latest()]
+    assert {"ui", "/v1/rerank"} <= {r.route for r in replicas.latest()}
+    assert sorted(view.kind for view in replicas.refresh()) == ["ingress", "model", "ui"]
 
 
 def test_every_gradio_api_route_needs_the_login(cluster: LocalRay) -> None:

@@ -129,7 +129,7 @@ def _plot(title: str, series: list[str]) -> gr.LinePlot:
 def build_monitoring_tab(monitor: Panel) -> None:
     """The tab's components and its timer; call inside `gr.Blocks`."""
     with gr.Tab("Monitoring"):
-        gr.Markdown(monitor.model_card())
+        card = gr.Markdown(monitor.model_card(), elem_id="monitor-card")  # on Ray Serve the replicas come and go
         summary = gr.Markdown(elem_id="monitor-summary")
         with gr.Row():
             rate = _plot("requests/s by status", list(STATUSES))
@@ -148,9 +148,9 @@ def build_monitoring_tab(monitor: Panel) -> None:
     def refresh() -> tuple[object, ...]:
         monitor.tick()
         f = monitor.frames()
-        return (monitor.summary(), f["rate"], f["latency"], f["docs"], f["queue"], f["cache"], f["memory"],
-                monitor.last_requests())
+        return (monitor.model_card(), monitor.summary(), f["rate"], f["latency"], f["docs"], f["queue"], f["cache"],
+                f["memory"], monitor.last_requests())
 
     # Private and outside the queue: the panel never waits behind reranks, and is no API.
-    timer.tick(refresh, outputs=[summary, rate, latency, docs, queue, cache, memory, recent],
+    timer.tick(refresh, outputs=[card, summary, rate, latency, docs, queue, cache, memory, recent],
                api_visibility="private", queue=False, show_progress="hidden")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from reranker import Reranker
 from reranker.gpu import Nvml
-from reranker.metrics import STATUSES
+from reranker.metrics import STATUSES, Metrics
 
 GPU_MEMORY = "GPU memory"
 PROCESS_MEMORY = "process memory (no GPU)"
@@ -52,7 +52,18 @@ def _process_memory(reranker: Reranker) -> float:
 
 
 def take_snapshot(reranker: Reranker, nvml: Nvml) -> Snapshot:
-    m = reranker.metrics
+    gpus = nvml.read()
+    if gpus:
+        memory = (float(sum(g.memory_used_bytes for g in gpus)), float(sum(g.memory_total_bytes for g in gpus)),
+                  GPU_MEMORY)
+    else:
+        memory = (_process_memory(reranker), 0.0, PROCESS_MEMORY)
+    return metrics_snapshot(reranker.metrics, memory)
+
+
+def metrics_snapshot(m: Metrics, memory: tuple[float, float, str] = (0.0, 0.0, PROCESS_MEMORY)) -> Snapshot:
+    """The counters of registry `m` now: an engine's, or, on Ray Serve, an ingress's or UI's (what they answered
+    themselves; no documents, batches, cache or queue of their own)."""
     requests = dict.fromkeys(STATUSES, 0.0)
     for labels, value in _samples(m.requests, "_total"):
         requests[labels["status"]] = requests.get(labels["status"], 0.0) + value
@@ -65,12 +76,6 @@ def take_snapshot(reranker: Reranker, nvml: Nvml) -> Snapshot:
         return sum(value for _, value in _samples(metric, suffix))
 
     cache = {labels["result"]: value for labels, value in _samples(m.cache_requests, "_total")}
-    gpus = nvml.read()
-    if gpus:
-        memory = (float(sum(g.memory_used_bytes for g in gpus)), float(sum(g.memory_total_bytes for g in gpus)),
-                  GPU_MEMORY)
-    else:
-        memory = (_process_memory(reranker), 0.0, PROCESS_MEMORY)
     return Snapshot(
         time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
         docs=(total(m.documents_per_request, "_sum"), total(m.documents_per_request, "_count")),

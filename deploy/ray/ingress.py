@@ -18,6 +18,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.metrics import replica_metrics
+from deploy.ray.model import node_id, replica_id
+from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
@@ -31,6 +33,7 @@ from web.lifecycle import DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Message, OnRefuse, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
 from web.service import book_refusal
+from web.snapshots import metrics_snapshot
 from web.tracing import instrument
 
 REPLICA_HEADER = b"x-reranker-replica"
@@ -119,6 +122,13 @@ class Ingress:
         self.backend = RemoteBackend(model, self.settings, tries=tries, deadline_s=deadline_s,
                                      lifecycle=self.lifecycle, book=self.refused)
         self._drain_watch = asyncio.get_running_loop().create_task(self._drain_when_told())
+        self.replica, self.node = replica_id(), node_id()
+        # What it answers itself (bad requests, 401, 429, 504), for the UI's Monitoring tab (deploy/ray/panel.py).
+        self.panel = Publisher(model.app_name, self.view)
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(self.replica, metrics_snapshot(self.metrics), self.history.latest(), kind=KIND_INGRESS,
+                           node=self.node)
 
     async def _drain_when_told(self) -> None:
         """Once its application's drain is announced, drain as one process does on SIGTERM: the requests it holds,
@@ -139,6 +149,9 @@ class Ingress:
         return ingress_app(self.backend, self.metrics, self.history, self.tracing, self.lifecycle)
 
     def __del__(self) -> None:
+        panel = getattr(self, "panel", None)
+        if panel is not None:
+            panel.close()
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()

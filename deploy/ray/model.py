@@ -26,7 +26,7 @@ try:
     from deploy.ray.claims import claim_left
     from deploy.ray.gpu import replica_gpus
     from deploy.ray.metrics import replica_metrics
-    from deploy.ray.panel import ReplicaView, replica_view
+    from deploy.ray.panel import Publisher, ReplicaView, replica_view
     from reranker import Reranker, RerankResult, Settings
     from reranker.logs import setup_logging
     from reranker.tracing import Tracing
@@ -68,6 +68,14 @@ def application() -> str | None:
         return None
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
 class RerankModel:
     """One engine per replica. Settings come from RERANKER_* of the replica's environment (as ./start.sh
     reads them), with `environ` on top: the application's args, for tests and per-app overrides."""
@@ -82,6 +90,9 @@ class RerankModel:
         self.tracing = Tracing.from_settings(settings, self.metrics)
         self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
         self.service = RerankService(self.reranker)
+        self.node = node_id()
+        # The UI's Monitoring tab reads this replica's view from Ray's key-value store (deploy/ray/panel.py).
+        self.panel = None if self.app is None else Publisher(self.app, self.snapshot)
         logger.info("replica ready", extra={"replica": self.replica, "model": self.reranker.model.model_id,
                                             "device": self.reranker.model.device,
                                             "batch_tokens": self.reranker.batch_tokens})
@@ -119,7 +130,7 @@ class RerankModel:
 
     def snapshot(self) -> ReplicaView:
         """The UI's Monitoring tab's view of this replica (deploy/ray/panel.py)."""
-        return replica_view(self.replica, self.service)
+        return replica_view(self.replica, self.service, self.node)
 
     def check_health(self) -> None:
         """Serve's health check: a dead worker or a poisoned device makes the replica unhealthy, and Serve
@@ -140,6 +151,9 @@ class RerankModel:
 
     def __del__(self) -> None:
         # Serve calls this once the replica's graceful shutdown has let accepted requests finish.
+        panel = getattr(self, "panel", None)
+        if panel is not None:
+            panel.close()
         reranker = getattr(self, "reranker", None)
         if reranker is not None:
             reranker.close()

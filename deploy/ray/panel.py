@@ -1,37 +1,50 @@
-"""The Monitoring tab in Serve mode: the model replicas' snapshots and request histories, summed into one view.
+"""The Monitoring tab in Serve mode: every replica's counters and request history, summed into one view.
 
-A DeploymentHandle reaches one replica per call, whichever Serve picks, so the UI keeps each replica's latest
-snapshot (asking a few times a tick) and forgets a replica not heard from for a while (stopped or replaced).
-The counters are each replica's own since it started: their sum is the deployment's, as a Prometheus `sum()`
-over the replicas would be.
+Each model and ingress replica publishes its view to Ray's key-value store every PUBLISH_S (`Publisher`), under
+`panel/<model application>/<kind>/<replica>`; the UI replica reads them all each tick and adds its own. Before, the UI
+asked the model deployment through its handle a few times a tick: Serve picked the replica, so one could go unheard
+for seconds (the tab showed 58 ok for about 10 s after a load that had ended at 60), the calls queued behind scoring
+(a tick took 2.6 s under load), and what the ingress answers itself (bad JSON, 401, 429, 504) never reached the tab,
+while Prometheus had it. A view not published again within FORGET_S is dropped (a replica killed); a replica that
+stops deletes its own. The counters are each replica's own since it started: their sum is the application's, as a
+Prometheus `sum()` over the replicas would be.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
-from ray.serve.handle import DeploymentHandle
-
+from deploy.ray.stopping import NAMESPACE, kv_store
 from reranker.gpu import Nvml
 from reranker.metrics import STATUSES
 from web.history import RequestSummary
 from web.service import RerankService
-from web.snapshots import Snapshot, model_card, take_snapshot
+from web.snapshots import GPU_MEMORY, Snapshot, model_card, take_snapshot
 
 logger = logging.getLogger("reranker.ray")
+
+PUBLISH_S = 1.0  # the tab ticks every 2 s
+FORGET_S = 10.0  # a view this old is a replica gone (wall-clock seconds: views come from every node)
+KIND_MODEL, KIND_INGRESS, KIND_UI = "model", "ingress", "ui"
 
 
 @dataclass(frozen=True)
 class ReplicaView:
-    """What one model replica tells the Monitoring tab."""
+    """What one replica tells the Monitoring tab: a model replica its engine's counters, an ingress or the UI what
+    they answered themselves."""
 
     replica: str
     snapshot: Snapshot
     latest: list[RequestSummary]
-    card: str
+    card: str = ""
+    kind: str = KIND_MODEL
+    node: str = ""  # Ray's node id: NVML reads every GPU of its host, so GPU memory is taken once per node
 
 
 @cache
@@ -39,15 +52,67 @@ def _nvml() -> Nvml:
     return Nvml()
 
 
-def replica_view(replica: str, service: RerankService) -> ReplicaView:
-    """This replica's view, answered by RerankModel.snapshot."""
+def replica_view(replica: str, service: RerankService, node: str = "") -> ReplicaView:
+    """A model replica's view."""
     reranker = service.reranker
-    return ReplicaView(replica, take_snapshot(reranker, _nvml()), service.history.latest(), model_card(reranker))
+    return ReplicaView(replica, take_snapshot(reranker, _nvml()), service.history.latest(), model_card(reranker),
+                       KIND_MODEL, node)
 
 
-def merge(snapshots: list[Snapshot]) -> Snapshot:
-    """One snapshot whose counters are the sums of `snapshots`' (at least one)."""
-    first = snapshots[0]
+def view_key(app: str, view: ReplicaView) -> str:
+    return f"panel/{app}/{view.kind}/{view.replica}"
+
+
+class Publisher:
+    """Publishes `produce()` for the UI of model application `app` now and every `every_s` on a daemon thread,
+    until close(), which deletes it."""
+
+    def __init__(self, app: str, produce: Callable[[], ReplicaView], every_s: float = PUBLISH_S) -> None:
+        self.app = app
+        self.produce = produce
+        self.every_s = every_s
+        self._key: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="panel-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self) -> None:
+        view = self.produce()
+        self._key = view_key(self.app, view)
+        kv_store()._internal_kv_put(self._key, pickle.dumps(view), namespace=NAMESPACE)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.publish()
+            except Exception as err:  # Ray shutting down under the thread, or the GCS away: the next round tries
+                logger.debug("monitoring: could not publish this replica's view", extra={"error": repr(err)})
+            if self._stop.wait(self.every_s):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._key is not None:
+            try:
+                kv_store()._internal_kv_del(self._key, namespace=NAMESPACE)
+            except Exception:  # Ray is going down too: FORGET_S drops the view
+                pass
+
+
+def published(app: str) -> list[ReplicaView]:
+    """Every view published for model application `app` (a blocking read of the GCS)."""
+    kv, views = kv_store(), []
+    for key in kv._internal_kv_list(f"panel/{app}/", namespace=NAMESPACE):
+        blob = kv._internal_kv_get(key, namespace=NAMESPACE)
+        if blob:  # deleted between the listing and the read: a replica that stopped
+            views.append(pickle.loads(blob))
+    return views
+
+
+def merge(views: list[ReplicaView]) -> Snapshot:
+    """One snapshot whose counters are the sums of the views' (at least one). Memory is the model replicas':
+    each one's process, or the GPUs of each node once."""
+    snapshots = [view.snapshot for view in views]
     statuses = dict.fromkeys([*STATUSES, *(k for s in snapshots for k in s.requests)])
     requests = {status: sum(s.requests.get(status, 0.0) for s in snapshots) for status in statuses}
     buckets: dict[float, float] = {}
@@ -58,51 +123,53 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
     def pair(values: list[tuple[float, float]]) -> tuple[float, float]:
         return sum(v[0] for v in values), sum(v[1] for v in values)
 
-    return replace(first, time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
+    models = [view for view in views if view.kind == KIND_MODEL]
+    memory = models[0].snapshot.memory if models else snapshots[0].memory
+    if memory[2] == GPU_MEMORY:
+        models = list({view.node: view for view in models}.values())
+    return replace(snapshots[0], time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
                    docs=pair([s.docs for s in snapshots]), batch=pair([s.batch for s in snapshots]),
                    cache=pair([s.cache for s in snapshots]), queue_pairs=sum(s.queue_pairs for s in snapshots),
-                   memory=(*pair([s.memory[:2] for s in snapshots]), first.memory[2]))
+                   memory=(*pair([view.snapshot.memory[:2] for view in models]), memory[2]))
 
 
 class Replicas:
-    """The model deployment's replicas as the Monitoring tab sees them. Called from Gradio's worker threads,
-    never its event loop (a handle's `result()` blocks)."""
+    """The application's replicas as the Monitoring tab sees them: the published views of model application `app`
+    and `own()`, the UI replica's. Called from Gradio's worker threads, never its event loop (reads block)."""
 
-    def __init__(self, handle: DeploymentHandle, *, calls: int = 4, forget_s: float = 30.0,
-                 timeout_s: float = 5.0) -> None:
-        self.handle = handle
-        self.calls = calls
+    def __init__(self, app: str, own: Callable[[], ReplicaView], *, forget_s: float = FORGET_S,
+                 read: Callable[[str], list[ReplicaView]] = published) -> None:
+        self.app = app
+        self.own = own
         self.forget_s = forget_s
-        self.timeout_s = timeout_s
-        self._views: dict[str, tuple[float, ReplicaView]] = {}
+        self.read = read
+        self._published: list[ReplicaView] = []
+        self._views: list[ReplicaView] = []
 
-    def add(self, view: ReplicaView) -> None:
-        self._views[view.replica] = (time.monotonic(), view)
-
-    def refresh(self) -> None:
-        """Ask the deployment `calls` times, keeping each answer, and forget replicas gone quiet."""
-        responses = [self.handle.snapshot.remote() for _ in range(self.calls)]
-        for response in responses:
-            try:
-                self.add(response.result(timeout_s=self.timeout_s))
-            except Exception as err:  # a replica stopping or not yet up: the others still answer
-                logger.warning("monitoring: a replica did not answer", extra={"error": type(err).__name__})
-        cutoff = time.monotonic() - self.forget_s
-        self._views = {k: v for k, v in self._views.items() if v[0] >= cutoff}
+    def refresh(self) -> list[ReplicaView]:
+        try:
+            views = self.read(self.app)
+        except Exception as err:  # the GCS away for a moment: the last views stand in until the next tick
+            logger.warning("monitoring: could not read the replicas' views", extra={"error": repr(err)})
+            views = self._published
+        cutoff = time.time() - self.forget_s
+        self._published = [view for view in views if view.snapshot.time >= cutoff]
+        self._views = [*self._published, self.own()]
+        return self._views
 
     def snapshot(self) -> Snapshot:
-        self.refresh()
-        views = [view for _, view in self._views.values()]
-        if not views:
-            return Snapshot(time.time(), dict.fromkeys(STATUSES, 0.0), [], (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), 0.0)
-        return merge([v.snapshot for v in views])
+        return merge(self.refresh())
 
     def card(self) -> str:
-        views = [view for _, view in self._views.values()]
-        if not views:
+        models = [view for view in self._views if view.kind == KIND_MODEL]
+        if not models:
             return "waiting for the model replicas…"
-        return f"{views[0].card}\n\n{len(views)} model replica(s) on Ray Serve: the plots sum them."
+        ingresses = sum(view.kind == KIND_INGRESS for view in self._views)
+        memory = "each node's GPUs once" if models[0].snapshot.memory[2] == GPU_MEMORY else "their processes"
+        return (f"{models[0].card}\n\n{len(models)} model replica(s) and {ingresses} ingress replica(s) on Ray "
+                f"Serve: the plots sum them, with what the ingress and this UI answered themselves (bad requests, "
+                f"429, 504); memory is the model replicas' ({memory}). Per replica: Prometheus.")
 
     def latest(self) -> list[RequestSummary]:
-        rows = [row for _, view in self._views.values() for row in view.latest]
+        rows = [row for view in self._views for row in view.latest]
         return sorted(rows, key=lambda r: r.time, reverse=True)[:20]

@@ -23,7 +23,7 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.metrics import replica_metrics
-from deploy.ray.panel import Replicas, ReplicaView
+from deploy.ray.panel import KIND_UI, Replicas, ReplicaView
 from deploy.ray.remote import RemoteBackend
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
@@ -45,6 +45,7 @@ from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import BodyLimit
 from web.monitoring import Panel
 from web.service import book_refusal
+from web.snapshots import metrics_snapshot
 from web.tracing import ui_span
 from web.ui import build_blocks, header, ui_answer, ui_call
 
@@ -90,14 +91,18 @@ class UI:
         self.lifecycle = Lifecycle()
         handle: DeploymentHandle = serve.get_deployment_handle(deployment, app)
         self.backend = RemoteBackend(handle, self.settings, tries=tries, deadline_s=deadline_s, book=self.refused)
-        self.replicas = Replicas(handle)
-        self.replicas.add(cast(ReplicaView, await handle.snapshot.remote()))
-        self.info = await self.backend.info()
+        self.info = await self.backend.info()  # a model replica runs, and has published its view
+        self.replicas = Replicas(handle.app_name, self.view)
+        await asyncio.to_thread(self.replicas.refresh)  # the Monitoring tab's card names the model from the start
         self.gradio: GradioApp | None = None  # mounted by __serve_build_asgi_app__
         self._stop_watch = asyncio.get_running_loop().create_task(self._drain_when_stopping())
 
     def refused(self, route: str, error: HttpError) -> None:
         book_refusal(self.metrics, self.history, route, error)
+
+    def view(self) -> ReplicaView:
+        """What this replica answered itself, for its own Monitoring tab."""
+        return ReplicaView("ui", metrics_snapshot(self.metrics), self.history.latest(), kind=KIND_UI)
 
     def refused_while_draining(self, route: str, error: HttpError) -> None:
         """As web/http.py: a call of the Rerank tab's event is counted on the `ui` route; the UI's other events are
