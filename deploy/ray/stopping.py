@@ -59,13 +59,14 @@ def cut_announced(app: str) -> bool:
 
 def withdraw_drain(apps: list[str]) -> None:
     """After the applications are gone, so that the next deployment of the same names does not drain at once; and
-    the keys of the cancelled calls that one side claimed (deploy/ray/claims.py)."""
+    what its replicas left: cancelled calls one side claimed (deploy/ray/claims.py), Monitoring views (panel.py)."""
     kv = kv_store()
     for app in apps:
         kv._internal_kv_del(f"drain/{app}", namespace=NAMESPACE)
         kv._internal_kv_del(f"cut/{app}", namespace=NAMESPACE)
         kv._internal_kv_del(f"inflight/{app}/", del_by_prefix=True, namespace=NAMESPACE)
         kv._internal_kv_del(f"left/{app}/", del_by_prefix=True, namespace=NAMESPACE)  # deploy/ray/claims.py's
+        kv._internal_kv_del(f"panel/{app}/", del_by_prefix=True, namespace=NAMESPACE)  # deploy/ray/panel.py's
 
 
 def drain_announced(app: str) -> bool:
