@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class Load:
     statuses: Counter[str] = field(default_factory=Counter)
     replicas: Counter[str] = field(default_factory=Counter)
     answers: list[tuple[str, str, list[str], dict[int, float]]] = field(default_factory=list)
+    slowest_s: float = 0.0  # the longest a request took
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -75,6 +77,7 @@ class Load:
         with httpx.Client(timeout=120, headers=HEADERS) as client:
             while not self._stop.is_set():
                 path, body, query, docs = mixed_request(rng)
+                started = time.monotonic()
                 try:
                     response = client.post(self.url + path, json=body)
                     status = str(response.status_code)
@@ -82,6 +85,7 @@ class Load:
                     status, response = type(err).__name__, None
                 with self._lock:
                     self.statuses[status] += 1
+                    self.slowest_s = max(self.slowest_s, time.monotonic() - started)
                     if response is not None and response.status_code == 200:
                         self.replicas[response.headers.get("x-reranker-replica", "")] += 1
                         self.answers.append((path, query, docs, scores_of(path, response.json())))

@@ -118,14 +118,15 @@ def test_a_local_ray_offers_the_cpus_serve_yaml_claims_at_most(monkeypatch: pyte
     from deploy.ray import __main__ as launcher
 
     config = yaml.safe_load(SERVE_YAML.read_text())
-    assert launcher.cpus_needed(config) == 1 * (4 + 1) + 0.5 + 0.5  # 4 model replicas and a surge one
+    # 4 model replicas and a surge one; the ingress and its surge one; the UI.
+    assert launcher.cpus_needed(config) == 1 * (4 + 1) + 0.5 * (1 + 1) + 0.5
     calls: list[dict[str, Any]] = []
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=lambda **kwargs: calls.append(kwargs)))
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
     launcher.start_local_ray({}, launcher.cpus_needed(config))
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 64)
     launcher.start_local_ray({}, launcher.cpus_needed(config))
-    assert [call["num_cpus"] for call in calls] == [6, 64]
+    assert [call["num_cpus"] for call in calls] == [7, 64]
 
 
 def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_serve_up(

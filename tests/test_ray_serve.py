@@ -545,18 +545,22 @@ def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir:
 
 
 def test_rolling_update_under_load_loses_nothing(cluster: LocalRay, bert_dir: Path) -> None:
-    before = set(replica_pids(APP, MODEL))
+    """A new `args.env` updates every replica of the application, the ingress's too (its new one starts before the
+    old one stops: max_surge_percent, so requests do not wait at the proxy while none runs)."""
+    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
     load = Load(cluster.url, clients=4, seed=3).start()
     try:
         wait_for(lambda: load.total >= 20, HANG_S, "load running")
         updated = copy.deepcopy(app_config(bert_dir, RERANKER_LOG_SAMPLE_RATE="0.5"))
         deploy(updated, APP)
-        wait_for(lambda: running_replicas(APP, MODEL) == 2 and not set(replica_pids(APP, MODEL)) & before, 120,
-                 "two new replicas")
+        wait_for(lambda: running_replicas(APP, MODEL) == 2 and running_replicas(APP, "Ingress") == 1
+                 and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
+                 "two new model replicas and a new ingress")
         served = load.total
         wait_for(lambda: load.total >= served + 20, HANG_S, "load served by the new replicas")
     finally:
         load.stop()
+    print(f"rolling update: {load.total} requests, the slowest {load.slowest_s:.1f} s")
     assert load.failures == {}, load.failures
 
 
