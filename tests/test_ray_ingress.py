@@ -267,9 +267,9 @@ def test_at_the_drain_deadline_calls_no_replica_took_get_503_and_those_a_replica
     walkthrough, RERANKER_DRAIN_SECONDS=3). Now the drain's deadline answers it as one process's cut-off does."""
     lifecycle = Lifecycle()
 
-    async def cut(taken: bool) -> tuple[WaitingHandle, Any]:
+    async def cut(taken: bool, claimed: bool = True) -> tuple[WaitingHandle, Any]:
         handle = WaitingHandle(taken)
-        remote_backend = backend(handle, lifecycle=lifecycle)
+        remote_backend = backend(handle, lifecycle=lifecycle, claim=lambda call_id: claimed)
         app = ingress_app(remote_backend, metrics, RequestHistory(),
                           Tracing.from_settings(remote_backend.settings, metrics), lifecycle)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress") as http:
@@ -290,6 +290,49 @@ def test_at_the_drain_deadline_calls_no_replica_took_get_503_and_those_a_replica
     assert handle.cancelled == 1  # withdrawn: no replica will take it later
     assert requests_total("/v1/rerank", "error") == 1  # counted once, by the ingress
     asyncio.run(cut(taken=True))
+    # Ray handed the withdrawn call to a replica anyway, which counted it first (deploy/ray/claims.py): the same
+    # answer, counted there only.
+    handle, answer = asyncio.run(cut(taken=False, claimed=False))
+    assert answer.status_code == 503 and answer.json()["error"]["type"] == "shutting_down"
+    assert requests_total("/v1/rerank", "error") == 1
+
+
+class FakeStore:
+    """Ray's internal key-value store, as claims.py uses it; `fail` names the calls that raise."""
+
+    def __init__(self, *fail: str) -> None:
+        self.keys: set[bytes] = set()
+        self.fail = fail
+
+    def _internal_kv_put(self, key: str, value: bytes, overwrite: bool = True, *, namespace: str) -> bool:
+        if "put" in self.fail:
+            raise ConnectionError("GCS away")
+        existed = key.encode() in self.keys
+        self.keys.add(key.encode())
+        return existed
+
+    def _internal_kv_del(self, key: str, *, namespace: str) -> None:
+        if "del" in self.fail:
+            raise ConnectionError("GCS away")
+        self.keys.discard(key.encode())
+
+
+def test_a_claim_has_one_winner_and_a_store_that_fails_never_makes_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy.ray import claims
+
+    store = FakeStore()
+    monkeypatch.setattr(claims, "kv_store", lambda: store)
+    assert claims.claim_left("reranker", "c1") and store.keys == {b"left/reranker/c1"}  # kept FORGET_S
+    assert not claims.claim_left("reranker", "c1") and store.keys == set()  # the loser deletes it
+    claims.forget_claims()
+    # A delete that fails after the put decided leaves the answer as it was.
+    store.fail = ("del",)
+    assert claims.claim_left("reranker", "c2")
+    assert not claims.claim_left("reranker", "c2")
+    claims.forget_claims()  # and the keys kept stay for withdraw_drain, without an error
+    # Without the store at all, both sides count it: twice beats never.
+    store.fail = ("put",)
+    assert claims.claim_left("reranker", "c3")
 
 
 def test_a_request_past_its_deadline_is_counted_once_as_a_timeout() -> None:
@@ -369,7 +412,7 @@ def test_serves_backpressure_is_one_process_overload(metrics: Metrics, requests_
 
 def test_serves_own_warning_for_a_refused_call_is_dropped_and_its_other_lines_kept() -> None:
     """The request line logs the 429 once; Serve's router also logged a WARNING naming no request for each."""
-    backend(FakeHandle())  # an ingress or UI replica in this process
+    remote.quiet_router_refusals()  # as the ingress and UI replicas do when they start
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]

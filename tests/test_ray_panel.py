@@ -8,7 +8,9 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
+from deploy.ray import panel  # noqa: E402
 from deploy.ray.panel import KIND_INGRESS, KIND_UI, Replicas, ReplicaView  # noqa: E402
 from reranker.metrics import STATUSES  # noqa: E402
 from web.history import RequestSummary  # noqa: E402
@@ -18,8 +20,8 @@ GIB = 2.0**30
 
 
 def snapshot(ok: float = 0.0, invalid: float = 0.0, queue: float = 0.0, memory: tuple[float, float, str] = (
-        0.0, 0.0, PROCESS_MEMORY), age_s: float = 0.0) -> Snapshot:
-    return Snapshot(time.time() - age_s, {**dict.fromkeys(STATUSES, 0.0), "ok": ok, "invalid": invalid},
+        0.0, 0.0, PROCESS_MEMORY), at: float = 0.0) -> Snapshot:
+    return Snapshot(at or time.time(), {**dict.fromkeys(STATUSES, 0.0), "ok": ok, "invalid": invalid},
                     [(0.1, ok + invalid), (float("inf"), ok + invalid)], (10.0 * ok, ok), (ok, 1.0), (0.0, ok),
                     queue, memory)
 
@@ -28,19 +30,23 @@ def row(route: str, status: str, at: float) -> RequestSummary:
     return RequestSummary(at, route, 2, 1.0, status, "id", "")
 
 
-def test_the_tab_sums_model_replicas_ingresses_and_its_own_refusals_and_forgets_a_silent_replica() -> None:
-    published = [
-        ReplicaView("m1", snapshot(ok=5, queue=3, memory=(1 * GIB, 0.0, PROCESS_MEMORY)), [row("/v1/rerank", "ok", 2)],
-                    "| card |", node="n1"),
-        ReplicaView("m2", snapshot(ok=7, memory=(2 * GIB, 0.0, PROCESS_MEMORY)), [row("/rerank", "ok", 3)],
-                    "| card |", node="n1"),
-        ReplicaView("i1", snapshot(invalid=4), [row("/v1/rerank", "invalid", 4)], kind=KIND_INGRESS, node="n1"),
-        ReplicaView("gone", snapshot(ok=100, age_s=60), [row("/v1/rerank", "ok", 9)], "| card |", node="n2"),
-    ]
-    own = ReplicaView("ui", snapshot(invalid=1), [row("ui", "invalid", 1)], kind=KIND_UI)
-    replicas = Replicas("reranker", lambda: own, read=lambda app: published if app == "reranker" else [])
+def ui(invalid: float = 0.0) -> ReplicaView:
+    return ReplicaView("ui", snapshot(invalid=invalid), [row("ui", "invalid", 1)] if invalid else [], kind=KIND_UI)
+
+
+def test_the_tab_sums_model_replicas_ingresses_and_its_own_refusals() -> None:
+    published = {
+        "panel/reranker/model/m1": ReplicaView("m1", snapshot(ok=5, queue=3, memory=(1 * GIB, 0.0, PROCESS_MEMORY)),
+                                               [row("/v1/rerank", "ok", 2)], "| card |", node="n1"),
+        "panel/reranker/model/m2": ReplicaView("m2", snapshot(ok=7, memory=(2 * GIB, 0.0, PROCESS_MEMORY)),
+                                               [row("/rerank", "ok", 3)], "| card |", node="n1"),
+        "panel/reranker/ingress/i1": ReplicaView("i1", snapshot(invalid=4), [row("/v1/rerank", "invalid", 4)],
+                                                 kind=KIND_INGRESS, node="n1"),
+    }
+    own = ui(invalid=1)
+    replicas = Replicas("reranker", lambda: own, read=lambda app: published if app == "reranker" else {})
     merged = replicas.snapshot()
-    # The replica killed a minute ago is gone; the ingress's and the UI's own answers are in.
+    # The ingress's and the UI's own answers are in; the ingress counts only those, so nothing twice.
     assert (merged.requests["ok"], merged.requests["invalid"]) == (12, 5)
     assert dict(merged.latency_buckets)[float("inf")] == 17
     assert merged.queue_pairs == 3 and merged.docs == (120.0, 12.0)
@@ -51,31 +57,55 @@ def test_the_tab_sums_model_replicas_ingresses_and_its_own_refusals_and_forgets_
     assert card.startswith("| card |") and "2 model replica(s) and 1 ingress replica(s)" in card
 
 
+def test_a_replica_gone_leaves_the_gauges_and_the_card_but_its_counters_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the UI's clock: a view unchanged for FORGET_S is a replica gone (its node's clock may be off by more than
+    that), its key is deleted after DELETE_S; the sums keep its counters, or the plotted rates would go negative
+    when a replica is replaced."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(panel, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time))
+    skewed = 1.0e6  # m2's node's clock is far off: only its changes count
+    published = {"m1": ReplicaView("m1", snapshot(ok=5, queue=1), [], "| card |"),
+                 "m2": ReplicaView("m2", snapshot(ok=7, queue=2, at=skewed), [row("/rerank", "ok", 3)], "| card |")}
+    deleted: list[str] = []
+    replicas = Replicas("reranker", ui, read=lambda app: dict(published), delete=deleted.append)
+    assert replicas.snapshot().queue_pairs == 3
+    for step in range(1, 8):  # m1 publishes every 10 s of the UI's clock; m2 has stopped
+        clock.now += 10.0
+        published["m1"] = ReplicaView("m1", snapshot(ok=5 + step, queue=1, at=1000.0 + step), [], "| card |")
+        merged = replicas.snapshot()
+        assert merged.requests["ok"] == 5 + step + 7  # m2's counters stay
+        if step >= 2:  # unchanged for more than FORGET_S
+            assert merged.queue_pairs == 1 and "1 model replica(s)" in replicas.card()
+            assert replicas.latest() == []
+    assert deleted == ["m2"]  # after DELETE_S (60 s) without a change
+    del published["m2"]  # as the store is now
+    clock.now += 10.0
+    assert replicas.snapshot().requests["ok"] == 5 + 7 + 7
+
+
 def test_gpu_memory_is_taken_once_per_node() -> None:
     """NVML reads every GPU of its host, so two replicas on one node report the same GPUs."""
     gpus = (10 * GIB, 80 * GIB, GPU_MEMORY)
-    published = [ReplicaView(name, snapshot(ok=1, memory=gpus), [], "| card |", node=node)
-                 for name, node in (("a", "n1"), ("b", "n1"), ("c", "n2"))]
-    replicas = Replicas("reranker", lambda: ReplicaView("ui", snapshot(), [], kind=KIND_UI),
-                        read=lambda app: published)
+    published = {name: ReplicaView(name, snapshot(ok=1, memory=gpus), [], "| card |", node=node)
+                 for name, node in (("a", "n1"), ("b", "n1"), ("c", "n2"))}
+    replicas = Replicas("reranker", ui, read=lambda app: published)
     assert replicas.snapshot().memory == (20 * GIB, 160 * GIB, GPU_MEMORY)
-    assert "3 model replica(s) and 0 ingress replica(s)" in replicas.card() and "each node's GPUs once" in (
-        replicas.card())
+    card = replicas.card()
+    assert "3 model replica(s) and 0 ingress replica(s)" in card and "each node's GPUs once" in card
 
 
 def test_before_any_model_replica_published_the_card_says_so_and_a_failed_read_keeps_the_last_views() -> None:
-    own = ReplicaView("ui", snapshot(invalid=2), [], kind=KIND_UI)
-    views: list[ReplicaView] = []
+    views: dict[str, ReplicaView] = {}
 
-    def read(app: str) -> list[ReplicaView]:
+    def read(app: str) -> dict[str, ReplicaView]:
         if not views:
             raise ConnectionError("GCS away")
         return views
 
-    replicas = Replicas("reranker", lambda: own, read=read)
+    replicas = Replicas("reranker", lambda: ui(invalid=2), read=read)
     assert replicas.snapshot().requests["invalid"] == 2  # nothing read: the UI's own answers, no crash
     assert replicas.card() == "waiting for the model replicas…"
-    views.append(ReplicaView("m1", snapshot(ok=1), [], "| card |"))
+    views["m1"] = ReplicaView("m1", snapshot(ok=1), [], "| card |")
     assert replicas.snapshot().requests["ok"] == 1
     views.clear()
     assert replicas.snapshot().requests["ok"] == 1  # the read failed: the last views stay

@@ -57,10 +57,10 @@ class RerankService:
                deadline: float | None = None, counts_left: Callable[[], bool] | None = None) -> RerankResult:
         """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
 
-        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`
-        (unless `counts_left()` says another process counts it: deploy/ray/claims.py), or, once the monotonic
-        `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a stop that does not wait
-        cut it off, 503 `shutting_down`.
+        Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`,
+        or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a
+        stop that does not wait cut it off, 503 `shutting_down`. A call its caller cancelled is counted at all only
+        if `counts_left()` says so (on Ray Serve the ingress may have counted it: deploy/ray/claims.py).
         """
         # The drain waits for it (once, if the drain gate counts its request).
         with self.lifecycle.serving() as served:
@@ -102,7 +102,9 @@ class RerankService:
         finally:
             elapsed = time.perf_counter() - started
             metrics.inflight_requests.dec()
-            left = error is not None and error.status == CLIENT_CLOSED
+            # Cancelled by its caller, whatever it ended as (scored, refused, dropped): not a deadline or a stop.
+            left = cancel is not None and cancel.is_set() and (error is None or error.type not in (
+                "timeout", "shutting_down"))
             if not (left and counts_left is not None and not counts_left()):
                 self._book(route, call, request_id, elapsed, result, error)
 

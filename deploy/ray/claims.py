@@ -2,12 +2,12 @@
 or the UI replica), when it withdrew the call before any replica took it, or the replica that held it.
 
 Ray 2.60 can still hand a withdrawn call to a replica: the router's assignment task may already have picked one when
-the caller's `cancel()` cancels the call's future, and it then sends the call and cancels it there. The caller saw
-the call withdrawn and the replica saw it cancelled, so both counted it (2 of 24 cancelled requests in a review's
-run). Each side now claims the call's key in Ray's key-value store, a put-if-absent in the GCS that only one can
-win, and only the winner counts it. The loser deletes the key; a key that only one side claimed is deleted once
-FORGET_S have passed, long after any assignment could still land, by the next claim in that process, and every key
-of an application when the launcher deletes it (stopping.withdraw_drain).
+the caller's `cancel()` cancels the call's future, and it then sends the call and cancels it there. The caller sees
+the call withdrawn and the replica sees it cancelled, and both would count it. So each side claims the call's key in
+Ray's key-value store, a put-if-absent in the GCS that only one can win, and only the winner counts it. The loser
+deletes the key. A key that one side won alone is deleted FORGET_S later, long after any assignment could still
+land, by that process's next claim or when its replica stops (forget_claims); the launcher deletes every key of an
+application it deletes (stopping.withdraw_drain).
 """
 
 from __future__ import annotations
@@ -37,16 +37,17 @@ def claim_left(app: str, call_id: str) -> bool:
     key = call_key(app, call_id)
     try:
         kv = kv_store()
-        taken = kv._internal_kv_put(key, b"1", overwrite=False, namespace=NAMESPACE)
-        if taken:  # the other side counted it; neither needs the key any more
-            kv._internal_kv_del(key, namespace=NAMESPACE)
-        else:
-            _forget_later(kv, key)
-        return not taken
+        taken = bool(kv._internal_kv_put(key, b"1", overwrite=False, namespace=NAMESPACE))
     except Exception as err:
         logger.warning("could not ask Ray's key-value store who counts a cancelled call; counting it here",
                        extra={"call_id": call_id, "error": f"{type(err).__name__}: {err}"})
         return True
+    # The answer is settled; what follows only tidies the store.
+    if taken:  # the other side counted it; neither needs the key any more
+        _delete(kv, key)
+    else:
+        _forget_later(kv, key)
+    return not taken
 
 
 def _forget_later(kv: Any, key: str) -> None:
@@ -57,5 +58,22 @@ def _forget_later(kv: Any, key: str) -> None:
         while _claimed and _claimed[0][0] <= now:
             due.append(_claimed.popleft()[1])
     for old in due:
-        kv._internal_kv_del(old, namespace=NAMESPACE)
+        _delete(kv, old)
 
+
+def forget_claims() -> None:
+    """Delete the keys this process won alone and still keeps (its replica stopping)."""
+    with _lock:
+        keys = [key for _, key in _claimed]
+        _claimed.clear()
+    if keys:
+        kv = kv_store()
+        for key in keys:
+            _delete(kv, key)
+
+
+def _delete(kv: Any, key: str) -> None:
+    try:
+        kv._internal_kv_del(key, namespace=NAMESPACE)
+    except Exception as err:  # left for withdraw_drain; the count was settled already
+        logger.debug("could not delete a claim key", extra={"key": key, "error": repr(err)})

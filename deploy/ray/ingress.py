@@ -17,10 +17,11 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deploy.ray.claims import forget_claims
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.model import node_id, replica_id
 from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView
-from deploy.ray.remote import REPLICA_STATE, RemoteBackend
+from deploy.ray.remote import REPLICA_STATE, RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
@@ -115,6 +116,7 @@ class Ingress:
                        tries: int = 3, deadline_s: float = 60.0) -> None:
         self.settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(self.settings.log_level)
+        quiet_router_refusals()  # its handle's router refuses a call, and the request line answers the 429
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
@@ -152,6 +154,7 @@ class Ingress:
         panel = getattr(self, "panel", None)
         if panel is not None:
             panel.close()
+        forget_claims()
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()

@@ -23,7 +23,7 @@ from ray import serve
 _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
-    from deploy.ray.claims import claim_left
+    from deploy.ray.claims import claim_left, forget_claims
     from deploy.ray.gpu import replica_gpus
     from deploy.ray.metrics import replica_metrics
     from deploy.ray.panel import Publisher, ReplicaView, replica_view
@@ -154,6 +154,7 @@ class RerankModel:
         panel = getattr(self, "panel", None)
         if panel is not None:
             panel.close()
+        forget_claims()
         reranker = getattr(self, "reranker", None)
         if reranker is not None:
             reranker.close()

@@ -1,13 +1,13 @@
 """The Monitoring tab in Serve mode: every replica's counters and request history, summed into one view.
 
 Each model and ingress replica publishes its view to Ray's key-value store every PUBLISH_S (`Publisher`), under
-`panel/<model application>/<kind>/<replica>`; the UI replica reads them all each tick and adds its own. Before, the UI
-asked the model deployment through its handle a few times a tick: Serve picked the replica, so one could go unheard
-for seconds (the tab showed 58 ok for about 10 s after a load that had ended at 60), the calls queued behind scoring
-(a tick took 2.6 s under load), and what the ingress answers itself (bad JSON, 401, 429, 504) never reached the tab,
-while Prometheus had it. A view not published again within FORGET_S is dropped (a replica killed); a replica that
-stops deletes its own. The counters are each replica's own since it started: their sum is the application's, as a
-Prometheus `sum()` over the replicas would be.
+`panel/<model application>/<kind>/<replica>`; the UI replica reads them all each tick and adds its own. So the tab
+has every replica, and what the ingress answers itself (bad JSON, 401, 429, 504), and a tick never waits behind
+scoring. A view whose snapshot has not changed for FORGET_S, by the UI's own clock (the nodes' clocks may differ),
+is a replica gone: its gauges leave the tab, its key is deleted after DELETE_S, and its counters stay in the sums,
+so that the plotted rates do not drop below zero when a replica is replaced. A replica that stops deletes its own
+key. The counters are each replica's own since it started: their sum is the application's, as a Prometheus `sum()`
+over the replicas would be.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from web.snapshots import GPU_MEMORY, Snapshot, model_card, take_snapshot
 logger = logging.getLogger("reranker.ray")
 
 PUBLISH_S = 1.0  # the tab ticks every 2 s
-FORGET_S = 10.0  # a view this old is a replica gone (wall-clock seconds: views come from every node)
+FORGET_S = 10.0  # a view unchanged this long is a replica gone
+DELETE_S = 60.0  # ...and its key is deleted this long after its last change
 KIND_MODEL, KIND_INGRESS, KIND_UI = "model", "ingress", "ui"
 
 
@@ -92,6 +93,7 @@ class Publisher:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(5.0)  # a publish under way would write the key again after the delete
         if self._key is not None:
             try:
                 kv_store()._internal_kv_del(self._key, namespace=NAMESPACE)
@@ -99,37 +101,44 @@ class Publisher:
                 pass
 
 
-def published(app: str) -> list[ReplicaView]:
-    """Every view published for model application `app` (a blocking read of the GCS)."""
-    kv, views = kv_store(), []
+def published(app: str) -> dict[str, ReplicaView]:
+    """Every view published for model application `app`, by key (blocking reads of the GCS). A key that cannot be
+    read or unpickled (one from another version of this code, during an update) is skipped."""
+    kv, views = kv_store(), {}
     for key in kv._internal_kv_list(f"panel/{app}/", namespace=NAMESPACE):
-        blob = kv._internal_kv_get(key, namespace=NAMESPACE)
-        if blob:  # deleted between the listing and the read: a replica that stopped
-            views.append(pickle.loads(blob))
+        try:
+            blob = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if blob:  # deleted between the listing and the read: a replica that stopped
+                views[key.decode() if isinstance(key, bytes) else str(key)] = pickle.loads(blob)
+        except Exception as err:
+            logger.debug("monitoring: skipped a view", extra={"key": str(key), "error": repr(err)})
     return views
 
 
-def merge(views: list[ReplicaView]) -> Snapshot:
-    """One snapshot whose counters are the sums of the views' (at least one). Memory is the model replicas':
-    each one's process, or the GPUs of each node once."""
-    snapshots = [view.snapshot for view in views]
-    statuses = dict.fromkeys([*STATUSES, *(k for s in snapshots for k in s.requests)])
-    requests = {status: sum(s.requests.get(status, 0.0) for s in snapshots) for status in statuses}
+def delete_view(key: str) -> None:
+    kv_store()._internal_kv_del(key, namespace=NAMESPACE)
+
+
+def merge(counted: list[Snapshot], live: list[ReplicaView]) -> Snapshot:
+    """One snapshot: the sums of the `counted` snapshots' counters (at least one), and the gauges of the `live`
+    views (queue; memory of the model replicas: each one's process, or the GPUs of each node once)."""
+    statuses = dict.fromkeys([*STATUSES, *(k for s in counted for k in s.requests)])
+    requests = {status: sum(s.requests.get(status, 0.0) for s in counted) for status in statuses}
     buckets: dict[float, float] = {}
-    for s in snapshots:
+    for s in counted:
         for bound, count in s.latency_buckets:
             buckets[bound] = buckets.get(bound, 0.0) + count
 
     def pair(values: list[tuple[float, float]]) -> tuple[float, float]:
         return sum(v[0] for v in values), sum(v[1] for v in values)
 
-    models = [view for view in views if view.kind == KIND_MODEL]
-    memory = models[0].snapshot.memory if models else snapshots[0].memory
+    models = [view for view in live if view.kind == KIND_MODEL]
+    memory = models[0].snapshot.memory if models else counted[0].memory
     if memory[2] == GPU_MEMORY:
         models = list({view.node: view for view in models}.values())
-    return replace(snapshots[0], time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
-                   docs=pair([s.docs for s in snapshots]), batch=pair([s.batch for s in snapshots]),
-                   cache=pair([s.cache for s in snapshots]), queue_pairs=sum(s.queue_pairs for s in snapshots),
+    return replace(counted[0], time=time.time(), requests=requests, latency_buckets=sorted(buckets.items()),
+                   docs=pair([s.docs for s in counted]), batch=pair([s.batch for s in counted]),
+                   cache=pair([s.cache for s in counted]), queue_pairs=sum(v.snapshot.queue_pairs for v in live),
                    memory=(*pair([view.snapshot.memory[:2] for view in models]), memory[2]))
 
 
@@ -138,38 +147,59 @@ class Replicas:
     and `own()`, the UI replica's. Called from Gradio's worker threads, never its event loop (reads block)."""
 
     def __init__(self, app: str, own: Callable[[], ReplicaView], *, forget_s: float = FORGET_S,
-                 read: Callable[[str], list[ReplicaView]] = published) -> None:
+                 delete_s: float = DELETE_S, read: Callable[[str], dict[str, ReplicaView]] = published,
+                 delete: Callable[[str], None] = delete_view) -> None:
         self.app = app
         self.own = own
         self.forget_s = forget_s
+        self.delete_s = delete_s
         self.read = read
-        self._published: list[ReplicaView] = []
-        self._views: list[ReplicaView] = []
+        self.delete = delete
+        self._last: dict[str, tuple[ReplicaView, float]] = {}  # key -> latest view, when it last changed
+        self._retired: list[Snapshot] = []  # the last counters of keys deleted for good
+        self._live: list[ReplicaView] = []
 
     def refresh(self) -> list[ReplicaView]:
+        """The live views, the UI's own last; every key's last counters stay counted (`counted`)."""
+        now = time.monotonic()
         try:
             views = self.read(self.app)
         except Exception as err:  # the GCS away for a moment: the last views stand in until the next tick
-            logger.warning("monitoring: could not read the replicas' views", extra={"error": repr(err)})
-            views = self._published
-        cutoff = time.time() - self.forget_s
-        self._published = [view for view in views if view.snapshot.time >= cutoff]
-        self._views = [*self._published, self.own()]
-        return self._views
+            logger.debug("monitoring: could not read the replicas' views", extra={"error": repr(err)})
+            views = {key: view for key, (view, _) in self._last.items()}
+        for key, view in views.items():
+            last = self._last.get(key)
+            if last is None or last[0].snapshot.time != view.snapshot.time:
+                self._last[key] = (view, now)
+        for key, (view, changed) in list(self._last.items()):
+            if now - changed > self.delete_s:
+                del self._last[key]
+                self._retired = [merge([*self._retired, view.snapshot], [])]
+                try:
+                    self.delete(key)
+                except Exception as err:
+                    logger.debug("monitoring: could not delete a view", extra={"key": key, "error": repr(err)})
+        self._live = [view for view, changed in self._last.values() if now - changed <= self.forget_s]
+        self._live.append(self.own())
+        return self._live
+
+    def counted(self) -> list[Snapshot]:
+        return [*self._retired, *(view.snapshot for view, _ in self._last.values()), self._live[-1].snapshot]
 
     def snapshot(self) -> Snapshot:
-        return merge(self.refresh())
+        live = self.refresh()
+        return merge(self.counted(), live)
 
     def card(self) -> str:
-        models = [view for view in self._views if view.kind == KIND_MODEL]
+        models = [view for view in self._live if view.kind == KIND_MODEL]
         if not models:
             return "waiting for the model replicas…"
-        ingresses = sum(view.kind == KIND_INGRESS for view in self._views)
+        ingresses = sum(view.kind == KIND_INGRESS for view in self._live)
         memory = "each node's GPUs once" if models[0].snapshot.memory[2] == GPU_MEMORY else "their processes"
         return (f"{models[0].card}\n\n{len(models)} model replica(s) and {ingresses} ingress replica(s) on Ray "
                 f"Serve: the plots sum them, with what the ingress and this UI answered themselves (bad requests, "
                 f"429, 504); memory is the model replicas' ({memory}). Per replica: Prometheus.")
 
     def latest(self) -> list[RequestSummary]:
-        rows = [row for view in self._views for row in view.latest]
+        rows = [row for view in self._live for row in view.latest]
         return sorted(rows, key=lambda r: r.time, reverse=True)[:20]

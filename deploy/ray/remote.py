@@ -122,7 +122,6 @@ class RemoteBackend:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
-        quiet_router_refusals()  # this process calls the handle: its router refuses, and this answers the 429
         self.handle = handle
         self.settings = settings
         self.tries = tries
@@ -233,10 +232,11 @@ class RemoteBackend:
                     given_up = False
                     response.cancel()
                     assert self._cut_error is not None
-                    # Withdrawn unassigned, it is counted by whoever answers it; a replica that held it counts it
-                    # `cancelled`.
+                    # Withdrawn unassigned, it is counted by whoever answers it, unless Ray handed it to a replica
+                    # anyway and the replica claimed it first; a replica that held it counts it `cancelled`.
+                    ours = withdrawn_unassigned(response) and await asyncio.to_thread(self.claim, call_id)
                     raise HttpError(self._cut_error.status, self._cut_error.type, self._cut_error.message,
-                                    counted=not withdrawn_unassigned(response))
+                                    counted=not ours)
         finally:
             gone.cancel()
             cut.cancel()
@@ -261,7 +261,11 @@ class RemoteBackend:
             if claim(call_id):
                 book(route, error)
 
-        settling = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, settle)
+        try:
+            settling = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, settle)
+        except RuntimeError:  # the loop's executor is shut down: the replica is stopping; count it here
+            book(route, error)
+            return
         self._settling.add(settling)
         settling.add_done_callback(self._settled)
 

@@ -22,9 +22,10 @@ from ray import serve
 from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
+from deploy.ray.claims import forget_claims
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import KIND_UI, Replicas, ReplicaView
-from deploy.ray.remote import RemoteBackend
+from deploy.ray.remote import RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
 from reranker.logs import setup_logging
@@ -85,6 +86,7 @@ class UI:
                        deployment: str = "RerankModel", tries: int = 3, deadline_s: float = 60.0) -> None:
         self.settings = Settings.from_env({**os.environ, **(environ or {})})
         setup_logging(self.settings.log_level)
+        quiet_router_refusals()  # its handle's router refuses a call, and the event's line answers it
         self.metrics = replica_metrics()  # exported through Ray: the UI's refusals (401, 413, 503) are seen
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
@@ -124,6 +126,7 @@ class UI:
     def __del__(self) -> None:
         # Serve calls this once the replica's graceful shutdown is over: the gauge refresher and the span exporter
         # stop with it.
+        forget_claims()
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()
