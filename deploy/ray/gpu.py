@@ -8,10 +8,10 @@ A replica without a GPU (or without NVML) exports none, as one process does.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from deploy.ray.periodic import Periodic
 from reranker.gpu import Nvml
 
 PERIOD_S = 5.0  # Ray pushes metrics to its node agent every few seconds anyway
@@ -30,8 +30,7 @@ class ReplicaGpus:
         self.total = gauge("reranker_gpu_memory_total_bytes", "GPU memory in all.", tag_keys=("gpu",))
         self.busy = gauge("reranker_gpu_utilization_ratio", "Share of time the GPU was busy (NVML), 0-1.",
                           tag_keys=("gpu",))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: Periodic | None = None
 
     def read_once(self) -> int:
         """Set the gauges from one NVML reading; how many GPUs were read."""
@@ -47,18 +46,12 @@ class ReplicaGpus:
 
     def start(self) -> ReplicaGpus:
         if self.gpu_ids and self.read_once():  # no GPU or no NVML: no thread, no gauges
-            self._thread = threading.Thread(target=self._run, name="replica-gpu-metrics", daemon=True)
-            self._thread.start()
+            self._thread = Periodic(self.read_once, self.period_s, "replica-gpu-metrics")
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.read_once()
-
     def close(self) -> None:
-        self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.period_s + 5)
+            self._thread.close()
 
 
 def replica_gpus() -> ReplicaGpus:

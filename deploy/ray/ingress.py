@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from deploy.ray.claims import forget_claims
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.model import node_id, replica_id
-from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView
+from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView, answers_view
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
@@ -34,7 +34,6 @@ from web.lifecycle import DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Message, OnRefuse, Receive, Scope, Send, route_path
 from web.request_id import RequestIdMiddleware
 from web.service import book_refusal
-from web.snapshots import metrics_snapshot
 from web.tracing import instrument
 
 REPLICA_HEADER = b"x-reranker-replica"
@@ -129,8 +128,7 @@ class Ingress:
         self.panel = Publisher(model.app_name, self.view)
 
     def view(self) -> ReplicaView:
-        return ReplicaView(self.replica, metrics_snapshot(self.metrics), self.history.latest(), kind=KIND_INGRESS,
-                           node=self.node)
+        return answers_view(self.replica, KIND_INGRESS, self.metrics, self.history, self.node)
 
     async def _drain_when_told(self) -> None:
         """Once its application's drain is announced, drain as one process does on SIGTERM: the requests it holds,

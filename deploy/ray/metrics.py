@@ -26,6 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import Metric
 
+from deploy.ray.periodic import Periodic
 from reranker.metrics import CounterLike, GaugeLike, HistogramLike, InfoLike, Metrics, MetricSpec
 
 logger = logging.getLogger("reranker.ray")
@@ -49,20 +50,10 @@ class ReplicaMetrics(Metrics):
         super().__init__(CollectorRegistry(), process_collector=True, mirror=mirror)
         self.mirror = mirror
         self.refresh_s = refresh_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="replica-gauges", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            try:
-                self.mirror.refresh()
-            except Exception as err:  # Ray shutting down under the thread: the next round tries again
-                logger.debug("gauges not refreshed", extra={"error": type(err).__name__})
+        self._refresher = Periodic(mirror.refresh, refresh_s, "replica-gauges")
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(self.refresh_s + 5)
+        self._refresher.close()
 
 
 class RayMirror:

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import pickle
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
+from deploy.ray.periodic import Periodic
 from deploy.ray.stopping import NAMESPACE, kv_store
 from reranker.gpu import Nvml
-from reranker.metrics import STATUSES
-from web.history import RequestSummary
+from reranker.metrics import STATUSES, Metrics
+from web.history import RequestHistory, RequestSummary
 from web.service import RerankService
-from web.snapshots import GPU_MEMORY, Snapshot, model_card, take_snapshot
+from web.snapshots import GPU_MEMORY, Snapshot, metrics_snapshot, model_card, take_snapshot
 
 logger = logging.getLogger("reranker.ray")
 
@@ -60,6 +60,11 @@ def replica_view(replica: str, service: RerankService, node: str = "") -> Replic
                        KIND_MODEL, node)
 
 
+def answers_view(replica: str, kind: str, metrics: Metrics, history: RequestHistory, node: str = "") -> ReplicaView:
+    """An ingress's or the UI's view: what it answered itself."""
+    return ReplicaView(replica, metrics_snapshot(metrics), history.latest(), kind=kind, node=node)
+
+
 def view_key(app: str, view: ReplicaView) -> str:
     return f"panel/{app}/{view.kind}/{view.replica}"
 
@@ -71,33 +76,20 @@ class Publisher:
     def __init__(self, app: str, produce: Callable[[], ReplicaView], every_s: float = PUBLISH_S) -> None:
         self.app = app
         self.produce = produce
-        self.every_s = every_s
         self._key: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="panel-publisher", daemon=True)
-        self._thread.start()
+        self._rounds = Periodic(self.publish, every_s, "panel-publisher", now=True)
 
     def publish(self) -> None:
         view = self.produce()
         self._key = view_key(self.app, view)
         kv_store()._internal_kv_put(self._key, pickle.dumps(view), namespace=NAMESPACE)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                self.publish()
-            except Exception as err:  # Ray shutting down under the thread, or the GCS away: the next round tries
-                logger.debug("monitoring: could not publish this replica's view", extra={"error": repr(err)})
-            if self._stop.wait(self.every_s):
-                return
-
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)  # a publish under way would write the key again after the delete
+        self._rounds.close()  # first: a publish under way would write the key again after the delete
         if self._key is not None:
             try:
                 kv_store()._internal_kv_del(self._key, namespace=NAMESPACE)
-            except Exception:  # Ray is going down too: FORGET_S drops the view
+            except Exception:  # Ray is going down too: the UI drops the view once it stops changing
                 pass
 
 
@@ -160,7 +152,7 @@ class Replicas:
         self._live: list[ReplicaView] = []
 
     def refresh(self) -> list[ReplicaView]:
-        """The live views, the UI's own last; every key's last counters stay counted (`counted`)."""
+        """The live views, the UI's own last."""
         now = time.monotonic()
         try:
             views = self.read(self.app)
@@ -183,12 +175,11 @@ class Replicas:
         self._live.append(self.own())
         return self._live
 
-    def counted(self) -> list[Snapshot]:
-        return [*self._retired, *(view.snapshot for view, _ in self._last.values()), self._live[-1].snapshot]
-
     def snapshot(self) -> Snapshot:
+        """Every key's last counters (gone replicas' included) and the UI's own; the live views' gauges."""
         live = self.refresh()
-        return merge(self.counted(), live)
+        counted = [*self._retired, *(view.snapshot for view, _ in self._last.values()), live[-1].snapshot]
+        return merge(counted, live)
 
     def card(self) -> str:
         models = [view for view in self._live if view.kind == KIND_MODEL]

@@ -110,6 +110,12 @@ def assigned(response: object) -> bool:
     return future is None or future.done()
 
 
+def _log_failure(settling: asyncio.Future[None]) -> None:
+    """A done callback: log what counting a cancelled call raised (nobody awaits it)."""
+    if not settling.cancelled() and settling.exception() is not None:
+        logger.error("counting a cancelled request failed", exc_info=settling.exception())
+
+
 class RemoteBackend:
     """Reranks on the model deployment's replicas; info asks one of them, readiness asks the controller
     (`running`: how many of them run; serve.status() unless a test gives its own). `book` counts and logs a request
@@ -131,7 +137,6 @@ class RemoteBackend:
         # Whether this process counts a withdrawn call whose id it is given: a replica may have been handed it anyway
         # (deploy/ray/claims.py). A blocking call, run off the event loop.
         self.claim = claim or partial(claim_left, handle.app_name)
-        self._settling: set[asyncio.Future[None]] = set()
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
@@ -266,13 +271,7 @@ class RemoteBackend:
         except RuntimeError:  # the loop's executor is shut down: the replica is stopping; count it here
             book(route, error)
             return
-        self._settling.add(settling)
-        settling.add_done_callback(self._settled)
-
-    def _settled(self, settling: asyncio.Future[None]) -> None:
-        self._settling.discard(settling)
-        if not settling.cancelled() and settling.exception() is not None:
-            logger.error("counting a cancelled request failed", exc_info=settling.exception())
+        settling.add_done_callback(_log_failure)
 
     async def readiness(self) -> HttpError | None:
         """Ready while the controller counts a RUNNING model replica: one that has loaded and warmed its model and

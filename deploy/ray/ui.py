@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.claims import forget_claims
 from deploy.ray.metrics import replica_metrics
-from deploy.ray.panel import KIND_UI, Replicas, ReplicaView
+from deploy.ray.panel import KIND_UI, Replicas, ReplicaView, answers_view
 from deploy.ray.remote import RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
 from reranker import Settings
@@ -46,7 +46,6 @@ from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import BodyLimit
 from web.monitoring import Panel
 from web.service import book_refusal
-from web.snapshots import metrics_snapshot
 from web.tracing import ui_span
 from web.ui import build_blocks, header, ui_answer, ui_call
 
@@ -104,7 +103,7 @@ class UI:
 
     def view(self) -> ReplicaView:
         """What this replica answered itself, for its own Monitoring tab."""
-        return ReplicaView("ui", metrics_snapshot(self.metrics), self.history.latest(), kind=KIND_UI)
+        return answers_view("ui", KIND_UI, self.metrics, self.history)
 
     def refused_while_draining(self, route: str, error: HttpError) -> None:
         """As web/http.py: a call of the Rerank tab's event is counted on the `ui` route; the UI's other events are
