@@ -366,12 +366,17 @@ def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluste
     assert predict.status_code == 401 and predict.json()["error"]["type"] == "unauthorized"
 
 
+def app_pids() -> set[int]:
+    """The process ids of the application's model and ingress replicas."""
+    return set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+
+
 def redeploy_one_replica(config: dict[str, Any], what: str) -> None:
     """Deploy `config` (one model replica) and wait until new replicas of both deployments run it."""
-    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    before = app_pids()
     deploy(config, APP)
     wait_for(lambda: running_replicas(APP, MODEL) == 1 and running_replicas(APP, "Ingress") == 1
-             and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120, what)
+             and not app_pids() & before, 120, what)
 
 
 def test_a_client_that_leaves_while_its_request_waits_for_a_replica_is_counted_once(cluster: LocalRay,
@@ -522,7 +527,7 @@ def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir:
         tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
         for deployment in config["applications"][0]["deployments"]:
             deployment["ray_actor_options"]["runtime_env"] = {"env_vars": tracing}
-        before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+        before = app_pids()
         deploy(config, APP)
         wait_for(lambda: running_replicas(APP, MODEL) == 2 and running_replicas(APP, "Ingress") == 1
                  and len(set(replica_pids(APP, MODEL)) - before) == 2
@@ -547,14 +552,14 @@ def test_a_callers_trace_continues_into_the_replica(cluster: LocalRay, bert_dir:
 def test_rolling_update_under_load_loses_nothing(cluster: LocalRay, bert_dir: Path) -> None:
     """A new `args.env` updates every replica of the application, the ingress's too (its new one starts before the
     old one stops: max_surge_percent, so requests do not wait at the proxy while none runs)."""
-    before = set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))
+    before = app_pids()
     load = Load(cluster.url, clients=4, seed=3).start()
     try:
         wait_for(lambda: load.total >= 20, HANG_S, "load running")
         updated = copy.deepcopy(app_config(bert_dir, RERANKER_LOG_SAMPLE_RATE="0.5"))
         deploy(updated, APP)
         wait_for(lambda: running_replicas(APP, MODEL) == 2 and running_replicas(APP, "Ingress") == 1
-                 and not (set(replica_pids(APP, MODEL)) | set(replica_pids(APP, "Ingress"))) & before, 120,
+                 and not app_pids() & before, 120,
                  "two new model replicas and a new ingress")
         served = load.total
         wait_for(lambda: load.total >= served + 20, HANG_S, "load served by the new replicas")
