@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -245,6 +246,84 @@ def test_a_request_in_the_engine_that_a_second_signal_cuts_off_gets_503_and_is_c
     assert response.status_code == 503 and response.headers["retry-after"], response.text
     assert "stopped before this request was answered" in response.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("path", list(CUT_OFF_CALLS))
+def test_a_request_whose_answer_is_ready_when_a_stop_cuts_it_off_gets_that_answer(
+        bert_model: ScoringModel, bert_dir: Path, path: str, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The stop cancelled the request's task just after its engine call had scored it: the call had counted it
+    `ok`, and its client got the cut-off's 503. The answer in hand is now sent, and counted once."""
+    import app as service
+    from web.lifecycle import Lifecycle
+    from web.service import RerankService
+
+    body, route = CUT_OFF_CALLS[path]
+    lifecycle = Lifecycle()
+    servers: list[service.DrainingServer] = []
+    booking, release, asked = threading.Event(), threading.Event(), threading.Event()
+    book, answer_ready = RerankService._book, lifecycle.answer_ready
+
+    def held_book(self: RerankService, *args: Any) -> None:  # the call has its answer, and waits here to book it
+        booking.set()
+        release.wait(HANG_S)
+        book(self, *args)
+
+    def asked_answer_ready() -> bool:
+        ready = answer_ready()
+        asked.set()
+        return ready
+
+    monkeypatch.setattr(RerankService, "_book", held_book)
+    monkeypatch.setattr(lifecycle, "answer_ready", asked_answer_ready)
+
+    def draining(config: uvicorn.Config) -> uvicorn.Server:
+        servers.append(service.DrainingServer(config, lifecycle, DRAIN_S))
+        return servers[-1]
+
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry())) as reranker:
+        sample = reranker.metrics.registry.get_sample_value
+        try:
+            with serve(create_app(reranker, ui=route == "ui", lifecycle=lifecycle), draining) as url, \
+                    ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(httpx.post, f"{url}{path}", json=body, timeout=HANG_S)
+                assert booking.wait(HANG_S)
+                [server] = servers
+                server.handle_exit(signal.SIGTERM, None)
+                server.handle_exit(signal.SIGTERM, None)  # stops at once: the request's task is cancelled
+                wait_until(lambda: asked.is_set() or answer.done())  # the stop cancelled the request's wait
+                release.set()
+                response = answer.result(HANG_S)
+        finally:
+            release.set()
+        counted = {status: sample("reranker_requests_total", {"route": route, "status": status}) or 0
+                   for status in ("ok", "invalid", "cancelled", "error")}
+    assert response.status_code == 200, response.text
+    assert "b" in response.text and counted == {"ok": 1, "invalid": 0, "cancelled": 0, "error": 0}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_request_scored_after_a_stop_cut_it_off_is_counted_as_the_cut_off_its_client_got(
+        bert_model: ScoringModel, bert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The other order: the stop settled the request as cut off (its client answered 503) while its engine call
+    ran, and the call then scored every pair. It was counted `ok`."""
+    from web.lifecycle import Lifecycle
+    from web.service import RerankCall, RerankService
+
+    lifecycle = Lifecycle()
+    settings = model_settings(bert_dir, cache_size=0)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker, \
+            caplog.at_level(logging.INFO, logger="reranker"):
+        service = RerankService(reranker, lifecycle=lifecycle)
+        with lifecycle.serving():
+            lifecycle.stop()
+            assert not lifecycle.answer_ready()  # no answer yet: settled as cut off
+            with pytest.raises(HttpError) as cut_off:
+                service.rerank("/v1/rerank", RerankCall("q", ["a", "b"]))
+        counted = {labels["status"]: value for labels, value in samples(reranker, "reranker_requests_total")}
+    assert cut_off.value.status == 503 and cut_off.value.type == "shutting_down" and cut_off.value.counted
+    assert counted == {"error": 1.0}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_a_request_a_stop_cut_off_before_its_engine_call_is_neither_scored_nor_counted_there(

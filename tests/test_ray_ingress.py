@@ -304,12 +304,19 @@ class FakeStore:
         self.keys: set[bytes] = set()
         self.fail = fail
 
-    def _internal_kv_put(self, key: str, value: bytes, overwrite: bool = True, *, namespace: str) -> bool:
+    def internal_kv_get_gcs_client(self) -> FakeStore:
+        return self
+
+    def internal_kv_put(self, key: bytes, value: bytes, overwrite: bool, namespace: bytes, *, timeout: float) -> int:
+        """1 if `key` was added (as Ray's GcsClient answers), or the timeout's error."""
+        assert timeout > 0 and not overwrite and namespace
         if "put" in self.fail:
             raise ConnectionError("GCS away")
-        existed = key.encode() in self.keys
-        self.keys.add(key.encode())
-        return existed
+        if "slow" in self.fail:
+            raise RuntimeError("RPC error: Deadline Exceeded")  # what Ray's client raises after `timeout` seconds
+        existed = key in self.keys
+        self.keys.add(key)
+        return 0 if existed else 1
 
     def _internal_kv_del(self, key: str, *, namespace: str) -> None:
         if "del" in self.fail:
@@ -333,6 +340,8 @@ def test_a_claim_has_one_winner_and_a_store_that_fails_never_makes_two(monkeypat
     # Without the store at all, both sides count it: twice beats never.
     store.fail = ("put",)
     assert claims.claim_left("reranker", "c3")
+    store.fail = ("slow",)  # nor with a GCS that does not answer within CLAIM_TIMEOUT_S
+    assert claims.claim_left("reranker", "c4")
 
 
 def test_a_request_past_its_deadline_is_counted_once_as_a_timeout() -> None:

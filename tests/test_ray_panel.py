@@ -83,6 +83,67 @@ def test_a_replica_gone_leaves_the_gauges_and_the_card_but_its_counters_stay(mon
     assert replicas.snapshot().requests["ok"] == 5 + 7 + 7
 
 
+def test_a_deleted_key_that_comes_back_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica whose publishing stalled past DELETE_S, then resumed: its key was deleted and its counters kept,
+    and its new view (every counter since its start) was counted besides."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(panel, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time))
+    published = {"m1": ReplicaView("m1", snapshot(ok=5, at=1.0), [], "| card |")}
+    deleted: list[str] = []
+
+    def delete(key: str) -> None:
+        deleted.append(key)
+        published.pop(key)
+
+    replicas = Replicas("reranker", ui, read=lambda app: dict(published), delete=delete)
+    assert replicas.snapshot().requests["ok"] == 5
+    clock.now += 70.0  # the publisher stalled
+    assert replicas.snapshot().requests["ok"] == 5 and deleted == ["m1"]
+    published["m1"] = ReplicaView("m1", snapshot(ok=8, at=2.0), [], "| card |")  # and resumed
+    clock.now += 1.0
+    merged = replicas.snapshot()
+    assert merged.requests["ok"] == 8 and "1 model replica(s)" in replicas.card()
+
+
+def test_while_the_views_cannot_be_read_they_do_not_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store away for longer than DELETE_S: the views stood unchanged by the UI's clock, so every replica was
+    taken for gone, deleted and then counted twice once the store was back."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(panel, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time))
+    published = {"m1": ReplicaView("m1", snapshot(ok=5, queue=1, at=1.0), [], "| card |")}
+    away = SimpleNamespace(on=False)
+    deleted: list[str] = []
+
+    def read(app: str) -> dict[str, ReplicaView]:
+        if away.on:
+            raise ConnectionError("GCS away")
+        return dict(published)
+
+    replicas = Replicas("reranker", ui, read=read, delete=deleted.append)
+    assert replicas.snapshot().queue_pairs == 1
+    away.on = True
+    for _ in range(12):
+        clock.now += 10.0
+        merged = replicas.snapshot()
+        assert merged.requests["ok"] == 5 and merged.queue_pairs == 1  # the last views stand in
+    away.on = False
+    published["m1"] = ReplicaView("m1", snapshot(ok=6, queue=1, at=2.0), [], "| card |")
+    clock.now += 1.0
+    assert replicas.snapshot().requests["ok"] == 6 and deleted == []
+
+
+def test_beyond_retired_keys_the_gone_replicas_counters_are_summed(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(panel, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time))
+    monkeypatch.setattr(panel, "RETIRED_KEYS", 2)
+    published = {f"m{i}": ReplicaView(f"m{i}", snapshot(ok=i, at=1.0), [], "| card |") for i in range(1, 5)}
+    replicas = Replicas("reranker", ui, read=lambda app: dict(published), delete=published.__delitem__)
+    assert replicas.snapshot().requests["ok"] == 10
+    clock.now += 70.0  # all four gone
+    assert replicas.snapshot().requests["ok"] == 10
+    assert len(replicas._retired) == 2 and len(replicas._folded) == 1
+
+
 def test_gpu_memory_is_taken_once_per_node() -> None:
     """NVML reads every GPU of its host, so two replicas on one node report the same GPUs."""
     gpus = (10 * GIB, 80 * GIB, GPU_MEMORY)

@@ -50,7 +50,8 @@ class LocalBackend:
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         service = self.service
         gone = None if request is None else lambda: client_gone(request)
-        return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), gone)
+        return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), gone,
+                                     service.lifecycle.answer_ready)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)

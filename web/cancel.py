@@ -24,11 +24,15 @@ async def client_gone(request: Request) -> None:
         pass  # a stray empty body chunk; keep waiting
 
 
-async def run_cancellable(work: Callable[[threading.Event], T],
-                          gone: Callable[[], Awaitable[None]] | None = None) -> T:
+async def run_cancellable(work: Callable[[threading.Event], T], gone: Callable[[], Awaitable[None]] | None = None,
+                          answer_ready: Callable[[], bool] | None = None) -> T:
     """`work(cancel)` on a worker thread. `cancel` is set when this coroutine is cancelled (Gradio cancelling
     an event, the server stopping) or, with `gone`, as soon as `gone()` returns (the client has left); the
     engine then drops the request's unstarted pairs and `work` ends with its cancellation error.
+
+    When this coroutine is cancelled after `work` already has its answer, which `answer_ready()` says (a stop
+    that cut the request off a moment too late), it waits for `work` to return and returns that answer: the call
+    was booked as answered, and its client gets the answer rather than an error.
     """
     cancel = threading.Event()
     task = asyncio.ensure_future(anyio.to_thread.run_sync(work, cancel))
@@ -40,8 +44,24 @@ async def run_cancellable(work: Callable[[threading.Event], T],
                                          return_when=asyncio.FIRST_COMPLETED)
         if task not in finished:
             cancel.set()
-        return await task  # after a disconnect: the cancelled request's error, which nobody reads
+            await asyncio.wait({task})  # the cancelled request's error, which nobody reads
+        return task.result()
+    except asyncio.CancelledError:
+        cancel.set()
+        if answer_ready is None or not answer_ready():
+            raise
+        handled_cancellation()
+        await asyncio.wait({task})  # only its return is left
+        return task.result()
     finally:
         cancel.set()
         if watcher is not None:
             watcher.cancel()
+
+
+def handled_cancellation() -> None:
+    """Tell the current task that the cancellation just caught is dealt with (answered, or answered as a
+    cut-off), so that a cancel scope around it does not take it for one still pending."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()

@@ -23,6 +23,7 @@ from functools import partial
 
 from starlette.exceptions import HTTPException
 
+from web.cancel import handled_cancellation
 from web.errors import HttpError
 from web.middleware import App, Message, Receive, Scope, Send, rerank_route, route_path
 
@@ -32,9 +33,13 @@ RETRY_AFTER_SECONDS = 5
 @dataclass
 class Served:
     """One request counted in flight, recorded (metrics, log line) by whoever claims it first: its engine call as
-    it starts, or what answers its cut-off when a stop ends it before that. The other records nothing."""
+    it starts, or what answers its cut-off when a stop ends it before that. The other records nothing.
+
+    Once its engine call has started, a stop that cuts the request off races the call's end: whichever settles
+    first says what the client is answered and what is booked (`settle`), so that the two never differ."""
 
     _claimed: bool = False
+    _settled: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def claim(self) -> bool:
@@ -42,6 +47,21 @@ class Served:
         with self._lock:
             claimed, self._claimed = self._claimed, True
             return not claimed
+
+    def settle(self, outcome: str) -> bool:
+        """`ANSWERED` (the engine call has the answer) or `CUT` (a stop cut the request off): True if `outcome`
+        came first, or was already settled."""
+        with self._lock:
+            self._settled = self._settled or outcome
+            return self._settled == outcome
+
+    @property
+    def cut(self) -> bool:
+        return self._settled == CUT
+
+
+ANSWERED = "answered"
+CUT = "cut"
 
 
 # Set while a request is counted in flight: the engine call of a JSON request that the drain gate counts is the
@@ -85,6 +105,13 @@ class Lifecycle:
         if served.claim():
             book(error)
         return error
+
+    def answer_ready(self) -> bool:
+        """Asked when a stop cancels the current request's wait for its engine call (its task, or a UI event's):
+        True if that call already has the answer, which is then sent and booked as it is. Otherwise the request is
+        settled as cut off: its client is answered 503, and its call, ending later, books that too."""
+        served = _serving.get()
+        return self.stopping and served is not None and not served.settle(CUT)
 
     @contextmanager
     def serving(self) -> Iterator[Served]:
@@ -169,14 +196,6 @@ class DrainGate:
 def retry_later(error: HttpError, scope: Scope) -> App:
     """The 503 answer to a request the service will not serve now: try another instance after Retry-After."""
     return error.response(route_path(scope), {"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-
-def handled_cancellation() -> None:
-    """Tell the current task that the cancellation just caught is dealt with (answered as a cut-off), so that
-    a cancel scope around it does not take it for one still pending."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
 
 
 class CutOff:

@@ -16,7 +16,7 @@ from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
 from web.errors import CLIENT_CLOSED, HttpError, to_http_error
 from web.history import RequestHistory
-from web.lifecycle import Lifecycle
+from web.lifecycle import ANSWERED, Lifecycle, Served
 from web.request_id import current_request_id, new_request_id, request_age
 
 logger = logging.getLogger("reranker.requests")
@@ -66,9 +66,9 @@ class RerankService:
         with self.lifecycle.serving() as served:
             if not served.claim():  # a stop cut it off before it got here, and answered and recorded that
                 raise self.lifecycle.cut_off_error(counted=True)
-            return self._rerank(route, call, cancel, deadline, counts_left)
+            return self._rerank(route, call, served, cancel, deadline, counts_left)
 
-    def _rerank(self, route: str, call: RerankCall, cancel: threading.Event | None,
+    def _rerank(self, route: str, call: RerankCall, served: Served, cancel: threading.Event | None,
                 deadline: float | None, counts_left: Callable[[], bool] | None) -> RerankResult:
         reranker = self.reranker
         metrics = reranker.metrics
@@ -83,13 +83,15 @@ class RerankService:
                 call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
                 call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
             )
+            if not served.settle(ANSWERED):  # a stop cut its request off first, and answered its client 503
+                raise self.lifecycle.cut_off_error()
             return result
         except Exception as err:
             error = to_http_error(err)
             cancelled = error.status == CLIENT_CLOSED
             # Cut off by a stop that did not wait, not by its caller: cancelled, or it reached the engine's queue
-            # after the stop had closed it.
-            cut_off = self.lifecycle.stopping and (cancelled or type(err) is ClosedError)
+            # after the stop had closed it, or it was scored after the stop had settled it as cut off.
+            cut_off = self.lifecycle.stopping and (cancelled or type(err) is ClosedError or served.cut)
             if cancelled and deadline is not None and time.monotonic() >= deadline:
                 error = HttpError(504, "timeout", "the request's deadline passed before all its pairs were scored; "
                                   "retry later, or send fewer documents")

@@ -11,10 +11,10 @@ from typing import Any
 import gradio as gr
 
 from reranker import RerankResult, Settings, ValidationError
-from web.cancel import run_cancellable
+from web.cancel import handled_cancellation, run_cancellable
 from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError
-from web.lifecycle import Lifecycle, handled_cancellation
+from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
 from web.tracing import ui_span
@@ -108,7 +108,8 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycl
         with lifecycle.serving() as served:
             try:
                 return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction,
-                                                                    raw_scores, file, request, cancel=cancel))
+                                                                    raw_scores, file, request, cancel=cancel),
+                                             answer_ready=lifecycle.answer_ready)
             except asyncio.CancelledError:
                 if not lifecycle.stopping:
                     raise

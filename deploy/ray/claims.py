@@ -23,6 +23,7 @@ from deploy.ray.stopping import NAMESPACE, kv_store
 logger = logging.getLogger("reranker.ray")
 
 FORGET_S = 60.0
+CLAIM_TIMEOUT_S = 2.0  # a GCS that has not answered by then: counted here, as without the store
 _claimed: deque[tuple[float, str]] = deque()  # (when to delete, key) of the keys this process won alone
 _lock = threading.Lock()
 
@@ -33,11 +34,15 @@ def call_key(app: str, call_id: str) -> str:
 
 def claim_left(app: str, call_id: str) -> bool:
     """Whether this process counts the cancelled call `call_id` of application `app` (a blocking GCS call: run it
-    off the event loop). Without the store (the GCS unreachable), it does: a count twice beats none."""
+    off the event loop, bounded by CLAIM_TIMEOUT_S). Without the store (the GCS unreachable or too slow), it does: a
+    count twice beats none."""
     key = call_key(app, call_id)
     try:
         kv = kv_store()
-        taken = bool(kv._internal_kv_put(key, b"1", overwrite=False, namespace=NAMESPACE))
+        # The client under `_internal_kv_put`, which takes no timeout: 1 if the key was added, 0 if it was there.
+        added = kv.internal_kv_get_gcs_client().internal_kv_put(
+            key.encode(), b"1", False, NAMESPACE.encode(), timeout=CLAIM_TIMEOUT_S)
+        taken = added == 0
     except Exception as err:
         logger.warning("could not ask Ray's key-value store who counts a cancelled call; counting it here",
                        extra={"call_id": call_id, "error": f"{type(err).__name__}: {err}"})

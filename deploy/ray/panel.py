@@ -5,9 +5,10 @@ Each model and ingress replica publishes its view to Ray's key-value store every
 has every replica, and what the ingress answers itself (bad JSON, 401, 429, 504), and a tick never waits behind
 scoring. A view whose snapshot has not changed for FORGET_S, by the UI's own clock (the nodes' clocks may differ),
 is a replica gone: its gauges leave the tab, its key is deleted after DELETE_S, and its counters stay in the sums,
-so that the plotted rates do not drop below zero when a replica is replaced. A replica that stops deletes its own
-key. The counters are each replica's own since it started: their sum is the application's, as a Prometheus `sum()`
-over the replicas would be.
+so that the plotted rates do not drop below zero when a replica is replaced; a key that comes back (a replica whose
+publishing stalled, the store away for a while) brings its counters back, and is counted once. A replica that stops
+deletes its own key. The counters are each replica's own since it started: their sum is the application's, as a
+Prometheus `sum()` over the replicas would be.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ logger = logging.getLogger("reranker.ray")
 PUBLISH_S = 1.0  # the tab ticks every 2 s
 FORGET_S = 10.0  # a view unchanged this long is a replica gone
 DELETE_S = 60.0  # ...and its key is deleted this long after its last change
+RETIRED_KEYS = 256  # deleted keys whose counters are kept apart, in case they come back; older ones are summed
 KIND_MODEL, KIND_INGRESS, KIND_UI = "model", "ingress", "ui"
 
 
@@ -148,7 +150,8 @@ class Replicas:
         self.read = read
         self.delete = delete
         self._last: dict[str, tuple[ReplicaView, float]] = {}  # key -> latest view, when it last changed
-        self._retired: list[Snapshot] = []  # the last counters of keys deleted for good
+        self._retired: dict[str, Snapshot] = {}  # deleted key -> its last counters, the latest RETIRED_KEYS
+        self._folded: list[Snapshot] = []  # the counters of older deleted keys, summed
         self._live: list[ReplicaView] = []
 
     def refresh(self) -> list[ReplicaView]:
@@ -156,17 +159,19 @@ class Replicas:
         now = time.monotonic()
         try:
             views = self.read(self.app)
-        except Exception as err:  # the GCS away for a moment: the last views stand in until the next tick
+        except Exception as err:  # the GCS away for a while: the last views stand in, and age no further
             logger.debug("monitoring: could not read the replicas' views", extra={"error": repr(err)})
-            views = {key: view for key, (view, _) in self._last.items()}
+            self._live = [*self._live[:-1], self.own()]
+            return self._live
         for key, view in views.items():
             last = self._last.get(key)
             if last is None or last[0].snapshot.time != view.snapshot.time:
                 self._last[key] = (view, now)
+            self._retired.pop(key, None)  # back: its view has every counter since its replica started
         for key, (view, changed) in list(self._last.items()):
             if now - changed > self.delete_s:
                 del self._last[key]
-                self._retired = [merge([*self._retired, view.snapshot], [])]
+                self._retire(key, view.snapshot)
                 try:
                     self.delete(key)
                 except Exception as err:
@@ -175,10 +180,17 @@ class Replicas:
         self._live.append(self.own())
         return self._live
 
+    def _retire(self, key: str, counters: Snapshot) -> None:
+        self._retired[key] = counters
+        if len(self._retired) > RETIRED_KEYS:
+            oldest = next(iter(self._retired))
+            self._folded = [merge([*self._folded, self._retired.pop(oldest)], [])]
+
     def snapshot(self) -> Snapshot:
         """Every key's last counters (gone replicas' included) and the UI's own; the live views' gauges."""
         live = self.refresh()
-        counted = [*self._retired, *(view.snapshot for view, _ in self._last.values()), live[-1].snapshot]
+        counted = [*self._folded, *self._retired.values(), *(view.snapshot for view, _ in self._last.values()),
+                   live[-1].snapshot]
         return merge(counted, live)
 
     def card(self) -> str:
