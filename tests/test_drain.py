@@ -303,6 +303,49 @@ def test_a_request_whose_answer_is_ready_when_a_stop_cuts_it_off_gets_that_answe
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_direct_gradio_api_call_cut_off_while_gradio_preprocesses_it_gets_503(
+        bert_model: ScoringModel, bert_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Cut off before its handler ran, in Gradio's own preprocessing: Gradio caught the cancellation, answered its
+    500 and printed a traceback, and nothing counted the call."""
+    import asyncio
+
+    import gradio as gr
+
+    import app as service
+    from web.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle()
+    servers: list[service.DrainingServer] = []
+    preprocessing = threading.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        preprocessing.set()
+        await asyncio.sleep(HANG_S)
+
+    monkeypatch.setattr(gr.Blocks, "preprocess_data", held)
+
+    def draining(config: uvicorn.Config) -> uvicorn.Server:
+        servers.append(service.DrainingServer(config, lifecycle, DRAIN_S))
+        return servers[-1]
+
+    body, route = CUT_OFF_CALLS["/gradio_api/api/predict"]
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker, ui=True, lifecycle=lifecycle), draining) as url, ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{url}/gradio_api/api/predict", json=body, timeout=HANG_S)
+            assert preprocessing.wait(HANG_S)
+            [server] = servers
+            server.handle_exit(signal.SIGTERM, None)
+            server.handle_exit(signal.SIGTERM, None)
+            response = answer.result(HANG_S)
+        counted = {labels["status"]: value for labels, value in samples(reranker, "reranker_requests_total")
+                   if labels["route"] == route}
+    assert response.status_code == 503 and response.headers["retry-after"], response.text
+    assert "stopped before this request was answered" in response.json()["error"]
+    assert counted == {"error": 1.0}
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_request_scored_after_a_stop_cut_it_off_is_counted_as_the_cut_off_its_client_got(
         bert_model: ScoringModel, bert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The other order: the stop settled the request as cut off (its client answered 503) while its engine call

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -18,8 +20,9 @@ from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
 
+from web.cancel import handled_cancellation
 from web.errors import HttpError, client_left
-from web.lifecycle import RETRY_AFTER_SECONDS
+from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, current_served
 from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -76,8 +79,9 @@ class CountedBlocks(gr.Blocks):
     an event of theirs that Gradio's queue drops before running it booked as cancelled.
     """
 
-    def __init__(self, on_refuse: OnRefuse, **kwargs: Any) -> None:
+    def __init__(self, on_refuse: OnRefuse, *, lifecycle: Lifecycle | None = None, **kwargs: Any) -> None:
         self._on_refuse = on_refuse
+        self._lifecycle = lifecycle
         self._counted: dict[Callable[..., Any], tuple[int, ...]] = {}
         self._started: set[str] = set()  # ids of queued events that reached process_api
         super().__init__(**kwargs)  # which builds the queue
@@ -160,6 +164,18 @@ class CountedBlocks(gr.Blocks):
             if outcome is not None:
                 outcome["status"] = err.status
             raise
+        except asyncio.CancelledError:
+            # A stop that does not wait cut off a direct API call before its handler ran (Gradio still preprocessing
+            # it): Gradio answered its 500 and printed a traceback. The handler answers its own (web/ui.py).
+            lifecycle, served = self._lifecycle, current_served()
+            if lifecycle is None or not lifecycle.stopping or served is None:
+                raise
+            handled_cancellation()
+            error = lifecycle.cut_off(served, partial(self._on_refuse, ROUTE))
+            outcome = _outcome.get()
+            if outcome is not None:
+                outcome["status"] = error.status
+            raise RerankError(error) from None
 
 
 def json_safe_validation_errors(gradio: FastAPI) -> None:

@@ -69,6 +69,11 @@ CUT = "cut"
 _serving: contextvars.ContextVar[Served | None] = contextvars.ContextVar("lifecycle_serving", default=None)
 
 
+def current_served() -> Served | None:
+    """The record of the request counted in flight in this context, if any."""
+    return _serving.get()
+
+
 class Lifecycle:
     """Draining state and the number of requests being served."""
 
@@ -110,7 +115,7 @@ class Lifecycle:
         """Asked when a stop cancels the current request's wait for its engine call (its task, or a UI event's):
         True if that call already has the answer, which is then sent and booked as it is. Otherwise the request is
         settled as cut off: its client is answered 503, and its call, ending later, books that too."""
-        served = _serving.get()
+        served = current_served()
         return self.stopping and served is not None and not served.settle(CUT)
 
     @contextmanager

@@ -138,7 +138,7 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
     """The Rerank and Monitoring tabs over any scorer: `predict` is the async event handler (the Gradio API
     `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
     `lifecycle`'s drains wait for the events in Gradio's queue."""
-    with CountedBlocks(refused, title="Reranker") as demo:
+    with CountedBlocks(refused, lifecycle=lifecycle, title="Reranker") as demo:
         predict = demo.count(predict, line_inputs=(1,))  # documents
         gr.Markdown(title)
         with gr.Tab("Rerank"):
