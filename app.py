@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("reranker.app")
 
-# Set before gradio or huggingface_hub are imported (in main): nothing phones home or draws progress bars.
+# Set before gradio, huggingface_hub or prometheus_client are imported (in main): nothing phones home or draws
+# progress bars, and /metrics has no `_created` series (a creation timestamp per counter and histogram series,
+# which Prometheus stores as one more series each from the text format).
 QUIET_DEFAULTS = {
     "GRADIO_ANALYTICS_ENABLED": "False",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "true",  # the engine tokenizes each request in one batched call
+    "PROMETHEUS_DISABLE_CREATED_SERIES": "True",
 }
 
 # At a stop that does not wait: how long the requests it cuts off, and then the app's lifespan, have to end.
@@ -138,8 +141,9 @@ def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
 
     model, settings = reranker.model, reranker.settings
     logger.info("model ready", extra={
-        "model": model.model_id, "device": model.device, "backend": model.backend.name, "dtype": model.dtype,
-        "dtype_reason": model.dtype_reason, "compile": model.compiled,
+        "model": model.model_id, "device": model.device, "backend": model.backend.name,
+        "backend_reason": model.backend_reason, "dtype": model.dtype, "dtype_reason": model.dtype_reason,
+        "compile": model.compiled,
         "max_length": model.max_length, "load_seconds": round(model.load_seconds, 3),
         "from_cache": model.from_cache, "batch_tokens": reranker.batch_tokens, "versions": package_versions(),
     })

@@ -157,10 +157,10 @@ class Reranker:
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
         CancelledError. `max_doc_tokens` cuts each document to its first N tokens before anything else
         (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated."""
-        with self._tracer.start_as_current_span(spans.REQUEST, attributes=self._model_attributes) as span:
+        with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span:
             try:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens)
-            except Exception as err:  # the span records it, with status ERROR
+            except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
             spans.describe_request(span, result.stats, top_n)
@@ -169,7 +169,7 @@ class Reranker:
     def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
                 raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None) -> RerankResult:
         started = time.perf_counter()
-        with self._tracer.start_as_current_span(spans.VALIDATE):
+        with spans.step(self._tracer, spans.VALIDATE):
             self.validate(query, documents, top_n, instruction, max_doc_tokens)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
@@ -179,14 +179,14 @@ class Reranker:
             if self._clips(max_doc_tokens):
                 room.need(len(documents))
             texts, clipped = self._clip(documents, max_doc_tokens)
-            with self._tracer.start_as_current_span(spans.CACHE) as span:
+            with spans.step(self._tracer, spans.CACHE) as span:
                 keys = [self._key(query, text, instruction) for text in texts]
                 logits: list[float | None] = [self._cache.get(key) for key in keys]
                 hits = sum(value is not None for value in logits)
                 span.set_attribute("reranker.cache_hits", hits)
             missing = [i for i, value in enumerate(logits) if value is None]
             room.need(len(missing))  # what the cache did not answer
-            with self._tracer.start_as_current_span(spans.TOKENIZE) as span:
+            with spans.step(self._tracer, spans.TOKENIZE) as span:
                 plan = _Plan()
                 if missing:
                     plan = self._plan(query, [texts[i] for i in missing], instruction,
@@ -209,7 +209,7 @@ class Reranker:
             error = copy.copy(job.error)
             error.__cause__ = job.error.__cause__
             raise error
-        with self._tracer.start_as_current_span(spans.POSTPROCESS):
+        with spans.step(self._tracer, spans.POSTPROCESS):
             best = [-math.inf] * len(missing)
             for owner, score in zip(plan.owners, job.scores, strict=True):
                 if not math.isfinite(score):
@@ -252,7 +252,7 @@ class Reranker:
         """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut."""
         if max_doc_tokens is None or not self._clips(max_doc_tokens):
             return documents, set()
-        with self._tracer.start_as_current_span(spans.CLIP) as span:
+        with spans.step(self._tracer, spans.CLIP) as span:
             cuts = self._clipper.clip(documents, max_doc_tokens)
             clipped = {i for i, cut in enumerate(cuts) if cut is not None}
             span.set_attribute("reranker.clipped", len(clipped))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import sys
@@ -24,6 +25,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 # Setting either of these asks for traces (the OpenTelemetry convention), even without RERANKER_TRACING.
 OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# The samplers the SDK builds from OTEL_TRACES_SAMPLER (opentelemetry.sdk.trace.sampling); it takes no other name.
+OTEL_SAMPLERS = ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio", "always_on",
+                 "always_off", "traceidratio")
 MAX_QUERY_CHARS = 10_000
 
 
@@ -160,10 +164,37 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
     on = asked if asked is not None else any(env.get(name, "").strip() for name in OTLP_ENDPOINTS)
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         on = False
+    if on:
+        _check_otel(env)
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         if on and env.get(name, "").strip():
             return on, _choice(OTLP_PROTOCOLS)(name, env[name].strip())
     return on, protocol
+
+
+def _check_otel(env: Mapping[str, str]) -> None:
+    """The OTEL_* values the SDK would log a warning about and replace with its default (a sampler that keeps
+    every trace, a 10 s export timeout): a typo there should stop the start, not change what is traced."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        raw = env.get(name, "").strip()
+        if raw and not 0 < _number(raw) < math.inf:
+            raise SettingsError(f"{name}={raw!r} is not valid; use the export timeout in seconds, a number "
+                                "above 0 (e.g. 10)")
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip()
+    if sampler and sampler.lower() not in OTEL_SAMPLERS:
+        raise SettingsError(f"OTEL_TRACES_SAMPLER={sampler!r} is not valid; use one of: {', '.join(OTEL_SAMPLERS)}")
+    ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if sampler.lower().endswith("traceidratio") and not 0 <= _number(ratio) <= 1:
+        raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r} is not valid for {sampler}: use the share of new "
+                            "traces to keep, a number from 0 to 1 (e.g. 0.1)")
+
+
+def _number(raw: str) -> float:
+    """`raw` as a number; NaN (which no bound admits) when it is not one."""
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
 
 
 def _text(name: str, raw: str) -> str:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from reranker.errors import OverloadedError, ValidationError
+from reranker.errors import CancelledError, OverloadedError, ValidationError
 from reranker.tokens import EncodedPair
 
 if TYPE_CHECKING:
@@ -52,16 +53,34 @@ def current_span_context() -> SpanContext | None:
 
 
 def outcome(err: BaseException) -> str:
-    """The request's outcome label, as reranker_requests_total counts it."""
+    """The request's outcome label, as reranker_requests_total counts it (a stop's cut-off, which the engine cannot
+    tell from its caller leaving, is `cancelled` here and `error` there)."""
     if isinstance(err, OverloadedError):
         return "overloaded"
+    if isinstance(err, CancelledError):
+        return "cancelled"
     return "invalid" if isinstance(err, ValidationError) else "error"
 
 
 def fail(span: Span, err: BaseException) -> None:
-    """Record an exception on a span (type and message, which never hold request text) with status ERROR."""
+    """Record an exception on a span (type and message, which never hold request text) with status ERROR; a
+    cancellation (its caller left) is recorded without the status: the service did not fail, as the 499 of the
+    HTTP server span says too."""
     span.record_exception(err)
-    span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+    if not isinstance(err, CancelledError):
+        span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+
+
+@contextmanager
+def step(tracer: Tracer, name: str, attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[Span]:
+    """The current span `name` for a block: an exception leaving it is recorded as `fail` records it."""
+    with tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                      set_status_on_exception=False) as span:
+        try:
+            yield span
+        except Exception as err:
+            fail(span, err)
+            raise
 
 
 def describe_plan(span: Span, documents: int, pairs: Sequence[EncodedPair], truncated: int, chunked: int) -> None:
@@ -96,10 +115,10 @@ def record_wait(tracer: Tracer, pairs: int, submitted: float, started: float | N
     now = time.time_ns()
     taken = epoch_ns(started) if started is not None else now
     queue = tracer.start_span(QUEUE, start_time=epoch_ns(submitted), attributes={"reranker.pairs": pairs})
+    if started is None and error is not None:  # recorded before the span ends: an ended span takes nothing
+        fail(queue, error)
     queue.end(end_time=taken)
     if started is None:
-        if error is not None:
-            fail(queue, error)
         return
     score = tracer.start_span(SCORE, start_time=taken, links=[Link(b) for b in batches],
                               attributes={"reranker.pairs": pairs, "reranker.batches": len(batches)})

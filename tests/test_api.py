@@ -158,6 +158,8 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("TEI empty texts", "/rerank", {"query": "q", "texts": []}, 400),
     ("TEI too many texts", "/rerank", {"query": "q", "texts": ["t"] * 21}, 413),
     ("TEI left truncation", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 400),
+    ("TEI text as truncation_direction", "/rerank",
+     {"query": "q", "texts": ["a"], "truncation_direction": "Patient zebra-secret, born 1970"}, 400),
     ("TEI truncation_direction a number", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": 1e999},
      422),
     ("predict data too short", "/api/predict", {"data": ["q"]}, 422),
@@ -180,6 +182,7 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     error = response.json()["error"]
     assert error["type"] and len(error["message"]) > 10
     assert "Traceback" not in response.text
+    assert "zebra-secret" not in response.text  # no text of a request is echoed
     assert post(url, "/v1/rerank", {"query": "still", "documents": ["alive"]}).status_code == 200
 
 

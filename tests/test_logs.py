@@ -165,7 +165,8 @@ def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
             assert client.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"}
                                ).headers["x-request-id"]
             assert client.get(f"{url}/").status_code == 200
-            assert "reranker_requests_total" in client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            exposed = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert "reranker_requests_total" in exposed and "_created" not in exposed  # app.py's QUIET_DEFAULTS
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=HANG_S)
     finally:
@@ -182,7 +183,7 @@ def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
             pytest.fail(f"not a JSON line: {line!r}")
     assert all(isinstance(r, dict) and r.get("message") is not None for r in records)
     [ready] = [r for r in records if r["message"] == "model ready"]
-    assert ready["model"] == str(bert_dir) and ready["device"] == "cpu" and ready["dtype"]
+    assert ready["model"] == str(bert_dir) and ready["device"] == "cpu" and ready["dtype"] and ready["backend_reason"]
     assert {"torch", "transformers", "sentence-transformers", "gradio"} <= set(ready["versions"])
     requests = [r for r in records if r.get("logger") == "reranker.requests"]
     assert {r["status"] for r in requests} == {"ok", "invalid"}

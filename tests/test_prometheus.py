@@ -253,6 +253,10 @@ def test_dashboard_is_importable_and_has_every_panel() -> None:
         assert panel["type"] == "timeseries" and panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    # The trace-id exemplars of the request-duration histogram, shown once (on the p99 line), linked to the trace.
+    exemplars = [(panel["title"], target["legendFormat"]) for panel in panels for target in panel["targets"]
+                 if target.get("exemplar")]
+    assert exemplars == [("Request latency (p50 / p95 / p99)", "p99")]
 
 
 def test_dashboard_selects_deployments_and_replicas_and_all_keeps_one_process() -> None:

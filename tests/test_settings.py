@@ -213,6 +213,30 @@ def test_the_otlp_protocol_is_http_unless_grpc_is_named() -> None:
     assert Settings.from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}).tracing is False
 
 
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("OTEL_TRACES_SAMPLER", "bogus", "use one of: parentbased_always_on"),
+    ("OTEL_TRACES_SAMPLER_ARG", "1.5", "a number from 0 to 1"),
+    ("OTEL_TRACES_SAMPLER_ARG", "", "a number from 0 to 1"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "a number above 0"),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "a number above 0"),
+])
+def test_an_otel_value_the_sdk_would_replace_stops_the_start(name: str, value: str, message: str) -> None:
+    """The SDK logs a warning and goes on with its default: every trace kept, a 10 s timeout."""
+    on = {"RERANKER_TRACING": "1", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    assert Settings.from_env(on).tracing is True
+    with pytest.raises(SettingsError, match=f"{name}=.* is not valid.*{message}"):
+        Settings.from_env({**on, name: value})
+    assert Settings.from_env({name: value}).tracing is False  # off: not read
+
+
+def test_the_samplers_named_are_the_sdks() -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    from reranker.settings import OTEL_SAMPLERS
+
+    assert set(OTEL_SAMPLERS) == set(sampling._KNOWN_SAMPLERS)
+
+
 @pytest.fixture
 def no_home(monkeypatch: pytest.MonkeyPatch) -> None:
     """HOME unset and a uid with no passwd entry: a container run as an arbitrary user."""

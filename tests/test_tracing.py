@@ -205,6 +205,54 @@ def test_errors_are_recorded_with_status_error(bert_model: ScoringModel, bert_di
     assert len(one(halved, spans.SCORE).links) == 3
 
 
+def test_a_request_cancelled_in_the_queue_is_recorded_there_and_not_as_an_error(
+        bert_model: ScoringModel, bert_dir: Path, tracing: Tracing, exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its caller left while its pairs waited: the queue span was ended before the cancellation was recorded on
+    it (lost, with two SDK warnings in the log), and every span said ERROR for a client that hung up."""
+    from reranker.errors import CancelledError
+    from tests.test_faults import GatedScorer, fill_the_pipeline
+
+    gated = GatedScorer(bert_model)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def start(name: str) -> threading.Thread:
+        thread = threading.Thread(target=reranker.rerank, args=(name, ["x"]))
+        thread.start()
+        return thread
+
+    def cancelled_call() -> None:
+        try:
+            reranker.rerank_detailed("q", ["a", "b"], cancel=cancel)
+        except CancelledError as err:
+            outcome.append(err)
+
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), score_fn=gated, tracing=tracing) as reranker, \
+            caplog.at_level("WARNING", logger="opentelemetry"):
+        threads = [start("holds the device")]
+        assert gated.first_batch.wait(HANG_S)
+        threads += fill_the_pipeline(reranker, start)  # so that the next pairs stay in the queue
+        call = threading.Thread(target=cancelled_call)
+        call.start()
+        wait_until(lambda: reranker.queued_pairs == 3 + 2)
+        cancel.set()
+        call.join(HANG_S)
+        gated.gate.set()
+        for thread in threads:
+            thread.join(HANG_S)
+        got = finished(tracing, exporter)
+    assert len(outcome) == 1
+    [queue] = [s for s in got if s.name == spans.QUEUE and dict(s.attributes or {})["reranker.pairs"] == 2]
+    trace_spans = {s.name: s for s in got if s.context.trace_id == queue.context.trace_id}
+    assert spans.SCORE not in trace_spans  # no pair of it was taken
+    request = trace_spans[spans.REQUEST]
+    assert [e.attributes["exception.type"] for e in queue.events if e.attributes] == ["reranker.errors.CancelledError"]
+    assert queue.status.status_code is StatusCode.UNSET and request.status.status_code is StatusCode.UNSET
+    assert dict(request.attributes or {})["reranker.outcome"] == "cancelled"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
+
+
 def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
                                                   exporter: InMemorySpanExporter) -> None:
     data = ["cache server", "a cache\ntea", None, "", False, None]
@@ -225,6 +273,31 @@ def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert
             assert ui.parent is not None and ui.parent.span_id == queued.context.span_id
             assert one(got, spans.REQUEST).parent.span_id == ui.context.span_id  # type: ignore[union-attr]
             assert one(got, spans.BATCH).context.trace_id == queued.context.trace_id
+
+
+def test_a_queued_gradio_call_is_logged_under_its_requests_id_and_trace(
+        bert_model: ScoringModel, bert_dir: Path, tracing: Tracing, exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Gradio's queue runs the call apart from the POST that queued it: its request line had an id of its own, not
+    the X-Request-ID its caller got, and one refused there (a wrong number of inputs) had no trace ids either."""
+    caller = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    calls = {"queued-ok": ["cache server", "a cache\ntea", None, "", False, None], "queued-bad": ["q", "a"]}
+    settings = model_settings(bert_dir, cache_size=0, log_sample_rate=1.0)
+    with Reranker(bert_model, settings, tracing=tracing) as reranker, serve(create_app(reranker)) as url, \
+            caplog.at_level("INFO", logger="reranker.requests"):
+        for request_id, data in calls.items():
+            queued = httpx.post(f"{url}/gradio_api/call/predict", json={"data": data}, timeout=HANG_S,
+                                headers={**caller, "X-Request-ID": request_id})
+            assert queued.headers["x-request-id"] == request_id
+            httpx.get(f"{url}/gradio_api/call/predict/{queued.json()['event_id']}", timeout=HANG_S)
+        unnamed = httpx.post(f"{url}/gradio_api/call/predict", json={"data": calls["queued-ok"]}, timeout=HANG_S)
+        httpx.get(f"{url}/gradio_api/call/predict/{unnamed.json()['event_id']}", timeout=HANG_S)
+        wait_until(lambda: len([r for r in caplog.records if r.name == "reranker.requests"]) == 3)
+    lines = {r.request_id: r for r in caplog.records if r.name == "reranker.requests"}  # type: ignore[attr-defined]
+    assert set(lines) == {"queued-ok", "queued-bad", unnamed.headers["x-request-id"]}
+    assert lines["queued-ok"].status == "ok" and lines["queued-bad"].status == "invalid"  # type: ignore[attr-defined]
+    for request_id in calls:
+        assert lines[request_id].trace_id == CALLER_TRACE and lines[request_id].span_id  # type: ignore[attr-defined]
 
 
 def test_tracing_off_makes_no_span_and_exports_nothing(bert_model: ScoringModel, bert_dir: Path, metrics: Metrics,

@@ -24,6 +24,7 @@ from web.cancel import handled_cancellation
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, current_served
 from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
+from web.tracing import request_context
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
 PREPROCESS_STATUS = 422
@@ -79,9 +80,11 @@ class CountedBlocks(gr.Blocks):
     an event of theirs that Gradio's queue drops before running it booked as cancelled.
     """
 
-    def __init__(self, on_refuse: OnRefuse, *, lifecycle: Lifecycle | None = None, **kwargs: Any) -> None:
+    def __init__(self, on_refuse: OnRefuse, *, lifecycle: Lifecycle | None = None, traced: bool = False,
+                 **kwargs: Any) -> None:
         self._on_refuse = on_refuse
         self._lifecycle = lifecycle
+        self._traced = traced
         self._counted: dict[Callable[..., Any], tuple[int, ...]] = {}
         self._started: set[str] = set()  # ids of queued events that reached process_api
         super().__init__(**kwargs)  # which builds the queue
@@ -154,11 +157,14 @@ class CountedBlocks(gr.Blocks):
         return inputs
 
     async def process_api(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # From here the call is counted: as refused by preprocess_data, or by the handler.
+        # From here the call is counted: as refused by preprocess_data, or by the handler; a queued event's under
+        # the id and trace of the request that queued it.
         if kwargs.get("event_id") in self._queue.event_ids_to_events:
             self._started.add(kwargs["event_id"])
+        request = kwargs.get("request")
         try:
-            return await super().process_api(*args, **kwargs)
+            with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
+                return await super().process_api(*args, **kwargs)
         except RerankError as err:
             outcome = _outcome.get()
             if outcome is not None:

@@ -7,7 +7,7 @@ import contextvars
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,6 +51,10 @@ class RequestIdMiddleware:
         given = dict(scope.get("headers") or []).get(HEADER, b"").decode("latin-1")
         request_id = given if _SANE.fullmatch(given) else new_request_id()
         token, arrived = _current.set(request_id), _arrived.set(time.perf_counter())
+        # Also the request's header onward: Gradio's queue runs the UI handler apart from the request that queued
+        # it, and the request headers are what survive (given_request_id).
+        scope["headers"] = [*((k, v) for k, v in scope.get("headers") or [] if k.lower() != HEADER),
+                            (HEADER, request_id.encode("latin-1"))]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -63,6 +67,12 @@ class RequestIdMiddleware:
         finally:
             _current.reset(token)
             _arrived.reset(arrived)
+
+
+def given_request_id(headers: Mapping[str, str] | None) -> str | None:
+    """The id RequestIdMiddleware gave a request, from its headers (those Gradio keeps for a queued event)."""
+    given = (headers or {}).get(HEADER.decode(), "")
+    return given if _SANE.fullmatch(given) else None
 
 
 @contextmanager

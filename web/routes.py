@@ -141,8 +141,9 @@ def build_router(backend: Backend) -> APIRouter:
     async def tei_rerank(body: TeiRerankRequest, request: Request) -> list[TeiResult]:
         direction = body.truncation_direction
         if direction is not None and direction.lower() != "right":  # TEI takes "Left"/"Right"; case as TEI's clients
-            raise HttpError(400, "invalid_request", f"truncation_direction {direction!r} is not supported: a long "
-                                                    "text is cut at its end here (or split into windows, with "
+            # Not echoed: a request's text never reaches an error message or the log.
+            raise HttpError(400, "invalid_request", 'truncation_direction takes only "Right" here: a long text is '
+                                                    "cut at its end (or split into windows, with "
                                                     'RERANKER_LONG_DOCS=chunk); leave it out or set it to "Right"')
         call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores)
         result = await backend.rerank(request, "/rerank", call)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.propagators import TraceResponsePropagator
 
 from reranker.tracing import Tracing
 from web.middleware import App, Message, Receive, Scope, Send
+from web.request_id import bound_request_id, current_request_id, given_request_id
 
 # Probes, static files and the Gradio page's own chatter (heartbeat, the Monitoring tab's refresh every two
 # seconds, event streams) are not requests anyone wants a trace of. Regexes, searched in the full URL.
@@ -78,6 +79,26 @@ def _name_mounted(span: trace.Span, scope: dict[str, Any]) -> None:
     method = scope.get("method", "")
     if scope.get("type") == "http" and span.is_recording() and getattr(span, "name", None) == method:
         span.update_name(f"{method} {_ID.sub('/{id}', str(scope.get('path', '')))}")
+
+
+@contextmanager
+def request_context(headers: Mapping[str, str] | None, traced: bool) -> Iterator[None]:
+    """For a Gradio event run by its queue, apart from the request that queued it: that request's id and, when
+    `traced`, its trace context, from the headers RequestIdMiddleware and TraceContext left on it, so that what
+    the event books (a refusal by Gradio's preprocessing, the handler's call) carries them. Inside the request
+    itself, nothing."""
+    if current_request_id() is not None:
+        yield
+        return
+    request_id = given_request_id(headers)
+    parent = propagate.extract(headers or {}) if traced else None
+    with ExitStack() as stack:
+        if request_id is not None:
+            stack.enter_context(bound_request_id(request_id))
+        if parent is not None and trace.get_current_span(parent).get_span_context().is_valid:
+            token = context.attach(parent)
+            stack.callback(context.detach, token)
+        yield
 
 
 @contextmanager

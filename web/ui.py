@@ -130,15 +130,16 @@ def build_ui(service: RerankService) -> CountedBlocks:
     return build_blocks(cancellable(make_predict(service), service.lifecycle, service.refused), service.refused,
                         header(model.model_id, model.device, model.dtype, model.max_length),
                         Monitor(service.reranker, service.history), takes_instruction=model.accepts_instruction,
-                        lifecycle=service.lifecycle)
+                        lifecycle=service.lifecycle, traced=service.reranker.tracing.enabled)
 
 
 def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, panel: Panel, *,
-                 takes_instruction: bool, lifecycle: Lifecycle) -> CountedBlocks:
+                 takes_instruction: bool, lifecycle: Lifecycle, traced: bool = False) -> CountedBlocks:
     """The Rerank and Monitoring tabs over any scorer: `predict` is the async event handler (the Gradio API
     `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
-    `lifecycle`'s drains wait for the events in Gradio's queue."""
-    with CountedBlocks(refused, lifecycle=lifecycle, title="Reranker") as demo:
+    `lifecycle`'s drains wait for the events in Gradio's queue; `traced`: tracing is on, so a queued event
+    continues the trace of the request that queued it."""
+    with CountedBlocks(refused, lifecycle=lifecycle, traced=traced, title="Reranker") as demo:
         predict = demo.count(predict, line_inputs=(1,))  # documents
         gr.Markdown(title)
         with gr.Tab("Rerank"):

@@ -136,7 +136,8 @@ class UI:
         panel = Panel(replicas.snapshot, replicas.card, replicas.latest)
         demo = build_blocks(remote_predict(self.backend, self.tracing, self.refused, self.lifecycle),
                             self.refused, header(info["model"], info["device"], info["dtype"], info["max_length"]),
-                            panel, takes_instruction=bool(info["accepts_instruction"]), lifecycle=self.lifecycle)
+                            panel, takes_instruction=bool(info["accepts_instruction"]), lifecycle=self.lifecycle,
+                            traced=self.tracing.enabled)
         # As web/http.py mounts it: no run history, and an input file only from Gradio's upload folder.
         app = gr.mount_gradio_app(FastAPI(), demo, path="/", enable_monitoring=False, footer_links=["api"],
                                   show_error=True, run_history=False,
