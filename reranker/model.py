@@ -327,7 +327,7 @@ def load_model(settings: Settings) -> ScoringModel:
     if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not torch_native_bf16():
         logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
                        "float32", extra={"dtype": precision.dtype})
-    model.score(model.encode([("warm-up query", "warm-up document")]))
+    _warm_up(model, settings)
     if settings.compile != "off":
         from reranker.compiling import compile_model
 
@@ -336,10 +336,23 @@ def load_model(settings: Settings) -> ScoringModel:
     logger.info(
         "model loaded",
         extra={"model": settings.model, "device": model.device, "backend": model.backend.name,
-               "dtype": model.dtype, "dtype_reason": model.dtype_reason, "max_length": model.max_length,
-               "compile": model.compiled, "from_cache": model.from_cache},
+               "backend_reason": model.backend_reason, "dtype": model.dtype, "dtype_reason": model.dtype_reason,
+               "max_length": model.max_length, "compile": model.compiled, "from_cache": model.from_cache},
     )
     return model
+
+
+def _warm_up(model: ScoringModel, settings: Settings) -> None:
+    """One pass before serving. A model that cannot run on the backend and precision picked (an operation with
+    no bfloat16 kernel in torch, say) stops the start here, with what to change, not with a traceback."""
+    try:
+        model.score(model.encode([("warm-up query", "warm-up document")]))
+    except Exception as err:
+        change = ("set RERANKER_DTYPE=float32" if model.dtype != "float32" else
+                  "check the model, or try RERANKER_BACKEND=torch" if model.backend.name != "torch" else
+                  "check the model")
+        raise ModelLoadError(f"{settings.model} failed its warm-up pass on {model.backend.name} at {model.dtype} "
+                             f"({model.dtype_reason}): {type(err).__name__}: {str(err)[:300]}; {change}") from err
 
 
 def _load_cross_encoder(settings: Settings, device: str, dtype: str) -> ScoringModel:

@@ -344,21 +344,40 @@ class BesselBert(BertForSequenceClassification):
 '''
 
 
-def test_a_model_openvino_cannot_convert_is_served_by_torch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def bessel_model(tmp_path: Path) -> Path:
     model_dir = build_bert_reranker(tmp_path / "bessel")
     (model_dir / "modeling_bessel.py").write_text(UNCONVERTIBLE)
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_bessel.BesselBert"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    settings = model_settings(model_dir, backend="auto", trust_remote_code=True,
+    return model_dir
+
+
+def test_a_model_openvino_cannot_convert_is_served_by_torch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Also: OpenVINO's convert_model set the root logger to ERROR and left it so after a failure, and the
+    service logged nothing below ERROR from then on (caplog pins the logger it watches, so look at the root)."""
+    settings = model_settings(bessel_model(tmp_path), backend="auto", trust_remote_code=True,
                               cache_dir=str(tmp_path / "cache"))
+    root = logging.getLogger()
+    level = root.level
     with caplog.at_level(logging.WARNING, logger="reranker"):
         model = load_model(settings)
+    assert root.level == level and not [f for f in root.filters if "ovc" in type(f).__module__]
     assert model.backend.name == "torch"
     assert "OpenVINO failed (No conversion rule found for operations: aten::special_bessel_j0)" in model.backend_reason
     assert "OpenVINO cannot run this model; serving it with torch" in caplog.messages
     scores = model.score(model.encode(varied_pairs(1, 6)))
     assert np.isfinite(scores).all() and np.abs(scores).max() <= 1.0  # J0 of the logits: the torch path ran
+
+
+def test_a_model_that_fails_its_warm_up_stops_the_start_with_what_to_change(tmp_path: Path) -> None:
+    """The same model on torch at bfloat16, which has no bfloat16 kernel for J0: an uncaught NotImplementedError
+    and a CRITICAL traceback, where a start failure says what to change."""
+    settings = model_settings(bessel_model(tmp_path), backend="torch", dtype="bfloat16", trust_remote_code=True,
+                              cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=r"failed its warm-up pass on torch at bfloat16 .*NotImplementedError.*"
+                                             r"set RERANKER_DTYPE=float32"):
+        load_model(settings)
 
 
 def test_int8_that_openvino_cannot_run_falls_back_to_autos_precision(bert_dir: Path, tmp_path: Path,

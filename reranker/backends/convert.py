@@ -49,7 +49,7 @@ def convert(cross_encoder: CrossEncoder, extras: dict[str, Any], example: Padded
     try:
         # Tracing warns about Python branches on shapes and, in torch 2.13, about torch.jit.trace itself:
         # nothing an operator can act on; the float32 tests hold the converted graph to torch's scores.
-        with torch.no_grad(), warnings.catch_warnings(), _quiet_traced_attributes():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_traced_attributes(), _root_logger_kept():
             warnings.simplefilter("ignore")
             return ov.convert_model(
                 Scores(cross_encoder, extras).eval(),
@@ -88,6 +88,20 @@ def _quiet_traced_attributes() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(_not_a_traced_getter)
+
+
+@contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """convert_model sets the root logger to ERROR (with a filter of its own) and puts it back only when the
+    conversion succeeds: after a failed one, the service logged nothing below ERROR for the rest of its life."""
+    root = logging.getLogger()
+    level, filters, handlers = root.level, list(root.filters), list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.filters[:] = filters
+        root.handlers[:] = handlers
 
 
 def conversion_failure(err: Exception) -> str:
