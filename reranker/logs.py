@@ -15,11 +15,11 @@ from pythonjsonlogger.json import JsonFormatter
 
 # Libraries that install handlers of their own or print progress bars; all of them go through ours.
 THIRD_PARTY = ("uvicorn", "uvicorn.error", "uvicorn.access", "transformers", "sentence_transformers",
-               "huggingface_hub", "gradio", "httpx", "httpcore", "werkzeug", "torch", "py.warnings")
+               "huggingface_hub", "gradio", "httpx", "httpcore", "werkzeug", "torch", "nncf", "py.warnings")
 # Per-request access lines would duplicate our own request lines (and every scrape); the libraries'
 # INFO chatter (config dumps, compile stats) would drown them. DEBUG lets all of it through.
 QUIET = ("uvicorn.access", "werkzeug", "httpx", "httpcore", "transformers", "sentence_transformers",
-         "huggingface_hub", "gradio", "torch")
+         "huggingface_hub", "gradio", "torch", "nncf")
 
 
 class _DropColor(logging.Filter):
@@ -41,44 +41,50 @@ def json_formatter() -> JsonFormatter:
 
 def setup_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Make every log record, warning and uncaught exception of the process one JSON line on stdout."""
+    global _library_level
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(json_formatter())
     handler.addFilter(_DropColor())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    library_level = logging.NOTSET if level == "DEBUG" else logging.WARNING
-    for name in THIRD_PARTY:
-        library_logger = logging.getLogger(name)
-        library_logger.handlers.clear()
-        library_logger.propagate = True
-        library_logger.setLevel(library_level if name in QUIET else logging.NOTSET)
-    _quiet_libraries()
-    # Child loggers some libraries (torch._dynamo, ...) configured with handlers of their own.
-    for name, child in list(logging.root.manager.loggerDict.items()):
-        if isinstance(child, logging.Logger) and name.split(".")[0] in THIRD_PARTY and child.handlers:
-            child.handlers.clear()
-            child.propagate = True
+    _library_level = logging.NOTSET if level == "DEBUG" else logging.WARNING
+    quiet_libraries()
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_exception
 
 
-def _quiet_libraries() -> None:
-    try:
+_library_level = logging.WARNING
+
+
+def quiet_libraries() -> None:
+    """The libraries' loggers through the JSON root, the chatty ones at WARNING (all of it at DEBUG), and no
+    progress bars. transformers and nncf install handlers of their own when they are imported, and importing
+    transformers takes a second that a start from the conversion cache does without: so only those already
+    imported are set here, and the code that imports one later calls this again."""
+    for name in THIRD_PARTY:
+        library_logger = logging.getLogger(name)
+        library_logger.handlers.clear()
+        library_logger.propagate = True
+        library_logger.setLevel(_library_level if name in QUIET else logging.NOTSET)
+    if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
         transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
     try:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
+    # Child loggers some libraries (torch._dynamo, ...) configured with handlers of their own.
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        if isinstance(child, logging.Logger) and name.split(".")[0] in THIRD_PARTY and child.handlers:
+            child.handlers.clear()
+            child.propagate = True
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:

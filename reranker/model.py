@@ -15,8 +15,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from reranker.backends import Backend, Padded, Pending, choose_backend, nncf_installed, openvino_installed
-from reranker.backends.cpu import Precision, auto_precision, explicit, torch_native_bf16
+from reranker.backends.cpu import Precision, auto_precision, explicit, native_bf16, torch_native_bf16
 from reranker.errors import ModelLoadError
+from reranker.logs import quiet_libraries
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
 from reranker.tokens import EncodedPair, PairEncoder, TextPairEncoder, build_encoder, text_pair_encoder
@@ -68,17 +69,18 @@ def resolve_device(setting: str) -> str:
 
 
 def pick_precision(setting: str, device: str, checkpoint_dtype: str | None = None,
-                   native_bf16: list[str] | None = None) -> Precision:
+                   native: list[str] | None = None) -> Precision:
     """RERANKER_DTYPE resolved, with the reason. `auto`: on CUDA the checkpoint's own half type if it says
     bfloat16 (float16 can overflow on such models, Qwen3-Reranker among them), else float16; on the CPU
-    bfloat16 where the CPU runs it natively (`native_bf16`, by default what torch detects), else float32."""
+    bfloat16 where the CPU runs it natively (`native`, by default backends.cpu.native_bf16()), else
+    float32."""
     if setting != "auto":
         return explicit(setting)
     if device.startswith("cuda"):
         if checkpoint_dtype == "bfloat16":
             return Precision("bfloat16", "auto: CUDA, the checkpoint declares bfloat16")
         return Precision("float16", "auto: CUDA")
-    return auto_precision(torch_native_bf16() if native_bf16 is None else native_bf16)
+    return auto_precision(native_bf16() if native is None else native)
 
 
 def resolve_dtype(setting: str, device: str, checkpoint_dtype: str | None = None) -> torch.dtype:
@@ -90,6 +92,7 @@ def checkpoint_dtype(model_id: str, trust_remote_code: bool = False) -> str | No
     """The dtype a checkpoint's config.json declares (`dtype`, formerly `torch_dtype`), if it can be read."""
     from transformers import AutoConfig
 
+    quiet_libraries()
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except Exception:  # the model load that follows reports the real problem
@@ -359,6 +362,8 @@ def _load_cross_encoder(settings: Settings, device: str, dtype: str) -> ScoringM
     """RERANKER_MODEL loaded in PyTorch through sentence-transformers, on `device` at `dtype`."""
     from sentence_transformers import CrossEncoder
 
+    quiet_libraries()  # transformers, imported just now, installed its own log handler
+
     # The original Qwen3-Reranker checkpoints ship the chat template of the base LLM, which knows
     # nothing of query/document roles: give them the prompt of their model card, before loading, so
     # that sentence-transformers routes pairs through it.
@@ -488,7 +493,7 @@ def _load_failure_message(model_id: str, err: Exception) -> str:
             f"(`hf download {model_id} --local-dir /models/{model_id.split('/')[-1]}`), copy the folder here "
             "and set RERANKER_MODEL to that local directory"
         )
-    return f"could not load model {model_id!r}: {cause}. {hint}"
+    return f"could not load model {model_id!r}: {cause.rstrip('.')}. {hint}"
 
 
 def _looks_like_hub_id(model_id: str) -> bool:

@@ -79,6 +79,17 @@ def two_stream_models(bert_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     return one, two
 
 
+def test_more_streams_than_threads_are_cut_to_the_threads_with_a_warning(bert_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path), cpu_streams=4))
+    assert model.backend.streams == 2  # type: ignore[attr-defined]
+    [warned] = [r for r in caplog.records if "RERANKER_CPU_STREAMS is more than the threads" in r.getMessage()]
+    assert (warned.cpu_streams, warned.threads) == (4, 2)  # type: ignore[attr-defined]
+
+
 def test_two_streams_run_batches_side_by_side_with_one_streams_scores(
         two_stream_models: tuple[ScoringModel, ScoringModel]) -> None:
     """As the device thread drives them (reranker.pipeline): each batch launched before the one in flight is
@@ -214,14 +225,16 @@ def test_the_second_start_takes_the_converted_model_from_the_cache(bert_dir: Pat
     torch.testing.assert_close(second.score(pairs), first.score(pairs), atol=0, rtol=0)
 
 
-# A second start in a fresh interpreter, so that nothing of this test's process is preloaded: loads the model from
-# the cache the first start filled, and reports what it imported and scored.
+# A second start in a fresh interpreter, so that nothing of this test's process is preloaded: sets up logging as
+# app.py does, loads the model from the cache the first start filled, and reports what it imported and scored.
 SECOND_START = """
 import json, sys
+from reranker.logs import setup_logging
 from reranker.model import load_model
 from reranker.settings import Settings
 
-model = load_model(Settings(model=sys.argv[1], backend="openvino", dtype="float32", device="cpu",
+setup_logging("INFO")
+model = load_model(Settings(model=sys.argv[1], backend="openvino", dtype=sys.argv[5], device="cpu",
                             cache_dir=sys.argv[2], max_length=int(sys.argv[3])))
 pairs = json.loads(sys.argv[4])
 scores = model.score(model.encode([tuple(p) for p in pairs])).tolist()
@@ -232,27 +245,31 @@ print(json.dumps({"scores": scores, "imported": imported, "from_cache": model.fr
 """
 
 
-def second_start(model_dir: Path, cache: Path, pairs: list[tuple[str, str]], max_length: int = 64) -> dict:
+def second_start(model_dir: Path, cache: Path, pairs: list[tuple[str, str]], max_length: int = 64,
+                 dtype: str = "float32") -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", SECOND_START, str(model_dir), str(cache), str(max_length),
-                           json.dumps(pairs)], capture_output=True, text=True, timeout=300, env=env)
+                           json.dumps(pairs), dtype], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["bert", "xlmr"])
-def test_a_start_from_the_cache_skips_pytorch_and_scores_the_same(name: str, tmp_path: Path,
+@pytest.mark.parametrize(("name", "dtype"), [("bert", "float32"), ("xlmr", "float32"), ("bert", "auto")])
+def test_a_start_from_the_cache_skips_pytorch_and_scores_the_same(name: str, dtype: str, tmp_path: Path,
                                                                   request: pytest.FixtureRequest) -> None:
     """The second start of a text-pair model reads the converted graph and the stored tokenizer only: no torch,
-    transformers or sentence-transformers import, no PyTorch weights, and the same scores, long documents cut."""
+    transformers or sentence-transformers import, no PyTorch weights, and the same scores, long documents cut.
+    With the default dtype (`auto`) and app.py's logging, torch (for the CPU's bfloat16 features) and transformers
+    (for its log handler) were imported all the same: 2.6 s to a start instead of 0.7 s (helper-28)."""
     model_dir: Path = request.getfixturevalue(f"{name}_dir")
     pairs = varied_pairs(11, 16) + [("q", ""), ("Ünïcödé ☕ 数据", "line\nbreaks\ttabs " * 40)]
-    first = load_model(model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path), max_length=64))
+    first = load_model(model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path), max_length=64,
+                                      dtype=dtype))
     assert not first.from_cache and first.tokenizes_alone
     (entry,) = (tmp_path / "openvino").iterdir()
     assert (entry / "serving.json").is_file()
     want = first.score(first.encode(pairs)).tolist()
-    got = second_start(model_dir, tmp_path, pairs)
+    got = second_start(model_dir, tmp_path, pairs, dtype=dtype)
     assert got["from_cache"] and not got["pytorch_model"] and got["backend"] == "openvino"
     assert got["imported"] == [], f"a start from the cache imported {got['imported']}"
     assert got["dtype"] == first.dtype and got["max_length"] == first.max_length == 64
@@ -432,11 +449,15 @@ def test_the_int8_guard_refuses_a_model_that_ranks_differently(tmp_path: Path,
                                   int8_on_fail="exit", cache_dir=str(tmp_path / "cache")))
 
 
-def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """Also: NNCF printed its own plain-text INFO lines and a table to stdout, between the JSON lines."""
     settings = model_settings(bert_dir, backend="openvino", dtype="int8", int8_mode="weights",
                               int8_min_spearman=0.5, cache_dir=str(tmp_path))
+    capfd.readouterr()
     model = load_model(settings)
+    printed = capfd.readouterr()
+    assert "nncf" not in (printed.out + printed.err).lower() and "│" not in printed.out + printed.err
     assert model.dtype == "int8" and "RERANKER_DTYPE=int8 (weights): Spearman" in model.dtype_reason
     assert model.dtype_reason.endswith(">= 0.5")
     caplog.clear()

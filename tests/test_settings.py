@@ -280,3 +280,18 @@ def test_a_calibration_file_that_static_int8_cannot_read_is_a_configuration_erro
     # Unused, it is not read: weights-only int8 and the other precisions calibrate on nothing.
     assert Settings.from_env({**static, "RERANKER_INT8_MODE": "weights"}).int8_calibration == missing
     assert Settings.from_env({**static, "RERANKER_DTYPE": "bfloat16"}).int8_calibration == missing
+
+
+def test_a_reranker_variable_nothing_reads_is_named_with_the_closest_setting() -> None:
+    """RERANKER_DTYPES=bfloat16 was ignored without a word: app.py logs each of these as a warning at start."""
+    from app import unknown_variables
+
+    env = {"RERANKER_DTYPES": "bfloat16", "RERANKER_PORT": "7860", "RERANKER_RAY_METRICS_PORT": "8080",
+           "RERANKER_OTHER_THING": "1", "OTEL_SERVICE_NAME": "x"}
+    assert unknown_variables(env) == [
+        "RERANKER_DTYPES is not a setting of this service and is ignored; did you mean RERANKER_DTYPE? the settings "
+        "are listed in docs/configuration.md",
+        "RERANKER_OTHER_THING is not a setting of this service and is ignored; the settings are listed in "
+        "docs/configuration.md",
+    ]
+    assert unknown_variables({"RERANKER_MODEL": "m", "RERANKER_TRACING": "1"}) == []

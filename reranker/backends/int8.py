@@ -3,7 +3,9 @@ float32 model on a fixed probe set (RERANKER_INT8_MIN_SPEARMAN); else fall back 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import time
@@ -19,6 +21,7 @@ from reranker.backends.corpus import build_workload
 from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
+from reranker.logs import quiet_libraries
 from reranker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,12 +99,16 @@ def quantize(graph: ov.Model, samples: list[dict[str, np.ndarray]], mode: str) -
     except ImportError as err:
         raise ModelLoadError("RERANKER_DTYPE=int8 needs the nncf package, which quantizes the model and cannot be "
                              f"imported ({err}): pip install -r requirements.txt") from err
-    if mode == "weights":
-        return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
-    # validate=False: a pattern that matches nothing in this architecture is not an error.
-    keep = nncf.IgnoredScope(patterns=list(KEEP_FLOAT), validate=False)
-    return nncf.quantize(graph.clone(), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(samples), ignored_scope=keep)
+    quiet_libraries()  # nncf, imported just now, logs to stdout in plain text at INFO
+    # Its progress bars and tables (rich) print to the console, between the JSON lines of the log; the log's
+    # handler holds the real stdout.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if mode == "weights":
+            return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
+        # validate=False: a pattern that matches nothing in this architecture is not an error.
+        keep = nncf.IgnoredScope(patterns=list(KEEP_FLOAT), validate=False)
+        return nncf.quantize(graph.clone(), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(samples), ignored_scope=keep)
 
 
 def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel) -> list[float]:

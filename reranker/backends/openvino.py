@@ -156,6 +156,9 @@ def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None, streams: i
     # No pinning: OpenVINO would pin its threads to the first cores, and two replicas of one thread each on
     # one machine (Ray Serve) would then share one core while the other idled.
     count = stream_count(streams, threads)
+    if streams is not None and count < streams:
+        logger.warning("RERANKER_CPU_STREAMS is more than the threads: each stream needs one", extra={
+            "cpu_streams": streams, "threads": threads, "streams": count})
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if count == 1 else "THROUGHPUT", "NUM_STREAMS": count,
                               "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
     if hint is not None:
