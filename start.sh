@@ -2,6 +2,16 @@
 # Start the reranker: UI and API on RERANKER_PORT (7860), metrics on RERANKER_METRICS_PORT (9091).
 # `./start.sh --ray`: the same on Ray Serve instead (deploy/ray/serve.yaml, port 8000; docs/scale-out.md).
 set -euo pipefail
+# Paths in the settings are the caller's: make the relative ones absolute before moving to the project folder.
+for name in RERANKER_MODEL RERANKER_INT8_CALIBRATION RERANKER_UI_AUTH; do
+    value="${!name:-}"
+    if [ -n "$value" ] && [ "${value#/}" = "$value" ] && [ -e "$value" ]; then
+        export "$name=$PWD/$value"
+    fi
+done
+if [ -n "${RERANKER_CACHE_DIR:-}" ] && [ "${RERANKER_CACHE_DIR#[/~]}" = "$RERANKER_CACHE_DIR" ]; then
+    export RERANKER_CACHE_DIR="$PWD/$RERANKER_CACHE_DIR"
+fi
 cd "$(dirname "$0")"
 
 : "${GRADIO_ANALYTICS_ENABLED:=False}"

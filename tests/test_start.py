@@ -18,10 +18,10 @@ from tests.servers import HANG_S, START_S, free_port, wait_ready
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(env_overrides: dict[str, str]) -> subprocess.Popen[str]:
+def start(env_overrides: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RERANKER_PORT": str(free_port()),
            "RERANKER_METRICS_PORT": str(free_port()), **env_overrides}
-    return subprocess.Popen([str(ROOT / "start.sh")], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([str(ROOT / "start.sh")], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -66,6 +66,23 @@ def test_port_0_serves_on_a_free_port_and_says_which(bert_dir: Path) -> None:
         port = int(serving.rstrip("/").rsplit(":", 1)[-1])
         assert port != 0
         wait_ready(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=HANG_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=HANG_S)
+
+
+def test_relative_paths_are_the_callers_not_the_project_folders(bert_dir: Path, tmp_path: Path) -> None:
+    """start.sh moves to its own folder, where `RERANKER_MODEL=tiny-bert-reranker` named nothing."""
+    port = free_port()
+    process = start({"RERANKER_MODEL": bert_dir.name, "RERANKER_PORT": str(port),
+                     "RERANKER_CACHE_DIR": "cache"}, cwd=bert_dir.parent)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        assert httpx.get(f"{url}/info", timeout=HANG_S).json()["model"] == str(bert_dir)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=HANG_S) == 0
     finally:
