@@ -82,6 +82,14 @@ class _Plan:
     chunked: int = 0
 
 
+# What to try when a pass gives NaN or infinity, by the precision it ran at.
+NONFINITE_HINTS = {
+    "float16": "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32",
+    "float32": "at float32 the model itself produced it: check its weights",
+    "other": "try RERANKER_DTYPE=float32",
+}
+
+
 class Reranker:
     """Thread-safe reranking over one model; only the batcher's worker thread runs the model."""
 
@@ -216,7 +224,7 @@ class Reranker:
                     self.metrics.nonfinite_scores.inc()
                     raise ScoringError(
                         f"the model produced a non-finite score for document {missing[owner]}; "
-                        "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32"
+                        f"{NONFINITE_HINTS.get(self.model.dtype, NONFINITE_HINTS['other'])}"
                     )
                 best[owner] = max(best[owner], score)
             for slot, doc_index in enumerate(missing):
