@@ -5,6 +5,10 @@ set -euo pipefail
 # Paths in the settings are the caller's: make the relative ones absolute before moving to the project folder.
 for name in RERANKER_MODEL RERANKER_INT8_CALIBRATION RERANKER_UI_AUTH; do
     value="${!name:-}"
+    case "$name=$value" in
+        RERANKER_UI_AUTH=./* | RERANKER_UI_AUTH=../*) ;;
+        RERANKER_UI_AUTH=*:*) continue ;;  # user:password pairs, not a file (as Settings reads it)
+    esac
     if [ -n "$value" ] && [ "${value#/}" = "$value" ] && [ -e "$value" ]; then
         export "$name=$PWD/$value"
     fi

@@ -55,14 +55,17 @@ def setup_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     threading.excepthook = _log_thread_exception
 
 
-_library_level = logging.WARNING
+_library_level: int | None = None  # set by setup_logging
 
 
 def quiet_libraries() -> None:
     """The libraries' loggers through the JSON root, the chatty ones at WARNING (all of it at DEBUG), and no
     progress bars. transformers and nncf install handlers of their own when they are imported, and importing
     transformers takes a second that a start from the conversion cache does without: so only those already
-    imported are set here, and the code that imports one later calls this again."""
+    imported are set here, and the code that imports one later calls this again. Nothing before setup_logging:
+    a process that did not set up this logging (a benchmark, a library user) keeps its own."""
+    if _library_level is None:
+        return
     for name in THIRD_PARTY:
         library_logger = logging.getLogger(name)
         library_logger.handlers.clear()

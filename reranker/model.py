@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from reranker.backends import Backend, Padded, Pending, choose_backend, nncf_installed, openvino_installed
-from reranker.backends.cpu import Precision, auto_precision, explicit, native_bf16, torch_native_bf16
+from reranker.backends.cpu import Precision, auto_precision, explicit, native_bf16
 from reranker.errors import ModelLoadError
 from reranker.logs import quiet_libraries
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
@@ -327,7 +327,7 @@ def load_model(settings: Settings) -> ScoringModel:
         model.backend_reason, model.dtype_reason = backend_reason, precision.reason
         if backend == "openvino":
             _use_openvino(model, settings, backend_reason)
-    if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not torch_native_bf16():
+    if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not native_bf16():
         logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
                        "float32", extra={"dtype": precision.dtype})
     _warm_up(model, settings)
@@ -351,9 +351,13 @@ def _warm_up(model: ScoringModel, settings: Settings) -> None:
     try:
         model.score(model.encode([("warm-up query", "warm-up document")]))
     except Exception as err:
-        change = ("set RERANKER_DTYPE=float32" if model.dtype != "float32" else
-                  "check the model, or try RERANKER_BACKEND=torch" if model.backend.name != "torch" else
-                  "check the model")
+        if "out of memory" in str(err).lower():
+            change = "lower RERANKER_BATCH_TOKENS or RERANKER_MAX_LENGTH, or free the device"
+        elif isinstance(err, NotImplementedError) and model.dtype != "float32":  # no kernel at this precision
+            change = "set RERANKER_DTYPE=float32"
+        else:
+            change = "check the model, or try RERANKER_BACKEND=torch" if model.backend.name != "torch" else \
+                "check the model"
         raise ModelLoadError(f"{settings.model} failed its warm-up pass on {model.backend.name} at {model.dtype} "
                              f"({model.dtype_reason}): {type(err).__name__}: {str(err)[:300]}; {change}") from err
 

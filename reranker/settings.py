@@ -184,7 +184,7 @@ def _check_otel(env: Mapping[str, str]) -> None:
     if sampler and sampler.lower() not in OTEL_SAMPLERS:
         raise SettingsError(f"OTEL_TRACES_SAMPLER={sampler!r} is not valid; use one of: {', '.join(OTEL_SAMPLERS)}")
     ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    if sampler.lower().endswith("traceidratio") and not 0 <= _number(ratio) <= 1:
+    if ratio and sampler.lower().endswith("traceidratio") and not 0 <= _number(ratio) <= 1:  # unset: 1.0
         raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r} is not valid for {sampler}: use the share of new "
                             "traces to keep, a number from 0 to 1 (e.g. 0.1)")
 

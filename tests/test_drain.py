@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -29,6 +30,7 @@ from tests.servers import HANG_S, free_port, post_head, serve, wait_ready
 from tests.test_faults import GatedCall, GatedScorer, wait_until
 from web.errors import HttpError
 from web.http import create_app
+from web.lifecycle import Lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAIN_S = 600  # seconds: bounds a hung drain, far beyond what draining this load takes on a loaded machine
@@ -262,7 +264,7 @@ def test_a_request_whose_answer_is_ready_when_a_stop_cuts_it_off_gets_that_answe
     lifecycle = Lifecycle()
     servers: list[service.DrainingServer] = []
     booking, release, asked = threading.Event(), threading.Event(), threading.Event()
-    book, answer_ready = RerankService._book, lifecycle.answer_ready
+    book, answer_ready = RerankService._book, lifecycle.answered_before_cut_off
 
     def held_book(self: RerankService, *args: Any) -> None:  # the call has its answer, and waits here to book it
         booking.set()
@@ -275,7 +277,7 @@ def test_a_request_whose_answer_is_ready_when_a_stop_cuts_it_off_gets_that_answe
         return ready
 
     monkeypatch.setattr(RerankService, "_book", held_book)
-    monkeypatch.setattr(lifecycle, "answer_ready", asked_answer_ready)
+    monkeypatch.setattr(lifecycle, "answered_before_cut_off", asked_answer_ready)
 
     def draining(config: uvicorn.Config) -> uvicorn.Server:
         servers.append(service.DrainingServer(config, lifecycle, DRAIN_S))
@@ -303,47 +305,92 @@ def test_a_request_whose_answer_is_ready_when_a_stop_cuts_it_off_gets_that_answe
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_direct_gradio_api_call_cut_off_while_gradio_preprocesses_it_gets_503(
-        bert_model: ScoringModel, bert_dir: Path, monkeypatch: pytest.MonkeyPatch,
-        capfd: pytest.CaptureFixture[str]) -> None:
-    """Cut off before its handler ran, in Gradio's own preprocessing: Gradio caught the cancellation, answered its
-    500 and printed a traceback, and nothing counted the call."""
-    import asyncio
+class ForcedStop:
+    """The server factory for `serve` (app.py's DrainingServer), and its stop that does not wait (two signals)."""
 
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        self.servers: list[uvicorn.Server] = []
+
+    def __call__(self, config: uvicorn.Config) -> uvicorn.Server:
+        import app as service
+
+        self.servers.append(service.DrainingServer(config, self.lifecycle, DRAIN_S))
+        return self.servers[-1]
+
+    def stop(self) -> None:
+        [server] = self.servers
+        server.handle_exit(signal.SIGTERM, None)
+        server.handle_exit(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("case", ["rerank-preprocessing", "monitoring-preprocessing", "rerank-postprocessing"])
+def test_a_gradio_api_call_cut_off_around_its_handler(bert_model: ScoringModel, bert_dir: Path, case: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """Cut off in Gradio's preprocessing, before its handler ran: Gradio caught the cancellation, answered its 500
+    and printed a traceback, and nothing counted the call; now 503, counted once. A Monitoring refresh cut off
+    there is no rerank, and counts nothing. Cut off in Gradio's postprocessing, after the engine call booked the
+    answer: the client got 503 for a call counted `ok`; now the answer."""
     import gradio as gr
 
-    import app as service
-    from web.lifecycle import Lifecycle
+    from web.gradio_login import find_gradio_app
 
+    step = "preprocess_data" if case.endswith("preprocessing") else "postprocess_data"
+    reached, release = threading.Event(), threading.Event()
+    original = getattr(gr.Blocks, step)
+
+    async def held(self: gr.Blocks, *args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gr.Blocks, step, held)
     lifecycle = Lifecycle()
-    servers: list[service.DrainingServer] = []
-    preprocessing = threading.Event()
+    asked, settle = threading.Event(), lifecycle.answered_before_cut_off
 
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        preprocessing.set()
-        await asyncio.sleep(HANG_S)
+    def asked_to_settle() -> bool:
+        answered = settle()
+        asked.set()
+        return answered
 
-    monkeypatch.setattr(gr.Blocks, "preprocess_data", held)
-
-    def draining(config: uvicorn.Config) -> uvicorn.Server:
-        servers.append(service.DrainingServer(config, lifecycle, DRAIN_S))
-        return servers[-1]
-
+    monkeypatch.setattr(lifecycle, "answered_before_cut_off", asked_to_settle)
+    stop = ForcedStop(lifecycle)
     body, route = CUT_OFF_CALLS["/gradio_api/api/predict"]
+    path = "/gradio_api/api/predict"
     with Reranker(bert_model, model_settings(bert_dir, cache_size=0), metrics=Metrics(CollectorRegistry())) as reranker:
-        with serve(create_app(reranker, ui=True, lifecycle=lifecycle), draining) as url, ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(httpx.post, f"{url}/gradio_api/api/predict", json=body, timeout=HANG_S)
-            assert preprocessing.wait(HANG_S)
-            [server] = servers
-            server.handle_exit(signal.SIGTERM, None)
-            server.handle_exit(signal.SIGTERM, None)
-            response = answer.result(HANG_S)
+        app = create_app(reranker, ui=True, lifecycle=lifecycle)
+        if case.startswith("monitoring"):
+            fns = find_gradio_app(app).get_blocks().fns
+            [index] = [i for i, f in fns.items() if getattr(f.fn, "__name__", "") == "refresh"]
+            path, body = "/gradio_api/run/predict", {"fn_index": index, "data": [], "session_hash": "s"}
+        try:
+            with serve(app, stop) as url, ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(httpx.post, f"{url}{path}", json=body, timeout=HANG_S)
+                assert reached.wait(HANG_S)
+                stop.stop()
+                if step == "postprocess_data":
+                    assert asked.wait(HANG_S)  # the stop's cancellation reached the postprocessing
+                else:
+                    wait_until(lambda: answer.done())
+                release.set()
+                response = answer.result(HANG_S)
+        finally:
+            release.set()
         counted = {labels["status"]: value for labels, value in samples(reranker, "reranker_requests_total")
                    if labels["route"] == route}
-    assert response.status_code == 503 and response.headers["retry-after"], response.text
-    assert "stopped before this request was answered" in response.json()["error"]
-    assert counted == {"error": 1.0}
-    assert "Traceback" not in capfd.readouterr().err
+    err = capfd.readouterr().err
+    if case == "rerank-preprocessing":
+        assert response.status_code == 503 and response.headers["retry-after"], response.text
+        assert "stopped before this request was answered" in response.json()["error"]
+        assert counted == {"error": 1.0}
+    elif case == "monitoring-preprocessing":
+        assert response.status_code == 500 and counted == {}  # as before: not a rerank
+    else:
+        assert response.status_code == 200 and "a" in response.text, response.text
+        assert counted == {"ok": 1.0}
+    assert "Traceback" not in err or case == "monitoring-preprocessing"
 
 
 def test_a_request_scored_after_a_stop_cut_it_off_is_counted_as_the_cut_off_its_client_got(
@@ -360,7 +407,7 @@ def test_a_request_scored_after_a_stop_cut_it_off_is_counted_as_the_cut_off_its_
         service = RerankService(reranker, lifecycle=lifecycle)
         with lifecycle.serving():
             lifecycle.stop()
-            assert not lifecycle.answer_ready()  # no answer yet: settled as cut off
+            assert not lifecycle.answered_before_cut_off()  # no answer yet: settled as cut off
             with pytest.raises(HttpError) as cut_off:
                 service.rerank("/v1/rerank", RerankCall("q", ["a", "b"]))
         counted = {labels["status"]: value for labels, value in samples(reranker, "reranker_requests_total")}

@@ -216,7 +216,7 @@ def test_the_otlp_protocol_is_http_unless_grpc_is_named() -> None:
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("OTEL_TRACES_SAMPLER", "bogus", "use one of: parentbased_always_on"),
     ("OTEL_TRACES_SAMPLER_ARG", "1.5", "a number from 0 to 1"),
-    ("OTEL_TRACES_SAMPLER_ARG", "", "a number from 0 to 1"),
+    ("OTEL_TRACES_SAMPLER_ARG", "half", "a number from 0 to 1"),
     ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "a number above 0"),
     ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "a number above 0"),
 ])

@@ -51,7 +51,7 @@ class LocalBackend:
         service = self.service
         gone = None if request is None else lambda: client_gone(request)
         return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), gone,
-                                     service.lifecycle.answer_ready)
+                                     service.lifecycle.answered_before_cut_off)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)

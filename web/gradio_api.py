@@ -141,6 +141,20 @@ class CountedBlocks(gr.Blocks):
             self._on_refuse(ROUTE, error)
             raise RerankError(error) from None
 
+    async def postprocess_data(self, *args: Any, **kwargs: Any) -> Any:
+        """Gradio's postprocessing after the handler returned, which waits for a worker thread. A stop that cuts a
+        direct API call off here, after its engine call booked the answer, lets it finish, so that its client gets
+        that answer (it got 503, counted `ok`)."""
+        work = asyncio.ensure_future(super().postprocess_data(*args, **kwargs))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if self._lifecycle is None or not self._lifecycle.answered_before_cut_off():
+                work.cancel()
+                raise
+            handled_cancellation()
+            return await work
+
     def _lines(self, handler: Callable[..., Any], inputs: list[Any]) -> list[Any]:
         """A list given for a text input of lines becomes those lines; a Textbox would make it its repr."""
         positions = [i for i in self._counted.get(handler, ()) if i < len(inputs) and isinstance(inputs[i], list)]
@@ -161,6 +175,8 @@ class CountedBlocks(gr.Blocks):
         # the id and trace of the request that queued it.
         if kwargs.get("event_id") in self._queue.event_ids_to_events:
             self._started.add(kwargs["event_id"])
+        block_fn = kwargs["block_fn"] if "block_fn" in kwargs else args[0]
+        handler = getattr(self.fns.get(block_fn) if isinstance(block_fn, int) else block_fn, "fn", None)
         request = kwargs.get("request")
         try:
             with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
@@ -172,9 +188,10 @@ class CountedBlocks(gr.Blocks):
             raise
         except asyncio.CancelledError:
             # A stop that does not wait cut off a direct API call before its handler ran (Gradio still preprocessing
-            # it): Gradio answered its 500 and printed a traceback. The handler answers its own (web/ui.py).
+            # it): Gradio answered its 500 and printed a traceback. The handler answers its own (web/ui.py). Only
+            # the rerank handler's calls are counted: a cut-off Monitoring refresh is none.
             lifecycle, served = self._lifecycle, current_served()
-            if lifecycle is None or not lifecycle.stopping or served is None:
+            if handler not in self._counted or lifecycle is None or not lifecycle.stopping or served is None:
                 raise
             handled_cancellation()
             error = lifecycle.cut_off(served, partial(self._on_refuse, ROUTE))

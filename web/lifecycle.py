@@ -111,10 +111,11 @@ class Lifecycle:
             book(error)
         return error
 
-    def answer_ready(self) -> bool:
-        """Asked when a stop cancels the current request's wait for its engine call (its task, or a UI event's):
-        True if that call already has the answer, which is then sent and booked as it is. Otherwise the request is
-        settled as cut off: its client is answered 503, and its call, ending later, books that too."""
+    def answered_before_cut_off(self) -> bool:
+        """Settles the current request when a stop cancels it while its answer may be under way (its wait for its
+        engine call, Gradio's postprocessing): True if the engine call already had the answer, which is then sent
+        as it was booked. Otherwise, and from then on, the request is cut off: its client is answered 503, and
+        its call, ending later, books that too. Not a question to ask twice: it decides."""
         served = current_served()
         return self.stopping and served is not None and not served.settle(CUT)
 

@@ -11,8 +11,10 @@ from fastapi import FastAPI
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.propagators import TraceResponsePropagator
+from opentelemetry.trace import Status, StatusCode
 
 from reranker.tracing import Tracing
+from web.errors import CLIENT_CLOSED
 from web.middleware import App, Message, Receive, Scope, Send
 from web.request_id import bound_request_id, current_request_id, given_request_id
 
@@ -109,5 +111,12 @@ def ui_span(tracing: Tracing, headers: Mapping[str, str] | None) -> Iterator[Non
         yield
         return
     parent = None if trace.get_current_span().get_span_context().is_valid else propagate.extract(headers or {})
-    with tracing.tracer.start_as_current_span(UI_SPAN, context=parent):
-        yield
+    with tracing.tracer.start_as_current_span(UI_SPAN, context=parent, record_exception=False,
+                                              set_status_on_exception=False) as span:
+        try:
+            yield
+        except Exception as err:  # as reranker.spans records it: a cancellation (499) is no ERROR
+            span.record_exception(err)
+            if getattr(err, "status", None) != CLIENT_CLOSED:
+                span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+            raise

@@ -109,7 +109,7 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycl
             try:
                 return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction,
                                                                     raw_scores, file, request, cancel=cancel),
-                                             answer_ready=lifecycle.answer_ready)
+                                             answer_ready=lifecycle.answered_before_cut_off)
             except asyncio.CancelledError:
                 if not lifecycle.stopping:
                     raise

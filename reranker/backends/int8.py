@@ -101,7 +101,8 @@ def quantize(graph: ov.Model, samples: list[dict[str, np.ndarray]], mode: str) -
                              f"imported ({err}): pip install -r requirements.txt") from err
     quiet_libraries()  # nncf, imported just now, logs to stdout in plain text at INFO
     # Its progress bars and tables (rich) print to the console, between the JSON lines of the log; the log's
-    # handler holds the real stdout.
+    # handler holds the real stdout. The redirection is the whole process's, but this runs at start, before
+    # anything is served, and the other threads then (the metrics server) write through the log.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if mode == "weights":
             return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
