@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from reranker.backends.corpus import build_workload
 from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
-from reranker.logs import quiet_libraries
 from reranker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -99,17 +98,34 @@ def quantize(graph: ov.Model, samples: list[dict[str, np.ndarray]], mode: str) -
     except ImportError as err:
         raise ModelLoadError("RERANKER_DTYPE=int8 needs the nncf package, which quantizes the model and cannot be "
                              f"imported ({err}): pip install -r requirements.txt") from err
-    quiet_libraries()  # nncf, imported just now, logs to stdout in plain text at INFO
-    # Its progress bars and tables (rich) print to the console, between the JSON lines of the log; the log's
-    # handler holds the real stdout. The redirection is the whole process's, but this runs at start, before
-    # anything is served, and the other threads then (the metrics server) write through the log.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    # nncf logs to stdout in plain text at INFO, and prints progress bars and tables (rich) to the console, between
+    # the JSON lines of the log; the log's handler holds the real stdout. The redirection is the whole process's,
+    # but this runs at start, before anything is served, and the other threads then (the metrics server) write
+    # through the log.
+    with _nncf_through_the_log(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
         if mode == "weights":
             return nncf.compress_weights(graph.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
         # validate=False: a pattern that matches nothing in this architecture is not an error.
         keep = nncf.IgnoredScope(patterns=list(KEEP_FLOAT), validate=False)
         return nncf.quantize(graph.clone(), nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                              subset_size=len(samples), ignored_scope=keep)
+
+
+@contextlib.contextmanager
+def _nncf_through_the_log() -> Iterator[None]:
+    """nncf's logger through the process's own handlers, at WARNING, while it quantizes; as it was after."""
+    nncf_logger = logging.getLogger("nncf")
+    handlers, propagate, level = list(nncf_logger.handlers), nncf_logger.propagate, nncf_logger.level
+    nncf_logger.handlers.clear()
+    nncf_logger.propagate = True
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_logger.handlers[:] = handlers
+        nncf_logger.propagate = propagate
+        nncf_logger.setLevel(level)
 
 
 def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel) -> list[float]:
