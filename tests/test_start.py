@@ -25,6 +25,18 @@ def start(env_overrides: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen[s
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, which must end it cleanly; killed if it is still running after a failure."""
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=HANG_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=HANG_S)
+
+
 def test_start_sh_serves_a_local_model_and_stops_on_sigterm(bert_dir: Path) -> None:
     port = free_port()
     # Nothing is in flight at the signal, so the process stops at once, not after this drain deadline: waiting
@@ -66,29 +78,23 @@ def test_port_0_serves_on_a_free_port_and_says_which(bert_dir: Path) -> None:
         port = int(serving.rstrip("/").rsplit(":", 1)[-1])
         assert port != 0
         wait_ready(f"http://127.0.0.1:{port}")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=HANG_S) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=HANG_S)
+        stop(process)
 
 
 def test_relative_paths_are_the_callers_not_the_project_folders(bert_dir: Path, tmp_path: Path) -> None:
     """start.sh moves to its own folder, where `RERANKER_MODEL=tiny-bert-reranker` named nothing."""
     port = free_port()
-    process = start({"RERANKER_MODEL": bert_dir.name, "RERANKER_PORT": str(port),
-                     "RERANKER_CACHE_DIR": "cache"}, cwd=bert_dir.parent)
+    cache = os.path.relpath(tmp_path / "cache", bert_dir.parent)
+    process = start({"RERANKER_MODEL": bert_dir.name, "RERANKER_PORT": str(port), "RERANKER_CACHE_DIR": cache},
+                    cwd=bert_dir.parent)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         assert httpx.get(f"{url}/info", timeout=HANG_S).json()["model"] == str(bert_dir)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=HANG_S) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=HANG_S)
+        stop(process)
+    assert (tmp_path / "cache" / "openvino").is_dir()
 
 
 def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:
