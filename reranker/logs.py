@@ -15,11 +15,11 @@ from pythonjsonlogger.json import JsonFormatter
 
 # Libraries that install handlers of their own or print progress bars; all of them go through ours.
 THIRD_PARTY = ("uvicorn", "uvicorn.error", "uvicorn.access", "transformers", "sentence_transformers",
-               "huggingface_hub", "gradio", "httpx", "httpcore", "werkzeug", "torch", "nncf", "py.warnings")
+               "huggingface_hub", "gradio", "httpx", "httpcore", "werkzeug", "torch", "py.warnings")
 # Per-request access lines would duplicate our own request lines (and every scrape); the libraries'
 # INFO chatter (config dumps, compile stats) would drown them. DEBUG lets all of it through.
 QUIET = ("uvicorn.access", "werkzeug", "httpx", "httpcore", "transformers", "sentence_transformers",
-         "huggingface_hub", "gradio", "torch", "nncf")
+         "huggingface_hub", "gradio", "torch")
 
 
 class _DropColor(logging.Filter):
@@ -60,10 +60,11 @@ _library_level: int | None = None  # set by setup_logging
 
 def quiet_libraries() -> None:
     """The libraries' loggers through the JSON root, the chatty ones at WARNING (all of it at DEBUG), and no
-    progress bars. transformers and nncf install handlers of their own when they are imported, and importing
-    transformers takes a second that a start from the conversion cache does without: so only those already
-    imported are set here, and the code that imports one later calls this again. Nothing before setup_logging:
-    a process that did not set up this logging (a benchmark, a library user) keeps its own."""
+    progress bars. transformers installs a handler of its own when it is imported, and importing it takes a
+    second that a start from the conversion cache does without: so it is set here only once imported, and the
+    code that imports it calls this again. (nncf is routed while it quantizes: reranker/backends/int8.py; a
+    logger named for it here, before its import, would lack the logger class it needs.) Nothing before
+    setup_logging: a process that did not set up this logging (a benchmark, a library user) keeps its own."""
     if _library_level is None:
         return
     for name in THIRD_PARTY:
