@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -113,27 +113,13 @@ def main() -> int:
 READ_ELSEWHERE = ("RERANKER_RAY_METRICS_PORT", "RERANKER_BENCH_MINILM_DIR")
 
 
-class _Asked(dict[str, str]):
-    """An empty environment that records each name Settings.from_env asks it for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.names.add(key)
-        return default
-
-
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A warning for each RERANKER_* variable that nothing reads, a misspelt one most likely (RERANKER_DTYPES
     would otherwise be ignored without a word), naming the closest variable that is read."""
-    from reranker.settings import Settings
+    from reranker.settings import variables_read
 
     env = os.environ if environ is None else environ
-    asked = _Asked()
-    Settings.from_env(asked)
-    known = sorted(asked.names.union(READ_ELSEWHERE))
+    known = sorted(variables_read().union(READ_ELSEWHERE))
     warnings = []
     for name in sorted(key for key in env if key.startswith("RERANKER_") and key not in known):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)

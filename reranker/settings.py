@@ -6,7 +6,7 @@ import math
 import os
 import pwd
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -134,6 +134,30 @@ class Settings:
             tracing=tracing,
             tracing_protocol=tracing_protocol,
         )
+
+
+class _RecordingEnv(Mapping[str, str]):
+    """An empty environment that remembers every variable looked up in it."""
+
+    def __init__(self) -> None:
+        self.looked_up: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.looked_up.add(key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def variables_read() -> set[str]:
+    """Every environment variable Settings.from_env looks up (it looks every one up, set or not)."""
+    env = _RecordingEnv()
+    Settings.from_env(env)
+    return env.looked_up
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:

@@ -62,12 +62,12 @@ def outcome(err: BaseException) -> str:
     return "invalid" if isinstance(err, ValidationError) else "error"
 
 
-def fail(span: Span, err: BaseException) -> None:
+def fail(span: Span, err: BaseException, *, cancelled: bool | None = None) -> None:
     """Record an exception on a span (type and message, which never hold request text) with status ERROR; a
-    cancellation (its caller left) is recorded without the status: the service did not fail, as the 499 of the
-    HTTP server span says too."""
+    cancellation (its caller left: by default a CancelledError) is recorded without the status: the service did
+    not fail, as the 499 of the HTTP server span says too."""
     span.record_exception(err)
-    if not isinstance(err, CancelledError):
+    if not (isinstance(err, CancelledError) if cancelled is None else cancelled):
         span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
 
 

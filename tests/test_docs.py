@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from reranker import Settings
+from reranker.settings import variables_read
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -19,28 +19,9 @@ TABLE_HEADING = "## Service settings"
 NAME = re.compile(r"(?<![A-Za-z0-9_])RERANKER_[A-Z0-9]+(?:_[A-Z0-9]+)*")
 
 
-class RecordingEnv(Mapping[str, str]):
-    """An empty environment that remembers every variable looked up in it."""
-
-    def __init__(self) -> None:
-        self.looked_up: set[str] = set()
-
-    def __getitem__(self, key: str) -> str:
-        self.looked_up.add(key)
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 def settings_variables() -> set[str]:
     """The RERANKER_* variables Settings.from_env looks up (it looks every one up, set or not)."""
-    env = RecordingEnv()
-    Settings.from_env(env)
-    return {name for name in env.looked_up if NAME.fullmatch(name)}
+    return {name for name in variables_read() if NAME.fullmatch(name)}
 
 
 def table_rows(markdown: str, heading: str) -> list[list[str]]:

@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 
 from web.cancel import handled_cancellation
 from web.errors import HttpError, client_left
-from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, current_served
+from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
 from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
 from web.tracing import request_context
 
@@ -54,6 +54,13 @@ class RerankError(gr.Error):
         # Already one JSON log line; Gradio would add a traceback on stderr for every bad input.
         super().__init__(error.message, print_exception=False)
         self.status = error.status
+
+
+def cut_off(lifecycle: Lifecycle, served: Served, on_refuse: OnRefuse) -> RerankError:
+    """The answer to a Gradio call that a stop which does not wait cut off (its cancellation caught and dealt
+    with): 503 `shutting_down`, booked on the UI's route unless its engine call claimed it first."""
+    handled_cancellation()
+    return RerankError(lifecycle.cut_off(served, partial(on_refuse, ROUTE)))
 
 
 class _EventTable(dict[str, Event]):
@@ -179,26 +186,22 @@ class CountedBlocks(gr.Blocks):
         handler = getattr(self.fns.get(block_fn) if isinstance(block_fn, int) else block_fn, "fn", None)
         request = kwargs.get("request")
         try:
-            with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
-                return await super().process_api(*args, **kwargs)
+            try:
+                with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
+                    return await super().process_api(*args, **kwargs)
+            except asyncio.CancelledError:
+                # A stop that does not wait cut off a direct API call before its handler ran (Gradio still
+                # preprocessing it): Gradio answered its 500 and printed a traceback. The handler answers its own
+                # (web/ui.py). Only the rerank handler's calls are counted: a cut-off Monitoring refresh is none.
+                lifecycle, served = self._lifecycle, current_served()
+                if handler not in self._counted or lifecycle is None or not lifecycle.stopping or served is None:
+                    raise
+                raise cut_off(lifecycle, served, self._on_refuse) from None
         except RerankError as err:
             outcome = _outcome.get()
             if outcome is not None:
                 outcome["status"] = err.status
             raise
-        except asyncio.CancelledError:
-            # A stop that does not wait cut off a direct API call before its handler ran (Gradio still preprocessing
-            # it): Gradio answered its 500 and printed a traceback. The handler answers its own (web/ui.py). Only
-            # the rerank handler's calls are counted: a cut-off Monitoring refresh is none.
-            lifecycle, served = self._lifecycle, current_served()
-            if handler not in self._counted or lifecycle is None or not lifecycle.stopping or served is None:
-                raise
-            handled_cancellation()
-            error = lifecycle.cut_off(served, partial(self._on_refuse, ROUTE))
-            outcome = _outcome.get()
-            if outcome is not None:
-                outcome["status"] = error.status
-            raise RerankError(error) from None
 
 
 def json_safe_validation_errors(gradio: FastAPI) -> None:

@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.propagators import TraceResponsePropagator
-from opentelemetry.trace import Status, StatusCode
 
+from reranker import spans
 from reranker.tracing import Tracing
 from web.errors import CLIENT_CLOSED
 from web.middleware import App, Message, Receive, Scope, Send
@@ -115,8 +115,6 @@ def ui_span(tracing: Tracing, headers: Mapping[str, str] | None) -> Iterator[Non
                                               set_status_on_exception=False) as span:
         try:
             yield
-        except Exception as err:  # as reranker.spans records it: a cancellation (499) is no ERROR
-            span.record_exception(err)
-            if getattr(err, "status", None) != CLIENT_CLOSED:
-                span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+        except Exception as err:  # the handler's errors carry their HTTP status: a cancellation is 499
+            spans.fail(span, err, cancelled=getattr(err, "status", None) == CLIENT_CLOSED)
             raise

@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import gradio as gr
 
 from reranker import RerankResult, Settings, ValidationError
-from web.cancel import handled_cancellation, run_cancellable
+from web.cancel import run_cancellable
 from web.errors import HttpError, to_http_error
-from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError
+from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off
 from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.service import RerankCall, RerankService, split_lines
@@ -113,8 +112,7 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycl
             except asyncio.CancelledError:
                 if not lifecycle.stopping:
                     raise
-                handled_cancellation()
-                raise RerankError(lifecycle.cut_off(served, partial(refused, ROUTE))) from None
+                raise cut_off(lifecycle, served, refused) from None
 
     return rerank
 
