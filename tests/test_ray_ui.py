@@ -90,9 +90,13 @@ def test_the_ui_reranks_through_the_model_replicas(cluster: LocalRay, bert_dir: 
     assert bad.status_code == 400
     own = ReplicaView("ui", metrics_snapshot(Metrics(CollectorRegistry())), [], kind=KIND_UI)
     replicas = Replicas("reranker", lambda: own)
-    wait_for(lambda: replicas.snapshot().requests["invalid"] >= 1, 10, "the ingress's view with its 400")
-    assert replicas.snapshot().requests["ok"] >= 1
-    assert {"ui", "/v1/rerank"} <= {r.route for r in replicas.latest()}
+    # Each replica publishes on its own one-second tick, so the ingress's 400 can be in the store before the model
+    # replica's next view carries the UI's event: wait for both.
+    def both_views() -> bool:
+        requests = replicas.snapshot().requests
+        return requests["invalid"] >= 1 and requests["ok"] >= 1 and {"ui", "/v1/rerank"} <= {
+            r.route for r in replicas.latest()}
+    wait_for(both_views, HANG_S, "the model replica's view with the UI's call and the ingress's with its 400")
     assert sorted(view.kind for view in replicas.refresh()) == ["ingress", "model", "ui"]
 
 
