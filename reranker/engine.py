@@ -159,15 +159,17 @@ class Reranker:
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None, *,
-                        max_doc_tokens: int | None = None) -> RerankResult:
+                        max_doc_tokens: int | None = None, documents_field: str = "documents") -> RerankResult:
         """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
 
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
         CancelledError. `max_doc_tokens` cuts each document to its first N tokens before anything else
-        (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated."""
+        (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated. `documents_field` is the name the
+        caller's API gives the documents (TEI's `texts`), for validation messages."""
         with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span:
             try:
-                result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens)
+                result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
+                                      documents_field)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
@@ -175,10 +177,11 @@ class Reranker:
             return result
 
     def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
-                raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None) -> RerankResult:
+                raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None,
+                documents_field: str) -> RerankResult:
         started = time.perf_counter()
         with spans.step(self._tracer, spans.VALIDATE):
-            self.validate(query, documents, top_n, instruction, max_doc_tokens)
+            self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
         # A full queue refuses before any tokenizer pass, and the room is held until the pairs are queued: a
@@ -252,9 +255,11 @@ class Reranker:
         return RerankResult(results, stats)
 
     def validate(self, query: object, documents: object, top_n: object = None,
-                 instruction: object = None, max_doc_tokens: object = None) -> None:
+                 instruction: object = None, max_doc_tokens: object = None, *,
+                 documents_field: str = "documents") -> None:
         """Raise ValidationError (LimitExceededError for sizes) saying what to change."""
-        validate_request(self.settings, self.model, query, documents, top_n, instruction, max_doc_tokens)
+        validate_request(self.settings, self.model, query, documents, top_n, instruction, max_doc_tokens,
+                         documents_field=documents_field)
 
     def _clip(self, documents: Sequence[str], max_doc_tokens: int | None) -> tuple[Sequence[str], set[int]]:
         """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut."""

@@ -186,6 +186,19 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     assert post(url, "/v1/rerank", {"query": "still", "documents": ["alive"]}).status_code == 200
 
 
+@pytest.mark.parametrize(("texts", "message"), [
+    ([], "texts is empty"),
+    ([1, 2], "texts[0] must be a string"),
+    (["ok", "a\u0000"], "texts[1] contains a NUL character"),
+    (["a\udc00"], "texts[0] is not valid Unicode"),
+    (["ok", BIG], "texts[1] has"),
+])
+def test_tei_errors_name_the_texts_field(url: str, texts: list[Any], message: str) -> None:
+    """A TEI client sent `texts`: an error about them says `texts`, not this API's `documents`."""
+    error = post(url, "/rerank", {"query": "q", "texts": texts}).json()["error"]
+    assert error["message"].startswith(message) and "documents[" not in error["message"], error
+
+
 @pytest.mark.parametrize(
     ("case", "content", "status"),
     [
