@@ -333,6 +333,21 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
                 assert read - exported == set()
                 for expr in dashboard_exprs(load_dashboard()):
                     api(url, "query", query=as_promql(expr))
+                # With traffic and no failure yet, the ratio panels show 0, not "No data": a series such as
+                # status="error" exists only from its first request, here and on Ray Serve alike.
+                (ratios,) = [panel for panel in load_dashboard()["panels"]
+                             if panel["title"] == "Error and overload ratio"]
+
+                def ratio_values() -> list[str]:
+                    # Traffic across scrapes: a counter that did not move between two has a rate of 0, and 0/0.
+                    response = httpx.post(f"{app_url}/v1/rerank", json={"query": "cache", "documents": ["a"]},
+                                          timeout=HANG_S)
+                    assert response.status_code == 200, response.text
+                    values = [[sample["value"][1] for sample in api(url, "query", query=as_promql(target["expr"]))[
+                        "result"]] for target in ratios["targets"]]
+                    return values if all(values) and "NaN" not in str(values) else []
+
+                assert wait_for("the error and overload ratios", ratio_values) == [["0"], ["0"]]
                 # The per-replica panels with All selected show the one process, which has no replica label.
                 (inflight,) = [panel for panel in load_dashboard()["panels"] if panel["title"] == "In-flight requests"]
                 (series,) = api(url, "query", query=as_promql(inflight["targets"][0]["expr"]))["result"]
