@@ -298,6 +298,8 @@ def test_a_queued_gradio_call_is_logged_under_its_requests_id_and_trace(
     assert lines["queued-ok"].status == "ok" and lines["queued-bad"].status == "invalid"  # type: ignore[attr-defined]
     for request_id in calls:
         assert lines[request_id].trace_id == CALLER_TRACE and lines[request_id].span_id  # type: ignore[attr-defined]
+    # The refused call is timed from when Gradio's queue took it up, as the handler's calls are from their start.
+    assert lines["queued-bad"].latency_ms > 0  # type: ignore[attr-defined]
 
 
 def test_tracing_off_makes_no_span_and_exports_nothing(bert_model: ScoringModel, bert_dir: Path, metrics: Metrics,

@@ -186,17 +186,18 @@ class CountedBlocks(gr.Blocks):
         handler = getattr(self.fns.get(block_fn) if isinstance(block_fn, int) else block_fn, "fn", None)
         request = kwargs.get("request")
         try:
-            try:
-                with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
+            with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
+                try:
                     return await super().process_api(*args, **kwargs)
-            except asyncio.CancelledError:
-                # A stop that does not wait cut off a direct API call before its handler ran (Gradio still
-                # preprocessing it): Gradio answered its 500 and printed a traceback. The handler answers its own
-                # (web/ui.py). Only the rerank handler's calls are counted: a cut-off Monitoring refresh is none.
-                lifecycle, served = self._lifecycle, current_served()
-                if handler not in self._counted or lifecycle is None or not lifecycle.stopping or served is None:
-                    raise
-                raise cut_off(lifecycle, served, self._on_refuse) from None
+                except asyncio.CancelledError:
+                    # A stop that does not wait cut off a direct API call before its handler ran (Gradio still
+                    # preprocessing it): Gradio answered its 500 and printed a traceback. The handler answers its
+                    # own (web/ui.py). Only the rerank handler's calls are counted: a cut-off Monitoring refresh is
+                    # none.
+                    lifecycle, served = self._lifecycle, current_served()
+                    if handler not in self._counted or lifecycle is None or not lifecycle.stopping or served is None:
+                        raise
+                    raise cut_off(lifecycle, served, self._on_refuse) from None
         except RerankError as err:
             outcome = _outcome.get()
             if outcome is not None:

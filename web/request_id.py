@@ -76,10 +76,15 @@ def given_request_id(headers: Mapping[str, str] | None) -> str | None:
 
 
 @contextmanager
-def bound_request_id(request_id: str) -> Iterator[None]:
-    """Serve a request whose id was bound elsewhere (a Ray Serve replica, behind the ingress that bound it)."""
-    token = _current.set(request_id)
+def bound_request_id(request_id: str | None, arrived: float | None = None) -> Iterator[None]:
+    """Serve a request whose id was bound elsewhere (a Ray Serve replica, behind the ingress that bound it; a
+    Gradio event, apart from the request that queued it), and, given `arrived` (time.perf_counter), time it."""
+    token = _current.set(request_id) if request_id is not None else None
+    since = _arrived.set(arrived) if arrived is not None else None
     try:
         yield
     finally:
-        _current.reset(token)
+        if since is not None:
+            _arrived.reset(since)
+        if token is not None:
+            _current.reset(token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -87,16 +88,15 @@ def _name_mounted(span: trace.Span, scope: dict[str, Any]) -> None:
 def request_context(headers: Mapping[str, str] | None, traced: bool) -> Iterator[None]:
     """For a Gradio event run by its queue, apart from the request that queued it: that request's id and, when
     `traced`, its trace context, from the headers RequestIdMiddleware and TraceContext left on it, so that what
-    the event books (a refusal by Gradio's preprocessing, the handler's call) carries them. Inside the request
-    itself, nothing."""
+    the event books (a refusal by Gradio's preprocessing, the handler's call) carries them; a refusal is timed
+    from here, as the handler's call is from its start (Gradio's queue wait left out). Inside the request itself,
+    nothing."""
     if current_request_id() is not None:
         yield
         return
-    request_id = given_request_id(headers)
     parent = propagate.extract(headers or {}) if traced else None
     with ExitStack() as stack:
-        if request_id is not None:
-            stack.enter_context(bound_request_id(request_id))
+        stack.enter_context(bound_request_id(given_request_id(headers), arrived=time.perf_counter()))
         if parent is not None and trace.get_current_span(parent).get_span_context().is_valid:
             token = context.attach(parent)
             stack.callback(context.detach, token)
