@@ -134,7 +134,10 @@ class Clients:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.gradio = Client(server.url, verbose=False, analytics_enabled=False)
+        # gradio_client's own POSTs (queue/join) default to httpx's 5 s, which 32 clients on two saturated cores
+        # came within 2.3x of on a quiet machine.
+        self.gradio = Client(server.url, verbose=False, analytics_enabled=False,
+                             httpx_kwargs={"timeout": httpx.Timeout(TIMEOUT)})
         self._local = threading.local()
         self._all: list[httpx.Client] = []
         self._lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,37 @@ HANG_S = 120.0  # seconds: tests wait this long only for what hangs, never for w
 START_S = 600.0
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports begin: the ports bind(0) and outgoing connections take."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_FIRST_PORT = 20000  # above Ray's worker ports (10002-19999 by default)
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, below the ephemeral range and never given before in this process: a port from
+    bind(0) is released at once, and a later bind(0) (another call, or Ray starting its servers) could take it
+    again before its user binds it."""
+    rng = random.SystemRandom()
+    last = max(_ephemeral_start(), _FIRST_PORT + 1000)
+    with _given_lock:
+        while True:
+            port = rng.randrange(_FIRST_PORT, last)
+            if port in _given:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _given.add(port)
+            return port
 
 
 @contextmanager

@@ -147,8 +147,8 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
     with Reranker(bert_model, settings, metrics=metrics, score_fn=slow) as reranker:
         first = threading.Thread(target=reranker.rerank, args=("q", [f"doc {i}" for i in range(8)]))
         first.start()
-        wait_until(lambda: reranker.queued_pairs == 8)
-        assert metrics.registry.get_sample_value("reranker_queue_pairs") == 8
+        # The count and the gauge are set one after the other: wait for both.
+        wait_until(lambda: reranker.queued_pairs == 8 == metrics.registry.get_sample_value("reranker_queue_pairs"))
         counted = {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
             ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
         with monkeypatch.context() as patch:

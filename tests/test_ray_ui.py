@@ -43,9 +43,17 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(bert_dir: Path, gate: Path) -> Iterator[LocalRay]:
+    from deploy.ray.panel import KIND_INGRESS, KIND_MODEL, published
+
+    config = gated(app_config(bert_dir, replicas=1, ui=True, RERANKER_UI_AUTH=f"{USER}:{PASSWORD}",
+                              RERANKER_MAX_BODY_BYTES=str(MAX_BODY)), gate)
     with local_ray({}) as running:
-        deploy(gated(app_config(bert_dir, replicas=1, ui=True, RERANKER_UI_AUTH=f"{USER}:{PASSWORD}",
-                                RERANKER_MAX_BODY_BYTES=str(MAX_BODY)), gate), "ui")
+        # The model application first, until both its replicas have published a view: the UI's card counts the
+        # replicas once as it starts, and the tests below go through that application's ingress.
+        deploy({**config, "applications": config["applications"][:1]}, "reranker")
+        wait_for(lambda: {view.kind for view in published("reranker").values()} >= {KIND_MODEL, KIND_INGRESS},
+                 HANG_S, "the model replica's and the ingress's views")
+        deploy(config, "ui")  # the same model application: Serve leaves it as it is
         yield running
 
 
@@ -86,7 +94,7 @@ def test_the_ui_reranks_through_the_model_replicas(cluster: LocalRay, bert_dir: 
     # What the Monitoring tab reads each tick: the views the replicas publish. The model replica booked the event;
     # the ingress, a bad request it answered itself (which the tab once missed).
     bad = httpx.post(f"{cluster.url}/v1/rerank", content=b"{bad",
-                     headers={**HEADERS, "content-type": "application/json"})
+                     headers={**HEADERS, "content-type": "application/json"}, timeout=HANG_S)
     assert bad.status_code == 400
     own = ReplicaView("ui", metrics_snapshot(Metrics(CollectorRegistry())), [], kind=KIND_UI)
     replicas = Replicas("reranker", lambda: own)
