@@ -7,7 +7,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -189,7 +189,7 @@ class Reranker:
         with self._batcher.room() as room:
             if self._clips(max_doc_tokens):
                 room.need(len(documents))
-            texts, clipped = self._clip(documents, max_doc_tokens)
+            texts, clipped = self._clip(documents, max_doc_tokens, cancel)
             with spans.step(self._tracer, spans.CACHE) as span:
                 keys = [self._key(query, text, instruction) for text in texts]
                 logits: list[float | None] = [self._cache.get(key) for key in keys]
@@ -201,7 +201,7 @@ class Reranker:
                 plan = _Plan()
                 if missing:
                     plan = self._plan(query, [texts[i] for i in missing], instruction,
-                                      {slot for slot, i in enumerate(missing) if i in clipped}, cancel)
+                                      {slot for slot, i in enumerate(missing) if i in clipped}, cancel, room.need)
                 spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
             given_up(cancel)
             job = room.submit(plan.pairs)
@@ -261,12 +261,17 @@ class Reranker:
         validate_request(self.settings, self.model, query, documents, top_n, instruction, max_doc_tokens,
                          documents_field=documents_field)
 
-    def _clip(self, documents: Sequence[str], max_doc_tokens: int | None) -> tuple[Sequence[str], set[int]]:
-        """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut."""
+    def _clip(self, documents: Sequence[str], max_doc_tokens: int | None,
+              cancel: threading.Event | None = None) -> tuple[Sequence[str], set[int]]:
+        """The texts to score (documents cut to `max_doc_tokens`) and the positions of those that were cut; a slice
+        at a time, raising CancelledError between slices once `cancel` is set, as the tokenizing does."""
         if max_doc_tokens is None or not self._clips(max_doc_tokens):
             return documents, set()
         with spans.step(self._tracer, spans.CLIP) as span:
-            cuts = self._clipper.clip(documents, max_doc_tokens)
+            cuts: list[str | None] = []
+            for start, end in char_slices(documents, SLICE_CHARS):
+                given_up(cancel)
+                cuts += self._clipper.clip(documents[start:end], max_doc_tokens)
             clipped = {i for i, cut in enumerate(cuts) if cut is not None}
             span.set_attribute("reranker.clipped", len(clipped))
         return [doc if cut is None else cut for doc, cut in zip(documents, cuts, strict=True)], clipped
@@ -296,11 +301,14 @@ class Reranker:
         return encoded
 
     def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
-              clipped: set[int] | None = None, cancel: threading.Event | None = None) -> _Plan:
+              clipped: set[int] | None = None, cancel: threading.Event | None = None,
+              need: Callable[[int], None] | None = None) -> _Plan:
         """Tokenize each document once; count truncations or split long ones into windows.
 
         `clipped`: positions of documents already cut short (max_doc_tokens), counted as truncated. Setting
-        `cancel` stops the tokenizing within a slice (CancelledError)."""
+        `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after each slice
+        of documents, how many passes the request needs at least so far: in chunk mode a long document's windows
+        are known only once it is tokenized, and a request that cannot fit is refused then, not at the end."""
         clipped = clipped or set()
         encoder = self.model.encoder
         max_length = self.model.max_length
@@ -322,17 +330,22 @@ class Reranker:
         chunks: list[str] = []
         chunk_owners: list[int] = []
         window = room - CHUNK_MARGIN
-        for i, encoded in enumerate(self._encode(query, documents, instruction, cancel, offsets=chunking)):
-            if encoded.fits or not chunking:
-                plan.truncated += not encoded.fits or i in clipped
-                plan.pairs.append(encoded.pair)
-                plan.owners.append(i)
-                continue
-            plan.chunked += 1
-            assert encoded.offsets is not None
-            for start, end in window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP)):
-                chunks.append(documents[i][start:end])
-                chunk_owners.append(i)
+        for first, last in char_slices(documents, SLICE_CHARS):
+            given_up(cancel)
+            encoded_slice = self.model.encoder.encode(query, documents[first:last], instruction, offsets=chunking)
+            for i, encoded in enumerate(encoded_slice, first):
+                if encoded.fits or not chunking:
+                    plan.truncated += not encoded.fits or i in clipped
+                    plan.pairs.append(encoded.pair)
+                    plan.owners.append(i)
+                    continue
+                plan.chunked += 1
+                assert encoded.offsets is not None
+                for start, end in window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP)):
+                    chunks.append(documents[i][start:end])
+                    chunk_owners.append(i)
+            if need is not None and chunks:  # without chunks, the documents' count held already
+                need(len(plan.pairs) + len(chunks) + len(documents) - last)
         if chunks:
             encoded_chunks = self._encode(query, chunks, instruction, cancel)
             # A window that still does not fit once tokenized on its own lost its end: say so.

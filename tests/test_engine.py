@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
+from tests.servers import HANG_S
+from tests.test_faults import GatedCall
 
 
 class CountingScorer:
@@ -183,3 +188,54 @@ def test_tokenizing_in_slices_scores_as_in_one(any_model: ScoringModel, document
     np.testing.assert_allclose([r.score for r in sliced.results], [r.score for r in whole.results], atol=1e-6)
     assert (sliced.stats.truncated, sliced.stats.chunked, sliced.stats.tokens) == \
         (whole.stats.truncated, whole.stats.chunked, whole.stats.tokens)
+
+
+# Twelve documents of about 1,560 characters: two to a slice of 3,200.
+CLIPPED = [f"document {i} " + "about cache servers and rivers " * 50 for i in range(12)]
+
+
+def test_a_cut_to_max_doc_tokens_stops_at_the_next_slice_once_cancelled(bert_model: ScoringModel, bert_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v2/rerank's max_tokens_per_doc cut every document in one tokenizer call that never looked at the cancel:
+    a client that left, or a stop, waited for it (17 s for 1000 documents of 1500 words)."""
+    from reranker import engine
+    from reranker.errors import CancelledError
+
+    monkeypatch.setattr(engine, "SLICE_CHARS", 3200)
+    cancel = threading.Event()
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0)) as reranker:
+        clipper = GatedCall(reranker._clipper, "clip", monkeypatch, lambda documents, *_: len(documents))
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(reranker.rerank_detailed, "cache", CLIPPED, cancel=cancel, max_doc_tokens=8)
+            assert clipper.first_batch.wait(HANG_S)  # cutting the first slice
+            cancel.set()
+            clipper.gate.set()
+            with pytest.raises(CancelledError):
+                call.result(HANG_S)
+        assert clipper.calls == [2]
+        # Uncancelled, the slices' cuts are those of one call.
+        whole = reranker.rerank_detailed("cache", CLIPPED, max_doc_tokens=8).stats
+    assert clipper.calls[1:] == [2] * 6 and whole.truncated == 12
+
+
+def test_chunk_mode_refuses_a_request_over_the_queue_at_the_slice_that_shows_it(
+        bert_model: ScoringModel, bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In chunk mode a long document's windows are known only once it is tokenized: a request needing more passes
+    than RERANKER_MAX_QUEUE was refused after all its documents were (7.6 s for 30 documents of 99k characters)."""
+    from reranker import engine
+
+    long_docs = [f"document {i} " + "about cache servers and rivers " * 400 for i in range(6)]  # windows each
+    monkeypatch.setattr(engine, "SLICE_CHARS", 13_000)  # one document a slice
+    settings = model_settings(bert_dir, cache_size=0, long_docs="chunk", max_queue=20)
+    with Reranker(bert_model, settings) as reranker:
+        sizes: list[int] = []
+        encode = bert_model.encoder.encode
+
+        def counted(query: str, documents: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+            sizes.append(len(documents))
+            return encode(query, documents, *args, **kwargs)
+
+        monkeypatch.setattr(bert_model.encoder, "encode", counted)
+        with pytest.raises(LimitExceededError, match="RERANKER_MAX_QUEUE=20"):
+            reranker.rerank("cache", long_docs)
+    assert sizes == [1]
