@@ -193,6 +193,12 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
             upload = httpx.post(f"{url}/gradio_api/upload", files={"files": ("big.txt", b"x\n" * 20_000)},
                                 timeout=HANG_S)
             assert upload.status_code == 413, upload.text
+            # Many files, each under the limit: Gradio took them all (30 of the limit each, kept on disk).
+            many = [("files", (f"part{i}.txt", b"x\n" * 5_000)) for i in range(30)]
+            upload = httpx.post(f"{url}/gradio_api/upload", files=many, timeout=HANG_S)
+            assert upload.status_code == 413 and "RERANKER_MAX_BODY_BYTES" in upload.json()["error"]["message"]
+            one = httpx.post(f"{url}/gradio_api/upload", files=many[:1], timeout=HANG_S)
+            assert one.status_code == 200 and len(one.json()) == 1
         assert ui_requests(reranker) == 2
     refusals = [r for r in caplog.records if r.getMessage() == "rerank refused"]
     assert [getattr(r, "error_type", None) for r in refusals] == ["limit_exceeded"] * 2
@@ -243,3 +249,26 @@ def test_an_idle_queue_looks_for_events_every_10_ms_not_every_millisecond(live: 
     status, stream = call(url, json.dumps({"data": ["cache", "a cache\ntea", None, "", False, None]}).encode())
     assert status == 200 and "event: complete" in stream
     assert time.perf_counter() - started < HANG_S
+
+
+def test_uploaded_files_are_deleted_once_old(bert_model: ScoringModel, bert_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio keeps uploads until the process stops unless its Blocks has delete_cache: a long-running service
+    filled its disk. Here with a one-second schedule instead of web.ui.UPLOAD_CLEANUP's ten minutes."""
+    from web import ui
+
+    monkeypatch.setattr(ui, "UPLOAD_CLEANUP", (1, 1))
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker, \
+            serve(create_app(reranker)) as url:
+        uploaded = httpx.post(f"{url}/gradio_api/upload", files={"files": ("docs.txt", b"a cache\nsome tea\n")},
+                              timeout=HANG_S)
+        (path,) = uploaded.json()
+        assert Path(path).is_file()
+        deadline = time.monotonic() + HANG_S
+        while Path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(path).exists()
+        # A tab that still shows the file gets told what to do.
+        data = ["cache", "", None, "", False, file_data(path)]
+        response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
+        assert response.status_code == 400 and "upload it again" in response.json()["error"], response.text

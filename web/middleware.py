@@ -18,6 +18,9 @@ OnRefuse = Callable[[str, HttpError], None]
 
 # The JSON rerank routes: bearer key, body limit and drain gate apply to them.
 LIMITED_PATHS = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"})
+# What a Gradio upload may carry beyond RERANKER_MAX_BODY_BYTES: the multipart boundaries and part headers around
+# its one file (which Gradio caps at the limit itself).
+UPLOAD_FRAMING_BYTES = 64 * 1024
 
 
 def route_path(scope: Scope) -> str:
@@ -39,14 +42,17 @@ def rerank_route(scope: Scope) -> str | None:
 
 
 def _bounded(scope: Scope) -> str | None:
-    """The path of a request whose body BodyLimit caps: the JSON routes, and every POST to the Gradio API
-    but its uploads, which Gradio caps itself (mount_gradio_app's max_file_size)."""
+    """The path of a request whose body BodyLimit caps: the JSON routes, and every POST to the Gradio API."""
     route = rerank_route(scope)
     if route is None and scope["type"] == "http" and scope.get("method") == "POST":
         path = route_path(scope)
-        if path.startswith("/gradio_api/") and not path.endswith("/upload"):
+        if path.startswith("/gradio_api/"):
             return path
     return route
+
+
+def _is_upload(path: str) -> bool:
+    return path.endswith("/upload")
 
 
 async def read_body(receive: Receive, limit: int) -> tuple[list[Message], int]:
@@ -120,12 +126,15 @@ class BodyLimit:
         if route is None:
             await self.app(scope, receive, send)
             return
+        # An upload: Gradio caps each file at the limit, not how many files one request carries (30 files of the
+        # limit each were taken whole), so the request is capped at one file's worth.
+        limit = self.limit + UPLOAD_FRAMING_BYTES if _is_upload(route) else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(route, self._too_big(), scope, receive, send)
             return
-        read, size = await read_body(receive, self.limit)
-        if size > self.limit:
+        read, size = await read_body(receive, limit)
+        if size > limit:
             await self._refuse(route, self._too_big(), scope, receive, send)
         elif read[-1]["type"] != "http.request":
             # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).

@@ -25,6 +25,7 @@ PREVIEW_CHARS = 300
 # click waits at most 10 ms more to start. Its progress loop already polls every 10 ms.
 QUEUE_POLL_S = 0.01
 HEADERS = ["rank", "score", "index", "document"]
+UPLOAD_CLEANUP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, uploads older than an hour
 
 EXAMPLES = [
     [
@@ -137,7 +138,10 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
     `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
     `lifecycle`'s drains wait for the events in Gradio's queue; `traced`: tracing is on, so a queued event
     continues the trace of the request that queued it."""
-    with CountedBlocks(refused, lifecycle=lifecycle, traced=traced, title="Reranker") as demo:
+    # Gradio keeps every uploaded file until the process stops unless told (UPLOAD_CLEANUP; only the files this
+    # UI's uploads made), so a long-running service filled its disk with them.
+    with CountedBlocks(refused, lifecycle=lifecycle, traced=traced, title="Reranker",
+                       delete_cache=UPLOAD_CLEANUP) as demo:
         predict = demo.count(predict, line_inputs=(1,))  # documents
         gr.Markdown(title)
         with gr.Tab("Rerank"):
