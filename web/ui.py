@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,16 @@ def status_line(result: RerankResult) -> str:
     s = result.stats
     return (f"{s.total_seconds * 1000:.0f} ms · {s.n_docs} documents · {s.truncated} truncated · "
             f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
+
+
+class TopN(gr.Number):
+    """top_n's input, a Number of precision 0 that refuses a fractional value rather than round it: Gradio's made
+    1.5 the best 2, and 0.5 or -0.5 all, where the JSON routes refuse them."""
+
+    def preprocess(self, payload: float | None) -> float | int | None:
+        if isinstance(payload, float) and math.isfinite(payload) and not payload.is_integer():
+            raise ValueError(f"top_n must be a positive integer or null, got {payload}")
+        return super().preprocess(payload)
 
 
 def ui_call(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
@@ -155,7 +166,7 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                                              placeholder="Given a web search query, retrieve relevant passages "
                                              "that answer the query")
                     with gr.Row():
-                        top_n = gr.Number(label="top_n (0 or empty: all)", value=None, precision=0)
+                        top_n = TopN(label="top_n (0 or empty: all)", value=None, precision=0)
                         raw = gr.Checkbox(label="Raw scores (logits)", value=False)
                     button = gr.Button("Rerank", variant="primary", elem_id="rerank")
                 with gr.Column():
