@@ -205,12 +205,14 @@ class Reranker:
                 spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
             given_up(cancel)
             job = room.submit(plan.pairs)
+        # A document cut to max_doc_tokens was cut in this request, whether its score came from the cache or not.
+        truncated = plan.truncated + len(clipped.difference(missing))
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
         tokens = sum(pair.n_tokens for pair in plan.pairs)
         self.metrics.cache_requests.labels(result="hit").inc(hits)
         self.metrics.cache_requests.labels(result="miss").inc(len(missing))
         self.metrics.input_tokens.inc(tokens)
-        self.metrics.truncated_documents.inc(plan.truncated)
+        self.metrics.truncated_documents.inc(truncated)
         self.metrics.chunked_documents.inc(plan.chunked)
         self._batcher.wait(job, cancel)
         spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
@@ -247,7 +249,7 @@ class Reranker:
         self.metrics.score_stddev.observe(spread)
         queue_seconds = (job.started - job.submitted) if job.started is not None else 0.0
         stats = RerankStats(
-            n_docs=len(documents), tokens=tokens, truncated=plan.truncated, chunked=plan.chunked,
+            n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=plan.chunked,
             cache_hits=hits, pairs_scored=len(plan.pairs), queue_seconds=queue_seconds,
             inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
             top1_score=top1, score_std=spread,

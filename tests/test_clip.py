@@ -98,3 +98,18 @@ def test_in_chunk_mode_a_cut_document_is_chunked_as_its_cut_text_would_be(bert_m
     assert cut.stats.chunked == 1 and cut.stats.truncated == 1  # chunked, and its tail was dropped
     assert as_text.stats.chunked == 1 and as_text.stats.truncated == 0
     assert cut.results[0].score == pytest.approx(as_text.results[0].score, abs=1e-6)
+
+
+def test_a_cut_document_answered_from_the_cache_counts_as_truncated(bert_model: ScoringModel,
+                                                                    documents: list[str]) -> None:
+    """The cut happens in every request that asks for it: a document whose cut text the cache scored before was
+    counted as truncated the first time only."""
+    docs = documents[:24]
+    n_cut = sum(cut is not None for cut in DocumentClipper(bert_model.tokenizer).clip(docs, 40))
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id))) as reranker:
+        first = reranker.rerank_detailed("where is the queue server", docs, max_doc_tokens=40).stats
+        again = reranker.rerank_detailed("where is the queue server", docs, max_doc_tokens=40).stats
+        counted = reranker.metrics.registry.get_sample_value("reranker_truncated_documents_total")
+    assert (first.truncated, first.cache_hits) == (n_cut, 0)
+    assert (again.truncated, again.cache_hits) == (n_cut, len(docs))
+    assert counted == 2 * n_cut
