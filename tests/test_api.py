@@ -18,6 +18,7 @@ from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import HANG_S, serve
 from web.http import create_app
+from web.middleware import LIMITED_PATHS
 from web.service import RerankService
 from web.ui import make_predict
 
@@ -342,6 +343,8 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     ("GET", "/v1/rerank", 405), ("PUT", "/rerank", 405), ("DELETE", "/api/predict", 405),
     ("OPTIONS", "/v1/rerank", 405), ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404),
     ("GET", "/api/predict/", 404),
+    # The health routes: these got a 404 naming the route they had called.
+    ("POST", "/healthz", 405), ("DELETE", "/readyz", 405), ("PUT", "/info", 405),
 ])
 def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tuple[str, Reranker], method: str,
                                                                         path: str, status: int) -> None:
@@ -355,7 +358,7 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tup
     assert response.json()["error"]["type"] in ("method_not_allowed", "not_found")
     assert path.rstrip("/") in response.json()["error"]["message"]
     if status == 405:
-        assert response.headers["allow"] == "POST"
+        assert response.headers["allow"] == ("POST" if path in LIMITED_PATHS else "GET, HEAD")
     assert reranker.metrics.registry.get_sample_value(
         "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"}) == counted
 
@@ -422,3 +425,10 @@ def test_healthz_answers_at_once_while_every_worker_thread_waits_on_scoring(bert
             assert method(f"{url}/healthz", timeout=30).status_code == 200
         scorer.gate.set()
         assert all(call.result().status_code == 200 for call in calls)
+
+
+def test_the_health_routes_answer_head(url: str) -> None:
+    """Load balancers probe with HEAD: /info as /healthz and /readyz."""
+    for path in ("/healthz", "/readyz", "/info"):
+        response = httpx.head(f"{url}{path}", timeout=HANG_S)
+        assert response.status_code == 200 and response.content == b"", path

@@ -26,12 +26,14 @@ COHERE_V2 = "/v2/rerank"
 class HttpError(Exception):
     """An error answer: status, a stable type, a message for the caller, the metric status label."""
 
-    def __init__(self, status: int, type: str, message: str, *, counted: bool = False) -> None:
+    def __init__(self, status: int, type: str, message: str, *, counted: bool = False,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(status, type, message)
         self.status = status
         self.type = type
         self.message = message
         self.counted = counted  # already recorded in reranker_requests_total
+        self.headers = dict(headers or {})  # of the answer, over those its status gets by default
 
     @property
     def outcome(self) -> str:
@@ -48,7 +50,7 @@ class HttpError(Exception):
         return {"error": {"type": self.type, "message": self.message}}
 
     def response(self, path: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(path), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(path), status_code=self.status, headers={**(headers or {}), **self.headers})
 
 
 # nginx's "client closed request": never seen by the client, which is gone; it labels the metrics.

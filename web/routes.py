@@ -77,10 +77,12 @@ def cohere_texts(documents: list[Any]) -> list[Any]:
     return texts
 
 
-def _wrong_method(path: str) -> Callable[[], None]:
+def _wrong_method(path: str, allow: str = "POST") -> Callable[[], None]:
+    takes = "POST with a JSON body" if allow == "POST" else "GET"
+
     def refuse() -> None:
         # Not counted as a rerank request: a probe or a typo never reached one.
-        raise HttpError(405, "method_not_allowed", f"{path} takes POST with a JSON body", counted=True)
+        raise HttpError(405, "method_not_allowed", f"{path} takes {takes}", counted=True, headers={"Allow": allow})
     return refuse
 
 
@@ -187,11 +189,15 @@ def build_router(backend: Backend) -> APIRouter:
             return JSONResponse(refusal.body(), status_code=refusal.status)
         return JSONResponse({"status": "ready", "model": await backend.model_id()})
 
-    for probe in (healthz, readyz):  # load balancers may probe with HEAD; kept out of the schema
-        router.add_api_route(f"/{probe.__name__}", probe, methods=["HEAD"], include_in_schema=False)
-
     @router.get("/info", tags=["health"], summary="Model, device, limits and versions")
     async def info() -> dict[str, Any]:
         return await backend.info()
+
+    for probe in (healthz, readyz, info):  # load balancers may probe with HEAD; kept out of the schema
+        path = f"/{probe.__name__}"
+        router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+        # Another method fell through to the Gradio app mounted at / and got a 404 naming this very route.
+        router.add_api_route(path, _wrong_method(path, "GET, HEAD"), methods=["POST", "PUT", "PATCH", "DELETE"],
+                             include_in_schema=False)
 
     return router
