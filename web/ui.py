@@ -52,14 +52,15 @@ def status_line(result: RerankResult) -> str:
             f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
 
 
-class TopN(gr.Number):
-    """top_n's input, a Number of precision 0 that refuses a fractional value rather than round it: Gradio's made
-    1.5 the best 2, and 0.5 or -0.5 all, where the JSON routes refuse them."""
-
-    def preprocess(self, payload: float | None) -> float | int | None:
+def refusing_fractions(preprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """top_n's preprocessing, refusing a fractional value rather than rounding it: Gradio's Number of precision 0
+    made 1.5 the best 2, and 0.5 or -0.5 all, where the JSON routes refuse them. (Not a Number subclass: Gradio
+    writes a .pyi stub beside the module of every component class.)"""
+    def whole(payload: Any) -> Any:
         if isinstance(payload, float) and math.isfinite(payload) and not payload.is_integer():
             raise ValueError(f"top_n must be a positive integer or null, got {payload}")
-        return super().preprocess(payload)
+        return preprocess(payload)
+    return whole
 
 
 def ui_call(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
@@ -166,7 +167,8 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                                              placeholder="Given a web search query, retrieve relevant passages "
                                              "that answer the query")
                     with gr.Row():
-                        top_n = TopN(label="top_n (0 or empty: all)", value=None, precision=0)
+                        top_n = gr.Number(label="top_n (0 or empty: all)", value=None, precision=0)
+                        top_n.preprocess = refusing_fractions(top_n.preprocess)  # type: ignore[method-assign,assignment]
                         raw = gr.Checkbox(label="Raw scores (logits)", value=False)
                     button = gr.Button("Rerank", variant="primary", elem_id="rerank")
                 with gr.Column():
