@@ -55,3 +55,21 @@ def test_reranker_does_not_import_the_layers_above_it() -> None:
     for name, deps in imports().items():
         above = {dep for dep in deps if dep.split(".")[0] in ("web", "deploy", "ray", "gradio", "app")}
         assert not above, f"{name} imports {sorted(above)}"
+
+
+def test_no_module_defines_a_gradio_component_class() -> None:
+    """Gradio writes a .pyi stub beside the module of every component class defined: a subclass in web/ made
+    web/ui.pyi at import (which mypy then read instead of ui.py), and would fail where the code is read-only."""
+    import gradio as gr
+
+    root = PACKAGE.parent
+    for path in [*root.glob("web/*.py"), *root.glob("deploy/**/*.py"), root / "app.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for base in node.bases:
+                    name = ast.unparse(base)
+                    if name.startswith("gr."):
+                        component = getattr(gr, name.removeprefix("gr."), None)
+                        assert not (isinstance(component, type) and issubclass(component, gr.components.Component)), \
+                            f"{path.name}: class {node.name}({name})"
+    assert not [*root.glob("web/*.pyi"), *root.glob("deploy/**/*.pyi")]
