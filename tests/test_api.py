@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -432,3 +433,15 @@ def test_the_health_routes_answer_head(url: str) -> None:
     for path in ("/healthz", "/readyz", "/info"):
         response = httpx.head(f"{url}{path}", timeout=HANG_S)
         assert response.status_code == 200 and response.content == b"", path
+
+
+def test_the_docs_page_links_only_this_server(url: str) -> None:
+    page = httpx.get(f"{url}/docs", timeout=HANG_S)
+    assert page.status_code == 200
+    links = re.findall(r'(?:src|href|url)\s*[=:]\s*["\']([^"\']+)["\']', page.text)
+    assert links and not [link for link in links if "//" in link], links
+    for link, kind in [("/docs/swagger-ui-bundle.js", "javascript"), ("/docs/swagger-ui.css", "text/css"),
+                       ("/docs/favicon-32x32.png", "image/png"), ("/openapi.json", "application/json")]:
+        assert link in links
+        asset = httpx.get(f"{url}{link}", timeout=HANG_S)
+        assert asset.status_code == 200 and kind in asset.headers["content-type"], link

@@ -93,3 +93,24 @@ def count(summary: str, status: str) -> int:
     found = re.search(rf"\b{status} (\d+)", summary)
     assert found, summary
     return int(found.group(1))
+
+
+def test_the_api_docs_page_renders_from_this_server_alone(ui_url: str) -> None:
+    """/docs is Swagger UI served by the app: FastAPI's default loaded its script from cdn.jsdelivr.net (a blank
+    page offline, and third-party code on the UI's origin). Every other host is refused here."""
+    page: Any
+    elsewhere: list[str] = []
+    with browser_page() as page:
+        def only_here(route: Any) -> None:
+            if route.request.url.startswith(ui_url):
+                route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_here)
+        page.goto(f"{ui_url}/docs", wait_until="networkidle")
+        page.get_by_text("/v1/rerank", exact=True).first.wait_for()  # rendered from /openapi.json
+        page.get_by_text("/v2/rerank", exact=True).first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "api-docs.png"), full_page=True)
+    assert elsewhere == []

@@ -16,6 +16,7 @@ from web.errors import HttpError, to_http_error
 from web.lifecycle import RETRY_AFTER_SECONDS
 from web.middleware import LIMITED_PATHS, OnRefuse
 from web.routes import build_router, no_route
+from web.swagger import add_docs_page
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
     app = FastAPI(
         title="Reranker",
         summary="Cross-encoder reranking: Cohere/Jina and TEI compatible routes, Gradio UI at /",
-        docs_url="/docs",
+        docs_url=None,  # web.swagger's page: FastAPI's loads Swagger UI from a CDN
         redoc_url=None,
     )
+    add_docs_page(app)
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
