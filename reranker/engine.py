@@ -72,6 +72,14 @@ def given_up(cancel: threading.Event | None) -> None:
         raise CancelledError("the caller gave up")
 
 
+def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None) -> Iterator[tuple[int, int]]:
+    """The SLICE_CHARS slices of `texts` a tokenizer pass goes through; raises CancelledError before a slice once
+    `cancel` is set."""
+    for start, end in char_slices(texts, SLICE_CHARS):
+        given_up(cancel)
+        yield start, end
+
+
 @dataclass
 class _Plan:
     """The model passes one request needs: pairs to score and, per document, which pairs are its."""
@@ -271,8 +279,7 @@ class Reranker:
             return documents, set()
         with spans.step(self._tracer, spans.CLIP) as span:
             cuts: list[str | None] = []
-            for start, end in char_slices(documents, SLICE_CHARS):
-                given_up(cancel)
+            for start, end in tokenizer_slices(documents, cancel):
                 cuts += self._clipper.clip(documents[start:end], max_doc_tokens)
             clipped = {i for i, cut in enumerate(cuts) if cut is not None}
             span.set_attribute("reranker.clipped", len(clipped))
@@ -297,8 +304,7 @@ class Reranker:
         """The model's encoder over `documents`, a slice at a time; raises CancelledError between slices once
         `cancel` is set."""
         encoded: list[EncodedDocument] = []
-        for start, end in char_slices(documents, SLICE_CHARS):
-            given_up(cancel)
+        for start, end in tokenizer_slices(documents, cancel):
             encoded += self.model.encoder.encode(query, documents[start:end], instruction, offsets=offsets)
         return encoded
 
@@ -332,9 +338,8 @@ class Reranker:
         chunks: list[str] = []
         chunk_owners: list[int] = []
         window = room - CHUNK_MARGIN
-        for first, last in char_slices(documents, SLICE_CHARS):
-            given_up(cancel)
-            encoded_slice = self.model.encoder.encode(query, documents[first:last], instruction, offsets=chunking)
+        for first, last in tokenizer_slices(documents, cancel):
+            encoded_slice = encoder.encode(query, documents[first:last], instruction, offsets=chunking)
             for i, encoded in enumerate(encoded_slice, first):
                 if encoded.fits or not chunking:
                     plan.truncated += not encoded.fits or i in clipped

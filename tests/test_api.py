@@ -345,7 +345,7 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     ("OPTIONS", "/v1/rerank", 405), ("POST", "/v1/rerank/", 404), ("POST", "/rerank/", 404),
     ("GET", "/api/predict/", 404),
     # The health routes: these got a 404 naming the route they had called.
-    ("POST", "/healthz", 405), ("DELETE", "/readyz", 405), ("PUT", "/info", 405),
+    ("POST", "/healthz", 405), ("DELETE", "/readyz", 405), ("PUT", "/info", 405), ("OPTIONS", "/healthz", 405),
 ])
 def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tuple[str, Reranker], method: str,
                                                                         path: str, status: int) -> None:

@@ -200,6 +200,7 @@ def test_a_cut_to_max_doc_tokens_stops_at_the_next_slice_once_cancelled(bert_mod
     a client that left, or a stop, waited for it (17 s for 1000 documents of 1500 words)."""
     from reranker import engine
     from reranker.errors import CancelledError
+    from reranker.longdocs import DocumentClipper
 
     monkeypatch.setattr(engine, "SLICE_CHARS", 3200)
     cancel = threading.Event()
@@ -215,7 +216,10 @@ def test_a_cut_to_max_doc_tokens_stops_at_the_next_slice_once_cancelled(bert_mod
         assert clipper.calls == [2]
         # Uncancelled, the slices' cuts are those of one call.
         whole = reranker.rerank_detailed("cache", CLIPPED, max_doc_tokens=8).stats
-    assert clipper.calls[1:] == [2] * 6 and whole.truncated == 12
+        texts, clipped = reranker._clip(CLIPPED, 8)
+        expected = DocumentClipper(bert_model.tokenizer).clip(CLIPPED, 8)
+    assert clipper.calls[1:] == [2] * 6 + [2] * 6 and whole.truncated == 12 == len(clipped)
+    assert list(texts) == [doc if cut is None else cut for doc, cut in zip(CLIPPED, expected, strict=True)]
 
 
 def test_chunk_mode_refuses_a_request_over_the_queue_at_the_slice_that_shows_it(

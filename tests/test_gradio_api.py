@@ -203,6 +203,11 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
             assert upload.status_code == 413 and "RERANKER_MAX_BODY_BYTES" in upload.json()["error"]["message"]
             one = httpx.post(f"{url}/gradio_api/upload", files=many[:1], timeout=HANG_S)
             assert one.status_code == 200 and len(one.json()) == 1
+            # Streamed on to Gradio, not read into memory first: so its length must be declared.
+            form = httpx.Request("POST", f"{url}/gradio_api/upload", files=many[:1])
+            chunked = httpx.post(f"{url}/gradio_api/upload", content=iter([form.read()]), timeout=HANG_S,
+                                 headers={"content-type": form.headers["content-type"]})
+            assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]["message"]
         assert ui_requests(reranker) == 2
     refusals = [r for r in caplog.records if r.getMessage() == "rerank refused"]
     assert [getattr(r, "error_type", None) for r in refusals] == ["limit_exceeded"] * 2

@@ -63,7 +63,7 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
     @app.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> JSONResponse:
         refused(request.url.path.rstrip("/"), err)
-        headers = {429: {"Retry-After": "1"}, 405: {"Allow": "POST"}}.get(err.status)
+        headers = {"Retry-After": "1"} if err.status == 429 else None
         if err.type == "shutting_down":  # a drain's cut-off (Ray Serve's ingress): as one process answers it
             headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return err.response(request.url.path, headers)

@@ -77,9 +77,7 @@ def cohere_texts(documents: list[Any]) -> list[Any]:
     return texts
 
 
-def _wrong_method(path: str, allow: str = "POST") -> Callable[[], None]:
-    takes = "POST with a JSON body" if allow == "POST" else "GET"
-
+def _wrong_method(path: str, allow: str = "POST", takes: str = "POST with a JSON body") -> Callable[[], None]:
     def refuse() -> None:
         # Not counted as a rerank request: a probe or a typo never reached one.
         raise HttpError(405, "method_not_allowed", f"{path} takes {takes}", counted=True, headers={"Allow": allow})
@@ -197,7 +195,7 @@ def build_router(backend: Backend) -> APIRouter:
         path = f"/{probe.__name__}"
         router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
         # Another method fell through to the Gradio app mounted at / and got a 404 naming this very route.
-        router.add_api_route(path, _wrong_method(path, "GET, HEAD"), methods=["POST", "PUT", "PATCH", "DELETE"],
-                             include_in_schema=False)
+        router.add_api_route(path, _wrong_method(path, "GET, HEAD", "GET"),
+                             methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
 
     return router

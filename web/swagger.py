@@ -1,6 +1,6 @@
 """The /docs page: FastAPI's Swagger UI with its script, stylesheet and icon served by this app (the copy of
 swagger-ui-dist in the fastapi-swagger package), not fetched from a CDN: the page works where the service has no
-internet, and runs no third-party code on the origin of the UI's login."""
+internet, and loads no script from another host onto the origin of the UI's login."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def refusing_fractions(preprocess: Callable[[Any], Any]) -> Callable[[Any], Any]
     writes a .pyi stub beside the module of every component class.)"""
     def whole(payload: Any) -> Any:
         if isinstance(payload, float) and math.isfinite(payload) and not payload.is_integer():
-            raise ValueError(f"top_n must be a positive integer or null, got {payload}")
+            raise ValueError(f"top_n must be a whole number (0 or empty: all), got {payload}")
         return preprocess(payload)
     return whole
 
@@ -150,8 +150,8 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
     `predict`), `refused` books calls Gradio refuses before it, `panel` feeds the Monitoring tab, and
     `lifecycle`'s drains wait for the events in Gradio's queue; `traced`: tracing is on, so a queued event
     continues the trace of the request that queued it."""
-    # Gradio keeps every uploaded file until the process stops unless told (UPLOAD_CLEANUP; only the files this
-    # UI's uploads made), so a long-running service filled its disk with them.
+    # Gradio deletes uploaded files only when told (UPLOAD_CLEANUP; only the files this UI's uploads made, and all
+    # of them at a stop): they outlived even restarts, and a long-running service filled its disk with them.
     with CountedBlocks(refused, lifecycle=lifecycle, traced=traced, title="Reranker",
                        delete_cache=UPLOAD_CLEANUP) as demo:
         predict = demo.count(predict, line_inputs=(1,))  # documents
