@@ -338,7 +338,7 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
                 (ratios,) = [panel for panel in load_dashboard()["panels"]
                              if panel["title"] == "Error and overload ratio"]
 
-                def ratio_values() -> list[str]:
+                def ratio_values() -> list[list[str]]:
                     # Traffic across scrapes: a counter that did not move between two has a rate of 0, and 0/0.
                     response = httpx.post(f"{app_url}/v1/rerank", json={"query": "cache", "documents": ["a"]},
                                           timeout=HANG_S)
