@@ -18,7 +18,6 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
     """Raise ValidationError (LimitExceededError for sizes) saying what to change; nothing is queued before.
 
     `documents_field` is what the caller's API calls the list (TEI's `texts`), so a message names the field sent."""
-    field = documents_field
     if not isinstance(query, str):
         raise InvalidTypeError(f"query must be a string, got {type(query).__name__}")
     if not query.strip():
@@ -29,20 +28,20 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
             f"query has {len(query)} characters; the limit is RERANKER_MAX_QUERY_CHARS={s.max_query_chars}"
         )
     if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-        raise InvalidTypeError(f"{field} must be a list of strings")
+        raise InvalidTypeError(f"{documents_field} must be a list of strings")
     if not documents:
-        raise ValidationError(f"{field} is empty; send at least one document")
+        raise ValidationError(f"{documents_field} is empty; send at least one document")
     if len(documents) > s.max_docs:
         raise LimitExceededError(
             f"{len(documents)} documents sent; the limit is RERANKER_MAX_DOCS={s.max_docs} per request"
         )
     for i, doc in enumerate(documents):
         if not isinstance(doc, str):
-            raise InvalidTypeError(f"{field}[{i}] must be a string, got {type(doc).__name__}")
-        _check_text(f"{field}[{i}]", doc)
+            raise InvalidTypeError(f"{documents_field}[{i}] must be a string, got {type(doc).__name__}")
+        _check_text(f"{documents_field}[{i}]", doc)
         if len(doc) > s.max_doc_chars:
             raise LimitExceededError(
-                f"{field}[{i}] has {len(doc)} characters; the limit is "
+                f"{documents_field}[{i}] has {len(doc)} characters; the limit is "
                 f"RERANKER_MAX_DOC_CHARS={s.max_doc_chars}"
             )
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)):

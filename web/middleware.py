@@ -130,14 +130,15 @@ class BodyLimit:
         # limit each were taken whole), so the request is capped at one file's worth.
         upload = _is_upload(route)
         limit = self.limit + UPLOAD_FRAMING_BYTES if upload else self.limit
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        header = dict(scope.get("headers") or []).get(b"content-length", b"")
+        declared = int(header) if header.isdigit() else None
+        if declared is not None and declared > limit:
             await self._refuse(route, self._too_big(), scope, receive, send)
             return
         if upload:
             # Streamed on to Gradio, which writes it to disk as it comes: the server delivers no more than the
             # declared length. Without one (chunked), nothing would bound it short of reading it all here.
-            if declared is None or not declared.isdigit():
+            if declared is None:
                 await self._refuse(route, HttpError(411, "length_required", "send an upload with a Content-Length "
                                                     "header"), scope, receive, send)
                 return
