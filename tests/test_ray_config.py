@@ -161,3 +161,17 @@ def test_served_beyond_loopback_without_a_login_it_warns_as_start_sh_does() -> N
     assert len(warnings) == 2 and "RERANKER_UI_AUTH" in warnings[0] and "RERANKER_API_KEY" in warnings[1]
     assert exposure_warnings(exposed, {"RERANKER_UI_AUTH": "a:b", "RERANKER_API_KEY": "k"}) == []
     assert exposure_warnings(exposed, {"RAY_ADDRESS": "ray://head:10001"}) == []  # the cluster's env, not ours
+
+
+def test_a_reranker_variable_nothing_reads_is_named_as_start_sh_names_it() -> None:
+    from deploy.ray.__main__ import unknown_settings
+
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    assert unknown_settings(config, {"RERANKER_PORT": "7860", "RERANKER_RAY_METRICS_PORT": "8080"}) == []
+    assert unknown_settings(config, {"RERANKER_DTYPES": "bfloat16"}) == [
+        "RERANKER_DTYPES is not a setting of this service and is ignored; did you mean RERANKER_DTYPE? the settings "
+        "are listed in docs/configuration.md"]
+    config["applications"][0].setdefault("args", {}).setdefault("env", {})["RERANKER_MAX_DOC"] = 5
+    assert unknown_settings(config, {}) == [
+        "application 'reranker', args.env: RERANKER_MAX_DOC is not a setting of this service and is ignored; did you "
+        "mean RERANKER_MAX_DOCS? the settings are listed in docs/configuration.md"]

@@ -307,12 +307,26 @@ def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     return warnings_for(dataclasses.replace(app_settings(config["applications"][0], environ), host=host))
 
 
+def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """A warning for each RERANKER_* variable nothing reads, as the single-process service gives: in this
+    environment (a local Ray's replicas inherit it, and the launcher reads its address variables) and in each
+    application's `args.env`."""
+    from reranker.settings import unknown_variables
+
+    warnings = unknown_variables(environ)
+    for application in config.get("applications") or []:
+        overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
+        warnings += [f"application {application.get('name')!r}, args.env: {warning}"
+                     for warning in unknown_variables(overlay)]
+    return warnings
+
+
 def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     """Run `serve run` on `config_path` (with the address overrides) until SIGTERM or SIGINT."""
     environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = with_address(yaml.safe_load(Path(config_path).read_text()), environ)
     drain_seconds = check_settings(config, environ)
-    for warning in exposure_warnings(config, environ):
+    for warning in [*unknown_settings(config, environ), *exposure_warnings(config, environ)]:
         log("WARNING", warning)
     remote = bool(environ.get("RAY_ADDRESS"))
     if remote:
