@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import ipaddress
 import logging
 import os
@@ -12,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -44,7 +46,7 @@ def main() -> int:
         os.environ.setdefault(name, value)
 
     from reranker.logs import setup_logging
-    from reranker.settings import Settings, SettingsError, unknown_variables
+    from reranker.settings import Settings, SettingsError
 
     try:
         settings = Settings.from_env()
@@ -53,7 +55,7 @@ def main() -> int:
         logger.error("configuration error: %s", err, extra={"error_type": "configuration"})
         return 2
     setup_logging(settings.log_level)
-    for warning in unknown_variables(os.environ):
+    for warning in unknown_variables():
         logger.warning("%s", warning, extra={"error_type": "configuration"})
 
     from prometheus_client import CollectorRegistry
@@ -105,6 +107,27 @@ def main() -> int:
         http_socket.close()
         metrics_handle.stop()
     return status
+
+
+# RERANKER_* variables read outside Settings: `python -m deploy.ray`'s, and where bench/ finds its model.
+READ_ELSEWHERE = ("RERANKER_RAY_METRICS_PORT", "RERANKER_BENCH_MINILM_DIR")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each RERANKER_* variable that nothing reads, a misspelt one most likely (RERANKER_DTYPES
+    would otherwise be ignored without a word), naming the closest variable that is read. `python -m deploy.ray`
+    gives them too."""
+    from reranker.settings import variables_read
+
+    env = os.environ if environ is None else environ
+    known = sorted(variables_read().union(READ_ELSEWHERE))
+    warnings = []
+    for name in sorted(key for key in env if key.startswith("RERANKER_") and key not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        hint = f"did you mean {close[0]}? " if close else ""
+        warnings.append(f"{name} is not a setting of this service and is ignored; {hint}the settings are listed in "
+                        "docs/configuration.md")
+    return warnings
 
 
 def exposure_warnings(settings: Settings) -> list[str]:

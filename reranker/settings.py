@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import pwd
@@ -159,23 +158,6 @@ def variables_read() -> set[str]:
     env = _RecordingEnv()
     Settings.from_env(env)
     return env.looked_up
-
-
-# RERANKER_* variables read outside Settings: `python -m deploy.ray`'s, and where bench/ finds its model.
-READ_ELSEWHERE = ("RERANKER_RAY_METRICS_PORT", "RERANKER_BENCH_MINILM_DIR")
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A warning for each RERANKER_* variable of `environ` that nothing reads, a misspelt one most likely
-    (RERANKER_DTYPES would otherwise be ignored without a word), naming the closest variable that is read."""
-    known = sorted(variables_read().union(READ_ELSEWHERE))
-    warnings = []
-    for name in sorted(key for key in environ if key.startswith("RERANKER_") and key not in known):
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
-        hint = f"did you mean {close[0]}? " if close else ""
-        warnings.append(f"{name} is not a setting of this service and is ignored; {hint}the settings are listed in "
-                        "docs/configuration.md")
-    return warnings
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:

@@ -111,3 +111,10 @@ def test_start_sh_defaults_are_settings_variables_with_the_same_defaults() -> No
     # with what the service does when the variable is unset.
     for name, value in re.findall(r"\$\{(RERANKER_[A-Z0-9_]+):[-=]([^}]*)\}", script):
         assert Settings.from_env({name: value}) == defaults, f"start.sh's default {name}={value} is not Settings'"
+
+
+def test_every_variable_read_outside_settings_has_a_row_too() -> None:
+    """The launcher's and the benchmarks' own RERANKER_* variables are in configuration.md's tables as well."""
+    rows = set(re.findall(r"^\| `(RERANKER_[A-Z0-9_]+)` \|", CONFIGURATION.read_text(encoding="utf-8"), re.M))
+    missing = tool_variables() - settings_variables() - rows
+    assert not missing, f"add a row for each to docs/configuration.md: {sorted(missing)}"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.servers import HANG_S
 
 schema = pytest.importorskip("ray.serve.schema", reason="needs requirements-ray.txt")
 
@@ -107,6 +112,12 @@ def test_reranker_host_and_port_replace_the_proxies_address_where_set() -> None:
     assert moved["request_timeout_s"] == config["http_options"]["request_timeout_s"]
     with pytest.raises(ConfigError, match="RERANKER_PORT='http' is not valid"):
         with_address(config, {"RERANKER_PORT": "http"})
+    # As Settings reads them: spaces dropped, blank unset; "²" is a digit to str.isdigit, not a port.
+    spaced = with_address(config, {"RERANKER_HOST": " 0.0.0.0 ", "RERANKER_PORT": " 8123\n"})["http_options"]
+    assert (spaced["host"], spaced["port"]) == ("0.0.0.0", 8123)
+    assert with_address(config, {"RERANKER_HOST": "  ", "RERANKER_PORT": " "}) == config
+    with pytest.raises(ConfigError, match="RERANKER_PORT='²' is not valid"):
+        with_address(config, {"RERANKER_PORT": "²"})
 
 
 def test_a_local_ray_offers_the_cpus_serve_yaml_claims_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,3 +186,17 @@ def test_a_reranker_variable_nothing_reads_is_named_as_start_sh_names_it() -> No
     assert unknown_settings(config, {}) == [
         "application 'reranker', args.env: RERANKER_MAX_DOC is not a setting of this service and is ignored; did you "
         "mean RERANKER_MAX_DOCS? the settings are listed in docs/configuration.md"]
+
+
+def test_every_replica_sets_the_quiet_defaults_as_app_py_does() -> None:
+    """`serve run` and KubeRay start the replicas without ./start.sh or app.py: the package sets the defaults that
+    keep Gradio's analytics and the Hub's telemetry off before either library is imported."""
+    from app import QUIET_DEFAULTS
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_DEFAULTS and k != "HF_HUB_OFFLINE"}
+    probe = ("import os, deploy.ray.model, gradio.analytics, huggingface_hub.constants as hub\n"
+             "print(gradio.analytics.analytics_enabled(), hub.HF_HUB_DISABLE_TELEMETRY,\n"
+             "      {k: os.environ[k] for k in " + repr(sorted(QUIET_DEFAULTS)) + "})")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=HANG_S, check=True).stdout.strip()
+    assert out == f"False True {dict(sorted(QUIET_DEFAULTS.items()))}"

@@ -192,9 +192,11 @@ def test_the_launcher_puts_rays_metrics_agent_on_a_fixed_port(monkeypatch: pytes
     environ: dict[str, str] = {}
     launcher.start_local_ray(environ)
     launcher.start_local_ray({**environ, "RERANKER_RAY_METRICS_PORT": "18080"})
-    assert [call["_metrics_export_port"] for call in calls] == [8080, 18080]
+    launcher.start_local_ray({**environ, "RERANKER_RAY_METRICS_PORT": " 18081 "})  # spaces dropped, as Settings does
+    launcher.start_local_ray({**environ, "RERANKER_RAY_METRICS_PORT": "  "})  # blank: unset
+    assert [call["_metrics_export_port"] for call in calls] == [8080, 18080, 18081, 8080]
     assert calls[0]["_node_ip_address"] == "127.0.0.1"
-    for bad in ("http", "0", "65536"):  # 0 started Ray instead
+    for bad in ("http", "0", "65536", "²"):  # 0 started Ray instead; "²" raised int()'s ValueError
         with pytest.raises(launcher.ConfigError, match=f"RERANKER_RAY_METRICS_PORT='{bad}' is not valid"):
             launcher.start_local_ray({"RERANKER_RAY_METRICS_PORT": bad})
-    assert len(calls) == 2
+    assert len(calls) == 4

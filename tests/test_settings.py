@@ -285,7 +285,7 @@ def test_a_calibration_file_that_static_int8_cannot_read_is_a_configuration_erro
 def test_a_reranker_variable_nothing_reads_is_named_with_the_closest_setting() -> None:
     """RERANKER_DTYPES=bfloat16 was ignored without a word: app.py and `python -m deploy.ray` log each of these as a
     warning at start."""
-    from reranker.settings import unknown_variables
+    from app import unknown_variables
 
     env = {"RERANKER_DTYPES": "bfloat16", "RERANKER_PORT": "7860", "RERANKER_RAY_METRICS_PORT": "8080",
            "RERANKER_OTHER_THING": "1", "OTEL_SERVICE_NAME": "x"}

@@ -54,16 +54,21 @@ class ConfigError(ValueError):
 
 
 def with_address(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """`config` with RERANKER_HOST/RERANKER_PORT, where set, as its proxies' host and port."""
+    """`config` with RERANKER_HOST/RERANKER_PORT, where set, as its proxies' host and port. As Settings reads
+    them: surrounding spaces are dropped, and a blank value is unset."""
     http = dict(config.get("http_options") or {})
-    if environ.get("RERANKER_HOST"):
-        http["host"] = environ["RERANKER_HOST"]
-    if environ.get("RERANKER_PORT"):
-        raw = environ["RERANKER_PORT"]
-        if not raw.isdigit() or int(raw) > 65535:
+    if host := environ.get("RERANKER_HOST", "").strip():
+        http["host"] = host
+    if raw := environ.get("RERANKER_PORT", "").strip():
+        if not _port_number(raw) or int(raw) > 65535:
             raise ConfigError(f"RERANKER_PORT={raw!r} is not valid; use a port number from 0 to 65535")
         http["port"] = int(raw)
     return {**config, "http_options": http}
+
+
+def _port_number(raw: str) -> bool:
+    """Whether `raw` is written in ASCII digits only ("²" is a digit to str.isdigit, and no number to int)."""
+    return raw.isascii() and raw.isdigit()
 
 
 def cpus_needed(config: Mapping[str, Any]) -> float:
@@ -90,8 +95,8 @@ def start_local_ray(environ: MutableMapping[str, str], num_cpus: float | None = 
 
     # A fixed port for the node's metrics agent (every replica's reranker_* and Ray's ray_serve_*), which
     # monitoring/prometheus-serve.yml's `ray` job scrapes; Ray would pick a random one.
-    port = environ.get("RERANKER_RAY_METRICS_PORT") or str(DEFAULT_METRICS_PORT)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    port = environ.get("RERANKER_RAY_METRICS_PORT", "").strip() or str(DEFAULT_METRICS_PORT)
+    if not _port_number(port) or not 1 <= int(port) <= 65535:
         raise ConfigError(f"RERANKER_RAY_METRICS_PORT={port!r} is not valid; use a port number from 1 to 65535")
     cores = os.cpu_count() or 1
     if num_cpus is not None and num_cpus > cores:
@@ -311,7 +316,7 @@ def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> l
     """A warning for each RERANKER_* variable nothing reads, as the single-process service gives: in this
     environment (a local Ray's replicas inherit it, and the launcher reads its address variables) and in each
     application's `args.env`."""
-    from reranker.settings import unknown_variables
+    from app import unknown_variables
 
     warnings = unknown_variables(environ)
     for application in config.get("applications") or []:
