@@ -171,7 +171,7 @@ def main() -> None:
         per_token = model_flops_per_token(config, tokens / len(pairs))
         graph = convert(model.cross_encoder, model.extras, model.collate(batches[0]), causal=False)
         calibration = [model.collate(model.encode(group)).arrays()
-                       for group in calibration_groups(Settings.from_env({"RERANKER_MODEL": str(path)}))]
+                       for group in calibration_groups(model, Settings.from_env({"RERANKER_MODEL": str(path)}))]
         graphs = {"f32": graph, "bf16": graph, "int8": quantize(graph, calibration, "static")}
         core = ov.Core()
         print(f"encoder: {args.encoder} ({config.num_hidden_layers} layers, {config.hidden_size} wide, "

@@ -23,7 +23,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
 from reranker.results import RankedDocument, RerankResult, RerankStats
 from reranker.settings import Settings
-from reranker.tokens import EncodedDocument, EncodedPair
+from reranker.tokens import EncodedDocument, EncodedPair, min_document_room
 from reranker.tracing import Tracing
 from reranker.validation import validate_request
 
@@ -322,9 +322,7 @@ class Reranker:
         max_length = self.model.max_length
         overhead = encoder.overhead(query, instruction)
         room = max_length - overhead
-        # A classic cross-encoder truncates longest-first, which only spares the query while it is
-        # under half the budget; a causal reranker's template cuts the document alone.
-        min_room = min(64, max_length // 4) if self.model.is_causal else max_length // 2
+        min_room = min_document_room(max_length, causal=self.model.is_causal)
         if room < min_room:
             what = "the query and instruction take" if instruction else "the query takes"
             share = (f"{overhead} of the model's {max_length} tokens, leaving {room} for a document" if room >= 0

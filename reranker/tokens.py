@@ -66,6 +66,13 @@ class PairEncoder(Protocol):
         """Pair each document with the query; `offsets` adds the token spans of documents that were cut."""
 
 
+def min_document_room(max_length: int, *, causal: bool) -> int:
+    """The fewest tokens a query (with its instruction and the template) must leave a document, below which the
+    engine refuses it. A classic cross-encoder truncates longest-first, which only spares the query while it is
+    under half the budget; a causal reranker's template cuts the document alone."""
+    return min(64, max_length // 4) if causal else max_length // 2
+
+
 def _array(ids: Sequence[int]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
@@ -121,7 +128,9 @@ class TextPairEncoder:
                *, offsets: bool = False) -> list[EncodedDocument]:
         query_ids = self._query_ids(query)
         head = self._prefix + query_ids + self._middle
-        room = self._max_length - len(head) - len(self._suffix)
+        # Never below 0: a negative room would slice from the document's end and keep nearly all of it. A query
+        # that leaves less than min_document_room never gets here through the engine.
+        room = max(0, self._max_length - len(head) - len(self._suffix))
         head_types = None
         if self._type_ids:
             head_types = self._prefix_types + [self._query_type] * len(query_ids) + self._middle_types

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -254,25 +255,29 @@ def second_start(model_dir: Path, cache: Path, pairs: list[tuple[str, str]], max
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("bert", "float32"), ("xlmr", "float32"), ("bert", "auto")])
+@pytest.mark.parametrize(("name", "dtype"), [("bert", "float32"), ("xlmr", "float32"), ("bert", "auto"),
+                                           ("bert", "int8")])
 def test_a_start_from_the_cache_skips_pytorch_and_scores_the_same(name: str, dtype: str, tmp_path: Path,
                                                                   request: pytest.FixtureRequest) -> None:
     """The second start of a text-pair model reads the converted graph and the stored tokenizer only: no torch,
     transformers or sentence-transformers import, no PyTorch weights, and the same scores, long documents cut.
     With the default dtype (`auto`) and app.py's logging, torch (for the CPU's bfloat16 features) and transformers
-    (for its log handler) were imported all the same: 2.6 s to a start instead of 0.7 s (helper-28)."""
+    (for its log handler) were imported all the same: 2.6 s to a start instead of 0.7 s (helper-28). int8 read
+    the CPU's int8 features through torch on every start (helper-35); it calibrates on the built-in set, whose
+    queries need more than 64 tokens of the tiny model's (character) tokens of room."""
     model_dir: Path = request.getfixturevalue(f"{name}_dir")
+    max_length = 256 if dtype == "int8" else 64
     pairs = varied_pairs(11, 16) + [("q", ""), ("Ünïcödé ☕ 数据", "line\nbreaks\ttabs " * 40)]
-    first = load_model(model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path), max_length=64,
+    first = load_model(model_settings(model_dir, backend="openvino", cache_dir=str(tmp_path), max_length=max_length,
                                       dtype=dtype))
     assert not first.from_cache and first.tokenizes_alone
-    (entry,) = (tmp_path / "openvino").iterdir()
-    assert (entry / "serving.json").is_file()
+    entries = list((tmp_path / "openvino").iterdir())  # int8: the float graph (serving.json's) and the quantized one
+    assert len(entries) == (2 if dtype == "int8" else 1) and sum((e / "serving.json").is_file() for e in entries) == 1
     want = first.score(first.encode(pairs)).tolist()
-    got = second_start(model_dir, tmp_path, pairs, dtype=dtype)
+    got = second_start(model_dir, tmp_path, pairs, max_length=max_length, dtype=dtype)
     assert got["from_cache"] and not got["pytorch_model"] and got["backend"] == "openvino"
     assert got["imported"] == [], f"a start from the cache imported {got['imported']}"
-    assert got["dtype"] == first.dtype and got["max_length"] == first.max_length == 64
+    assert got["dtype"] == first.dtype and got["max_length"] == first.max_length == max_length
     np.testing.assert_array_equal(got["scores"], want)
 
 
@@ -467,6 +472,35 @@ def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path:
     assert "int8 passed its guard" in caplog.messages  # the guard runs at every start, cached model or not
 
 
+def test_int8_calibrates_only_on_queries_the_service_would_take(bert_dir: Path, tmp_path: Path) -> None:
+    """At RERANKER_MAX_LENGTH=64 the built-in set's queries (the tiny model's tokens are characters) leave a document
+    no room: their pairs came out longer than the position embeddings and OpenVINO failed the calibration pass
+    ("Eltwise shape infer input shapes dim index: 1 mismatch"). Now the start says what to change."""
+    settings = model_settings(bert_dir, backend="openvino", dtype="int8", max_length=64, cache_dir=str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"the built-in calibration set has 0 pairs whose query leaves a "
+                                             r"document room within RERANKER_MAX_LENGTH=64 tokens \(of 256\)"):
+        load_model(settings)
+    with pytest.raises(ModelLoadError, match="no query of the int8 guard's probe set leaves a document room within "
+                                             "RERANKER_MAX_LENGTH=64"):
+        load_model(dataclasses.replace(settings, int8_mode="weights"))
+
+
+def test_the_workload_is_the_same_whatever_the_process_imported() -> None:
+    """This process imported torch, which replaces inspect.getfile: the inspect passages lost one, every seeded
+    pick after it moved, and a start from the conversion cache (no torch) missed the int8 graph a full load had
+    stored under its calibration digest, and quantized again."""
+    from reranker.backends.corpus import build_workload
+
+    assert "torch" in sys.modules
+    probe = ("import json, sys; from reranker.backends.corpus import build_workload; "
+             "assert 'torch' not in sys.modules; "
+             "print(json.dumps([[r.query, r.documents] for r in build_workload(4, 8, 1)]))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,
+                          check=True)
+    assert json.loads(done.stdout) == [[r.query, r.documents] for r in build_workload(4, 8, 1)]
+
+
 def test_int8_dot_product_features_are_read_from_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked against the kernel's own flags, not torch's: VNNI or AMX-INT8 is what makes int8 pay. Then against
     capabilities this CPU may lack (an AVX2-only one has none of the three)."""
@@ -477,6 +511,10 @@ def test_int8_dot_product_features_are_read_from_the_cpu(monkeypatch: pytest.Mon
     flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("flags")).split(":", 1)[1].split())
     assert set(int8_dot_products()) == flags & {"amx_int8", "avx512_vnni", "avx_vnni"}
+    with monkeypatch.context() as before_torch:  # a start from the conversion cache, which never loads torch
+        before_torch.delitem(sys.modules, "torch")
+        assert set(int8_dot_products()) == flags & {"amx_int8", "avx512_vnni", "avx_vnni"}
+        assert "torch" not in sys.modules
     monkeypatch.setattr(torch.cpu, "get_capabilities",
                         lambda: {"avx2": True, "avx512_vnni": True, "amx_int8": False, "avx_vnni": True})
     assert int8_dot_products() == ["avx512_vnni", "avx_vnni"]
@@ -730,7 +768,7 @@ def test_static_int8_keeps_the_head_and_the_feed_forward_down_projections_in_flo
 
     model: ScoringModel = request.getfixturevalue(f"{name}_model")
     settings = model_settings(Path(model.model_id))
-    samples = [model.collate(model.encode(group)).arrays() for group in calibration_groups(settings)[:4]]
+    samples = [model.collate(model.encode(group)).arrays() for group in calibration_groups(model, settings)[:4]]
     graph = convert(model.cross_encoder, model.extras, model.collate(model.encode([("q", "d")] * 2)),
                     causal=model.is_causal)
     quantized = quantize(graph, samples, "static")

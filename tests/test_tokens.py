@@ -72,6 +72,17 @@ def test_a_document_is_cut_exactly_when_it_does_not_fit(bert_model: ScoringModel
     assert cut.offsets[-1] == (len(over) - len("river"), len(over))
 
 
+def test_a_query_that_leaves_no_room_keeps_no_document(bert_model: ScoringModel) -> None:
+    """The engine refuses such a query (min_document_room); called directly (the int8 calibration did), the
+    negative room sliced from the document's end and kept nearly all of it: pairs far over max_length, which a
+    pass past the position embeddings fails on."""
+    query = "json " * bert_model.max_length
+    (encoded,) = bert_model.encoder.encode(query, ["river " * 50])
+    assert encoded.pair.n_tokens == bert_model.encoder.overhead(query, None) and not encoded.fits
+    assert bert_model.max_length - encoded.pair.n_tokens < tokens.min_document_room(bert_model.max_length,
+                                                                                     causal=False)
+
+
 def test_offsets_of_a_cut_causal_document_are_relative_to_the_document(causal_model: ScoringModel) -> None:
     document = "The river flows. " * 400
     [encoded] = causal_model.encoder.encode("which river", [document], None, offsets=True)

@@ -69,14 +69,23 @@ def native_bf16() -> list[str]:
     return torch_native_bf16()
 
 
+# By the names both Linux's /proc/cpuinfo and torch.cpu.get_capabilities() give them.
+INT8_DOT_PRODUCTS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
 def int8_dot_products() -> list[str]:
     """The CPU features that multiply int8 matrices at int8 speed (AMX-INT8, AVX512-VNNI, AVX-VNNI), as torch's
     cpuinfo reports them. Without them the products go through AVX2's 16-bit multiply-adds: on the AVX2-only EPYC
-    static int8 ran 1.05x float32 and weights-only int8 slower than float32 (docs/cpu.md)."""
+    static int8 ran 1.05x float32 and weights-only int8 slower than float32 (docs/cpu.md). Read from
+    /proc/cpuinfo, by the same names, until torch is loaded, as native_bf16 is: an int8 start from the conversion
+    cache never loads it."""
+    if "torch" not in sys.modules and cpuinfo():
+        flags = cpu_flags()
+        return [name for name in INT8_DOT_PRODUCTS if name in flags]
     import torch
 
     capabilities = torch.cpu.get_capabilities()
-    return [name for name in ("amx_int8", "avx512_vnni", "avx_vnni") if capabilities.get(name)]
+    return [name for name in INT8_DOT_PRODUCTS if capabilities.get(name)]
 
 
 def auto_precision(native: list[str]) -> Precision:

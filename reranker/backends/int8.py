@@ -22,6 +22,7 @@ from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
 from reranker.settings import Settings
+from reranker.tokens import min_document_room
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,33 @@ def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def calibration_groups(settings: Settings) -> list[Group]:
+def servable(model: Any, query: str) -> bool:
+    """Whether the engine would score `query` at all: it refuses one that leaves a document less room than
+    min_document_room. Calibration and the probe take only such queries, so that no sequence they run is longer
+    than the model's max_length (one that is, past the position embeddings, fails the pass)."""
+    return model.max_length - model.encoder.overhead(query, None) >= min_document_room(model.max_length,
+                                                                                           causal=model.is_causal)
+
+
+def calibration_groups(model: Any, settings: Settings) -> list[Group]:
     """The calibration pairs, in batches of CALIBRATION_BATCH: RERANKER_INT8_CALIBRATION's file of JSON lines
-    `{"query": ..., "document": ...}`, else the built-in set."""
+    `{"query": ..., "document": ...}`, else the built-in set; those with a query the engine would refuse left
+    out."""
     if settings.int8_calibration is None:
-        pairs = [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
+        given = [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
+        source = "the built-in calibration set"
     else:
-        pairs = read_calibration(Path(settings.int8_calibration))
+        given = read_calibration(Path(settings.int8_calibration))
+        source = f"RERANKER_INT8_CALIBRATION={settings.int8_calibration!r}"
+    pairs = [(query, document) for query, document in given if servable(model, query)]
+    if len(pairs) < CALIBRATION_BATCH:
+        raise ModelLoadError(f"{source} has {len(pairs)} pairs whose query leaves a document room within "
+                             f"RERANKER_MAX_LENGTH={model.max_length} tokens (of {len(given)}); static int8 needs at "
+                             f"least {CALIBRATION_BATCH}: use shorter queries, a longer RERANKER_MAX_LENGTH, or "
+                             "RERANKER_INT8_MODE=weights")
+    if len(pairs) < len(given):
+        logger.warning("int8 calibration leaves out pairs whose query the service would refuse",
+                       extra={"left_out": len(given) - len(pairs), "calibration_pairs": len(pairs)})
     return [pairs[i:i + CALIBRATION_BATCH] for i in range(0, len(pairs), CALIBRATION_BATCH)]
 
 
@@ -129,9 +150,15 @@ def _nncf_through_the_log() -> Iterator[None]:
 
 
 def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel) -> list[float]:
-    """Per probe query, the Spearman correlation of the candidate's ranking with the reference's."""
+    """Per probe query the engine would take (servable), the Spearman correlation of the candidate's ranking
+    with the reference's."""
+    probes = [request for request in build_workload(**PROBE) if servable(model, request.query)]
+    if not probes:
+        raise ModelLoadError(f"no query of the int8 guard's probe set leaves a document room within "
+                             f"RERANKER_MAX_LENGTH={model.max_length} tokens, so int8 cannot be checked: use a "
+                             "longer RERANKER_MAX_LENGTH, or another RERANKER_DTYPE")
     out = []
-    for request in build_workload(**PROBE):
+    for request in probes:
         arrays = model.collate(model.encode([(request.query, d) for d in request.documents])).arrays()
         scores = [np.array(compiled(arrays)[0]).reshape(-1) for compiled in (reference, candidate)]
         out.append(spearman(scores[0], scores[1]))
@@ -150,7 +177,7 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
         logger.warning("int8 on a CPU without VNNI or AMX-INT8: expect about the speed of float32, not more",
                        extra={"dtype": "int8"})
     # Weights-only int8 calibrates on nothing: no set is read, and none goes into its key.
-    groups = calibration_groups(settings) if settings.int8_mode == "static" else []
+    groups = calibration_groups(model, settings) if settings.int8_mode == "static" else []
     digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12] if groups else "uncalibrated"
     key8 = f"{key}-int8-{settings.int8_mode}-{digest}-q{QUANTIZE_FORMAT}"
     quantized = store.load(key8)
