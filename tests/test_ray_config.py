@@ -200,3 +200,19 @@ def test_every_replica_sets_the_quiet_defaults_as_app_py_does() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=HANG_S, check=True).stdout.strip()
     assert out == f"False True {dict(sorted(QUIET_DEFAULTS.items()))}"
+
+
+def test_otel_variables_in_args_env_reach_the_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OTLP endpoint in serve.yaml's `args.env` turned tracing on, while the SDK, which reads the process
+    environment only, exported to its default endpoint."""
+    from deploy.ray.environment import replica_settings
+    from reranker.tracing import otlp_exporter
+
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RERANKER_MAX_DOCS", "7")
+    settings = replica_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4999", "RERANKER_MAX_DOCS": "9"})
+    assert settings.tracing and settings.max_docs == 9  # args.env over the process's own
+    exporter: Any = otlp_exporter(settings.tracing_protocol)
+    assert exporter._endpoint == "http://127.0.0.1:4999/v1/traces"
+    assert os.environ["RERANKER_MAX_DOCS"] == "7"  # only OTEL_* go into the process environment

@@ -10,7 +10,6 @@ models' string annotations did not resolve.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 
 from fastapi import FastAPI
@@ -18,12 +17,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.claims import forget_claims
+from deploy.ray.environment import replica_settings
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.model import node_id, replica_id
 from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView, answers_view
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
-from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.metrics import Metrics
 from reranker.tracing import Tracing
@@ -113,7 +112,7 @@ class Ingress:
     # Async, as Serve allows: the drain watch is a task on the replica's event loop.
     async def __init__(self, model: DeploymentHandle, environ: Mapping[str, str] | None = None,  # type: ignore[misc]
                        tries: int = 3, deadline_s: float = 60.0) -> None:
-        self.settings = Settings.from_env({**os.environ, **(environ or {})})
+        self.settings = replica_settings(environ)
         setup_logging(self.settings.log_level)
         quiet_router_refusals()  # its handle's router refuses a call, and the request line answers the 429
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels

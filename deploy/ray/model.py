@@ -24,10 +24,11 @@ _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
     from deploy.ray.claims import claim_left, forget_claims
+    from deploy.ray.environment import replica_settings
     from deploy.ray.gpu import replica_gpus
     from deploy.ray.metrics import replica_metrics
     from deploy.ray.panel import Publisher, ReplicaView, replica_view
-    from reranker import Reranker, RerankResult, Settings
+    from reranker import Reranker, RerankResult
     from reranker.logs import setup_logging
     from reranker.tracing import Tracing
     from web.backend import describe
@@ -81,7 +82,7 @@ class RerankModel:
     reads them), with `environ` on top: the application's args, for tests and per-app overrides."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        settings = Settings.from_env({**os.environ, **(environ or {})})
+        settings = replica_settings(environ)
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
         self.replica = replica_id()
         self.app = application()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -23,11 +22,11 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.claims import forget_claims
+from deploy.ray.environment import replica_settings
 from deploy.ray.metrics import replica_metrics
 from deploy.ray.panel import KIND_UI, Replicas, ReplicaView, answers_view
 from deploy.ray.remote import RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
-from reranker import Settings
 from reranker.logs import setup_logging
 from reranker.tracing import Tracing
 from web.api import json_refusals
@@ -83,7 +82,7 @@ class UI:
     # Serve awaits an async constructor: the UI needs a model replica's answer before it is built.
     async def __init__(self, environ: Mapping[str, str] | None = None, app: str = "reranker",  # type: ignore[misc]
                        deployment: str = "RerankModel", tries: int = 3, deadline_s: float = 60.0) -> None:
-        self.settings = Settings.from_env({**os.environ, **(environ or {})})
+        self.settings = replica_settings(environ)
         setup_logging(self.settings.log_level)
         quiet_router_refusals()  # its handle's router refuses a call, and the event's line answers it
         self.metrics = replica_metrics()  # exported through Ray: the UI's refusals (401, 413, 503) are seen
