@@ -250,7 +250,8 @@ class ScoringModel:
         return self.is_causal
 
     def encode(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[EncodedPair]:
-        """Tokenize arbitrary pairs exactly as CrossEncoder.predict would, truncating to max_length."""
+        """Tokenize arbitrary pairs exactly as CrossEncoder.predict would, truncating the document to max_length (a
+        query that leaves a document no room, which the engine refuses, keeps no document and may run over it)."""
         out: list[EncodedPair] = []
         for query, document in pairs:
             out.extend(doc.pair for doc in self.encoder.encode(query, [document], instruction))

@@ -472,23 +472,46 @@ def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path:
     assert "int8 passed its guard" in caplog.messages  # the guard runs at every start, cached model or not
 
 
-def test_int8_calibrates_only_on_queries_the_service_would_take(bert_dir: Path, tmp_path: Path) -> None:
+def test_int8_calibrates_only_on_queries_the_service_would_take(bert_dir: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """At RERANKER_MAX_LENGTH=64 the built-in set's queries (the tiny model's tokens are characters) leave a document
     no room: their pairs came out longer than the position embeddings and OpenVINO failed the calibration pass
-    ("Eltwise shape infer input shapes dim index: 1 mismatch"). Now the start says what to change."""
+    ("Eltwise shape infer input shapes dim index: 1 mismatch"). Now int8 is refused before any quantizing, as a
+    failed guard is: served at the fallback precision, or an exit that says what to change."""
     settings = model_settings(bert_dir, backend="openvino", dtype="int8", max_length=64, cache_dir=str(tmp_path))
-    with pytest.raises(ModelLoadError, match=r"the built-in calibration set has 0 pairs whose query leaves a "
-                                             r"document room within RERANKER_MAX_LENGTH=64 tokens \(of 256\)"):
-        load_model(settings)
-    with pytest.raises(ModelLoadError, match="no query of the int8 guard's probe set leaves a document room within "
-                                             "RERANKER_MAX_LENGTH=64"):
-        load_model(dataclasses.replace(settings, int8_mode="weights"))
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        model = load_model(settings)
+    assert model.dtype in ("bfloat16", "float32") and "model quantized to int8" not in caplog.messages
+    assert model.dtype_reason.startswith("int8 (static) refused: 0 pairs of the built-in calibration set have a "
+                                         "query that would leave a document room within RERANKER_MAX_LENGTH=64")
+    with pytest.raises(ModelLoadError, match=r"int8 \(weights\) refused: 0 of the guard's 8 probe queries leave a "
+                                             r"document room within RERANKER_MAX_LENGTH=64 tokens, and it judges on at "
+                                             r"least 6.*set RERANKER_INT8_ON_FAIL=fallback"):
+        load_model(dataclasses.replace(settings, int8_mode="weights", int8_on_fail="exit"))
+    assert not list((tmp_path / "openvino").glob("*int8*")), "refused before quantizing"
+
+
+def test_the_int8_guard_judges_on_enough_probe_queries() -> None:
+    """A mean over the two probe queries that fit passed the bar for a model it had hardly checked."""
+    from types import SimpleNamespace
+
+    from reranker.backends.int8 import MIN_PROBE_QUERIES, PROBE, unusable_reason
+
+    model = SimpleNamespace(max_length=96)
+    weights = model_settings(Path("m"), dtype="int8", int8_mode="weights")
+    probes: list = [object()] * MIN_PROBE_QUERIES
+    assert unusable_reason(model, weights, [], probes) is None
+    reason = unusable_reason(model, weights, [], probes[1:])
+    assert reason is not None and f"{MIN_PROBE_QUERIES - 1} of the guard's {PROBE['n_requests']} probe" in reason
+    static = dataclasses.replace(weights, int8_mode="static")
+    assert unusable_reason(model, static, [[("q", "d")] * 15], probes) is not None  # 15 calibration pairs
+    assert unusable_reason(model, static, [[("q", "d")] * 16], probes) is None
 
 
 def test_the_workload_is_the_same_whatever_the_process_imported() -> None:
-    """This process imported torch, which replaces inspect.getfile: the inspect passages lost one, every seeded
-    pick after it moved, and a start from the conversion cache (no torch) missed the int8 graph a full load had
-    stored under its calibration digest, and quantized again."""
+    """This process imported torch, which replaces inspect.getfile: the inspect passages lose one, every seeded
+    pick after it moves, and a start from the conversion cache (no torch) would miss the int8 graph a full load
+    stored under its calibration digest, and quantize again."""
     from reranker.backends.corpus import build_workload
 
     assert "torch" in sys.modules

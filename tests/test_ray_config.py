@@ -116,8 +116,9 @@ def test_reranker_host_and_port_replace_the_proxies_address_where_set() -> None:
     spaced = with_address(config, {"RERANKER_HOST": " 0.0.0.0 ", "RERANKER_PORT": " 8123\n"})["http_options"]
     assert (spaced["host"], spaced["port"]) == ("0.0.0.0", 8123)
     assert with_address(config, {"RERANKER_HOST": "  ", "RERANKER_PORT": " "}) == config
-    with pytest.raises(ConfigError, match="RERANKER_PORT='²' is not valid"):
-        with_address(config, {"RERANKER_PORT": "²"})
+    for bad in ("²", "9" * 5000):
+        with pytest.raises(ConfigError, match="RERANKER_PORT='[²9]+' is not valid"):
+            with_address(config, {"RERANKER_PORT": bad})
 
 
 def test_a_local_ray_offers_the_cpus_serve_yaml_claims_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,6 +211,9 @@ def test_otel_variables_in_args_env_reach_the_exporter(monkeypatch: pytest.Monke
 
     for name in [name for name in os.environ if name.startswith("OTEL_")]:
         monkeypatch.delenv(name)
+    # Set through monkeypatch first, so that it is unset again after the test: replica_settings writes it into
+    # os.environ, and every service a later test starts would trace to a dead port.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     monkeypatch.setenv("RERANKER_MAX_DOCS", "7")
     settings = replica_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4999", "RERANKER_MAX_DOCS": "9"})
     assert settings.tracing and settings.max_docs == 9  # args.env over the process's own

@@ -67,8 +67,9 @@ def with_address(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
 
 
 def _port_number(raw: str) -> bool:
-    """Whether `raw` is written in ASCII digits only ("²" is a digit to str.isdigit, and no number to int)."""
-    return raw.isascii() and raw.isdigit()
+    """Whether `raw` is a port's worth of ASCII digits ("²" is a digit to str.isdigit and no number to int; int()
+    refuses over 4300 digits)."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 5
 
 
 def cpus_needed(config: Mapping[str, Any]) -> float:

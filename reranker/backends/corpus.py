@@ -70,9 +70,10 @@ def _read_corpus() -> dict[str, list[str]]:
 @functools.cache
 def _corpus() -> dict[str, list[str]]:
     """_read_corpus, once per process, in a bare interpreter (`-I -S`: the standard library alone), so that the
-    text is the same whatever this process imported. torch replaces `inspect.getfile`, which then left the inspect
-    passages and shifted every seeded pick after it: a start from the conversion cache, which imports no torch,
-    missed the int8 graph that a full load had stored under its calibration set's digest, and quantized again."""
+    text is the same whatever this process imported. torch replaces `inspect.getfile`, which then leaves the inspect
+    passages and shifts every seeded pick after it: a start from the conversion cache, which imports no torch, would
+    miss the int8 graph that a full load stored under its calibration set's digest (until 2026-12-03 such a start
+    imported torch anyway, to read the CPU's int8 features)."""
     try:
         done = subprocess.run([sys.executable, "-I", "-S", __file__], capture_output=True, timeout=300, check=True)
         corpus = json.loads(done.stdout)

@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 from scipy.stats import rankdata
 
-from reranker.backends.corpus import build_workload
+from reranker.backends.corpus import Request, build_workload
 from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 CALIBRATION = {"n_requests": 16, "docs_per_request": 16, "seed": 101}
 PROBE = {"n_requests": 8, "docs_per_request": 24, "seed": 202}
 CALIBRATION_BATCH = 16  # pairs per calibration sample: padded batches, as the service runs them
+# Of PROBE's queries, the fewest the guard judges on: at a short RERANKER_MAX_LENGTH some leave a document no room
+# (the engine would refuse them), and a mean over two or three rankings stands for too little of the model.
+MIN_PROBE_QUERIES = 6
 
 Group = list[tuple[str, str]]
 
@@ -53,23 +56,37 @@ def servable(model: Any, query: str) -> bool:
 def calibration_groups(model: Any, settings: Settings) -> list[Group]:
     """The calibration pairs, in batches of CALIBRATION_BATCH: RERANKER_INT8_CALIBRATION's file of JSON lines
     `{"query": ..., "document": ...}`, else the built-in set; those with a query the engine would refuse left
-    out."""
-    if settings.int8_calibration is None:
-        given = [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
-        source = "the built-in calibration set"
-    else:
-        given = read_calibration(Path(settings.int8_calibration))
-        source = f"RERANKER_INT8_CALIBRATION={settings.int8_calibration!r}"
-    pairs = [(query, document) for query, document in given if servable(model, query)]
-    if len(pairs) < CALIBRATION_BATCH:
-        raise ModelLoadError(f"{source} has {len(pairs)} pairs whose query leaves a document room within "
-                             f"RERANKER_MAX_LENGTH={model.max_length} tokens (of {len(given)}); static int8 needs at "
-                             f"least {CALIBRATION_BATCH}: use shorter queries, a longer RERANKER_MAX_LENGTH, or "
-                             "RERANKER_INT8_MODE=weights")
-    if len(pairs) < len(given):
-        logger.warning("int8 calibration leaves out pairs whose query the service would refuse",
-                       extra={"left_out": len(given) - len(pairs), "calibration_pairs": len(pairs)})
+    out (unusable_reason says when too few remain)."""
+    pairs = [(query, document) for query, document in _calibration_pairs(settings) if servable(model, query)]
     return [pairs[i:i + CALIBRATION_BATCH] for i in range(0, len(pairs), CALIBRATION_BATCH)]
+
+
+def _calibration_pairs(settings: Settings) -> list[tuple[str, str]]:
+    if settings.int8_calibration is None:
+        return [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
+    return read_calibration(Path(settings.int8_calibration))
+
+
+def probe_set(model: Any) -> list[Request]:
+    """The guard's probe queries that the engine would take (servable), with their documents."""
+    return [request for request in build_workload(**PROBE) if servable(model, request.query)]
+
+
+def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes: list[Request]) -> str | None:
+    """Why int8 cannot be made or checked at this RERANKER_MAX_LENGTH, before any quantizing; None when it can."""
+    limit = f"leave a document room within RERANKER_MAX_LENGTH={model.max_length} tokens"
+    calibrated = sum(len(group) for group in groups)
+    if settings.int8_mode == "static" and calibrated < CALIBRATION_BATCH:
+        source = ("the built-in calibration set" if settings.int8_calibration is None
+                  else f"RERANKER_INT8_CALIBRATION={settings.int8_calibration!r}")
+        return (f"int8 (static) refused: {calibrated} pairs of {source} have a query that would {limit}; static "
+                f"int8 calibrates on at least {CALIBRATION_BATCH} (use shorter queries, a longer "
+                "RERANKER_MAX_LENGTH, or RERANKER_INT8_MODE=weights)")
+    if len(probes) < MIN_PROBE_QUERIES:
+        return (f"int8 ({settings.int8_mode}) refused: {len(probes)} of the guard's {PROBE['n_requests']} probe "
+                f"queries {limit}, and it judges on at least {MIN_PROBE_QUERIES}, so int8 cannot be checked (use a "
+                "longer RERANKER_MAX_LENGTH)")
+    return None
 
 
 def read_calibration(path: Path) -> list[tuple[str, str]]:
@@ -149,14 +166,9 @@ def _nncf_through_the_log() -> Iterator[None]:
         nncf_logger.setLevel(level)
 
 
-def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel) -> list[float]:
-    """Per probe query the engine would take (servable), the Spearman correlation of the candidate's ranking
-    with the reference's."""
-    probes = [request for request in build_workload(**PROBE) if servable(model, request.query)]
-    if not probes:
-        raise ModelLoadError(f"no query of the int8 guard's probe set leaves a document room within "
-                             f"RERANKER_MAX_LENGTH={model.max_length} tokens, so int8 cannot be checked: use a "
-                             "longer RERANKER_MAX_LENGTH, or another RERANKER_DTYPE")
+def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledModel,
+              probes: list[Request]) -> list[float]:
+    """Per probe query, the Spearman correlation of the candidate's ranking with the reference's."""
     out = []
     for request in probes:
         arrays = model.collate(model.encode([(request.query, d) for d in request.documents])).arrays()
@@ -178,6 +190,9 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
                        extra={"dtype": "int8"})
     # Weights-only int8 calibrates on nothing: no set is read, and none goes into its key.
     groups = calibration_groups(model, settings) if settings.int8_mode == "static" else []
+    probes = probe_set(model)
+    if (unusable := unusable_reason(model, settings, groups, probes)) is not None:
+        return refuse(unusable, settings, graph, fallback)
     digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12] if groups else "uncalibrated"
     key8 = f"{key}-int8-{settings.int8_mode}-{digest}-q{QUANTIZE_FORMAT}"
     quantized = store.load(key8)
@@ -189,8 +204,9 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
         store.save(key8, quantized, seconds=seconds, int8_mode=settings.int8_mode)
         model.convert_seconds += seconds
         logger.info("model quantized to int8", extra={"int8_mode": settings.int8_mode,
-                                                      "quantize_seconds": round(seconds, 2)})
-    rhos = agreement(model, compile_graph(graph, "f32"), compile_graph(quantized, None))
+                                                      "quantize_seconds": round(seconds, 2),
+                                                      "calibration_pairs": sum(len(group) for group in groups)})
+    rhos = agreement(model, compile_graph(graph, "f32"), compile_graph(quantized, None), probes)
     mean, lowest, bar = float(np.mean(rhos)), min(rhos), settings.int8_min_spearman
     figures = (f"Spearman {mean:.4f} against float32 (mean over {len(rhos)} probe queries, lowest {lowest:.4f})")
     if mean >= bar:
@@ -198,10 +214,17 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
                                                     "bar": bar})
         return quantized, Precision("int8", f"RERANKER_DTYPE=int8 ({settings.int8_mode}): {figures} >= {bar}")
     refusal = f"int8 ({settings.int8_mode}) refused: {figures} is below RERANKER_INT8_MIN_SPEARMAN={bar}"
+    return refuse(refusal, settings, graph, fallback, advice="try RERANKER_INT8_MODE=weights, or calibrate on your "
+                  "own traffic (RERANKER_INT8_CALIBRATION)",
+                  spearman_mean=round(mean, 4), spearman_min=round(lowest, 4), bar=bar)
+
+
+def refuse(refusal: str, settings: Settings, graph: ov.Model, fallback: Precision, *, advice: str = "",
+           **fields: Any) -> tuple[ov.Model, Precision]:
+    """int8 refused: ModelLoadError (RERANKER_INT8_ON_FAIL=exit), else a warning and the float graph at
+    `fallback`."""
     if settings.int8_on_fail == "exit":
-        raise ModelLoadError(f"{refusal}; set RERANKER_INT8_ON_FAIL=fallback to serve {fallback.dtype} instead, "
-                             "try RERANKER_INT8_MODE=weights, or calibrate on your own traffic "
-                             "(RERANKER_INT8_CALIBRATION)")
-    logger.warning(refusal + f"; serving {fallback.dtype}",
-                   extra={"spearman_mean": round(mean, 4), "spearman_min": round(lowest, 4), "bar": bar})
+        raise ModelLoadError(f"{refusal}; set RERANKER_INT8_ON_FAIL=fallback to serve {fallback.dtype} instead"
+                             + (f", {advice}" if advice else ""))
+    logger.warning(refusal + f"; serving {fallback.dtype}", extra=fields)
     return graph, Precision(fallback.dtype, f"{refusal}; {fallback.reason}")
