@@ -121,8 +121,12 @@ def app_settings(application: Mapping[str, Any], environ: Mapping[str, str]) -> 
     from reranker.settings import Settings
 
     base = {} if environ.get("RAY_ADDRESS") else environ
-    overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
-    return Settings.from_env({**base, **overlay})
+    return Settings.from_env({**base, **args_env(application)})
+
+
+def args_env(application: Mapping[str, Any]) -> dict[str, str]:
+    """An application's `args.env` in serve.yaml, as strings."""
+    return {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
 
 
 def check_settings(config: dict[str, Any], environ: Mapping[str, str]) -> float:
@@ -321,9 +325,8 @@ def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> l
 
     warnings = unknown_variables(environ)
     for application in config.get("applications") or []:
-        overlay = {str(k): str(v) for k, v in ((application.get("args") or {}).get("env") or {}).items()}
         warnings += [f"application {application.get('name')!r}, args.env: {warning}"
-                     for warning in unknown_variables(overlay)]
+                     for warning in unknown_variables(args_env(application))]
     return warnings
 
 

@@ -49,8 +49,13 @@ def cpu_flags() -> set[str]:
 def kernel_bf16_flags() -> list[str]:
     """The native-bfloat16 features (amx_bf16, avx512_bf16) by the names Linux's /proc/cpuinfo gives them, read
     without importing torch; empty where the file cannot be read."""
+    return kernel_flags(("amx_bf16", "avx512_bf16"))
+
+
+def kernel_flags(names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that the kernel lists among this CPU's flags, in the order given."""
     flags = cpu_flags()
-    return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+    return [name for name in names if name in flags]
 
 
 def physical_cores() -> int:
@@ -80,8 +85,7 @@ def int8_dot_products() -> list[str]:
     /proc/cpuinfo, by the same names, until torch is loaded, as native_bf16 is: an int8 start from the conversion
     cache never loads it."""
     if "torch" not in sys.modules and cpuinfo():
-        flags = cpu_flags()
-        return [name for name in INT8_DOT_PRODUCTS if name in flags]
+        return kernel_flags(INT8_DOT_PRODUCTS)
     import torch
 
     capabilities = torch.cpu.get_capabilities()
