@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import HANG_S, serve
 from web.http import create_app
-from web.middleware import LIMITED_PATHS
+from web.middleware import LIMITED_PATHS, BodyLimit
 from web.service import RerankService
 from web.ui import make_predict
 
@@ -217,6 +218,29 @@ def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: b
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
     assert httpx.get(f"{url}/healthz", timeout=HANG_S).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/rerank", "/gradio_api/upload"])
+def test_a_content_length_past_any_body_is_refused_413_not_raised(route: str) -> None:
+    """uvicorn's parsers refuse such a header themselves; the middleware does not count on its server doing so:
+    int() of a 5,000-digit number raises past Python's 4,300-digit limit."""
+    sent: list[dict[str, Any]] = []
+    refused: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": route, "root_path": "",
+             "headers": [(b"content-length", b"9" * 5000), (b"content-type", b"application/json")]}
+    limit = BodyLimit(app, 64 * 1024, lambda route, error: refused.append(error.type))
+    asyncio.run(limit(scope, receive, send))
+    assert sent[0]["status"] == 413 and refused == ["limit_exceeded"]
 
 
 def test_bad_requests_are_counted_as_invalid(live: tuple[str, Reranker]) -> None:

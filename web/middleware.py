@@ -113,6 +113,15 @@ class BearerKey:
         await _answer(error, scope, receive, send, {"WWW-Authenticate": "Bearer"})
 
 
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, None without one. A number longer than any body (uvicorn's parsers refuse
+    one past 2**64 themselves; another server may not) reads as too big, not as an error from int()."""
+    header = dict(scope.get("headers") or []).get(b"content-length", b"")
+    if not header.isdigit():
+        return None
+    return int(header) if len(header) <= 18 else 10**18
+
+
 class BodyLimit:
     """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API with 413, before they are parsed."""
 
@@ -130,8 +139,7 @@ class BodyLimit:
         # limit each were taken whole), so the request is capped at one file's worth.
         upload = _is_upload(route)
         limit = self.limit + UPLOAD_FRAMING_BYTES if upload else self.limit
-        header = dict(scope.get("headers") or []).get(b"content-length", b"")
-        declared = int(header) if header.isdigit() else None
+        declared = declared_length(scope)
         if declared is not None and declared > limit:
             await self._refuse(route, self._too_big(), scope, receive, send)
             return
