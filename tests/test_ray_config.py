@@ -187,6 +187,11 @@ def test_a_reranker_variable_nothing_reads_is_named_as_start_sh_names_it() -> No
     assert unknown_settings(config, {}) == [
         "application 'reranker', args.env: RERANKER_MAX_DOC is not a setting of this service and is ignored; did you "
         "mean RERANKER_MAX_DOCS? the settings are listed in docs/configuration.md"]
+    # A setting of the service, but one the launcher reads: the proxies would stay on serve.yaml's port.
+    config["applications"][0]["args"]["env"] = {"RERANKER_PORT": "9000"}
+    assert unknown_settings(config, {}) == [
+        "application 'reranker', args.env: RERANKER_PORT is read by this launcher from its own environment, not by "
+        "a replica, and is ignored here; set it where python -m deploy.ray runs, or serve.yaml's http_options.port"]
 
 
 def test_every_replica_sets_the_quiet_defaults_as_app_py_does() -> None:

@@ -49,6 +49,14 @@ DEFAULT_CONFIG = "deploy/ray/serve.yaml"
 DEFAULT_METRICS_PORT = 8080  # KubeRay's metrics port too
 
 
+# Read by this launcher from its own environment; in an application's args.env no replica reads them.
+LAUNCHER_ONLY = {
+    "RERANKER_HOST": "set it where python -m deploy.ray runs, or serve.yaml's http_options.host",
+    "RERANKER_PORT": "set it where python -m deploy.ray runs, or serve.yaml's http_options.port",
+    "RERANKER_RAY_METRICS_PORT": "set it where python -m deploy.ray runs",
+}
+
+
 class ConfigError(ValueError):
     """A RERANKER_HOST/RERANKER_PORT override that cannot apply."""
 
@@ -325,8 +333,12 @@ def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> l
 
     warnings = unknown_variables(environ)
     for application in config.get("applications") or []:
+        env = args_env(application)
         warnings += [f"application {application.get('name')!r}, args.env: {warning}"
-                     for warning in unknown_variables(args_env(application))]
+                     for warning in unknown_variables(env)]
+        warnings += [f"application {application.get('name')!r}, args.env: {name} is read by this launcher from its "
+                     f"own environment, not by a replica, and is ignored here; {LAUNCHER_ONLY[name]}"
+                     for name in sorted(env.keys() & LAUNCHER_ONLY.keys())]
     return warnings
 
 
