@@ -260,7 +260,7 @@ def _device(name: str, raw: str) -> str:
     if value in ("auto", "cpu", "cuda"):
         return value
     prefix, _, index = value.partition(":")
-    if prefix == "cuda" and index.isdigit():
+    if prefix == "cuda" and index.isascii() and index.isdigit():  # "²" is a digit to isdigit, and no index
         return value
     raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(DEVICES)} (N = GPU index)")
 

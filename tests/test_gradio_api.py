@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.servers import HANG_S, serve
+from web.gradio_api import QUEUE_JOIN, RERANK_EVENT, CountedBlocks, RerankEvents
 from web.gradio_login import find_gradio_app
 from web.http import create_app
 from web.ui import QUEUE_POLL_S
@@ -211,6 +214,26 @@ def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: Scorin
         assert ui_requests(reranker) == 2
     refusals = [r for r in caplog.records if r.getMessage() == "rerank refused"]
     assert [getattr(r, "error_type", None) for r in refusals] == ["limit_exceeded"] * 2
+
+
+def test_a_content_length_past_any_body_marks_a_rerank_event_unread() -> None:
+    """uvicorn refuses such a header itself; RerankEvents does not count on its server doing so (int() of a
+    5,000-digit number raises)."""
+    seen: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope[RERANK_EVENT])
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("the body was read")
+
+    async def send(message: Any) -> None:
+        raise AssertionError("answered")
+
+    scope = {"type": "http", "method": "POST", "path": QUEUE_JOIN, "root_path": "",
+             "headers": [(b"content-length", b"9" * 5000)]}
+    asyncio.run(RerankEvents(app, cast(CountedBlocks, None))(scope, receive, send))
+    assert seen == [True]
 
 
 def test_the_api_names_its_parameters_and_outputs(live: tuple[str, Reranker]) -> None:

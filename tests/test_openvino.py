@@ -70,6 +70,17 @@ def test_openvino_threads_follow_torch_and_are_not_pinned(ov_bert_model: Scoring
     assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
 
 
+@pytest.mark.parametrize("value", ["", "0", "\u00b2", "two"])
+def test_an_unusable_omp_num_threads_means_one_thread_per_physical_core(monkeypatch: pytest.MonkeyPatch,
+                                                                        value: str) -> None:
+    """As torch reads it; "²" is a digit to str.isdigit, and int() raised on it."""
+    from reranker.backends.cpu import physical_cores
+    from reranker.backends.openvino import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert cpu_threads() == physical_cores()
+
+
 @pytest.fixture
 def two_stream_models(bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                       ) -> tuple[ScoringModel, ScoringModel]:

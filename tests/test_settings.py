@@ -72,6 +72,7 @@ def test_blank_values_fall_back_to_defaults() -> None:
     [
         ("RERANKER_DEVICE", "gpu", "auto, cpu, cuda, cuda:N"),
         ("RERANKER_DEVICE", "cuda:x", "cuda:N"),
+        ("RERANKER_DEVICE", "cuda:\u00b2", "cuda:N"),
         ("RERANKER_DTYPE", "fp16", "auto, float32, float16, bfloat16"),
         ("RERANKER_LONG_DOCS", "split", "truncate, chunk"),
         ("RERANKER_COMPILE", "yes", "off, on, cudagraphs"),

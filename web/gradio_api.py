@@ -23,7 +23,7 @@ from pydantic import TypeAdapter
 from web.cancel import handled_cancellation
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
-from web.middleware import App, Message, Receive, Scope, Send, read_body, replaying, route_path
+from web.middleware import App, Message, Receive, Scope, Send, declared_length, read_body, replaying, route_path
 from web.tracing import request_context
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -267,9 +267,9 @@ class RerankEvents:
             await self.app(scope, receive, send)
             return
         by_path = False if queued else is_api_path(path)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        declared = declared_length(scope)
         read: list[Message] = []
-        if declared.isdigit() and int(declared) > PEEK_BYTES:
+        if declared is not None and declared > PEEK_BYTES:
             scope[RERANK_EVENT] = True
         else:
             read, size = await read_body(receive, PEEK_BYTES)

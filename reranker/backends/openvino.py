@@ -48,7 +48,7 @@ def cpu_threads() -> int:
     """The threads torch would use, worked out without importing it: both backends follow OMP_NUM_THREADS (which
     Ray sets for each replica from its num_cpus), and default to torch's choice, one per physical core."""
     configured = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if configured.isdigit() and int(configured) > 0:
+    if configured.isascii() and configured.isdigit() and int(configured) > 0:
         return int(configured)
     return physical_cores()
 
