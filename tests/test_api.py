@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 
-from reranker import Reranker
+from reranker import Reranker, ValidationError
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
@@ -23,6 +23,7 @@ from web.http import create_app
 from web.middleware import LIMITED_PATHS, BodyLimit
 from web.service import RerankService
 from web.ui import make_predict
+from web.uploads import read_documents
 
 DOCS = ["a cache server keeps hot data", "tea grows on hills", "the queue server", "", "json token parse"]
 
@@ -362,6 +363,39 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
         with pytest.raises(gr.Error, match=r"has 200000 characters"):
             make_predict(RerankService(reranker))("doc", "", None, "", False, str(tmp_path / "big.csv"))
         assert invalid(reranker) == 1
+
+
+# Inside a line, not ends of one: str.splitlines broke at each, and every later document's index shifted.
+INSIDE_A_LINE = "\u2028 \u2029 \u0085 \x0b \x0c \x1c"
+
+
+def test_documents_one_per_line_end_lines_at_newlines_only(url: str, tmp_path: Path) -> None:
+    text = f"first {INSIDE_A_LINE} doc\r\nsecond\rthird\n"
+    response = httpx.post(f"{url}/api/predict", json={"data": ["q", text]}, timeout=HANG_S)
+    assert response.status_code == 200, response.text
+    assert sorted(r["document"] for r in response.json()["data"][0]) == [f"first {INSIDE_A_LINE} doc", "second",
+                                                                         "third"]
+    (tmp_path / "d.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                              for t in (f"first {INSIDE_A_LINE} doc", "second")), encoding="utf-8")
+    assert read_documents(tmp_path / "d.txt", 1 << 20) == [f"first {INSIDE_A_LINE} doc", "second", "third"]
+    assert read_documents(tmp_path / "d.jsonl", 1 << 20) == [f"first {INSIDE_A_LINE} doc", "second"]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 20_000, "line 2 nests too deeply to read; flatten it"),
+    ('{"text": "a", "n": ' + "9" * 5000 + "}", "line 2 is not readable: Exceeds the limit (4300 digits)"),
+])
+def test_an_unreadable_jsonl_line_is_a_clear_error(live: tuple[str, Reranker], tmp_path: Path, line: str,
+                                                   message: str) -> None:
+    """Each escaped json.JSONDecodeError's handler: the Gradio API answered 500 with the exception's text, and
+    the log took a traceback."""
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n' + line + "\n")
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        read_documents(tmp_path / "d.jsonl", 1 << 20)
+    client = Client(live[0], verbose=False)
+    with pytest.raises(Exception, match=re.escape(message)):
+        client.predict("q", "", None, "", False, handle_file(tmp_path / "d.jsonl"), api_name="/predict")
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [

@@ -24,6 +24,7 @@ from web.cancel import handled_cancellation
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
 from web.middleware import App, Message, Receive, Scope, Send, declared_length, read_body, replaying, route_path
+from web.service import split_lines
 from web.tracing import request_context
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
@@ -170,8 +171,7 @@ class CountedBlocks(gr.Blocks):
         inputs = list(inputs)
         for i in positions:
             # Only items that come back from the lines unchanged, so each keeps its position (its index).
-            if not all(isinstance(item, str) and item.strip() == item != "" and item.splitlines() == [item]
-                       for item in inputs[i]):
+            if not all(isinstance(item, str) and split_lines(item) == [item] for item in inputs[i]):
                 raise ValueError(f"input {i} is text with one item per line: send a string, or a list of "
                                  "non-blank strings without line breaks or surrounding spaces")
             inputs[i] = "\n".join(inputs[i])

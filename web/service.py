@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from web.lifecycle import ANSWERED, Lifecycle, Served
 from web.request_id import current_request_id, new_request_id, request_age
 
 logger = logging.getLogger("reranker.requests")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 # Every request line carries these (SPEC section 7), null where they do not apply (a refused request scored
 # nothing), so a log pipeline can rely on the schema.
@@ -39,8 +41,10 @@ class RerankCall:
 
 
 def split_lines(text: str) -> list[str]:
-    """Documents pasted one per line; blank lines are not documents."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """Documents one per line, without the blank lines. A line ends at \\n, \\r\\n or \\r only: str.splitlines also
+    breaks at a form feed, U+2028, U+0085 and others that text from PDFs and JSON strings carry inside a line, and
+    every later document's index would shift."""
+    return [line.strip() for line in LINE_BREAK.split(text) if line.strip()]
 
 
 class RerankService:

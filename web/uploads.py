@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from reranker import ValidationError
+from web.service import split_lines
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -27,7 +28,7 @@ def read_documents(path: str | Path, max_bytes: int) -> list[str]:
     except OSError:  # gone from Gradio's upload folder, or not a file: nothing about the server is said
         raise ValidationError(f"cannot read the uploaded file {path.name}; upload it again") from None
     if suffix == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return split_lines(text)
     if suffix == ".jsonl":
         return _jsonl(path.name, text)
     return _csv(path.name, text, max_bytes)
@@ -35,13 +36,18 @@ def read_documents(path: str | Path, max_bytes: int) -> list[str]:
 
 def _jsonl(name: str, text: str) -> list[str]:
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # read_text made every line end \n; a JSON string may hold U+2028 and the like unescaped (str.splitlines broke
+    # the line there).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValidationError(f"{name} line {number} is not valid JSON") from None
+        except RecursionError:
+            raise ValidationError(f"{name} line {number} nests too deeply to read; flatten it") from None
+        except ValueError as err:  # JSONDecodeError, or a number past Python's 4,300 digits
+            what = "not valid JSON" if isinstance(err, json.JSONDecodeError) else f"not readable: {err}"
+            raise ValidationError(f"{name} line {number} is {what}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValidationError(f'{name} line {number} needs a string "text" field')
         documents.append(record["text"])

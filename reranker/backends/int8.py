@@ -92,7 +92,7 @@ def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes:
 def read_calibration(path: Path) -> list[tuple[str, str]]:
     name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{name} cannot be read ({err}); name a UTF-8 file of JSON lines "
                              '{"query": "...", "document": "..."}') from err
@@ -103,7 +103,7 @@ def read_calibration(path: Path) -> list[tuple[str, str]]:
         try:
             row = json.loads(line)
             query, document = row["query"], row["document"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             raise ModelLoadError(f'{name}: line {number} is not a JSON object with "query" and "document" '
                                  "strings") from None
         if not isinstance(query, str) or not isinstance(document, str) or not query or not document:
