@@ -325,6 +325,7 @@ class Reranker:
         min_room = min_document_room(max_length, causal=self.model.is_causal)
         if room < min_room:
             what = "the query and instruction take" if instruction else "the query takes"
+            what += " (with the model's template)" if self.model.is_causal else ""
             share = (f"{overhead} of the model's {max_length} tokens, leaving {room} for a document" if room >= 0
                      else f"{overhead} tokens, over the model's limit of {max_length}")
             raise LimitExceededError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import time
@@ -20,7 +21,14 @@ from reranker.errors import ModelLoadError
 from reranker.logs import quiet_libraries
 from reranker.prompts import QWEN3_RERANKER_TEMPLATE, is_qwen3_reranker
 from reranker.settings import Settings
-from reranker.tokens import EncodedPair, PairEncoder, TextPairEncoder, build_encoder, text_pair_encoder
+from reranker.tokens import (
+    EncodedPair,
+    PairEncoder,
+    TextPairEncoder,
+    build_encoder,
+    min_document_room,
+    text_pair_encoder,
+)
 
 if TYPE_CHECKING:  # imported where a model is loaded in PyTorch: torch, transformers and sentence-transformers
     import torch  # take seconds, and a start from the conversion cache needs none of them
@@ -326,8 +334,11 @@ def load_model(settings: Settings) -> ScoringModel:
     if model is None:
         model = _load_cross_encoder(settings, device, "float32" if backend == "openvino" else precision.dtype)
         model.backend_reason, model.dtype_reason = backend_reason, precision.reason
+        _check_room(model, settings)  # before any conversion or quantization
         if backend == "openvino":
             _use_openvino(model, settings, backend_reason)
+    else:
+        _check_room(model, settings)
     if model.backend is model.torch and precision.dtype == "bfloat16" and device == "cpu" and not native_bf16():
         logger.warning("bfloat16 is emulated on this CPU (no AMX-BF16 or AVX512-BF16) and may be slower than "
                        "float32", extra={"dtype": precision.dtype})
@@ -344,6 +355,23 @@ def load_model(settings: Settings) -> ScoringModel:
                "max_length": model.max_length, "compile": model.compiled, "from_cache": model.from_cache},
     )
     return model
+
+
+def _check_room(model: ScoringModel, settings: Settings) -> None:
+    """Refuse a max length that leaves a one-word query no room for a document: the service would start, report
+    ready and refuse every request. A causal reranker's prompt template alone can take over 100 tokens."""
+    overhead = model.encoder.overhead("q", None)
+    if overhead + min_document_room(model.max_length, causal=model.is_causal) <= model.max_length:
+        return
+    enough = next(n for n in itertools.count(model.max_length + 1)
+                  if overhead + min_document_room(n, causal=model.is_causal) <= n)
+    capped_by = (f" (RERANKER_MAX_LENGTH={settings.max_length} is capped at the model's own limit of "
+                 f"{model.max_length})" if model.max_length < settings.max_length else "")
+    raise ModelLoadError(
+        f"a max length of {model.max_length} tokens{capped_by} leaves a document no room: {settings.model}'s "
+        f"template and specials take {overhead} tokens with a one-word query, and a document needs at least "
+        f"{min_document_room(model.max_length, causal=model.is_causal)}; set RERANKER_MAX_LENGTH to {enough} or "
+        "more (leave room for your queries too)")
 
 
 def _warm_up(model: ScoringModel, settings: Settings) -> None:

@@ -8,7 +8,7 @@ import pytest
 import sentence_transformers
 import torch
 
-from reranker import ModelLoadError
+from reranker import LimitExceededError, ModelLoadError, Reranker
 from reranker import model as model_module
 from reranker.model import ScoringModel, load_model, resolve_device, resolve_dtype
 from reranker.prompts import qwen3_reranker_prompt
@@ -155,6 +155,20 @@ def test_max_length_is_capped_at_the_models_limit(tmp_path: Path) -> None:
     path = build_bert_reranker(tmp_path / "short", max_positions=128)
     assert load_model(model_settings(path, max_length=1024)).max_length == 128
     assert load_model(model_settings(path, max_length=64)).max_length == 64
+
+
+def test_a_max_length_the_prompt_template_fills_stops_the_start(causal_dir: Path, causal_model: ScoringModel) -> None:
+    """It started, reported ready, and refused every request, blaming a one-word query: the tiny Qwen3's template
+    takes over 128 tokens."""
+    overhead = causal_model.encoder.overhead("q", None)
+    assert overhead == 153  # this tiny tokenizer's; the real Qwen3 one takes far fewer
+    with pytest.raises(ModelLoadError, match=rf"template and specials take {overhead} tokens with a one-word query"
+                                             rf".*set RERANKER_MAX_LENGTH to {overhead + 50} or more"):
+        load_model(model_settings(causal_dir, max_length=128))
+    load_model(model_settings(causal_dir, max_length=overhead + 50))  # a document gets 50: min(64, 203 // 4)
+    with Reranker(causal_model, model_settings(causal_dir)) as reranker, \
+            pytest.raises(LimitExceededError, match=r"^the query takes \(with the model's template\) \d+ of"):
+        reranker.rerank("river " * 40, ["doc"])
 
 
 def test_length_limit_from_tokenizer_or_positions() -> None:
