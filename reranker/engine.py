@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 import reranker.spans as spans
-from reranker.batcher import Batcher, ScoreFn, unpadded
+from reranker.batcher import Batcher, Room, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import CancelledError, LimitExceededError, ScoringError
 from reranker.longdocs import DocumentClipper, window_spans
@@ -164,20 +164,28 @@ class Reranker:
         """Documents best first; scores are sigmoid probabilities unless `raw_scores`."""
         return self.rerank_detailed(query, documents, top_n, instruction, raw_scores).results
 
+    def room(self) -> Room:
+        """An empty hold on RERANKER_MAX_QUEUE, for a caller that admits a request before it runs
+        (web.service.RerankService.admit): pass it to rerank_detailed, which uses it up."""
+        return self._batcher.room()
+
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None, *,
-                        max_doc_tokens: int | None = None, documents_field: str = "documents") -> RerankResult:
+                        max_doc_tokens: int | None = None, documents_field: str = "documents",
+                        room: Room | None = None) -> RerankResult:
         """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
 
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
         CancelledError. `max_doc_tokens` cuts each document to its first N tokens before anything else
         (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated. `documents_field` is the name the
-        caller's API gives the documents (TEI's `texts`), for validation messages."""
-        with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span:
+        caller's API gives the documents (TEI's `texts`), for validation messages. `room`: queue room the caller
+        already holds for the request (`room()`), released when this returns."""
+        held = room if room is not None else self._batcher.room()
+        with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span, held:
             try:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
-                                      documents_field)
+                                      documents_field, held)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
@@ -186,33 +194,32 @@ class Reranker:
 
     def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
                 raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None,
-                documents_field: str) -> RerankResult:
+                documents_field: str, room: Room) -> RerankResult:
         started = time.perf_counter()
         with spans.step(self._tracer, spans.VALIDATE):
             self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
-        # A full queue refuses before any tokenizer pass, and the room is held until the pairs are queued: a
-        # burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
-        with self._batcher.room() as room:
-            if self._clips(max_doc_tokens):
-                room.need(len(documents))
-            texts, clipped = self._clip(documents, max_doc_tokens, cancel)
-            with spans.step(self._tracer, spans.CACHE) as span:
-                keys = [self._key(query, text, instruction) for text in texts]
-                logits: list[float | None] = [self._cache.get(key) for key in keys]
-                hits = sum(value is not None for value in logits)
-                span.set_attribute("reranker.cache_hits", hits)
-            missing = [i for i, value in enumerate(logits) if value is None]
-            room.need(len(missing))  # what the cache did not answer
-            with spans.step(self._tracer, spans.TOKENIZE) as span:
-                plan = _Plan()
-                if missing:
-                    plan = self._plan(query, [texts[i] for i in missing], instruction,
-                                      {slot for slot, i in enumerate(missing) if i in clipped}, cancel, room.need)
-                spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
-            given_up(cancel)
-            job = room.submit(plan.pairs)
+        # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until
+        # the pairs are queued: a burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
+        if self._clips(max_doc_tokens):
+            room.need(len(documents))
+        texts, clipped = self._clip(documents, max_doc_tokens, cancel)
+        with spans.step(self._tracer, spans.CACHE) as span:
+            keys = [self._key(query, text, instruction) for text in texts]
+            logits: list[float | None] = [self._cache.get(key) for key in keys]
+            hits = sum(value is not None for value in logits)
+            span.set_attribute("reranker.cache_hits", hits)
+        missing = [i for i, value in enumerate(logits) if value is None]
+        room.need(len(missing))  # what the cache did not answer
+        with spans.step(self._tracer, spans.TOKENIZE) as span:
+            plan = _Plan()
+            if missing:
+                plan = self._plan(query, [texts[i] for i in missing], instruction,
+                                  {slot for slot, i in enumerate(missing) if i in clipped}, cancel, room.need)
+            spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
+        given_up(cancel)
+        job = room.submit(plan.pairs)
         # A document cut to max_doc_tokens was cut in this request, whether its score came from the cache or not.
         truncated = plan.truncated + len(clipped.difference(missing))
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.

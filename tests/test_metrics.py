@@ -22,7 +22,7 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
-from tests.servers import HANG_S
+from tests.servers import HANG_S, serve
 from tests.test_faults import wait_until
 from web.http import create_app
 
@@ -159,6 +159,39 @@ def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path)
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="error") == 1
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 1
+
+
+def test_a_burst_past_the_queue_is_refused_at_once_not_left_waiting_for_a_worker_thread(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """The room was taken on anyio's worker threads, which lend 40 to every caller: with those all waiting on
+    scoring, a burst of small requests waited for a thread, uncounted, and never got its 429."""
+    release = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        release.wait(HANG_S)
+        return bert_model.score(batch)
+
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(bert_dir, max_queue=50, cache_size=0)
+    statuses: list[int] = []
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker, \
+            serve(create_app(reranker, ui=False)) as url, httpx.Client(timeout=HANG_S) as http:
+        def call(i: int) -> None:
+            statuses.append(http.post(f"{url}/v1/rerank", json={"query": "q", "documents": [f"doc {i}"]}).status_code)
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(100)]
+        for caller in callers:
+            caller.start()
+        try:
+            wait_until(lambda: statuses.count(429) == 50)  # while the 50 admitted wait on the scorer
+            assert len(statuses) == 50
+        finally:
+            release.set()
+            for caller in callers:
+                caller.join(HANG_S)
+    assert sorted(statuses) == [200] * 50 + [429] * 50
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 50
+    assert value(metrics, "reranker_queue_pairs") == 0
 
 
 class FakeNvml:

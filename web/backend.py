@@ -50,8 +50,10 @@ class LocalBackend:
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         service = self.service
         gone = None if request is None else lambda: client_gone(request)
-        return await run_cancellable(lambda cancel: service.rerank(route, call, cancel), gone,
-                                     service.lifecycle.answered_before_cut_off)
+        # Admitted here, on the event loop: a burst waits for no worker thread to be refused (RerankService.admit).
+        with service.admit(route, call) as room:
+            return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room), gone,
+                                         service.lifecycle.answered_before_cut_off)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from reranker import ClosedError, Reranker, RerankResult
+from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult
+from reranker.batcher import Room
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
 from web.errors import CLIENT_CLOSED, HttpError, to_http_error
@@ -58,23 +59,45 @@ class RerankService:
         self.history = history or RequestHistory()
         self._rng = rng or random.Random()
 
+    def admit(self, route: str, call: RerankCall) -> Room:
+        """Queue room for a valid `call`'s documents, taken on the event loop before the call waits for a worker
+        thread (anyio lends 40 to all callers): a burst past RERANKER_MAX_QUEUE is refused 429 at once, and the
+        admitted requests that wait for a thread count against the bound. Pass the room on to `rerank`. Only a
+        full queue is refused here (booked as the engine's refusal is); the engine refuses anything else in its
+        own order, an invalid request before a full queue."""
+        room = self.reranker.room()
+        try:
+            self.reranker.validate(call.query, call.documents, call.top_n, call.instruction, call.max_doc_tokens,
+                                   documents_field=call.documents_field)
+            room.need(len(call.documents))  # type: ignore[arg-type]  # validated: a list of strings
+        except OverloadedError as err:
+            error = to_http_error(err)
+            error.counted = True
+            self._book(route, call, current_request_id() or new_request_id(), request_age() or 0.0, None, error)
+            raise error from None
+        except RerankerError:
+            pass  # invalid, over the queue's bound, or the engine closed: refused by the engine, in its order
+        return room
+
     def rerank(self, route: str, call: RerankCall, cancel: threading.Event | None = None,
-               deadline: float | None = None, counts_left: Callable[[], bool] | None = None) -> RerankResult:
+               deadline: float | None = None, counts_left: Callable[[], bool] | None = None,
+               room: Room | None = None) -> RerankResult:
         """Run one rerank for `route`; raise HttpError on any failure. Metrics, log and history either way.
 
         Setting `cancel` (the client went away) drops the request's unstarted pairs; it is counted `cancelled`,
         or, once the monotonic `deadline` has passed (its caller set `cancel` for that), 504 `timeout`, or, when a
         stop that does not wait cut it off, 503 `shutting_down`. A call its caller cancelled is counted at all only
-        if `counts_left()` says so (on Ray Serve the ingress may have counted it: deploy/ray/claims.py).
+        if `counts_left()` says so (on Ray Serve the ingress may have counted it: deploy/ray/claims.py). `room`:
+        what `admit` held for it.
         """
         # The drain waits for it (once, if the drain gate counts its request).
         with self.lifecycle.serving() as served:
             if not served.claim():  # a stop cut it off before it got here, and answered and recorded that
                 raise self.lifecycle.cut_off_error(counted=True)
-            return self._rerank(route, call, served, cancel, deadline, counts_left)
+            return self._rerank(route, call, served, cancel, deadline, counts_left, room)
 
     def _rerank(self, route: str, call: RerankCall, served: Served, cancel: threading.Event | None,
-                deadline: float | None, counts_left: Callable[[], bool] | None) -> RerankResult:
+                deadline: float | None, counts_left: Callable[[], bool] | None, room: Room | None) -> RerankResult:
         reranker = self.reranker
         metrics = reranker.metrics
         request_id = current_request_id() or new_request_id()
@@ -87,7 +110,7 @@ class RerankService:
             result = reranker.rerank_detailed(
                 call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
                 call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
-                documents_field=call.documents_field,
+                documents_field=call.documents_field, room=room,
             )
             if not served.settle(ANSWERED):  # a stop cut its request off first, and answered its client 503
                 raise self.lifecycle.cut_off_error()
