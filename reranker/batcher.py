@@ -48,6 +48,7 @@ class Job:
     error: Exception | None = None
     remaining: int = field(init=False)
     finished: list[bool] = field(init=False)
+    sent: list[bool] = field(init=False)  # handed to the device in a batch: cancelling no longer drops it
     done: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -60,6 +61,7 @@ class Job:
         self.scores = [float("nan")] * len(self.pairs)
         self.remaining = len(self.pairs)
         self.finished = [False] * len(self.pairs)
+        self.sent = [False] * len(self.pairs)
         if not self.pairs:
             self.done.set()
 
@@ -153,6 +155,7 @@ class Batcher:
         self._shape = shape
         self._max_queue = max_queue
         self._pending: list[_Item] = []
+        self._round: list[_Item] = []  # the collator's current round, cut into batches one at a time
         self._queued_pairs = 0
         self._held_pairs = 0  # held by callers still tokenizing (Room)
         self._cond = threading.Condition()
@@ -265,8 +268,10 @@ class Batcher:
             mine = [item for item in self._pending if item.job is job]
             if mine:
                 self._pending = [item for item in self._pending if item.job is not job]
+            # And those of the current round no batch has taken: they held their queue room until the collator
+            # reached their batch (a round of 20,000 pairs runs for minutes on a CPU), and others got 429 meanwhile.
+            mine += [item for item in self._round if item.job is job and not job.sent[item.position]]
         self._deliver(mine, CancelledError("the caller gave up"), None)
-        # Pairs already in a round are dropped before their batch runs; the caller stops waiting now.
         with self._cond:
             job.error = job.error or CancelledError("the caller gave up")
             job.done.set()
@@ -288,6 +293,7 @@ class Batcher:
                 # One round = everything pending now; later arrivals wait for the next round, so a
                 # stream of short requests cannot starve a long one.
                 round_items, self._pending = self._pending, []
+                self._round = round_items
             if not round_items:  # closed and drained
                 # Outside the lock: the device thread needs it to deliver what is still in flight, and
                 # only then takes the STOP from a full hand-over queue.
@@ -301,10 +307,10 @@ class Batcher:
             lengths = [item.n_tokens for item in round_items]
             for indices in cut_batches(lengths, self._batch_tokens, self._shape):
                 items = [round_items[i] for i in indices]
-                # A caller that gave up while this round waited loses its pairs here, unscored.
-                gone = [item for item in items if item.job.cancelled]
-                self._deliver(gone, CancelledError("the caller gave up"), None)
-                items = [item for item in items if not item.job.cancelled]
+                with self._cond:  # against cancel(): each pair is dropped by it, or sent here, never both
+                    items = [item for item in items if not item.job.cancelled]
+                    for item in items:
+                        item.job.sent[item.position] = True
                 if not items:
                     continue
                 pairs = [item.job.pairs[item.position] for item in items]
@@ -316,6 +322,8 @@ class Batcher:
                 shape = self._shape(len(pairs), max(pair.n_tokens for pair in pairs))
                 if not self._hand_over(Batch(pairs, items, features, shape if features is not None else None)):
                     return
+            with self._cond:
+                self._round = []
 
     def _hand_over(self, batch: Batch | object) -> bool:
         """Queue a batch for the device thread; False (and its pairs failed) if that thread is gone."""

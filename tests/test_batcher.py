@@ -453,6 +453,40 @@ def test_on_the_cpu_scores_are_delivered_when_their_own_pass_ends() -> None:
     batcher.close()
 
 
+def test_a_cancelled_jobs_pairs_in_the_current_round_give_their_room_back_at_once() -> None:
+    """Pairs taken into a round but in no batch yet stayed queued until the collator reached their batch (the rest
+    of the round's passes later), and new requests got 429 for the room of a caller that had left."""
+    gate = threading.Event()
+    passes: list[int] = []
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        gate.wait(HANG_S)
+        passes.append(len(batch))
+        return np.zeros(len(batch), dtype=np.float32)
+
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=9, metrics=metrics)  # one pair per batch
+    try:
+        holder = batcher.submit([EncodedPair(np.arange(10))])  # on the device, at the gate
+        wait_until(lambda: batcher._ready.qsize() == 0 and holder.started is not None)
+        with batcher._cond:  # one round of eight batches
+            stays = batcher.submit([EncodedPair(np.arange(10)) for _ in range(3)])
+            leaves = batcher.submit([EncodedPair(np.arange(10)) for _ in range(5)])
+        wait_until(lambda: stays.sent[1])  # its second batch waits on the full hand-over queue: the rest do not
+        assert batcher.queued_pairs == 9
+        batcher.cancel(leaves)
+        assert isinstance(leaves.error, CancelledError) and leaves.done.is_set()
+        assert batcher.queued_pairs == 4 and metrics.registry.get_sample_value("reranker_queue_pairs") == 4
+        assert batcher.submit([EncodedPair(np.arange(10)) for _ in range(5)]).remaining == 5  # room for 5 again
+        gate.set()
+        assert stays.done.wait(HANG_S) and stays.error is None
+        assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 5
+    finally:
+        gate.set()
+        batcher.close()
+    assert len(passes) == 1 + 3 + 5 and batcher.queued_pairs == 0  # the holder, the three, the later five
+
+
 def test_a_lone_unpadded_pair_out_of_memory_is_not_run_again(bert_model: ScoringModel, metrics: Metrics) -> None:
     """Retrying a lone pair alone only pays when buckets padded it: here its shape was its own already."""
     device = FlakyDevice(bert_model, max_pair_tokens=1)
