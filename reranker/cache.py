@@ -17,18 +17,22 @@ def pair_key(*parts: str) -> bytes:
     return digest.digest()
 
 
+Entry = tuple[float, int]  # a raw logit, and the engine's flags of how its text was scored
+
+
 class ScoreCache:
-    """Raw logits by pair key; capacity 0 disables it. Digests keep memory flat whatever the text size."""
+    """Raw logits (with the engine's flags) by pair key; capacity 0 disables it. Digests keep memory flat whatever
+    the text size."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[bytes, float] = OrderedDict()
+        self._items: OrderedDict[bytes, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: bytes) -> float | None:
+    def get(self, key: bytes) -> Entry | None:
         if self.capacity == 0:
             return None
         with self._lock:
@@ -37,7 +41,7 @@ class ScoreCache:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: bytes, value: float) -> None:
+    def put(self, key: bytes, value: Entry) -> None:
         if self.capacity == 0:
             return
         with self._lock:

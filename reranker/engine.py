@@ -80,14 +80,32 @@ def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None) -> It
         yield start, end
 
 
+# A cache entry: the document's raw logit, and whether its scored text was cut (CUT) or scored in windows (SPLIT),
+# which a request answered from the cache counts as the first one did.
+CUT, SPLIT = 1, 2
+
+
 @dataclass
 class _Plan:
     """The model passes one request needs: pairs to score and, per document, which pairs are its."""
 
     pairs: list[EncodedPair] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
-    truncated: int = 0
-    chunked: int = 0
+    cut: set[int] = field(default_factory=set)  # documents (by owner) whose scored text lost its end
+    split: set[int] = field(default_factory=set)  # documents scored in windows (chunk mode)
+
+    @property
+    def truncated(self) -> int:
+        return len(self.cut)
+
+    @property
+    def chunked(self) -> int:
+        return len(self.split)
+
+    def flags(self, owner: int) -> int:
+        """What the cache keeps of how document `owner` was scored."""
+        return (CUT if owner in self.cut else 0) | (SPLIT if owner in self.split else 0)
+
 
 
 # What to try when a pass gives NaN or infinity, by the precision it ran at.
@@ -207,28 +225,38 @@ class Reranker:
         texts, clipped = self._clip(documents, max_doc_tokens, cancel)
         with spans.step(self._tracer, spans.CACHE) as span:
             keys = [self._key(query, text, instruction) for text in texts]
-            logits: list[float | None] = [self._cache.get(key) for key in keys]
+            cached = [self._cache.get(key) for key in keys]
+            logits: list[float | None] = [None if entry is None else entry[0] for entry in cached]
             hits = sum(value is not None for value in logits)
             span.set_attribute("reranker.cache_hits", hits)
         missing = [i for i, value in enumerate(logits) if value is None]
-        room.need(len(missing))  # what the cache did not answer
+        # A document repeated in the request is scored once: the first of its key stands for the others.
+        first: dict[bytes, int] = {}
+        for i in missing:
+            first.setdefault(keys[i], i)
+        scored = list(first.values())
+        room.need(len(scored))  # what the cache did not answer
         with spans.step(self._tracer, spans.TOKENIZE) as span:
             plan = _Plan()
-            if missing:
-                plan = self._plan(query, [texts[i] for i in missing], instruction,
-                                  {slot for slot, i in enumerate(missing) if i in clipped}, cancel, room.need)
-            spans.describe_plan(span, len(missing), plan.pairs, plan.truncated, plan.chunked)
+            if scored:
+                plan = self._plan(query, [texts[i] for i in scored], instruction,
+                                  {slot for slot, i in enumerate(scored) if i in clipped}, cancel, room.need)
+            spans.describe_plan(span, len(scored), plan.pairs, plan.truncated, plan.chunked)
         given_up(cancel)
         job = room.submit(plan.pairs)
-        # A document cut to max_doc_tokens was cut in this request, whether its score came from the cache or not.
-        truncated = plan.truncated + len(clipped.difference(missing))
+        # Every document counts as its scored text was cut or split: a cache hit as its first request found, a
+        # repeat as the first of its key, and a document cut to max_doc_tokens as cut in this request.
+        slot_of = {i: slot for slot, i in enumerate(scored)}
+        flags = [plan.flags(slot_of[first[keys[i]]]) if entry is None else entry[1] for i, entry in enumerate(cached)]
+        truncated = sum(bool(flag & CUT) or i in clipped for i, flag in enumerate(flags))
+        chunked = sum(bool(flag & SPLIT) for flag in flags)
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
         tokens = sum(pair.n_tokens for pair in plan.pairs)
         self.metrics.cache_requests.labels(result="hit").inc(hits)
         self.metrics.cache_requests.labels(result="miss").inc(len(missing))
         self.metrics.input_tokens.inc(tokens)
         self.metrics.truncated_documents.inc(truncated)
-        self.metrics.chunked_documents.inc(plan.chunked)
+        self.metrics.chunked_documents.inc(chunked)
         self._batcher.wait(job, cancel)
         spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
         if job.error is not None:
@@ -238,18 +266,19 @@ class Reranker:
             error.__cause__ = job.error.__cause__
             raise error
         with spans.step(self._tracer, spans.POSTPROCESS):
-            best = [-math.inf] * len(missing)
+            best = [-math.inf] * len(scored)
             for owner, score in zip(plan.owners, job.scores, strict=True):
                 if not math.isfinite(score):
                     self.metrics.nonfinite_scores.inc()
                     raise ScoringError(
-                        f"the model produced a non-finite score for document {missing[owner]}; "
+                        f"the model produced a non-finite score for document {scored[owner]}; "
                         f"{NONFINITE_HINTS.get(self.model.dtype, NONFINITE_HINTS['other'])}"
                     )
                 best[owner] = max(best[owner], score)
-            for slot, doc_index in enumerate(missing):
-                logits[doc_index] = best[slot]
-                self._cache.put(keys[doc_index], best[slot])
+            for slot, doc_index in enumerate(scored):
+                self._cache.put(keys[doc_index], (best[slot], plan.flags(slot)))
+            for i in missing:
+                logits[i] = best[slot_of[first[keys[i]]]]
 
             raw = np.asarray(logits, dtype=np.float32)
             probabilities = sigmoid(raw).tolist()
@@ -264,7 +293,7 @@ class Reranker:
         self.metrics.score_stddev.observe(spread)
         queue_seconds = (job.started - job.submitted) if job.started is not None else 0.0
         stats = RerankStats(
-            n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=plan.chunked,
+            n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=chunked,
             cache_hits=hits, pairs_scored=len(plan.pairs), queue_seconds=queue_seconds,
             inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
             top1_score=top1, score_std=spread,
@@ -348,11 +377,12 @@ class Reranker:
             encoded_slice = encoder.encode(query, documents[first:last], instruction, offsets=chunking)
             for i, encoded in enumerate(encoded_slice, first):
                 if encoded.fits or not chunking:
-                    plan.truncated += not encoded.fits or i in clipped
+                    if not encoded.fits or i in clipped:
+                        plan.cut.add(i)
                     plan.pairs.append(encoded.pair)
                     plan.owners.append(i)
                     continue
-                plan.chunked += 1
+                plan.split.add(i)
                 assert encoded.offsets is not None
                 for start, end in window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP)):
                     chunks.append(documents[i][start:end])
@@ -363,7 +393,7 @@ class Reranker:
             encoded_chunks = self._encode(query, chunks, instruction, cancel)
             # A window that still does not fit once tokenized on its own lost its end: say so.
             cut = {chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits}
-            plan.truncated += len(cut | (clipped & set(chunk_owners)))
+            plan.cut |= cut | (clipped & set(chunk_owners))
             plan.pairs.extend(chunk.pair for chunk in encoded_chunks)
             plan.owners.extend(chunk_owners)
         return plan

@@ -72,6 +72,23 @@ def test_bad_input_says_what_to_change(small_limits: Reranker, query: object, do
     assert len(small_limits.rerank("still serving", ["yes"])) == 1
 
 
+@pytest.mark.parametrize("cache_size", [0, 100])
+def test_a_document_repeated_in_a_request_is_scored_once(bert_model: ScoringModel, cache_size: int) -> None:
+    """Each copy was a pair of its own: a pass's worth of work and queue room per copy, and copies in different
+    batches could differ in the last bits."""
+    scorer = CountingScorer(bert_model)
+    long = "cache " * 1000  # cut at max_length: each copy counts as truncated
+    docs = ["tea grows on hills", long, "a cache server", "tea grows on hills", long, long]
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=cache_size),
+                  score_fn=scorer) as reranker:
+        result = reranker.rerank_detailed("tea", docs, raw_scores=True)
+    assert scorer.pairs == 3 and result.stats.pairs_scored == 3 and result.stats.truncated == 3
+    scores = {r.index: r.score for r in result.results}
+    assert scores[0] == scores[3] and scores[1] == scores[4] == scores[5] and len(set(scores.values())) == 3
+    order = [r.index for r in result.results]
+    assert order.index(1) + 1 == order.index(4) == order.index(5) - 1  # equal scores, in the request's order
+
+
 def test_validation_errors_are_value_errors() -> None:
     assert issubclass(ValidationError, ValueError) and issubclass(LimitExceededError, ValidationError)
 
@@ -114,11 +131,11 @@ def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
 
     cache = ScoreCache(2)
     a, b, c = pair_key("a"), pair_key("b"), pair_key("c")
-    cache.put(a, 1.0)
-    cache.put(b, 2.0)
-    assert cache.get(a) == 1.0  # a is now the most recent
-    cache.put(c, 3.0)
-    assert cache.get(b) is None and cache.get(a) == 1.0 and cache.get(c) == 3.0 and len(cache) == 2
+    cache.put(a, (1.0, 0))
+    cache.put(b, (2.0, 0))
+    assert cache.get(a) == (1.0, 0)  # a is now the most recent
+    cache.put(c, (3.0, 0))
+    assert cache.get(b) is None and cache.get(a) == (1.0, 0) and cache.get(c) == (3.0, 0) and len(cache) == 2
     assert pair_key("ab", "c") != pair_key("a", "bc")
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from reranker import Reranker
 from reranker.engine import CHUNK_MARGIN, CHUNK_OVERLAP
 from reranker.longdocs import window_spans
+from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from tests.conftest import model_settings
 
@@ -53,6 +55,23 @@ def test_truncation_is_counted(bert_reranker: Reranker) -> None:
     result = bert_reranker.rerank_detailed("cache", [short, long, long + "x"])
     assert result.stats.truncated == 2 and result.stats.chunked == 0
     assert bert_reranker.metrics.registry.get_sample_value("reranker_truncated_documents_total") == 2
+
+
+@pytest.mark.parametrize("long_docs", ["truncate", "chunk"])
+def test_a_cache_hit_counts_its_cut_or_windowed_document_as_the_first_request_did(bert_model: ScoringModel,
+                                                                                  long_docs: str) -> None:
+    """Its score is of the same cut text, or the same windows: the repeat said 0 truncated, 0 chunked."""
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(Path(bert_model.model_id), long_docs=long_docs)
+    with Reranker(bert_model, settings, metrics=metrics) as reranker:
+        docs = ["a short document", "cache " * 1000]
+        first, again = (reranker.rerank_detailed("cache", docs).stats for _ in range(2))
+    assert again.cache_hits == 2 and first.cache_hits == 0
+    expected = (1, 0) if long_docs == "truncate" else (0, 1)
+    assert (first.truncated, first.chunked) == (again.truncated, again.chunked) == expected
+    counted = [metrics.registry.get_sample_value(f"reranker_{kind}_documents_total") for kind in ("truncated",
+                                                                                                   "chunked")]
+    assert counted == [2 * n for n in expected]
 
 
 @pytest.mark.parametrize("kind", ["bert", "causal"])
