@@ -204,20 +204,24 @@ def test_tei_errors_name_the_texts_field(url: str, texts: list[Any], message: st
 
 
 @pytest.mark.parametrize(
-    ("case", "content", "status"),
+    ("case", "content", "status", "says"),
     [
-        ("malformed JSON", b'{"query": "q", "documents": [', 400),
-        ("not JSON at all", b"query=q&documents=a", 400),
-        ("non-UTF-8 bytes", b'{"query": "\xff\xfe", "documents": ["a"]}', 400),
-        ("empty body", b"", 422),
-        ("body over the size limit", json.dumps({"query": "q", "documents": ["a" * 1000] * 70}).encode(), 413),
+        ("malformed JSON", b'{"query": "q", "documents": [', 400, "not valid JSON"),
+        ("not JSON at all", b"query=q&documents=a", 400, "not valid JSON"),
+        ("non-UTF-8 bytes", b'{"query": "\xff\xfe", "documents": ["a"]}', 400, "not UTF-8"),
+        # Valid JSON that Python will not parse: it was called invalid JSON.
+        ("a number of 5,000 digits", b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}", 400,
+         "a number of over 4,300 digits"),
+        ("empty body", b"", 422, "body"),
+        ("body over the size limit", json.dumps({"query": "q", "documents": ["a" * 1000] * 70}).encode(), 413,
+         "RERANKER_MAX_BODY_BYTES"),
     ],
 )
-def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: bytes, status: int) -> None:
+def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: bytes, status: int, says: str) -> None:
     response = httpx.post(f"{url}/v1/rerank", content=content, headers={"content-type": "application/json"},
                           timeout=HANG_S)
     assert response.status_code == status, response.text
-    assert response.json()["error"]["message"]
+    assert says in response.json()["error"]["message"]
     assert httpx.get(f"{url}/healthz", timeout=HANG_S).status_code == 200
 
 

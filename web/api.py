@@ -21,8 +21,12 @@ from web.swagger import add_docs_page
 logger = logging.getLogger(__name__)
 
 
-def _not_json(headers: Mapping[str, str]) -> str:
+def _not_json(headers: Mapping[str, str], unreadable: bool = False) -> str:
+    """`unreadable`: JSON the parser could not take for another reason than its syntax."""
     hint = "; send it uncompressed" if headers.get("content-encoding") else ""
+    if unreadable:  # FastAPI's own 400: not UTF-8, nested past Python's recursion limit, or a 4,301-digit number
+        return f"the request body could not be read as JSON: it is not UTF-8, nests too deeply, or holds a number " \
+               f"of over 4,300 digits{hint}"
     return f"the request body is not valid JSON (UTF-8){hint}"
 
 
@@ -72,7 +76,7 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
     async def framework_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         # Raised by FastAPI itself, e.g. for a body it cannot decode (non-UTF-8), or a path no route serves.
         kind = {400: "invalid_json", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        message = _not_json(request.headers) if err.status_code == 400 else str(err.detail)
+        message = _not_json(request.headers, unreadable=True) if err.status_code == 400 else str(err.detail)
         # A method no route takes is no rerank request, as those routes.py refuses itself.
         error = no_route() if err.status_code == 404 else HttpError(err.status_code, kind, message,
                                                                      counted=err.status_code == 405)
