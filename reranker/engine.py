@@ -221,6 +221,7 @@ class Reranker:
         # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until
         # the pairs are queued: a burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
         if self._clips(max_doc_tokens):
+            self._document_room(query, instruction)  # before a tokenizer pass over every document, not after
             room.need(len(documents))
         texts, clipped = self._clip(documents, max_doc_tokens, cancel)
         with spans.step(self._tracer, spans.CACHE) as span:
@@ -344,19 +345,11 @@ class Reranker:
             encoded += self.model.encoder.encode(query, documents[start:end], instruction, offsets=offsets)
         return encoded
 
-    def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
-              clipped: set[int] | None = None, cancel: threading.Event | None = None,
-              need: Callable[[int], None] | None = None) -> _Plan:
-        """Tokenize each document once; count truncations or split long ones into windows.
-
-        `clipped`: positions of documents already cut short (max_doc_tokens), counted as truncated. Setting
-        `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after each slice
-        of documents, how many passes the request needs at least so far: in chunk mode a long document's windows
-        are known only once it is tokenized, and a request that cannot fit is refused then, not at the end."""
-        clipped = clipped or set()
-        encoder = self.model.encoder
+    def _document_room(self, query: str, instruction: str | None) -> int:
+        """The tokens a pair leaves its document beside the query, the instruction and the template; raise
+        LimitExceededError when that is under min_document_room."""
         max_length = self.model.max_length
-        overhead = encoder.overhead(query, instruction)
+        overhead = self.model.encoder.overhead(query, instruction)
         room = max_length - overhead
         min_room = min_document_room(max_length, causal=self.model.is_causal)
         if room < min_room:
@@ -368,6 +361,20 @@ class Reranker:
                 f"{what} {share}; shorten {'them' if instruction else 'it'} so that at least {min_room} are left "
                 "for a document"
             )
+        return room
+
+    def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
+              clipped: set[int] | None = None, cancel: threading.Event | None = None,
+              need: Callable[[int], None] | None = None) -> _Plan:
+        """Tokenize each document once; count truncations or split long ones into windows.
+
+        `clipped`: positions of documents already cut short (max_doc_tokens), counted as truncated. Setting
+        `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after each slice
+        of documents, how many passes the request needs at least so far: in chunk mode a long document's windows
+        are known only once it is tokenized, and a request that cannot fit is refused then, not at the end."""
+        clipped = clipped or set()
+        encoder = self.model.encoder
+        room = self._document_room(query, instruction)
         chunking = self.settings.long_docs == "chunk"
         plan = _Plan()
         chunks: list[str] = []

@@ -115,8 +115,13 @@ def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -
         assert text.startswith("[CLS] where is the queue server [SEP]")
 
 
-def test_a_query_that_leaves_no_room_is_rejected(bert_reranker: Reranker) -> None:
+def test_a_query_that_leaves_no_room_is_rejected(bert_reranker: Reranker, monkeypatch: pytest.MonkeyPatch) -> None:
     from reranker import LimitExceededError
+
+    # Before max_tokens_per_doc's pass over every document (up to 1,000 of 100,000 characters), not after it.
+    monkeypatch.setattr(bert_reranker._clipper, "clip", lambda *args: pytest.fail("clipped for a refused query"))
+    with pytest.raises(LimitExceededError, match=r"^the query takes 203 of the model.s 256 tokens"):
+        bert_reranker.rerank_detailed("cache " * 200, ["doc"], max_doc_tokens=5)
 
     with pytest.raises(LimitExceededError, match=r"^the query takes 203 of the model.s 256 tokens, leaving 53 for a "
                                                  r"document; shorten it so that at least 128 are left for a document$"):
