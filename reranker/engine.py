@@ -53,15 +53,15 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.where(logits >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32)
 
 
-def char_slices(texts: Sequence[str], limit: int) -> Iterator[tuple[int, int]]:
+def char_slices(texts: Sequence[str], limit: int, extra: int = 0) -> Iterator[tuple[int, int]]:
     """`(start, end)` ranges over `texts`, in order, each holding at most `limit` characters unless one text
-    alone has more."""
+    alone has more; each text weighs `extra` characters more than its length."""
     start = size = 0
     for i, text in enumerate(texts):
-        if size and size + len(text) > limit:
+        if size and size + len(text) + extra > limit:
             yield start, i
             start, size = i, 0
-        size += len(text)
+        size += len(text) + extra
     if start < len(texts):
         yield start, len(texts)
 
@@ -72,10 +72,11 @@ def given_up(cancel: threading.Event | None) -> None:
         raise CancelledError("the caller gave up")
 
 
-def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None) -> Iterator[tuple[int, int]]:
-    """The SLICE_CHARS slices of `texts` a tokenizer pass goes through; raises CancelledError before a slice once
-    `cancel` is set."""
-    for start, end in char_slices(texts, SLICE_CHARS):
+def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None,
+                     framing: int = 0) -> Iterator[tuple[int, int]]:
+    """The SLICE_CHARS slices of `texts` a tokenizer pass goes through, each text with `framing` characters
+    tokenized beside it (PairEncoder.framing_chars); raises CancelledError before a slice once `cancel` is set."""
+    for start, end in char_slices(texts, SLICE_CHARS, framing):
         given_up(cancel)
         yield start, end
 
@@ -341,7 +342,8 @@ class Reranker:
         """The model's encoder over `documents`, a slice at a time; raises CancelledError between slices once
         `cancel` is set."""
         encoded: list[EncodedDocument] = []
-        for start, end in tokenizer_slices(documents, cancel):
+        framing = self.model.encoder.framing_chars(query, instruction)
+        for start, end in tokenizer_slices(documents, cancel, framing):
             encoded += self.model.encoder.encode(query, documents[start:end], instruction, offsets=offsets)
         return encoded
 
@@ -380,7 +382,7 @@ class Reranker:
         chunks: list[str] = []
         chunk_owners: list[int] = []
         window = room - CHUNK_MARGIN
-        for first, last in tokenizer_slices(documents, cancel):
+        for first, last in tokenizer_slices(documents, cancel, encoder.framing_chars(query, instruction)):
             encoded_slice = encoder.encode(query, documents[first:last], instruction, offsets=chunking)
             for i, encoded in enumerate(encoded_slice, first):
                 if encoded.fits or not chunking:

@@ -61,6 +61,10 @@ class PairEncoder(Protocol):
     def overhead(self, query: str, instruction: str | None) -> int:
         """Tokens a pair spends before any document text: query, instruction, template, specials."""
 
+    def framing_chars(self, query: str, instruction: str | None) -> int:
+        """Characters the tokenizer goes through with each document besides its own (0 where the query is
+        tokenized once per request): what a tokenizer slice weighs a document at, beyond its length."""
+
     def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
                *, offsets: bool = False) -> list[EncodedDocument]:
         """Pair each document with the query; `offsets` adds the token spans of documents that were cut."""
@@ -123,6 +127,9 @@ class TextPairEncoder:
 
     def overhead(self, query: str, instruction: str | None = None) -> int:
         return len(self._prefix) + len(self._query_ids(query)) + len(self._middle) + len(self._suffix)
+
+    def framing_chars(self, query: str, instruction: str | None = None) -> int:
+        return 0  # the query is tokenized once, and each document alone
 
     def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
                *, offsets: bool = False) -> list[EncodedDocument]:
@@ -191,6 +198,10 @@ class ChatTemplateEncoder:
         head, tail = self._frame(query, instruction)
         return len(self._backend.encode(head + tail, add_special_tokens=False).ids)
 
+    def framing_chars(self, query: str, instruction: str | None = None) -> int:
+        head, tail = self._frame(query, instruction)
+        return len(head) + len(tail)  # each document is tokenized inside the whole rendered prompt
+
     def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
                *, offsets: bool = False) -> list[EncodedDocument]:
         head, tail = self._frame(query, instruction)
@@ -240,6 +251,9 @@ class ReferenceEncoder:
 
     def overhead(self, query: str, instruction: str | None = None) -> int:
         return self.pairs(query, [""], instruction)[0].n_tokens
+
+    def framing_chars(self, query: str, instruction: str | None = None) -> int:
+        return len(query) + len(instruction or "")  # preprocess tokenizes the query with every document
 
     def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
                *, offsets: bool = False) -> list[EncodedDocument]:
