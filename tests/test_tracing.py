@@ -151,7 +151,8 @@ def test_two_requests_that_shared_a_batch_both_link_it(bert_model: ScoringModel,
     # waits in the prefetch slot and the second holds the collator, so both requests queue as one round.
     settings = model_settings(bert_dir, cache_size=0, batch_tokens=100)
     with Reranker(bert_model, settings, score_fn=gated, tracing=tracing) as reranker:
-        warm = [threading.Thread(target=reranker.rerank, args=("warm", docs)) for docs in (["up"], ["up " * 60] * 2)]
+        warm = [threading.Thread(target=reranker.rerank, args=("warm", docs))
+                for docs in (["up"], ["up " * 60, "down " * 60])]
         calls = [threading.Thread(target=reranker.rerank, args=("q", docs))
                  for docs in (["a", "b", "c"], ["d", "e", "f", "g"])]
         warm[0].start()
