@@ -27,14 +27,19 @@ from reranker.tokens import min_document_room
 logger = logging.getLogger(__name__)
 
 # Seeded query/document sets from reranker.backends.corpus; the probe shares no query with the calibration.
-CALIBRATION = {"n_requests": 16, "docs_per_request": 16, "seed": 101}
-PROBE = {"n_requests": 8, "docs_per_request": 24, "seed": 202}
+CALIBRATION: dict[str, int] = {"n_requests": 16, "docs_per_request": 16, "seed": 101}
+PROBE: dict[str, int] = {"n_requests": 8, "docs_per_request": 24, "seed": 202}
 CALIBRATION_BATCH = 16  # pairs per calibration sample: padded batches, as the service runs them
 # Of PROBE's queries, the fewest the guard judges on: at a short RERANKER_MAX_LENGTH some leave a document no room
 # (the engine would refuse them), and a mean over two or three rankings stands for too little of the model.
 MIN_PROBE_QUERIES = 6
 
 Group = list[tuple[str, str]]
+
+
+def _draw(spec: dict[str, int]) -> list[Request]:
+    """CALIBRATION's or PROBE's requests: the corpus's original draw, whose digest names the cached graphs."""
+    return build_workload(spec["n_requests"], spec["docs_per_request"], spec["seed"])
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
@@ -63,13 +68,13 @@ def calibration_groups(model: Any, settings: Settings) -> list[Group]:
 
 def _calibration_pairs(settings: Settings) -> list[tuple[str, str]]:
     if settings.int8_calibration is None:
-        return [(r.query, d) for r in build_workload(**CALIBRATION) for d in r.documents]
+        return [(r.query, d) for r in _draw(CALIBRATION) for d in r.documents]
     return read_calibration(Path(settings.int8_calibration))
 
 
 def probe_set(model: Any) -> list[Request]:
     """The guard's probe queries that the engine would take (servable), with their documents."""
-    return [request for request in build_workload(**PROBE) if servable(model, request.query)]
+    return [request for request in _draw(PROBE) if servable(model, request.query)]
 
 
 def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes: list[Request]) -> str | None:
