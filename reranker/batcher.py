@@ -96,11 +96,15 @@ class Room:
         """Queue the tokenized pairs in place of the room held; they may be more (chunks), checked again."""
         return self._batcher.submit(pairs, self)
 
+    def release(self) -> None:
+        """Give back whatever is held; from any thread, any number of times."""
+        self._batcher.hold(self, 0)
+
     def __enter__(self) -> Room:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._batcher.hold(self, 0)
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,8 @@ class Batcher:
         """Queue pairs at once or raise OverloadedError; the queue bound is checked before queuing. `room`, held
         since before tokenizing, is used up."""
         job = Job(pairs, span_context=current_span_context())
-        held = room.pairs if room is not None else 0
-        with self._cond:
+        with self._cond:  # the room may be released from another thread (RerankService.admit's holder)
+            held = room.pairs if room is not None else 0
             self._refuse(len(pairs), held)
             if room is not None:
                 self._held_pairs -= held

@@ -81,8 +81,8 @@ def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None,
         yield start, end
 
 
-# A cache entry: the document's raw logit, and whether its scored text was cut (CUT) or scored in windows (SPLIT),
-# which a request answered from the cache counts as the first one did.
+# A cache entry: the document's raw logit, and whether its scored text was cut to max_length (CUT) or scored in
+# windows (SPLIT), which a request answered from the cache counts as the first one did.
 CUT, SPLIT = 1, 2
 
 
@@ -92,16 +92,8 @@ class _Plan:
 
     pairs: list[EncodedPair] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
-    cut: set[int] = field(default_factory=set)  # documents (by owner) whose scored text lost its end
+    cut: set[int] = field(default_factory=set)  # documents (by owner) whose pair max_length cut short
     split: set[int] = field(default_factory=set)  # documents scored in windows (chunk mode)
-
-    @property
-    def truncated(self) -> int:
-        return len(self.cut)
-
-    @property
-    def chunked(self) -> int:
-        return len(self.split)
 
     def flags(self, owner: int) -> int:
         """What the cache keeps of how document `owner` was scored."""
@@ -219,6 +211,7 @@ class Reranker:
             self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field)
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
+        given_up(cancel)  # a caller gone while the request waited for a thread: its room is given back already
         # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until
         # the pairs are queued: a burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
         if self._clips(max_doc_tokens):
@@ -241,13 +234,14 @@ class Reranker:
         with spans.step(self._tracer, spans.TOKENIZE) as span:
             plan = _Plan()
             if scored:
-                plan = self._plan(query, [texts[i] for i in scored], instruction,
-                                  {slot for slot, i in enumerate(scored) if i in clipped}, cancel, room.need)
-            spans.describe_plan(span, len(scored), plan.pairs, plan.truncated, plan.chunked)
+                plan = self._plan(query, [texts[i] for i in scored], instruction, cancel, room.need)
+            clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
+            spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
         given_up(cancel)
         job = room.submit(plan.pairs)
-        # Every document counts as its scored text was cut or split: a cache hit as its first request found, a
-        # repeat as the first of its key, and a document cut to max_doc_tokens as cut in this request.
+        # Every document counts as its scored text was cut to max_length or split: a cache hit as its first request
+        # found, a repeat as the first of its key; and one cut to max_doc_tokens as cut in this request (the cache
+        # keeps no such flag: the cut text, a key of its own, may also be sent whole).
         slot_of = {i: slot for slot, i in enumerate(scored)}
         flags = [plan.flags(slot_of[first[keys[i]]]) if entry is None else entry[1] for i, entry in enumerate(cached)]
         truncated = sum(bool(flag & CUT) or i in clipped for i, flag in enumerate(flags))
@@ -366,15 +360,13 @@ class Reranker:
         return room
 
     def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
-              clipped: set[int] | None = None, cancel: threading.Event | None = None,
-              need: Callable[[int], None] | None = None) -> _Plan:
-        """Tokenize each document once; count truncations or split long ones into windows.
+              cancel: threading.Event | None = None, need: Callable[[int], None] | None = None) -> _Plan:
+        """Tokenize each document once; note those cut to max_length, or split long ones into windows.
 
-        `clipped`: positions of documents already cut short (max_doc_tokens), counted as truncated. Setting
-        `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after each slice
-        of documents, how many passes the request needs at least so far: in chunk mode a long document's windows
-        are known only once it is tokenized, and a request that cannot fit is refused then, not at the end."""
-        clipped = clipped or set()
+        Setting `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after
+        each slice of documents, how many passes the request needs at least so far: in chunk mode a long document's
+        windows are known only once it is tokenized, and a request that cannot fit is refused then, not at the
+        end."""
         encoder = self.model.encoder
         room = self._document_room(query, instruction)
         chunking = self.settings.long_docs == "chunk"
@@ -386,7 +378,7 @@ class Reranker:
             encoded_slice = encoder.encode(query, documents[first:last], instruction, offsets=chunking)
             for i, encoded in enumerate(encoded_slice, first):
                 if encoded.fits or not chunking:
-                    if not encoded.fits or i in clipped:
+                    if not encoded.fits:
                         plan.cut.add(i)
                     plan.pairs.append(encoded.pair)
                     plan.owners.append(i)
@@ -402,7 +394,7 @@ class Reranker:
             encoded_chunks = self._encode(query, chunks, instruction, cancel)
             # A window that still does not fit once tokenized on its own lost its end: say so.
             cut = {chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits}
-            plan.cut |= cut | (clipped & set(chunk_owners))
+            plan.cut |= cut
             plan.pairs.extend(chunk.pair for chunk in encoded_chunks)
             plan.owners.extend(chunk_owners)
         return plan

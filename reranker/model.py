@@ -365,13 +365,16 @@ def _check_room(model: ScoringModel, settings: Settings) -> None:
         return
     enough = next(n for n in itertools.count(model.max_length + 1)
                   if overhead + min_document_room(n, causal=model.is_causal) <= n)
-    capped_by = (f" (RERANKER_MAX_LENGTH={settings.max_length} is capped at the model's own limit of "
-                 f"{model.max_length})" if model.max_length < settings.max_length else "")
+    if model.max_length < settings.max_length:  # capped: a longer setting would be cut back to the same
+        where = f" (RERANKER_MAX_LENGTH={settings.max_length} is capped at the model's own limit)"
+        change = f"the model itself takes no more than {model.max_length} tokens, so it cannot serve this way"
+    else:
+        where = ""
+        change = f"set RERANKER_MAX_LENGTH to {enough} or more (leave room for your queries too)"
     raise ModelLoadError(
-        f"a max length of {model.max_length} tokens{capped_by} leaves a document no room: {settings.model}'s "
+        f"a max length of {model.max_length} tokens{where} leaves a document no room: {settings.model}'s "
         f"template and specials take {overhead} tokens with a one-word query, and a document needs at least "
-        f"{min_document_room(model.max_length, causal=model.is_causal)}; set RERANKER_MAX_LENGTH to {enough} or "
-        "more (leave room for your queries too)")
+        f"{min_document_room(model.max_length, causal=model.is_causal)}; {change}")
 
 
 def _warm_up(model: ScoringModel, settings: Settings) -> None:

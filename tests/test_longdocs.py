@@ -74,6 +74,18 @@ def test_a_cache_hit_counts_its_cut_or_windowed_document_as_the_first_request_di
     assert counted == [2 * n for n in expected]
 
 
+def test_a_cut_to_max_doc_tokens_is_counted_per_request_not_kept_in_the_cache(bert_model: ScoringModel) -> None:
+    """The cut text is a key of its own, which a caller may also send whole: sent so, it was not truncated."""
+    settings = model_settings(Path(bert_model.model_id), long_docs="chunk")  # where max_tokens_per_doc cuts
+    with Reranker(bert_model, settings) as reranker:
+        document = "cache servers keep hot data close to the clients"
+        [kept], _ = reranker._clip([document], 3)
+        assert kept != document
+        cut = reranker.rerank_detailed("q", [document], max_doc_tokens=3).stats
+        whole = reranker.rerank_detailed("q", [kept]).stats
+    assert (cut.truncated, cut.cache_hits) == (1, 0) and (whole.truncated, whole.cache_hits) == (0, 1)
+
+
 @pytest.mark.parametrize("kind", ["bert", "causal"])
 def test_chunk_mode_is_the_max_over_independently_scored_windows(
     request: pytest.FixtureRequest, documents: list[str], kind: str

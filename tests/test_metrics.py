@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import HANG_S, serve
 from tests.test_faults import wait_until
+from web.errors import HttpError
 from web.http import create_app
 
 
@@ -192,6 +194,48 @@ def test_a_burst_past_the_queue_is_refused_at_once_not_left_waiting_for_a_worker
     assert sorted(statuses) == [200] * 50 + [429] * 50
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 50
     assert value(metrics, "reranker_queue_pairs") == 0
+
+
+def test_a_client_that_leaves_while_waiting_for_a_worker_thread_gives_its_room_back_at_once(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """Its room stayed held until a thread was free to find it gone: live clients got 429 meanwhile."""
+    import anyio
+    from starlette.requests import Request
+
+    from web.backend import LocalBackend
+    from web.service import RerankCall, RerankService
+
+    settings = model_settings(bert_dir, max_queue=50, cache_size=0)
+    busy = threading.Event()
+    with Reranker(bert_model, settings) as reranker:
+        backend = LocalBackend(RerankService(reranker))
+
+        async def disconnect() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def scenario() -> tuple[int, Exception | None]:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+            holder = asyncio.ensure_future(anyio.to_thread.run_sync(busy.wait, HANG_S))  # the only thread
+            await asyncio.sleep(0.05)
+            request = Request({"type": "http", "method": "POST", "path": "/v1/rerank", "headers": []}, disconnect)
+            call = RerankCall("q", [f"doc {i}" for i in range(30)])
+            leaving = asyncio.ensure_future(backend.rerank(request, "/v1/rerank", call))
+            for _ in range(200):  # the client is gone; its call waits on the thread the holder keeps
+                await asyncio.sleep(0.01)
+                if reranker._batcher._held_pairs == 0:
+                    break
+            held = reranker._batcher._held_pairs
+            busy.set()
+            await holder
+            try:
+                await leaving
+            except Exception as err:
+                return held, err
+            return held, None
+
+        held, error = asyncio.run(scenario())
+        assert held == 0 and isinstance(error, HttpError) and error.status == 499
+        assert len(reranker.rerank("q", [f"doc {i}" for i in range(50)])) == 50  # all the room is back
 
 
 class FakeNvml:

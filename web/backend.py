@@ -49,11 +49,16 @@ class LocalBackend:
 
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
         service = self.service
-        gone = None if request is None else lambda: client_gone(request)
         # Admitted here, on the event loop: a burst waits for no worker thread to be refused (RerankService.admit).
         with service.admit(route, call) as room:
-            return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room), gone,
-                                         service.lifecycle.answered_before_cut_off)
+            async def gone() -> None:
+                assert request is not None
+                await client_gone(request)
+                # Its room now, not once a worker thread it may still wait for finds the caller gone.
+                room.release()
+
+            return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room),
+                                         None if request is None else gone, service.lifecycle.answered_before_cut_off)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)
