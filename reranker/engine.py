@@ -100,7 +100,6 @@ class _Plan:
         return (CUT if owner in self.cut else 0) | (SPLIT if owner in self.split else 0)
 
 
-
 # What to try when a pass gives NaN or infinity, by the precision it ran at.
 NONFINITE_HINTS = {
     "float16": "this usually means float16 overflow: try RERANKER_DTYPE=bfloat16 or float32",
@@ -212,10 +211,10 @@ class Reranker:
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
         given_up(cancel)  # a caller gone while the request waited for a thread: its room is given back already
+        document_room = self._document_room(query, instruction)  # before any tokenizer pass over the documents
         # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until
         # the pairs are queued: a burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
         if self._clips(max_doc_tokens):
-            self._document_room(query, instruction)  # before a tokenizer pass over every document, not after
             room.need(len(documents))
         texts, clipped = self._clip(documents, max_doc_tokens, cancel)
         with spans.step(self._tracer, spans.CACHE) as span:
@@ -234,7 +233,7 @@ class Reranker:
         with spans.step(self._tracer, spans.TOKENIZE) as span:
             plan = _Plan()
             if scored:
-                plan = self._plan(query, [texts[i] for i in scored], instruction, cancel, room.need)
+                plan = self._plan(query, [texts[i] for i in scored], instruction, document_room, cancel, room.need)
             clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
             spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
         given_up(cancel)
@@ -359,16 +358,15 @@ class Reranker:
             )
         return room
 
-    def _plan(self, query: str, documents: Sequence[str], instruction: str | None,
+    def _plan(self, query: str, documents: Sequence[str], instruction: str | None, room: int,
               cancel: threading.Event | None = None, need: Callable[[int], None] | None = None) -> _Plan:
         """Tokenize each document once; note those cut to max_length, or split long ones into windows.
 
-        Setting `cancel` stops the tokenizing within a slice (CancelledError). `need` (Room.need) is told, after
-        each slice of documents, how many passes the request needs at least so far: in chunk mode a long document's
-        windows are known only once it is tokenized, and a request that cannot fit is refused then, not at the
-        end."""
+        `room`: the tokens a pair leaves its document (_document_room). Setting `cancel` stops the tokenizing
+        within a slice (CancelledError). `need` (Room.need) is told, after each slice of documents, how many passes
+        the request needs at least so far: in chunk mode a long document's windows are known only once it is
+        tokenized, and a request that cannot fit is refused then, not at the end."""
         encoder = self.model.encoder
-        room = self._document_room(query, instruction)
         chunking = self.settings.long_docs == "chunk"
         plan = _Plan()
         chunks: list[str] = []

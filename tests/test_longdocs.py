@@ -119,7 +119,7 @@ def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -
     query = "where is the queue server"
     settings = model_settings(Path(bert_model.model_id), long_docs="chunk")
     with Reranker(bert_model, settings) as reranker:
-        plan = reranker._plan(query, ["token " * 3000], None)
+        plan = reranker._plan(query, ["token " * 3000], None, reranker._document_room(query, None))
     assert len(plan.pairs) > 10
     for pair in plan.pairs:
         assert pair.n_tokens <= bert_model.max_length

@@ -7,11 +7,13 @@ DeploymentHandle, so the same routes serve both modes.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Protocol
 
 from starlette.requests import Request
 
 from reranker import RerankResult, Settings
+from reranker.batcher import Room
 from web.cancel import client_gone, run_cancellable
 from web.errors import HttpError
 from web.service import RerankCall, RerankService
@@ -51,14 +53,9 @@ class LocalBackend:
         service = self.service
         # Admitted here, on the event loop: a burst waits for no worker thread to be refused (RerankService.admit).
         with service.admit(route, call) as room:
-            async def gone() -> None:
-                assert request is not None
-                await client_gone(request)
-                # Its room now, not once a worker thread it may still wait for finds the caller gone.
-                room.release()
-
-            return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room),
-                                         None if request is None else gone, service.lifecycle.answered_before_cut_off)
+            gone = None if request is None else partial(_left, request, room)
+            return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room), gone,
+                                         service.lifecycle.answered_before_cut_off)
 
     async def readiness(self) -> HttpError | None:
         return readiness(self.service)
@@ -68,6 +65,13 @@ class LocalBackend:
 
     async def info(self) -> dict[str, Any]:
         return describe(self.service)
+
+
+async def _left(request: Request, room: Room) -> None:
+    """Return once the client has left, its queue room given back: now, not once a worker thread it may still be
+    waiting for finds the caller gone."""
+    await client_gone(request)
+    room.release()
 
 
 def readiness(service: RerankService) -> HttpError | None:
