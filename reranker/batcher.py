@@ -53,7 +53,8 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     passes: set[tuple[float, float]] = field(default_factory=set)  # (start, end) of each pass that scored its pairs
-    cancelled: bool = False
+    cancelled: bool = False  # its caller gave up: the pairs dropped for it count as cancelled
+    given_up: bool = False  # cancelled, or failed: its caller reads no score of it, so no pair left is worth a pass
     span_context: SpanContext | None = None  # the caller's request span, which the batch spans link to
     batch_spans: list[SpanContext] = field(default_factory=list)  # the traced passes that carried its pairs
 
@@ -169,7 +170,7 @@ class Batcher:
         self._ready = ready
         # `probe` (a known-good pair) tells a one-off failure from a device that fails everything.
         self._device = DeviceStage(self._scorer, ready, self._deliver, metrics, batch_spans, probe=probe,
-                                   abandoned=lambda items: all(item.job.cancelled for item in items),
+                                   abandoned=lambda items: all(item.job.given_up for item in items),
                                    on_fault=self._on_fault)
         self._collator = threading.Thread(target=self._collate_rounds, name="reranker-collator", daemon=True)
         self._device.thread.start()
@@ -265,19 +266,25 @@ class Batcher:
 
     def cancel(self, job: Job) -> None:
         """Drop the job's pairs that no batch has taken yet, count them, and fail the job at once."""
+        self._give_up(job, CancelledError("the caller gave up"), cancelled=True)
+
+    def _give_up(self, job: Job, error: RerankerError, *, cancelled: bool = False) -> None:
+        """End the job with `error` now and drop its pairs that no batch has taken: its caller gave up, or one of its
+        pairs failed, which fails the whole request, so none of the rest is worth a pass."""
         with self._cond:
             if job.done.is_set():
                 return
-            job.cancelled = True
+            job.given_up = True
+            job.cancelled = cancelled
             mine = [item for item in self._pending if item.job is job]
             if mine:
                 self._pending = [item for item in self._pending if item.job is not job]
             # And those of the current round no batch has taken: they held their queue room until the collator
             # reached their batch (a round of 20,000 pairs runs for minutes on a CPU), and others got 429 meanwhile.
             mine += [item for item in self._round if item.job is job and not job.sent[item.position]]
-        self._deliver(mine, CancelledError("the caller gave up"), None)
+        self._deliver(mine, error, None)
         with self._cond:
-            job.error = job.error or CancelledError("the caller gave up")
+            job.error = job.error or error
             job.done.set()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -311,8 +318,8 @@ class Batcher:
             lengths = [item.n_tokens for item in round_items]
             for indices in cut_batches(lengths, self._batch_tokens, self._shape):
                 items = [round_items[i] for i in indices]
-                with self._cond:  # against cancel(): each pair is dropped by it, or sent here, never both
-                    items = [item for item in items if not item.job.cancelled]
+                with self._cond:  # against _give_up(): each pair is dropped by it, or sent here, never both
+                    items = [item for item in items if not item.job.given_up]
                     for item in items:
                         item.job.sent[item.position] = True
                 if not items:
@@ -348,25 +355,32 @@ class Batcher:
         the pass that scored them ran."""
         if not items:
             return
-        scores = None if isinstance(outcome, RerankerError) else outcome.tolist()
+        error, scores = (outcome, None) if isinstance(outcome, RerankerError) else (None, outcome.tolist())
+        failed: list[Job] = []
         with self._cond:
-            fresh = 0
+            fresh = cancelled = 0
             for slot, item in enumerate(items):
                 job = item.job
                 if job.finished[item.position]:
                     continue
                 fresh += 1
+                cancelled += job.cancelled
                 job.finished[item.position] = True
                 if scores is not None:
                     job.scores[item.position] = scores[slot]
                     if ran is not None:
                         job.passes.add(ran)
                 elif job.error is None:
-                    job.error = outcome  # type: ignore[assignment]
+                    job.error = error
+                    if not job.given_up:
+                        failed.append(job)
                 job.remaining -= 1
                 if job.remaining == 0:
                     job.done.set()
             self._queued_pairs -= fresh
             self._metrics.queue_pairs.set(self._queued_pairs)
-        if isinstance(outcome, CancelledError):
-            self._metrics.cancelled_pairs.inc(fresh)
+        if isinstance(error, CancelledError):
+            self._metrics.cancelled_pairs.inc(cancelled)
+        for job in failed:  # a failed pair fails its request: its caller is told now, and its other pairs dropped
+            assert error is not None
+            self._give_up(job, error)

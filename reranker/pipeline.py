@@ -212,6 +212,9 @@ class DeviceStage:
             self._spans.end(span, batch.items, error=error, inference_seconds=inference_seconds)
 
     def _score_now(self, batch: Batch) -> None:
+        if self._abandoned(batch.items):  # a half whose callers gave up meanwhile (or whose other pair failed them)
+            self._drop(batch)
+            return
         launched, failure = self._launch(batch)
         if launched is not None:
             self._complete(launched)

@@ -320,6 +320,61 @@ def test_a_request_finished_before_a_later_failure_stays_successful(bert_model: 
     assert batcher.queued_pairs == 0 and metrics.registry.get_sample_value("reranker_queue_pairs") == 0
 
 
+def test_a_failed_pair_ends_its_request_at_once_and_its_other_pairs_get_no_pass() -> None:
+    """A request fails whole when one of its pairs does: its caller was told only after its other pairs had run
+    (a 1,000-document request on a CPU: minutes of passes nobody reads), and they held their queue room meanwhile."""
+    gate = threading.Event()
+    passes: list[list[int]] = []  # the lengths in each pass the scorer ran
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.append([pair.n_tokens for pair in batch])
+        gate.wait(HANG_S)
+        if any(pair.n_tokens == 5 for pair in batch):
+            raise RuntimeError("index out of range in self")
+        return np.zeros(len(batch), dtype=np.float32)
+
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=metrics)  # one pair per batch
+    try:
+        # The shortest pair (5 tokens) breaks the model; batches go shortest first, so it runs first.
+        job = batcher.submit([EncodedPair(np.arange(5))] + [EncodedPair(np.arange(10)) for _ in range(6)])
+        wait_until(lambda: len(passes) == 1)
+        gate.set()
+        assert job.done.wait(HANG_S) and isinstance(job.error, ScoringError)
+        wait_until(lambda: batcher.queued_pairs == 0)
+        assert metrics.registry.get_sample_value("reranker_queue_pairs") == 0
+        # The batches already handed to the device thread are dropped unrun, and nothing counts as cancelled.
+        assert batcher.submit([EncodedPair(np.arange(10))]).done.wait(HANG_S)
+        assert passes == [[5], [10]]
+        assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 0
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_retried_half_whose_requests_failed_meanwhile_gets_no_pass() -> None:
+    """Bisecting a failed batch: once the bad pair failed its request, a half holding only that request's pairs
+    is dropped, not run; the other request's pair in the first half still scores."""
+    passes: list[list[int]] = []
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.append([pair.n_tokens for pair in batch])
+        if any(pair.n_tokens == 5 for pair in batch):
+            raise RuntimeError("index out of range in self")
+        return np.ones(len(batch), dtype=np.float32)
+
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(scorer, batch_tokens=10**6, max_queue=100, metrics=metrics)
+    with batcher._cond:  # one batch, sorted by length: bad 5, good 6, bad's 7 and 8
+        bad = batcher.submit([EncodedPair(np.arange(n)) for n in (5, 7, 8)])
+        good = batcher.submit([EncodedPair(np.arange(6))])
+    assert bad.done.wait(HANG_S) and good.done.wait(HANG_S)
+    batcher.close()
+    assert isinstance(bad.error, ScoringError) and good.error is None and good.scores == [1.0]
+    assert passes == [[5, 6, 7, 8], [5, 6], [5], [6]]  # no pass of [7, 8]
+    assert batcher.queued_pairs == 0 and metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 0
+
+
 def test_the_failed_pass_is_freed_before_the_retry(bert_model: ScoringModel) -> None:
     import weakref
 
