@@ -388,7 +388,8 @@ def test_documents_one_per_line_end_lines_at_newlines_only(url: str, tmp_path: P
 
 @pytest.mark.parametrize(("line", "message"), [
     ("[" * 20_000, "line 2 nests too deeply to read; flatten it"),
-    ('{"text": "a", "n": ' + "9" * 5000 + "}", "line 2 is not readable: Exceeds the limit (4300 digits)"),
+    ('{"text": "a", "n": ' + "9" * 5000 + "}", "line 2 holds a number of over 4,300 digits; write it as a string"),
+    ('{"text": "a"', "line 2 is not valid JSON"),
 ])
 def test_an_unreadable_jsonl_line_is_a_clear_error(live: tuple[str, Reranker], tmp_path: Path, line: str,
                                                    message: str) -> None:

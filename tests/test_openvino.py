@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -574,10 +575,14 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) 
                                       int8_min_spearman=-1.0, cache_dir=str(tmp_path / "cache")))
     assert model.dtype == "int8"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"query": "q", "document": "d"}\n{"query": "q"}\n')
-    with pytest.raises(ModelLoadError, match=r"bad.jsonl'?: line 2 is not a JSON object with \"query\" and"):
-        load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(bad),
-                                  cache_dir=str(tmp_path / "early")))
+    for line, says in [('{"query": "q"}', 'is not a JSON object with non-empty "query" and "document" strings'),
+                       ('{"query": "q", "document": ""}', 'is not a JSON object with non-empty "query"'),
+                       ("[" * 20_000, "nests too deeply to read; flatten it; each line is a JSON object"),
+                       ('{"query": "q", "document": "d", "n": ' + "9" * 5000 + "}", "holds a number of over 4,300")]:
+        bad.write_text('{"query": "q", "document": "d"}\n' + line + "\n")
+        with pytest.raises(ModelLoadError, match=re.escape(f"bad.jsonl': line 2 {says}")):
+            load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(bad),
+                                      cache_dir=str(tmp_path / "early")))
     assert not (tmp_path / "early").exists()  # refused before minutes of loading and converting, not after
     with pytest.raises(ModelLoadError, match="cannot be read"):
         load_model(model_settings(bert_dir, backend="openvino", dtype="int8",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from reranker import ValidationError
+from reranker.jsonl import JsonLineError, json_lines
 from web.service import split_lines
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
@@ -36,21 +36,13 @@ def read_documents(path: str | Path, max_bytes: int) -> list[str]:
 
 def _jsonl(name: str, text: str) -> list[str]:
     documents = []
-    # read_text made every line end \n; a JSON string may hold U+2028 and the like unescaped (str.splitlines broke
-    # the line there).
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except RecursionError:
-            raise ValidationError(f"{name} line {number} nests too deeply to read; flatten it") from None
-        except ValueError as err:  # JSONDecodeError, or a number past Python's 4,300 digits
-            what = "not valid JSON" if isinstance(err, json.JSONDecodeError) else f"not readable: {err}"
-            raise ValidationError(f"{name} line {number} is {what}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValidationError(f'{name} line {number} needs a string "text" field')
-        documents.append(record["text"])
+    try:
+        for number, record in json_lines(text):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValidationError(f'{name} line {number} needs a string "text" field')
+            documents.append(record["text"])
+    except JsonLineError as err:
+        raise ValidationError(f"{name} {err}") from None
     return documents
 
 

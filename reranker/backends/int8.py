@@ -21,6 +21,7 @@ from reranker.backends.corpus import Request, build_workload
 from reranker.backends.cpu import Precision, int8_dot_products
 from reranker.backends.store import ConvertedModels
 from reranker.errors import ModelLoadError
+from reranker.jsonl import JsonLineError, json_lines
 from reranker.settings import Settings
 from reranker.tokens import min_document_room
 
@@ -97,23 +98,20 @@ def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes:
 def read_calibration(path: Path) -> list[tuple[str, str]]:
     name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{name} cannot be read ({err}); name a UTF-8 file of JSON lines "
                              '{"query": "...", "document": "..."}') from err
     pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            query, document = row["query"], row["document"]
-        except (ValueError, TypeError, KeyError, RecursionError):
-            raise ModelLoadError(f'{name}: line {number} is not a JSON object with "query" and "document" '
-                                 "strings") from None
-        if not isinstance(query, str) or not isinstance(document, str) or not query or not document:
-            raise ModelLoadError(f'{name}: line {number} needs non-empty "query" and "document" strings')
-        pairs.append((query, document))
+    shape = 'a JSON object with non-empty "query" and "document" strings'
+    try:
+        for number, row in json_lines(text):
+            query, document = (row.get("query"), row.get("document")) if isinstance(row, dict) else (None, None)
+            if not isinstance(query, str) or not isinstance(document, str) or not query or not document:
+                raise ModelLoadError(f"{name}: line {number} is not {shape}")
+            pairs.append((query, document))
+    except JsonLineError as err:
+        raise ModelLoadError(f"{name}: {err}; each line is {shape}") from None
     if len(pairs) < CALIBRATION_BATCH:
         raise ModelLoadError(f"{name} has {len(pairs)} pairs; give at least {CALIBRATION_BATCH} (a few hundred "
                              "from your own traffic calibrate best)")
