@@ -97,7 +97,7 @@ def describe_request(span: Span, stats: RerankStats, top_n: int | None) -> None:
         "reranker.truncated": stats.truncated, "reranker.chunked": stats.chunked,
         "reranker.cache_hits": stats.cache_hits, OUTCOME: "ok",
     })
-    if top_n is not None:
+    if top_n is not None and top_n < 2**63:  # larger than every request (it returns all) and than OTLP's int64
         span.set_attribute("reranker.top_n", top_n)
 
 

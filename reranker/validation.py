@@ -48,9 +48,6 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
         raise InvalidTypeError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
     if top_n is not None and top_n < 1:
         raise ValidationError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
-    if top_n is not None and top_n > s.max_docs:
-        shown = f"top_n={top_n}" if top_n < 10**15 else "top_n"
-        raise ValidationError(f"{shown} is over RERANKER_MAX_DOCS={s.max_docs}; leave it out to get all")
     if max_doc_tokens is not None:
         if isinstance(max_doc_tokens, bool) or not isinstance(max_doc_tokens, int):
             raise InvalidTypeError(f"max_tokens_per_doc must be a positive integer, got {_brief(max_doc_tokens)}")

@@ -80,6 +80,18 @@ def test_client_v1_ranks_as_the_tei_route_and_returns_documents(url: str) -> Non
     assert all(r.document is None for r in bare.results) and len(bare.results) == len(DOCS)
 
 
+def test_client_v1_ranks_objects_on_rank_fields_and_echoes_them_whole(url: str) -> None:
+    """The v1 SDK's document objects with `rank_fields`, and its explicit None sent as null."""
+    objects = [{"title": f"doc {i}", "text": text} for i, text in enumerate(DOCS)]
+    with sdk(cohere.Client, url) as client:
+        response = client.rerank(model="m", query=QUERY, documents=objects, rank_fields=["title", "text"],
+                                  return_documents=None, top_n=len(DOCS) * 100)
+    lines = [f"title: doc {i}\ntext: {text}" for i, text in enumerate(DOCS)]
+    assert [(r.index, r.relevance_score) for r in response.results] == tei(url, lines)
+    assert [r.document.dict() if r.document else None for r in response.results] \
+        == [objects[r.index] for r in response.results]
+
+
 @pytest.mark.parametrize("make", [cohere.Client, cohere.ClientV2], ids=["v1", "v2"])
 def test_a_wrong_key_is_the_sdks_unauthorized_error(url: str, make: type[cohere.Client]) -> None:
     with sdk(make, url, key="not-the-key") as client, pytest.raises(UnauthorizedError) as raised:
@@ -98,9 +110,11 @@ def test_bad_requests_are_the_sdks_typed_errors_with_our_message(url: str, make:
             client.rerank(model="m", query=QUERY, documents=["d"] * 51)
     assert too_many.value.status_code == 413
 
-    def message(body: object) -> str:  # v2 answers in Cohere's shape, v1 in this API's
+    def message(body: object) -> str:  # v2 answers in Cohere's shape, v1 in this API's with Cohere v1's message
         assert isinstance(body, dict)
-        return str(body["message"] if make is cohere.ClientV2 else body["error"]["message"])
+        if make is cohere.Client:
+            assert body["message"] == body["error"]["message"]
+        return str(body["message"])
     assert "query is empty" in message(bad.value.body)
     assert "top_n" in message(shape.value.body)
     assert "RERANKER_MAX_DOCS=50" in message(too_many.value.body)

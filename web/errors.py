@@ -19,8 +19,10 @@ from reranker import (
 )
 from web.request_id import current_request_id, new_request_id
 
-# The route that answers errors in Cohere's shape, `{"id", "message"}`, as the Cohere v2 SDK expects.
+# The routes whose errors take their hosted API's shape (HttpError.body).
+COHERE_V1 = "/v1/rerank"
 COHERE_V2 = "/v2/rerank"
+TEI = "/rerank"
 
 
 class HttpError(Exception):
@@ -44,10 +46,25 @@ class HttpError(Exception):
         return "invalid" if self.status < 500 else "error"
 
     def body(self, path: str = "") -> dict[str, Any]:
-        """The JSON error of the route at `path`: Cohere's shape on /v2/rerank, `{"error": {...}}` elsewhere."""
-        if path.rstrip("/") == COHERE_V2:
+        """The JSON error of the route at `path`, in the shape its hosted API's clients read: Cohere v2's
+        `{"id", "message"}`, TEI's `{"error": message, "error_type"}`, and elsewhere `{"error": {"type", "message"}}`,
+        on /v1/rerank with Cohere v1's top-level `message` beside it."""
+        route = path.rstrip("/")
+        if route == COHERE_V2:
             return {"id": current_request_id() or new_request_id(), "message": self.message}
-        return {"error": {"type": self.type, "message": self.message}}
+        if route == TEI:
+            return {"error": self.message, "error_type": self.tei_type}
+        ours = {"error": {"type": self.type, "message": self.message}}
+        return {**ours, "message": self.message} if route == COHERE_V1 else ours
+
+    @property
+    def tei_type(self) -> str:
+        """TEI's ErrorType for this answer; its clients know no other names."""
+        if self.status == 429:
+            return "Overloaded"
+        if self.status == 503:
+            return "Unhealthy"
+        return "Backend" if self.status >= 500 else "Validation"
 
     def response(self, path: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(path), status_code=self.status, headers={**(headers or {}), **self.headers})

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from reranker import RerankResult
 from web.backend import Backend
-from web.errors import COHERE_V2, HttpError
+from web.errors import COHERE_V1, COHERE_V2, TEI, HttpError
 from web.middleware import LIMITED_PATHS
 from web.request_id import current_request_id, new_request_id
 from web.schemas import (
@@ -25,6 +25,7 @@ from web.schemas import (
     CohereRerankRequest,
     CohereRerankResponse,
     CohereResult,
+    CohereV1ErrorResponse,
     CohereV2RerankRequest,
     CohereV2RerankResponse,
     CohereV2Result,
@@ -33,9 +34,9 @@ from web.schemas import (
     PredictRequest,
     PredictResponse,
     PredictResult,
+    TeiErrorResponse,
     TeiRerankRequest,
     TeiResult,
-    TextDocument,
     Usage,
 )
 from web.service import RerankCall, split_lines
@@ -52,6 +53,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 COHERE_ERROR_RESPONSES = {
     status: {**answer, "model": CohereErrorResponse} for status, answer in ERROR_RESPONSES.items()
 }
+COHERE_V1_ERROR_RESPONSES = {
+    status: {**answer, "model": CohereV1ErrorResponse} for status, answer in ERROR_RESPONSES.items()
+}
+TEI_ERROR_RESPONSES = {status: {**answer, "model": TeiErrorResponse} for status, answer in ERROR_RESPONSES.items()}
 # Cohere bills a search unit per query and up to 100 documents; its clients may read the figure.
 DOCUMENTS_PER_SEARCH_UNIT = 100
 
@@ -64,17 +69,33 @@ def cohere_meta(api_version: str, result: RerankResult) -> CohereMeta:
     )
 
 
-def cohere_texts(documents: list[Any]) -> list[Any]:
-    """Objects as their `text`; anything else as it is, for the engine to check (it names the first bad item)."""
+def cohere_texts(documents: list[Any], rank_fields: list[str] | None = None) -> list[Any]:
+    """What the model ranks of each document: a string as it is; an object's `text`, or with `rank_fields` the
+    fields it names, in their order (one field: its value; more: a `name: value` line each, as Cohere suggests
+    writing structured documents). Anything else passes as it is, for the engine to check (it names the first bad
+    item)."""
     texts = []
     for i, doc in enumerate(documents):
         if isinstance(doc, dict):
-            doc = doc.get("text")
+            doc = _object_text(i, doc, rank_fields) if rank_fields else doc.get("text")
             if not isinstance(doc, str):
                 raise HttpError(422, "invalid_shape",
                                 f'documents[{i}] must be a string or an object with a string "text" field')
         texts.append(doc)
     return texts
+
+
+def _object_text(i: int, doc: dict[str, Any], rank_fields: list[str]) -> str:
+    present = [field for field in rank_fields if field in doc]
+    if not present:
+        raise HttpError(422, "invalid_shape", f"documents[{i}] has none of the fields rank_fields names")
+    for field in present:
+        if not isinstance(doc[field], str):  # named by its place in rank_fields: no request text is echoed
+            raise HttpError(422, "invalid_shape", f"documents[{i}] must hold a string in each field it has of "
+                                                  f"rank_fields; rank_fields[{rank_fields.index(field)}] is not one")
+    if len(rank_fields) == 1:
+        return doc[present[0]]
+    return "\n".join(f"{field}: {doc[field]}" for field in present)
 
 
 def _wrong_method(path: str, allow: str = "POST", takes: str = "POST with a JSON body") -> Callable[[], None]:
@@ -101,20 +122,23 @@ def build_router(backend: Backend) -> APIRouter:
     web.middleware before them)."""
     router = APIRouter()
 
-    @router.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
-                 responses=ERROR_RESPONSES, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
+    @router.post(COHERE_V1, response_model=CohereRerankResponse, response_model_exclude_none=True,
+                 responses=COHERE_V1_ERROR_RESPONSES, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
     async def cohere_rerank(body: CohereRerankRequest, request: Request) -> CohereRerankResponse:
-        texts = cohere_texts(body.documents)
-        result = await backend.rerank(request, "/v1/rerank", RerankCall(
-            body.query, texts, body.top_n, body.instruction, body.raw_scores))
+        texts = cohere_texts(body.documents, body.rank_fields)
+        result = await backend.rerank(request, COHERE_V1, RerankCall(
+            body.query, texts, body.top_n, body.instruction, bool(body.raw_scores)))
+        echo = body.return_documents is not False  # absent and null: true
+
+        def document(index: int) -> dict[str, Any] | None:  # as sent, as Cohere and Jina echo it
+            sent = body.documents[index]
+            return None if not echo else sent if isinstance(sent, dict) else {"text": sent}
+
         return CohereRerankResponse(
             id=str(uuid.uuid4()),
             model=await backend.model_id(),
-            results=[
-                CohereResult(index=r.index, relevance_score=r.score,
-                             document=TextDocument(text=r.document) if body.return_documents else None)
-                for r in result.results
-            ],
+            results=[CohereResult(index=r.index, relevance_score=r.score, document=document(r.index))
+                     for r in result.results],
             usage=Usage(total_tokens=result.stats.tokens),
             meta=cohere_meta("1", result),
         )
@@ -127,7 +151,7 @@ def build_router(backend: Backend) -> APIRouter:
                                                     'documents; leave it out or set its mode to "disabled"')
         max_doc_tokens = body.max_tokens_per_doc
         result = await backend.rerank(request, COHERE_V2, RerankCall(
-            body.query, cohere_texts(body.documents), body.top_n, body.instruction, body.raw_scores,
+            body.query, cohere_texts(body.documents), body.top_n, body.instruction, bool(body.raw_scores),
             COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens))
         return CohereV2RerankResponse(
             id=current_request_id() or new_request_id(),
@@ -135,8 +159,8 @@ def build_router(backend: Backend) -> APIRouter:
             meta=cohere_meta("2", result),
         )
 
-    @router.post("/rerank", response_model=list[TeiResult], response_model_exclude_none=True,
-                 responses=ERROR_RESPONSES, tags=["rerank"],
+    @router.post(TEI, response_model=list[TeiResult], response_model_exclude_none=True,
+                 responses=TEI_ERROR_RESPONSES, tags=["rerank"],
                  summary="Hugging Face TEI-compatible rerank")
     async def tei_rerank(body: TeiRerankRequest, request: Request) -> list[TeiResult]:
         direction = body.truncation_direction
@@ -146,7 +170,7 @@ def build_router(backend: Backend) -> APIRouter:
                                                     "cut at its end (or split into windows, with "
                                                     'RERANKER_LONG_DOCS=chunk); leave it out or set it to "Right"')
         call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores, documents_field="texts")
-        result = await backend.rerank(request, "/rerank", call)
+        result = await backend.rerank(request, TEI, call)
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)
                 for r in result.results]
 

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 _TEXT_OBJECT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 CohereDocuments = Annotated[list[Any], WithJsonSchema(
     {"type": "array", "items": {"anyOf": [{"type": "string"}, _TEXT_OBJECT]}})]
+# /v1/rerank's objects may carry other fields, and rank on those `rank_fields` names instead of `text`.
+CohereV1Documents = Annotated[list[Any], WithJsonSchema(
+    {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": True}]}})]
 Texts = Annotated[list[Any], WithJsonSchema({"type": "array", "items": {"type": "string"}})]
 
 
@@ -20,16 +23,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextDocument(_Body):
-    text: StrictStr
-
-
 class CohereRerankRequest(_Body):
     query: StrictStr = Field(description="What to rank the documents against.")
-    documents: CohereDocuments = Field(description="Strings, or objects with a `text` field.")
-    top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent).")
-    return_documents: StrictBool = Field(True, description="Echo each document's text in the results.")
-    raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid probabilities.")
+    documents: CohereV1Documents = Field(
+        description="Strings, or objects: with a `text` field, or with the fields `rank_fields` names.")
+    top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent or larger).")
+    rank_fields: list[StrictStr] | None = Field(
+        None, description="The fields of document objects to rank on, in order (default: `text`).")
+    # null as absent: Cohere's SDK sends an explicit None as null.
+    return_documents: StrictBool | None = Field(True, description="Echo each document as sent (default true).")
+    raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities.")
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the loaded model answers.")
     instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one.")
 
@@ -37,7 +40,7 @@ class CohereRerankRequest(_Body):
 class CohereResult(BaseModel):
     index: int
     relevance_score: float
-    document: TextDocument | None = None
+    document: dict[str, Any] | None = Field(None, description="The document as sent; a string as `{\"text\": ...}`.")
 
 
 class Usage(BaseModel):
@@ -90,7 +93,7 @@ class CohereV2RerankRequest(_Body):
                           "when absent, as Cohere's).")
     priority: StrictInt | None = Field(None, description="Accepted for compatibility; requests are served in order.")
     relevant_spans: RelevantSpans | None = Field(None, description="Only mode \"disabled\" is supported.")
-    raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid probabilities (extension).")
+    raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities (extension).")
     instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one (extension).")
 
 
@@ -146,6 +149,19 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class CohereV1ErrorResponse(ErrorResponse):
+    """On /v1/rerank: ours, with Cohere v1's top-level `message` beside it."""
+
+    message: str
+
+
+class TeiErrorResponse(BaseModel):
+    """TEI's error shape, used on /rerank."""
+
+    error: str
+    error_type: str = Field(description='"Validation", "Overloaded", "Unhealthy" or "Backend", as TEI names them.')
 
 
 class CohereErrorResponse(BaseModel):
