@@ -163,6 +163,83 @@ def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_s
         launcher.drain_then_stop(["reranker", "ui"], 30.0, remote=False)(15, None)
 
 
+def test_a_second_signal_on_a_cluster_deletes_only_the_configs_applications(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It raised KeyboardInterrupt there too, on which `serve run` calls serve.shutdown(): every application on the
+    shared cluster, and its controller and proxies, stopped. A third signal did the same."""
+    from ray import serve
+
+    from deploy.ray import __main__ as launcher
+    from deploy.ray import stopping
+
+    running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
+    handlers: dict[int, Any] = {}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(running)))
+    monkeypatch.setattr(serve, "delete", lambda name, _blocking: running.pop(name))
+    monkeypatch.setattr(launcher, "front_replicas", lambda apps: set())
+    monkeypatch.setattr(stopping, "announce_cut", lambda apps: None)
+    monkeypatch.setattr(launcher.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
+    with pytest.raises(SystemExit) as ended:
+        launcher.cut_then_stop(["reranker", "ui"], 0.0, remote=True)(15, None)
+    assert ended.value.code == 1 and list(running) == ["someone-elses"]
+    with pytest.raises(SystemExit):  # the third signal
+        handlers[launcher.signal.SIGTERM](15, None)
+    with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts its Serve down
+        launcher.cut_then_stop(["reranker", "ui"], 0.0, remote=False)(15, None)
+    assert handlers[launcher.signal.SIGINT] is launcher.signal.default_int_handler
+
+
+def test_on_a_cluster_it_will_not_delete_applications_another_config_deployed(monkeypatch: pytest.MonkeyPatch,
+                                                                                capsys: pytest.CaptureFixture[str]
+                                                                                ) -> None:
+    """`serve run` applies serve.yaml as the cluster's one declarative config, and Serve deletes the applications of
+    the config before it that serve.yaml does not name (a team's `serve deploy`, a RayService's)."""
+    import ray
+    from ray.serve import context
+    from ray.serve.schema import APIType
+
+    from deploy.ray import __main__ as launcher
+    from deploy.ray import stopping
+
+    details = {"applications": {"reranker": {"source": APIType.DECLARATIVE}, "ui": {"source": "declarative"},
+                                "theirs": {"source": APIType.DECLARATIVE}, "notebook": {"source": "imperative"}}}
+    client = SimpleNamespace(get_serve_details=lambda: details)
+    monkeypatch.setattr(context, "_get_global_client", lambda raise_if_no_controller_running: client)
+    assert launcher.replaced_applications(["reranker", "ui"]) == ["theirs"]
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+
+    def went_on(apps: list[str]) -> None:
+        raise AssertionError("the launcher went on towards `serve run`")
+
+    monkeypatch.setattr(stopping, "withdraw_drain", went_on)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(SystemExit) as ended:
+        launcher.main([str(SERVE_YAML)])
+    assert ended.value.code == 2 and "runs Serve applications from another config (theirs)" in capsys.readouterr().err
+    monkeypatch.setattr(context, "_get_global_client", lambda raise_if_no_controller_running: None)
+    assert launcher.replaced_applications(["reranker", "ui"]) == []  # no Serve there yet
+
+
+def test_the_deploy_watch_stops_for_the_configs_applications_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another application failing on a shared cluster made the launcher drain and delete ours, and exit 1."""
+    from ray import serve
+
+    from deploy.ray import __main__ as launcher
+
+    def app(status: str) -> SimpleNamespace:
+        return SimpleNamespace(status=status, message="it broke", deployments={})
+
+    states = {"reranker": app("RUNNING"), "someone-elses": app("DEPLOY_FAILED")}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(states)))
+    killed: list[int] = []
+    monkeypatch.setattr(launcher.os, "kill", lambda pid, signum: killed.append(signum))
+    watch = launcher.DeployWatch(["reranker"], period_s=0.0)
+    watch._watch()  # returns once ours runs
+    assert watch.failure is None and killed == []
+    states["reranker"] = app("DEPLOY_FAILED")
+    watch._watch()
+    assert watch.failure is not None and watch.failure.startswith("reranker: it broke") and killed == [15]
+
+
 def test_served_beyond_loopback_without_a_login_it_warns_as_start_sh_does() -> None:
     from deploy.ray.__main__ import exposure_warnings, with_address
 

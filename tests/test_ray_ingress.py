@@ -19,7 +19,8 @@ from typing import Any, cast  # noqa: E402
 import httpx  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from ray.exceptions import ActorDiedError  # noqa: E402
-from ray.serve.exceptions import BackPressureError, RequestCancelledError  # noqa: E402
+from ray.serve._private.common import DeploymentID  # noqa: E402
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
@@ -95,6 +96,21 @@ def test_a_replica_whose_device_failed_is_retried_on_another() -> None:
     assert handle.calls == 3
     died = FakeHandle(ActorDiedError(), FAULT, Reply("healthy", result=RESULT))  # the two kinds, mixed
     assert asyncio.run(backend(died).rerank(None, "/v1/rerank", CALL)) == RESULT
+
+
+def test_a_model_deployment_that_failed_to_deploy_is_a_503_not_a_500() -> None:
+    """Serve's router raises DeploymentUnavailableError while the model deployment has failed for good (a model
+    that cannot load) or is being deleted: it fell through to a 500 internal_error while /readyz said 503."""
+    gone = DeploymentUnavailableError(DeploymentID(name="RerankModel", app_name="reranker"))
+    handle = FakeHandle(gone)
+    with pytest.raises(HttpError) as failed:
+        asyncio.run(backend(handle, tries=3).rerank(None, "/v1/rerank", CALL))
+    assert (failed.value.status, failed.value.type, failed.value.counted) == (503, "not_ready", False)
+    assert "failed to deploy" in failed.value.message and handle.calls == 1  # lasting: not retried
+    handle.info = SimpleNamespace(remote=lambda: FakeResponse(gone))
+    with pytest.raises(HttpError) as info:
+        asyncio.run(backend(handle).info())
+    assert info.value.status == 503
 
 
 def test_the_model_id_comes_with_the_answers() -> None:

@@ -58,7 +58,8 @@ LAUNCHER_ONLY = {
 
 
 class ConfigError(ValueError):
-    """A RERANKER_HOST/RERANKER_PORT override that cannot apply."""
+    """A start that cannot go on: a RERANKER_HOST/RERANKER_PORT override that cannot apply, or a cluster whose own
+    Serve applications `serve run` would delete."""
 
 
 def with_address(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -164,11 +165,13 @@ def failure(app: Any) -> str:
 
 
 class DeployWatch:
-    """Polls Serve until every application is RUNNING; if one is DEPLOY_FAILED instead, records Serve's message
-    and sends this process SIGTERM, which drains what did deploy and ends `serve run`."""
+    """Polls Serve until each of the config's applications `names` is RUNNING; if one is DEPLOY_FAILED instead,
+    records Serve's message and sends this process SIGTERM, which drains what did deploy and ends `serve run`. A
+    shared cluster's other applications are not ours: their failures stop nothing here."""
 
-    def __init__(self, period_s: float = 2.0) -> None:
+    def __init__(self, names: Sequence[str], period_s: float = 2.0) -> None:
         self.failure: str | None = None
+        self._names = set(names)
         self._period_s = period_s
         self._thread = threading.Thread(target=self._watch, name="deploy-watch", daemon=True)
 
@@ -181,7 +184,7 @@ class DeployWatch:
         while True:
             time.sleep(self._period_s)
             try:
-                applications = serve.status().applications
+                applications = {name: app for name, app in serve.status().applications.items() if name in self._names}
             except Exception:  # Serve not up yet, or shutting down
                 continue
             failed = {name: failure(app) for name, app in applications.items() if app.status == "DEPLOY_FAILED"}
@@ -190,7 +193,7 @@ class DeployWatch:
                 log("ERROR", f"deploying failed, stopping: {self.failure}", applications=sorted(failed))
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            if applications and all(app.status == "RUNNING" for app in applications.values()):
+            if len(applications) == len(self._names) and all(app.status == "RUNNING" for app in applications.values()):
                 return
 
 
@@ -245,6 +248,20 @@ def until_fronts_idle(apps: list[str], fronts: set[str], seconds: float, period_
     return False
 
 
+def replaced_applications(names: Sequence[str]) -> list[str]:
+    """The applications a cluster runs from another Serve config (`serve deploy`, a RayService's serveConfigV2) that
+    `serve run` of ours would delete: Serve keeps one declarative config per cluster, and applying a config deletes
+    that config's applications it does not name."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:  # no Serve on the cluster yet
+        return []
+    applications = client.get_serve_details().get("applications") or {}
+    return sorted(name for name, app in applications.items()
+                  if name not in names and app.get("source") == "declarative")  # a str Enum, or its value
+
+
 def running_applications(names: Sequence[str]) -> list[str]:
     """Those of `names` that Serve runs (a shared cluster's others are not ours)."""
     from ray import serve
@@ -277,8 +294,8 @@ def drain_then_stop(names: Sequence[str], drain_seconds: float, *, remote: bool)
     (RAY_ADDRESS), by SystemExit(0), which `serve run` does not catch: its serve.shutdown() would stop every
     application on the cluster. A second signal interrupts the drain (cut_then_stop)."""
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, cut_then_stop(names))
-        signal.signal(signal.SIGINT, cut_then_stop(names))
+        signal.signal(signal.SIGTERM, cut_then_stop(names, remote=remote))
+        signal.signal(signal.SIGINT, cut_then_stop(names, remote=remote))
         try:
             drain_applications(names, drain_seconds)
         except Exception as err:  # the controller gone already: nothing left to drain
@@ -290,28 +307,43 @@ def drain_then_stop(names: Sequence[str], drain_seconds: float, *, remote: bool)
     return handler
 
 
-def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S) -> Callable[[int, object], None]:
+def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S, *, remote: bool = False
+                  ) -> Callable[[int, object], None]:
     """The handler of a second signal, as one process's: what the ingress and UI replicas still hold is answered
     503 `shutting_down` (announce_cut), for up to `wait_s`, and then the drain is interrupted and Serve stops. Before,
     the proxies stopped at once and every client still waiting saw its connection closed without an answer. A
-    third signal stops at once."""
+    third signal stops at once. On a cluster (`remote`) only the config's applications are deleted, unwaited, and
+    the process exits 1, there as on a third signal: `serve run`'s KeyboardInterrupt path would shut Serve down for
+    every application on the cluster."""
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, exit_now if remote else signal.default_int_handler)
+        signal.signal(signal.SIGINT, exit_now if remote else signal.default_int_handler)
         try:
             from deploy.ray.stopping import announce_cut
 
             running = running_applications(names)
             fronts = front_replicas(running)
             announce_cut(running)
-            log("WARNING", "second signal: what the ingress holds is answered 503, then Serve stops",
-                applications=running)
+            log("WARNING", "second signal: what the ingress holds is answered 503, then "
+                + ("its applications are deleted" if remote else "Serve stops"), applications=running)
             until_fronts_idle(running, fronts, wait_s)
+            if remote:
+                from ray import serve
+
+                for name in running:
+                    serve.delete(name, _blocking=False)
         except Exception as err:  # the controller gone already: nothing left to answer
             log("WARNING", f"cut-off failed: {type(err).__name__}: {err}")
+        if remote:
+            raise SystemExit(1)
         raise KeyboardInterrupt
 
     return handler
+
+
+def exit_now(signum: int, frame: object) -> None:
+    """A third signal on a cluster: end this process and nothing on the cluster."""
+    raise SystemExit(1)
 
 
 def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -353,12 +385,21 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     if remote:
         import ray
 
+    names = [str(application["name"]) for application in config.get("applications") or []]
+    if remote:
+        import ray
+
         # Here, not in `serve run` (which skips its own ray.init then): ray.init replaces the SIGTERM handler.
         ray.init(address=environ["RAY_ADDRESS"], namespace="serve")
+        replaced = replaced_applications(names)
+        if replaced:
+            raise ConfigError(
+                f"the cluster at RAY_ADDRESS runs Serve applications from another config ({', '.join(replaced)}), "
+                "which `serve run` would delete: a cluster has one Serve config. Add serve.yaml's applications to "
+                "that config and deploy it (`serve deploy`, or the RayService's serveConfigV2), or delete those first")
     else:
         start_local_ray(environ, cpus_needed(config))
     # After ray.init, whose own SIGTERM handler exits without deleting the applications.
-    names = [str(application["name"]) for application in config.get("applications") or []]
     from deploy.ray.stopping import withdraw_drain
 
     withdraw_drain(names)  # one left by a launcher that was killed mid-drain would drain the new replicas at once
@@ -366,7 +407,7 @@ def serve_run(config_path: str, environ: MutableMapping[str, str]) -> None:
     signal.signal(signal.SIGINT, drain_then_stop(names, drain_seconds, remote=remote))
     from ray.serve.scripts import cli
 
-    watch = DeployWatch()
+    watch = DeployWatch(names)
     watch.start()
     with tempfile.TemporaryDirectory(prefix="reranker-serve-") as folder:
         path = Path(folder) / "serve.yaml"

@@ -24,7 +24,7 @@ from typing import Any, cast
 from opentelemetry import propagate
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
@@ -64,6 +64,13 @@ def overloaded() -> HttpError:
     """Every replica busy and the handle's queue full: one process's full queue, and answered alike."""
     return HttpError(429, "overloaded", "every model replica is busy and the queue to them is full "
                      "(max_queued_requests); retry shortly")
+
+
+def no_deployment() -> HttpError:
+    """The model deployment has no replica and will get none: it failed to deploy (a model that cannot load), or
+    it is being deleted. Not retried: it lasts until the next deploy."""
+    return HttpError(503, "not_ready", "the model deployment is unavailable: it failed to deploy (`serve status` "
+                     "says why) or is being deleted; retry once it runs again")
 
 
 def no_replica() -> HttpError:
@@ -176,6 +183,8 @@ class RemoteBackend:
                                 f"({self.deadline_s:g} s); retry later, or send fewer documents") from err
             except BackPressureError as err:
                 raise overloaded() from err
+            except DeploymentUnavailableError as err:
+                raise no_deployment() from err
             except RETRYABLE as err:
                 failed = no_replica()
                 reason, wait = type(err).__name__, 0.0  # Serve's router has dropped the dead replica already
@@ -312,5 +321,7 @@ class RemoteBackend:
             return await cast("Awaitable[dict[str, Any]]", self.handle.info.remote())
         except BackPressureError as err:
             raise overloaded() from err
+        except DeploymentUnavailableError as err:
+            raise no_deployment() from err
         except RETRYABLE as err:
             raise no_replica() from err
