@@ -435,6 +435,41 @@ def test_serves_backpressure_is_one_process_overload(metrics: Metrics, requests_
     assert requests_total("/v1/rerank", "overloaded") == 1
 
 
+class FakeRayCounter:
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+        self.name, self.tag_keys = name, tag_keys
+        self.counts: dict[str, float] = {}
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        assert set(tags) == set(self.tag_keys)
+        self.counts[tags["status_code"]] = self.counts.get(tags["status_code"], 0) + value
+
+
+def test_the_ingress_counts_what_it_answers_the_proxy_by_status(metrics: Metrics) -> None:
+    """The proxy's 429s less the ingress's are the proxy's own (RerankerServeProxyRefusing): reranker_requests_total
+    counted a model replica's 429 for a try the ingress retried and then answered 200, silencing that alert."""
+    from deploy.ray.metrics import ingress_answers
+
+    answers = ingress_answers(SimpleNamespace(Counter=FakeRayCounter))
+    assert answers.name == "reranker_ingress_answers" and answers.tag_keys == ("status_code",)
+    full = Reply("busy", error=(429, "overloaded", "the queue is full (RERANKER_MAX_QUEUE=20000 pairs)"))
+    handle = FakeHandle(full, Reply("idle", result=RESULT), full, full, RuntimeError("a bug"))
+    remote_backend = backend(handle)
+    app = ingress_app(remote_backend, metrics, RequestHistory(), Tracing.from_settings(remote_backend.settings,
+                                                                                        metrics), answers=answers)
+
+    async def send() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
+            body = {"query": "q", "documents": ["a"]}
+            return [(await http.post("/v1/rerank", json=body)).status_code for _ in range(3)] \
+                + [(await http.post("/v1/rerank", json={})).status_code, (await http.get("/healthz")).status_code]
+
+    assert asyncio.run(send()) == [200, 429, 500, 422, 200]
+    assert answers.counts == {"200": 2, "429": 1, "500": 1, "422": 1}  # the retried 429 is not the proxy's
+    assert metrics.registry.get_sample_value("reranker_requests_total", {"route": "/v1/rerank", "status": "error"}) == 1
+
+
 def test_serves_own_warning_for_a_refused_call_is_dropped_and_its_other_lines_kept() -> None:
     """The request line logs the 429 once; Serve's router also logged a WARNING naming no request for each."""
     remote.quiet_router_refusals()  # as the ingress and UI replicas do when they start

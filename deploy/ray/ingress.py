@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
@@ -18,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.claims import forget_claims
 from deploy.ray.environment import replica_settings
-from deploy.ray.metrics import replica_metrics
+from deploy.ray.metrics import ingress_answers, replica_metrics
 from deploy.ray.model import node_id, replica_id
 from deploy.ray.panel import KIND_INGRESS, Publisher, ReplicaView, answers_view
 from deploy.ray.remote import REPLICA_STATE, RemoteBackend, quiet_router_refusals
@@ -60,6 +61,36 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_replica)
 
 
+class CountAnswers:
+    """Count every answer by its HTTP status code (deploy/ray/metrics.py's INGRESS_ANSWERS), outermost, so that a
+    refusal of any middleware is counted as the proxy sees it."""
+
+    def __init__(self, app: App, counter: Any) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = False
+
+        async def counting(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.counter.inc(1, tags={"status_code": str(message["status"])})
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        except Exception:
+            if not started:  # Starlette's outermost ServerErrorMiddleware answers it 500 (web/api.py's `unexpected`)
+                self.counter.inc(1, tags={"status_code": "500"})
+            raise
+
+
 class UiLoginOnly:
     """With RERANKER_UI_AUTH set and no RERANKER_API_KEY, one process serves the Gradio-style /api/predict only to
     a logged-in UI session (web/gradio_login.py), and answers anyone else 401. Here no session can be checked: they
@@ -82,7 +113,7 @@ class UiLoginOnly:
 
 
 def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistory, tracing: Tracing,
-                lifecycle: Lifecycle | None = None) -> FastAPI:
+                lifecycle: Lifecycle | None = None, answers: Any = None) -> FastAPI:
     """web/'s JSON routes over the model replicas, with one process's guards (web/http.py) in its order."""
     settings = backend.settings
     refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
@@ -99,6 +130,8 @@ def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistor
         app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused)
     # Outermost: a refusal's request line has the request's id (the one Serve's proxy answers) and latency.
     app.add_middleware(RequestIdMiddleware, echo=False)
+    if answers is not None:
+        app.add_middleware(CountAnswers, counter=answers)
     instrument(app, tracing)
     return app
 
@@ -116,6 +149,7 @@ class Ingress:
         setup_logging(self.settings.log_level)
         quiet_router_refusals()  # its handle's router refuses a call, and the request line answers the 429
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
+        self.answers = ingress_answers()
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
         self.lifecycle = Lifecycle()
@@ -145,7 +179,7 @@ class Ingress:
         book_refusal(self.metrics, self.history, route, error)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return ingress_app(self.backend, self.metrics, self.history, self.tracing, self.lifecycle)
+        return ingress_app(self.backend, self.metrics, self.history, self.tracing, self.lifecycle, self.answers)
 
     def __del__(self) -> None:
         panel = getattr(self, "panel", None)

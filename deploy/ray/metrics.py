@@ -43,6 +43,21 @@ def replica_metrics(ray_metrics: Any = None, refresh_s: float = REFRESH_S) -> Re
     return ReplicaMetrics(RayMirror(ray_metrics), refresh_s)
 
 
+# The ingress's answers to Serve's proxy by HTTP status code (Ray Serve only): the proxy's count of 429s less this
+# one's is what the proxy refused itself (monitoring/alerts.yml, RerankerServeProxyRefusing). reranker_requests_total
+# cannot tell that: a model replica counts each try it refused, and the ingress retries such a try.
+INGRESS_ANSWERS = MetricSpec("reranker_ingress_answers", "Answers the ingress sent Serve's proxy, by HTTP status code.",
+                             ("status_code",))
+
+
+def ingress_answers(ray_metrics: Any = None) -> Any:
+    """The Ray counter of INGRESS_ANSWERS (`ray_metrics` as in replica_metrics); Serve adds the replica's labels."""
+    if ray_metrics is None:
+        from ray.serve import metrics as ray_metrics
+    spec = INGRESS_ANSWERS
+    return ray_metrics.Counter(spec.name, spec.documentation, tag_keys=spec.labelnames)
+
+
 class ReplicaMetrics(Metrics):
     """Metrics on a fresh registry, teed into Ray; a daemon thread keeps the Ray gauges exported until close()."""
 
