@@ -183,19 +183,21 @@ class Reranker:
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None, *,
                         max_doc_tokens: int | None = None, documents_field: str = "documents",
-                        room: Room | None = None) -> RerankResult:
+                        room: Room | None = None, truncate: bool = True) -> RerankResult:
         """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
 
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
         CancelledError. `max_doc_tokens` cuts each document to its first N tokens before anything else
         (Cohere v2's `max_tokens_per_doc`); a cut document counts as truncated. `documents_field` is the name the
         caller's API gives the documents (TEI's `texts`), for validation messages. `room`: queue room the caller
-        already holds for the request (`room()`), released when this returns."""
+        already holds for the request (`room()`), released when this returns. With `truncate` false (TEI's
+        `truncate: false`) a document the model would cut to its max length is refused (LimitExceededError) before
+        anything is scored; one that chunk mode windows is not cut."""
         held = room if room is not None else self._batcher.room()
         with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span, held:
             try:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
-                                      documents_field, held)
+                                      documents_field, held, truncate)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
@@ -204,7 +206,7 @@ class Reranker:
 
     def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
                 raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None,
-                documents_field: str, room: Room) -> RerankResult:
+                documents_field: str, room: Room, truncate: bool = True) -> RerankResult:
         started = time.perf_counter()
         with spans.step(self._tracer, spans.VALIDATE):
             self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field)
@@ -236,13 +238,15 @@ class Reranker:
                 plan = self._plan(query, [texts[i] for i in scored], instruction, document_room, cancel, room.need)
             clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
             spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
-        given_up(cancel)
-        job = room.submit(plan.pairs)
         # Every document counts as its scored text was cut to max_length or split: a cache hit as its first request
         # found, a repeat as the first of its key; and one cut to max_doc_tokens as cut in this request (the cache
         # keeps no such flag: the cut text, a key of its own, may also be sent whole).
         slot_of = {i: slot for slot, i in enumerate(scored)}
         flags = [plan.flags(slot_of[first[keys[i]]]) if entry is None else entry[1] for i, entry in enumerate(cached)]
+        if not truncate:
+            self._refuse_cuts(flags, documents_field)
+        given_up(cancel)
+        job = room.submit(plan.pairs)
         truncated = sum(bool(flag & CUT) or i in clipped for i, flag in enumerate(flags))
         chunked = sum(bool(flag & SPLIT) for flag in flags)
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
@@ -294,6 +298,16 @@ class Reranker:
             top1_score=top1, score_std=spread,
         )
         return RerankResult(results, stats)
+
+    def _refuse_cuts(self, flags: Sequence[int], documents_field: str) -> None:
+        """Raise for the first document that max_length cut, for a caller that asked for nothing to be cut."""
+        cut = next((i for i, flag in enumerate(flags) if flag & CUT), None)
+        if cut is not None:
+            raise LimitExceededError(
+                f"{documents_field}[{cut}] does not fit RERANKER_MAX_LENGTH={self.model.max_length} tokens with the "
+                "query, and this request asked for no cutting (truncate: false): shorten it, or allow cutting to "
+                "score its start"
+            )
 
     def validate(self, query: object, documents: object, top_n: object = None,
                  instruction: object = None, max_doc_tokens: object = None, *,

@@ -128,6 +128,23 @@ def test_tei_errors_take_teis_shape(url: str) -> None:
     assert answer.json()["error"].startswith("query")
 
 
+def test_tei_truncate_false_refuses_a_text_the_model_would_cut(live: tuple[str, Reranker]) -> None:
+    """TEI refuses such a text when its client sends `truncate: false`; it was cut silently here."""
+    url, reranker = live
+    long = "cache " * 300  # past TEST_MAX_LENGTH tokens
+    before = reranker.metrics.registry.get_sample_value("reranker_pairs_scored_total") or 0
+    refused = post(url, "/rerank", {"query": "q", "texts": ["short", long], "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "Validation"
+    assert refused.json()["error"].startswith("texts[1] does not fit RERANKER_MAX_LENGTH=")
+    assert "cache" not in refused.json()["error"]
+    assert (reranker.metrics.registry.get_sample_value("reranker_pairs_scored_total") or 0) == before  # none ran
+    for truncate in (True, None):
+        assert post(url, "/rerank", {"query": "q", "texts": ["short", long], "truncate": truncate}).status_code == 200
+    # Now a cache hit, whose entry remembers the cut: refused all the same.
+    assert post(url, "/rerank", {"query": "q", "texts": [long], "truncate": False}).status_code == 413
+    assert post(url, "/rerank", {"query": "q", "texts": ["short"], "truncate": False}).status_code == 200
+
+
 def test_tei_rerank(url: str) -> None:
     response = post(url, "/rerank", {"query": "cache server", "texts": DOCS})
     assert response.status_code == 200

@@ -9,7 +9,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import Reranker
+from reranker import LimitExceededError, Reranker
 from reranker.engine import CHUNK_MARGIN, CHUNK_OVERLAP
 from reranker.longdocs import window_spans
 from reranker.metrics import Metrics
@@ -55,6 +55,20 @@ def test_truncation_is_counted(bert_reranker: Reranker) -> None:
     result = bert_reranker.rerank_detailed("cache", [short, long, long + "x"])
     assert result.stats.truncated == 2 and result.stats.chunked == 0
     assert bert_reranker.metrics.registry.get_sample_value("reranker_truncated_documents_total") == 2
+
+
+def test_truncate_false_refuses_a_cut_but_takes_windows(bert_model: ScoringModel) -> None:
+    """TEI's `truncate: false`: a document max_length would cut is refused; chunk mode windows it, cutting nothing."""
+    long = "word " * 400
+    for long_docs, refused in [("truncate", True), ("chunk", False)]:
+        settings = model_settings(Path(bert_model.model_id), long_docs=long_docs)
+        with Reranker(bert_model, settings) as reranker:
+            if refused:
+                with pytest.raises(LimitExceededError, match=r"^documents\[1\] does not fit RERANKER_MAX_LENGTH"):
+                    reranker.rerank_detailed("q", ["short", long], truncate=False)
+                assert reranker.metrics.registry.get_sample_value("reranker_pairs_scored_total") in (None, 0.0)
+            else:
+                assert reranker.rerank_detailed("q", ["short", long], truncate=False).stats.chunked == 1
 
 
 @pytest.mark.parametrize("long_docs", ["truncate", "chunk"])

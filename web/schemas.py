@@ -113,7 +113,8 @@ class TeiRerankRequest(_Body):
     texts: Texts
     raw_scores: StrictBool = False
     return_text: StrictBool = False
-    truncate: StrictBool | None = Field(None, description="Accepted; long texts follow RERANKER_LONG_DOCS.")
+    truncate: StrictBool | None = Field(None, description="false: a text the model would cut is refused (413); "
+                                                          "otherwise long texts follow RERANKER_LONG_DOCS.")
     truncation_direction: StrictStr | None = Field(
         None, description='"Right" (TEI\'s default): a long text keeps its start, as here. "Left" is refused.')
     top_n: StrictInt | None = None

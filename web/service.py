@@ -39,6 +39,7 @@ class RerankCall:
     raw_scores: bool = False
     max_doc_tokens: object = None  # Cohere v2's max_tokens_per_doc
     documents_field: str = "documents"  # what the route's API calls the documents (TEI: texts), for its errors
+    truncate: bool = True  # False (TEI's truncate: false): a document max_length would cut is refused
 
 
 def split_lines(text: str) -> list[str]:
@@ -110,7 +111,7 @@ class RerankService:
             result = reranker.rerank_detailed(
                 call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
                 call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
-                documents_field=call.documents_field, room=room,
+                documents_field=call.documents_field, room=room, truncate=call.truncate,
             )
             if not served.settle(ANSWERED):  # a stop cut its request off first, and answered its client 503
                 raise self.lifecycle.cut_off_error()
