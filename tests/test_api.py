@@ -352,6 +352,12 @@ def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Pa
                 assert ("was not accepted" in message) == bool(headers)
                 assert "wrong" not in message and "s3cret" not in message
             assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # Two Authorization headers are refused even when one holds the key: a proxy in front may check the other.
+        for pair in [[("authorization", "Bearer s3cret"), ("authorization", "Bearer wrong")],
+                     [("authorization", "Bearer wrong"), ("authorization", "Bearer s3cret")]]:
+            twice = client.post("/v1/rerank", json=body, headers=pair)
+            assert twice.status_code == 401 and "send one Authorization header" in error_message(twice)
+            assert "s3cret" not in twice.text and "wrong" not in twice.text
         # The key is checked before the body is read: a stranger learns nothing about the body's shape.
         unauthorized = client.post("/v1/rerank", content=b"{", headers={"content-type": "application/json"})
         assert unauthorized.status_code == 401 and unauthorized.headers["x-request-id"]

@@ -99,15 +99,22 @@ class BearerKey:
         if self.key is None or route is None:
             await self.app(scope, receive, send)
             return
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        sent = [value for name, value in scope.get("headers") or [] if name == b"authorization"]
+        header = sent[0] if len(sent) == 1 else b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
             await self.app(scope, receive, send)
             return
-        # What was sent is never echoed: it may be a real key, of another service.
-        message = ("the API key sent was not accepted; send the one set as RERANKER_API_KEY, as "
-                   "'Authorization: Bearer <key>'" if header.strip() else
-                   "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'")
+        # What was sent is never echoed: it may be a real key, of another service. Two or more headers are refused
+        # whatever they hold: a proxy in front that checks one of them and this check another must not disagree.
+        if len(sent) > 1:
+            message = (f"send one Authorization header, 'Authorization: Bearer <RERANKER_API_KEY>'; this request "
+                       f"had {len(sent)}")
+        elif header.strip():
+            message = ("the API key sent was not accepted; send the one set as RERANKER_API_KEY, as "
+                       "'Authorization: Bearer <key>'")
+        else:
+            message = "send the API key as 'Authorization: Bearer <RERANKER_API_KEY>'"
         error = HttpError(401, "unauthorized", message)
         self.on_refuse(route, error)
         await _answer(error, scope, receive, send, {"WWW-Authenticate": "Bearer"})
