@@ -11,12 +11,15 @@ pytest.importorskip("ray.serve", reason="needs requirements-ray.txt")
 import asyncio  # noqa: E402
 import concurrent.futures  # noqa: E402
 import logging  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any, cast  # noqa: E402
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from ray.exceptions import ActorDiedError  # noqa: E402
 from ray.serve._private.common import DeploymentID  # noqa: E402
@@ -28,15 +31,18 @@ from deploy.ray import remote  # noqa: E402
 from deploy.ray.ingress import ingress_app  # noqa: E402
 from deploy.ray.model import Reply  # noqa: E402
 from deploy.ray.remote import RemoteBackend  # noqa: E402
-from reranker import RerankResult, Settings  # noqa: E402
+from reranker import Reranker, RerankResult, Settings  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
+from reranker.model import ScoringModel  # noqa: E402
 from reranker.results import RankedDocument  # noqa: E402
+from reranker.tokens import EncodedPair  # noqa: E402
 from reranker.tracing import Tracing  # noqa: E402
+from tests.conftest import model_settings  # noqa: E402
 from tests.servers import HANG_S  # noqa: E402
 from web.errors import HttpError  # noqa: E402
 from web.history import RequestHistory  # noqa: E402
 from web.lifecycle import Lifecycle  # noqa: E402
-from web.service import RerankCall  # noqa: E402
+from web.service import RerankCall, RerankService  # noqa: E402
 
 FAULT = Reply("faulty", error=(503, "not_ready", "the scoring device failed; the service is restarting, retry shortly"))
 RESULT = RerankResult([RankedDocument(index=0, score=0.5, document="a")])
@@ -111,6 +117,47 @@ def test_a_model_deployment_that_failed_to_deploy_is_a_503_not_a_500() -> None:
     with pytest.raises(HttpError) as info:
         asyncio.run(backend(handle).info())
     assert info.value.status == 503
+
+
+def test_a_model_replica_refuses_a_burst_past_its_queue_at_once_not_after_a_worker_thread(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """As one process does (web/backend.py): the replica took its queue room on anyio's worker threads, 40 for all
+    its calls, so with a GPU config's max_ongoing_requests of 64 the calls past 40 waited for a thread, uncounted,
+    and got no 429 for the ingress to try another replica with; and one whose deadline passed meanwhile held its
+    room until a thread found it expired."""
+    from deploy.ray.model import RerankModel
+
+    release = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        release.wait(HANG_S)
+        return bert_model.score(batch)
+
+    settings = model_settings(bert_dir, max_queue=50, cache_size=0)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry()), score_fn=scorer) as reranker:
+        replica = RerankModel.__new__(RerankModel)  # the methods under test, without Serve's replica around them
+        replica.reranker, replica.service, replica.replica, replica.app = reranker, RerankService(reranker), "r1", None
+
+        async def burst() -> list[Reply]:
+            calls = [asyncio.ensure_future(replica.rerank("/v1/rerank", RerankCall("q", [f"doc {i}"]), f"id{i}", {}))
+                     for i in range(100)]
+            await asyncio.wait(calls, timeout=HANG_S / 4, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.5)  # the rest of the refusals, answered on the event loop
+            early = [call.result() for call in calls if call.done()]
+            waiting = [call for call in calls if not call.done()]
+            assert reranker.queued_pairs + reranker._batcher._held_pairs == 50  # the admitted hold their room
+            release.set()
+            return early + [await call for call in waiting]
+
+        try:
+            replies = asyncio.run(burst())
+        finally:
+            release.set()
+            del replica.reranker  # closed by the `with`; __del__ closes only what a replica's __init__ made
+        assert len(replies) == 100
+        refused = [reply.error[:2] for reply in replies if reply.error is not None]
+        assert refused == [(429, "overloaded")] * 50
+        assert sum(reply.result is not None for reply in replies) == 50 and reranker.queued_pairs == 0
 
 
 def test_the_model_id_comes_with_the_answers() -> None:
