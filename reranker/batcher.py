@@ -272,7 +272,7 @@ class Batcher:
         """End the job with `error` now and drop its pairs that no batch has taken: its caller gave up, or one of its
         pairs failed, which fails the whole request, so none of the rest is worth a pass."""
         with self._cond:
-            if job.done.is_set():
+            if job.done.is_set() or job.given_up:  # the first to give it up (its caller, or a failure) decides
                 return
             job.given_up = True
             job.cancelled = cancelled

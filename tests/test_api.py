@@ -148,6 +148,9 @@ def test_tei_truncate_false_refuses_a_text_the_model_would_cut(live: tuple[str, 
 def test_tei_rerank(url: str) -> None:
     response = post(url, "/rerank", {"query": "cache server", "texts": DOCS})
     assert response.status_code == 200
+    nulls = post(url, "/rerank", {"query": "cache server", "texts": DOCS, "raw_scores": None, "return_text": None,
+                                  "truncate": None, "top_n": None})
+    assert nulls.status_code == 200 and nulls.json() == response.json()  # null as absent
     results = response.json()
     assert isinstance(results, list) and len(results) == len(DOCS)
     assert all(set(r) == {"index", "score"} for r in results)

@@ -570,7 +570,7 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) 
     rng = random.Random(0)
     good = tmp_path / "calibration.jsonl"
     good.write_text("\n".join(json.dumps({"query": random_text(rng, 4), "document": random_text(rng, 30)})
-                              for _ in range(40)))
+                              for _ in range(40)), encoding="utf-8-sig")  # with a BOM, as Windows editors save
     model = load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(good),
                                       int8_min_spearman=-1.0, cache_dir=str(tmp_path / "cache")))
     assert model.dtype == "int8"

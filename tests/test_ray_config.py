@@ -183,6 +183,17 @@ def test_a_second_signal_on_a_cluster_deletes_only_the_configs_applications(monk
     assert ended.value.code == 1 and list(running) == ["someone-elses"]
     with pytest.raises(SystemExit):  # the third signal
         handlers[launcher.signal.SIGTERM](15, None)
+    # A third signal while the second one waits for the ingress to answer what it holds: ours are deleted all the same.
+    running.update({"reranker": "RUNNING", "ui": "RUNNING"})
+
+    def third_signal(apps: list[str], fronts: set[str], seconds: float, period_s: float = 0.1) -> bool:
+        return handlers[launcher.signal.SIGINT](2, None)
+
+    monkeypatch.setattr(launcher, "until_fronts_idle", third_signal)
+    with pytest.raises(SystemExit):
+        launcher.cut_then_stop(["reranker", "ui"], 3.0, remote=True)(15, None)
+    assert list(running) == ["someone-elses"]
+    monkeypatch.setattr(launcher, "until_fronts_idle", lambda *args: True)
     with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts its Serve down
         launcher.cut_then_stop(["reranker", "ui"], 0.0, remote=False)(15, None)
     assert handlers[launcher.signal.SIGINT] is launcher.signal.default_int_handler

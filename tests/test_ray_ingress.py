@@ -491,6 +491,9 @@ class FakeRayCounter:
         assert set(tags) == set(self.tag_keys)
         self.counts[tags["status_code"]] = self.counts.get(tags["status_code"], 0) + value
 
+    def _record(self, value: float, tags: dict[str, str]) -> None:  # Ray's own, which takes a 0
+        self.counts[tags["status_code"]] = value
+
 
 def test_the_ingress_counts_what_it_answers_the_proxy_by_status(metrics: Metrics) -> None:
     """The proxy's 429s less the ingress's are the proxy's own (RerankerServeProxyRefusing): reranker_requests_total
@@ -499,6 +502,7 @@ def test_the_ingress_counts_what_it_answers_the_proxy_by_status(metrics: Metrics
 
     answers = ingress_answers(SimpleNamespace(Counter=FakeRayCounter))
     assert answers.name == "reranker_ingress_answers" and answers.tag_keys == ("status_code",)
+    assert answers.counts == {"429": 0}  # exported from the start: a first 429 is an increase
     full = Reply("busy", error=(429, "overloaded", "the queue is full (RERANKER_MAX_QUEUE=20000 pairs)"))
     handle = FakeHandle(full, Reply("idle", result=RESULT), full, full, RuntimeError("a bug"))
     remote_backend = backend(handle)

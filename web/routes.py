@@ -169,7 +169,7 @@ def build_router(backend: Backend) -> APIRouter:
             raise HttpError(400, "invalid_request", 'truncation_direction takes only "Right" here: a long text is '
                                                     "cut at its end (or split into windows, with "
                                                     'RERANKER_LONG_DOCS=chunk); leave it out or set it to "Right"')
-        call = RerankCall(body.query, body.texts, body.top_n, None, body.raw_scores, documents_field="texts",
+        call = RerankCall(body.query, body.texts, body.top_n, None, bool(body.raw_scores), documents_field="texts",
                           truncate=body.truncate is not False)
         result = await backend.rerank(request, TEI, call)
         return [TeiResult(index=r.index, score=r.score, text=r.document if body.return_text else None)

@@ -111,8 +111,8 @@ class CohereV2RerankResponse(BaseModel):
 class TeiRerankRequest(_Body):
     query: StrictStr
     texts: Texts
-    raw_scores: StrictBool = False
-    return_text: StrictBool = False
+    raw_scores: StrictBool | None = False  # null as absent, as on the other routes
+    return_text: StrictBool | None = False
     truncate: StrictBool | None = Field(None, description="false: a text the model would cut is refused (413); "
                                                           "otherwise long texts follow RERANKER_LONG_DOCS.")
     truncation_direction: StrictStr | None = Field(

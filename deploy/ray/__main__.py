@@ -318,6 +318,7 @@ def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S, *, remote: b
     def handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, exit_now if remote else signal.default_int_handler)
         signal.signal(signal.SIGINT, exit_now if remote else signal.default_int_handler)
+        running = list(names)
         try:
             from deploy.ray.stopping import announce_cut
 
@@ -327,18 +328,27 @@ def cut_then_stop(names: Sequence[str], wait_s: float = CUT_WAIT_S, *, remote: b
             log("WARNING", "second signal: what the ingress holds is answered 503, then "
                 + ("its applications are deleted" if remote else "Serve stops"), applications=running)
             until_fronts_idle(running, fronts, wait_s)
-            if remote:
-                from ray import serve
-
-                for name in running:
-                    serve.delete(name, _blocking=False)
         except Exception as err:  # the controller gone already: nothing left to answer
             log("WARNING", f"cut-off failed: {type(err).__name__}: {err}")
+        finally:  # also when a third signal (exit_now) ends the wait: nothing of ours is left running there
+            if remote:
+                delete_applications(running)
         if remote:
             raise SystemExit(1)
         raise KeyboardInterrupt
 
     return handler
+
+
+def delete_applications(names: Sequence[str]) -> None:
+    """Ask Serve to delete `names`, without waiting for their replicas to stop."""
+    from ray import serve
+
+    for name in names:
+        try:
+            serve.delete(name, _blocking=False)
+        except Exception as err:  # the controller gone already
+            log("WARNING", f"could not delete {name}: {type(err).__name__}: {err}")
 
 
 def exit_now(signum: int, frame: object) -> None:

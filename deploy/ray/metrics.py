@@ -55,7 +55,11 @@ def ingress_answers(ray_metrics: Any = None) -> Any:
     if ray_metrics is None:
         from ray.serve import metrics as ray_metrics
     spec = INGRESS_ANSWERS
-    return ray_metrics.Counter(spec.name, spec.documentation, tag_keys=spec.labelnames)
+    counter = ray_metrics.Counter(spec.name, spec.documentation, tag_keys=spec.labelnames)
+    # The series the alert reads starts at 0, as _Counter's do: else a new replica's first 429s are no increase, and
+    # the alert takes them for the proxy's own.
+    counter._record(0.0, tags={"status_code": "429"})
+    return counter
 
 
 class ReplicaMetrics(Metrics):

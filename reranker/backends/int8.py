@@ -98,7 +98,7 @@ def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes:
 def read_calibration(path: Path) -> list[tuple[str, str]]:
     name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # as an upload is read: a BOM (Windows editors) is no JSON
     except (OSError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{name} cannot be read ({err}); name a UTF-8 file of JSON lines "
                              '{"query": "...", "document": "..."}') from err
