@@ -8,12 +8,10 @@ from typing import Any
 
 
 class JsonLineError(ValueError):
-    """A line that is not readable JSON; `reason` says why in words for the person who wrote the file."""
+    """A line that is not readable JSON: "line N <why>", in words for the person who wrote the file."""
 
     def __init__(self, number: int, reason: str) -> None:
         super().__init__(f"line {number} {reason}")
-        self.number = number
-        self.reason = reason
 
 
 def json_lines(text: str) -> Iterator[tuple[int, Any]]:

@@ -7,7 +7,7 @@ DeploymentHandle, so the same routes serve both modes.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -53,7 +53,7 @@ class LocalBackend:
         service = self.service
         # Admitted here, on the event loop: a burst waits for no worker thread to be refused (RerankService.admit).
         with service.admit(route, call) as room:
-            gone = None if request is None else partial(_left, request, room)
+            gone = None if request is None else lambda: release_after(client_gone(request), room)
             return await run_cancellable(lambda cancel: service.rerank(route, call, cancel, room=room), gone,
                                          service.lifecycle.answered_before_cut_off)
 
@@ -67,10 +67,10 @@ class LocalBackend:
         return describe(self.service)
 
 
-async def _left(request: Request, room: Room) -> None:
-    """Return once the client has left, its queue room given back: now, not once a worker thread it may still be
-    waiting for finds the caller gone."""
-    await client_gone(request)
+async def release_after(event: Awaitable[None], room: Room) -> None:
+    """Return once `event` has happened (the client left, the deadline passed), the request's queue room given back:
+    now, not once a worker thread it may still be waiting for finds it over."""
+    await event
     room.release()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from reranker import RerankResult
 from web.backend import Backend
@@ -50,13 +51,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "not ready"),
     ]
 }
-COHERE_ERROR_RESPONSES = {
-    status: {**answer, "model": CohereErrorResponse} for status, answer in ERROR_RESPONSES.items()
-}
-COHERE_V1_ERROR_RESPONSES = {
-    status: {**answer, "model": CohereV1ErrorResponse} for status, answer in ERROR_RESPONSES.items()
-}
-TEI_ERROR_RESPONSES = {status: {**answer, "model": TeiErrorResponse} for status, answer in ERROR_RESPONSES.items()}
+
+
+def _error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """ERROR_RESPONSES with the error body of a route that answers in its hosted API's shape (HttpError.body)."""
+    return {status: {**answer, "model": model} for status, answer in ERROR_RESPONSES.items()}
+
+
+COHERE_ERROR_RESPONSES = _error_responses(CohereErrorResponse)
+COHERE_V1_ERROR_RESPONSES = _error_responses(CohereV1ErrorResponse)
+TEI_ERROR_RESPONSES = _error_responses(TeiErrorResponse)
 # Cohere bills a search unit per query and up to 100 documents; its clients may read the figure.
 DOCUMENTS_PER_SEARCH_UNIT = 100
 

@@ -29,10 +29,9 @@ try:
     from deploy.ray.metrics import replica_metrics
     from deploy.ray.panel import Publisher, ReplicaView, replica_view
     from reranker import Reranker, RerankResult
-    from reranker.batcher import Room
     from reranker.logs import setup_logging
     from reranker.tracing import Tracing
-    from web.backend import describe
+    from web.backend import describe, release_after
     from web.cancel import run_cancellable
     from web.errors import HttpError
     from web.request_id import bound_request_id
@@ -52,13 +51,6 @@ class Reply:
     result: RerankResult | None = None
     error: tuple[int, str, str] | None = None  # status, type, message of an HttpError
     model: str | None = None  # the model id: the ingress's /readyz and Cohere's `model` need not ask a replica
-
-
-async def _expire(seconds: float, room: Room) -> None:
-    """Return once the call's deadline has passed, its queue room given back: now, not once a worker thread it may
-    still be waiting for finds it expired."""
-    await asyncio.sleep(seconds)
-    room.release()
 
 
 def replica_id() -> str:
@@ -129,7 +121,7 @@ class RerankModel:
                 # anyio's 40 worker threads, the calls waiting for one count against RERANKER_MAX_QUEUE, and a full
                 # queue answers 429 at once (the ingress tries another replica once).
                 with service.admit(route, call) as room:
-                    deadline = None if left is None else partial(_expire, left, room)
+                    deadline = None if left is None else lambda: release_after(asyncio.sleep(left), room)
                     result = await run_cancellable(
                         lambda cancel: service.rerank(route, call, cancel, expires, counts_left, room), deadline)
             return Reply(self.replica, result=result, model=self.reranker.model.model_id)
