@@ -36,7 +36,46 @@ PaddedShape = Callable[[int, int], tuple[int, int]]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batcher", "Job", "Room", "ScoreFn", "cut_batches", "is_out_of_memory"]
+__all__ = ["Batcher", "CancelSignal", "Job", "Room", "ScoreFn", "cut_batches", "is_out_of_memory"]
+
+
+class CancelSignal(threading.Event):
+    """An Event that also calls back whoever watches it the moment it is set.
+
+    A caller that leaves sets its request's signal; the batcher, watching it, drops the request's unstarted pairs
+    then and there, where a plain Event had each waiting request's thread wake every 50 ms to look (40 waiting
+    requests kept 4% of a core busy doing nothing).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: list[Callable[[], None]] = []
+        self._watchers_lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._watchers_lock:
+            super().set()
+            watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            try:
+                watcher()
+            except Exception:  # one watcher's failure must not keep the others, or the setter, from going on
+                logger.exception("a cancellation watcher failed")
+
+    def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call `watcher` once when the signal is set (at once if it is already); returns the function that stops
+        watching, after which `watcher` is not called."""
+        with self._watchers_lock:
+            if not self.is_set():
+                self._watchers.append(watcher)
+                return lambda: self._unwatch(watcher)
+        watcher()
+        return lambda: None
+
+    def _unwatch(self, watcher: Callable[[], None]) -> None:
+        with self._watchers_lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
 
 
 @dataclass(eq=False)
@@ -87,6 +126,7 @@ class Room:
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
         self.pairs = 0
+        self.abandoned = False
 
     def need(self, pairs: int) -> None:
         """Hold room for `pairs` pairs, raising what `submit` would when more than held do not fit; fewer give
@@ -100,6 +140,11 @@ class Room:
     def release(self) -> None:
         """Give back whatever is held; from any thread, any number of times."""
         self._batcher.hold(self, 0)
+
+    def abandon(self) -> None:
+        """Give back whatever is held, for good: the caller left, or its deadline passed. Its request, still being
+        tokenized, then gets CancelledError from `need` or `submit`, not a 429 for the room it just gave back."""
+        self._batcher.hold(self, 0, abandon=True)
 
     def __enter__(self) -> Room:
         return self
@@ -210,8 +255,11 @@ class Batcher:
         """An empty hold on the queue's bound, for a caller about to tokenize (see Room)."""
         return Room(self)
 
-    def hold(self, room: Room, pairs: int) -> None:
+    def hold(self, room: Room, pairs: int, *, abandon: bool = False) -> None:
         with self._cond:
+            room.abandoned = room.abandoned or abandon
+            if room.abandoned and pairs:
+                raise CancelledError("the caller gave up")
             if pairs > room.pairs:
                 self._refuse(pairs, held=room.pairs)
             self._held_pairs += pairs - room.pairs
@@ -241,6 +289,8 @@ class Batcher:
         since before tokenizing, is used up."""
         job = Job(pairs, span_context=current_span_context())
         with self._cond:  # the room may be released from another thread (RerankService.admit's holder)
+            if room is not None and room.abandoned:
+                raise CancelledError("the caller gave up")
             held = room.pairs if room is not None else 0
             self._refuse(len(pairs), held)
             if room is not None:
@@ -255,14 +305,21 @@ class Batcher:
     def wait(self, job: Job, cancel: threading.Event | None = None) -> None:
         """Block until the job is scored; fail it rather than hang if the worker is gone.
 
-        When `cancel` is set (the caller went away) the job's pairs that have not started are dropped.
+        When `cancel` is set (the caller went away) the job's pairs that have not started are dropped: at once by
+        a CancelSignal, which calls back, within 50 ms by a plain Event, which is looked at.
         """
-        while not job.done.wait(0.05 if cancel is not None else 1.0):
-            if cancel is not None and cancel.is_set():
-                self.cancel(job)
-            elif not self.alive:
-                job.error = job.error or DeviceFaultError("the scoring worker stopped; the service is restarting")
-                job.done.set()
+        unwatch = cancel.watch(lambda: self.cancel(job)) if isinstance(cancel, CancelSignal) else None
+        looks = cancel is not None and unwatch is None
+        try:
+            while not job.done.wait(0.05 if looks else 1.0):
+                if cancel is not None and cancel.is_set():
+                    self.cancel(job)
+                elif not self.alive:
+                    job.error = job.error or DeviceFaultError("the scoring worker stopped; the service is restarting")
+                    job.done.set()
+        finally:
+            if unwatch is not None:
+                unwatch()
 
     def cancel(self, job: Job) -> None:
         """Drop the job's pairs that no batch has taken yet, count them, and fail the job at once."""
@@ -276,6 +333,8 @@ class Batcher:
                 return
             job.given_up = True
             job.cancelled = cancelled
+            # Now, under the lock: a pass of its pairs that fails meanwhile must not put its error in this one's place.
+            job.error = job.error or error
             mine = [item for item in self._pending if item.job is job]
             if mine:
                 self._pending = [item for item in self._pending if item.job is not job]
@@ -284,7 +343,6 @@ class Batcher:
             mine += [item for item in self._round if item.job is job and not job.sent[item.position]]
         self._deliver(mine, error, None)
         with self._cond:
-            job.error = job.error or error
             job.done.set()
 
     def close(self, timeout: float = 30.0) -> None:

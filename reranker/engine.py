@@ -281,8 +281,12 @@ class Reranker:
 
             raw = np.asarray(logits, dtype=np.float32)
             probabilities = sigmoid(raw).tolist()
-            shown = raw.tolist() if raw_scores else probabilities
-            order = sorted(range(len(documents)), key=lambda i: (-shown[i], i))
+            by = raw.tolist()
+            shown = by if raw_scores else probabilities
+            # Ordered by the logits, whatever is shown: float32 sigmoid is exactly 1.0 from a logit of about 17
+            # (a causal yes/no reranker's clear answers reach it), and ordering on it ranked such documents by
+            # their place in the request.
+            order = sorted(range(len(documents)), key=lambda i: (-by[i], i))
             limit = len(order) if top_n is None else min(top_n, len(order))
             results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
 

@@ -187,6 +187,9 @@ class DeviceStage:
     def _complete(self, launched: _Launched) -> None:
         try:
             scores = launched.pending.wait()
+            if np.ndim(scores) != 1 or len(scores) != len(launched.batch.pairs):  # a backend's bug, kept to its batch
+                raise ScoringError(f"the model returned scores of shape {np.shape(scores)} for a batch of "
+                                   f"{len(launched.batch.pairs)} pairs")
         except Exception as err:
             self._end_span(launched.span, launched.batch, error=err)
             self._recover(launched.batch, err.with_traceback(None))

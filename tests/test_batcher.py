@@ -16,7 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from reranker import CancelledError, DeviceFaultError, LimitExceededError, OverloadedError, Reranker, ScoringError
-from reranker.batcher import Batcher, Job, cut_batches, is_out_of_memory
+from reranker.batcher import Batcher, CancelSignal, Job, _Item, cut_batches, is_out_of_memory
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.tokens import EncodedPair
@@ -121,6 +121,31 @@ def test_a_failing_model_fails_the_request_not_the_worker(bert_model: ScoringMod
         assert len(reranker.rerank("q", ["d", "e"])) == 2
 
 
+def test_a_backend_returning_the_wrong_number_of_scores_fails_its_batch_not_the_worker(
+        bert_model: ScoringModel) -> None:
+    """Too few scores raised IndexError inside the delivery, which ended the device thread and the process with it;
+    too many were cut silently. Now such a batch fails as any failed pass does: halved and retried."""
+    def one_short(batch: Sequence[EncodedPair]) -> np.ndarray:
+        scores = bert_model.score(batch)
+        return scores[:-1] if len(batch) > 1 else scores
+
+    def one_more(batch: Sequence[EncodedPair]) -> np.ndarray:
+        return np.append(bert_model.score(batch), 0.5)
+
+    settings = model_settings(Path(bert_model.model_id), cache_size=0)
+    with Reranker(bert_model, settings) as exact:
+        expected = exact.rerank("q", ["a", "b", "c", "d"])
+    with Reranker(bert_model, settings, score_fn=one_short) as reranker:
+        ranked = reranker.rerank("q", ["a", "b", "c", "d"])  # the pairs, one by one
+        assert [r.index for r in ranked] == [r.index for r in expected]
+        assert [r.score for r in ranked] == pytest.approx([r.score for r in expected], abs=1e-5)
+        assert reranker.fault is None
+    with Reranker(bert_model, settings, score_fn=one_more) as reranker:
+        for _ in range(2):  # the worker answers the next request too
+            with pytest.raises(ScoringError, match="failed to score"):
+                reranker.rerank("q", ["a", "b"])
+
+
 def test_non_finite_scores_fail_the_request_and_are_counted(bert_model: ScoringModel, metrics: Metrics) -> None:
     def nan_scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         scores = bert_model.score(batch).copy()
@@ -212,6 +237,27 @@ def test_the_room_is_given_back_when_tokenizing_fails_or_the_caller_leaves(bert_
             with pytest.raises(CancelledError):
                 leaving.result(HANG_S)
         assert len(reranker.rerank("q", [f"doc {i}" for i in range(10)])) == 10
+
+
+def test_a_request_whose_caller_left_is_cancelled_not_refused_for_the_room_it_gave_back() -> None:
+    """The room of a caller that leaves is given back at once, on the event loop, a moment before its cancellation
+    is set: its request, still tokenizing, asked for room again in that moment, found the queue full (others had
+    taken the room) and was booked 429, overloaded, for a client that had gone."""
+    batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=100, max_queue=10,
+                      metrics=Metrics(CollectorRegistry()))
+    try:
+        leaving = batcher.room()
+        leaving.need(6)
+        leaving.abandon()
+        batcher.room().need(8)  # another request takes the room given back
+        with pytest.raises(CancelledError):
+            leaving.need(6)
+        with pytest.raises(CancelledError):
+            leaving.submit([EncodedPair(np.arange(10))])
+        leaving.release()  # as leaving its `with` block does
+        assert batcher.queued_pairs == 0 and batcher._held_pairs == 8
+    finally:
+        batcher.close()
 
 
 def test_documents_the_cache_answers_hold_no_room(bert_model: ScoringModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -542,6 +588,32 @@ def test_a_cancelled_jobs_pairs_in_the_current_round_give_their_room_back_at_onc
     assert len(passes) == 1 + 3 + 5 and batcher.queued_pairs == 0  # the holder, the three, the later five
 
 
+def test_a_cancelled_job_stays_cancelled_when_a_pass_of_its_pairs_fails_while_it_is_given_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """_give_up marked the job given up, let go of the lock to drop its pairs, and only then set its error: a pass
+    of its pairs failing in between put ScoringError in its place, and a caller that had left was answered 500."""
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=100, max_queue=10,
+                      metrics=metrics)
+    try:
+        with batcher._cond:  # the collator takes nothing yet
+            job = batcher.submit([EncodedPair(np.arange(10)), EncodedPair(np.arange(10))])
+            job.sent[0] = True  # one pair on the device
+        deliver = batcher._deliver
+
+        def failing_pass_first(items: Sequence[Any], outcome: Any, ran: Any) -> None:
+            if isinstance(outcome, CancelledError):  # the thread switch at the worst moment
+                deliver([_Item(job, 0)], ScoringError("the model failed to score this request"), None)
+            deliver(items, outcome, ran)
+
+        monkeypatch.setattr(batcher, "_deliver", failing_pass_first)
+        batcher.cancel(job)
+        assert isinstance(job.error, CancelledError) and job.done.is_set()
+    finally:
+        monkeypatch.undo()
+        batcher.close()
+
+
 def test_a_lone_unpadded_pair_out_of_memory_is_not_run_again(bert_model: ScoringModel, metrics: Metrics) -> None:
     """Retrying a lone pair alone only pays when buckets padded it: here its shape was its own already."""
     device = FlakyDevice(bert_model, max_pair_tokens=1)
@@ -619,3 +691,54 @@ def test_a_requests_passes_side_by_side_count_once_in_its_inference_time() -> No
         batcher.close()
     assert scorer.launches == 2
     assert 0.5 <= job.inference_seconds <= took
+
+
+def test_a_cancel_signal_calls_its_watchers_once_each_and_never_after_they_stop_watching() -> None:
+    signal = CancelSignal()
+    calls: list[str] = []
+    signal.watch(lambda: calls.append("first"))
+    stop_second = signal.watch(lambda: calls.append("second"))
+    signal.watch(lambda: calls.append(str(1 / 0)))  # a failing watcher is logged; the others and the setter go on
+    signal.watch(lambda: calls.append("third"))
+    stop_second()
+    signal.set()
+    signal.set()
+    assert calls == ["first", "third"] and signal.is_set()
+    signal.watch(lambda: calls.append("late"))  # already set: called at once
+    assert calls == ["first", "third", "late"]
+
+
+def test_a_waiting_job_is_cancelled_by_the_signals_setter_not_by_a_later_look() -> None:
+    """The waiting thread looked at a plain Event every 50 ms: 40 waiting requests kept 4% of a core busy, and a
+    leaving caller's pairs stayed queued until the next look. A CancelSignal ends the job inside its set()."""
+    gate = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        gate.wait(HANG_S)
+        return np.zeros(len(batch), dtype=np.float32)
+
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=20, metrics=metrics)  # one pair per batch
+    try:
+        holder = batcher.submit([EncodedPair(np.arange(10))])  # on the device, at the gate
+        wait_until(lambda: holder.started is not None)
+        leaving = batcher.submit([EncodedPair(np.arange(10)) for _ in range(5)])
+        signal = CancelSignal()
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                waiter = pool.submit(batcher.wait, leaving, signal)
+                wait_until(lambda: bool(signal._watchers), timeout=10)  # the waiter watches
+                signal.set()
+                assert leaving.done.is_set() and isinstance(leaving.error, CancelledError)
+                waiter.result(HANG_S)
+            finally:
+                signal.set()
+                gate.set()
+        assert not signal._watchers
+        finished = CancelSignal()
+        batcher.wait(holder, finished)  # a job that ends unwatches its signal
+        assert holder.error is None and not finished._watchers
+        assert (metrics.registry.get_sample_value("reranker_cancelled_pairs_total") or 0) >= 3  # no batch took them
+    finally:
+        gate.set()
+        batcher.close()

@@ -98,6 +98,20 @@ def test_empty_string_document_is_scored(bert_reranker: Reranker) -> None:
     assert all(0.0 < r.score < 1.0 for r in results)
 
 
+def test_documents_whose_probabilities_round_to_one_keep_the_order_of_their_logits(bert_model: ScoringModel) -> None:
+    """float32 sigmoid is exactly 1.0 from a logit of about 17, which a causal yes/no reranker's clear answers
+    reach: ordered on the probabilities, such documents came in request order, and top_n=1 dropped the best."""
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        return np.asarray([16.0 + pair.n_tokens for pair in batch], dtype=np.float32)  # longer: better
+
+    documents = ["tea", "tea tea tea", "tea tea"]
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), cache_size=0), score_fn=scorer) as reranker:
+        ranked = reranker.rerank("q", documents)
+        assert [r.index for r in ranked] == [1, 2, 0] and {r.score for r in ranked} == {1.0}
+        assert [r.index for r in reranker.rerank("q", documents, top_n=1)] == [1]
+        assert [r.index for r in reranker.rerank("q", documents, raw_scores=True)] == [1, 2, 0]
+
+
 def test_repeated_request_does_not_reach_the_model(bert_model: ScoringModel, metrics: Metrics,
                                                    documents: list[str]) -> None:
     scorer = CountingScorer(bert_model)

@@ -69,9 +69,10 @@ class LocalBackend:
 
 async def release_after(event: Awaitable[None], room: Room) -> None:
     """Return once `event` has happened (the client left, the deadline passed), the request's queue room given back:
-    now, not once a worker thread it may still be waiting for finds it over."""
+    now, not once a worker thread it may still be waiting for finds it over. The room is abandoned: the request
+    cannot take room again, in the moment before its cancellation is set."""
     await event
-    room.release()
+    room.abandon()
 
 
 def readiness(service: RerankService) -> HttpError | None:

@@ -10,6 +10,8 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
+from reranker.batcher import CancelSignal
+
 T = TypeVar("T")
 
 
@@ -34,7 +36,7 @@ async def run_cancellable(work: Callable[[threading.Event], T], gone: Callable[[
     that cut the request off a moment too late), it waits for `work` to return and returns that answer: the call
     was booked as answered, and its client gets the answer rather than an error.
     """
-    cancel = threading.Event()
+    cancel = CancelSignal()  # the engine watches it: its pairs are dropped the moment it is set
     task = asyncio.ensure_future(anyio.to_thread.run_sync(work, cancel))
     # An abandoned task's error (the cancellation) has no reader: retrieve it so asyncio does not log it.
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
