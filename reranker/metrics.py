@@ -20,6 +20,7 @@ SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STDDEV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 STATUSES = ("ok", "invalid", "overloaded", "error", "cancelled")  # `status` label values
+ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/api/predict", "ui")  # `route` label values: the UI and Gradio API
 # Why a finished span never reached the collector: the export queue was full, the export failed, or it
 # ended after the tracer shut down.
 SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
@@ -115,6 +116,12 @@ class Metrics:
             "the conversion cache or needs none.")
         self.trace_spans_dropped = counter(
             "trace_spans_dropped", "Finished trace spans lost before the collector got them, by reason.", ("reason",))
+        # Every labelled series starts at 0, as unlabelled ones do: a series born at its first count hides that
+        # count from rate() and increase(), so the first 429s or errors of each route after a start raised no alert.
+        for route in ROUTES:
+            self.request_seconds.labels(route=route)
+            for status in STATUSES:
+                self.requests.labels(route=route, status=status)
         for result in ("hit", "miss"):
             self.cache_requests.labels(result=result)
         for reason in SPAN_DROP_REASONS:

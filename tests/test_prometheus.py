@@ -337,8 +337,18 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
                 assert read - exported == SERVE_ONLY  # RerankerServeProxyRefusing's, scraped in tests/test_ray_serve.py
                 for expr in dashboard_exprs(load_dashboard()):
                     api(url, "query", query=as_promql(expr))
-                # With traffic and no failure yet, the ratio panels show 0, not "No data": a series such as
-                # status="error" exists only from its first request, here and on Ray Serve alike.
+                # The first refusal of a route is an increase: its series was exported at 0 before it (a series
+                # born at 1 is no increase, and the first 429s or errors after a start raised no alert).
+                response = httpx.post(f"{app_url}/v1/rerank", json={"query": "", "documents": ["a"]}, timeout=HANG_S)
+                assert response.status_code == 400, response.text
+
+                def first_refusal_seen() -> float | None:
+                    query = 'increase(reranker_requests_total{route="/v1/rerank",status="invalid"}[5m])'
+                    result = api(url, "query", query=query)["result"]
+                    return float(result[0]["value"][1]) if result and float(result[0]["value"][1]) > 0 else None
+
+                assert wait_for("the first refusal to be an increase", first_refusal_seen) > 0
+                # With traffic and no failure yet, the ratio panels show 0, not "No data".
                 (ratios,) = [panel for panel in load_dashboard()["panels"]
                              if panel["title"] == "Error and overload ratio"]
 

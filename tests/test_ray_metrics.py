@@ -20,7 +20,7 @@ import deploy.ray.__main__ as launcher
 from deploy.ray.gpu import ReplicaGpus
 from deploy.ray.metrics import replica_metrics
 from reranker.gpu import Nvml
-from reranker.metrics import LATENCY_BUCKETS, Metrics
+from reranker.metrics import LATENCY_BUCKETS, ROUTES, STATUSES, Metrics
 from tests.servers import HANG_S
 from tests.test_prometheus import fake_nvml
 
@@ -115,8 +115,11 @@ def test_what_the_engine_records_reaches_both_the_registry_and_ray() -> None:
     assert value("reranker_requests_total", {"route": "/v1/rerank", "status": "ok"}) == 1
     assert value("reranker_request_duration_seconds_count", {"route": "/v1/rerank"}) == 1
     assert value("reranker_inflight_requests") == 1
-    # Every counter series starts at 0, as in prometheus_client, so that the first increment is an increase.
-    assert made["reranker_requests"].values == {
+    # Every counter series starts at 0, as in prometheus_client, so that the first increment is an increase; those
+    # of every route and status from the start (reranker/metrics.py ROUTES, STATUSES).
+    requests = made["reranker_requests"].values
+    assert len(requests) == len(ROUTES) * len(STATUSES)
+    assert {tags: values for tags, values in requests.items() if values != [0.0]} == {
         (("route", "/v1/rerank"), ("status", "ok")): [0.0, 1.0],
         (("route", "/rerank"), ("status", "invalid")): [0.0, 1.0]}
     assert made["reranker_nonfinite_scores"].values == {(): [0.0]}
