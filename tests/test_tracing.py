@@ -276,6 +276,21 @@ def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert
             assert one(got, spans.BATCH).context.trace_id == queued.context.trace_id
 
 
+def test_a_path_no_route_serves_names_no_operation_of_its_own(bert_model: ScoringModel, bert_dir: Path,
+                                                              tracing: Tracing, exporter: InMemorySpanExporter) -> None:
+    """The mounted Gradio app's spans are named by path, and so were the 404s it answers for any URL: a scanner's
+    every probe became an operation of its own in the trace backend. They are the bare method now."""
+    with Reranker(bert_model, model_settings(bert_dir), tracing=tracing) as reranker:
+        with serve(create_app(reranker)) as url:
+            for path in ("/wp-login.php", "/v1/rank/abc123", "/xyz/Q7"):
+                assert httpx.get(f"{url}{path}", timeout=HANG_S).status_code == 404
+            assert httpx.post(f"{url}/gradio_api/api/predict", json={"data": ["q", "a", None, "", False, None]},
+                              timeout=HANG_S).status_code == 200
+            got = finished(tracing, exporter, "POST /gradio_api/api/predict")
+    servers = [span.name for span in got if span.kind == SpanKind.SERVER]
+    assert sorted(servers) == ["GET", "GET", "GET", "POST /gradio_api/api/predict"]
+
+
 def test_a_queued_gradio_call_is_logged_under_its_requests_id_and_trace(
         bert_model: ScoringModel, bert_dir: Path, tracing: Tracing, exporter: InMemorySpanExporter,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -29,6 +29,7 @@ EXCLUDED_URLS = ",".join([
 UI_SPAN = "reranker.ui.predict"
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 _ID = re.compile(r"/[0-9a-fA-F-]{16,}(?=/|$)")
+_NAMED_BY_PATH = "reranker.span_named_by_path"  # in the ASGI scope
 
 
 def instrument(app: FastAPI, tracing: Tracing) -> None:
@@ -67,6 +68,11 @@ class TraceContext:
         async def send_with_trace(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *_encode(answer)]
+                if message.get("status") == 404 and scope.get(_NAMED_BY_PATH):
+                    # No route served it (a scanner's /wp-login.php, a typo): named by its path, every such URL
+                    # would be an operation of its own in the trace backend. The bare method, as OpenTelemetry's
+                    # HTTP conventions name a request no route matched.
+                    trace.get_current_span().update_name(scope.get("method", "HTTP"))
             await send(message)
 
         await self.app(scope, receive, send_with_trace)
@@ -82,6 +88,7 @@ def _name_mounted(span: trace.Span, scope: dict[str, Any]) -> None:
     method = scope.get("method", "")
     if scope.get("type") == "http" and span.is_recording() and getattr(span, "name", None) == method:
         span.update_name(f"{method} {_ID.sub('/{id}', str(scope.get('path', '')))}")
+        scope[_NAMED_BY_PATH] = True  # TraceContext takes the path back out of the name if nothing serves it
 
 
 @contextmanager
