@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 import reranker.spans as spans
 from reranker.batcher import Batcher, Room, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
-from reranker.errors import CancelledError, LimitExceededError, ScoringError
+from reranker.errors import CancelledError, LimitExceededError, RerankerError, ScoringError
 from reranker.longdocs import DocumentClipper, window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
@@ -199,6 +199,8 @@ class Reranker:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
                                       documents_field, held, truncate)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
+                if isinstance(err, RerankerError) and isinstance(err.stats, RerankStats):  # what it cost by then
+                    spans.describe_request(span, err.stats, top_n)
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
             spans.describe_request(span, result.stats, top_n)
@@ -257,12 +259,24 @@ class Reranker:
         self.metrics.truncated_documents.inc(truncated)
         self.metrics.chunked_documents.inc(chunked)
         self._batcher.wait(job, cancel)
+
+        def cost(pairs_scored: int, top1: float | None = None, spread: float | None = None) -> RerankStats:
+            """What the call cost: for its answer, or for the error it ends with."""
+            queued = (job.started - job.submitted) if job.started is not None else 0.0
+            return RerankStats(
+                n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=chunked, cache_hits=hits,
+                pairs_scored=pairs_scored, queue_seconds=queued,
+                inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
+                top1_score=top1, score_std=spread)
+
         spans.record_wait(self._tracer, len(plan.pairs), job.submitted, job.started, job.batch_spans, job.error)
         if job.error is not None:
             # One error object can fail several requests (a batch, a failed device): each caller raises its
             # own copy, so their tracebacks never mix and none keeps another's frames alive.
             error = copy.copy(job.error)
             error.__cause__ = job.error.__cause__
+            if isinstance(error, RerankerError):  # what it cost until then, for its log line and span
+                error.stats = cost(sum(not math.isnan(score) for score in job.scores))
             raise error
         with spans.step(self._tracer, spans.POSTPROCESS):
             best = [-math.inf] * len(scored)
@@ -294,14 +308,7 @@ class Reranker:
         spread = statistics.pstdev(probabilities)
         self.metrics.top1_score.observe(top1)
         self.metrics.score_stddev.observe(spread)
-        queue_seconds = (job.started - job.submitted) if job.started is not None else 0.0
-        stats = RerankStats(
-            n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=chunked,
-            cache_hits=hits, pairs_scored=len(plan.pairs), queue_seconds=queue_seconds,
-            inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
-            top1_score=top1, score_std=spread,
-        )
-        return RerankResult(results, stats)
+        return RerankResult(results, cost(len(plan.pairs), top1, spread))
 
     def _refuse_cuts(self, flags: Sequence[int], documents_field: str) -> None:
         """Raise for the first document that max_length cut, for a caller that asked for nothing to be cut."""

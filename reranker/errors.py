@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class RerankerError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    `stats` (a reranker.results.RerankStats) is what a request that failed or was cancelled after its pairs were
+    queued had cost by then (its tokens, cache hits, queue and inference time), for its log line and span; None for
+    one that ended before."""
+
+    stats: object | None = None
 
 
 class ValidationError(RerankerError, ValueError):

@@ -91,7 +91,8 @@ def describe_plan(span: Span, documents: int, pairs: Sequence[EncodedPair], trun
 
 
 def describe_request(span: Span, stats: RerankStats, top_n: int | None) -> None:
-    """The request span's summary, set once the request succeeded."""
+    """The request span's summary: once the request succeeded, or ended (failed, cancelled) after its pairs were
+    queued, with what it cost by then; the caller sets the outcome of one that did not succeed after this."""
     span.set_attributes({
         "reranker.documents": stats.n_docs, "reranker.pairs": stats.pairs_scored, "reranker.tokens": stats.tokens,
         "reranker.truncated": stats.truncated, "reranker.chunked": stats.chunked,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
@@ -59,10 +61,12 @@ def test_client_gone_returns_on_http_disconnect_after_the_body() -> None:
     assert connection.body is None and connection.reads_after_body == 1  # past the body chunk, to the disconnect
 
 
-def test_a_disconnect_cancels_the_request_through_one_waiting_read(bert_model: ScoringModel,
-                                                                   documents: list[str]) -> None:
+def test_a_disconnect_cancels_the_request_through_one_waiting_read(bert_model: ScoringModel, documents: list[str],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Through the real app: with the device held, the request waits; the client leaves; the engine drops the
-    request's pairs. Only one read of the connection happened meanwhile: nothing polled it."""
+    request's pairs. Only one read of the connection happened meanwhile: nothing polled it. Its log line says what
+    it cost until then (it logged null tokens and times)."""
+    caplog.set_level(logging.INFO, logger="reranker.requests")
     gated = GatedScorer(bert_model)
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(Path(bert_model.model_id), cache_size=0)
@@ -81,6 +85,7 @@ def test_a_disconnect_cancels_the_request_through_one_waiting_read(bert_model: S
         warm = threading.Thread(target=reranker.rerank, args=("warm", ["up"]))
         warm.start()
         assert gated.first_batch.wait(HANG_S)  # the device is held: the request below queues behind it
+        warm_tokens = metrics.registry.get_sample_value("reranker_input_tokens_total") or 0
 
         async def scenario() -> Connection:
             connection = Connection(body)
@@ -104,6 +109,10 @@ def test_a_disconnect_cancels_the_request_through_one_waiting_read(bert_model: S
         warm.join(HANG_S)
     assert connection.reads_after_body == 1
     assert metrics.registry.get_sample_value("reranker_cancelled_pairs_total") == 40
+    (line,) = [record for record in caplog.records if getattr(record, "status", None) == "cancelled"]
+    tokens = (metrics.registry.get_sample_value("reranker_input_tokens_total") or 0) - warm_tokens
+    assert line.tokens == tokens > 0  # type: ignore[attr-defined]
+    assert line.cache_hits == 0 and line.queue_ms > 0 and line.inference_ms == 0  # type: ignore[attr-defined]
     assert gated.pairs == 1  # only the warm-up ran
 
 

@@ -36,6 +36,7 @@ class HttpError(Exception):
         self.message = message
         self.counted = counted  # already recorded in reranker_requests_total
         self.headers = dict(headers or {})  # of the answer, over those its status gets by default
+        self.stats: object | None = None  # the engine's RerankStats of a request that ended once queued, for its log
 
     @property
     def outcome(self) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult
+from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult, RerankStats
 from reranker.batcher import Room
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
@@ -128,6 +128,7 @@ class RerankService:
             elif cut_off:
                 error = self.lifecycle.cut_off_error()
             error.counted = True
+            error.stats = err.stats if isinstance(err, RerankerError) else None  # what it cost until it ended
             if error.status >= 500 and not (cancelled or cut_off):  # a failure to look into, with its traceback
                 logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
             raise error from err
@@ -175,8 +176,9 @@ class RerankService:
         }
         if isinstance(call.query, str):
             fields.update(query_fields(call.query, settings.log_query_preview))
-        if result is not None:
-            s = result.stats
+        stats = result.stats if result is not None else error.stats if error is not None else None
+        if isinstance(stats, RerankStats):  # a request that failed or was cancelled once queued has them too
+            s = stats
             fields.update(
                 queue_ms=round(s.queue_seconds * 1000, 2), inference_ms=round(s.inference_seconds * 1000, 2),
                 tokens=s.tokens, truncated=s.truncated, chunked=s.chunked, cache_hits=s.cache_hits,
