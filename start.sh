@@ -26,13 +26,18 @@ export GRADIO_ANALYTICS_ENABLED HF_HUB_DISABLE_TELEMETRY TOKENIZERS_PARALLELISM
 
 # The service logs one JSON object per line; so do these few lines.
 say() {
-    printf '{"level": "INFO", "logger": "start.sh", "message": "%s", "timestamp": "%s"}\n' \
-        "$1" "$(date -u +%Y-%m-%dT%H:%M:%S.%6N+00:00)"
+    printf '{"level": "%s", "logger": "start.sh", "message": "%s", "timestamp": "%s"}\n' \
+        "${2:-INFO}" "$1" "$(date -u +%Y-%m-%dT%H:%M:%S.%6N+00:00)"
 }
 
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv and installing requirements.txt (first run only)"
-    python3 -m venv .venv
+    # Debian's and Ubuntu's own python3 leaves venv's pip bootstrap (ensurepip) to a package of its own.
+    if ! python3 -m venv .venv >&2; then
+        rm -rf .venv
+        say "python3 -m venv failed: install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" ERROR
+        exit 1
+    fi
 fi
 stamp=.venv/.installed-runtime
 if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then

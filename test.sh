@@ -10,6 +10,8 @@ export TOKENIZERS_PARALLELISM=false
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v promtool >/dev/null || missing+=(prometheus)
+# Debian's and Ubuntu's own python3 leaves venv's pip bootstrap to a package of its own.
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -118,3 +118,27 @@ def test_every_variable_read_outside_settings_has_a_row_too() -> None:
     rows = set(re.findall(r"^\| `(RERANKER_[A-Z0-9_]+)` \|", CONFIGURATION.read_text(encoding="utf-8"), re.M))
     missing = tool_variables() - settings_variables() - rows
     assert not missing, f"add a row for each to docs/configuration.md: {sorted(missing)}"
+
+
+# Other software's variables our code and scripts read or set for the service (string literals in the code; `${X}` in
+# the scripts). Not those bench/peers.py sets only for a peer's own process (Infinity's cache and offline switches).
+FOREIGN = re.compile(r"""["'](OTEL|RAY|HF|GRADIO|TOKENIZERS|OMP|PROMETHEUS|MKL|KMP|CUDA|PYTORCH|TORCH|TRANSFORMERS)"""
+                     r"""_[A-Z0-9_]+["']""")
+SHELL_NAME = re.compile(r"\$\{?([A-Z][A-Z0-9_]+)")
+PEER_ONLY = {"HF_HOME", "TRANSFORMERS_OFFLINE"}
+SHELL_OWN = {"PIPESTATUS", "PWD"}
+
+
+def test_every_variable_the_code_or_scripts_read_is_in_the_configuration_tables() -> None:
+    """OMP_NUM_THREADS, OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, RAY_AUTH_TOKEN and gpu_run.sh's BENCH_ARGS and OUT were
+    read or set by the code and named in no table: the check above looked at RERANKER_* names alone."""
+    code = [ROOT / "app.py", ROOT / "metrics_server.py",
+            *(path for folder in ("reranker", "web", "deploy", "bench") for path in (ROOT / folder).rglob("*.py"))]
+    names = {match.strip("\"'") for path in code for match in
+             (m.group(0) for m in FOREIGN.finditer(path.read_text(encoding="utf-8")))} - PEER_ONLY
+    scripts = [ROOT / "start.sh", ROOT / "test.sh", ROOT / ".ci" / "run", *(ROOT / "bench").glob("*.sh")]
+    names |= {name for path in scripts for name in SHELL_NAME.findall(path.read_text(encoding="utf-8"))} - SHELL_OWN
+    rows = "\n".join(line for line in CONFIGURATION.read_text(encoding="utf-8").splitlines() if line.startswith("|"))
+    missing = sorted(name for name in names if f"`{name}`" not in rows)
+    assert "OMP_NUM_THREADS" in names and "BENCH_ARGS" in names  # the scan finds what it is for
+    assert not missing, f"add a row for each to docs/configuration.md: {missing}"

@@ -127,3 +127,25 @@ def test_start_sh_names_a_taken_port_before_loading_the_model(bert_dir: Path, va
     assert process.returncode == 1
     assert f"{message} 127.0.0.1:{port}" in output and f"set {variable} to a free port" in output
     assert "model loaded" not in output and "Traceback" not in output  # it stopped before loading the model
+
+
+def test_start_sh_names_the_package_when_python_cannot_make_a_venv(tmp_path: Path) -> None:
+    """Debian's own python3 without python3-venv fails `-m venv` half way, leaving a .venv with no pip: start.sh went
+    on to a pip error, and every later run failed the same way. Now it removes the .venv and names the package."""
+    project, bin_dir = tmp_path / "project", tmp_path / "bin"
+    project.mkdir()
+    bin_dir.mkdir()
+    (project / "start.sh").write_text((ROOT / "start.sh").read_text(encoding="utf-8"), encoding="utf-8")
+    (project / "start.sh").chmod(0o755)
+    fake = bin_dir / "python3"  # as Debian's python3 answers without ensurepip
+    fake.write_text('#!/bin/sh\nmkdir -p .venv/bin && touch .venv/bin/python\n'
+                    'echo "ensurepip is not available" >&2\n'
+                    'exit 1\n', encoding="utf-8")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([str(project / "start.sh")], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=HANG_S)
+    assert done.returncode == 1
+    (line,) = [json.loads(text) for text in done.stdout.splitlines() if '"ERROR"' in text]
+    assert "apt-get install python3-venv" in line["message"] and line["logger"] == "start.sh"
+    assert not (project / ".venv").exists()
