@@ -17,6 +17,7 @@ from tests.browser import ARTIFACTS, WAIT_MS, browser_page
 from tests.conftest import model_settings
 from tests.servers import serve
 from web.http import create_app
+from web.ui import EXAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,16 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=True)
         # What the user typed is kept.
         assert page.locator("#documents textarea").input_value() == "\n".join(docs)
+
+        # An example fills the form, and Enter in the query box reranks as the button does.
+        page.get_by_text(EXAMPLES[0][0], exact=True).first.click()
+        assert page.locator("#query textarea").input_value() == EXAMPLES[0][0]
+        assert page.locator("#documents textarea").input_value() == EXAMPLES[0][1]
+        page.locator("#query textarea").press("Enter")
+        example_docs = EXAMPLES[0][1].splitlines()
+        page.locator("#results").get_by_text(example_docs[2], exact=True).wait_for()  # the new table
+        shown = sorted(cell(row, 3) for row in range(len(example_docs)))
+        assert shown == sorted(example_docs)
 
 
 def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:

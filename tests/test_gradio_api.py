@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,10 @@ REFUSED_BY_GRADIO = [
 
 @pytest.mark.parametrize(("case", "body"), REFUSED_BY_GRADIO, ids=[c[0] for c in REFUSED_BY_GRADIO])
 def test_inputs_gradio_refuses_are_counted_without_a_traceback(
-        live: tuple[str, Reranker], capfd: pytest.CaptureFixture[str], case: str, body: bytes) -> None:
+        live: tuple[str, Reranker], capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, case: str,
+        body: bytes) -> None:
     url, reranker = live
+    caplog.set_level(logging.INFO, logger="reranker.requests")
     before = ui_requests(reranker)
     status, stream = call(url, body)
     assert status == 200 and "event: error" in stream
@@ -76,6 +79,8 @@ def test_inputs_gradio_refuses_are_counted_without_a_traceback(
     assert direct.status_code == 422, direct.text
     assert ui_requests(reranker) == before + 2
     assert "Traceback" not in capfd.readouterr().err
+    lines = [record for record in caplog.records if getattr(record, "route", None) == "ui"]
+    assert [(line.error_type, line.http_status) for line in lines] == [("invalid_input", 422)] * 2  # type: ignore[attr-defined]
 
 
 # Found by tests/test_fuzz.py: Gradio's direct route answers any handler exception with 500, so a bad
@@ -109,14 +114,19 @@ def test_direct_gradio_calls_answer_bad_input_with_a_4xx(
 
 @pytest.mark.parametrize("body", [b'{"data": "q"}', b"{}", b"null", b"[" * 200_000, b'{"data": ["\xff"]}'],
                          ids=["data a string", "no data", "null", "200000 [", "invalid UTF-8"])
-def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Reranker], body: bytes) -> None:
+def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Reranker], body: bytes,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     url, reranker = live
+    caplog.set_level(logging.INFO, logger="reranker.requests")
     before = ui_requests(reranker)
     for path in ("/gradio_api/call/predict", "/gradio_api/api/predict"):
         response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"},
                               timeout=HANG_S)
         assert 400 <= response.status_code < 500
     assert ui_requests(reranker) == before + 2
+    lines = [record for record in caplog.records if getattr(record, "route", None) == "ui"]
+    assert [line.error_type for line in lines] == ["gradio_refused"] * 2  # type: ignore[attr-defined]
+    assert all(400 <= line.http_status < 500 for line in lines)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("path", "body"), [

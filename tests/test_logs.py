@@ -151,7 +151,8 @@ def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
            "RERANKER_CACHE_DIR": os.environ["RERANKER_CACHE_DIR"],  # conftest's, not ~/.cache
            "RERANKER_MODEL": str(bert_dir), "RERANKER_PORT": str(port), "RERANKER_METRICS_PORT": str(metrics_port),
-           "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_MAX_DOCS": "5"}
+           "RERANKER_LOG_SAMPLE_RATE": "1", "RERANKER_MAX_DOCS": "5",
+           "RERANKER_METRICS_HOST": "127.0.0.2"}  # another loopback address: the metrics bind to it alone
     process = subprocess.Popen([str(ROOT / "start.sh")], cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -165,8 +166,10 @@ def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
             assert client.post(f"{url}/v1/rerank", content=b"{", headers={"content-type": "application/json"}
                                ).headers["x-request-id"]
             assert client.get(f"{url}/").status_code == 200
-            exposed = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            exposed = client.get(f"http://127.0.0.2:{metrics_port}/metrics").text
             assert "reranker_requests_total" in exposed and "_created" not in exposed  # app.py's QUIET_DEFAULTS
+            with pytest.raises(httpx.ConnectError):  # RERANKER_METRICS_HOST: not on the UI's address
+                client.get(f"http://127.0.0.1:{metrics_port}/metrics")
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=HANG_S)
     finally:

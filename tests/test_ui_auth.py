@@ -12,6 +12,8 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
 from prometheus_client import CollectorRegistry
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from app import exposure_warnings
 from reranker import Reranker, Settings
@@ -70,6 +72,15 @@ def test_anonymous_gradio_api_calls_get_401(url: str, method: str, path: str) ->
     for cookies in ({}, {"access-token-unsecure-forged": "forged"}):
         response = httpx.request(method, f"{url}{path}", json=body, cookies=cookies, timeout=HANG_S)
         assert response.status_code == 401 and response.json() == NOT_AUTHENTICATED, path
+
+
+def test_an_anonymous_websocket_to_the_gradio_api_is_refused(url: str) -> None:
+    """docs/security.md: a websocket to /gradio_api/... without the login cookie is closed before it is accepted
+    (1008, policy violation), which the server answers the handshake with as HTTP 403."""
+    for path in ("/gradio_api/queue/join", "/gradio_api/stream/predict"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws{url.removeprefix('http')}{path}", open_timeout=HANG_S).close()
+        assert refused.value.response.status_code == 403, path
 
 
 def test_the_login_page_is_served_and_wrong_passwords_are_refused(url: str) -> None:
