@@ -179,7 +179,7 @@ class DeviceStage:
             features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs, exact=True)
             return _Launched(batch, self._scorer.launch(features), started, span), None
         except Exception as err:
-            self._end_span(span, batch, error=err)
+            self._end_span(span, error=err)
             # Keep no traceback: its frames hold the failed pass's tensors, which must be freed before
             # the retry (the PyTorch FAQ's out-of-memory pitfall).
             return None, err.with_traceback(None)
@@ -191,7 +191,7 @@ class DeviceStage:
                 raise ScoringError(f"the model returned scores of shape {np.shape(scores)} for a batch of "
                                    f"{len(launched.batch.pairs)} pairs")
         except Exception as err:
-            self._end_span(launched.span, launched.batch, error=err)
+            self._end_span(launched.span, error=err)
             self._recover(launched.batch, err.with_traceback(None))
             return
         done = time.perf_counter()
@@ -206,13 +206,13 @@ class DeviceStage:
         self._metrics.batch_size.observe(len(batch.pairs))
         self._metrics.batch_tokens.observe(batch.padded_tokens)
         self._metrics.pairs_scored.inc(len(batch.pairs))
-        self._end_span(launched.span, batch, inference_seconds=elapsed)
+        self._end_span(launched.span, inference_seconds=elapsed)
         self._deliver(batch.items, scores, (done - elapsed, done))
 
-    def _end_span(self, span: Span | None, batch: Batch, *, error: BaseException | None = None,
+    def _end_span(self, span: Span | None, *, error: BaseException | None = None,
                   inference_seconds: float | None = None) -> None:
         if self._spans is not None:
-            self._spans.end(span, batch.items, error=error, inference_seconds=inference_seconds)
+            self._spans.end(span, error=error, inference_seconds=inference_seconds)
 
     def _score_now(self, batch: Batch) -> None:
         if self._abandoned(batch.items):  # a half whose callers gave up meanwhile (or whose other pair failed them)

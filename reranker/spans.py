@@ -143,13 +143,13 @@ class BatchSpans:
             logger.exception("starting a batch span failed")
             return None
 
-    def end(self, span: Span | None, items: Sequence[Traced], *, error: BaseException | None = None,
+    def end(self, span: Span | None, *, error: BaseException | None = None,
             inference_seconds: float | None = None) -> None:
-        """Close a pass's span and tell its requests about it; call before their scores are delivered."""
+        """Close a pass's span (its requests were told of it at its start)."""
         if span is None:
             return
         try:
-            self._end(span, items, error, inference_seconds)
+            self._end(span, error, inference_seconds)
         except Exception:
             logger.exception("ending a batch span failed")
 
@@ -165,22 +165,24 @@ class BatchSpans:
         # Under a sampled request, so that a parent-based sampler keeps the batch whenever one of its
         # requests is kept; the other requests reach it through the links.
         parent = next((c for c in contexts if c.trace_flags.sampled), contexts[0])
-        return self._tracer.start_span(
+        span = self._tracer.start_span(
             BATCH, context=trace.set_span_in_context(NonRecordingSpan(parent)),
             links=[Link(c) for c in contexts],
             attributes={**self._attributes, "reranker.batch.size": len(pairs), "reranker.batch.requests": len(contexts),
                         "reranker.batch.tokens": sum(pair.n_tokens for pair in pairs),
                         "reranker.batch.padded_tokens": padded_tokens},
         )
+        # Told now, not when the pass ends: a request given up meanwhile records its score span at once, and it
+        # lost the link to the pass still running with its pairs.
+        if span.is_recording():
+            for item in items:
+                item.served_by(span.get_span_context())
+        return span
 
-    def _end(self, span: Span, items: Sequence[Traced], error: BaseException | None,
+    def _end(self, span: Span, error: BaseException | None,
              inference_seconds: float | None) -> None:
         if error is not None:
             fail(span, error)
         if inference_seconds is not None:
             span.set_attribute("reranker.batch.inference_ms", round(inference_seconds * 1000, 3))
-        if span.is_recording():
-            context = span.get_span_context()
-            for item in items:
-                item.served_by(context)
         span.end()

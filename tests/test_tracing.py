@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,31 @@ def test_a_request_cancelled_in_the_queue_is_recorded_there_and_not_as_an_error(
     assert queue.status.status_code is StatusCode.UNSET and request.status.status_code is StatusCode.UNSET
     assert dict(request.attributes or {})["reranker.outcome"] == "cancelled"
     assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
+
+
+def test_a_request_cancelled_during_its_pass_links_that_pass(bert_model: ScoringModel, bert_dir: Path,
+                                                             tracing: Tracing, exporter: InMemorySpanExporter) -> None:
+    """The batch span told its requests about itself when the pass ended: a request given up meanwhile recorded its
+    score span first, without the link to the pass that carried its pairs."""
+    from reranker.errors import CancelledError
+    from tests.test_faults import GatedScorer
+
+    gated = GatedScorer(bert_model)
+    cancel = threading.Event()
+    with Reranker(bert_model, model_settings(bert_dir, cache_size=0), score_fn=gated, tracing=tracing) as reranker:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(reranker.rerank_detailed, "q", ["a"], cancel=cancel)
+            try:
+                assert gated.first_batch.wait(HANG_S)  # its one pair is on the device
+                cancel.set()
+                with pytest.raises(CancelledError):
+                    call.result(HANG_S)
+            finally:
+                gated.gate.set()
+        got = finished(tracing, exporter, spans.BATCH)
+    [batch] = [s for s in got if s.name == spans.BATCH]
+    [score] = [s for s in got if s.name == spans.SCORE]
+    assert [link.context.span_id for link in score.links] == [batch.context.span_id]
 
 
 def test_the_gradio_api_and_queue_carry_the_trace(bert_model: ScoringModel, bert_dir: Path, tracing: Tracing,
