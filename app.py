@@ -130,11 +130,16 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
-def exposure_warnings(settings: Settings) -> list[str]:
-    """What to tell an operator who serves beyond loopback with the UI or the JSON routes left open."""
-    if _is_loopback(settings.host):
-        return []
+def exposure_warnings(settings: Settings, *, metrics: bool = True) -> list[str]:
+    """What to tell an operator who serves beyond loopback with the UI, the JSON routes or (`metrics`: this process
+    serves them) the metrics left open."""
     warnings = []
+    if metrics and not _is_loopback(settings.metrics_host):
+        warnings.append(f"the metrics on {settings.metrics_host}:{settings.metrics_port} are open to anyone who can "
+                        "reach them, with no login (they name the model and its traffic): keep RERANKER_METRICS_HOST "
+                        "on loopback or a network only Prometheus reaches")
+    if _is_loopback(settings.host):
+        return warnings
     if not settings.ui_auth:
         warnings.append(f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
                         "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +197,30 @@ def test_a_file_must_come_from_gradios_upload_folder(live: tuple[str, Reranker],
     response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
     assert response.status_code == 200, response.text
     assert sorted(row[3] for row in response.json()["data"][0]["data"]) == ["a cache", "some tea"]
+
+
+def test_a_url_a_folder_or_another_gradio_apps_file_is_no_upload(live: tuple[str, Reranker]) -> None:
+    """Gradio downloads a file input given as a URL itself (requests out to any public address, no size cap); took
+    a folder inside its upload folder (its cleanup then failed at the stop); and used /tmp/gradio, every Gradio
+    app's on the host, so that another's file passed as uploaded here, was read, and was deleted at the stop."""
+    url, _ = live
+    upload_folder = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert upload_folder.stat().st_mode & 0o077 == 0 and upload_folder != Path(tempfile.gettempdir()) / "gradio"
+    shared = Path(tempfile.gettempdir()) / "gradio" / f"another-app-{os.getpid()}"
+    shared.mkdir(parents=True, exist_ok=True)
+    victim = shared / "theirs.txt"
+    victim.write_text("another app's line\n")
+    try:
+        for path in ("http://203.0.113.7/docs.txt", "https://hf.co/docs.txt", str(upload_folder), str(victim)):
+            started = time.monotonic()
+            data = ["q", "a", None, "", False, file_data(path)]
+            response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
+            assert response.status_code == 422, (path, response.text)
+            assert "the file was not uploaded; upload it first" in response.json()["error"]
+            assert time.monotonic() - started < 5  # refused, not fetched until a connection timed out
+        assert victim.read_text() == "another app's line\n"
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_gradio_bodies_and_uploads_are_held_to_the_body_limit(bert_model: ScoringModel, bert_dir: Path,

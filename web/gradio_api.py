@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -29,6 +30,7 @@ from web.tracing import request_context
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
 PREPROCESS_STATUS = 422
+
 # Gradio's POST routes of a named event, under /gradio_api: direct calls answer in the POST; queued
 # calls (/call/) answer in a later event stream, so only their refusals show in the POST's status.
 _ROUTES = ("/run/", "/api/", "/call/", "/call/v2/")
@@ -46,6 +48,18 @@ _FN_INDEX: TypeAdapter[int] = TypeAdapter(int)
 OnRefuse = Callable[[str, HttpError], None]
 # The status a direct call's handler chose for its failure, written where Gradio swallows the exception.
 _outcome: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("gradio_outcome", default=None)
+
+
+def uploaded_files_only(inputs: list[Any]) -> None:
+    """Raise InvalidPathError for a file input Gradio would fetch or take whole: a URL, which Gradio downloads itself
+    (the server made requests out, to any public address, with no size cap), or a directory, which it accepted from
+    its upload folder and failed to delete at the stop. Files are checked by Gradio: in its upload folder or refused."""
+    for value in inputs:
+        path = value.get("path") if isinstance(value, dict) else None
+        if not isinstance(path, str):
+            continue
+        if "://" in path or Path(path).is_dir():
+            raise InvalidPathError(path)
 
 
 class RerankError(gr.Error):
@@ -136,6 +150,7 @@ class CountedBlocks(gr.Blocks):
                               explicit_call: bool = False) -> Any:
         try:
             inputs = self._lines(block_fn.fn, inputs)
+            uploaded_files_only(inputs)
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except Exception as err:
             if block_fn.fn not in self._counted:

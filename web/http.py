@@ -20,6 +20,7 @@ from web.routes import no_route
 from web.service import RerankService
 from web.tracing import instrument
 from web.ui import build_ui
+from web.uploads import private_upload_folder
 
 
 def json_not_found(gradio_not_found: App) -> App:
@@ -55,6 +56,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # to every Gradio API route. The JSON routes keep their own bearer key.
         # No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a
         # request header, with the host's saved HF token for loopback callers (a same-host proxy is one).
+        private_upload_folder()
         demo = build_ui(service)
         app = gr.mount_gradio_app(app, demo, path="/", enable_monitoring=False,
                                   footer_links=["api"], show_error=True, run_history=False,

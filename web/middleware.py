@@ -21,6 +21,10 @@ LIMITED_PATHS = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"
 # What a Gradio upload may carry beyond RERANKER_MAX_BODY_BYTES: the multipart boundaries and part headers around
 # its one file (which Gradio caps at the limit itself).
 UPLOAD_FRAMING_BYTES = 64 * 1024
+# Any other request body (the UI's login form, whatever else the mounted Gradio app takes): Starlette would keep up
+# to 1,000 form fields of 1 MB each in memory, unauthenticated, for a login of a few dozen bytes.
+OTHER_BODY_BYTES = 64 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def route_path(scope: Scope) -> str:
@@ -42,13 +46,17 @@ def rerank_route(scope: Scope) -> str | None:
 
 
 def _bounded(scope: Scope) -> str | None:
-    """The path of a request whose body BodyLimit caps: the JSON routes, and every POST to the Gradio API."""
+    """The path of a request whose body BodyLimit caps: every request that may carry one (the JSON routes and the
+    Gradio API at RERANKER_MAX_BODY_BYTES, the rest at OTHER_BODY_BYTES)."""
     route = rerank_route(scope)
-    if route is None and scope["type"] == "http" and scope.get("method") == "POST":
-        path = route_path(scope)
-        if path.startswith("/gradio_api/"):
-            return path
+    if route is None and scope["type"] == "http" and scope.get("method") in _BODY_METHODS:
+        return route_path(scope)
     return route
+
+
+def _small(path: str) -> bool:
+    """A path outside the JSON routes and the Gradio API, whose body is capped at OTHER_BODY_BYTES."""
+    return path not in LIMITED_PATHS and not path.startswith("/gradio_api/")
 
 
 def _is_upload(path: str) -> bool:
@@ -130,7 +138,8 @@ def declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API with 413, before they are parsed."""
+    """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API, and over OTHER_BODY_BYTES anywhere
+    else, with 413, before they are parsed."""
 
     def __init__(self, app: App, limit: int, on_refuse: OnRefuse) -> None:
         self.app = app
@@ -144,11 +153,12 @@ class BodyLimit:
             return
         # An upload: Gradio caps each file at the limit, not how many files one request carries (30 files of the
         # limit each were taken whole), so the request is capped at one file's worth.
-        upload = _is_upload(route)
-        limit = self.limit + UPLOAD_FRAMING_BYTES if upload else self.limit
+        small = _small(route)
+        upload = _is_upload(route) and not small
+        limit = OTHER_BODY_BYTES if small else self.limit + UPLOAD_FRAMING_BYTES if upload else self.limit
         declared = declared_length(scope)
         if declared is not None and declared > limit:
-            await self._refuse(route, self._too_big(), scope, receive, send)
+            await self._refuse(route, self._too_big(small), scope, receive, send)
             return
         if upload:
             # Streamed on to Gradio, which writes it to disk as it comes: the server delivers no more than the
@@ -161,7 +171,7 @@ class BodyLimit:
             return
         read, size = await read_body(receive, limit)
         if size > limit:
-            await self._refuse(route, self._too_big(), scope, receive, send)
+            await self._refuse(route, self._too_big(small), scope, receive, send)
         elif read[-1]["type"] != "http.request":
             # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
             await self._refuse(route, client_left("the client closed the connection before sending the whole body"),
@@ -169,7 +179,10 @@ class BodyLimit:
         else:
             await self.app(scope, replaying(read, receive), send)
 
-    def _too_big(self) -> HttpError:
+    def _too_big(self, small: bool) -> HttpError:
+        if small:
+            return HttpError(413, "limit_exceeded", f"request body is over {OTHER_BODY_BYTES} bytes, the most this "
+                             "path takes")
         return HttpError(413, "limit_exceeded", f"request body is over {self.limit} bytes; send fewer documents or "
                          "raise RERANKER_MAX_BODY_BYTES")
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from reranker import ValidationError
@@ -11,6 +15,20 @@ from reranker.jsonl import JsonLineError, json_lines
 from web.service import split_lines
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+def private_upload_folder() -> str:
+    """Gradio's upload folder for this process, set before its Blocks are built (they read it then): the operator's
+    GRADIO_TEMP_DIR, else a folder of this process's own (mode 0700), removed when it exits. Gradio's default,
+    /tmp/gradio, is every Gradio app's on the host: a file another one (or another user) left there passed as
+    uploaded here, was read, and was deleted at this service's stop."""
+    configured = os.environ.get("GRADIO_TEMP_DIR")
+    if configured:
+        return configured
+    folder = tempfile.mkdtemp(prefix="reranker-uploads-")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def read_documents(path: str | Path, max_bytes: int) -> list[str]:

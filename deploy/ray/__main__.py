@@ -364,7 +364,9 @@ def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     if environ.get("RAY_ADDRESS"):
         return []
     host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
-    return warnings_for(dataclasses.replace(app_settings(config["applications"][0], environ), host=host))
+    # No metrics server of its own: every replica's metrics go through the Ray node's agent.
+    return warnings_for(dataclasses.replace(app_settings(config["applications"][0], environ), host=host),
+                        metrics=False)
 
 
 def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:

@@ -47,6 +47,7 @@ from web.monitoring import Panel
 from web.service import book_refusal
 from web.tracing import ui_span
 from web.ui import build_blocks, header, ui_answer, ui_call
+from web.uploads import private_upload_folder
 
 logger = logging.getLogger("reranker.ray")
 
@@ -133,6 +134,7 @@ class UI:
     def __serve_build_asgi_app__(self) -> FastAPI:
         info, settings, replicas = self.info, self.settings, self.replicas
         panel = Panel(replicas.snapshot, replicas.card, replicas.latest)
+        private_upload_folder()
         demo = build_blocks(remote_predict(self.backend, self.tracing, self.refused, self.lifecycle),
                             self.refused, header(info["model"], info["device"], info["dtype"], info["max_length"]),
                             panel, takes_instruction=bool(info["accepts_instruction"]), lifecycle=self.lifecycle,
