@@ -442,11 +442,15 @@ def test_ui_reads_uploaded_files(live: tuple[str, Reranker], tmp_path: Path) -> 
     (tmp_path / "bad.csv").write_text("id,body\n1,x\n")
     with pytest.raises(gr.Error, match='needs a header row with a "text" column'):
         predict("doc", "", None, "", False, str(tmp_path / "bad.csv"))
+    # The lax reader took an unclosed quote's rest of the file as one document, silently.
+    (tmp_path / "open.csv").write_text('text\nfirst\n"second, unclosed\nthird\nfourth\n')
+    with pytest.raises(gr.Error, match="open.csv is not valid CSV: a quote opened after line 2 is never closed"):
+        predict("doc", "", None, "", False, str(tmp_path / "open.csv"))
     # A field over the csv module's 128 KiB cap gets the engine's limit message, not a csv.Error.
     (tmp_path / "big.csv").write_text("text\n" + "x" * 200_000 + "\n")
     roomy = model_settings(Path(live[1].model.model_id), max_body_bytes=1 << 20, max_doc_chars=2000)
     # The bad uploads are counted like bad requests: each once.
-    assert invalid(live[1]) == before + 3
+    assert invalid(live[1]) == before + 4
     with Reranker(live[1].model, roomy) as reranker:
         with pytest.raises(gr.Error, match=r"has 200000 characters"):
             make_predict(RerankService(reranker))("doc", "", None, "", False, str(tmp_path / "big.csv"))

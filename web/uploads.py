@@ -68,9 +68,13 @@ def _csv(name: str, text: str, max_field: int) -> list[str]:
     # The csv module's own field cap (128 KiB) is not ours: the engine's limits apply later, with their message.
     csv.field_size_limit(max(max_field, csv.field_size_limit()))
     try:
-        reader = csv.DictReader(io.StringIO(text))
+        # strict: an unclosed quote is an error, where the lax reader took the rest of the file as one field.
+        reader = csv.DictReader(io.StringIO(text), strict=True)
         if reader.fieldnames is None or "text" not in reader.fieldnames:
             raise ValidationError(f'{name} needs a header row with a "text" column')
         return [row["text"] for row in reader if row.get("text")]
     except csv.Error as err:
+        if "unexpected end of data" in str(err):
+            raise ValidationError(f"{name} is not valid CSV: a quote opened after line {reader.line_num} is never "
+                                  'closed; close it, or double each " inside a quoted field') from None
         raise ValidationError(f"{name} is not valid CSV (line {reader.line_num}): {err}") from None
