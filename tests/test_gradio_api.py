@@ -115,6 +115,18 @@ def test_direct_gradio_calls_answer_bad_input_with_a_4xx(
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_components_own_refusal_is_the_message_not_gradios_wrapping(live: tuple[str, Reranker]) -> None:
+    """Gradio wraps a component's refusal in a message that lists every component and repeats the value, the cause
+    last: only its first line was kept, so the browser showed "Could not preprocess input component at index 2 ..."
+    and never why."""
+    url, _ = live
+    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": ["q", "a", 1.5, "", False, None]},
+                          timeout=HANG_S)
+    assert response.status_code == 422
+    assert response.json()["error"] == ("bad input for the Gradio API: input 2 (number): top_n must be a whole "
+                                        "number (0 or empty: all), got 1.5")
+
+
 @pytest.mark.parametrize("body", [b'{"data": "q"}', b"{}", b"null", b"[" * 200_000, b'{"data": ["\xff"]}'],
                          ids=["data a string", "no data", "null", "200000 [", "invalid UTF-8"])
 def test_bodies_gradio_refuses_before_the_queue_are_counted(live: tuple[str, Reranker], body: bytes,

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import json
 import math
+import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from gradio.exceptions import InvalidPathError
+from gradio.exceptions import ComponentProcessingError, InvalidPathError
 from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
@@ -30,6 +31,8 @@ from web.tracing import request_context
 
 ROUTE = "ui"  # the metric route of the UI and of the Gradio API alike
 PREPROCESS_STATUS = 422
+# In Gradio's ComponentProcessingError: "Could not preprocess input component at index 2 (a `number` component) ..."
+_COMPONENT = re.compile(r"component at index (\d+) \(a `(\w+)` component\)")
 
 # Gradio's POST routes of a named event, under /gradio_api: direct calls answer in the POST; queued
 # calls (/call/) answer in a later event stream, so only their refusals show in the POST's status.
@@ -60,6 +63,18 @@ def uploaded_files_only(inputs: list[Any]) -> None:
             continue
         if "://" in path or Path(path).is_dir():
             raise InvalidPathError(path)
+
+
+def refusal_reason(err: Exception) -> str:
+    """One line on why Gradio refused an input. A component's own refusal (top_n's "must be a whole number") is the
+    cause of Gradio's ComponentProcessingError, whose message names the input, lists every component and repeats
+    the value, and ends with the cause: the input's position and the cause's own message are what help."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if isinstance(err, ComponentProcessingError) and err.__cause__ is not None:
+        cause = (str(err.__cause__).strip().splitlines() or [type(err.__cause__).__name__])[0]
+        where = _COMPONENT.search(lines[0])
+        return f"input {where[1]} ({where[2]}): {cause}" if where else cause
+    return lines[0]
 
 
 class RerankError(gr.Error):
@@ -155,9 +170,8 @@ class CountedBlocks(gr.Blocks):
         except Exception as err:
             if block_fn.fn not in self._counted:
                 raise
-            # Gradio's first line says which input was wrong; the rest names Python objects. A file path
-            # outside the upload folder is refused without echoing where the server resolved it.
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            # A file path outside the upload folder is refused without echoing where the server resolved it.
+            reason = refusal_reason(err)
             if isinstance(err, InvalidPathError):
                 reason = "the file was not uploaded; upload it first (POST /gradio_api/upload) and pass that path"
             error = HttpError(PREPROCESS_STATUS, "invalid_input", f"bad input for the Gradio API: {reason}")
