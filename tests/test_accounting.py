@@ -122,6 +122,35 @@ def test_a_gradio_event_whose_browser_leaves_while_it_waits_in_gradios_queue_is_
     assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "ok": RUNNING, "cancelled": 1}
 
 
+def test_a_running_gradio_event_whose_browser_leaves_is_cancelled(bert_model: ScoringModel) -> None:
+    """A tab closed or reloaded while its event runs: Gradio only marks the event dead and lets its handler run on,
+    so every pair was scored for nobody (a 1,000-document rerank on a CPU: seconds of passes) and it was counted ok.
+    The handler now watches the event and drops its unstarted pairs."""
+    gated = GatedScorer(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, batch_tokens=64)  # a few pairs a pass
+    documents = "\n".join(f"document number {i}" for i in range(40))
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry()), score_fn=gated) as reranker:
+        app = create_app(reranker)
+        [predict] = [fn._id for fn in find_gradio_app(app).get_blocks().fns.values() if fn.api_name == "predict"]
+        try:
+            with serve(app) as url, httpx.Client(base_url=url, timeout=HANG_S) as browser:
+                joined = browser.post("/gradio_api/queue/join", json={
+                    "data": ["q", documents, None, "", False, None], "fn_index": predict, "session_hash": "left"})
+                assert joined.status_code == 200, joined.text
+                with browser.stream("GET", "/gradio_api/queue/data", params={"session_hash": "left"}) as stream:
+                    lines = stream.iter_lines()  # held in a name: dropping it would close the stream at once
+                    assert next(lines).startswith("data:")
+                    assert gated.first_batch.wait(HANG_S)  # running: its first pass holds the device
+                wait_until(lambda: counts(reranker.metrics, "ui")["cancelled"] == 1)
+                gated.gate.set()
+                wait_until(lambda: reranker.metrics.registry.get_sample_value("reranker_inflight_requests") == 0)
+        finally:
+            gated.gate.set()
+        cancelled = reranker.metrics.registry.get_sample_value("reranker_cancelled_pairs_total") or 0
+    assert counts(reranker.metrics, "ui") == {**dict.fromkeys(STATUSES, 0), "cancelled": 1}
+    assert cancelled > 0 and gated.pairs + cancelled == 40
+
+
 def all_requests(metrics: Metrics) -> float:
     return sum(sample.value for metric in metrics.registry.collect() for sample in metric.samples
                if sample.name == "reranker_requests_total")

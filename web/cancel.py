@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -13,6 +15,32 @@ from starlette.requests import Request
 from reranker.batcher import CancelSignal
 
 T = TypeVar("T")
+
+
+# The Gradio queue event whose handler runs in this context (set by web/gradio_api.py's CountedBlocks), or None.
+_event: contextvars.ContextVar[Any] = contextvars.ContextVar("gradio_event", default=None)
+EVENT_POLL_S = 0.2
+
+
+@contextmanager
+def handling_event(event: Any) -> Iterator[None]:
+    """Within: `event` (a gradio.queueing.Event, or None) is the one event_left() watches."""
+    token = _event.set(event)
+    try:
+        yield
+    finally:
+        _event.reset(token)
+
+
+async def event_left() -> None:
+    """Return once the client of the Gradio event being handled has left: its page closed or reloaded, which ends
+    the session's event stream. Gradio then marks the event dead and lets its handler run on, to an answer nobody
+    reads (a 1,000-document rerank on a CPU: seconds of passes). Never returns outside a queued event."""
+    event = _event.get()
+    if event is None:
+        await asyncio.Event().wait()
+    while event.alive:
+        await asyncio.sleep(EVENT_POLL_S)
 
 
 async def client_gone(request: Request) -> None:

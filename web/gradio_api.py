@@ -22,7 +22,7 @@ from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
 
-from web.cancel import handled_cancellation
+from web.cancel import handled_cancellation, handling_event
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
 from web.middleware import App, Message, Receive, Scope, Send, declared_length, read_body, replaying, route_path
@@ -214,8 +214,11 @@ class CountedBlocks(gr.Blocks):
         block_fn = kwargs["block_fn"] if "block_fn" in kwargs else args[0]
         handler = getattr(self.fns.get(block_fn) if isinstance(block_fn, int) else block_fn, "fn", None)
         request = kwargs.get("request")
+        event_id = kwargs.get("event_id")
+        event = self._queue.event_ids_to_events.get(event_id) if isinstance(event_id, str) else None  # direct: None
         try:
-            with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced):
+            with request_context(request.headers if isinstance(request, gr.Request) else None, self._traced), \
+                    handling_event(event):
                 try:
                     return await super().process_api(*args, **kwargs)
                 except asyncio.CancelledError:

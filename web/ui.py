@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from reranker import RerankResult, Settings, ValidationError
-from web.cancel import run_cancellable
+from web.cancel import event_left, run_cancellable
 from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off
 from web.lifecycle import Lifecycle
@@ -108,7 +108,8 @@ def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object
 def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycle: Lifecycle,
                 refused: OnRefuse) -> Callable[..., Any]:
     """The event handler: `predict` on a worker thread, whose unstarted pairs are dropped if Gradio cancels
-    the event (a client's cancel, gradio_client's `Job.cancel()`), which cancels the handler's task.
+    the event (a client's cancel, gradio_client's `Job.cancel()`), which cancels the handler's task, or once its
+    client has left (the page closed or reloaded: Gradio only marks the event dead).
 
     Counted in flight from here. When a stop that does not wait cancels it, it fails with 503 `shutting_down`:
     Gradio turned the cancellation into a 500 with a traceback, counted besides by the engine call."""
@@ -121,7 +122,7 @@ def cancellable(predict: Callable[..., tuple[list[list[object]], str]], lifecycl
             try:
                 return await run_cancellable(lambda cancel: predict(query, documents, top_n, instruction,
                                                                     raw_scores, file, request, cancel=cancel),
-                                             answer_ready=lifecycle.answered_before_cut_off)
+                                             event_left, lifecycle.answered_before_cut_off)
             except asyncio.CancelledError:
                 if not lifecycle.stopping:
                     raise

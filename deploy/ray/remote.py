@@ -31,7 +31,7 @@ from starlette.requests import Request
 from deploy.ray.claims import claim_left
 from deploy.ray.model import Reply
 from reranker import RerankResult, Settings
-from web.cancel import client_gone
+from web.cancel import client_gone, event_left
 from web.errors import HttpError, client_left
 from web.lifecycle import Lifecycle
 from web.middleware import OnRefuse
@@ -220,8 +220,8 @@ class RemoteBackend:
         call_id = uuid.uuid4().hex  # this try's, for deploy/ray/claims.py (a request id may repeat)
         response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + left, left, call_id)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
-        # Without a request (a UI event), only cancelling this task cancels the call.
-        watch = client_gone(request) if request is not None else asyncio.Event().wait()
+        # Without a request (a UI event): cancelling this task, or the event's client leaving (its page closed).
+        watch = client_gone(request) if request is not None else event_left()
         gone: asyncio.Future[Any] = asyncio.ensure_future(watch)
         cut: asyncio.Future[Any] = asyncio.ensure_future(self._cut.wait())
         cut_held: asyncio.Future[Any] = asyncio.ensure_future(self._cut_held.wait())
