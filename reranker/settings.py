@@ -60,6 +60,7 @@ class Settings:
     max_query_chars: int = MAX_QUERY_CHARS
     max_queue: int = 20_000
     max_body_bytes: int = 64 * 1024 * 1024
+    body_timeout_seconds: float = 60.0  # a request body must arrive within this of its headers; 0: no limit
     trust_remote_code: bool = False
     host: str = "127.0.0.1"
     port: int = 7860
@@ -75,6 +76,7 @@ class Settings:
     keep_alive_seconds: int = 75
     api_key: str | None = field(default=None, repr=False)  # secrets stay out of reprs and logs
     ui_auth: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)  # (user, password) pairs
+    ui_login_attempts: int = 10  # failed UI logins an address may make in a minute before 429; 0: no limit
     tracing: bool = False
     tracing_protocol: str = "http/protobuf"
 
@@ -118,6 +120,7 @@ class Settings:
             max_query_chars=get("RERANKER_MAX_QUERY_CHARS", _int(1), d.max_query_chars),
             max_queue=get("RERANKER_MAX_QUEUE", _int(1), d.max_queue),
             max_body_bytes=get("RERANKER_MAX_BODY_BYTES", _int(1024), d.max_body_bytes),
+            body_timeout_seconds=get("RERANKER_BODY_TIMEOUT_SECONDS", _non_negative_float, d.body_timeout_seconds),
             trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", _bool, d.trust_remote_code),
             host=get("RERANKER_HOST", _text, d.host),
             port=get("RERANKER_PORT", _port, d.port),
@@ -131,6 +134,7 @@ class Settings:
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
             keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
+            ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", _int(0), d.ui_login_attempts),
             tracing=tracing,
             tracing_protocol=tracing_protocol,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,30 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_cancelled(
     leave_while_sending(url, path, sent)
     wait_until(lambda: sum(counts(reranker.metrics, route).values()) > 0)
     assert counts(reranker.metrics, route) == {**dict.fromkeys(STATUSES, 0), "cancelled": 1}
+
+
+@pytest.mark.parametrize(("path", "route"), [("/v1/rerank", "/v1/rerank"), ("/gradio_api/queue/join", None),
+                                           ("/login", None)])
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
+        bert_model: ScoringModel, path: str, route: str | None) -> None:
+    """A client that sent its headers and part of its body, then nothing (or a byte a minute), held the connection
+    and its partial body in memory for as long as it liked."""
+    settings = model_settings(Path(bert_model.model_id), body_timeout_seconds=1)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as url:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=HANG_S) as sock:
+                started = time.monotonic()
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: 1000\r\n\r\n".encode() + b'{"query": "q"')
+                answer = b""
+                while chunk := sock.recv(65536):  # until the server closes the connection
+                    answer += chunk
+                waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+            assert b'"type":"body_timeout"' in answer and 1 <= waited < HANG_S
+            if route is not None:
+                assert counts(reranker.metrics, route) == {**dict.fromkeys(STATUSES, 0), "invalid": 1}
 
 
 @contextmanager

@@ -37,6 +37,7 @@ def test_every_variable_is_read() -> None:
         "RERANKER_DRAIN_SECONDS": "12.5", "RERANKER_INT8_CALIBRATION": "/data/pairs.jsonl",
         "RERANKER_INT8_MIN_SPEARMAN": "0.95", "RERANKER_INT8_MODE": "weights", "RERANKER_INT8_ON_FAIL": "exit",
         "RERANKER_KEEP_ALIVE_SECONDS": "620", "RERANKER_MAX_BODY_BYTES": "2048",
+        "RERANKER_BODY_TIMEOUT_SECONDS": "2.5", "RERANKER_UI_LOGIN_ATTEMPTS": "0",
     }
     # The dict above names every variable Settings.from_env reads.
     source = Path(__file__).resolve().parent.parent.joinpath("reranker", "settings.py").read_text()
@@ -51,7 +52,7 @@ def test_every_variable_is_read() -> None:
         slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),), tracing=True,
         backend="openvino", cache_dir="/var/cache/rr", drain_seconds=12.5, int8_calibration="/data/pairs.jsonl",
         int8_min_spearman=0.95, int8_mode="weights", int8_on_fail="exit", keep_alive_seconds=620,
-        max_body_bytes=2048,
+        max_body_bytes=2048, body_timeout_seconds=2.5, ui_login_attempts=0,
     )
 
 
@@ -102,6 +103,8 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_KEEP_ALIVE_SECONDS", "0", "an integer >= 1"),
         ("RERANKER_KEEP_ALIVE_SECONDS", "2.5", "an integer >= 1"),
         ("RERANKER_MAX_BODY_BYTES", "100", "an integer >= 1024"),
+        ("RERANKER_BODY_TIMEOUT_SECONDS", "-1", "a number >= 0"),
+        ("RERANKER_UI_LOGIN_ATTEMPTS", "many", "an integer >= 0"),
     ],
 )
 def test_bad_value_names_variable_and_accepted_values(name: str, value: str, accepted: str) -> None:

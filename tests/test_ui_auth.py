@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +98,26 @@ def test_the_login_form_and_other_paths_take_small_bodies_only(url: str) -> None
         assert f"over {OTHER_BODY_BYTES} bytes" in response.json()["error"]["message"]
     wrong = httpx.post(f"{url}/login", data={"username": "alice", "password": "wrong"}, timeout=HANG_S)
     assert wrong.status_code == 400
+
+
+def test_failed_logins_are_logged_and_an_address_that_keeps_failing_is_throttled(
+        bert_model: ScoringModel, bert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Gradio's login took 200 guesses in 1.3 s and said nothing of them."""
+    caplog.set_level(logging.INFO, logger="reranker.login")
+    settings = model_settings(bert_dir, ui_auth=((USER, PASSWORD),), ui_login_attempts=3)
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as base, httpx.Client(base_url=base, timeout=HANG_S) as client:
+            assert client.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+            for _ in range(3):
+                assert client.post("/login", data={"username": USER, "password": "guess"}).status_code == 400
+            for password in ("guess", PASSWORD):  # the right one too: the address waits out its minute
+                throttled = client.post("/login", data={"username": USER, "password": password})
+                assert throttled.status_code == 429 and throttled.json()["error"]["type"] == "login_throttled"
+                assert 1 <= int(throttled.headers["retry-after"]) <= 60
+    lines = [(r.getMessage(), getattr(r, "failures_last_minute", None)) for r in caplog.records]
+    assert lines == [("ui login refused", 1), ("ui login refused", 2), ("ui login refused", 3),
+                     ("ui login throttled", None), ("ui login throttled", None)]
+    assert all("guess" not in str(vars(r)) and PASSWORD not in str(vars(r)) for r in caplog.records)
 
 
 def test_the_login_page_is_served_and_wrong_passwords_are_refused(url: str) -> None:

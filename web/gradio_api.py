@@ -25,7 +25,18 @@ from pydantic import TypeAdapter
 from web.cancel import handled_cancellation, handling_event
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
-from web.middleware import App, Message, Receive, Scope, Send, declared_length, read_body, replaying, route_path
+from web.middleware import (
+    App,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    body_deadline,
+    declared_length,
+    read_body,
+    replaying,
+    route_path,
+)
 from web.service import split_lines
 from web.tracing import request_context
 
@@ -288,9 +299,10 @@ class RerankEvents:
     Gradio's own). The body is read here, up to PEEK_BYTES, and handed on as it came. Outermost, so that the
     drain gate knows too."""
 
-    def __init__(self, app: App, blocks: CountedBlocks) -> None:
+    def __init__(self, app: App, blocks: CountedBlocks, body_timeout: float = 60.0) -> None:
         self.app = app
         self.blocks = blocks
+        self.body_timeout = body_timeout  # RERANKER_BODY_TIMEOUT_SECONDS: BodyLimit, inside, answers its 408
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" and scope.get("method") == "POST" else ""
@@ -304,7 +316,7 @@ class RerankEvents:
         if declared is not None and declared > PEEK_BYTES:
             scope[RERANK_EVENT] = True
         else:
-            read, size = await read_body(receive, PEEK_BYTES)
+            read, size = await read_body(receive, PEEK_BYTES, body_deadline(scope, self.body_timeout))
             # A body cut short by the client is no JSON, and names no event.
             named = self.blocks.counted_index(b"".join(m.get("body", b"") for m in read))
             scope[RERANK_EVENT] = size > PEEK_BYTES or (by_path if named is None else named)

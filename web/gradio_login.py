@@ -8,6 +8,10 @@ Gradio-style `/api/predict` needs the login too unless RERANKER_API_KEY guards i
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections import deque
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -20,6 +24,11 @@ from web.errors import HttpError
 from web.middleware import App, OnRefuse, Receive, Scope, Send, rerank_route, route_path
 
 PREDICT = "/api/predict"
+LOGIN = "/login"  # Gradio's login form posts here
+LOGIN_WINDOW_S = 60.0
+LOGIN_CLIENTS = 10_000  # client addresses remembered at most: the oldest is forgotten first
+
+logger = logging.getLogger("reranker.login")
 
 # What the login page itself asks before anyone has logged in; Gradio answers it (401 until logged in).
 OPEN_PATHS = frozenset({f"{API_PREFIX}/login_check"})
@@ -72,3 +81,55 @@ def find_gradio_app(app: Any) -> GradioApp:
         if isinstance(getattr(route, "app", None), GradioApp):
             return route.app
     raise LookupError("no Gradio app is mounted")
+
+
+class LoginThrottle:
+    """With RERANKER_UI_AUTH: a failed UI login is logged (WARNING: the client's address, never what was typed), and
+    an address with `attempts` (RERANKER_UI_LOGIN_ATTEMPTS) failures in the last minute gets 429 with Retry-After
+    for its next tries, until the oldest of them is a minute old. Gradio's own login had neither: 200 guesses took
+    1.3 s, and nothing said they happened."""
+
+    def __init__(self, app: App, attempts: int) -> None:
+        self.app = app
+        self.attempts = attempts
+        self.failures: dict[str, deque[float]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.attempts <= 0 or scope["type"] != "http" or scope.get("method") != "POST"
+                or route_path(scope) != LOGIN):
+            await self.app(scope, receive, send)
+            return
+        client = str((scope.get("client") or ("unknown",))[0])
+        now = time.monotonic()
+        recent = self._recent(client, now)
+        if len(recent) >= self.attempts:
+            wait = max(1, math.ceil(recent[0] + LOGIN_WINDOW_S - now))
+            logger.warning("ui login throttled", extra={"client": client, "retry_after_s": wait})
+            error = HttpError(429, "login_throttled", f"{len(recent)} failed logins from this address in the last "
+                              f"minute; retry in {wait} s", headers={"Retry-After": str(wait)})
+            await error.response(LOGIN)(scope, receive, send)
+            return
+        answered: dict[str, int] = {}
+
+        async def watch(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                answered["status"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if answered.get("status") == 400:  # Gradio's "Incorrect credentials"
+            recent.append(time.monotonic())
+            self.failures.pop(client, None)  # re-inserted last: the dict's order is the forgetting order
+            self.failures[client] = recent
+            while len(self.failures) > LOGIN_CLIENTS:
+                del self.failures[next(iter(self.failures))]
+            logger.warning("ui login refused", extra={"client": client, "failures_last_minute": len(recent)})
+        elif answered.get("status") == 200:
+            self.failures.pop(client, None)
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        """The client's failures within the last minute (older ones dropped)."""
+        recent = self.failures.get(client, deque())
+        while recent and recent[0] <= now - LOGIN_WINDOW_S:
+            recent.popleft()
+        return recent

@@ -11,7 +11,7 @@ from web.api import build_api, json_refusals
 from web.backend import LocalBackend
 from web.errors import HttpError
 from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route, json_safe_validation_errors
-from web.gradio_login import GradioLogin, find_gradio_app
+from web.gradio_login import GradioLogin, LoginThrottle, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Receive, Scope, Send, route_path
@@ -80,17 +80,19 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         lifecycle.on_stop(gradio.stop_event.set)
     # Starlette runs the last added first: request id, cut-off, Rerank events, drain gate, Gradio API status, Gradio
     # login, key, body limit.
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused,
+                       timeout=settings.body_timeout_seconds)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     if ui and settings.ui_auth:
         app.add_middleware(GradioLogin, gradio=gradio, guard_predict=settings.api_key is None,
                            on_refuse=refused)
+        app.add_middleware(LoginThrottle, attempts=settings.ui_login_attempts)  # before the login form is read
     if ui:  # outside the login, so that it counts the Gradio API calls the login refuses
         app.add_middleware(GradioApiStatus, on_refuse=service.refused)
     # While draining, new work is refused before anything else looks at it.
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_refuse=refused_while_draining, route=counted_route)
     if ui:  # outside the drain gate: which event a Gradio call runs is in its body
-        app.add_middleware(RerankEvents, blocks=demo)
+        app.add_middleware(RerankEvents, blocks=demo, body_timeout=settings.body_timeout_seconds)
     # A request that a stop cuts off gets 503 with Retry-After, not the server's bare 500.
     app.add_middleware(CutOff, lifecycle=lifecycle)
     # Outermost: every answer carries X-Request-ID and every refusal its request's id and latency, the drain's too.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -63,13 +65,34 @@ def _is_upload(path: str) -> bool:
     return path.endswith("/upload")
 
 
-async def read_body(receive: Receive, limit: int) -> tuple[list[Message], int]:
+# In the ASGI scope: when the request's body must have arrived (time.monotonic()), from its first read.
+BODY_DEADLINE = "reranker.body_deadline"
+# The last message read_body returns when that deadline passed first.
+TIMED_OUT = "reranker.body_timed_out"
+
+
+def body_deadline(scope: Scope, seconds: float) -> float | None:
+    """When the request's body must have arrived: `seconds` (RERANKER_BODY_TIMEOUT_SECONDS) from the first middleware
+    that reads it, the same for every later reader; None for no limit (0)."""
+    if seconds <= 0:
+        return None
+    return float(scope.setdefault(BODY_DEADLINE, time.monotonic() + seconds))
+
+
+async def read_body(receive: Receive, limit: int, deadline: float | None = None) -> tuple[list[Message], int]:
     """The request's body messages as they come, and their bytes: up to the last one, or the disconnect that ends
-    them early (then the last message), or the first to pass `limit` bytes (then bytes > limit)."""
+    them early (then the last message), or the first to pass `limit` bytes (then bytes > limit), or until
+    `deadline` (then a last message of type TIMED_OUT: a client sending a byte a minute held a connection, and up to
+    `limit` bytes of memory, for as long as it liked)."""
     read: list[Message] = []
     size = 0
     while size <= limit:
-        message = await receive()
+        try:
+            message = await (receive() if deadline is None else
+                             asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0)))
+        except TimeoutError:
+            read.append({"type": TIMED_OUT})
+            break
         read.append(message)
         if message["type"] != "http.request":
             break
@@ -80,8 +103,9 @@ async def read_body(receive: Receive, limit: int) -> tuple[list[Message], int]:
 
 
 def replaying(read: list[Message], receive: Receive) -> Receive:
-    """A `receive` that hands on the messages already `read`, then the server's next ones."""
-    pending = deque(read)
+    """A `receive` that hands on the messages already `read`, then the server's next ones (a TIMED_OUT mark is not
+    handed on: the next reader, given the same deadline, finds it passed)."""
+    pending = deque(message for message in read if message["type"] != TIMED_OUT)
 
     async def replay() -> Message:
         return pending.popleft() if pending else await receive()
@@ -141,10 +165,11 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API, and over OTHER_BODY_BYTES anywhere
     else, with 413, before they are parsed."""
 
-    def __init__(self, app: App, limit: int, on_refuse: OnRefuse) -> None:
+    def __init__(self, app: App, limit: int, on_refuse: OnRefuse, timeout: float = 60.0) -> None:
         self.app = app
         self.limit = limit
         self.on_refuse = on_refuse
+        self.timeout = timeout  # RERANKER_BODY_TIMEOUT_SECONDS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _bounded(scope)
@@ -169,9 +194,13 @@ class BodyLimit:
                 return
             await self.app(scope, receive, send)
             return
-        read, size = await read_body(receive, limit)
+        read, size = await read_body(receive, limit, body_deadline(scope, self.timeout))
         if size > limit:
             await self._refuse(route, self._too_big(small), scope, receive, send)
+        elif read[-1]["type"] == TIMED_OUT:
+            error = HttpError(408, "body_timeout", f"the request body did not arrive within {self.timeout:g} s "
+                              "(RERANKER_BODY_TIMEOUT_SECONDS); send it at once", headers={"Connection": "close"})
+            await self._refuse(route, error, scope, receive, send)
         elif read[-1]["type"] != "http.request":
             # Counted as the request it was: left to the app, a body cut short read as invalid JSON (400).
             await self._refuse(route, client_left("the client closed the connection before sending the whole body"),

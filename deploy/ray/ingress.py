@@ -119,7 +119,8 @@ def ingress_app(backend: RemoteBackend, metrics: Metrics, history: RequestHistor
     refused = json_refusals(lambda route, error: book_refusal(metrics, history, route, error))
     app = build_api(backend, refused)
     # Starlette runs the last added first: request id, drain gate, UI login, replica header, key, body limit.
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused,
+                       timeout=settings.body_timeout_seconds)
     app.add_middleware(BearerKey, api_key=settings.api_key, on_refuse=refused)
     app.add_middleware(ReplicaHeader)
     if settings.ui_auth and settings.api_key is None:

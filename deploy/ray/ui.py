@@ -39,7 +39,7 @@ from web.gradio_api import (
     counted_route,
     json_safe_validation_errors,
 )
-from web.gradio_login import GradioLogin, find_gradio_app
+from web.gradio_login import GradioLogin, LoginThrottle, find_gradio_app
 from web.history import RequestHistory
 from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import BodyLimit
@@ -152,13 +152,15 @@ class UI:
         # Gradio API status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer
         # key, and the login need not guard /api/predict.
         refused = json_refusals(self.refused)  # books nothing here: the Gradio API's refusals are booked below
-        app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused)
+        app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused,
+                           timeout=settings.body_timeout_seconds)
         if settings.ui_auth:
             app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=False, on_refuse=refused)
+            app.add_middleware(LoginThrottle, attempts=settings.ui_login_attempts)
         app.add_middleware(GradioApiStatus, on_refuse=self.refused)  # outside the login: counts its refusals
         app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining,
                            route=counted_route)
-        app.add_middleware(RerankEvents, blocks=demo)
+        app.add_middleware(RerankEvents, blocks=demo, body_timeout=settings.body_timeout_seconds)
         # Serve drains and stops this replica (no forced stop cancels its requests here): it ends the event
         # streams Gradio breaks off with an HTTP error (an unknown event id).
         app.add_middleware(CutOff, lifecycle=self.lifecycle)
