@@ -42,9 +42,11 @@ def assert_same(got: list[EncodedPair], want: list[EncodedPair]) -> None:
             np.testing.assert_array_equal(a.token_type_ids, b.token_type_ids, err_msg=f"token_type_ids of pair {i}")
 
 
-@pytest.mark.parametrize("max_length", [48, 100, 256])
+@pytest.mark.parametrize("max_length", [24, 32, 48, 100, 256])  # 24, 32: the probe's own queries are refused
 def test_features_equal_preprocess_for_any_length(model_dir: Path, documents: list[str], max_length: int) -> None:
     if "Qwen3" in model_dir.name:
+        if max_length < 48:
+            pytest.skip("the small lengths are the classic cross-encoders' (a causal one's room is its own)")
         max_length += 160  # the tiny vocabulary spends about 150 tokens on the Qwen3-Reranker prompt
     model = load_model(model_settings(model_dir, max_length=max_length))
     expected_kind = ChatTemplateEncoder if model.is_causal else TextPairEncoder
