@@ -243,3 +243,13 @@ def test_burst_bench_measures_the_admitted_request_and_the_refusals_against_the_
         assert admitted is not None and refused is not None, section
         assert int(admitted.group(1)) >= 1 and int(admitted.group(1)) + int(refused.group(1)) == 4
         assert re.search(r"server CPU for the burst: \d+\.\d\dx the lone request's", section)
+
+
+def test_waiting_bench_measures_both_cancels_against_the_plain_event() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.waiting", "--waiting", "8", "--seconds", "0.3",
+                             "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^(threading\.Event|CancelSignal) +(\d+\.\d\d)% of a core .*; (\d+\.\d{3})x threading\.Event$",
+                      result.stdout, re.M)
+    assert [row[0] for row in rows] == ["threading.Event", "CancelSignal"], result.stdout
+    assert rows[0][2] == "1.000"
