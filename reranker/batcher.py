@@ -258,15 +258,17 @@ class Batcher:
     def hold(self, room: Room, pairs: int, *, abandon: bool = False) -> None:
         with self._cond:
             room.abandoned = room.abandoned or abandon
-            if room.abandoned and pairs:
-                raise CancelledError("the caller gave up")
             if pairs > room.pairs:
-                self._refuse(pairs, held=room.pairs)
+                self._refuse(pairs, room)
             self._held_pairs += pairs - room.pairs
             room.pairs = pairs
 
-    def _refuse(self, n_pairs: int, held: int = 0) -> None:
-        """Under the lock: raise if `n_pairs` more pairs cannot be queued now; `held` of them have room already."""
+    def _refuse(self, n_pairs: int, room: Room | None) -> None:
+        """Under the lock: raise if `n_pairs` more pairs cannot be queued now; those `room` holds have room already.
+        An abandoned room's request is cancelled, not refused for the room it gave back."""
+        if room is not None and room.abandoned:
+            raise CancelledError("the caller gave up")
+        held = room.pairs if room is not None else 0
         if n_pairs > self._max_queue:
             raise LimitExceededError(
                 f"this request needs {n_pairs} model passes (documents plus chunks), more than "
@@ -289,12 +291,9 @@ class Batcher:
         since before tokenizing, is used up."""
         job = Job(pairs, span_context=current_span_context())
         with self._cond:  # the room may be released from another thread (RerankService.admit's holder)
-            if room is not None and room.abandoned:
-                raise CancelledError("the caller gave up")
-            held = room.pairs if room is not None else 0
-            self._refuse(len(pairs), held)
+            self._refuse(len(pairs), room)
             if room is not None:
-                self._held_pairs -= held
+                self._held_pairs -= room.pairs
                 room.pairs = 0
             self._pending.extend(_Item(job, i) for i in range(len(pairs)))
             self._queued_pairs += len(pairs)

@@ -199,7 +199,7 @@ class Reranker:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
                                       documents_field, held, truncate)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
-                if isinstance(err, RerankerError) and isinstance(err.stats, RerankStats):  # what it cost by then
+                if isinstance(err, RerankerError) and err.stats is not None:  # what it cost by then
                     spans.describe_request(span, err.stats, top_n)
                 span.set_attribute(spans.OUTCOME, spans.outcome(err))
                 raise
@@ -295,12 +295,12 @@ class Reranker:
 
             raw = np.asarray(logits, dtype=np.float32)
             probabilities = sigmoid(raw).tolist()
-            by = raw.tolist()
-            shown = by if raw_scores else probabilities
+            ranked_by = raw.tolist()
+            shown = ranked_by if raw_scores else probabilities
             # Ordered by the logits, whatever is shown: float32 sigmoid is exactly 1.0 from a logit of about 17
             # (a causal yes/no reranker's clear answers reach it), and ordering on it ranked such documents by
             # their place in the request.
-            order = sorted(range(len(documents)), key=lambda i: (-by[i], i))
+            order = sorted(range(len(documents)), key=lambda i: (-ranked_by[i], i))
             limit = len(order) if top_n is None else min(top_n, len(order))
             results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reranker.results import RerankStats
+
 
 class RerankerError(Exception):
     """Base class of every error this package raises on purpose.
 
-    `stats` (a reranker.results.RerankStats) is what a request that failed or was cancelled after its pairs were
+    `stats` is what a request that failed or was cancelled after its pairs were
     queued had cost by then (its tokens, cache hits, queue and inference time), for its log line and span; None for
     one that ended before."""
 
-    stats: object | None = None
+    stats: RerankStats | None = None
 
 
 class ValidationError(RerankerError, ValueError):

@@ -14,6 +14,7 @@ from reranker import (
     LimitExceededError,
     OverloadedError,
     RerankerError,
+    RerankStats,
     ScoringError,
     ValidationError,
 )
@@ -36,7 +37,7 @@ class HttpError(Exception):
         self.message = message
         self.counted = counted  # already recorded in reranker_requests_total
         self.headers = dict(headers or {})  # of the answer, over those its status gets by default
-        self.stats: object | None = None  # the engine's RerankStats of a request that ended once queued, for its log
+        self.stats: RerankStats | None = None  # what a request that ended once queued cost, for its log line
 
     @property
     def outcome(self) -> str:

@@ -22,6 +22,7 @@ from gradio.queueing import Event
 from gradio.route_utils import API_PREFIX
 from pydantic import TypeAdapter
 
+from reranker.settings import Settings
 from web.cancel import handled_cancellation, handling_event
 from web.errors import HttpError, client_left
 from web.lifecycle import RETRY_AFTER_SECONDS, Lifecycle, Served, current_served
@@ -299,7 +300,8 @@ class RerankEvents:
     Gradio's own). The body is read here, up to PEEK_BYTES, and handed on as it came. Outermost, so that the
     drain gate knows too."""
 
-    def __init__(self, app: App, blocks: CountedBlocks, body_timeout: float = 60.0) -> None:
+    def __init__(self, app: App, blocks: CountedBlocks,
+                 body_timeout: float = Settings.body_timeout_seconds) -> None:
         self.app = app
         self.blocks = blocks
         self.body_timeout = body_timeout  # RERANKER_BODY_TIMEOUT_SECONDS: BodyLimit, inside, answers its 408

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from reranker.settings import Settings
 from web.errors import HttpError, client_left
 
 Scope = MutableMapping[str, Any]
@@ -86,19 +87,19 @@ async def read_body(receive: Receive, limit: int, deadline: float | None = None)
     `limit` bytes of memory, for as long as it liked)."""
     read: list[Message] = []
     size = 0
-    while size <= limit:
-        try:
-            message = await (receive() if deadline is None else
-                             asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0)))
-        except TimeoutError:
-            read.append({"type": TIMED_OUT})
-            break
-        read.append(message)
-        if message["type"] != "http.request":
-            break
-        size += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
+    try:
+        # One timeout over the whole read (no task per message, as wait_for made): None is none.
+        async with asyncio.timeout(None if deadline is None else max(deadline - time.monotonic(), 0.0)):
+            while size <= limit:
+                message = await receive()
+                read.append(message)
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        read.append({"type": TIMED_OUT})
     return read, size
 
 
@@ -165,7 +166,8 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes on the JSON routes and the Gradio API, and over OTHER_BODY_BYTES anywhere
     else, with 413, before they are parsed."""
 
-    def __init__(self, app: App, limit: int, on_refuse: OnRefuse, timeout: float = 60.0) -> None:
+    def __init__(self, app: App, limit: int, on_refuse: OnRefuse,
+                 timeout: float = Settings.body_timeout_seconds) -> None:
         self.app = app
         self.limit = limit
         self.on_refuse = on_refuse

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult, RerankStats
+from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult
 from reranker.batcher import Room
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
@@ -177,7 +177,7 @@ class RerankService:
         if isinstance(call.query, str):
             fields.update(query_fields(call.query, settings.log_query_preview))
         stats = result.stats if result is not None else error.stats if error is not None else None
-        if isinstance(stats, RerankStats):  # a request that failed or was cancelled once queued has them too
+        if stats is not None:  # a request that failed or was cancelled once queued has them too
             s = stats
             fields.update(
                 queue_ms=round(s.queue_seconds * 1000, 2), inference_ms=round(s.inference_seconds * 1000, 2),
