@@ -183,7 +183,7 @@ class Reranker:
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None, *,
                         max_doc_tokens: int | None = None, documents_field: str = "documents",
-                        room: Room | None = None, truncate: bool = True) -> RerankResult:
+                        room: Room | None = None, truncate: bool = True, max_chunks: int | None = None) -> RerankResult:
         """As `rerank`, with the call's statistics; traced as a `reranker.rerank` span (reranker.spans).
 
         Setting `cancel` (the caller went away) drops the pairs that have not started and raises
@@ -192,12 +192,14 @@ class Reranker:
         caller's API gives the documents (TEI's `texts`), for validation messages. `room`: queue room the caller
         already holds for the request (`room()`), released when this returns. With `truncate` false (TEI's
         `truncate: false`) a document the model would cut to its max length is refused (LimitExceededError) before
-        anything is scored; one that chunk mode windows is not cut."""
+        anything is scored; one that chunk mode windows is not cut. `max_chunks` (Cohere v1's `max_chunks_per_doc`)
+        scores at most a document's first N windows in chunk mode, counting one with more as truncated; a document
+        that fits is one window, so in truncate mode it changes nothing."""
         held = room if room is not None else self._batcher.room()
         with spans.step(self._tracer, spans.REQUEST, self._model_attributes) as span, held:
             try:
                 result = self._rerank(query, documents, top_n, instruction, raw_scores, cancel, max_doc_tokens,
-                                      documents_field, held, truncate)
+                                      documents_field, held, truncate, max_chunks)
             except Exception as err:  # recorded by step: an exception event, with status ERROR unless cancelled
                 if isinstance(err, RerankerError) and err.stats is not None:  # what it cost by then
                     spans.describe_request(span, err.stats, top_n)
@@ -208,10 +210,14 @@ class Reranker:
 
     def _rerank(self, query: str, documents: Sequence[str], top_n: int | None, instruction: str | None,
                 raw_scores: bool, cancel: threading.Event | None, max_doc_tokens: int | None,
-                documents_field: str, room: Room, truncate: bool = True) -> RerankResult:
+                documents_field: str, room: Room, truncate: bool = True,
+                max_chunks: int | None = None) -> RerankResult:
         started = time.perf_counter()
         with spans.step(self._tracer, spans.VALIDATE):
-            self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field)
+            self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field,
+                          max_chunks=max_chunks)
+        if self.settings.long_docs != "chunk":
+            max_chunks = None  # every document is one window: its cache entries are those of any other request
         self.metrics.documents_per_request.observe(len(documents))
         instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
         given_up(cancel)  # a caller gone while the request waited for a thread: its room is given back already
@@ -222,7 +228,7 @@ class Reranker:
             room.need(len(documents))
         texts, clipped = self._clip(documents, max_doc_tokens, cancel)
         with spans.step(self._tracer, spans.CACHE) as span:
-            keys = [self._key(query, text, instruction) for text in texts]
+            keys = [self._key(query, text, instruction, max_chunks) for text in texts]
             cached = [self._cache.get(key) for key in keys]
             logits: list[float | None] = [None if entry is None else entry[0] for entry in cached]
             hits = sum(value is not None for value in logits)
@@ -237,7 +243,8 @@ class Reranker:
         with spans.step(self._tracer, spans.TOKENIZE) as span:
             plan = _Plan()
             if scored:
-                plan = self._plan(query, [texts[i] for i in scored], instruction, document_room, cancel, room.need)
+                plan = self._plan(query, [texts[i] for i in scored], instruction, document_room, cancel, room.need,
+                                  max_chunks)
             clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
             spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
         # Every document counts as its scored text was cut to max_length or split: a cache hit as its first request
@@ -322,10 +329,10 @@ class Reranker:
 
     def validate(self, query: object, documents: object, top_n: object = None,
                  instruction: object = None, max_doc_tokens: object = None, *,
-                 documents_field: str = "documents") -> None:
+                 documents_field: str = "documents", max_chunks: object = None) -> None:
         """Raise ValidationError (LimitExceededError for sizes) saying what to change."""
         validate_request(self.settings, self.model, query, documents, top_n, instruction, max_doc_tokens,
-                         documents_field=documents_field)
+                         documents_field=documents_field, max_chunks=max_chunks)
 
     def _clip(self, documents: Sequence[str], max_doc_tokens: int | None,
               cancel: threading.Event | None = None) -> tuple[Sequence[str], set[int]]:
@@ -349,9 +356,11 @@ class Reranker:
         return not (self.settings.long_docs == "truncate" and max_doc_tokens >= self.model.max_length and
                     self.model.tokenizer.truncation_side != "left")
 
-    def _key(self, query: str, document: str, instruction: str | None) -> bytes:
+    def _key(self, query: str, document: str, instruction: str | None, max_chunks: int | None = None) -> bytes:
+        # A cap on windows is a mode of its own: a long document capped scores its first windows only.
+        mode = self.settings.long_docs if max_chunks is None else f"{self.settings.long_docs}:{max_chunks}"
         return pair_key(
-            self.model.model_id, str(self.model.max_length), self.settings.long_docs,
+            self.model.model_id, str(self.model.max_length), mode,
             "\x00" if instruction is None else instruction, query, document,
         )
 
@@ -384,13 +393,15 @@ class Reranker:
         return room
 
     def _plan(self, query: str, documents: Sequence[str], instruction: str | None, room: int,
-              cancel: threading.Event | None = None, need: Callable[[int], None] | None = None) -> _Plan:
+              cancel: threading.Event | None = None, need: Callable[[int], None] | None = None,
+              max_chunks: int | None = None) -> _Plan:
         """Tokenize each document once; note those cut to max_length, or split long ones into windows.
 
         `room`: the tokens a pair leaves its document (_document_room). Setting `cancel` stops the tokenizing
         within a slice (CancelledError). `need` (Room.need) is told, after each slice of documents, how many passes
         the request needs at least so far: in chunk mode a long document's windows are known only once it is
-        tokenized, and a request that cannot fit is refused then, not at the end."""
+        tokenized, and a request that cannot fit is refused then, not at the end. `max_chunks` keeps a document's
+        first N windows, and counts one that had more as cut."""
         encoder = self.model.encoder
         chunking = self.settings.long_docs == "chunk"
         plan = _Plan()
@@ -408,7 +419,11 @@ class Reranker:
                     continue
                 plan.split.add(i)
                 assert encoded.offsets is not None
-                for start, end in window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP)):
+                windows = window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP))
+                if max_chunks is not None and len(windows) > max_chunks:
+                    windows = windows[:max_chunks]
+                    plan.cut.add(i)  # its end is not scored
+                for start, end in windows:
                     chunks.append(documents[i][start:end])
                     chunk_owners.append(i)
             if need is not None and chunks:  # without chunks, the documents' count held already

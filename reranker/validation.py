@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def validate_request(s: Settings, model: ScoringModel, query: object, documents: object, top_n: object = None,
                      instruction: object = None, max_doc_tokens: object = None, *,
-                     documents_field: str = "documents") -> None:
+                     documents_field: str = "documents", max_chunks: object = None) -> None:
     """Raise ValidationError (LimitExceededError for sizes) saying what to change; nothing is queued before.
 
     `documents_field` is what the caller's API calls the list (TEI's `texts`), so a message names the field sent."""
@@ -48,11 +48,13 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
         raise InvalidTypeError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
     if top_n is not None and top_n < 1:
         raise ValidationError(f"top_n must be a positive integer or null, got {_brief(top_n)}")
-    if max_doc_tokens is not None:
-        if isinstance(max_doc_tokens, bool) or not isinstance(max_doc_tokens, int):
-            raise InvalidTypeError(f"max_tokens_per_doc must be a positive integer, got {_brief(max_doc_tokens)}")
-        if max_doc_tokens < 1:
-            raise ValidationError(f"max_tokens_per_doc must be a positive integer, got {_brief(max_doc_tokens)}")
+    for name, value in (("max_tokens_per_doc", max_doc_tokens), ("max_chunks_per_doc", max_chunks)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidTypeError(f"{name} must be a positive integer, got {_brief(value)}")
+        if value < 1:
+            raise ValidationError(f"{name} must be a positive integer, got {_brief(value)}")
     if instruction is not None:
         if not isinstance(instruction, str):
             raise InvalidTypeError(f"instruction must be a string, got {type(instruction).__name__}")

@@ -166,6 +166,10 @@ def test_root_api_predict_accepts_text_or_list(url: str) -> None:
     assert as_text["duration"] >= 0 and len(as_text["data"][0]) == 4  # the blank line is not a document
     assert [r["index"] for r in as_list["data"][0]] == [r["index"] for r in as_text["data"][0]][:2]
     assert set(as_text["data"][0][0]) == {"index", "score", "document"}
+    # A Number field's float, as the UI takes it: 2.0 is 2; 0.0 is all, like 0.
+    as_float = post(url, "/api/predict", {"data": ["cache server", DOCS[:3] + DOCS[4:], 2.0]}).json()
+    assert as_float["data"] == as_list["data"]
+    assert len(post(url, "/api/predict", {"data": ["cache server", DOCS, 0.0]}).json()["data"][0]) == len(DOCS)
 
 
 def test_health_ready_info_docs(url: str) -> None:
@@ -248,6 +252,11 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("lone surrogate in a TEI text", "/rerank", {"query": "q", "texts": ["a\udc00"]}, 400),
     ("predict empty query", "/api/predict", {"data": ["", "a\nb"]}, 400),
     ("predict top_n negative", "/api/predict", {"data": ["q", "a", -3]}, 400),
+    ("predict top_n fractional", "/api/predict", {"data": ["q", "a", 1.5]}, 422),
+    ("predict top_n false", "/api/predict", {"data": ["q", "a", False]}, 422),
+    ("max_chunks_per_doc zero", "/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": 0}, 400),
+    ("max_chunks_per_doc a string", "/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": "lots"},
+     422),
 ]
 
 
@@ -261,8 +270,8 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     else:
         error = response.json()["error"]
         assert error["type"] and len(error["message"]) > 10
-        if path == "/v1/rerank":  # and Cohere v1's message beside it
-            assert response.json()["message"] == error["message"]
+        if path == "/v1/rerank":  # and Cohere v1's message and Jina's detail beside it
+            assert response.json()["message"] == response.json()["detail"] == error["message"]
     assert "Traceback" not in response.text
     assert "zebra-secret" not in response.text  # no text of a request is echoed
     assert post(url, "/v1/rerank", {"query": "still", "documents": ["alive"]}).status_code == 200

@@ -102,8 +102,29 @@ def test_max_tokens_per_doc_scores_each_document_cut_to_its_first_tokens(
     assert [r["relevance_score"] for r in default["results"]] == [r["relevance_score"] for r in plain["results"]]
 
 
+def test_v2_takes_the_earlier_v2_apis_return_documents_and_rank_fields(live: tuple[str, Reranker]) -> None:
+    """Cohere's SDKs up to 5.13 send these on v2, and read each result's `document` back when they asked for it."""
+    url, _ = live
+    objects = [{"title": "Queues", "text": d} for d in DOCS]
+    echoed = post(url, "/v2/rerank", {"query": "cache server", "documents": objects, "return_documents": True,
+                                      "max_chunks_per_doc": 3}).json()["results"]
+    plain = post(url, "/v2/rerank", {"query": "cache server", "documents": DOCS}).json()["results"]
+    assert [(r["index"], r["relevance_score"]) for r in echoed] == [(r["index"], r["relevance_score"]) for r in plain]
+    assert [r["document"] for r in echoed] == [objects[r["index"]] for r in echoed]  # as sent, as on /v1/rerank
+    strings = post(url, "/v2/rerank", {"query": "q", "documents": DOCS, "return_documents": True}).json()["results"]
+    assert [r["document"] for r in strings] == [{"text": DOCS[r["index"]]} for r in strings]
+    fields = {"query": "cache server", "documents": objects, "rank_fields": ["title", "text"],
+              "return_documents": False}
+    by_fields = post(url, "/v2/rerank", fields).json()["results"]
+    on_v1 = post(url, "/v1/rerank", fields).json()["results"]
+    assert by_fields == on_v1 and all("document" not in r for r in by_fields)
+
+
 @pytest.mark.parametrize(("body", "status", "says"), [
     ({"query": "", "documents": DOCS}, 400, "query is empty"),
+    ({"query": "q", "documents": DOCS, "max_chunks_per_doc": 0}, 400, "max_chunks_per_doc must be a positive"),
+    ({"query": "q", "documents": DOCS, "max_chunks_per_doc": "9"}, 422, "max_chunks_per_doc"),
+    ({"query": "q", "documents": DOCS, "return_documents": "yes"}, 422, "return_documents"),
     ({"query": "q", "documents": []}, 400, "documents is empty"),
     ({"query": "q", "documents": DOCS, "max_tokens_per_doc": 0}, 400, "max_tokens_per_doc must be a positive"),
     ({"query": "q", "documents": DOCS, "relevant_spans": {"mode": "enabled"}}, 400, "relevant_spans is not supp"),
@@ -144,8 +165,8 @@ def test_v2_refusals_before_the_route_are_cohere_shaped_too(live: tuple[str, Rer
     wrong_method = httpx.get(f"{url}/v2/rerank", headers={"authorization": "Bearer secret"}, timeout=30)
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert wrong_method.json()["message"] == "/v2/rerank takes POST with a JSON body"
-    # The other routes keep their own error shape (v1's with Cohere v1's top-level message).
-    assert set(post(url, "/v1/rerank", {"query": "", "documents": DOCS}).json()) == {"error", "message"}
+    # The other routes keep their own error shape (v1's with Cohere v1's top-level message and Jina's detail).
+    assert set(post(url, "/v1/rerank", {"query": "", "documents": DOCS}).json()) == {"error", "message", "detail"}
 
 
 def test_v1_answers_carry_cohere_meta_too(live: tuple[str, Reranker]) -> None:

@@ -81,7 +81,7 @@ def check_answer(route: str, body: Any, response: httpx.Response) -> None:
             assert set(payload) == {"error", "error_type"}, payload
             assert all(isinstance(v, str) and v for v in payload.values()), payload
             return
-        assert set(payload) == ({"error", "message"} if route == "/v1/rerank" else {"error"}), payload
+        assert set(payload) == ({"error", "message", "detail"} if route == "/v1/rerank" else {"error"}), payload
         assert set(payload["error"]) == {"type", "message"}, payload
         assert all(isinstance(v, str) and v for v in payload["error"].values()), payload
         return

@@ -100,33 +100,51 @@ def test_a_cut_to_max_doc_tokens_is_counted_per_request_not_kept_in_the_cache(be
     assert (cut.truncated, cut.cache_hits) == (1, 0) and (whole.truncated, whole.cache_hits) == (0, 1)
 
 
-@pytest.mark.parametrize("kind", ["bert", "causal"])
+@pytest.mark.parametrize(("kind", "max_chunks"), [("bert", None), ("causal", None), ("bert", 2), ("causal", 1)])
 def test_chunk_mode_is_the_max_over_independently_scored_windows(
-    request: pytest.FixtureRequest, documents: list[str], kind: str
+    request: pytest.FixtureRequest, documents: list[str], kind: str, max_chunks: int | None
 ) -> None:
+    """`max_chunks` (Cohere's max_chunks_per_doc): the max over a document's first N windows, and one that had
+    more counted as truncated."""
     model: ScoringModel = request.getfixturevalue(f"{kind}_model")
     query = "where is the queue server"
     docs = documents[:30]
     settings = model_settings(Path(model.model_id), long_docs="chunk", cache_size=0)
     with Reranker(model, settings) as reranker:
-        result = reranker.rerank_detailed(query, docs, raw_scores=True)
-    assert result.stats.chunked > 5 and result.stats.truncated == 0
+        result = reranker.rerank_detailed(query, docs, raw_scores=True, max_chunks=max_chunks)
+    assert result.stats.chunked > 5
 
     # The windows again, from the tokenizer itself: the document alone, with offsets.
     room = model.max_length - model.encode([(query, "")])[0].n_tokens
     window = room - CHUNK_MARGIN
     offsets = model.tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     expected = []
+    capped = 0
     for doc, doc_offsets in zip(docs, offsets, strict=True):
         texts = [doc] if len(doc_offsets) <= room else [
             doc[a:b] for a, b in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP))
         ]
+        if max_chunks is not None and len(texts) > max_chunks:
+            texts = texts[:max_chunks]
+            capped += 1
         scores = model.cross_encoder.predict(
             [(query, t) for t in texts], activation_fn=torch.nn.Identity(), show_progress_bar=False
         )
         expected.append(float(np.max(scores)))
     got = {r.index: r.score for r in result.results}
     np.testing.assert_allclose([got[i] for i in range(len(docs))], expected, rtol=1e-5, atol=1e-5)
+    assert result.stats.truncated == capped and (capped > 3) == (max_chunks is not None)
+
+
+def test_a_cap_on_windows_keys_the_cache_apart(bert_model: ScoringModel) -> None:
+    """A capped document scores its first windows only: the same pair uncapped is not answered from its entry, and
+    in truncate mode, where every document is one window, a cap shares the uncapped entries."""
+    document = "the queue server keeps jobs " * 200
+    for long_docs, hits in [("chunk", [0, 0, 1]), ("truncate", [0, 1, 1])]:
+        settings = model_settings(Path(bert_model.model_id), long_docs=long_docs)
+        with Reranker(bert_model, settings) as reranker:
+            got = [reranker.rerank_detailed("queue", [document], max_chunks=n).stats.cache_hits for n in (1, None, 1)]
+        assert got == hits, long_docs
 
 
 def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -> None:

@@ -50,14 +50,14 @@ class HttpError(Exception):
     def body(self, path: str = "") -> dict[str, Any]:
         """The JSON error of the route at `path`, in the shape its hosted API's clients read: Cohere v2's
         `{"id", "message"}`, TEI's `{"error": message, "error_type"}`, and elsewhere `{"error": {"type", "message"}}`,
-        on /v1/rerank with Cohere v1's top-level `message` beside it."""
+        on /v1/rerank with Cohere v1's top-level `message` and Jina's `detail` beside it."""
         route = path.rstrip("/")
         if route == COHERE_V2:
             return {"id": current_request_id() or new_request_id(), "message": self.message}
         if route == TEI:
             return {"error": self.message, "error_type": self.tei_type}
         ours = {"error": {"type": self.type, "message": self.message}}
-        return {**ours, "message": self.message} if route == COHERE_V1 else ours
+        return {**ours, "message": self.message, "detail": self.message} if route == COHERE_V1 else ours
 
     @property
     def tei_type(self) -> str:

@@ -40,7 +40,7 @@ from web.schemas import (
     TeiResult,
     Usage,
 )
-from web.service import RerankCall, split_lines
+from web.service import RerankCall, form_top_n, split_lines
 from web.versions import package_versions as package_versions  # app.py's start-up line names them
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -102,6 +102,12 @@ def _object_text(i: int, doc: dict[str, Any], rank_fields: list[str]) -> str:
     return "\n".join(f"{field}: {doc[field]}" for field in present)
 
 
+def echoed(documents: list[Any], index: int) -> dict[str, Any]:
+    """Document `index` as sent, as Cohere and Jina echo it: an object whole, a string as `{"text": ...}`."""
+    sent = documents[index]
+    return sent if isinstance(sent, dict) else {"text": sent}
+
+
 def _wrong_method(path: str, allow: str = "POST", takes: str = "POST with a JSON body") -> Callable[[], None]:
     def refuse() -> None:
         # Not counted as a rerank request: a probe or a typo never reached one.
@@ -131,23 +137,20 @@ def build_router(backend: Backend) -> APIRouter:
     async def cohere_rerank(body: CohereRerankRequest, request: Request) -> CohereRerankResponse:
         texts = cohere_texts(body.documents, body.rank_fields)
         result = await backend.rerank(request, COHERE_V1, RerankCall(
-            body.query, texts, body.top_n, body.instruction, bool(body.raw_scores)))
+            body.query, texts, body.top_n, body.instruction, bool(body.raw_scores), max_chunks=body.max_chunks_per_doc))
         echo = body.return_documents is not False  # absent and null: true
-
-        def document(index: int) -> dict[str, Any] | None:  # as sent, as Cohere and Jina echo it
-            sent = body.documents[index]
-            return None if not echo else sent if isinstance(sent, dict) else {"text": sent}
-
         return CohereRerankResponse(
             id=str(uuid.uuid4()),
             model=await backend.model_id(),
-            results=[CohereResult(index=r.index, relevance_score=r.score, document=document(r.index))
+            results=[CohereResult(index=r.index, relevance_score=r.score,
+                                  document=echoed(body.documents, r.index) if echo else None)
                      for r in result.results],
             usage=Usage(total_tokens=result.stats.tokens),
             meta=cohere_meta("1", result),
         )
 
-    @router.post(COHERE_V2, response_model=CohereV2RerankResponse, responses=COHERE_ERROR_RESPONSES,
+    @router.post(COHERE_V2, response_model=CohereV2RerankResponse, response_model_exclude_none=True,
+                 responses=COHERE_ERROR_RESPONSES,
                  tags=["rerank"], summary="Cohere v2-compatible rerank (cohere.ClientV2)")
     async def cohere_v2_rerank(body: CohereV2RerankRequest, request: Request) -> CohereV2RerankResponse:
         if body.relevant_spans is not None and body.relevant_spans.mode != "disabled":
@@ -155,11 +158,14 @@ def build_router(backend: Backend) -> APIRouter:
                                                     'documents; leave it out or set its mode to "disabled"')
         max_doc_tokens = body.max_tokens_per_doc
         result = await backend.rerank(request, COHERE_V2, RerankCall(
-            body.query, cohere_texts(body.documents), body.top_n, body.instruction, bool(body.raw_scores),
-            COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens))
+            body.query, cohere_texts(body.documents, body.rank_fields), body.top_n, body.instruction,
+            bool(body.raw_scores), COHERE_V2_MAX_TOKENS_PER_DOC if max_doc_tokens is None else max_doc_tokens,
+            max_chunks=body.max_chunks_per_doc))
         return CohereV2RerankResponse(
             id=current_request_id() or new_request_id(),
-            results=[CohereV2Result(index=r.index, relevance_score=r.score) for r in result.results],
+            results=[CohereV2Result(index=r.index, relevance_score=r.score,
+                                    document=echoed(body.documents, r.index) if body.return_documents else None)
+                     for r in result.results],
             meta=cohere_meta("2", result),
         )
 
@@ -187,7 +193,7 @@ def build_router(backend: Backend) -> APIRouter:
             raise HttpError(422, "invalid_shape",
                             "data must be [query, documents, top_n?, instruction?] (2 to 4 items)")
         documents = split_lines(data[1]) if isinstance(data[1], str) else data[1]
-        top_n = data[2] if len(data) > 2 and data[2] not in (None, 0, "") else None
+        top_n = form_top_n(data[2]) if len(data) > 2 else None
         instruction = data[3] if len(data) > 3 and data[3] not in (None, "") else None
         result = await backend.rerank(request, "/api/predict", RerankCall(data[0], documents, top_n, instruction))
         return PredictResponse(

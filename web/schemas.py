@@ -32,6 +32,9 @@ class CohereRerankRequest(_Body):
         None, description="The fields of document objects to rank on, in order (default: `text`).")
     # null as absent: Cohere's SDK sends an explicit None as null.
     return_documents: StrictBool | None = Field(True, description="Echo each document as sent (default true).")
+    max_chunks_per_doc: StrictInt | None = Field(
+        None, description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows (all when "
+                          "absent); no effect when long documents are truncated.")
     raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities.")
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the loaded model answers.")
     instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one.")
@@ -86,7 +89,8 @@ class RelevantSpans(_Body):
 class CohereV2RerankRequest(_Body):
     model: StrictStr | None = Field(None, description="Required by Cohere; accepted here, the loaded model answers.")
     query: StrictStr = Field(description="What to rank the documents against.")
-    documents: CohereDocuments = Field(description="Strings (objects with a `text` field are also taken).")
+    documents: CohereV1Documents = Field(
+        description="Strings (objects are taken too, as on /v1/rerank, which Cohere's earlier v2 API did).")
     top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent).")
     max_tokens_per_doc: StrictInt | None = Field(
         None, description=f"Cut each document to its first N tokens before scoring ({COHERE_V2_MAX_TOKENS_PER_DOC} "
@@ -95,11 +99,18 @@ class CohereV2RerankRequest(_Body):
     relevant_spans: RelevantSpans | None = Field(None, description="Only mode \"disabled\" is supported.")
     raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities (extension).")
     instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one (extension).")
+    # Fields of Cohere's earlier v2 API, which its SDKs up to 5.13 send: honoured as on /v1/rerank.
+    return_documents: StrictBool | None = Field(False, description="Echo each document as sent (default false).")
+    rank_fields: list[StrictStr] | None = Field(
+        None, description="The fields of document objects to rank on, in order (default: `text`).")
+    max_chunks_per_doc: StrictInt | None = Field(
+        None, description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows.")
 
 
 class CohereV2Result(BaseModel):
     index: int
     relevance_score: float
+    document: dict[str, Any] | None = Field(None, description="With return_documents: the document as sent.")
 
 
 class CohereV2RerankResponse(BaseModel):
@@ -153,9 +164,11 @@ class ErrorResponse(BaseModel):
 
 
 class CohereV1ErrorResponse(ErrorResponse):
-    """On /v1/rerank: ours, with Cohere v1's top-level `message` beside it."""
+    """On /v1/rerank: ours, with Cohere v1's top-level `message` and Jina's `detail` beside it (Jina's clients
+    raise `detail` when an answer has no results)."""
 
     message: str
+    detail: str
 
 
 class TeiErrorResponse(BaseModel):

@@ -38,8 +38,19 @@ class RerankCall:
     instruction: object = None
     raw_scores: bool = False
     max_doc_tokens: object = None  # Cohere v2's max_tokens_per_doc
+    max_chunks: object = None  # Cohere's max_chunks_per_doc: in chunk mode, the windows scored per document
     documents_field: str = "documents"  # what the route's API calls the documents (TEI: texts), for its errors
     truncate: bool = True  # False (TEI's truncate: false): a document max_length would cut is refused
+
+
+def form_top_n(value: object) -> object:
+    """top_n as a form or a Gradio client sends it: 0, empty or null is all documents, and a whole float (a
+    Number field's 2.0) is the integer it holds; anything else goes on for the engine to check."""
+    if value is None or value == "" or (value == 0 and not isinstance(value, bool)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def split_lines(text: str) -> list[str]:
@@ -69,7 +80,7 @@ class RerankService:
         room = self.reranker.room()
         try:
             self.reranker.validate(call.query, call.documents, call.top_n, call.instruction, call.max_doc_tokens,
-                                   documents_field=call.documents_field)
+                                   documents_field=call.documents_field, max_chunks=call.max_chunks)
             room.need(len(call.documents))  # type: ignore[arg-type]  # validated: a list of strings
         except OverloadedError as err:
             error = to_http_error(err)
@@ -112,6 +123,7 @@ class RerankService:
                 call.query, call.documents, call.top_n, call.instruction,  # type: ignore[arg-type]
                 call.raw_scores, cancel, max_doc_tokens=call.max_doc_tokens,  # type: ignore[arg-type]
                 documents_field=call.documents_field, room=room, truncate=call.truncate,
+                max_chunks=call.max_chunks,  # type: ignore[arg-type]
             )
             if not served.settle(ANSWERED):  # a stop cut its request off first, and answered its client 503
                 raise self.lifecycle.cut_off_error()

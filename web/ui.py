@@ -16,7 +16,7 @@ from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off
 from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
-from web.service import RerankCall, RerankService, split_lines
+from web.service import RerankCall, RerankService, form_top_n, split_lines
 from web.tracing import ui_span
 from web.uploads import read_documents
 
@@ -75,10 +75,7 @@ def ui_call(query: str, documents: str, top_n: float | None, instruction: str | 
             error = to_http_error(err)
             refused(ROUTE, error)
             raise RerankError(error) from None
-    n = None if top_n in (None, 0) else top_n
-    if isinstance(n, float) and n.is_integer():
-        n = int(n)
-    return RerankCall(query, docs, n, instruction or None, bool(raw_scores))
+    return RerankCall(query, docs, form_top_n(top_n), instruction or None, bool(raw_scores))
 
 
 def ui_answer(result: RerankResult) -> tuple[list[list[object]], str]:
