@@ -525,7 +525,7 @@ def _load_failure_message(model_id: str, err: Exception) -> str:
         hint = "no such directory; point RERANKER_MODEL at an existing local model directory"
     else:
         hint = (
-            "if this machine cannot reach the Hugging Face Hub, download the model elsewhere "
+            "If this machine cannot reach the Hugging Face Hub, download the model elsewhere "
             f"(`hf download {model_id} --local-dir /models/{model_id.split('/')[-1]}`), copy the folder here "
             "and set RERANKER_MODEL to that local directory"
         )
