@@ -157,16 +157,16 @@ def test_a_save_that_runs_out_of_space_does_not_stop_the_start(tmp_path: Path) -
 def test_staging_left_by_a_killed_process_is_removed_by_the_next_save(tmp_path: Path) -> None:
     store = ConvertedModels(str(tmp_path), ov.Core())
     store.root.mkdir(parents=True)
-    old = store.root / ".dead-0123-abcdef"
+    old = store.root / ".dead-0123-0123456789ab"
     old.mkdir()
     (old / "model.bin").write_bytes(b"half a model")
     long_ago = time.time() - STALE_SECONDS - 60
     for path in (old / "model.bin", old):
         os.utime(path, (long_ago, long_ago))
-    recent = store.root / ".saving-4567-abcdef"  # another replica saving right now
+    recent = store.root / ".saving-4567-0123456789ab"  # another replica saving right now
     recent.mkdir()
     store.save("tiny-0123", graph())
-    assert sorted(p.name for p in store.root.iterdir()) == [".saving-4567-abcdef", "tiny-0123"]
+    assert sorted(p.name for p in store.root.iterdir()) == [".saving-4567-0123456789ab", "tiny-0123"]
     assert store.load("tiny-0123") is not None
 
 
@@ -376,12 +376,13 @@ def test_the_service_keys_its_model_with_the_digests_its_cache_remembers(bert_di
 
     monkeypatch.setattr("reranker.backends.keys.RECENT_SECONDS", 0.0)
     load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
-    [memo] = (tmp_path / "file-digests").iterdir()
-    assert str(bert_dir.resolve()) in memo.read_text()
+    memos = [memo.read_text() for memo in (tmp_path / "file-digests").iterdir()]
+    # The model folder's, and the converted entry's: the graph's files as the save hashed them.
+    assert sorted(str(bert_dir.resolve()) in memo for memo in memos) == [False, True]
     restart()
     read = hashes(monkeypatch)
     load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
-    assert read == []  # a restart reads none of the model's files to key it
+    assert read == []  # a restart reads none of the model's files to key it, nor the graph's to check it
 
 
 def aged(entry: Path, days: float, *names: str) -> None:
@@ -419,6 +420,27 @@ def test_entries_no_start_took_for_the_max_age_go_when_a_model_is_added(tmp_path
     removed = [r for r in caplog.records if r.getMessage().startswith("removed a converted model")]
     assert sorted(vars(r)["cache"] for r in removed) == [str(store.path("legacy-3")), str(store.path("unused-1"))]
     assert all(vars(r)["mib"] >= 0 and vars(r)["max_age_days"] == 30 for r in removed)
+
+
+def test_nothing_but_the_caches_own_entries_and_staging_is_ever_removed(tmp_path: Path) -> None:
+    """RERANKER_CACHE_DIR may name a folder that holds other things (`~` makes `~/openvino` the cache's): an OpenVINO
+    checkout there lost its .git to the stale-staging sweep, and an old folder with a meta.json to the age limit."""
+    store = ConvertedModels(str(tmp_path), ov.Core(), max_age_days=30)
+    store.root.mkdir(parents=True)
+    (store.root / ".git" / "objects").mkdir(parents=True)
+    (store.root / ".gitignore").write_text("*.pyc\n")
+    (store.root / "docs_old").mkdir()
+    (store.root / "docs_old" / "meta.json").write_text('{"title": "old docs"}')
+    store.save("mine-0123", graph())
+    (store.root / ".mine-4567-0123456789ab").mkdir()  # a save killed part-way: the cache's own staging
+    hours_ago = time.time() - STALE_SECONDS - 60
+    for path in (".git", ".git/objects", ".gitignore", ".mine-4567-0123456789ab"):
+        os.utime(store.root / path, (hours_ago, hours_ago))
+    aged(store.root / "docs_old", 400, "meta.json")
+    aged(store.path("mine-0123"), 31, "last-used")
+    store.save("new-89ab", graph())
+    assert sorted(p.name for p in store.root.iterdir()) == [".git", ".gitignore", "docs_old", "new-89ab"]
+    assert (store.root / ".git" / "objects").is_dir()
 
 
 def test_a_max_age_of_zero_keeps_every_entry(tmp_path: Path) -> None:

@@ -136,24 +136,45 @@ def fingerprint(model_id: str, trust_remote_code: bool, *parts: str, digests: Pa
     digest.update(json.dumps({"model": model_id, "remote_code": trust_remote_code, "format": FORMAT,
                               "libraries": library_versions(), "parts": parts}, sort_keys=True).encode())
     if files is not None:
-        memo = _memo_path(files, digests)
-        stored = _read_memo(memo)
-        _HASHED.update(stored)
-        remembered: dict[Identity, str] = {}
-        for relative, path in model_paths(files):
-            key, identity = content_key(path, relative, _HASHED)
-            if identity is not None:
-                remembered[identity] = key
+        paths = model_paths(files)
+        for (relative, _), key in zip(paths, content_keys(files, paths, digests), strict=True):
             digest.update(f"{relative}\0{key}\n".encode())
-        if memo is not None and remembered != stored:
-            _write_memo(memo, files, remembered)
     else:
         digest.update(f"unresolved:{time.time_ns()}".encode())  # nothing to key on: never reuse
     name = model_id.rstrip("/").split("/")[-1] or "model"
     return f"{name}-{digest.hexdigest()[:20]}"
 
 
-def _memo_path(files: Path, digests: Path | None) -> Path | None:
+def content_keys(folder: Path, paths: list[tuple[PurePath, Path]], digests: Path | None) -> list[str]:
+    """content_key of each of `paths` (relative to `folder`, and where they lie), the sha256 digests taken from and
+    remembered in `digests`' memo of `folder` while each file's identity holds."""
+    memo = memo_path(folder, digests)
+    stored = _read_memo(memo)
+    _HASHED.update(stored)
+    remembered: dict[Identity, str] = {}
+    keys = []
+    for relative, path in paths:
+        key, identity = content_key(path, relative, _HASHED)
+        if identity is not None:
+            remembered[identity] = key
+        keys.append(key)
+    if memo is not None and remembered != stored:
+        _write_memo(memo, folder, remembered)
+    return keys
+
+
+def remember(folder: Path, digests: Path | None, written: dict[str, str]) -> None:
+    """Remember the sha256 of files this process has just written to `folder` and hashed (`written`: name to
+    digest), so the next start does not read them again. The writer knows no later write raced its hash, which
+    RECENT_SECONDS guards against for files found on disk."""
+    memo = memo_path(folder, digests)
+    if memo is not None:
+        with suppress(OSError):
+            _write_memo(memo, folder, {_identity((folder / name).stat()): sha for name, sha in written.items()})
+
+
+def memo_path(files: Path, digests: Path | None) -> Path | None:
+    """Where `digests` remembers the file digests of folder `files` (None: nowhere)."""
     if digests is None:
         return None
     return digests / f"{hashlib.sha256(str(files.resolve()).encode()).hexdigest()[:20]}.json"

@@ -192,7 +192,8 @@ def load_openvino(model: Any, settings: Settings) -> None:
     started = time.perf_counter()
     graph = store.load(key)
     if graph is None and model.from_cache:
-        raise ConversionError("the converted model left the cache during the start")
+        # The entry serving.json came from was damaged (and removed, as logged), or removed by another process.
+        raise ConversionError("the cache's converted model could not be used (damaged, or removed during the start)")
     if graph is None:
         from reranker.backends.convert import convert
 

@@ -3,26 +3,42 @@ OpenVINO graph instead of tracing the PyTorch model again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from contextlib import suppress
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import openvino as ov
 
-from reranker.backends.keys import DIGESTS, FORMAT, library_versions
+from reranker.backends.keys import (
+    DIGESTS,
+    FORMAT,
+    content_keys,
+    file_sha256,
+    library_versions,
+    memo_path,
+    remember,
+)
 from reranker.errors import ModelLoadError
 from reranker.settings import SettingsError, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
 # Bump when what reranker.model stores of a tokenizer in serving.json changes.
-SERVING_FORMAT = 1
+SERVING_FORMAT = 2
+# The graph's files, whose sizes and sha256 digests meta.json keeps: OpenVINO reads a weights file changed in
+# place (same size, other bytes) without a word, and would serve its scores.
+GRAPH_FILES = ("model.xml", "model.bin")
+# What the cache writes besides its entries (named by their key, with meta.json saying so): staging folders and
+# files, and entries set aside while being removed. Nothing else in the folder is touched.
+STAGING = re.compile(r"\..+-[0-9a-f]{12}(\.json)?")
 # A staging entry untouched this long was left by a process that died while saving it.
 STALE_SECONDS = 3600
 # In each entry: its mtime is when a start last took the entry (or stored it).
@@ -32,7 +48,8 @@ LAST_USED = "last-used"
 class ConvertedModels:
     """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json), and serving.json: how to tokenize for the
     model, which lets the next start skip loading it in PyTorch. Writes are atomic (a staging folder or file
-    renamed into place), so replicas converting at once never read half a model. Entries get the modes the
+    renamed into place), so replicas converting at once never read half a model, and each entry's meta.json keeps
+    the size and sha256 of its graph's files, checked before it is read. Entries get the modes the
     user's umask gives (0755 folders, 0644 files under the usual 022): a cache warmed by another user, root at
     image build say, serves this one. A cache that cannot be read or written is a warning, never a failure;
     only a default location that cannot be named (no home directory) stops the start.
@@ -65,17 +82,20 @@ class ConvertedModels:
         except OSError as err:  # a folder this user may not enter: a miss
             _unreadable(xml.parent, err)
             return None
+        entry, model = xml.parent, None
         try:
-            model = self._core.read_model(str(xml))
-        except Exception as err:  # a damaged entry is converted again, not served
-            entry, cause = xml.parent, f"{type(err).__name__}: {err}"[:300]
+            damage = self._damage(entry)
+            model = self._core.read_model(str(xml)) if damage is None else None
+        except Exception as err:
+            damage = f"{type(err).__name__}: {err}"[:300]
+        if model is None:  # a damaged entry is converted again, not served
             # Another user's entry is left alone: it may serve that user's replicas, and this one cannot remove it.
             if _owner(entry) == os.getuid() and self._remove(entry):
                 logger.warning("a cached converted model could not be read; removed, converting again",
-                               extra={"cache": str(entry), "cause": cause})
+                               extra={"cache": str(entry), "cause": damage})
             else:
                 logger.warning("a cached converted model could not be read; converting again without replacing it",
-                               extra={"cache": str(entry), "owner_uid": _owner(entry), "cause": cause})
+                               extra={"cache": str(entry), "owner_uid": _owner(entry), "cause": damage})
             return None
         with suppress(OSError):  # another user's entry, or a read-only cache: served all the same
             (xml.parent / LAST_USED).touch()  # created where an entry from before markers has none
@@ -95,11 +115,15 @@ class ConvertedModels:
             staging.mkdir()  # not tempfile.mkdtemp: its 0700 would keep every other user out
             # float32 weights as they are: the default would halve them to float16 and change the scores.
             ov.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
+            written = {name: file_sha256(staging / name) for name in GRAPH_FILES}
+            files = {name: {"bytes": (staging / name).stat().st_size, "sha256": sha} for name, sha in written.items()}
             (staging / "meta.json").write_text(json.dumps(
-                {"key": key, "libraries": library_versions(), "format": FORMAT, **meta}, indent=1, default=str))
+                {"key": key, "libraries": library_versions(), "format": FORMAT, "files": files, **meta}, indent=1,
+                default=str))
             (staging / LAST_USED).touch()
             try:
                 staging.rename(target)
+                remember(target, self.digests, written)
             except OSError as err:  # another process stored it first (the same model), or a broken entry is there
                 self._settle(target, staging, err)
         except Exception as err:  # OpenVINO reports a full disk as a RuntimeError
@@ -120,7 +144,8 @@ class ConvertedModels:
         except OSError:
             return
         for entry in entries:
-            if entry.name.startswith(".") or _owner(entry) != os.getuid() or _last_used(entry) >= cutoff:
+            if entry.name.startswith(".") or _owner(entry) != os.getuid() or not _is_entry(entry) or \
+                    _last_used(entry) >= cutoff:
                 continue
             try:
                 size = _size(entry)
@@ -150,20 +175,46 @@ class ConvertedModels:
 
     def _usable(self, entry: Path) -> bool:
         try:
+            if self._damage(entry) is not None:
+                return False
             self._core.read_model(str(entry / "model.xml"))
             return True
         except Exception:  # missing, unreadable or damaged
             return False
 
+    def _damage(self, entry: Path) -> str | None:
+        """What is wrong with `entry`'s graph files against the sizes and sha256 digests its meta.json keeps; None
+        when they match. A file's digest is taken from the cache's file-digests while its identity holds (inode,
+        size, times), so a start reads the weights once after they were stored, not at every start."""
+        try:
+            stored = json.loads((entry / "meta.json").read_text()).get("files")
+        except (OSError, ValueError, AttributeError) as err:
+            return f"its meta.json cannot be read ({type(err).__name__})"
+        if not isinstance(stored, dict) or any(not isinstance(stored.get(name), dict) for name in GRAPH_FILES):
+            return "its meta.json keeps no digests of the graph (stored by an earlier version)"
+        for name in GRAPH_FILES:
+            size = (entry / name).stat().st_size
+            if size != stored[name].get("bytes"):
+                return f"{name} has {size} bytes, {stored[name].get('bytes')} were stored"
+        paths = [(PurePath(name), entry / name) for name in GRAPH_FILES]
+        for (relative, _), digest in zip(paths, content_keys(entry, paths, self.digests), strict=True):
+            if digest != stored[str(relative)].get("sha256"):
+                return f"{relative} does not match the sha256 stored with it: changed since it was stored"
+        return None
+
     def _remove(self, entry: Path) -> bool:
-        """Remove `entry` all at once, so a replica never sees half of it: renamed aside, then deleted. False when
-        it cannot be."""
+        """Remove `entry` all at once, so a replica never sees half of it: renamed aside, then deleted, with the
+        digests remembered of its files. False when it cannot be."""
         aside = self.root / f".{entry.name}-removed-{uuid.uuid4().hex[:12]}"
+        memo = memo_path(entry, self.digests)
         try:
             entry.rename(aside)
         except OSError:
             return False
         shutil.rmtree(aside, ignore_errors=True)  # what is left goes with the stale staging folders
+        if memo is not None:
+            with suppress(OSError):
+                memo.unlink(missing_ok=True)
         return True
 
     def load_serving(self, key: str) -> dict[str, Any] | None:
@@ -176,7 +227,13 @@ class ConvertedModels:
         except (OSError, ValueError) as err:
             _unreadable(entry, err)
             return None
-        return spec if isinstance(spec, dict) and spec.get("format") == SERVING_FORMAT else None
+        if not isinstance(spec, dict) or spec.get("format") != SERVING_FORMAT:
+            return None  # from an earlier version: the start loads the model in full and stores it again
+        if spec.pop("sha256", None) != _spec_digest(spec):
+            logger.warning("a cached serving.json was changed since it was stored; loading the model in full",
+                           extra={"cache": str(entry)})
+            return None
+        return spec
 
     def save_serving(self, key: str, spec: dict[str, Any]) -> None:
         """Store `spec` beside the converted model under `key`; a failure is logged, not fatal."""
@@ -186,8 +243,9 @@ class ConvertedModels:
             if not entry.is_dir():  # the graph itself was not stored, and save said so
                 return
             remove_stale(entry)
+            stored = {**spec, "format": SERVING_FORMAT}
             with staging.open("x") as f:  # the umask's mode, as for the graph
-                json.dump({**spec, "format": SERVING_FORMAT}, f)
+                json.dump({**stored, "sha256": _spec_digest(stored)}, f)
             os.replace(staging, entry / "serving.json")
         except OSError as err:
             logger.warning("how to serve the converted model could not be cached; the next start loads it in full",
@@ -195,6 +253,20 @@ class ConvertedModels:
         finally:
             with suppress(OSError):
                 staging.unlink(missing_ok=True)
+
+
+def _spec_digest(spec: dict[str, Any]) -> str:
+    """serving.json's digest of its own content: a tokenizer setting edited by hand would change every score."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _is_entry(entry: Path) -> bool:
+    """Whether `entry` is one of the cache's own: a folder whose meta.json names it. Anything else under the cache
+    (RERANKER_CACHE_DIR may be a folder that holds other things) is never removed."""
+    try:
+        return json.loads((entry / "meta.json").read_text()).get("key") == entry.name
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _owner(path: Path) -> int | None:
@@ -225,9 +297,12 @@ def _unreadable(entry: Path, err: Exception) -> None:
 
 
 def remove_stale(folder: Path) -> None:
-    """Remove the staging folders and files (`.name`) in `folder` that nothing has written to for STALE_SECONDS:
-    left by a process killed while saving. A save in progress writes to its own every few seconds."""
+    """Remove the staging folders and files (`.name-<12 hex digits>`, see STAGING) in `folder` that nothing has
+    written to for STALE_SECONDS: left by a process killed while saving. A save in progress writes to its own every
+    few seconds."""
     for entry in folder.glob(".*"):
+        if not STAGING.fullmatch(entry.name):
+            continue
         try:
             times = [entry.stat().st_mtime, *(p.stat().st_mtime for p in entry.iterdir())] if entry.is_dir() else \
                 [entry.stat().st_mtime]
