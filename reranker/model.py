@@ -487,7 +487,7 @@ def _check_calibration(settings: Settings) -> None:
         return
     from reranker.backends.int8 import read_calibration
 
-    read_calibration(Path(settings.int8_calibration))
+    read_calibration(Path(settings.int8_calibration), settings.max_doc_chars)
 
 
 def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) -> None:

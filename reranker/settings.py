@@ -232,9 +232,10 @@ def _text(name: str, raw: str) -> str:
 def _path(name: str, raw: str) -> str:
     try:
         return str(Path(raw).expanduser())
-    except RuntimeError:  # `~` with no home directory
-        raise SettingsError(f"{name}={raw!r} is not valid: this user has no home directory for '~'; "
-                            "use an absolute path") from None
+    except RuntimeError:  # `~` with no home directory, or `~name` for no such user
+        head = raw.split("/")[0]
+        who = "this user has no home directory" if head == "~" else f"no user {head[1:]!r} has a home directory"
+        raise SettingsError(f"{name}={raw!r} is not valid: {who} for {head!r}; use an absolute path") from None
 
 
 def _calibration(name: str, raw: str) -> str:
@@ -272,6 +273,8 @@ def _device(name: str, raw: str) -> str:
 def _int(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
+            if not raw.isascii():  # int() takes any script's digits: "٣" is 3
+                raise ValueError(raw)
             value = int(raw)
         except ValueError:
             raise SettingsError(f"{name}={raw!r} is not valid; use an integer >= {minimum}") from None

@@ -333,7 +333,9 @@ def test_a_damaged_serving_entry_falls_back_to_the_full_load(bert_dir: Path, tmp
     (entry / "serving.json").write_text(json.dumps({**spec, "tokenizer": "{not a tokenizer"}))
     with caplog.at_level(logging.WARNING, logger="reranker"):
         model = load_model(settings)
-    assert "the conversion cache's entry cannot start the model; loading it in full" in caplog.messages
+    # Not even read: serving.json keeps a digest of itself (a pad id or padding side edited by hand changed every
+    # score without a word).
+    assert "a cached serving.json was changed since it was stored; loading the model in full" in caplog.messages
     assert not model.from_cache and model.convert_seconds == 0  # the graph itself was still good
     pairs = want.encode(varied_pairs(4, 6))
     torch.testing.assert_close(model.score(pairs), want.score(pairs), atol=0, rtol=0)
@@ -351,16 +353,50 @@ def test_changed_model_files_are_converted_again(tmp_path: Path) -> None:
     assert not np.allclose(before.score(pairs), after.score(pairs))
 
 
-def test_a_damaged_cache_entry_is_converted_again(bert_dir: Path, tmp_path: Path) -> None:
+def _weights_changed_in_place(entry: Path) -> None:
+    """A block of the weights zeroed, the file's size and times kept: OpenVINO reads it without a word."""
+    weights = entry / "model.bin"
+    times = weights.stat()
+    with weights.open("r+b") as f:
+        f.seek(times.st_size // 2)
+        f.write(bytes(8192))
+    os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def _legacy(entry: Path) -> None:
+    """An entry stored before meta.json kept the graph's digests."""
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["files"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "xml cut short": (lambda entry: (entry / "model.xml").write_text("<net"), "model.xml has 4 bytes"),  # a full disk
+    "weights cut short": (lambda entry: os.truncate(entry / "model.bin", 1000), "model.bin has 1000 bytes"),
+    "weights changed in place": (_weights_changed_in_place, "model.bin does not match the sha256 stored with it"),
+    "stored by an earlier version": (_legacy, "keeps no digests of the graph"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_entry_is_converted_again(bert_dir: Path, tmp_path: Path, damage: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Served, a damaged graph gave other scores with 200s, or a NaN blamed on the model's weights."""
     settings = model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path))
-    load_model(settings)
+    want = load_model(settings)
+    assert load_model(settings).from_cache  # the digests remembered: the next start hashes nothing again
     (entry,) = (tmp_path / "openvino").iterdir()
-    (entry / "model.xml").write_text("<net")  # a disk that filled up mid-write, say
-    model = load_model(settings)
+    change, cause = DAMAGE[damage]
+    change(entry)
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        model = load_model(settings)
     assert model.backend.name == "openvino" and model.convert_seconds > 0  # not served: converted again
-    pairs = model.encode(varied_pairs(2, 3))
-    assert np.isfinite(model.score(pairs)).all()
-    assert load_model(settings).convert_seconds == 0  # and stored again in its place
+    [warned] = [r for r in caplog.records if r.getMessage().startswith("a cached converted model could not be read")]
+    assert cause in vars(warned)["cause"]
+    pairs = want.encode(varied_pairs(4, 6))
+    torch.testing.assert_close(model.score(pairs), want.score(pairs), atol=0, rtol=0)
+    again = load_model(settings)
+    assert again.convert_seconds == 0 and again.from_cache  # and stored again in its place
 
 
 UNCONVERTIBLE = '''
@@ -461,9 +497,13 @@ def test_the_int8_guard_refuses_a_model_that_ranks_differently(tmp_path: Path,
     assert model.dtype_reason.startswith("int8 (static) refused: Spearman 0.")
     assert "is below RERANKER_INT8_MIN_SPEARMAN=0.99" in model.dtype_reason
     assert any(message.startswith("int8 (static) refused") for message in caplog.messages)
-    with pytest.raises(ModelLoadError, match=r"int8 \(weights\) refused: Spearman 0\.\d{4} .*RERANKER_INT8_ON_FAIL"):
+    weights_refused = r"int8 \(weights\) refused: Spearman 0\.\d{4} .*RERANKER_INT8_ON_FAIL"
+    with pytest.raises(ModelLoadError, match=weights_refused) as refused:
         load_model(model_settings(model_dir, backend="openvino", dtype="int8", int8_mode="weights",
                                   int8_on_fail="exit", cache_dir=str(tmp_path / "cache")))
+    # Already weights-only, and it reads no calibration set: not advised to use either.
+    assert "RERANKER_INT8_MODE=weights" not in str(refused.value) and "CALIBRATION" not in str(refused.value)
+    assert "lower RERANKER_INT8_MIN_SPEARMAN" in str(refused.value)
 
 
 def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -575,18 +615,55 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) 
                                       int8_min_spearman=-1.0, cache_dir=str(tmp_path / "cache")))
     assert model.dtype == "int8"
     bad = tmp_path / "bad.jsonl"
-    for line, says in [('{"query": "q"}', 'is not a JSON object with non-empty "query" and "document" strings'),
-                       ('{"query": "q", "document": ""}', 'is not a JSON object with non-empty "query"'),
+    shape = 'is not a JSON object with "query" and "document" strings that are not blank'
+    for line, says in [('{"query": "q"}', shape), ('{"query": "q", "document": ""}', shape),
+                       ('{"query": "q", "document": " \\n "}', shape),
+                       (json.dumps({"query": "q", "document": "x" * 5001}),
+                        "'s document has 5001 characters; the limit is RERANKER_MAX_DOC_CHARS=5000"),
                        ("[" * 20_000, "nests too deeply to read; flatten it; each line is a JSON object"),
                        ('{"query": "q", "document": "d", "n": ' + "9" * 5000 + "}", "holds a number of over 4,300")]:
         bad.write_text('{"query": "q", "document": "d"}\n' + line + "\n")
-        with pytest.raises(ModelLoadError, match=re.escape(f"bad.jsonl': line 2 {says}")):
+        with pytest.raises(ModelLoadError, match=re.escape(f"bad.jsonl': line 2{says}" if says.startswith("'")
+                                                           else f"bad.jsonl': line 2 {says}")):
             load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(bad),
-                                      cache_dir=str(tmp_path / "early")))
+                                      cache_dir=str(tmp_path / "early"), max_doc_chars=5000))
     assert not (tmp_path / "early").exists()  # refused before minutes of loading and converting, not after
     with pytest.raises(ModelLoadError, match="cannot be read"):
         load_model(model_settings(bert_dir, backend="openvino", dtype="int8",
                                   int8_calibration=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c")))
+
+
+def test_a_large_calibration_file_is_sampled_across_and_the_max_length_keys_the_graph(
+        bert_model: ScoringModel, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 8,000-pair file calibrated on every pair (40 s of start on this tiny model); MAX_CALIBRATION_PAIRS are
+    taken, spread over the file. Static int8's ranges come from pairs tokenized at the max length, so a graph
+    calibrated at one length is not reused at another."""
+    from reranker.backends.int8 import MAX_CALIBRATION_PAIRS, calibration_groups, choose_int8
+
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(json.dumps({"query": f"query {i}", "document": f"document {i}"}) for i in range(2000)))
+    settings = model_settings(Path(bert_model.model_id), dtype="int8", int8_calibration=str(big))
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        groups = calibration_groups(bert_model, settings)
+    taken = [query for group in groups for query, _ in group]
+    assert len(taken) == MAX_CALIBRATION_PAIRS and taken[0] == "query 0" and int(taken[-1].split()[1]) > 1990
+    [line] = [r for r in caplog.records if r.getMessage().startswith("the calibration file has more pairs")]
+    assert vars(line)["calibration_file_pairs"] == 2000
+
+    keys = []
+
+    class Store:
+        def load(self, key: str) -> None:
+            keys.append(key)
+            raise RuntimeError("stop here")  # only the key is under test
+
+    for max_length in (256, 250):
+        monkeypatch.setattr(bert_model, "max_length", max_length)
+        with pytest.raises(RuntimeError, match="stop here"):
+            choose_int8(bert_model, settings, lambda graph, hint: None, None, Store(), "base",  # type: ignore[arg-type]
+                        fallback=None)  # type: ignore[arg-type]
+    assert len(set(keys)) == 2
 
 
 def test_a_calibration_file_is_ignored_where_nothing_calibrates(bert_dir: Path, tmp_path: Path,

@@ -82,6 +82,7 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_BATCH_TOKENS", "0", "an integer >= 1 or auto"),
         ("RERANKER_BATCH_TOKENS", "lots", "an integer >= 1 or auto"),
         ("RERANKER_CPU_STREAMS", "0", "an integer >= 1 or auto"),
+        ("RERANKER_CPU_STREAMS", "\u0663", "an integer >= 1 or auto"),  # an Arabic-Indic 3, which int() takes
         ("RERANKER_CACHE_SIZE", "-1", "an integer >= 0"),
         ("RERANKER_MAX_DOCS", "1.5", "an integer >= 1"),
         ("RERANKER_MAX_QUEUE", "0", "an integer >= 1"),
@@ -264,6 +265,12 @@ def test_no_home_directory_stops_nothing_that_does_not_need_one() -> None:
         default_cache_dir({})
     with pytest.raises(SettingsError, match="RERANKER_CACHE_DIR='~/cache' is not valid: this user has no home"):
         Settings.from_env({"RERANKER_CACHE_DIR": "~/cache"})
+
+
+def test_a_cache_dir_under_no_such_users_home_says_so() -> None:
+    with pytest.raises(SettingsError, match="'~nosuchuser42/x' is not valid: no user 'nosuchuser42' has a home "
+                                            "directory for '~nosuchuser42'"):
+        Settings.from_env({"RERANKER_CACHE_DIR": "~nosuchuser42/x"})
 
 
 def test_the_default_cache_dir_follows_xdg_then_home() -> None:

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 CALIBRATION: dict[str, int] = {"n_requests": 16, "docs_per_request": 16, "seed": 101}
 PROBE: dict[str, int] = {"n_requests": 8, "docs_per_request": 24, "seed": 202}
 CALIBRATION_BATCH = 16  # pairs per calibration sample: padded batches, as the service runs them
+# At most this many pairs of a calibration file are used, spread evenly over it: a few hundred calibrate as well as
+# more (NNCF's own default is 300 samples), and an 8,000-pair file took 40 s of start on a 2-layer test model.
+MAX_CALIBRATION_PAIRS = 512
 # Of PROBE's queries, the fewest the guard judges on: at a short RERANKER_MAX_LENGTH some leave a document no room
 # (the engine would refuse them), and a mean over two or three rankings stands for too little of the model.
 MIN_PROBE_QUERIES = 6
@@ -70,7 +73,13 @@ def calibration_groups(model: Any, settings: Settings) -> list[Group]:
 def _calibration_pairs(settings: Settings) -> list[tuple[str, str]]:
     if settings.int8_calibration is None:
         return [(r.query, d) for r in _draw(CALIBRATION) for d in r.documents]
-    return read_calibration(Path(settings.int8_calibration))
+    pairs = read_calibration(Path(settings.int8_calibration), settings.max_doc_chars)
+    if len(pairs) <= MAX_CALIBRATION_PAIRS:
+        return pairs
+    logger.info("the calibration file has more pairs than calibration takes; using some, spread over the file",
+                extra={"calibration_file_pairs": len(pairs), "calibration_pairs_taken": MAX_CALIBRATION_PAIRS})
+    step = len(pairs) / MAX_CALIBRATION_PAIRS
+    return [pairs[int(i * step)] for i in range(MAX_CALIBRATION_PAIRS)]
 
 
 def probe_set(model: Any) -> list[Request]:
@@ -95,7 +104,9 @@ def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes:
     return None
 
 
-def read_calibration(path: Path) -> list[tuple[str, str]]:
+def read_calibration(path: Path, max_doc_chars: int) -> list[tuple[str, str]]:
+    """The pairs of a calibration file; ModelLoadError naming the line of the first bad one. A document is held to
+    RERANKER_MAX_DOC_CHARS, as a request's is (a 25 MB line took a minute and 3.5 GB to tokenize)."""
     name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
     try:
         text = path.read_text(encoding="utf-8-sig")  # as an upload is read: a BOM (Windows editors) is no JSON
@@ -103,12 +114,16 @@ def read_calibration(path: Path) -> list[tuple[str, str]]:
         raise ModelLoadError(f"{name} cannot be read ({err}); name a UTF-8 file of JSON lines "
                              '{"query": "...", "document": "..."}') from err
     pairs = []
-    shape = 'a JSON object with non-empty "query" and "document" strings'
+    shape = 'a JSON object with "query" and "document" strings that are not blank'
     try:
         for number, row in json_lines(text):
             query, document = (row.get("query"), row.get("document")) if isinstance(row, dict) else (None, None)
-            if not isinstance(query, str) or not isinstance(document, str) or not query or not document:
+            if not isinstance(query, str) or not isinstance(document, str) or not query.strip() or \
+                    not document.strip():
                 raise ModelLoadError(f"{name}: line {number} is not {shape}")
+            if len(document) > max_doc_chars:
+                raise ModelLoadError(f"{name}: line {number}'s document has {len(document)} characters; the limit is "
+                                     f"RERANKER_MAX_DOC_CHARS={max_doc_chars}, as for a request's")
             pairs.append((query, document))
     except JsonLineError as err:
         raise ModelLoadError(f"{name}: {err}; each line is {shape}") from None
@@ -196,7 +211,9 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
     probes = probe_set(model)
     if (unusable := unusable_reason(model, settings, groups, probes)) is not None:
         return refuse(unusable, settings, graph, fallback)
-    digest = hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:12] if groups else "uncalibrated"
+    # Static int8's activation ranges come from the calibration pairs as tokenized at this max_length.
+    digest = hashlib.sha256(json.dumps([model.max_length, groups]).encode()).hexdigest()[:12] if groups \
+        else "uncalibrated"
     key8 = f"{key}-int8-{settings.int8_mode}-{digest}-q{QUANTIZE_FORMAT}"
     quantized = store.load(key8)
     if quantized is None:
@@ -217,8 +234,10 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
                                                     "bar": bar})
         return quantized, Precision("int8", f"RERANKER_DTYPE=int8 ({settings.int8_mode}): {figures} >= {bar}")
     refusal = f"int8 ({settings.int8_mode}) refused: {figures} is below RERANKER_INT8_MIN_SPEARMAN={bar}"
-    return refuse(refusal, settings, graph, fallback, advice="try RERANKER_INT8_MODE=weights, or calibrate on your "
-                  "own traffic (RERANKER_INT8_CALIBRATION)",
+    advice = ("try RERANKER_INT8_MODE=weights, or calibrate on your own traffic (RERANKER_INT8_CALIBRATION)"
+              if settings.int8_mode == "static" else "or lower RERANKER_INT8_MIN_SPEARMAN to accept this figure "
+              "(weights-only is the closer of the two int8 modes)")
+    return refuse(refusal, settings, graph, fallback, advice=advice,
                   spearman_mean=round(mean, 4), spearman_min=round(lowest, 4), bar=bar)
 
 
