@@ -87,7 +87,8 @@ class Report:
 
 
 # Each route's error body, in its hosted API's shape (docs/api.md#errors).
-ERROR_KEYS = {"/v1/rerank": {"error", "message"}, "/v2/rerank": {"id", "message"}, "/rerank": {"error", "error_type"}}
+ERROR_KEYS = {"/v1/rerank": {"error", "message", "detail"}, "/v2/rerank": {"id", "message"},
+              "/rerank": {"error", "error_type"}}
 
 
 def metric_route(surface: str) -> str:
