@@ -211,6 +211,35 @@ def test_an_event_id_gradio_does_not_hold_gets_its_error_event_and_a_clean_end(c
     assert errors() == before
 
 
+def test_a_running_event_whose_page_closes_is_cancelled_on_the_model_replica(cluster: LocalRay, gate: Path) -> None:
+    """As one process (tests/test_accounting.py): Gradio only marks the event of a closed tab dead, so the UI
+    replica's handle call watches it, and the model replica gives the request up while its first pass is still
+    held on the device: the rest of its pairs are never scored."""
+    rng = random.Random(5)
+    docs = "\n".join(random_text(rng, 300).replace("\n", " ") for _ in range(200))  # tens of passes
+    session = "closed-tab"
+
+    def cancelled() -> list[dict[str, Any]]:
+        return [line for line in worker_log_lines(cluster) if line.get("message") == "rerank"
+                and line.get("route") == "ui" and line.get("status") == "cancelled"]
+
+    before = len(cancelled())
+    with login(cluster) as client:
+        [rerank] = [d["id"] for d in client.get("/config").json()["dependencies"] if d["api_name"] == "predict"]
+        with device_held(gate) as holding:
+            joined = client.post("/gradio_api/queue/join", json={
+                "data": ["which cache", docs, None, "", False, None], "fn_index": rerank, "session_hash": session})
+            assert joined.status_code == 200, joined.text
+            with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as events:
+                lines = events.iter_lines()  # held in a name: dropping it would close the stream at once
+                assert next(lines).startswith("data:")
+                wait_for(holding.exists, HANG_S, "the event's first pass held on the model replica")
+            # The tab is closed; the device still holds the first pass.
+            wait_for(lambda: len(cancelled()) > before, HANG_S, "the model replica's line of the cancelled event")
+    [line] = cancelled()[before:]
+    assert line["error_type"] == "cancelled" and line["n_docs"] == 200, line
+
+
 def test_serve_stopping_the_ui_drains_it(cluster: LocalRay, gate: Path) -> None:
     """As one process on SIGTERM: once Serve starts stopping the replica, the event in flight finishes, and the
     replica then ends an open browser tab's heartbeat stream (which Serve's own drain waits for) instead of being
