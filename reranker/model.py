@@ -515,7 +515,12 @@ def _use_openvino(model: ScoringModel, settings: Settings, backend_reason: str) 
 
 def _load_failure_message(model_id: str, err: Exception) -> str:
     cause = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
-    if os.path.isdir(model_id):
+    unreadable = _unreadable_files(model_id) if os.path.isdir(model_id) else []
+    if unreadable:  # the loaders report a file they may not open as missing
+        hint = (f"{len(unreadable)} of its files cannot be read by this user (uid {os.getuid()}), e.g. "
+                f"{unreadable[0]!r}: make them readable (chmod a+r, as save_pretrained leaves them 0600) or run as "
+                "their owner")
+    elif os.path.isdir(model_id):
         hint = (
             "the directory exists but does not hold a loadable model; it needs config.json, the weights "
             "and the tokenizer files of a sentence-transformers CrossEncoder or a Hugging Face "
@@ -530,6 +535,17 @@ def _load_failure_message(model_id: str, err: Exception) -> str:
             "and set RERANKER_MODEL to that local directory"
         )
     return f"could not load model {model_id!r}: {cause.rstrip('.')}. {hint}"
+
+
+def _unreadable_files(folder: str) -> list[str]:
+    """The files under `folder` (its top level and one level down, where loaders look) this process may not read."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in sorted(files)
+                  if not os.access(os.path.join(root, name), os.R_OK)]
+        if root != folder:
+            dirs.clear()
+    return found
 
 
 def _looks_like_hub_id(model_id: str) -> bool:

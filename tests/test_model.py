@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,24 @@ def test_directory_without_a_model_says_what_it_needs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="does not hold a loadable model"):
         load_model(model_settings(tmp_path / "empty"))
+
+
+def test_a_model_file_this_user_cannot_read_is_named_not_called_missing(tmp_path: Path, bert_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """save_pretrained leaves weights 0600: another user's service got FileNotFoundError and "does not hold a
+    loadable model". The tests run as root, whom no mode stops: os.access answers as for another user."""
+    import os
+
+    model = tmp_path / "model"
+    shutil.copytree(bert_dir, model)
+    weights = model / "model.safetensors"
+    weights.chmod(0o600)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(weights) and real_access(path, mode))
+    weights.write_bytes(b"")  # and the load fails, as an unreadable file makes it fail for that user
+    with pytest.raises(ModelLoadError, match=r"1 of its files cannot be read by this user \(uid \d+\), e\.g\. "
+                                             r"'model\.safetensors': make them readable"):
+        load_model(model_settings(model, backend="torch"))
 
 
 def test_unreachable_hub_id_explains_offline_use() -> None:
