@@ -184,6 +184,20 @@ def test_health_ready_info_docs(url: str) -> None:
     documents = schema["components"]["schemas"]["CohereRerankRequest"]["properties"]["documents"]
     assert documents["items"]["anyOf"][0] == {"type": "string"}  # items are checked by hand, still documented
     assert schema["components"]["schemas"]["TeiRerankRequest"]["properties"]["texts"]["items"] == {"type": "string"}
+    # What the routes answer beyond FastAPI's view (helper-53): the bearer key web.middleware checks, 408, the
+    # headers the docs name, the engine's lower bounds, and /readyz's 200.
+    assert schema["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "RERANKER_API_KEY, where the service sets one"}
+    rerank = schema["paths"]["/v1/rerank"]["post"]
+    assert rerank["security"] == [{"apiKey": []}, {}] and "security" not in schema["paths"]["/healthz"]["get"]
+    assert {"400", "401", "408", "413", "422", "429", "500", "503"} <= set(rerank["responses"])
+    assert "Retry-After" in rerank["responses"]["429"]["headers"]
+    assert "WWW-Authenticate" in rerank["responses"]["401"]["headers"]
+    for model, field in [("CohereRerankRequest", "top_n"), ("CohereV2RerankRequest", "max_tokens_per_doc"),
+                         ("CohereV2RerankRequest", "max_chunks_per_doc"), ("TeiRerankRequest", "top_n")]:
+        assert schema["components"]["schemas"][model]["properties"][field]["minimum"] == 1, (model, field)
+    ready = schema["paths"]["/readyz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ready == {"$ref": "#/components/schemas/Ready"}
     assert httpx.get(f"{url}/docs", timeout=HANG_S).status_code == 200
     page = httpx.get(f"{url}/", timeout=HANG_S)
     assert page.status_code == 200 and "gradio" in page.text.lower()

@@ -100,6 +100,26 @@ def build_api(backend: Backend, refused: OnRefuse) -> FastAPI:
         return error.response(request.url.path)
 
     app.include_router(build_router(backend))
+    _declare_bearer_key(app)
     return app
+
+
+def _declare_bearer_key(app: FastAPI) -> None:
+    """The rerank routes' bearer key in the schema (checked by web.middleware, outside FastAPI's view): Swagger UI
+    gets its Authorize button and generated clients their token. Optional (`{}`): a service without
+    RERANKER_API_KEY takes any key or none."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, object]:
+        schema = generate()  # FastAPI's, built once and kept
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["apiKey"] = {
+            "type": "http", "scheme": "bearer", "description": "RERANKER_API_KEY, where the service sets one"}
+        for path in LIMITED_PATHS:
+            for operation in schema.get("paths", {}).get(path, {}).values():
+                operation["security"] = [{"apiKey": []}, {}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 

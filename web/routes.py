@@ -35,6 +35,7 @@ from web.schemas import (
     PredictRequest,
     PredictResponse,
     PredictResult,
+    Ready,
     TeiErrorResponse,
     TeiRerankRequest,
     TeiResult,
@@ -43,12 +44,21 @@ from web.schemas import (
 from web.service import RerankCall, form_top_n, split_lines
 from web.versions import package_versions as package_versions  # app.py's start-up line names them
 
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying")}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": meaning}
-    for status, meaning in [
-        (400, "a bad field or malformed JSON"), (401, "missing or wrong API key"), (413, "over a limit"),
-        (422, "wrong shape or type"), (429, "overloaded: retry shortly"), (500, "internal error"),
-        (503, "not ready"),
+    status: {"model": ErrorResponse, "description": meaning, **({"headers": headers} if headers else {})}
+    for status, meaning, headers in [
+        (400, "a bad field or malformed JSON", None),
+        (401, "missing or wrong API key", {"WWW-Authenticate": _header("Bearer")}),
+        (408, "the body did not arrive within RERANKER_BODY_TIMEOUT_SECONDS; the connection is closed", None),
+        (413, "over a limit", None), (422, "wrong shape or type", None),
+        (429, "overloaded: retry after Retry-After", RETRY_AFTER), (500, "internal error", None),
+        (503, "not ready yet, or shutting down (retry on another instance)", RETRY_AFTER),
     ]
 }
 
@@ -215,7 +225,7 @@ def build_router(backend: Backend) -> APIRouter:
         return {"status": "ok"}
 
     @router.get("/readyz", tags=["health"], summary="200 once the model is loaded and warmed, else 503",
-                responses={503: {"model": ErrorResponse}})
+                responses={200: {"model": Ready}, 503: {"model": ErrorResponse}})
     async def readyz() -> JSONResponse:
         refusal = await backend.readiness()
         if refusal is not None:

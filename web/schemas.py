@@ -9,12 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # Document lists are taken untyped and their items checked by the route and the engine, which stop at the
 # first bad one: pydantic would build an error per item (two per item for a union) before any limit is
 # looked at, seconds of event-loop time for a body of a few hundred kB. The schema still says what is expected.
-_TEXT_OBJECT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-CohereDocuments = Annotated[list[Any], WithJsonSchema(
-    {"type": "array", "items": {"anyOf": [{"type": "string"}, _TEXT_OBJECT]}})]
-# /v1/rerank's objects may carry other fields, and rank on those `rank_fields` names instead of `text`.
+# The Cohere routes' objects may carry other fields, and rank on those `rank_fields` names instead of `text`.
 CohereV1Documents = Annotated[list[Any], WithJsonSchema(
     {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": True}]}})]
+# In the schema only: the engine refuses a value below 1 itself (400, naming the field), as it does on every surface.
+POSITIVE: dict[str, Any] = {"minimum": 1}
 Texts = Annotated[list[Any], WithJsonSchema({"type": "array", "items": {"type": "string"}})]
 
 
@@ -27,14 +26,16 @@ class CohereRerankRequest(_Body):
     query: StrictStr = Field(description="What to rank the documents against.")
     documents: CohereV1Documents = Field(
         description="Strings, or objects: with a `text` field, or with the fields `rank_fields` names.")
-    top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent or larger).")
+    top_n: StrictInt | None = Field(None, json_schema_extra=POSITIVE,
+                                    description="Return only the best N (all when absent or larger).")
     rank_fields: list[StrictStr] | None = Field(
         None, description="The fields of document objects to rank on, in order (default: `text`).")
     # null as absent: Cohere's SDK sends an explicit None as null.
     return_documents: StrictBool | None = Field(True, description="Echo each document as sent (default true).")
     max_chunks_per_doc: StrictInt | None = Field(
-        None, description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows (all when "
-                          "absent); no effect when long documents are truncated.")
+        None, json_schema_extra=POSITIVE,
+        description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows (all when "
+                    "absent); no effect when long documents are truncated.")
     raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities.")
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the loaded model answers.")
     instruction: StrictStr | None = Field(None, description="Task instruction, for models that take one.")
@@ -91,9 +92,11 @@ class CohereV2RerankRequest(_Body):
     query: StrictStr = Field(description="What to rank the documents against.")
     documents: CohereV1Documents = Field(
         description="Strings (objects are taken too, as on /v1/rerank, which Cohere's earlier v2 API did).")
-    top_n: StrictInt | None = Field(None, description="Return only the best N (all when absent).")
+    top_n: StrictInt | None = Field(None, json_schema_extra=POSITIVE,
+                                    description="Return only the best N (all when absent).")
     max_tokens_per_doc: StrictInt | None = Field(
-        None, description=f"Cut each document to its first N tokens before scoring ({COHERE_V2_MAX_TOKENS_PER_DOC} "
+        None, json_schema_extra=POSITIVE,
+        description=f"Cut each document to its first N tokens before scoring ({COHERE_V2_MAX_TOKENS_PER_DOC} "
                           "when absent, as Cohere's).")
     priority: StrictInt | None = Field(None, description="Accepted for compatibility; requests are served in order.")
     relevant_spans: RelevantSpans | None = Field(None, description="Only mode \"disabled\" is supported.")
@@ -104,7 +107,8 @@ class CohereV2RerankRequest(_Body):
     rank_fields: list[StrictStr] | None = Field(
         None, description="The fields of document objects to rank on, in order (default: `text`).")
     max_chunks_per_doc: StrictInt | None = Field(
-        None, description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows.")
+        None, json_schema_extra=POSITIVE,
+        description="With RERANKER_LONG_DOCS=chunk, score at most a document's first N windows.")
 
 
 class CohereV2Result(BaseModel):
@@ -128,7 +132,7 @@ class TeiRerankRequest(_Body):
                                                           "otherwise long texts follow RERANKER_LONG_DOCS.")
     truncation_direction: StrictStr | None = Field(
         None, description='"Right" (TEI\'s default): a long text keeps its start, as here. "Left" is refused.')
-    top_n: StrictInt | None = None
+    top_n: StrictInt | None = Field(None, json_schema_extra=POSITIVE)
 
 
 class TeiResult(BaseModel):
@@ -152,6 +156,11 @@ class PredictResult(BaseModel):
 class PredictResponse(BaseModel):
     data: list[list[PredictResult]]
     duration: float
+
+
+class Ready(BaseModel):
+    status: str = Field(description='"ready"')
+    model: str
 
 
 class ErrorDetail(BaseModel):
