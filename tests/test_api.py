@@ -537,6 +537,7 @@ def test_a_wrong_method_or_a_trailing_slash_gets_this_apis_error_shape(live: tup
     assert path.rstrip("/") in error_message(response)
     if status == 405:
         assert response.headers["allow"] == ("POST" if path in LIMITED_PATHS else "GET, HEAD")
+        assert error_message(response).endswith("with a JSON body" if path in LIMITED_PATHS else "GET or HEAD")
     assert reranker.metrics.registry.get_sample_value(
         "reranker_requests_total", {"route": path.rstrip("/"), "status": "invalid"}) == counted
 

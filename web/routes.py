@@ -240,7 +240,7 @@ def build_router(backend: Backend) -> APIRouter:
         path = f"/{probe.__name__}"
         router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
         # Another method fell through to the Gradio app mounted at / and got a 404 naming this very route.
-        router.add_api_route(path, _wrong_method(path, "GET, HEAD", "GET"),
+        router.add_api_route(path, _wrong_method(path, "GET, HEAD", "GET or HEAD"),
                              methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
 
     return router
