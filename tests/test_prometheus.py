@@ -377,8 +377,10 @@ def test_prometheus_scrapes_the_running_app(bert_model: ScoringModel, bert_dir: 
                     assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
                 # Pending counts too: six of the seven rules wait 2-10 minutes before they fire, so a rule whose
                 # condition always held would only ever be pending here. The latency rule alone may be pending: a
-                # slow CI machine can briefly cross its bound.
+                # slow CI machine can briefly cross its bound, and RerankerDown (up == 0 for 2 minutes) may be pending
+                # after one 1 s scrape that a busy machine let time out.
+                tolerated = {("RerankerHighLatencyP95", "pending"), ("RerankerDown", "pending")}
                 raised = [(a["labels"]["alertname"], a["state"]) for a in api(url, "alerts")["alerts"]]
-                assert [alert for alert in raised if alert != ("RerankerHighLatencyP95", "pending")] == [], raised
+                assert [alert for alert in raised if alert not in tolerated] == [], raised
         finally:
             handle.stop()

@@ -59,7 +59,7 @@ T = TypeVar("T")
 APP = "reranker"
 MODEL = "RerankModel"
 IDLE_S = 30.0  # twice as long as Ray 2.60 kept exporting a gauge nobody set (deploy/ray/metrics.py)
-REPLACED_WITHIN_S = 20.0  # from the SIGKILL of a replica to two running replicas again (see the test)
+REPLACED_WITHIN_S = 30.0  # from the SIGKILL of a replica to two running replicas again (see the test)
 
 
 def app_config(model_dir: Path, *, replicas: int = 2, ui: bool = False, **env: str) -> dict[str, Any]:
@@ -300,8 +300,9 @@ def test_a_killed_replica_loses_no_request(cluster: LocalRay, gate: Path) -> Non
     # imports Ray Serve and OpenVINO, then starts its model from the conversion cache (docs/scale-out.md).
     recovered, replacement, _ = replaced_under_load(cluster, 2, kill, "a replacement replica")
     print(f"replica replaced in {recovered:.1f} s after the kill")
-    # The budget is 10 s, which a saturated 2-core host meets with little room (8.5-9.7 s measured). Twice
-    # that bounds it here without flaking, and still fails a replacement that loads the model in full (26.5 s).
+    # The budget is 10 s, which a saturated 2-core host meets with little room (8.5-9.7 s measured; 14.5 s
+    # with one core taken by another process). Three times that bounds it here without flaking; a replacement that
+    # loads the model in full (26.5 s) fails the from_cache check below, whatever its time.
     assert recovered < REPLACED_WITHIN_S, f"the replacement took {recovered:.1f} s"
     assert retries(cluster) > retried, "no request was on the killed replica"
     # The replacement started from what the first replicas stored, without torch, transformers or their weights.

@@ -220,7 +220,7 @@ def test_a_running_event_whose_page_closes_is_cancelled_on_the_model_replica(clu
     session = "closed-tab"
 
     def cancelled() -> list[dict[str, Any]]:
-        return [line for line in worker_log_lines(cluster) if line.get("message") == "rerank"
+        return [line for line in worker_log_lines(cluster) if line.get("message") in ("rerank", "slow rerank")
                 and line.get("route") == "ui" and line.get("status") == "cancelled"]
 
     before = len(cancelled())
