@@ -186,10 +186,10 @@ class ConvertedModels:
         """What is wrong with `entry`'s graph files against the sizes and sha256 digests its meta.json keeps; None
         when they match. A file's digest is taken from the cache's file-digests while its identity holds (inode,
         size, times), so a start reads the weights once after they were stored, not at every start."""
-        try:
-            stored = json.loads((entry / "meta.json").read_text()).get("files")
-        except (OSError, ValueError, AttributeError) as err:
-            return f"its meta.json cannot be read ({type(err).__name__})"
+        meta = _meta(entry)
+        if meta is None:
+            return "its meta.json cannot be read"
+        stored = meta.get("files")
         if not isinstance(stored, dict) or any(not isinstance(stored.get(name), dict) for name in GRAPH_FILES):
             return "its meta.json keeps no digests of the graph (stored by an earlier version)"
         for name in GRAPH_FILES:
@@ -197,9 +197,9 @@ class ConvertedModels:
             if size != stored[name].get("bytes"):
                 return f"{name} has {size} bytes, {stored[name].get('bytes')} were stored"
         paths = [(PurePath(name), entry / name) for name in GRAPH_FILES]
-        for (relative, _), digest in zip(paths, content_keys(entry, paths, self.digests), strict=True):
-            if digest != stored[str(relative)].get("sha256"):
-                return f"{relative} does not match the sha256 stored with it: changed since it was stored"
+        for name, digest in zip(GRAPH_FILES, content_keys(entry, paths, self.digests), strict=True):
+            if digest != stored[name].get("sha256"):
+                return f"{name} does not match the sha256 stored with it: changed since it was stored"
         return None
 
     def _remove(self, entry: Path) -> bool:
@@ -260,13 +260,20 @@ def _spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def _meta(entry: Path) -> dict[str, Any] | None:
+    """`entry`'s meta.json; None when it cannot be read or holds no object."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _is_entry(entry: Path) -> bool:
     """Whether `entry` is one of the cache's own: a folder whose meta.json names it. Anything else under the cache
     (RERANKER_CACHE_DIR may be a folder that holds other things) is never removed."""
-    try:
-        return json.loads((entry / "meta.json").read_text()).get("key") == entry.name
-    except (OSError, ValueError, AttributeError):
-        return False
+    meta = _meta(entry)
+    return meta is not None and meta.get("key") == entry.name
 
 
 def _owner(path: Path) -> int | None:
