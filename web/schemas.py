@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # first bad one: pydantic would build an error per item (two per item for a union) before any limit is
 # looked at, seconds of event-loop time for a body of a few hundred kB. The schema still says what is expected.
 # The Cohere routes' objects may carry other fields, and rank on those `rank_fields` names instead of `text`.
-CohereV1Documents = Annotated[list[Any], WithJsonSchema(
+CohereDocuments = Annotated[list[Any], WithJsonSchema(
     {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": True}]}})]
 # In the schema only: the engine refuses a value below 1 itself (400, naming the field), as it does on every surface.
 POSITIVE: dict[str, Any] = {"minimum": 1}
@@ -24,7 +24,7 @@ class _Body(BaseModel):
 
 class CohereRerankRequest(_Body):
     query: StrictStr = Field(description="What to rank the documents against.")
-    documents: CohereV1Documents = Field(
+    documents: CohereDocuments = Field(
         description="Strings, or objects: with a `text` field, or with the fields `rank_fields` names.")
     top_n: StrictInt | None = Field(None, json_schema_extra=POSITIVE,
                                     description="Return only the best N (all when absent or larger).")
@@ -90,14 +90,14 @@ class RelevantSpans(_Body):
 class CohereV2RerankRequest(_Body):
     model: StrictStr | None = Field(None, description="Required by Cohere; accepted here, the loaded model answers.")
     query: StrictStr = Field(description="What to rank the documents against.")
-    documents: CohereV1Documents = Field(
+    documents: CohereDocuments = Field(
         description="Strings (objects are taken too, as on /v1/rerank, which Cohere's earlier v2 API did).")
     top_n: StrictInt | None = Field(None, json_schema_extra=POSITIVE,
                                     description="Return only the best N (all when absent).")
     max_tokens_per_doc: StrictInt | None = Field(
         None, json_schema_extra=POSITIVE,
         description=f"Cut each document to its first N tokens before scoring ({COHERE_V2_MAX_TOKENS_PER_DOC} "
-                          "when absent, as Cohere's).")
+                    "when absent, as Cohere's).")
     priority: StrictInt | None = Field(None, description="Accepted for compatibility; requests are served in order.")
     relevant_spans: RelevantSpans | None = Field(None, description="Only mode \"disabled\" is supported.")
     raw_scores: StrictBool | None = Field(False, description="Raw logits instead of sigmoid probabilities (extension).")
