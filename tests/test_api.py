@@ -254,8 +254,10 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("TEI left truncation", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 400),
     ("TEI text as truncation_direction", "/rerank",
      {"query": "q", "texts": ["a"], "truncation_direction": "Patient zebra-secret, born 1970"}, 400),
-    ("TEI truncation_direction a number", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": 1e999},
-     422),
+    ("TEI truncation_direction a number", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": 7}, 422),
+    # json.dumps writes it as Infinity, which is no JSON: refused before any field is read.
+    ("TEI truncation_direction infinite", "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": 1e999},
+     400),
     ("predict data too short", "/api/predict", {"data": ["q"]}, 422),
     ("predict data not a list", "/api/predict", {"data": "q"}, 422),
     ("predict documents of numbers", "/api/predict", {"data": ["q", [1, 2]]}, 422),
@@ -313,6 +315,13 @@ def test_tei_errors_name_the_texts_field(url: str, texts: list[Any], message: st
         # Valid JSON that Python will not parse: it was called invalid JSON.
         ("a number of 5,000 digits", b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}", 400,
          "a number of over 4,300 digits"),
+        # Python's parser takes these, but no reply can carry them: a document object came back holding null.
+        ("NaN in a document object", b'{"query": "q", "documents": [{"text": "a", "w": NaN}]}', 400,
+         "not JSON: NaN is no JSON number (RFC 8259); send null or a string"),
+        ("-Infinity as top_n", b'{"query": "q", "documents": ["a"], "top_n": -Infinity}', 400,
+         "-Infinity is no JSON number"),
+        ("a number past a double", b'{"query": "q", "documents": [{"text": "a", "w": 1e400}]}', 400,
+         "the number 1e400 is out of a double's range; send it as a string"),
         ("empty body", b"", 422, "body"),
         ("body over the size limit", json.dumps({"query": "q", "documents": ["a" * 1000] * 70}).encode(), 413,
          "RERANKER_MAX_BODY_BYTES"),
@@ -323,6 +332,8 @@ def test_malformed_bodies_get_a_clear_json_error(url: str, case: str, content: b
                           timeout=HANG_S)
     assert response.status_code == status, response.text
     assert says in response.json()["error"]["message"]
+    if status == 400:
+        assert response.json()["error"]["type"] == "invalid_json"
     assert httpx.get(f"{url}/healthz", timeout=HANG_S).status_code == 200
 
 

@@ -16,14 +16,18 @@ from web.errors import HttpError, to_http_error
 from web.lifecycle import RETRY_AFTER_SECONDS
 from web.middleware import LIMITED_PATHS, OnRefuse
 from web.routes import build_router, no_route
+from web.strict_json import REASON_PREFIX
 from web.swagger import add_docs_page
 
 logger = logging.getLogger(__name__)
 
 
-def _not_json(headers: Mapping[str, str], unreadable: bool = False) -> str:
-    """`unreadable`: JSON the parser could not take for another reason than its syntax."""
+def _not_json(headers: Mapping[str, str], unreadable: bool = False, reason: str = "") -> str:
+    """`unreadable`: JSON the parser could not take for another reason than its syntax; `reason`: what
+    web.strict_json refused in it."""
     hint = "; send it uncompressed" if headers.get("content-encoding") else ""
+    if reason.startswith(REASON_PREFIX):
+        return f"the request body is {reason}"
     if unreadable:  # FastAPI's own 400: not UTF-8, nested past Python's recursion limit, or a 4,301-digit number
         return f"the request body could not be read as JSON: it is not UTF-8, nests too deeply, or holds a number " \
                f"of over 4,300 digits{hint}"
@@ -32,8 +36,10 @@ def _not_json(headers: Mapping[str, str], unreadable: bool = False) -> str:
 
 def _validation_error(err: RequestValidationError, headers: Mapping[str, str]) -> HttpError:
     problems = err.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        return HttpError(400, "invalid_json", _not_json(headers))
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            reason = str(problem.get("ctx", {}).get("error", ""))
+            return HttpError(400, "invalid_json", _not_json(headers, reason=reason))
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json" and any(tuple(p.get("loc", ())) == ("body",) for p in problems):
         # FastAPI reads a body it was not told is JSON as something else, and says only that it is no object.

@@ -42,6 +42,7 @@ from web.schemas import (
     Usage,
 )
 from web.service import RerankCall, form_top_n, split_lines
+from web.strict_json import StrictJsonRoute
 from web.versions import package_versions as package_versions  # app.py's start-up line names them
 
 
@@ -140,7 +141,7 @@ def no_route() -> HttpError:
 def build_router(backend: Backend) -> APIRouter:
     """Routes over one backend: this process's engine, or Ray Serve replicas (the bearer key is checked by
     web.middleware before them)."""
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJsonRoute)
 
     @router.post(COHERE_V1, response_model=CohereRerankResponse, response_model_exclude_none=True,
                  responses=COHERE_V1_ERROR_RESPONSES, tags=["rerank"], summary="Cohere/Jina-compatible rerank")
