@@ -606,7 +606,18 @@ def test_int8_warns_on_a_cpu_without_int8_dot_products(bert_dir: Path, tmp_path:
     assert any("without VNNI or AMX-INT8" in message for message in caplog.messages) == warned
 
 
-def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) -> None:
+def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import reranker.backends.int8 as int8
+
+    parsed: list[Path] = []
+
+    def parse(path: Path, max_doc_chars: int) -> tuple[tuple[str, str], ...]:
+        parsed.append(path)
+        return read(path, max_doc_chars)
+
+    read = int8._parse_calibration
+    monkeypatch.setattr(int8, "_parse_calibration", parse)
     rng = random.Random(0)
     good = tmp_path / "calibration.jsonl"
     good.write_text("\n".join(json.dumps({"query": random_text(rng, 4), "document": random_text(rng, 30)})
@@ -614,6 +625,9 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path) 
     model = load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(good),
                                       int8_min_spearman=-1.0, cache_dir=str(tmp_path / "cache")))
     assert model.dtype == "int8"
+    # Checked before the load and used to calibrate: read once. Not kept after: a start that finds the file changed
+    # reads it again.
+    assert parsed == [good] and int8._read_once.cache_info().currsize == 0
     bad = tmp_path / "bad.jsonl"
     shape = 'is not a JSON object with "query" and "document" strings that are not blank'
     for line, says in [('{"query": "q"}', shape), ('{"query": "q", "document": ""}', shape),

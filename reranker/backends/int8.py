@@ -4,6 +4,7 @@ float32 model on a fixed probe set (RERANKER_INT8_MIN_SPEARMAN); else fall back 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -74,6 +75,7 @@ def _calibration_pairs(settings: Settings) -> list[tuple[str, str]]:
     if settings.int8_calibration is None:
         return [(r.query, d) for r in _draw(CALIBRATION) for d in r.documents]
     pairs = read_calibration(Path(settings.int8_calibration), settings.max_doc_chars)
+    _read_once.cache_clear()  # read for the last time this start: not kept for the life of the process
     if len(pairs) <= MAX_CALIBRATION_PAIRS:
         return pairs
     logger.info("the calibration file has more pairs than calibration takes; using some, spread over the file",
@@ -106,7 +108,22 @@ def unusable_reason(model: Any, settings: Settings, groups: list[Group], probes:
 
 def read_calibration(path: Path, max_doc_chars: int) -> list[tuple[str, str]]:
     """The pairs of a calibration file; ModelLoadError naming the line of the first bad one. A document is held to
-    RERANKER_MAX_DOC_CHARS, as a request's is (a 25 MB line took a minute and 3.5 GB to tokenize)."""
+    RERANKER_MAX_DOC_CHARS, as a request's is (a 25 MB line took a minute and 3.5 GB to tokenize). Read once per
+    start: the check before loading reads it, and calibration takes those pairs while the file is unchanged."""
+    try:
+        found = path.stat()
+    except OSError:
+        return list(_parse_calibration(path, max_doc_chars))  # its own error: cannot be read
+    identity = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+    return list(_read_once(path, identity, max_doc_chars))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_once(path: Path, identity: tuple[int, ...], max_doc_chars: int) -> tuple[tuple[str, str], ...]:
+    return _parse_calibration(path, max_doc_chars)
+
+
+def _parse_calibration(path: Path, max_doc_chars: int) -> tuple[tuple[str, str], ...]:
     name = f"RERANKER_INT8_CALIBRATION={str(path)!r}"
     try:
         text = path.read_text(encoding="utf-8-sig")  # as an upload is read: a BOM (Windows editors) is no JSON
@@ -130,7 +147,7 @@ def read_calibration(path: Path, max_doc_chars: int) -> list[tuple[str, str]]:
     if len(pairs) < CALIBRATION_BATCH:
         raise ModelLoadError(f"{name} has {len(pairs)} pairs; give at least {CALIBRATION_BATCH} (a few hundred "
                              "from your own traffic calibrate best)")
-    return pairs
+    return tuple(pairs)
 
 
 # What static int8 leaves in float (bfloat16 where the CPU has it), by the converted graph's operation names:
