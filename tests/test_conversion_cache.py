@@ -129,6 +129,21 @@ def test_a_failed_save_is_a_warning_and_leaves_no_staging_folder(tmp_path: Path,
     assert list(store.root.iterdir()) == []
 
 
+def test_a_cache_dir_that_is_a_file_is_named_and_the_start_goes_on(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The save's warning gave only NotADirectoryError as the cause, without saying the setting must name a folder."""
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        store = ConvertedModels(str(not_a_folder), ov.Core())
+        store.save("tiny-0123", graph())
+        assert store.load("tiny-0123") is None
+    assert caplog.messages[0].startswith("RERANKER_CACHE_DIR names a file, not a folder")
+    assert vars(caplog.records[0])["cache_dir"] == str(not_a_folder)
+    assert "the converted model could not be cached; the next start converts again" in caplog.messages
+    assert not_a_folder.read_text() == "a file"
+
+
 # A save under a file size limit, in its own process: the write fails with EFBIG (Python ignores SIGXFSZ), as on
 # a full disk.
 SAVE_UNDER_LIMIT = """

@@ -70,6 +70,11 @@ class ConvertedModels:
         self.digests = Path(cache_dir).expanduser() / DIGESTS
         self._core = core
         self.max_age_days = max_age_days
+        with suppress(OSError):  # a folder this user cannot see into: its save says why, if it fails
+            if self.root.parent.exists() and not self.root.parent.is_dir():
+                logger.warning("RERANKER_CACHE_DIR names a file, not a folder: no converted model is cached, and "
+                               "each start converts again; name a folder (it is created where missing)",
+                               extra={"cache_dir": str(self.root.parent)})
 
     def path(self, key: str) -> Path:
         return self.root / key
