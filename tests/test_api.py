@@ -196,6 +196,8 @@ def test_health_ready_info_docs(url: str) -> None:
     for model, field in [("CohereRerankRequest", "top_n"), ("CohereV2RerankRequest", "max_tokens_per_doc"),
                          ("CohereV2RerankRequest", "max_chunks_per_doc"), ("TeiRerankRequest", "top_n")]:
         assert schema["components"]["schemas"][model]["properties"][field]["minimum"] == 1, (model, field)
+    predict_data = schema["components"]["schemas"]["PredictRequest"]["properties"]["data"]
+    assert (predict_data["minItems"], predict_data["maxItems"]) == (2, 4)  # as the route's own 422 holds it
     ready = schema["paths"]["/readyz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ready == {"$ref": "#/components/schemas/Ready"}
     assert httpx.get(f"{url}/docs", timeout=HANG_S).status_code == 200

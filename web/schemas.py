@@ -143,7 +143,9 @@ class TeiResult(BaseModel):
 
 class PredictRequest(_Body):
     data: list[Any] = Field(
-        description="[query, documents, top_n?, instruction?]; documents: newline-separated text or a list"
+        description="[query, documents, top_n?, instruction?]; documents: newline-separated text or a list",
+        # Declared, not enforced by pydantic: the route's own 422 says what the items are.
+        json_schema_extra={"minItems": 2, "maxItems": 4},
     )
 
 
