@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 
 
 def pair_key(*parts: str) -> bytes:
@@ -40,6 +41,13 @@ class ScoreCache:
             if value is not None:
                 self._items.move_to_end(key)
             return value
+
+    def absent(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Those of `keys` with no entry now; a look that leaves the LRU order as it is."""
+        if self.capacity == 0:
+            return set(keys)
+        with self._lock:
+            return {key for key in keys if key not in self._items}
 
     def put(self, key: bytes, value: Entry) -> None:
         if self.capacity == 0:

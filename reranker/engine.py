@@ -179,6 +179,22 @@ class Reranker:
         (web.service.RerankService.admit): pass it to rerank_detailed, which uses it up."""
         return self._batcher.room()
 
+    def pairs_to_hold(self, query: str, documents: Sequence[str], instruction: str | None = None,
+                      max_doc_tokens: int | None = None, max_chunks: int | None = None) -> int:
+        """The queue room a valid request needs as the cache stands: its distinct documents the cache lacks (as
+        `rerank_detailed` counts them after its lookup), or all of them where a tokenizer pass must cut them to
+        `max_doc_tokens` before they can be looked up. Looks, without moving anything in the LRU."""
+        if self._clips(max_doc_tokens) or not self._cache.capacity:
+            return len(documents)
+        instruction, max_chunks = self._scoring_mode(instruction, max_chunks)
+        return len(self._cache.absent(self._key(query, text, instruction, max_chunks) for text in documents))
+
+    def _scoring_mode(self, instruction: str | None, max_chunks: int | None) -> tuple[str | None, int | None]:
+        """What of the instruction and the window cap changes a score: a blank instruction is none, and the cap
+        only means something in chunk mode (every document is one window in truncate mode)."""
+        return (instruction if instruction and instruction.strip() else None,
+                max_chunks if self.settings.long_docs == "chunk" else None)
+
     def rerank_detailed(self, query: str, documents: Sequence[str], top_n: int | None = None,
                         instruction: str | None = None, raw_scores: bool = False,
                         cancel: threading.Event | None = None, *,
@@ -216,10 +232,8 @@ class Reranker:
         with spans.step(self._tracer, spans.VALIDATE):
             self.validate(query, documents, top_n, instruction, max_doc_tokens, documents_field=documents_field,
                           max_chunks=max_chunks)
-        if self.settings.long_docs != "chunk":
-            max_chunks = None  # every document is one window: its cache entries are those of any other request
+        instruction, max_chunks = self._scoring_mode(instruction, max_chunks)
         self.metrics.documents_per_request.observe(len(documents))
-        instruction = instruction if instruction and instruction.strip() else None  # blank is no instruction
         given_up(cancel)  # a caller gone while the request waited for a thread: its room is given back already
         document_room = self._document_room(query, instruction)  # before any tokenizer pass over the documents
         # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until

@@ -197,6 +197,44 @@ def test_a_burst_past_the_queue_is_refused_at_once_not_left_waiting_for_a_worker
     assert value(metrics, "reranker_queue_pairs") == 0
 
 
+def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(bert_model: ScoringModel,
+                                                                                bert_dir: Path) -> None:
+    """Admission held room for every document before the cache was looked at: with the queue full, a request the
+    cache answers whole (a repeated query, as RAG pipelines send) was refused 429 though it queues no pair."""
+    release = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        release.wait(HANG_S)
+        return bert_model.score(batch)
+
+    metrics = Metrics(CollectorRegistry())
+    settings = model_settings(bert_dir, max_queue=4, cache_size=100)
+    cached = {"query": "q", "documents": ["a", "b", "a"]}
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        release.set()
+        first = client.post("/v1/rerank", json=cached)
+        assert first.status_code == 200
+        release.clear()
+        blocker = threading.Thread(target=client.post, args=("/v1/rerank",),
+                                   kwargs={"json": {"query": "q", "documents": ["c", "d", "e", "f"]}})
+        blocker.start()
+        try:
+            wait_until(lambda: reranker.queued_pairs == 4)  # the queue is full
+            again = client.post("/v1/rerank", json={**cached, "top_n": 2})
+            assert again.status_code == 200 and again.json()["results"] == first.json()["results"][:2]
+            # One document the cache lacks needs a pair of room, which a full queue has not.
+            assert client.post("/v1/rerank", json={**cached, "documents": ["a", "new"]}).status_code == 429
+            # What /v2/rerank cuts to max_tokens_per_doc is looked up only after a tokenizer pass: room for all.
+            v2 = {"model": "m", "query": "q", "documents": ["a"], "max_tokens_per_doc": 1}
+            assert client.post("/v2/rerank", json=v2).status_code == 429
+        finally:
+            release.set()
+            blocker.join(HANG_S)
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 3
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1
+
+
 def test_a_client_that_leaves_while_waiting_for_a_worker_thread_gives_its_room_back_at_once(
         bert_model: ScoringModel, bert_dir: Path) -> None:
     """Its room stayed held until a thread was free to find it gone: live clients got 429 meanwhile."""
