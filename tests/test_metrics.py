@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -164,16 +164,21 @@ def test_overloaded_and_error_outcomes(bert_model: ScoringModel, bert_dir: Path)
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 1
 
 
-def test_a_burst_past_the_queue_is_refused_at_once_not_left_waiting_for_a_worker_thread(
-        bert_model: ScoringModel, bert_dir: Path) -> None:
-    """The room was taken on anyio's worker threads, which lend 40 to every caller: with those all waiting on
-    scoring, a burst of small requests waited for a thread, uncounted, and never got its 429."""
+def held_scorer(model: ScoringModel) -> tuple[Callable[[Sequence[EncodedPair]], np.ndarray], threading.Event]:
+    """`model`'s scorer, holding every pass until the event is set."""
     release = threading.Event()
 
     def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
         release.wait(HANG_S)
-        return bert_model.score(batch)
+        return model.score(batch)
+    return scorer, release
 
+
+def test_a_burst_past_the_queue_is_refused_at_once_not_left_waiting_for_a_worker_thread(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """The room was taken on anyio's worker threads, which lend 40 to every caller: with those all waiting on
+    scoring, a burst of small requests waited for a thread, uncounted, and never got its 429."""
+    scorer, release = held_scorer(bert_model)
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(bert_dir, max_queue=50, cache_size=0)
     statuses: list[int] = []
@@ -201,12 +206,7 @@ def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(b
                                                                                 bert_dir: Path) -> None:
     """Admission held room for every document before the cache was looked at: with the queue full, a request the
     cache answers whole (a repeated query, as RAG pipelines send) was refused 429 though it queues no pair."""
-    release = threading.Event()
-
-    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
-        release.wait(HANG_S)
-        return bert_model.score(batch)
-
+    scorer, release = held_scorer(bert_model)
     metrics = Metrics(CollectorRegistry())
     settings = model_settings(bert_dir, max_queue=4, cache_size=100)
     cached = {"query": "q", "documents": ["a", "b", "a"]}
