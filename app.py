@@ -130,9 +130,9 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
-def exposure_warnings(settings: Settings, *, metrics: bool = True) -> list[str]:
-    """What to tell an operator who serves beyond loopback with the UI, the JSON routes or (`metrics`: this process
-    serves them) the metrics left open."""
+def exposure_warnings(settings: Settings, *, metrics: bool = True, ui: bool = True, api: bool = True) -> list[str]:
+    """What to tell an operator who serves beyond loopback with the UI, the JSON routes or the metrics left open,
+    of those this process serves (`metrics`, `ui`, `api`)."""
     warnings = []
     if metrics and not _is_loopback(settings.metrics_host):
         warnings.append(f"the metrics on {settings.metrics_host}:{settings.metrics_port} are open to anyone who can "
@@ -140,11 +140,11 @@ def exposure_warnings(settings: Settings, *, metrics: bool = True) -> list[str]:
                         "on loopback or a network only Prometheus reaches")
     if _is_loopback(settings.host):
         return warnings
-    if not settings.ui_auth:
+    if ui and not settings.ui_auth:
         warnings.append(f"the Gradio UI and Gradio API on {settings.host} are open to anyone who can reach it "
                         "(RERANKER_API_KEY, if set, guards only the JSON routes): set RERANKER_UI_AUTH to "
                         "user:password, or to a file of such lines, to require a login")
-    if not settings.api_key:
+    if api and not settings.api_key:
         from web.middleware import LIMITED_PATHS
 
         routes = ", ".join(sorted(LIMITED_PATHS))

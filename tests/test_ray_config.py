@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -258,9 +259,32 @@ def test_served_beyond_loopback_without_a_login_it_warns_as_start_sh_does() -> N
     assert exposure_warnings(config, {}) == []  # loopback
     exposed = with_address(config, {"RERANKER_HOST": "0.0.0.0"})
     warnings = exposure_warnings(exposed, {})
-    assert len(warnings) == 2 and "RERANKER_UI_AUTH" in warnings[0] and "RERANKER_API_KEY" in warnings[1]
+    assert len(warnings) == 2 and "RERANKER_API_KEY" in warnings[0] and "RERANKER_UI_AUTH" in warnings[1]
     assert exposure_warnings(exposed, {"RERANKER_UI_AUTH": "a:b", "RERANKER_API_KEY": "k"}) == []
     assert exposure_warnings(exposed, {"RAY_ADDRESS": "ray://head:10001"}) == []  # the cluster's env, not ours
+
+
+def login_in(config: dict[str, Any], application: str) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    [app] = [a for a in config["applications"] if a["name"] == application]
+    app["args"]["env"] = {"RERANKER_UI_AUTH": "admin:secret"}
+    return config
+
+
+def test_a_login_set_for_one_application_only_is_named() -> None:
+    """Set in the reranker application's args.env only (beside RERANKER_HOST, say), the UI stayed open with no
+    warning: each application is judged by its own settings for what it serves, and a login set for one
+    application and not the other is named."""
+    from deploy.ray.__main__ import exposure_warnings, with_address
+
+    exposed = with_address(yaml.safe_load(SERVE_YAML.read_text()), {"RERANKER_HOST": "0.0.0.0"})
+    warnings = exposure_warnings(login_in(exposed, "reranker"), {"RERANKER_API_KEY": "k"})
+    assert len(warnings) == 2 and warnings[0].startswith("the Gradio UI and Gradio API on 0.0.0.0 are open")
+    assert warnings[1].startswith("RERANKER_UI_AUTH is set for application 'reranker' but not for 'ui'")
+    # On loopback the UI is not exposed, but the login still does not guard it: named all the same.
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    [mismatch] = exposure_warnings(login_in(config, "ui"), {})
+    assert mismatch.startswith("RERANKER_UI_AUTH is set for application 'ui' but not for 'reranker'")
 
 
 def test_a_reranker_variable_nothing_reads_is_named_as_start_sh_names_it() -> None:

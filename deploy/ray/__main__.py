@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "deploy/ray/serve.yaml"
 DEFAULT_METRICS_PORT = 8080  # KubeRay's metrics port too
+UI_IMPORT_PATH = "deploy.ray.ui:build"  # the application serving the Gradio UI; the others serve the JSON routes
 
 
 # Read by this launcher from its own environment; in an application's args.env no replica reads them.
@@ -364,9 +365,22 @@ def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     if environ.get("RAY_ADDRESS"):
         return []
     host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
-    # No metrics server of its own: every replica's metrics go through the Ray node's agent.
-    return warnings_for(dataclasses.replace(app_settings(config["applications"][0], environ), host=host),
-                        metrics=False)
+    warnings, logins = [], {}
+    for application in config.get("applications") or []:
+        settings = dataclasses.replace(app_settings(application, environ), host=host)
+        ui = application.get("import_path") == UI_IMPORT_PATH
+        logins[str(application.get("name"))] = settings.ui_auth is not None
+        # Each application's own settings for what it serves. No metrics server of its own: every replica's
+        # metrics go through the Ray node's agent.
+        warnings += warnings_for(settings, metrics=False, ui=ui, api=not ui)
+    if len(set(logins.values())) > 1:
+        with_login = ", ".join(repr(name) for name, login in logins.items() if login)
+        without = ", ".join(repr(name) for name, login in logins.items() if not login)
+        warnings.append(f"RERANKER_UI_AUTH is set for application {with_login} but not for {without}: the ui "
+                        "application's login guards the UI, and the reranker application's guards /api/predict "
+                        "where RERANKER_API_KEY is unset; set it in the environment (every replica of a local Ray "
+                        "inherits it) or in each application's args.env")
+    return warnings
 
 
 def unknown_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
