@@ -178,6 +178,16 @@ def test_a_body_over_the_limit_gets_413_and_is_counted(cluster: LocalRay) -> Non
                    for line in text.splitlines() if series.match(line))
 
     wait_for(refusal_exported, HANG_S, "the UI's 413 in ray_reranker_requests_total{deployment=\"UI\"}")
+    # And among its answers by status code, which RerankerServeProxyRefusing takes off the proxy's: the UI's own 429s
+    # (its login throttle) were counted as the proxy's refusals.
+    answers = re.compile(r'^ray_reranker_ingress_answers_total\{[^}]*deployment="UI"[^}]*status_code="413"[^}]*\} ',
+                         re.M)
+
+    def answer_exported() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=HANG_S).text
+        return any(float(line.rsplit(" ", 1)[1]) >= 1 for line in text.splitlines() if answers.match(line))
+
+    wait_for(answer_exported, HANG_S, "the UI's 413 in ray_reranker_ingress_answers_total{deployment=\"UI\"}")
 
 
 def stream(client: httpx.Client, path: str, into: dict[str, object]) -> threading.Thread:

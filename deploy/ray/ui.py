@@ -23,7 +23,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deploy.ray.claims import forget_claims
 from deploy.ray.environment import replica_settings
-from deploy.ray.metrics import replica_metrics
+from deploy.ray.ingress import CountAnswers
+from deploy.ray.metrics import ingress_answers, replica_metrics
 from deploy.ray.panel import KIND_UI, Replicas, ReplicaView, answers_view
 from deploy.ray.remote import RemoteBackend, quiet_router_refusals
 from deploy.ray.stopping import cut_off, drain, until_stopping
@@ -87,6 +88,9 @@ class UI:
         setup_logging(self.settings.log_level)
         quiet_router_refusals()  # its handle's router refuses a call, and the event's line answers it
         self.metrics = replica_metrics()  # exported through Ray: the UI's refusals (401, 413, 503) are seen
+        # Every answer by status code, as the ingress counts them: RerankerServeProxyRefusing takes the 429s the UI
+        # answers itself (its login throttle, an overloaded Gradio API call) off the proxy's count of 429s.
+        self.answers = ingress_answers()
         self.tracing = Tracing.from_settings(self.settings, self.metrics)
         self.history = RequestHistory()
         self.lifecycle = Lifecycle()
@@ -164,6 +168,7 @@ class UI:
         # Serve drains and stops this replica (no forced stop cancels its requests here): it ends the event
         # streams Gradio breaks off with an HTTP error (an unknown event id).
         app.add_middleware(CutOff, lifecycle=self.lifecycle)
+        app.add_middleware(CountAnswers, counter=self.answers)  # outermost: every answer, as the proxy sees it
         return app
 
 
