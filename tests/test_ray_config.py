@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -337,3 +338,45 @@ def test_otel_variables_in_args_env_reach_the_exporter(monkeypatch: pytest.Monke
     exporter: Any = otlp_exporter(settings.tracing_protocol)
     assert exporter._endpoint == "http://127.0.0.1:4999/v1/traces"
     assert os.environ["RERANKER_MAX_DOCS"] == "7"  # only OTEL_* go into the process environment
+
+
+def test_a_model_replica_ray_gave_no_gpu_runs_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica with num_gpus 0: RERANKER_DEVICE=auto then found
+    the node's GPUs, and every such replica of a GPU node loaded onto cuda:0, outside Ray's accounting."""
+    import ray._private.accelerators.accelerator as accelerator
+
+    from deploy.ray.environment import on_assigned_device
+    from reranker.settings import Settings
+
+    assert accelerator.RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR  # the Ray change this answers, still there
+    auto = Settings.from_env({})
+    assert on_assigned_device(auto, []).device == "cpu"
+    assert on_assigned_device(auto, ["0"]).device == "auto"  # its own GPU: CUDA_VISIBLE_DEVICES names it
+    explicit = Settings.from_env({"RERANKER_DEVICE": "cuda:1"})
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        assert on_assigned_device(explicit, []).device == "cuda:1"
+    assert caplog.messages[0].startswith("RERANKER_DEVICE names a GPU but Ray assigned this replica none")
+    assert on_assigned_device(Settings.from_env({"RERANKER_DEVICE": "cpu"}), []).device == "cpu"
+
+
+def test_the_model_replica_takes_its_device_from_rays_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    from prometheus_client import CollectorRegistry
+
+    import deploy.ray.model as model
+    from reranker.metrics import Metrics
+
+    class Built(Exception):
+        pass
+
+    def capture(settings: Any, **kwargs: Any) -> None:
+        raise Built(settings.device)
+
+    monkeypatch.setattr(model, "assigned_gpus", lambda: [])
+    # Outside a replica Ray's metrics and GPU ids would start a local Ray of their own (ray.init's auto-start).
+    monkeypatch.setattr(model, "replica_metrics", lambda: Metrics(CollectorRegistry()))
+    monkeypatch.setattr(model, "replica_gpus", lambda: None)
+    monkeypatch.setattr(model.Reranker, "from_settings", capture)
+    with pytest.raises(Built, match="^cpu$"):
+        model.RerankModel({"RERANKER_DEVICE": "auto"})
+    assert not ray.is_initialized()

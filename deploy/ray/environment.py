@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from reranker.settings import Settings
+
+logger = logging.getLogger("reranker.ray")
 
 
 def replica_settings(environ: Mapping[str, str] | None) -> Settings:
@@ -15,3 +19,19 @@ def replica_settings(environ: Mapping[str, str] | None) -> Settings:
     overlay = {str(name): str(value) for name, value in (environ or {}).items()}
     os.environ.update({name: value for name, value in overlay.items() if name.startswith("OTEL_")})
     return Settings.from_env({**os.environ, **overlay})
+
+
+def on_assigned_device(settings: Settings, gpu_ids: Sequence[object]) -> Settings:
+    """A model replica's settings for the GPUs Ray assigned it (`ray.get_gpu_ids()`). With none (`num_gpus: 0`),
+    RERANKER_DEVICE=auto is the CPU: Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it is for a replica without GPUs, so
+    `auto` found the node's GPUs and every such replica of a GPU node loaded onto cuda:0, outside Ray's accounting.
+    An explicit `cuda` is kept, with a warning."""
+    if gpu_ids:
+        return settings
+    if settings.device == "auto":
+        return dataclasses.replace(settings, device="cpu")
+    if settings.device.startswith("cuda"):
+        logger.warning("RERANKER_DEVICE names a GPU but Ray assigned this replica none (num_gpus: 0): it uses a GPU "
+                       "Ray does not account for, which other replicas may share; set the model deployment's "
+                       "ray_actor_options.num_gpus (1, or a fraction) instead", extra={"device": settings.device})
+    return settings

@@ -24,7 +24,7 @@ _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
     from deploy.ray.claims import claim_left, forget_claims
-    from deploy.ray.environment import replica_settings
+    from deploy.ray.environment import on_assigned_device, replica_settings
     from deploy.ray.gpu import replica_gpus
     from deploy.ray.metrics import replica_metrics
     from deploy.ray.panel import Publisher, ReplicaView, replica_view
@@ -69,6 +69,14 @@ def application() -> str | None:
         return None
 
 
+def assigned_gpus() -> list[object]:
+    """The GPUs Ray assigned this replica (none outside Ray)."""
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:
+        return []
+
+
 def node_id() -> str:
     """The Ray node this process runs on ("" outside Ray)."""
     try:
@@ -84,6 +92,7 @@ class RerankModel:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         settings = replica_settings(environ)
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
+        settings = on_assigned_device(settings, assigned_gpus())
         self.replica = replica_id()
         self.app = application()
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
