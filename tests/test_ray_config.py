@@ -84,8 +84,11 @@ def test_the_kuberay_manifest_embeds_serve_yaml_sized_for_a_gpu_cluster() -> Non
     # Room for the autoscaler's most replicas and a rolling update's surge replica, one GPU worker each.
     surge = -(-model["max_surge_percent"] * model["autoscaling_config"]["max_replicas"] // 100)
     assert sum(w["maxReplicas"] for w in workers) >= model["autoscaling_config"]["max_replicas"] + surge
-    # Proxies on every interface: the JSON routes and the UI each need their login, from the secret.
-    for container in containers:
+    # Proxies on every interface: the JSON routes and the UI each need their login, from the secret; the head's
+    # container too, where replicas run once it is given CPUs.
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    for container in [*head, *containers]:
+        assert {"name": "RERANKER_MODEL", "value": "BAAI/bge-reranker-v2-m3"} in container["env"]
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
         assert secrets == {"RERANKER_API_KEY": "reranker", "RERANKER_UI_AUTH": "reranker"}
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()
