@@ -273,6 +273,24 @@ def test_a_try_no_replica_answers_ends_at_the_deadline_with_504() -> None:
     assert handle.calls == 1 and handle.cancelled == 1  # not tried again, and the call is withdrawn
 
 
+def test_the_deadline_counts_from_the_requests_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It counted from the call: a body sent over 60 s (RERANKER_BODY_TIMEOUT_SECONDS) left the full 100 s after
+    it, past the proxy's request_timeout_s (120 s), whose 408 is Serve's plain text."""
+    sent: list[tuple[Any, ...]] = []
+    handle = FakeHandle(Reply("r1", result=RESULT))
+    answer = handle.rerank.remote
+
+    def remember(*args: Any) -> FakeResponse:
+        sent.append(args)
+        return answer(*args)
+
+    handle.rerank = SimpleNamespace(remote=remember)
+    monkeypatch.setattr(remote, "request_age", lambda: 40.0)  # the request arrived 40 s ago
+    assert asyncio.run(backend(handle, deadline_s=100.0).rerank(None, "/v1/rerank", CALL)) == RESULT
+    [(_, _, _, _, deadline_at, left, _)] = sent
+    assert 59.0 < left <= 60.0 and abs(deadline_at - time.time() - left) < 1.0
+
+
 def leaving_client(after_s: float) -> Request:
     """A request whose client disconnects `after_s` seconds after sending its body."""
     async def receive() -> dict[str, Any]:

@@ -35,7 +35,7 @@ from web.cancel import client_gone, event_left
 from web.errors import HttpError, client_left
 from web.lifecycle import Lifecycle
 from web.middleware import OnRefuse
-from web.request_id import current_request_id, new_request_id
+from web.request_id import current_request_id, new_request_id, request_age
 from web.service import RerankCall
 
 logger = logging.getLogger("reranker.ray")
@@ -166,7 +166,10 @@ class RemoteBackend:
             self._cut_held.set()
 
     async def rerank(self, request: Request | None, route: str, call: RerankCall) -> RerankResult:
-        deadline = time.monotonic() + self.deadline_s
+        # The request's deadline counts from its arrival at the ingress, not from here: a body sent slowly (up to
+        # RERANKER_BODY_TIMEOUT_SECONDS) took its time off the deadline's, or the proxy's request_timeout_s ran out
+        # first and the client got Serve's plain-text 408.
+        deadline = time.monotonic() + self.deadline_s - (request_age() or 0.0)
         request_id = current_request_id() or new_request_id()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the ingress's server span, when tracing is on
