@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -233,6 +234,27 @@ def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(b
             blocker.join(HANG_S)
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 3
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1
+
+
+def test_the_request_duration_counts_from_the_requests_arrival(bert_model: ScoringModel, bert_dir: Path) -> None:
+    """It counted from the engine call: a body sent over a second, or a wait for a worker thread (on Ray Serve, at
+    the ingress for a replica), was left out, and the latency alert stayed quiet while clients waited."""
+    metrics = Metrics(CollectorRegistry())
+
+    def slow_body() -> Iterator[bytes]:
+        yield b'{"query": "q", '
+        time.sleep(1.0)
+        yield b'"documents": ["a", "b"]}'
+
+    with Reranker(bert_model, model_settings(bert_dir), metrics=metrics) as reranker, \
+            serve(create_app(reranker, ui=False)) as url:
+        sent = time.perf_counter()
+        answer = httpx.post(f"{url}/v1/rerank", content=slow_body(), headers={"content-type": "application/json"},
+                            timeout=HANG_S)
+        client_s = time.perf_counter() - sent
+        assert answer.status_code == 200
+    booked = value(metrics, "reranker_request_duration_seconds_sum", route="/v1/rerank")
+    assert 1.0 <= booked <= client_s, (booked, client_s)
 
 
 def test_a_client_that_leaves_while_waiting_for_a_worker_thread_gives_its_room_back_at_once(

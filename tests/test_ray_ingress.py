@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from deploy.ray import remote  # noqa: E402
+from deploy.ray import model, remote  # noqa: E402
 from deploy.ray.ingress import ingress_app  # noqa: E402
 from deploy.ray.model import Reply  # noqa: E402
 from deploy.ray.remote import RemoteBackend  # noqa: E402
@@ -289,6 +289,21 @@ def test_the_deadline_counts_from_the_requests_arrival(monkeypatch: pytest.Monke
     assert asyncio.run(backend(handle, deadline_s=100.0).rerank(None, "/v1/rerank", CALL)) == RESULT
     [(_, _, _, _, deadline_at, left, _)] = sent
     assert 59.0 < left <= 60.0 and abs(deadline_at - time.time() - left) < 1.0
+    # The replica's latency counts from the arrival too (before, its request_duration left out the wait here).
+    [(_, _, _, carrier, _, _, _)] = sent
+    assert float(carrier[model.AGE]) == 40.0 and abs(time.time() - 40.0 - float(carrier[model.ARRIVED])) < 1.0
+
+
+def test_a_replica_takes_the_requests_arrival_within_what_its_clock_can_say() -> None:
+    def age(arrived_ago: float) -> float:
+        arrived = model.arrival({model.ARRIVED: repr(time.time() - arrived_ago), model.AGE: "4.0"}, 60.0)
+        assert arrived is not None
+        return time.perf_counter() - arrived
+
+    assert 4.9 < age(5.0) < 5.5  # sent 4 s after it arrived, then a second in Serve's queue
+    assert 3.9 < age(-30.0) < 4.5  # this clock behind the ingress's: never younger than when sent
+    assert 63.9 < age(3600.0) < 64.5  # this clock an hour ahead: never older than its deadline allows
+    assert model.arrival({}, 60.0) is None and model.arrival({model.ARRIVED: "x", model.AGE: "1"}, None) is None
 
 
 def leaving_client(after_s: float) -> Request:

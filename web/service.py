@@ -148,7 +148,10 @@ class RerankService:
                 logger.error("rerank failed", exc_info=err, extra={"request_id": request_id, "route": route})
             raise error from err
         finally:
-            elapsed = time.perf_counter() - started
+            # From the request's arrival where it is known (reading its body, its wait for a worker thread, on Ray
+            # Serve its wait at the ingress for a replica): the latency its client sees, as the docs define it.
+            age = request_age()
+            elapsed = age if age is not None else time.perf_counter() - started
             metrics.inflight_requests.dec()
             # Cancelled by its caller, whatever it ended as (scored, refused, dropped): not a deadline or a stop.
             left = cancel is not None and cancel.is_set() and (error is None or error.type not in (

@@ -43,6 +43,27 @@ finally:
 logger = logging.getLogger("reranker.ray")
 
 
+# When the request reached the ingress, beside the trace context in a call's `carrier`: its epoch second, and its
+# age when the ingress sent the call. The latency this replica books counts from then, as one process's does, not
+# from the call, which left out the wait at the ingress for a free replica, the hop, and an earlier try on a replica
+# that died. In the carrier, not arguments of their own, so that replicas and ingresses of two versions (a rolling
+# update) still call each other.
+ARRIVED, AGE = "x-reranker-arrived", "x-reranker-age"
+
+
+def arrival(carrier: Mapping[str, str], left_s: float | None) -> float | None:
+    """The request's arrival as this process's time.perf_counter; None without one. Its age here is at least its
+    age when sent and, whatever this node's clock says, at most that plus `left_s` (what its deadline left then)."""
+    try:
+        arrived, sent_age = float(carrier[ARRIVED]), float(carrier[AGE])
+    except (KeyError, ValueError):
+        return None
+    age = max(time.time() - arrived, sent_age)
+    if left_s is not None:
+        age = min(age, sent_age + left_s)
+    return time.perf_counter() - age
+
+
 @dataclass(frozen=True)
 class Reply:
     """What a replica answers the ingress: a result, or the error to answer with (already counted here)."""
@@ -123,7 +144,7 @@ class RerankModel:
             left = min(left, deadline_s)
         expires = None if left is None else time.monotonic() + left
         try:
-            with bound_request_id(request_id):
+            with bound_request_id(request_id, arrival(carrier, deadline_s)):
                 service = self.service
                 counts_left = None if call_id is None or self.app is None else partial(claim_left, self.app, call_id)
                 # Admitted on the event loop, as in one process (web/backend.py): with max_ongoing_requests past

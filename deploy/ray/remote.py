@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 
 from deploy.ray.claims import claim_left
-from deploy.ray.model import Reply
+from deploy.ray.model import AGE, ARRIVED, Reply
 from reranker import RerankResult, Settings
 from web.cancel import client_gone, event_left
 from web.errors import HttpError, client_left
@@ -221,6 +221,8 @@ class RemoteBackend:
         # Epoch seconds, for the wait in Serve's queue, and the seconds left, for a node whose clock runs behind.
         left = max(timeout, 0.0)
         call_id = uuid.uuid4().hex  # this try's, for deploy/ray/claims.py (a request id may repeat)
+        if (age := request_age()) is not None:  # the replica's latency counts from the request's arrival
+            carrier = {**carrier, ARRIVED: repr(time.time() - age), AGE: repr(age)}
         response = self.handle.rerank.remote(route, call, request_id, carrier, time.time() + left, left, call_id)
         answer: asyncio.Future[Reply] = asyncio.ensure_future(cast("Awaitable[Reply]", response))
         # Without a request (a UI event): cancelling this task, or the event's client leaving (its page closed).
