@@ -459,12 +459,22 @@ def test_tries_and_the_deadline_must_allow_one_try() -> None:
 def test_a_new_ingress_names_the_configured_model_while_the_replicas_are_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     """/readyz names the model; before any answer it asked a replica, queued behind their scoring work."""
     monkeypatch.setattr(remote, "MODEL_ID_WAIT_S", 0.05)
+    withdrawn: list[bool] = []
+
+    class Queued:  # a call queued behind the replicas' scoring
+        def __await__(self) -> Any:
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            withdrawn.append(True)
+
     busy = WaitingHandle()
-    busy.info = SimpleNamespace(remote=lambda: busy._rerank())
+    busy.info = SimpleNamespace(remote=Queued)
     remote_backend = backend(busy, {"RERANKER_MODEL": "org/their-model"})
     started = time.monotonic()
     assert asyncio.run(remote_backend.model_id()) == "org/their-model"
     assert time.monotonic() - started < 2
+    assert withdrawn == [True]  # Serve does not withdraw a call whose awaiting task is cancelled: it stayed queued
 
 
 def test_info_answers_a_dead_replica_or_a_full_queue_as_a_rerank_does() -> None:

@@ -321,9 +321,15 @@ class RemoteBackend:
         return self._model_id
 
     async def info(self) -> dict[str, Any]:
-        """One replica's /info; a full queue or a replica that died under the call is answered as a rerank's is."""
+        """One replica's /info; a full queue or a replica that died under the call is answered as a rerank's is.
+        Given up (model_id's wait), the call is withdrawn: Serve does not cancel a call whose awaiting task is
+        cancelled, so each early /readyz left one queued behind the replicas' scoring."""
+        response = self.handle.info.remote()
         try:
-            return await cast("Awaitable[dict[str, Any]]", self.handle.info.remote())
+            return await cast("Awaitable[dict[str, Any]]", response)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         except BackPressureError as err:
             raise overloaded() from err
         except DeploymentUnavailableError as err:
