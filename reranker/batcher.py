@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,7 +199,9 @@ class Batcher:
 
     def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics,
                  probe: Sequence[EncodedPair] = (), batch_spans: BatchSpans | None = None,
-                 shape: PaddedShape = unpadded) -> None:
+                 shape: PaddedShape = unpadded, stall_seconds: float = 0.0) -> None:
+        """`stall_seconds` (0: never): how long the device thread may work without a pass ending before the device
+        is taken as hung, a fault (see `fault`)."""
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
         self._batch_tokens = batch_tokens
@@ -220,6 +223,11 @@ class Batcher:
         self._collator = threading.Thread(target=self._collate_rounds, name="reranker-collator", daemon=True)
         self._device.thread.start()
         self._collator.start()
+        self._live: weakref.WeakSet[Job] = weakref.WeakSet()  # submitted jobs whose callers still hold them
+        self._stall_seconds = stall_seconds
+        self._stopped = threading.Event()
+        if stall_seconds > 0:
+            threading.Thread(target=self._watch_stalls, name="reranker-stall-watch", daemon=True).start()
 
     @property
     def closed(self) -> bool:
@@ -250,6 +258,26 @@ class Batcher:
             self._cond.notify()
         error = DeviceFaultError()
         self._deliver(waiting, error, None)
+
+    def _watch_stalls(self) -> None:
+        """A pass that never returns (a hung GPU) held every request and left the service ready: past
+        `stall_seconds` without a pass ending, the device is a fault, as a poisoned one is. Every request still
+        waiting is failed (503 not_ready) and new work refused; the process (or the Ray Serve replica) then ends so
+        that it is restarted. A pass that returns after all has its answers dropped."""
+        period = min(1.0, self._stall_seconds / 4)
+        while not self._stopped.wait(period):
+            stalled = self._device.stalled_for()
+            if stalled <= self._stall_seconds or self._device.fault is not None:
+                continue
+            self._device.fault = (f"no forward pass has ended for {stalled:.0f} s (RERANKER_STALL_SECONDS="
+                                  f"{self._stall_seconds:g}): the device is taken as hung")
+            logger.critical("the scoring device stalled", extra={"cause": self._device.fault})
+            self._metrics.device_faults.inc()
+            self._on_fault(self._device.fault)
+            error = DeviceFaultError()
+            for job in list(self._live):
+                self._give_up(job, error)
+            return
 
     def room(self) -> Room:
         """An empty hold on the queue's bound, for a caller about to tokenize (see Room)."""
@@ -296,6 +324,7 @@ class Batcher:
                 self._held_pairs -= room.pairs
                 room.pairs = 0
             self._pending.extend(_Item(job, i) for i in range(len(pairs)))
+            self._live.add(job)
             self._queued_pairs += len(pairs)
             self._metrics.queue_pairs.set(self._queued_pairs)
             self._cond.notify()
@@ -346,6 +375,7 @@ class Batcher:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued work, then stop the worker."""
+        self._stopped.set()
         with self._cond:
             self._closed = True
             self._cond.notify()

@@ -32,6 +32,11 @@ from reranker.validation import validate_request
 # MiniLM-L6 2.2x faster than 16384, float32 and bfloat16 alike); a GPU wants large passes.
 CUDA_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 2048
+# RERANKER_STALL_SECONDS=auto: how long the device thread may work without a pass ending before the device is taken
+# as hung. Far above the longest pass at the automatic budget: a GPU's take well under a second (recording a CUDA
+# graph for a new bucket, a few), a 4B-parameter model's 2,048 tokens on a small CPU a minute or two.
+CUDA_STALL_SECONDS = 120.0
+CPU_STALL_SECONDS = 600.0
 # Windows overlap by a quarter so a passage cut at one window's edge is whole in the next.
 CHUNK_OVERLAP = 0.25
 # Re-tokenizing a window's text can add a token or two at its edges.
@@ -45,6 +50,11 @@ SLICE_CHARS = 1 << 18
 def batch_token_budget(device: str) -> int:
     """The automatic RERANKER_BATCH_TOKENS for a device."""
     return CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+
+
+def stall_limit(device: str) -> float:
+    """The automatic RERANKER_STALL_SECONDS for a device."""
+    return CUDA_STALL_SECONDS if device.startswith("cuda") else CPU_STALL_SECONDS
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -123,11 +133,13 @@ class Reranker:
         self._cache = ScoreCache(settings.cache_size)
         self._clipper = DocumentClipper(model.tokenizer)
         self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
+        self.stall_seconds = stall_limit(model.device) if settings.stall_seconds is None else settings.stall_seconds
         self._batcher = Batcher(
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
             metrics=self.metrics, probe=model.encode([("warm-up query", "warm-up document")]),
             batch_spans=spans.BatchSpans(self._tracer, self._model_attributes),
             shape=model.padded_shape if score_fn is None else unpadded,
+            stall_seconds=self.stall_seconds,
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "backend": model.backend.name,

@@ -132,7 +132,16 @@ class DeviceStage:
         self._on_fault = on_fault
         self.fault: str | None = None
         self._last_done = 0.0
+        # While the thread works (time.monotonic): when its current work began, or its last pass ended. None while
+        # it waits for a batch.
+        self._progress: float | None = None
         self.thread = threading.Thread(target=self._run, name="reranker-device", daemon=True)
+
+    def stalled_for(self) -> float:
+        """Seconds the thread has worked without a pass ending (a forward pass that never returns: a hung device);
+        0 while it waits for work."""
+        progress = self._progress
+        return 0.0 if progress is None else time.monotonic() - progress
 
     def _run(self) -> None:
         try:
@@ -146,8 +155,12 @@ class DeviceStage:
     def _serve(self) -> None:
         in_flight: _Launched | None = None
         while True:
+            if in_flight is None:
+                self._progress = None  # waits for work: not stalled, however long that takes
             try:
                 batch = self._inbox.get(block=in_flight is None)
+                if self._progress is None:
+                    self._progress = time.monotonic()
             except queue.Empty:  # nothing waiting: finish the batch on the device
                 assert in_flight is not None
                 self._complete(in_flight)
@@ -179,6 +192,7 @@ class DeviceStage:
             features = batch.features if batch.features is not None else self._scorer.collate(batch.pairs, exact=True)
             return _Launched(batch, self._scorer.launch(features), started, span), None
         except Exception as err:
+            self._progress = time.monotonic()  # a pass that failed at once ended too
             self._end_span(span, error=err)
             # Keep no traceback: its frames hold the failed pass's tensors, which must be freed before
             # the retry (the PyTorch FAQ's out-of-memory pitfall).
@@ -187,10 +201,12 @@ class DeviceStage:
     def _complete(self, launched: _Launched) -> None:
         try:
             scores = launched.pending.wait()
+            self._progress = time.monotonic()  # the pass returned, whatever it returned
             if np.ndim(scores) != 1 or len(scores) != len(launched.batch.pairs):  # a backend's bug, kept to its batch
                 raise ScoringError(f"the model returned scores of shape {np.shape(scores)} for a batch of "
                                    f"{len(launched.batch.pairs)} pairs")
         except Exception as err:
+            self._progress = time.monotonic()
             self._end_span(launched.span, error=err)
             self._recover(launched.batch, err.with_traceback(None))
             return

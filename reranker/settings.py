@@ -71,6 +71,7 @@ class Settings:
     slow_ms: float = 2000.0
     log_query_preview: int = 0
     drain_seconds: float = 30.0
+    stall_seconds: float | None = None  # None: auto, by device (see stall_limit); 0: never
     # Above the idle timeout of the clients and load balancers in front (httpx 5 s, AWS ALB 60 s): the side that
     # closes an idle connection first must be the client, or a request sent as the server closes it is reset.
     keep_alive_seconds: int = 75
@@ -132,6 +133,7 @@ class Settings:
             log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
             api_key=get("RERANKER_API_KEY", _text, None),
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
+            stall_seconds=get("RERANKER_STALL_SECONDS", _auto_or(_non_negative_float), d.stall_seconds),
             keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
             ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", _int(0), d.ui_login_attempts),
@@ -285,8 +287,8 @@ def _int(minimum: int) -> Callable[[str, str], int]:
     return parse
 
 
-def _auto_or(parse: Callable[[str, str], int]) -> Callable[[str, str], int | None]:
-    def parse_auto(name: str, raw: str) -> int | None:
+def _auto_or(parse: Callable[[str, str], T]) -> Callable[[str, str], T | None]:
+    def parse_auto(name: str, raw: str) -> T | None:
         if raw.lower() == "auto":
             return None
         try:

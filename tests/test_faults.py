@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -234,6 +235,57 @@ def test_a_one_off_failure_is_not_a_fault(bert_model: ScoringModel, metrics: Met
         results = r.rerank("q", ["a", "b", "c", "d"], raw_scores=True)
         assert len(results) == 4 and r.ready and r.fault is None
     assert metrics.registry.get_sample_value("reranker_device_faults_total") == 0
+
+
+def test_a_pass_that_never_returns_is_a_fault_and_fails_every_waiting_request(
+        bert_model: ScoringModel, metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    """A hung device (a pass that never returns) held every request until its client gave up, and the service stayed
+    ready, so nothing restarted it: past RERANKER_STALL_SECONDS it is a fault, as a poisoned device is."""
+    hung = GatedScorer(bert_model)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, stall_seconds=1.0)
+    with Reranker(bert_model, settings, metrics=metrics, score_fn=hung) as reranker:
+        assert reranker.stall_seconds == 1.0
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                held = pool.submit(reranker.rerank, "q", ["a", "b"])  # its pass hangs
+                assert hung.first_batch.wait(HANG_S)
+                waiting = pool.submit(reranker.rerank, "q", ["c"])  # queued behind it
+                started = time.monotonic()
+                for answer in (held, waiting):
+                    with pytest.raises(DeviceFaultError, match="restarting"):
+                        answer.result(HANG_S)
+                assert time.monotonic() - started < 10  # the limit and the watch's period, with room
+            assert not reranker.ready and "RERANKER_STALL_SECONDS=1" in str(reranker.fault)
+            with pytest.raises(DeviceFaultError):
+                reranker.rerank("q", ["d"])  # refused at once
+        finally:
+            hung.gate.set()  # the pass returns after all: its answers are dropped
+    assert metrics.registry.get_sample_value("reranker_device_faults_total") == 1
+    assert any(r.getMessage() == "the scoring device stalled" for r in caplog.records)
+
+
+def test_slow_passes_that_end_and_idle_time_are_no_stall(bert_model: ScoringModel) -> None:
+    def slow(batch: Sequence[EncodedPair]) -> np.ndarray:
+        time.sleep(0.4)  # each pass ends within the limit, though the work takes longer than it
+        return bert_model.score(batch)
+
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, stall_seconds=0.6, batch_tokens=32)
+    with Reranker(bert_model, settings, score_fn=slow) as reranker:
+        assert len(reranker.rerank("q", [f"document {i}" for i in range(6)])) == 6  # several passes, 2 s and more
+        time.sleep(1.5)  # idle past the limit
+        assert reranker.ready and reranker.fault is None
+        assert len(reranker.rerank("q", ["after"])) == 1
+
+
+def test_the_stall_limit_follows_the_device_unless_set(bert_model: ScoringModel) -> None:
+    from reranker.engine import stall_limit
+
+    assert stall_limit("cuda:0") == 120.0 and stall_limit("cpu") == 600.0
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id))) as reranker:
+        assert reranker.stall_seconds == 600.0  # the tiny model runs on the CPU
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), stall_seconds=0.0)) as reranker:
+        assert reranker.stall_seconds == 0.0 and not any(
+            thread.name == "reranker-stall-watch" and thread.is_alive() for thread in threading.enumerate())
 
 
 class WorkerBug(BaseException):

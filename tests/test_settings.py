@@ -37,7 +37,7 @@ def test_every_variable_is_read() -> None:
         "RERANKER_DRAIN_SECONDS": "12.5", "RERANKER_INT8_CALIBRATION": "/data/pairs.jsonl",
         "RERANKER_INT8_MIN_SPEARMAN": "0.95", "RERANKER_INT8_MODE": "weights", "RERANKER_INT8_ON_FAIL": "exit",
         "RERANKER_KEEP_ALIVE_SECONDS": "620", "RERANKER_MAX_BODY_BYTES": "2048",
-        "RERANKER_BODY_TIMEOUT_SECONDS": "2.5", "RERANKER_UI_LOGIN_ATTEMPTS": "0",
+        "RERANKER_BODY_TIMEOUT_SECONDS": "2.5", "RERANKER_UI_LOGIN_ATTEMPTS": "0", "RERANKER_STALL_SECONDS": "45",
     }
     # The dict above names every variable Settings.from_env reads.
     source = Path(__file__).resolve().parent.parent.joinpath("reranker", "settings.py").read_text()
@@ -52,7 +52,7 @@ def test_every_variable_is_read() -> None:
         slow_ms=250.5, log_query_preview=40, api_key="secret", ui_auth=(("alice", "pw"),), tracing=True,
         backend="openvino", cache_dir="/var/cache/rr", drain_seconds=12.5, int8_calibration="/data/pairs.jsonl",
         int8_min_spearman=0.95, int8_mode="weights", int8_on_fail="exit", keep_alive_seconds=620,
-        max_body_bytes=2048, body_timeout_seconds=2.5, ui_login_attempts=0,
+        max_body_bytes=2048, body_timeout_seconds=2.5, ui_login_attempts=0, stall_seconds=45.0,
     )
 
 
@@ -61,6 +61,8 @@ def test_batch_tokens_auto_is_resolved_by_device() -> None:
 
     assert Settings.from_env({"RERANKER_BATCH_TOKENS": "AUTO"}).batch_tokens is None
     assert Settings.from_env({"RERANKER_CPU_STREAMS": "auto"}).cpu_streams is None
+    assert Settings.from_env({"RERANKER_STALL_SECONDS": "Auto"}).stall_seconds is None
+    assert Settings.from_env({"RERANKER_STALL_SECONDS": "0"}).stall_seconds == 0.0
     assert batch_token_budget("cuda:0") == 16384 and batch_token_budget("cpu") == 2048
 
 
@@ -98,6 +100,8 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_TRACING", "sometimes", "true, false"),
         ("RERANKER_BACKEND", "onnx", "auto, torch, openvino"),
         ("RERANKER_DRAIN_SECONDS", "-1", "a number >= 0"),
+        ("RERANKER_STALL_SECONDS", "-5", "a number >= 0 or auto"),
+        ("RERANKER_STALL_SECONDS", "never", "a number >= 0 or auto"),
         ("RERANKER_INT8_MODE", "dynamic", "static, weights"),
         ("RERANKER_INT8_MIN_SPEARMAN", "1.5", "a number from -1 to 1"),
         ("RERANKER_INT8_ON_FAIL", "crash", "fallback, exit"),

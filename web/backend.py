@@ -108,7 +108,7 @@ def describe(service: RerankService) -> dict[str, Any]:
         "limits": {
             "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
             "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,
-            "max_body_bytes": s.max_body_bytes,
+            "max_body_bytes": s.max_body_bytes, "stall_seconds": reranker.stall_seconds,
         },
         "versions": package_versions(),
     }
