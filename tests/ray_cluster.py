@@ -12,6 +12,7 @@ import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_EXPORT_COUNTER_AS_GAUGE"] = "0"  # as the launcher's local Ray (deploy/ray/__main__.py)
 
 import json  # noqa: E402
 import logging  # noqa: E402

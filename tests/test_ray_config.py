@@ -89,6 +89,8 @@ def test_the_kuberay_manifest_embeds_serve_yaml_sized_for_a_gpu_cluster() -> Non
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
     for container in [*head, *containers]:
         assert {"name": "RERANKER_MODEL", "value": "BAAI/bge-reranker-v2-m3"} in container["env"]
+        # As the launcher's local Ray: no deprecated gauge twin of each counter (deploy/ray/__main__.py).
+        assert {"name": "RAY_EXPORT_COUNTER_AS_GAUGE", "value": "0"} in container["env"]
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
         assert secrets == {"RERANKER_API_KEY": "reranker", "RERANKER_UI_AUTH": "reranker"}
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()

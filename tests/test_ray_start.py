@@ -148,12 +148,17 @@ def test_start_sh_ray_serves_on_loopback_and_drains_on_sigterm(bert_dir: Path, d
         # A second signal, like the deadline, must find requests still waiting at the ingress: 24 were all answered
         # before it once (inflight 0), on a quiet machine.
         count = DEADLINE_CALLERS if drain_seconds < 10 or second_signal else CALLERS
+        begun = time.monotonic()
+        call("timing")  # a warm call alone: the backlog's callers take about `count` times as long in all
+        one_call_s = time.monotonic() - begun
+        assert statuses.pop() == 200
         callers = [threading.Thread(target=call, args=(f"query {i}",)) for i in range(count)]
         for caller in callers:
             caller.start()
         # On their way to the ingress (any not there yet get 503 shutting_down; with 1 s, 4 of 24 were not). Work
-        # that ends before the signal only adds 200s.
-        time.sleep(5.0)
+        # that ends before the signal only adds 200s, but the drain must find some left: on a machine fast enough
+        # to answer the whole backlog within 5 s, the wait is a quarter of the backlog as one call here measured it.
+        time.sleep(min(5.0, max(1.0, count * one_call_s / 4)))
         process.send_signal(signal.SIGTERM)
         # A new request during the drain: one process's 503 with Retry-After, once the ingress has heard of it.
         late: list[httpx.Response] = []

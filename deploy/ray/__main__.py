@@ -102,6 +102,9 @@ def start_local_ray(environ: MutableMapping[str, str], num_cpus: float | None = 
     # Read when ray is imported: a one-node Ray takes 127.0.0.1, not the interface address, for every agent.
     environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # Ray also exports each counter not named *_total as a deprecated gauge of its bare name (reranker_requests
+    # beside reranker_requests_total): series one process has no twin of. Read by the node's metrics agent.
+    environ.setdefault("RAY_EXPORT_COUNTER_AS_GAUGE", "0")
     import ray
 
     # A fixed port for the node's metrics agent (every replica's reranker_* and Ray's ray_serve_*), which
