@@ -72,11 +72,11 @@ class RerankService:
         self._rng = rng or random.Random()
 
     def admit(self, route: str, call: RerankCall) -> Room:
-        """Queue room for a valid `call`'s documents, taken on the event loop before the call waits for a worker
-        thread (anyio lends 40 to all callers): a burst past RERANKER_MAX_QUEUE is refused 429 at once, and the
-        admitted requests that wait for a thread count against the bound. Pass the room on to `rerank`. Only a
-        full queue is refused here (booked as the engine's refusal is); the engine refuses anything else in its
-        own order, an invalid request before a full queue."""
+        """Queue room for a valid `call`'s documents the score cache lacks, taken on the event loop before the call
+        waits for a worker thread (anyio lends 40 to all callers): a burst past RERANKER_MAX_QUEUE is refused 429 at
+        once, and the admitted requests that wait for a thread count against the bound. Pass the room on to
+        `rerank`. Only a full queue is refused here (booked as the engine's refusal is); the engine refuses anything
+        else in its own order, an invalid request before a full queue."""
         room = self.reranker.room()
         try:
             self.reranker.validate(call.query, call.documents, call.top_n, call.instruction, call.max_doc_tokens,
