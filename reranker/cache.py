@@ -44,10 +44,11 @@ class ScoreCache:
 
     def absent(self, keys: Iterable[bytes]) -> set[bytes]:
         """Those of `keys` with no entry now; a look that leaves the LRU order as it is."""
+        wanted = set(keys)  # made (hashed) before the lock: the scoring threads' gets and puts wait on it
         if self.capacity == 0:
-            return set(keys)
+            return wanted
         with self._lock:
-            return {key for key in keys if key not in self._items}
+            return {key for key in wanted if key not in self._items}
 
     def put(self, key: bytes, value: Entry) -> None:
         if self.capacity == 0:

@@ -152,6 +152,26 @@ def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
     assert pair_key("ab", "c") != pair_key("a", "bc")
 
 
+def test_the_cache_tells_absent_keys_without_reordering_or_hashing_under_its_lock() -> None:
+    from reranker.cache import ScoreCache, pair_key
+
+    cache = ScoreCache(2)
+    a, b = pair_key("a"), pair_key("b")
+    cache.put(a, (1.0, 0))
+    cache.put(b, (2.0, 0))
+
+    def keys() -> Iterator[bytes]:
+        for text in ("a", "c", "c"):
+            # Admission hashes a request's documents: the scoring threads' gets and puts must not wait on that.
+            assert not cache._lock.locked()
+            yield pair_key(text)
+
+    assert cache.absent(keys()) == {pair_key("c")}
+    cache.put(pair_key("c"), (3.0, 0))
+    assert cache.get(a) is None and cache.get(b) == (2.0, 0)  # the look left a the least recently used
+    assert ScoreCache(0).absent([a, a]) == {a}
+
+
 def test_instruction_is_part_of_the_cache_key(causal_model: ScoringModel) -> None:
     scorer = CountingScorer(causal_model)
     with Reranker(causal_model, model_settings(Path(causal_model.model_id)), score_fn=scorer) as reranker:

@@ -212,10 +212,19 @@ def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(b
     settings = model_settings(bert_dir, max_queue=4, cache_size=100)
     cached = {"query": "q", "documents": ["a", "b", "a"]}
     with Reranker(bert_model, settings, metrics=metrics, score_fn=scorer) as reranker:
+        looked_up: list[tuple[Any, ...]] = []
+        lookup = reranker.pairs_to_hold
+
+        def pairs_to_hold(*args: Any) -> int:
+            looked_up.append(args)
+            return lookup(*args)
+
+        reranker.pairs_to_hold = pairs_to_hold  # type: ignore[method-assign,assignment]
         client = TestClient(create_app(reranker, ui=False))
         release.set()
         first = client.post("/v1/rerank", json=cached)
         assert first.status_code == 200
+        assert looked_up == []  # with room to spare, admission hashes no document
         release.clear()
         blocker = threading.Thread(target=client.post, args=("/v1/rerank",),
                                    kwargs={"json": {"query": "q", "documents": ["c", "d", "e", "f"]}})
@@ -224,6 +233,8 @@ def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(b
             wait_until(lambda: reranker.queued_pairs == 4)  # the queue is full
             again = client.post("/v1/rerank", json={**cached, "top_n": 2})
             assert again.status_code == 200 and again.json()["results"] == first.json()["results"][:2]
+            # The same pairs as the engine scores them: a cap on windows means nothing in truncate mode.
+            assert client.post("/v1/rerank", json={**cached, "max_chunks_per_doc": 1}).status_code == 200
             # One document the cache lacks needs a pair of room, which a full queue has not.
             assert client.post("/v1/rerank", json={**cached, "documents": ["a", "new"]}).status_code == 429
             # What /v2/rerank cuts to max_tokens_per_doc is looked up only after a tokenizer pass: room for all.
@@ -232,7 +243,7 @@ def test_with_the_queue_full_a_request_the_cache_answers_is_served_not_refused(b
         finally:
             release.set()
             blocker.join(HANG_S)
-    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 3
+    assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="ok") == 4
     assert value(metrics, "reranker_requests_total", route="/v1/rerank", status="overloaded") == 1
 
 
