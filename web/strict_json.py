@@ -44,6 +44,8 @@ def loads(body: bytes | str) -> Any:
 
 
 class StrictJsonRequest(Request):
+    """A request whose `json()` is `loads`."""
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = loads(await self.body())

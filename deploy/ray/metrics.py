@@ -44,9 +44,9 @@ def replica_metrics(ray_metrics: Any = None, refresh_s: float = REFRESH_S) -> Re
 
 
 # The answers of an application's front replica (the ingress, the UI) to Serve's proxy by HTTP status code (Ray Serve
-# only): the proxy's count of 429s less this
-# one's is what the proxy refused itself (monitoring/alerts.yml, RerankerServeProxyRefusing). reranker_requests_total
-# cannot tell that: a model replica counts each try it refused, and the ingress retries such a try.
+# only): the proxy's count of 429s less this one's is what the proxy refused itself (monitoring/alerts.yml,
+# RerankerServeProxyRefusing). reranker_requests_total cannot tell that: a model replica counts each try it refused,
+# and the ingress retries such a try.
 INGRESS_ANSWERS = MetricSpec("reranker_ingress_answers",
                              "Answers the ingress or the UI replica sent Serve's proxy, by HTTP status code.",
                              ("status_code",))
