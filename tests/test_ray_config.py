@@ -291,6 +291,8 @@ def test_a_login_set_for_one_application_only_is_named() -> None:
     config = yaml.safe_load(SERVE_YAML.read_text())
     [mismatch] = exposure_warnings(login_in(config, "ui"), {})
     assert mismatch.startswith("RERANKER_UI_AUTH is set for application 'ui' but not for 'reranker'")
+    # With a key, the reranker application needs no login: the ui application's guards all there is to guard.
+    assert exposure_warnings(login_in(exposed, "ui"), {"RERANKER_API_KEY": "k"}) == []
 
 
 def test_a_reranker_variable_nothing_reads_is_named_as_start_sh_names_it() -> None:
@@ -345,7 +347,8 @@ def test_otel_variables_in_args_env_reach_the_exporter(monkeypatch: pytest.Monke
     assert os.environ["RERANKER_MAX_DOCS"] == "7"  # only OTEL_* go into the process environment
 
 
-def test_a_model_replica_ray_gave_no_gpu_runs_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_model_replica_ray_gave_no_gpu_runs_on_the_cpu(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica with num_gpus 0: RERANKER_DEVICE=auto then found
     the node's GPUs, and every such replica of a GPU node loaded onto cuda:0, outside Ray's accounting."""
     import ray._private.accelerators.accelerator as accelerator
@@ -355,7 +358,14 @@ def test_a_model_replica_ray_gave_no_gpu_runs_on_the_cpu(caplog: pytest.LogCaptu
 
     assert accelerator.RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR  # the Ray change this answers, still there
     auto = Settings.from_env({})
-    assert on_assigned_device(auto, []).device == "cpu"
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        assert on_assigned_device(auto, []).device == "cpu"
+    assert not caplog.messages  # no GPU here: nothing to say
+    monkeypatch.setattr("reranker.model.cuda_available", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="reranker"):
+        assert on_assigned_device(auto, []).device == "cpu"
+    assert caplog.messages[-1].startswith("Ray assigned this replica no GPU (num_gpus: 0), so it runs on the CPU")
+    caplog.clear()
     assert on_assigned_device(auto, ["0"]).device == "auto"  # its own GPU: CUDA_VISIBLE_DEVICES names it
     explicit = Settings.from_env({"RERANKER_DEVICE": "cuda:1"})
     with caplog.at_level(logging.WARNING, logger="reranker"):

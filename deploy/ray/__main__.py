@@ -368,21 +368,23 @@ def exposure_warnings(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     if environ.get("RAY_ADDRESS"):
         return []
     host = str((config.get("http_options") or {}).get("host") or "127.0.0.1")
-    warnings, logins = [], {}
+    warnings, unguarded, with_login = [], [], []
     for application in config.get("applications") or []:
+        name = str(application.get("name"))
         settings = dataclasses.replace(app_settings(application, environ), host=host)
         ui = application.get("import_path") == UI_IMPORT_PATH
-        logins[str(application.get("name"))] = settings.ui_auth is not None
         # Each application's own settings for what it serves. No metrics server of its own: every replica's
         # metrics go through the Ray node's agent.
         warnings += warnings_for(settings, metrics=False, ui=ui, api=not ui)
-    if len(set(logins.values())) > 1:
-        with_login = ", ".join(repr(name) for name, login in logins.items() if login)
-        without = ", ".join(repr(name) for name, login in logins.items() if not login)
-        warnings.append(f"RERANKER_UI_AUTH is set for application {with_login} but not for {without}: the ui "
-                        "application's login guards the UI, and the reranker application's guards /api/predict "
-                        "where RERANKER_API_KEY is unset; set it in the environment (every replica of a local Ray "
-                        "inherits it) or in each application's args.env")
+        if settings.ui_auth is not None:
+            with_login.append(repr(name))
+        elif ui or settings.api_key is None:  # the UI, or /api/predict with no key, left without the login
+            unguarded.append(repr(name))
+    if with_login and unguarded:
+        warnings.append(f"RERANKER_UI_AUTH is set for application {', '.join(with_login)} but not for "
+                        f"{', '.join(unguarded)}: the ui application's login guards the UI, and the reranker "
+                        "application's guards /api/predict where RERANKER_API_KEY is unset; set it in the "
+                        "environment (every replica of a local Ray inherits it) or in each application's args.env")
     return warnings
 
 

@@ -29,6 +29,12 @@ def on_assigned_device(settings: Settings, gpu_ids: Sequence[object]) -> Setting
     if gpu_ids:
         return settings
     if settings.device == "auto":
+        from reranker.model import cuda_available
+
+        if cuda_available():
+            logger.warning("Ray assigned this replica no GPU (num_gpus: 0), so it runs on the CPU though this node "
+                           "has a GPU; set the model deployment's ray_actor_options.num_gpus (1, or a fraction) to "
+                           "use it", extra={"device": "cpu"})
         return dataclasses.replace(settings, device="cpu")
     if settings.device.startswith("cuda"):
         logger.warning("RERANKER_DEVICE names a GPU but Ray assigned this replica none (num_gpus: 0): it uses a GPU "
