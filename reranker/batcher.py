@@ -30,6 +30,7 @@ from reranker.errors import (
 from reranker.metrics import Metrics
 from reranker.pipeline import STOP, Batch, DeviceStage, ScoreFn, Scorer, as_scorer, is_out_of_memory
 from reranker.spans import BatchSpans, current_span_context
+from reranker.stall import StallWatch
 from reranker.tokens import EncodedPair
 
 # (rows, longest pair) -> the shape the scorer pads such a batch to.
@@ -220,14 +221,13 @@ class Batcher:
         self._device = DeviceStage(self._scorer, ready, self._deliver, metrics, batch_spans, probe=probe,
                                    abandoned=lambda items: all(item.job.given_up for item in items),
                                    on_fault=self._on_fault)
+        self._live: weakref.WeakSet[Job] = weakref.WeakSet()  # submitted jobs whose callers still hold them
+        self._stall_seconds = stall_seconds
         self._collator = threading.Thread(target=self._collate_rounds, name="reranker-collator", daemon=True)
         self._device.thread.start()
         self._collator.start()
-        self._live: weakref.WeakSet[Job] = weakref.WeakSet()  # submitted jobs whose callers still hold them
-        self._stall_seconds = stall_seconds
-        self._stopped = threading.Event()
-        if stall_seconds > 0:
-            threading.Thread(target=self._watch_stalls, name="reranker-stall-watch", daemon=True).start()
+        self._stall_watch = StallWatch(self._device.stalled_for, stall_seconds, self._stalled) \
+            if stall_seconds > 0 else None
 
     @property
     def closed(self) -> bool:
@@ -259,25 +259,21 @@ class Batcher:
         error = DeviceFaultError()
         self._deliver(waiting, error, None)
 
-    def _watch_stalls(self) -> None:
+    def _stalled(self, seconds: float) -> None:
         """A pass that never returns (a hung GPU) held every request and left the service ready: past
         `stall_seconds` without a pass ending, the device is a fault, as a poisoned one is. Every request still
         waiting is failed (503 not_ready) and new work refused; the process (or the Ray Serve replica) then ends so
         that it is restarted. A pass that returns after all has its answers dropped."""
-        period = min(1.0, self._stall_seconds / 4)
-        while not self._stopped.wait(period):
-            stalled = self._device.stalled_for()
-            if stalled <= self._stall_seconds or self._device.fault is not None:
-                continue
-            self._device.fault = (f"no forward pass has ended for {stalled:.0f} s (RERANKER_STALL_SECONDS="
-                                  f"{self._stall_seconds:g}): the device is taken as hung")
-            logger.critical("the scoring device stalled", extra={"cause": self._device.fault})
-            self._metrics.device_faults.inc()
-            self._on_fault(self._device.fault)
-            error = DeviceFaultError()
-            for job in list(self._live):
-                self._give_up(job, error)
+        if self._device.fault is not None:  # failed already, and said so
             return
+        self._device.fault = (f"no forward pass has ended for {seconds:.0f} s (RERANKER_STALL_SECONDS="
+                              f"{self._stall_seconds:g}): the device is taken as hung")
+        logger.critical("the scoring device stalled", extra={"cause": self._device.fault})
+        self._metrics.device_faults.inc()
+        self._on_fault(self._device.fault)
+        error = DeviceFaultError()
+        for job in list(self._live):
+            self._give_up(job, error)
 
     def room(self) -> Room:
         """An empty hold on the queue's bound, for a caller about to tokenize (see Room)."""
@@ -375,7 +371,8 @@ class Batcher:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued work, then stop the worker."""
-        self._stopped.set()
+        if self._stall_watch is not None:
+            self._stall_watch.close()
         with self._cond:
             self._closed = True
             self._cond.notify()

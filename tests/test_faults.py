@@ -265,14 +265,18 @@ def test_a_pass_that_never_returns_is_a_fault_and_fails_every_waiting_request(
 
 
 def test_slow_passes_that_end_and_idle_time_are_no_stall(bert_model: ScoringModel) -> None:
+    passes = []
+
     def slow(batch: Sequence[EncodedPair]) -> np.ndarray:
-        time.sleep(0.4)  # each pass ends within the limit, though the work takes longer than it
+        passes.append(len(batch))
+        time.sleep(0.5)  # each pass ends well within the limit, though the work takes twice as long as it
         return bert_model.score(batch)
 
-    settings = model_settings(Path(bert_model.model_id), cache_size=0, stall_seconds=0.6, batch_tokens=32)
+    settings = model_settings(Path(bert_model.model_id), cache_size=0, stall_seconds=2.0, batch_tokens=1)
     with Reranker(bert_model, settings, score_fn=slow) as reranker:
-        assert len(reranker.rerank("q", [f"document {i}" for i in range(6)])) == 6  # several passes, 2 s and more
-        time.sleep(1.5)  # idle past the limit
+        assert len(reranker.rerank("q", [f"document {i}" for i in range(8)])) == 8
+        assert len(passes) >= 8  # one pair a pass: 4 s and more of work
+        time.sleep(2.5)  # idle past the limit
         assert reranker.ready and reranker.fault is None
         assert len(reranker.rerank("q", ["after"])) == 1
 
@@ -284,8 +288,7 @@ def test_the_stall_limit_follows_the_device_unless_set(bert_model: ScoringModel)
     with Reranker(bert_model, model_settings(Path(bert_model.model_id))) as reranker:
         assert reranker.stall_seconds == 600.0  # the tiny model runs on the CPU
     with Reranker(bert_model, model_settings(Path(bert_model.model_id), stall_seconds=0.0)) as reranker:
-        assert reranker.stall_seconds == 0.0 and not any(
-            thread.name == "reranker-stall-watch" and thread.is_alive() for thread in threading.enumerate())
+        assert reranker.stall_seconds == 0.0 and reranker._batcher._stall_watch is None  # no watch at all
 
 
 class WorkerBug(BaseException):
@@ -347,3 +350,10 @@ def test_requests_failed_together_each_raise_their_own_error(bert_model: Scoring
             thread.join(HANG_S)
     assert set(errors) == {"fill-1", "fill-2", "a", "b"}
     assert errors["a"] is not errors["b"] and str(errors["a"]) == str(errors["b"])
+
+
+def test_the_stall_watch_stops_with_the_reranker(bert_model: ScoringModel) -> None:
+    with Reranker(bert_model, model_settings(Path(bert_model.model_id), stall_seconds=30.0)) as reranker:
+        watch = reranker._batcher._stall_watch
+        assert watch is not None and watch._thread.is_alive()
+    assert not watch._thread.is_alive()  # joined by close(), not left to end on its own
