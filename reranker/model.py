@@ -6,6 +6,7 @@ import glob
 import itertools
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -321,6 +322,17 @@ def capped(max_length: int, limit: int | None) -> int:
 def load_model(settings: Settings) -> ScoringModel:
     """Load, configure and warm the model named by RERANKER_MODEL on the backend RERANKER_BACKEND picks;
     raise ModelLoadError on failure. A model OpenVINO cannot convert is served by torch, with a warning."""
+    try:
+        return _load(settings)
+    finally:
+        # The int8 calibration pairs, read once for the start: not kept for the life of the process, whichever way
+        # the start went (a conversion that fell back to torch never reached the calibration).
+        int8 = sys.modules.get("reranker.backends.int8")
+        if int8 is not None:
+            int8.forget_calibration()
+
+
+def _load(settings: Settings) -> ScoringModel:
     device = resolve_device(settings.device)
     backend, backend_reason = choose_backend(settings.backend, device, settings.dtype, settings.compile)
     _check_combination(settings, device, backend, backend_reason)

@@ -647,6 +647,24 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path,
                                   int8_calibration=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c")))
 
 
+def test_the_calibration_pairs_are_not_kept_after_a_start_that_never_calibrated(
+        bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reranker.backends.int8 as int8
+    import reranker.model as model
+
+    good = tmp_path / "calibration.jsonl"
+    good.write_text("\n".join(json.dumps({"query": f"q {i}", "document": f"d {i}"}) for i in range(20)))
+
+    def fails(*args: object) -> None:
+        raise ModelLoadError("the load failed after the calibration file was checked")
+
+    monkeypatch.setattr(model, "_load_cross_encoder", fails)
+    with pytest.raises(ModelLoadError, match="after the calibration file"):
+        load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(good),
+                                  cache_dir=str(tmp_path / "cache")))
+    assert int8._read_once.cache_info().currsize == 0  # read by the check, then dropped
+
+
 def test_a_large_calibration_file_is_sampled_across_and_the_max_length_keys_the_graph(
         bert_model: ScoringModel, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,7 +75,7 @@ def _calibration_pairs(settings: Settings) -> list[tuple[str, str]]:
     if settings.int8_calibration is None:
         return [(r.query, d) for r in _draw(CALIBRATION) for d in r.documents]
     pairs = read_calibration(Path(settings.int8_calibration), settings.max_doc_chars)
-    _read_once.cache_clear()  # read for the last time this start: not kept for the life of the process
+    forget_calibration()  # read for the last time this start
     if len(pairs) <= MAX_CALIBRATION_PAIRS:
         return pairs
     logger.info("the calibration file has more pairs than calibration takes; using some, spread over the file",
@@ -116,6 +116,11 @@ def read_calibration(path: Path, max_doc_chars: int) -> list[tuple[str, str]]:
         return list(_parse_calibration(path, max_doc_chars))  # its own error: cannot be read
     identity = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
     return list(_read_once(path, identity, max_doc_chars))
+
+
+def forget_calibration() -> None:
+    """Drop the pairs `read_calibration` keeps for a start (reranker.model.load_model calls it when one ends)."""
+    _read_once.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,6 +3,7 @@ OpenVINO graph instead of tracing the PyTorch model again."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,15 @@ STALE_SECONDS = 3600
 LAST_USED = "last-used"
 
 
+@functools.lru_cache(maxsize=8)  # once per folder and process: a start makes more than one ConvertedModels
+def _warn_if_a_file(cache_dir: str) -> None:
+    with suppress(OSError):  # a folder this user cannot see into: its save says why, if it fails
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            logger.warning("the cache folder (RERANKER_CACHE_DIR, or its default) is a file: no converted model is "
+                           "cached, and each start converts again; name a folder (it is created where missing)",
+                           extra={"cache_dir": cache_dir})
+
+
 class ConvertedModels:
     """`<cache_dir>/openvino/<key>/model.xml` (+ .bin and meta.json), and serving.json: how to tokenize for the
     model, which lets the next start skip loading it in PyTorch. Writes are atomic (a staging folder or file
@@ -70,11 +80,7 @@ class ConvertedModels:
         self.digests = Path(cache_dir).expanduser() / DIGESTS
         self._core = core
         self.max_age_days = max_age_days
-        with suppress(OSError):  # a folder this user cannot see into: its save says why, if it fails
-            if self.root.parent.exists() and not self.root.parent.is_dir():
-                logger.warning("RERANKER_CACHE_DIR names a file, not a folder: no converted model is cached, and "
-                               "each start converts again; name a folder (it is created where missing)",
-                               extra={"cache_dir": str(self.root.parent)})
+        _warn_if_a_file(str(self.root.parent))
 
     def path(self, key: str) -> Path:
         return self.root / key
