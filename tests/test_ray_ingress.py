@@ -160,6 +160,25 @@ def test_a_model_replica_refuses_a_burst_past_its_queue_at_once_not_after_a_work
         assert sum(reply.result is not None for reply in replies) == 50 and reranker.queued_pairs == 0
 
 
+def test_a_model_replica_books_the_latency_from_the_requests_arrival_at_the_ingress(
+        bert_model: ScoringModel, bert_dir: Path) -> None:
+    """The replica counted from the call: the wait at the ingress for a free replica was in no metric."""
+    from deploy.ray.model import RerankModel
+
+    metrics = Metrics(CollectorRegistry())
+    with Reranker(bert_model, model_settings(bert_dir), metrics=metrics) as reranker:
+        replica = RerankModel.__new__(RerankModel)  # the method under test, without Serve's replica around it
+        replica.reranker, replica.service, replica.replica, replica.app = reranker, RerankService(reranker), "r1", None
+        carrier = {model.ARRIVED: repr(time.time() - 2.0), model.AGE: "1.5"}  # 2 s ago; sent after 1.5 s
+        try:
+            reply = asyncio.run(replica.rerank("/v1/rerank", CALL, "id1", carrier))
+        finally:
+            del replica.reranker  # closed by the `with`; __del__ closes only what a replica's __init__ made
+    assert reply.result is not None
+    booked = metrics.registry.get_sample_value("reranker_request_duration_seconds_sum", {"route": "/v1/rerank"})
+    assert booked is not None and 2.0 <= booked < 2.0 + HANG_S
+
+
 def test_the_model_id_comes_with_the_answers() -> None:
     """/readyz names the model: asking a replica for it queued behind scoring work, as readiness did."""
     remote_backend = backend(FakeHandle(Reply("r", result=RESULT, model="their-model")))
@@ -289,6 +308,11 @@ def test_the_deadline_counts_from_the_requests_arrival(monkeypatch: pytest.Monke
     assert asyncio.run(backend(handle, deadline_s=100.0).rerank(None, "/v1/rerank", CALL)) == RESULT
     [(_, _, _, _, deadline_at, left, _)] = sent
     assert 59.0 < left <= 60.0 and abs(deadline_at - time.time() - left) < 1.0
+    # Older than its deadline on arrival at the call (a body sent over minutes): answered here, no replica asked.
+    monkeypatch.setattr(remote, "request_age", lambda: 120.0)
+    with pytest.raises(HttpError) as late:
+        asyncio.run(backend(handle, deadline_s=100.0).rerank(None, "/v1/rerank", CALL))
+    assert (late.value.status, late.value.type, late.value.counted) == (504, "timeout", False) and len(sent) == 1
     # The replica's latency counts from the arrival too (before, its request_duration left out the wait here).
     [(_, _, _, carrier, _, _, _)] = sent
     assert float(carrier[model.AGE]) == 40.0 and abs(time.time() - 40.0 - float(carrier[model.ARRIVED])) < 1.0

@@ -170,6 +170,9 @@ class RemoteBackend:
         # RERANKER_BODY_TIMEOUT_SECONDS) took its time off the deadline's, or the proxy's request_timeout_s ran out
         # first and the client got Serve's plain-text 408.
         deadline = time.monotonic() + self.deadline_s - (request_age() or 0.0)
+        if deadline <= time.monotonic():  # its body alone took that long: no replica is asked
+            raise HttpError(504, "timeout", f"the request's deadline ({self.deadline_s:g} s) passed before a model "
+                            "replica was asked; send the body faster, or fewer documents")
         request_id = current_request_id() or new_request_id()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the ingress's server span, when tracing is on
