@@ -158,6 +158,18 @@ def test_tei_rerank(url: str) -> None:
                                       "raw_scores": True, "truncate": True, "truncation_direction": "Right"}).json()
     assert all(r["text"] == DOCS[r["index"]] for r in with_text)
     assert [r["index"] for r in with_text] == [r["index"] for r in results]
+    # top_n and raw_scores reach the engine: the best two, and the logits /v1/rerank gives, whose sigmoid is the score.
+    top = post(url, "/rerank", {"query": "cache server", "texts": DOCS, "top_n": 2}).json()
+    assert top == results[:2]
+    raw = {r["index"]: r["score"] for r in with_text}
+    cohere = post(url, "/v1/rerank", {"query": "cache server", "documents": DOCS, "raw_scores": True}).json()
+    assert raw == pytest.approx({r["index"]: r["relevance_score"] for r in cohere["results"]}, abs=1e-5)
+    assert {r["index"]: r["score"] for r in results} == pytest.approx(
+        {i: 1 / (1 + math.exp(-logit)) for i, logit in raw.items()}, abs=1e-5)
+    # TEI's clients send the direction in either case.
+    for direction in ("right", "RIGHT"):
+        answer = post(url, "/rerank", {"query": "q", "texts": ["a"], "truncation_direction": direction})
+        assert answer.status_code == 200
 
 
 def test_root_api_predict_accepts_text_or_list(url: str) -> None:
@@ -273,9 +285,83 @@ BAD_INPUTS: list[tuple[str, str, Any, int]] = [
     ("predict top_n fractional", "/api/predict", {"data": ["q", "a", 1.5]}, 422),
     ("predict top_n false", "/api/predict", {"data": ["q", "a", False]}, 422),
     ("max_chunks_per_doc zero", "/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": 0}, 400),
+    # Each route passes the instruction on (the engine refuses it for this model), and /api/predict takes 4 items.
+    ("v2 instruction for a model without one", "/v2/rerank",
+     {"model": "m", "query": "q", "documents": ["a"], "instruction": "x"}, 400),
+    ("predict instruction for a model without one", "/api/predict", {"data": ["q", ["a"], None, "find"]}, 400),
+    ("predict data too long", "/api/predict", {"data": ["q", "a", None, None, "x"]}, 422),
+    ("instruction too long", "/v1/rerank", {"query": "q", "documents": ["a"], "instruction": " " * 501}, 413),
+    ("null byte in an instruction", "/v1/rerank", {"query": "q", "documents": ["a"], "instruction": "a\u0000"}, 400),
     ("max_chunks_per_doc a string", "/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": "lots"},
      422),
 ]
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "a b;c", "line\u00e9"], ids=["129 characters", "spaces", "non-ASCII"])
+def test_a_request_id_outside_the_rule_is_replaced_not_echoed(url: str, given: str) -> None:
+    """1-128 of A-Za-z0-9._:- is echoed (tests/test_logs.py); anything else reached the header, the logs and
+    /v2/rerank's id as sent."""
+    headers = {"X-Request-ID": given.encode("utf-8")}
+    answer = post(url, "/v2/rerank", {"model": "m", "query": "q", "documents": ["a"]}, headers=headers)
+    assert answer.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
+    assert answer.json()["id"] == answer.headers["x-request-id"]
+    sane = post(url, "/v1/rerank", {"query": "q", "documents": ["a"]}, headers={"X-Request-ID": "a" * 128})
+    assert sane.headers["x-request-id"] == "a" * 128
+
+
+def test_cohere_bills_a_search_unit_per_hundred_documents_and_counts_the_tokens_scored(
+        live: tuple[str, Reranker]) -> None:
+    from reranker.results import RerankResult, RerankStats
+    from web.routes import cohere_meta
+
+    for n_docs, units in [(1, 1), (100, 1), (101, 2), (200, 2), (201, 3)]:
+        meta = cohere_meta("2", RerankResult([], RerankStats(n_docs=n_docs, tokens=7)))
+        assert meta.billed_units.search_units == units and meta.tokens.input_tokens == 7
+    url, reranker = live  # no score cache: each request scores its pairs
+
+    def scored_tokens() -> float:
+        return reranker.metrics.registry.get_sample_value("reranker_input_tokens_total") or 0.0
+
+    body = {"query": "cache server", "documents": DOCS}
+    before = scored_tokens()
+    v2 = post(url, "/v2/rerank", {"model": "m", **body}).json()
+    between = scored_tokens()
+    v1 = post(url, "/v1/rerank", body).json()
+    assert v2["meta"]["tokens"]["input_tokens"] == between - before > len(DOCS)
+    assert v1["usage"]["total_tokens"] == scored_tokens() - between == v2["meta"]["tokens"]["input_tokens"]
+
+
+def test_a_tei_error_type_follows_the_status(bert_model: ScoringModel, bert_dir: Path) -> None:
+    """TEI's clients tell their own mistakes (Validation) from the server's (Backend, Unhealthy, Overloaded)."""
+    from fastapi.testclient import TestClient
+
+    def failing(batch: Any) -> Any:
+        if any(pair.n_tokens > 30 for pair in batch):  # the long text, not the probe that checks the device
+            raise RuntimeError("out of order")
+        return bert_model.score(batch)
+
+    body = {"query": "q", "texts": ["a"]}
+    with Reranker(bert_model, model_settings(bert_dir), score_fn=failing) as reranker:
+        client = TestClient(create_app(reranker, ui=False))
+        broken = client.post("/rerank", json={"query": "q", "texts": ["poison " * 40]})
+        assert broken.status_code == 500 and broken.json()["error_type"] == "Backend"
+        reranker.close()
+        closed = client.post("/rerank", json=body)
+        assert closed.status_code == 503 and closed.json()["error_type"] == "Unhealthy"
+
+
+def test_a_request_exactly_at_each_limit_is_served(url: str) -> None:
+    """The limits are maxima: a query, a document or a body of exactly the limit is taken (live: 500 query
+    characters, 2,000 document characters, 64 KiB of body, 20 documents)."""
+    exact = {"query": "q" * 500, "documents": ["d" * 2000] * 20}
+    assert post(url, "/v1/rerank", exact).status_code == 200
+    body = json.dumps({"query": "q", "documents": ["a"]}).encode()
+    padded = body[:-1] + b" " * (64 * 1024 - len(body)) + b"}"  # JSON whitespace up to the byte
+    for size, status in [(64 * 1024, 200), (64 * 1024 + 1, 413)]:
+        response = httpx.post(f"{url}/v1/rerank", content=padded[:-1] + b" " * (size - len(padded)) + b"}",
+                              headers={"content-type": "application/json"}, timeout=HANG_S)
+        assert response.status_code == status, (size, response.text[:200])
 
 
 @pytest.mark.parametrize(("case", "path", "body", "status"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -285,6 +371,8 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     if path == "/rerank":  # TEI's shape
         answer = response.json()
         assert answer["error_type"] == "Validation" and len(answer["error"]) > 10
+    elif path == "/v2/rerank":  # Cohere v2's shape
+        assert len(error_message(response)) > 10
     else:
         error = response.json()["error"]
         assert error["type"] and len(error["message"]) > 10
@@ -391,6 +479,10 @@ def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Pa
                 assert ("was not accepted" in message) == bool(headers)
                 assert "wrong" not in message and "s3cret" not in message
             assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # A prefix of the key is no key (an empty one least of all), and the scheme's case is the client's (RFC 7235).
+        for refused in ["Bearer s3c", "Bearer s", "Bearer ", "Bearer s3cret2"]:
+            assert client.post("/v1/rerank", json=body, headers={"Authorization": refused}).status_code == 401
+        assert client.post("/v1/rerank", json=body, headers={"Authorization": "bearer s3cret"}).status_code == 200
         # Two Authorization headers are refused even when one holds the key: a proxy in front may check the other.
         for pair in [[("authorization", "Bearer s3cret"), ("authorization", "Bearer wrong")],
                      [("authorization", "Bearer wrong"), ("authorization", "Bearer s3cret")]]:

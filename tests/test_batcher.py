@@ -32,6 +32,8 @@ def test_batches_stay_within_the_token_budget() -> None:
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
     assert [lengths[i] for i in batches[0]] == [3, 5, 7, 8]  # shortest first, merged
+    # The budget is a maximum: a batch that fills it exactly is one pass, not two.
+    assert cut_batches([10] * 4, 40) == [[0, 1, 2, 3]] and cut_batches([10] * 5, 40) == [[0, 1, 2, 3], [4]]
 
 
 def test_out_of_memory_is_recognised() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -305,3 +306,30 @@ def test_chunk_mode_refuses_a_request_over_the_queue_at_the_slice_that_shows_it(
         with pytest.raises(LimitExceededError, match="RERANKER_MAX_QUEUE=20"):
             reranker.rerank("cache", long_docs)
     assert sizes == [1]
+
+
+def test_a_query_that_leaves_exactly_the_least_room_is_taken(bert_reranker: Reranker) -> None:
+    """min_document_room is the least a query may leave a document: exactly that is served, one token less is not."""
+    from reranker.tokens import min_document_room
+
+    model = bert_reranker.model
+    least = min_document_room(model.max_length, causal=False)
+    words = next(n for n in range(1, model.max_length) if model.max_length - model.encoder.overhead("cache " * n)
+                 <= least)
+    query = "cache " * words
+    assert model.max_length - model.encoder.overhead(query) == least  # one token a word, in this vocabulary
+    assert len(bert_reranker.rerank(query, ["doc"])) == 1
+    with pytest.raises(LimitExceededError, match=f"so that at least {least} are left"):
+        bert_reranker.rerank(query + "cache", ["doc"])
+
+
+@pytest.mark.parametrize(("instruction", "says"), [
+    ("a\x00", "instruction contains a NUL character"),
+    ("a\udc00", "instruction is not valid Unicode"),
+    (" " * 10_001, "instruction has 10001 characters; the limit is RERANKER_MAX_QUERY_CHARS"),
+])
+def test_an_instruction_is_checked_as_a_query_is(bert_reranker: Reranker, instruction: str, says: str) -> None:
+    """Before the model's own refusal (this one takes no instruction), which would hide what is wrong with it."""
+    assert bert_reranker.settings.max_query_chars == 10_000
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        bert_reranker.rerank("q", ["d"], instruction=instruction)

@@ -147,6 +147,31 @@ def test_a_cap_on_windows_keys_the_cache_apart(bert_model: ScoringModel) -> None
         assert got == hits, long_docs
 
 
+def test_both_cohere_routes_pass_max_chunks_per_doc_on(bert_model: ScoringModel, documents: list[str]) -> None:
+    """The Cohere SDKs send it; both routes cap each document's windows with it, as the engine does."""
+    from fastapi.testclient import TestClient
+
+    from web.http import create_app
+
+    long_docs = [" ".join(documents[i:i + 12]) for i in (0, 12, 24)]  # several windows each
+    settings = model_settings(Path(bert_model.model_id), long_docs="chunk", cache_size=0)
+    with Reranker(bert_model, settings) as reranker:
+        expected = {cap: {r.index: r.score for r in reranker.rerank_detailed("queue", long_docs,
+                                                                           max_chunks=cap).results}
+                    for cap in (1, None)}
+        assert expected[1] != expected[None]  # the later windows matter to these documents
+        client = TestClient(create_app(reranker, ui=False))
+        for cap in (1, None):
+            extra = {} if cap is None else {"max_chunks_per_doc": cap}
+            v1 = client.post("/v1/rerank", json={"query": "queue", "documents": long_docs, **extra}).json()
+            # Past v2's default max_tokens_per_doc (4,096), which would cut these before their windows.
+            v2 = client.post("/v2/rerank", json={"model": "m", "query": "queue", "documents": long_docs,
+                                                 "max_tokens_per_doc": 100_000, **extra}).json()
+            for answer in (v1, v2):
+                got = {r["index"]: r["relevance_score"] for r in answer["results"]}
+                assert got == pytest.approx(expected[cap], abs=1e-6), cap
+
+
 def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -> None:
     query = "where is the queue server"
     settings = model_settings(Path(bert_model.model_id), long_docs="chunk")
