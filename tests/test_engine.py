@@ -314,10 +314,10 @@ def test_a_query_that_leaves_exactly_the_least_room_is_taken(bert_reranker: Rera
 
     model = bert_reranker.model
     least = min_document_room(model.max_length, causal=False)
-    words = next(n for n in range(1, model.max_length) if model.max_length - model.encoder.overhead("cache " * n)
+    words = next(n for n in range(1, model.max_length) if model.max_length - model.encoder.overhead("cache " * n, None)
                  <= least)
     query = "cache " * words
-    assert model.max_length - model.encoder.overhead(query) == least  # one token a word, in this vocabulary
+    assert model.max_length - model.encoder.overhead(query, None) == least  # one token a word, in this vocabulary
     assert len(bert_reranker.rerank(query, ["doc"])) == 1
     with pytest.raises(LimitExceededError, match=f"so that at least {least} are left"):
         bert_reranker.rerank(query + "cache", ["doc"])
