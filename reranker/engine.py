@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 import reranker.spans as spans
 from reranker.batcher import Batcher, Room, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
-from reranker.errors import CancelledError, LimitExceededError, RerankerError, ScoringError
+from reranker.errors import CancelledError, LimitExceededError, OverloadedError, RerankerError, ScoringError
 from reranker.longdocs import DocumentClipper, window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel, load_model
@@ -190,6 +190,16 @@ class Reranker:
         """An empty hold on RERANKER_MAX_QUEUE, for a caller that admits a request before it runs
         (web.service.RerankService.admit): pass it to rerank_detailed, which uses it up."""
         return self._batcher.room()
+
+    def hold(self, room: Room, query: str, documents: Sequence[str], instruction: str | None = None,
+             max_doc_tokens: int | None = None, max_chunks: int | None = None) -> None:
+        """Hold `room` for a valid request before it runs: for all its documents, or, with the queue too full for
+        that, for those the cache lacks (`pairs_to_hold`), so that a request the cache answers whole is served. The
+        cache is looked at only then: that hashes every document. Raises as `Room.need` does."""
+        try:
+            room.need(len(documents))
+        except OverloadedError:
+            room.need(self.pairs_to_hold(query, documents, instruction, max_doc_tokens, max_chunks))
 
     def pairs_to_hold(self, query: str, documents: Sequence[str], instruction: str | None = None,
                       max_doc_tokens: int | None = None, max_chunks: int | None = None) -> int:

@@ -390,7 +390,7 @@ def test_the_model_replica_takes_its_device_from_rays_assignment(monkeypatch: py
     monkeypatch.setattr(model, "assigned_gpus", lambda: [])
     # Outside a replica Ray's metrics and GPU ids would start a local Ray of their own (ray.init's auto-start).
     monkeypatch.setattr(model, "replica_metrics", lambda: Metrics(CollectorRegistry()))
-    monkeypatch.setattr(model, "replica_gpus", lambda: None)
+    monkeypatch.setattr(model, "replica_gpus", lambda gpu_ids: None)
     monkeypatch.setattr(model.Reranker, "from_settings", capture)
     with pytest.raises(Built, match="^cpu$"):
         model.RerankModel({"RERANKER_DEVICE": "auto"})

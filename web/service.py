@@ -81,13 +81,8 @@ class RerankService:
         try:
             self.reranker.validate(call.query, call.documents, call.top_n, call.instruction, call.max_doc_tokens,
                                    documents_field=call.documents_field, max_chunks=call.max_chunks)
-            try:
-                room.need(len(call.documents))  # type: ignore[arg-type]  # validated: a list of strings
-            except OverloadedError:
-                # Documents the cache answers take no room: with the queue full, a request it answers whole is
-                # served, not refused. Looked up only then: it hashes every document on the event loop.
-                room.need(self.reranker.pairs_to_hold(
-                    call.query, call.documents, call.instruction, call.max_doc_tokens, call.max_chunks))  # type: ignore[arg-type]
+            self.reranker.hold(room, call.query, call.documents, call.instruction,  # type: ignore[arg-type]
+                               call.max_doc_tokens, call.max_chunks)  # type: ignore[arg-type]
         except OverloadedError as err:
             error = to_http_error(err)
             error.counted = True

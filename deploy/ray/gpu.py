@@ -54,9 +54,8 @@ class ReplicaGpus:
             self._thread.close()
 
 
-def replica_gpus() -> ReplicaGpus:
-    """The gauges of the GPUs Ray gave this replica, started."""
-    import ray
+def replica_gpus(gpu_ids: Sequence[object]) -> ReplicaGpus:
+    """The gauges of `gpu_ids`, the GPUs Ray gave this replica (deploy/ray/model.py's assigned_gpus), started."""
     from ray.serve import metrics as ray_metrics
 
-    return ReplicaGpus(ray_metrics, Nvml(), [str(gpu) for gpu in ray.get_gpu_ids()]).start()
+    return ReplicaGpus(ray_metrics, Nvml(), [str(gpu) for gpu in gpu_ids]).start()

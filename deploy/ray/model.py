@@ -113,11 +113,12 @@ class RerankModel:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         settings = replica_settings(environ)
         setup_logging(settings.log_level)  # this replica's entry point: one JSON object per line
-        settings = on_assigned_device(settings, assigned_gpus())
+        gpu_ids = assigned_gpus()
+        settings = on_assigned_device(settings, gpu_ids)
         self.replica = replica_id()
         self.app = application()
         self.metrics = replica_metrics()  # exported through Ray, with this replica's labels
-        self.gpus = replica_gpus()  # reranker_gpu_* of this replica's GPUs, if it has any
+        self.gpus = replica_gpus(gpu_ids)  # reranker_gpu_* of this replica's GPUs, if it has any
         self.tracing = Tracing.from_settings(settings, self.metrics)
         self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
         self.service = RerankService(self.reranker)
