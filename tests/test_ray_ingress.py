@@ -14,6 +14,7 @@ import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any, cast  # noqa: E402
@@ -30,6 +31,7 @@ from starlette.requests import Request  # noqa: E402
 from deploy.ray import model, remote  # noqa: E402
 from deploy.ray.ingress import ingress_app  # noqa: E402
 from deploy.ray.model import Reply  # noqa: E402
+from deploy.ray.panel import ReplicaView  # noqa: E402
 from deploy.ray.remote import RemoteBackend  # noqa: E402
 from reranker import Reranker, RerankResult, Settings  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
@@ -43,6 +45,7 @@ from web.errors import HttpError  # noqa: E402
 from web.history import RequestHistory  # noqa: E402
 from web.lifecycle import Lifecycle  # noqa: E402
 from web.service import RerankCall, RerankService  # noqa: E402
+from web.snapshots import metrics_snapshot  # noqa: E402
 
 FAULT = Reply("faulty", error=(503, "not_ready", "the scoring device failed; the service is restarting, retry shortly"))
 RESULT = RerankResult([RankedDocument(index=0, score=0.5, document="a")])
@@ -86,6 +89,7 @@ class FakeHandle:
 
 def backend(handle: FakeHandle, environ: dict[str, str] | None = None, **kwargs: Any) -> RemoteBackend:
     kwargs.setdefault("claim", lambda call_id: True)  # no Ray key-value store here: this process counts
+    kwargs.setdefault("views", list)  # ...and no replica published a view: /info is a call
     return RemoteBackend(cast(DeploymentHandle, handle), Settings.from_env(environ or {}), **kwargs)
 
 
@@ -499,6 +503,45 @@ def test_a_new_ingress_names_the_configured_model_while_the_replicas_are_busy(mo
     assert asyncio.run(remote_backend.model_id()) == "org/their-model"
     assert time.monotonic() - started < 2
     assert withdrawn == [True]  # Serve does not withdraw a call whose awaiting task is cancelled: it stayed queued
+
+
+def test_info_is_what_a_model_replica_last_published_not_a_call_queued_behind_scoring() -> None:
+    """/info asked a model replica, so under load it waited behind their scoring (or got a 429), where one process
+    answers at once: it is now the newest view a replica published that is fresh by this node's clock; a stale one
+    (a replica killed before it could delete its key) or one without an /info (an older version's) is passed over."""
+    calls: list[bool] = []
+
+    class Queued:  # a call queued behind the replicas' scoring
+        def __init__(self) -> None:
+            calls.append(True)
+
+        def __await__(self) -> Any:
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            pass
+
+    def view(replica: str, age_s: float, info: dict[str, Any] | None) -> ReplicaView:
+        at = time.time() - age_s
+        return ReplicaView(replica, replace(metrics_snapshot(Metrics(CollectorRegistry())), time=at), [], info=info)
+
+    views = [view("killed", 30.0, {"replica": "killed"}), view("older", 2.0, {"replica": "older"}),
+             view("newer", 0.5, {"replica": "newer", "device": "cpu"}), view("old-version", 0.1, None),
+             view("fast-clock", -3.0, {"replica": "fast"})]  # a node whose clock runs ahead
+    busy = WaitingHandle()
+    busy.info = SimpleNamespace(remote=Queued)
+    started = time.monotonic()
+    assert asyncio.run(asyncio.wait_for(backend(busy, views=lambda: views).info(), 2)) == {"replica": "fast"}
+    newer = asyncio.run(asyncio.wait_for(backend(busy, views=lambda: views[:3]).info(), 2))
+    assert newer == {"replica": "newer", "device": "cpu"}
+    assert time.monotonic() - started < 2 and calls == []
+    for stale in ([views[0], views[3]], []):  # nothing fresh with an /info: a replica is asked
+        assert asyncio.run(backend(FakeHandle(), views=lambda stale=stale: stale).info()) == {"model": "tiny"}
+
+    def away() -> list[ReplicaView]:
+        raise ConnectionError("the GCS is restarting")
+
+    assert asyncio.run(backend(FakeHandle(), views=away).info()) == {"model": "tiny"}
 
 
 def test_info_answers_a_dead_replica_or_a_full_queue_as_a_rerank_does() -> None:

@@ -342,8 +342,9 @@ def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluste
     """One replica taking one request at a time and queueing one more: a burst beyond that is one process's
     overload (429 overloaded, Retry-After: 1), not Serve's plain-text 503 'Request dropped due to backpressure';
     /readyz, meanwhile, is the controller's count of running replicas, not a call queued behind the burst (which
-    answered 503 after 5 s). With RERANKER_UI_AUTH and no API key, /api/predict needs the UI's login, as in one
-    process, and the ingress cannot see that login: 401. Redeploys (the next test redeploys again)."""
+    answered 503 after 5 s), and /info what the replica published (a call got the burst's 429). With
+    RERANKER_UI_AUTH and no API key, /api/predict needs the UI's login, as in one process, and the ingress cannot
+    see that login: 401. Redeploys (the next test redeploys again)."""
     import threading
 
     config = gated(app_config(bert_dir, replicas=1, RERANKER_UI_AUTH="admin:secret"), tmp_path)
@@ -370,9 +371,11 @@ def test_overload_is_answered_as_one_process_and_readiness_holds_under_it(cluste
             thread.start()
         wait_for(lambda: len(answers) == 6, HANG_S, "six answers while the device is held")
         ready = httpx.get(f"{cluster.url}/readyz", timeout=HANG_S)
+        info = httpx.get(f"{cluster.url}/info", timeout=HANG_S)  # what the replica published: no call queued
     for thread in [first, *burst]:
         thread.join(HANG_S)
     assert ready.status_code == 200, ready.text
+    assert info.status_code == 200 and info.json()["replica"] and info.json()["device"] == "cpu", info.text
     statuses = sorted(answer.status_code for answer in answers)
     assert statuses == [200] * 2 + [429] * 6, statuses
     for answer in answers:

@@ -123,6 +123,7 @@ class RerankModel:
         self.reranker = Reranker.from_settings(settings, metrics=self.metrics, tracing=self.tracing)
         self.service = RerankService(self.reranker)
         self.node = node_id()
+        self._info = {**describe(self.service), "replica": self.replica}  # all of it fixed once the model loaded
         # The UI's Monitoring tab reads this replica's view from Ray's key-value store (deploy/ray/panel.py).
         self.panel = None if self.app is None else Publisher(self.app, self.snapshot)
         logger.info("replica ready", extra={"replica": self.replica, "model": self.reranker.model.model_id,
@@ -162,11 +163,11 @@ class RerankModel:
             context.detach(token)
 
     def info(self) -> dict[str, Any]:
-        return {**describe(self.service), "replica": self.replica}
+        return dict(self._info)
 
     def snapshot(self) -> ReplicaView:
-        """The UI's Monitoring tab's view of this replica (deploy/ray/panel.py)."""
-        return replica_view(self.replica, self.service, self.node)
+        """This replica's view for the UI's Monitoring tab, and its /info for the ingresses (deploy/ray/panel.py)."""
+        return replica_view(self.replica, self.service, self.node, self._info)
 
     def check_health(self) -> None:
         """Serve's health check: a dead worker or a poisoned device makes the replica unhealthy, and Serve

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
+from typing import Any
 
 from deploy.ray.periodic import Periodic
 from deploy.ray.stopping import NAMESPACE, kv_store
@@ -48,6 +49,7 @@ class ReplicaView:
     card: str = ""
     kind: str = KIND_MODEL
     node: str = ""  # Ray's node id: NVML reads every GPU of its host, so GPU memory is taken once per node
+    info: dict[str, Any] | None = None  # a model replica's GET /info body, which the ingresses answer from
 
 
 @cache
@@ -55,11 +57,12 @@ def _nvml() -> Nvml:
     return Nvml()
 
 
-def replica_view(replica: str, service: RerankService, node: str = "") -> ReplicaView:
+def replica_view(replica: str, service: RerankService, node: str = "",
+                 info: dict[str, Any] | None = None) -> ReplicaView:
     """A model replica's view."""
     reranker = service.reranker
     return ReplicaView(replica, take_snapshot(reranker, _nvml()), service.history.latest(), model_card(reranker),
-                       KIND_MODEL, node)
+                       KIND_MODEL, node, info)
 
 
 def answers_view(replica: str, kind: str, metrics: Metrics, history: RequestHistory, node: str = "") -> ReplicaView:
@@ -95,11 +98,12 @@ class Publisher:
                 pass
 
 
-def published(app: str) -> dict[str, ReplicaView]:
-    """Every view published for model application `app`, by key (blocking reads of the GCS). A key that cannot be
-    read or unpickled (one from another version of this code, during an update) is skipped."""
+def published(app: str, kind: str = "") -> dict[str, ReplicaView]:
+    """Every view published for model application `app` (of replicas of one `kind`, if given), by key (blocking
+    reads of the GCS). A key that cannot be read or unpickled (one from another version of this code, during an
+    update) is skipped."""
     kv, views = kv_store(), {}
-    for key in kv._internal_kv_list(f"panel/{app}/", namespace=NAMESPACE):
+    for key in kv._internal_kv_list(f"panel/{app}/{kind + '/' if kind else ''}", namespace=NAMESPACE):
         try:
             blob = kv._internal_kv_get(key, namespace=NAMESPACE)
             if blob:  # deleted between the listing and the read: a replica that stopped

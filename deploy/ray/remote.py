@@ -6,7 +6,8 @@ deadline allows; Serve itself does not retry. The deadline bounds each try too: 
 stops at the deadline and answers 504 `timeout` itself (and counts it); a call no replica answered within
 REPLICA_GRACE_S more gets 504 here, and is cancelled. A full queue at the handle (max_queued_requests) is one
 process's overload: 429. Readiness is the controller's view of the model replicas, not a call queued behind
-scoring work. A request whose client leaves is counted `cancelled` once: by the replica that held it, or here when
+scoring work, and neither is /info: it is what a model replica last published to Ray's key-value store. A request
+whose client leaves is counted `cancelled` once: by the replica that held it, or here when
 it was still waiting for one (deploy/ray/claims.py settles a call that Ray handed to a replica after it was withdrawn).
 """
 
@@ -30,6 +31,7 @@ from starlette.requests import Request
 
 from deploy.ray.claims import claim_left
 from deploy.ray.model import AGE, ARRIVED, Reply
+from deploy.ray.panel import FORGET_S, KIND_MODEL, ReplicaView, published
 from reranker import RerankResult, Settings
 from web.cancel import client_gone, event_left
 from web.errors import HttpError, client_left
@@ -124,14 +126,16 @@ def _log_failure(settling: asyncio.Future[None]) -> None:
 
 
 class RemoteBackend:
-    """Reranks on the model deployment's replicas; info asks one of them, readiness asks the controller
-    (`running`: how many of them run; serve.status() unless a test gives its own). `book` counts and logs a request
-    that no replica will: one whose client left while it still waited for a replica."""
+    """Reranks on the model deployment's replicas; readiness asks the controller (`running`: how many of them run;
+    serve.status() unless a test gives its own), info reads the views they publish (`views`: Ray's key-value store
+    unless a test gives its own). `book` counts and logs a request that no replica will: one whose client left while
+    it still waited for a replica."""
 
     def __init__(self, handle: DeploymentHandle, settings: Settings, *, tries: int = 3,
                  deadline_s: float = 60.0, running: Callable[[], int] | None = None,
                  lifecycle: Lifecycle | None = None, book: OnRefuse | None = None,
-                 claim: Callable[[str], bool] | None = None) -> None:
+                 claim: Callable[[str], bool] | None = None,
+                 views: Callable[[], list[ReplicaView]] | None = None) -> None:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
@@ -145,6 +149,7 @@ class RemoteBackend:
         # (deploy/ray/claims.py). A blocking call, run off the event loop.
         self.claim = claim or partial(claim_left, handle.app_name)
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
+        self._views = views or (lambda: list(published(handle.app_name, KIND_MODEL).values()))
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
         self._model_id: str | None = None
@@ -313,9 +318,9 @@ class RemoteBackend:
         return None if running > 0 else HttpError(503, "not_ready", "no model replica is running")
 
     async def model_id(self) -> str:
-        """What the replicas last said they serve. Before any answer (a new ingress), one replica's word, waited for
-        MODEL_ID_WAIT_S at most (the call queues behind their scoring work, and /readyz must not), else
-        RERANKER_MODEL as configured: the replicas read the same."""
+        """What the replicas last said they serve. Before any answer (a new ingress), one replica's /info, waited for
+        MODEL_ID_WAIT_S at most (without a fresh view it is a call, queued behind their scoring work, and /readyz
+        must not be), else RERANKER_MODEL as configured: the replicas read the same."""
         if self._model_id is None:
             try:
                 self._model_id = str((await asyncio.wait_for(self.info(), MODEL_ID_WAIT_S))["model"])
@@ -324,9 +329,23 @@ class RemoteBackend:
         return self._model_id
 
     async def info(self) -> dict[str, Any]:
-        """One replica's /info; a full queue or a replica that died under the call is answered as a rerank's is.
-        Given up (model_id's wait), the call is withdrawn: Serve does not cancel a call whose awaiting task is
-        cancelled, so each early /readyz left one queued behind the replicas' scoring."""
+        """One model replica's /info: the newest view a replica published (each does every PUBLISH_S), so that it
+        answers at once while the replicas are busy scoring; else (Ray's store away, no view fresh within FORGET_S
+        of this node's clock, a replica of a version that published none) a call to one, answered as a rerank's is."""
+        try:
+            views = await asyncio.to_thread(self._views)  # blocking reads of the GCS
+        except Exception as err:
+            logger.debug("info: could not read the replicas' views", extra={"error": repr(err)})
+            views = []
+        fresh = [view for view in views if view.info is not None and abs(time.time() - view.snapshot.time) <= FORGET_S]
+        if fresh:
+            return dict(max(fresh, key=lambda view: view.snapshot.time).info or {})
+        return await self._ask_info()
+
+    async def _ask_info(self) -> dict[str, Any]:
+        """A replica's /info by a call, queued behind its scoring work. Given up (model_id's wait), the call is
+        withdrawn: Serve does not cancel a call whose awaiting task is cancelled, so each early /readyz left one
+        queued behind the replicas' scoring."""
         response = self.handle.info.remote()
         try:
             return await cast("Awaitable[dict[str, Any]]", response)
