@@ -58,7 +58,8 @@ def stall_limit(device: str) -> float:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow at either end: CrossEncoder.predict's default activation."""
+    """The logistic function, without overflow at either end: CrossEncoder.predict's default activation, and the
+    one every score here is shown through, whatever activation a model's config names (docs/engine.md, Scores)."""
     small = np.exp(-np.abs(logits))
     return np.where(logits >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32)
 
@@ -416,10 +417,10 @@ class Reranker:
         max_length = self.model.max_length
         overhead = self.model.encoder.overhead(query, instruction)
         room = max_length - overhead
-        min_room = min_document_room(max_length, causal=self.model.is_causal)
+        min_room = min_document_room(max_length, templated=self.model.templated)
         if room < min_room:
             what = "the query and instruction take" if instruction else "the query takes"
-            what += " (with the model's template)" if self.model.is_causal else ""
+            what += " (with the model's template)" if self.model.templated else ""
             share = (f"{overhead} of the model's {max_length} tokens, leaving {room} for a document" if room >= 0
                      else f"{overhead} tokens, over the model's limit of {max_length}")
             raise LimitExceededError(

@@ -148,13 +148,16 @@ class ScoringModel:
 
     def __init__(self, *, model_id: str, max_length: int, tokenizer: Any, encoder: PairEncoder, is_causal: bool,
                  token_types: bool, length_limit: int | None, cross_encoder: CrossEncoder | None = None,
-                 extras: dict[str, Any] | None = None) -> None:
+                 extras: dict[str, Any] | None = None, templated: bool | None = None) -> None:
         self._cross_encoder = cross_encoder
         self.model_id = model_id
         self.max_length = max_length
         self.length_limit = length_limit  # the model's own, before RERANKER_MAX_LENGTH
         self.load_seconds = 0.0  # set by load_model once the model is warm
-        self.is_causal = is_causal
+        self.is_causal = is_causal  # scored from the yes/no next-token logits
+        # Pairs rendered through a chat template (a causal reranker's; a Qwen3-Reranker sequence-classifier's too):
+        # the template has an instruction's place and cuts the document alone.
+        self.templated = is_causal if templated is None else templated
         self.tokenizer = tokenizer
         self.encoder = encoder
         self._pad_id = tokenizer.pad_token_id or 0
@@ -194,9 +197,11 @@ class ScoringModel:
         if tokenizer is None:
             raise ModelLoadError(f"model {model_id!r} has no tokenizer; a text reranker needs one")
         causal = any(isinstance(module, LogitScore) for module in cross_encoder)
+        templated = causal or "message" in getattr(cross_encoder[0], "modality_config", {})
         probe = cross_encoder.preprocess([("q", "d")])
         return cls(model_id=model_id, max_length=max_length, tokenizer=tokenizer,
-                   encoder=build_encoder(cross_encoder, tokenizer, max_length, causal=causal), is_causal=causal,
+                   encoder=build_encoder(cross_encoder, tokenizer, max_length, templated=templated),
+                   is_causal=causal, templated=templated,
                    token_types="token_type_ids" in probe, length_limit=length_limit, cross_encoder=cross_encoder,
                    extras={k: v for k, v in probe.items() if not isinstance(v, torch.Tensor)})
 
@@ -255,8 +260,8 @@ class ScoringModel:
 
     @property
     def accepts_instruction(self) -> bool:
-        """Causal-LM rerankers take a task instruction; classic cross-encoders do not."""
-        return self.is_causal
+        """Rerankers prompted through a chat template take a task instruction; classic cross-encoders do not."""
+        return self.templated
 
     def encode(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[EncodedPair]:
         """Tokenize arbitrary pairs exactly as CrossEncoder.predict would, truncating the document to max_length (a
@@ -371,12 +376,12 @@ def _load(settings: Settings) -> ScoringModel:
 
 def _check_room(model: ScoringModel, settings: Settings) -> None:
     """Refuse a max length that leaves a one-word query no room for a document: the service would start, report
-    ready and refuse every request. A causal reranker's prompt template alone can take over 100 tokens."""
+    ready and refuse every request. A Qwen3-Reranker's prompt template alone takes over 100 tokens."""
     overhead = model.encoder.overhead("q", None)
-    if overhead + min_document_room(model.max_length, causal=model.is_causal) <= model.max_length:
+    if overhead + min_document_room(model.max_length, templated=model.templated) <= model.max_length:
         return
     enough = next(n for n in itertools.count(model.max_length + 1)
-                  if overhead + min_document_room(n, causal=model.is_causal) <= n)
+                  if overhead + min_document_room(n, templated=model.templated) <= n)
     if model.max_length < settings.max_length:  # capped: a longer setting would be cut back to the same
         where = f" (RERANKER_MAX_LENGTH={settings.max_length} is capped at the model's own limit)"
         change = f"the model itself takes no more than {model.max_length} tokens, so it cannot serve this way"
@@ -386,7 +391,7 @@ def _check_room(model: ScoringModel, settings: Settings) -> None:
     raise ModelLoadError(
         f"a max length of {model.max_length} tokens{where} leaves a document no room: {settings.model}'s "
         f"template and specials take {overhead} tokens with a one-word query, and a document needs at least "
-        f"{min_document_room(model.max_length, causal=model.is_causal)}; {change}")
+        f"{min_document_room(model.max_length, templated=model.templated)}; {change}")
 
 
 def _warm_up(model: ScoringModel, settings: Settings) -> None:

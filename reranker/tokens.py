@@ -70,11 +70,11 @@ class PairEncoder(Protocol):
         """Pair each document with the query; `offsets` adds the token spans of documents that were cut."""
 
 
-def min_document_room(max_length: int, *, causal: bool) -> int:
+def min_document_room(max_length: int, *, templated: bool) -> int:
     """The fewest tokens a query (with its instruction and the template) must leave a document, below which the
     engine refuses it. A classic cross-encoder truncates longest-first, which only spares the query while it is
-    under half the budget; a causal reranker's template cuts the document alone."""
-    return min(64, max_length // 4) if causal else max_length // 2
+    under half the budget; a chat template (a causal reranker's, Qwen3-Reranker's) cuts the document alone."""
+    return min(64, max_length // 4) if templated else max_length // 2
 
 
 def _array(ids: Sequence[int]) -> np.ndarray:
@@ -157,7 +157,8 @@ class TextPairEncoder:
 
 
 class ChatTemplateEncoder:
-    """Causal-LM rerankers: the chat template is rendered once per request around a sentinel document.
+    """Rerankers whose pairs sentence-transformers renders through a chat template (causal-LM ones, Qwen3-Reranker's
+    sequence-classifier conversions): the chat template is rendered once per request around a sentinel document.
 
     Each document is then tokenized inside the rendered text, as apply_chat_template would, and a cut
     keeps the template's tail, as sentence-transformers' suffix restore does.
@@ -275,16 +276,17 @@ def text_pair_encoder(tokenizer: Any, max_length: int) -> TextPairEncoder:
     return TextPairEncoder(tokenizer, max_length, type_ids="token_type_ids" in tokenizer.model_input_names)
 
 
-def build_encoder(cross_encoder: CrossEncoder, tokenizer: Any, max_length: int, *, causal: bool) -> PairEncoder:
-    """The fastest encoder that reproduces `preprocess` on probe pairs; the reference one otherwise."""
+def build_encoder(cross_encoder: CrossEncoder, tokenizer: Any, max_length: int, *, templated: bool) -> PairEncoder:
+    """The fastest encoder that reproduces `preprocess` on probe pairs; the reference one otherwise. `templated`:
+    sentence-transformers renders the model's pairs through a chat template."""
     reference = ReferenceEncoder(cross_encoder, tokenizer, max_length)
     try:
         fast: PairEncoder
-        if causal:
+        if templated:
             fast = ChatTemplateEncoder(cross_encoder, tokenizer, max_length)
         else:
             fast = text_pair_encoder(tokenizer, max_length)
-        mismatch = _first_mismatch(fast, reference, causal=causal, max_length=max_length)
+        mismatch = _first_mismatch(fast, reference, templated=templated, max_length=max_length)
     except Exception as err:  # any tokenizer the fast path cannot read keeps the exact, slower path
         mismatch = f"{type(err).__name__}: {err}"
     if mismatch is None:
@@ -300,17 +302,18 @@ def _same(a: EncodedPair, b: EncodedPair) -> bool:
     return np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.token_type_ids, b.token_type_ids)
 
 
-def _first_mismatch(fast: PairEncoder, reference: ReferenceEncoder, *, causal: bool, max_length: int) -> str | None:
+def _first_mismatch(fast: PairEncoder, reference: ReferenceEncoder, *, templated: bool,
+                    max_length: int) -> str | None:
     long_document = " ".join(["a long document about rivers, cheese and json parsing."] * (max_length // 4 + 8))
     documents = ["", "Short one.", "  leading and trailing spaces  ", "line\nbreaks\ttabs", "Ünïcödé ☕ 数据 🙂",
                  long_document]
     for query, instruction in [("which river is longest?", None), (" spaced  query ", None),
-                               ("q", "Find passages about rivers" if causal else None)]:
+                               ("q", "Find passages about rivers" if templated else None)]:
         overhead = fast.overhead(query, instruction)
         # The reference counts a template longer than max_length as cut to it.
         if min(overhead, max_length) != reference.overhead(query, instruction):
             return f"overhead differs for query {query!r}"
-        if max_length - overhead < min_document_room(max_length, causal=causal):
+        if max_length - overhead < min_document_room(max_length, templated=templated):
             # The engine refuses such a query before any document is encoded: at a small max_length the probe's
             # own queries are such, and comparing their pairs threw the exact one-pass encoder away.
             continue

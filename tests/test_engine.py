@@ -313,7 +313,7 @@ def test_a_query_that_leaves_exactly_the_least_room_is_taken(bert_reranker: Rera
     from reranker.tokens import min_document_room
 
     model = bert_reranker.model
-    least = min_document_room(model.max_length, causal=False)
+    least = min_document_room(model.max_length, templated=False)
     words = next(n for n in range(1, model.max_length) if model.max_length - model.encoder.overhead("cache " * n, None)
                  <= least)
     query = "cache " * words

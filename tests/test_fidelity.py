@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reranker import Reranker
-from reranker.model import ScoringModel
+from reranker.model import ScoringModel, load_model
 from tests.conftest import model_settings
 from tests.test_faults import gated_launch, one_round
 
@@ -100,3 +100,28 @@ def test_concurrent_callers_each_get_exactly_their_own_results(
         assert all(r.document == slices[i][r.index] for r in results)
         np.testing.assert_allclose(by_index(results, 60), expected[i], rtol=TOLERANCE, atol=TOLERANCE)
     assert held.calls[:3] == [1, 1, 1] and sum(held.calls[3:]) == 8 * 60  # the held passes, then the callers' one round
+
+
+def test_scores_are_the_sigmoid_whatever_activation_the_models_config_names(bert_dir: Path, tmp_path: Path,
+                                                                             documents: list[str]) -> None:
+    """The cross-encoder/ms-marco-* configs name Identity for sentence-transformers, so `predict` returns their
+    logits: scores here stay sigmoid probabilities, as TEI, Cohere and Jina answer, and `raw_scores` are exactly what
+    `predict` returns for such a model; the ranking is the same (docs/engine.md, Scores)."""
+    import json
+    import shutil
+
+    identity_dir = Path(shutil.copytree(bert_dir, tmp_path / "identity"))
+    config = json.loads((identity_dir / "config.json").read_text())
+    config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    (identity_dir / "config.json").write_text(json.dumps(config))
+    model = load_model(model_settings(identity_dir))
+    pairs = [("what is a cat", doc) for doc in documents]
+    logits = model.cross_encoder.predict(pairs, batch_size=16, show_progress_bar=False)  # the config's Identity
+    probabilities = model.cross_encoder.predict(pairs, activation_fn=torch.nn.Sigmoid(), batch_size=16,
+                                                show_progress_bar=False)
+    assert not np.allclose(logits, probabilities, atol=0.01)  # the config's activation was taken
+    with Reranker(model, model_settings(identity_dir, cache_size=0)) as reranker:
+        shown = by_index(reranker.rerank("what is a cat", documents), len(documents))
+        raw = by_index(reranker.rerank("what is a cat", documents, raw_scores=True), len(documents))
+    np.testing.assert_allclose(raw, logits, atol=TOLERANCE)
+    np.testing.assert_allclose(shown, probabilities, atol=TOLERANCE)

@@ -13,7 +13,9 @@ from reranker import LimitExceededError, ModelLoadError, Reranker
 from reranker import model as model_module
 from reranker.model import ScoringModel, load_model, resolve_device, resolve_dtype
 from reranker.prompts import qwen3_reranker_prompt
+from reranker.tokens import ChatTemplateEncoder
 from tests.conftest import model_settings
+from tests.tiny_models import build_qwen3_classifier_reranker
 
 
 def test_auto_device_is_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,8 +188,8 @@ def test_length_limit_from_tokenizer_or_positions() -> None:
 
 
 def test_classic_cross_encoder_takes_no_instruction(bert_model: ScoringModel, causal_model: ScoringModel) -> None:
-    assert not bert_model.is_causal and not bert_model.accepts_instruction
-    assert causal_model.is_causal and causal_model.accepts_instruction
+    assert not bert_model.is_causal and not bert_model.templated and not bert_model.accepts_instruction
+    assert causal_model.is_causal and causal_model.templated and causal_model.accepts_instruction
 
 
 @pytest.mark.parametrize("instruction", [None, "Find the passage about rivers"])
@@ -205,6 +207,31 @@ def test_qwen3_prompt_text_is_pinned() -> None:
         "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
         "<Query>: q?\n<Document>: d.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_a_qwen3_reranker_converted_to_a_classifier_is_prompted_as_the_original(tmp_path: Path,
+                                                                               backend: str) -> None:
+    """The `-seq-cls` conversions (e.g. tomaarsen/Qwen3-Reranker-0.6B-seq-cls: one logit, the LM head's yes row less
+    its no row) are given the model card's prompt too, and were half treated as such: an instruction, which the
+    prompt has a place for, was refused 400; a max length under 305 refused to start (a classic cross-encoder's
+    half-the-budget rule for the query, where the template cuts the document alone); and pairs were tokenized
+    through preprocess, the slow path. Scores are CrossEncoder.predict's, with and without an instruction."""
+    directory = build_qwen3_classifier_reranker(tmp_path / "tiny-Qwen3-Reranker-0.6B-seq-cls")
+    settings = model_settings(directory, max_length=256, backend=backend, cache_size=0)
+    model = load_model(settings)
+    assert not model.is_causal and model.templated and model.accepts_instruction
+    assert isinstance(model.encoder, ChatTemplateEncoder)
+    [pair] = model.encode([("which river", "The Nile.")], "Find rivers")
+    assert model.tokenizer.decode(pair.input_ids) == qwen3_reranker_prompt("which river", "The Nile.", "Find rivers")
+    reference = load_model(model_settings(directory, max_length=256)).cross_encoder
+    documents = ["The Nile is long.", "river " * 400, "Cheese.", ""]
+    with Reranker(model, settings) as reranker:
+        for instruction in (None, "Find the passage about rivers"):
+            scores = {r.index: r.score for r in reranker.rerank("which river", documents, instruction=instruction)}
+            expected = reference.predict([("which river", doc) for doc in documents], prompt=instruction,
+                                         show_progress_bar=False)
+            assert max(abs(scores[i] - expected[i]) for i in range(len(documents))) < 1e-4
 
 
 def test_causal_truncation_cuts_the_document_and_keeps_the_template_end(causal_model: ScoringModel) -> None:

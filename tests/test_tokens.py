@@ -82,7 +82,7 @@ def test_a_query_that_leaves_no_room_keeps_no_document(bert_model: ScoringModel)
     (encoded,) = bert_model.encoder.encode(query, ["river " * 50])
     assert encoded.pair.n_tokens == bert_model.encoder.overhead(query, None) and not encoded.fits
     assert bert_model.max_length - encoded.pair.n_tokens < tokens.min_document_room(bert_model.max_length,
-                                                                                     causal=False)
+                                                                                     templated=False)
 
 
 def test_offsets_of_a_cut_causal_document_are_relative_to_the_document(causal_model: ScoringModel) -> None:
@@ -125,7 +125,7 @@ def test_a_tokenizer_the_fast_path_cannot_reproduce_falls_back_to_preprocess(
 
     monkeypatch.setattr(tokens, "TextPairEncoder", OffByOne)
     with caplog.at_level(logging.WARNING, logger="reranker.tokens"):
-        encoder = build_encoder(bert_model.cross_encoder, bert_model.tokenizer, bert_model.max_length, causal=False)
+        encoder = build_encoder(bert_model.cross_encoder, bert_model.tokenizer, bert_model.max_length, templated=False)
     assert isinstance(encoder, ReferenceEncoder)
     assert "slower" in caplog.text
     docs = documents[:20]

@@ -22,6 +22,7 @@ from transformers import (  # type: ignore[attr-defined]
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
@@ -112,12 +113,8 @@ def build_xlmr_reranker(path: Path, *, seed: int = 0, max_positions: int = 512, 
     return _save(model, tokenizer, path, dtype)
 
 
-def build_causal_reranker(path: Path, *, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu",
-                          **config: int) -> Path:
-    """A Qwen3 causal LM (2 layers unless `config` says otherwise) with a byte-level BPE tokenizer holding
-    `yes`, `no` and chat tokens."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+def _qwen3_tokenizer(rng: random.Random) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer holding `yes`, `no` and chat tokens."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -128,16 +125,36 @@ def build_causal_reranker(path: Path, *, seed: int = 0, dtype: torch.dtype | Non
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens(["yes", "no"])
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=2048
     )
+
+
+def _qwen3_config(tokenizer: PreTrainedTokenizerFast, **config: int) -> Qwen3Config:
     values: dict[str, Any] = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
                               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                               "head_dim": 16, **config}
-    settings = Qwen3Config(
+    return Qwen3Config(
         max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2, **values,
     )
+
+
+def build_causal_reranker(path: Path, *, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu",
+                          **config: int) -> Path:
+    """A Qwen3 causal LM (2 layers unless `config` says otherwise) with a byte-level BPE tokenizer holding
+    `yes`, `no` and chat tokens."""
+    torch.manual_seed(seed)
+    tokenizer = _qwen3_tokenizer(random.Random(seed))
     with torch.device(device):
-        model = Qwen3ForCausalLM(settings)
+        model = Qwen3ForCausalLM(_qwen3_config(tokenizer, **config))
     return _save(model, tokenizer, path, dtype)
+
+
+def build_qwen3_classifier_reranker(path: Path, *, seed: int = 0) -> Path:
+    """Qwen3-Reranker as a one-logit sequence classifier (the `-seq-cls` conversions, whose head is the `yes` row
+    less the `no` row of the LM head), with build_causal_reranker's tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = _qwen3_tokenizer(random.Random(seed))
+    model = Qwen3ForSequenceClassification(_qwen3_config(tokenizer, num_labels=1))
+    return _save(model, tokenizer, path, None)

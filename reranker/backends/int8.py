@@ -59,8 +59,8 @@ def servable(model: Any, query: str) -> bool:
     """Whether the engine would score `query` at all: it refuses one that leaves a document less room than
     min_document_room. Calibration and the probe take only such queries, so that no sequence they run is longer
     than the model's max_length (one that is, past the position embeddings, fails the pass)."""
-    return model.max_length - model.encoder.overhead(query, None) >= min_document_room(model.max_length,
-                                                                                           causal=model.is_causal)
+    room = model.max_length - model.encoder.overhead(query, None)
+    return room >= min_document_room(model.max_length, templated=model.templated)
 
 
 def calibration_groups(model: Any, settings: Settings) -> list[Group]:
