@@ -306,17 +306,20 @@ class ScoringModel:
 
 
 def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | None:
-    """The longest input the model can take, from its tokenizer or else its position embeddings."""
+    """The longest input the model can take: the lesser of its tokenizer's limit and its position embeddings'
+    (Qwen3-Reranker's tokenizer says 131072 where the model has 40960 positions)."""
+    limits = []
     if tokenizer_max_length is not None and 0 < tokenizer_max_length < _NO_LIMIT:
-        return int(tokenizer_max_length)
+        limits.append(int(tokenizer_max_length))
     positions = getattr(config, "max_position_embeddings", None)
-    if not positions:
-        return None
-    pad = getattr(config, "pad_token_id", None)
-    if "roberta" in str(getattr(config, "model_type", "")) and pad is not None:
-        # RoBERTa-style position ids start after the padding index: 514 embeddings hold 512 tokens.
-        return int(positions) - int(pad) - 1
-    return int(positions)
+    if positions:
+        pad = getattr(config, "pad_token_id", None)
+        if "roberta" in str(getattr(config, "model_type", "")) and pad is not None:
+            # RoBERTa-style position ids start after the padding index: 514 embeddings hold 512 tokens.
+            limits.append(int(positions) - int(pad) - 1)
+        else:
+            limits.append(int(positions))
+    return min(limits, default=None)
 
 
 def capped(max_length: int, limit: int | None) -> int:

@@ -185,6 +185,9 @@ def test_length_limit_from_tokenizer_or_positions() -> None:
     assert model_length_limit(int(1e30), xlmr) == 8192  # no tokenizer limit: 8194 embeddings, 2 unusable
     assert model_length_limit(None, bert) == 512
     assert model_length_limit(None, SimpleNamespace()) is None
+    assert model_length_limit(512, SimpleNamespace()) == 512
+    qwen3 = SimpleNamespace(model_type="qwen3", max_position_embeddings=40960, pad_token_id=151643)
+    assert model_length_limit(131072, qwen3) == 40960  # its tokenizer claims more than the model has positions for
 
 
 def test_classic_cross_encoder_takes_no_instruction(bert_model: ScoringModel, causal_model: ScoringModel) -> None:
