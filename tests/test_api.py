@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -509,6 +510,31 @@ def test_every_surface_gives_the_same_ranking(live: tuple[str, Reranker]) -> Non
     client = [row[2] for row in table["data"]]
     assert ui == root == cohere == tei == client
     assert sorted(ui) == list(range(len(docs)))
+
+
+def test_the_ui_status_line_counts_what_the_metrics_count(live: tuple[str, Reranker], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status line showed the engine's time, where the event's metrics, history row and log line count from when
+    Gradio took it up: an upload read slowly was in those and not in it."""
+    import web.ui
+
+    def slow_read(path: str, limit: int) -> list[str]:
+        time.sleep(0.3)
+        return ["a slowly read document"]
+
+    url, reranker = live
+    monkeypatch.setattr(web.ui, "read_documents", slow_read)  # the server runs in this process
+    (tmp_path / "docs.txt").write_text("a slowly read document\n")
+
+    def booked() -> float:
+        return reranker.metrics.registry.get_sample_value("reranker_request_duration_seconds_sum",
+                                                          {"route": "ui"}) or 0.0
+
+    before = booked()
+    _, status = Client(url, verbose=False).predict("cache", "first\nsecond", None, "", False,
+                                                   handle_file(tmp_path / "docs.txt"), api_name="/predict")
+    shown, counted = float(status.split(" ms")[0]), (booked() - before) * 1000
+    assert shown >= 300 and counted <= shown + 1 < counted + 50, (status, counted)
 
 
 def test_gradio_rest_routes_work(url: str) -> None:

@@ -16,6 +16,7 @@ from web.errors import HttpError, to_http_error
 from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off
 from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
+from web.request_id import request_age
 from web.service import RerankCall, RerankService, form_top_n, split_lines
 from web.tracing import ui_span
 from web.uploads import read_documents
@@ -46,9 +47,13 @@ EXAMPLES = [
 ]
 
 
-def status_line(result: RerankResult) -> str:
+def status_line(result: RerankResult, seconds: float | None = None) -> str:
+    """`seconds`: the event's time from when its handler took it up, as its history row, metrics and log line count
+    it (an upload read, the wait for queue room, on Ray Serve the hop to a model replica); the engine's alone
+    without one."""
     s = result.stats
-    return (f"{s.total_seconds * 1000:.0f} ms · {s.n_docs} documents · {s.truncated} truncated · "
+    took = s.total_seconds if seconds is None else seconds
+    return (f"{took * 1000:.0f} ms · {s.n_docs} documents · {s.truncated} truncated · "
             f"{s.chunked} chunked · {s.cache_hits} cache hits · {s.tokens} tokens")
 
 
@@ -79,9 +84,9 @@ def ui_call(query: str, documents: str, top_n: float | None, instruction: str | 
 
 
 def ui_answer(result: RerankResult) -> tuple[list[list[object]], str]:
-    """The results table and the status line."""
+    """The results table and the status line (within the event's ui_span, which knows when it arrived)."""
     rows = [[rank, round(r.score, 6), r.index, _preview(r.document)] for rank, r in enumerate(result.results, start=1)]
-    return rows, status_line(result)
+    return rows, status_line(result, request_age())
 
 
 def make_predict(service: RerankService) -> Callable[..., tuple[list[list[object]], str]]:
