@@ -196,6 +196,7 @@ class ScoringModel:
         tokenizer = cross_encoder.tokenizer
         if tokenizer is None:
             raise ModelLoadError(f"model {model_id!r} has no tokenizer; a text reranker needs one")
+        check_vocabulary(model_id, len(tokenizer), cross_encoder.config)
         causal = any(isinstance(module, LogitScore) for module in cross_encoder)
         templated = causal or "message" in getattr(cross_encoder[0], "modality_config", {})
         probe = cross_encoder.preprocess([("q", "d")])
@@ -303,6 +304,18 @@ class ScoringModel:
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         return self.score(self.encode(pairs))
+
+
+def check_vocabulary(model_id: str, tokens: int, config: Any) -> None:
+    """Refuse a tokenizer that knows under half of the model's vocabulary: transformers builds an all but empty one
+    when a folder lacks its tokenizer files, which made every word unknown and served wrong scores without a word."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocabulary = getattr(text_config, "vocab_size", None)
+    if isinstance(vocabulary, int) and tokens < vocabulary // 2:
+        raise ModelLoadError(
+            f"model {model_id!r}: its tokenizer knows {tokens} tokens where the model has {vocabulary}, so its "
+            "tokenizer files (tokenizer.json, or vocab.txt / sentencepiece.bpe.model with tokenizer_config.json) are "
+            "missing or wrong; copy every file of the model's repository into the folder RERANKER_MODEL names")
 
 
 def model_length_limit(tokenizer_max_length: int | None, config: Any) -> int | None:

@@ -260,6 +260,20 @@ def test_directory_without_a_model_says_what_it_needs(tmp_path: Path) -> None:
         load_model(model_settings(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("kind", ["bert", "xlmr", "causal"])
+def test_a_folder_without_its_tokenizer_files_stops_the_start(kind: str, request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
+    """transformers builds an all but empty tokenizer for such a folder (BERT's knew 5 tokens): every word was
+    [UNK], the service started and served wrong scores, and the conversion cache kept it."""
+    source: Path = request.getfixturevalue(f"{kind}_dir")
+    folder = tmp_path / source.name
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, folder / name)
+    with pytest.raises(ModelLoadError, match="tokenizer files .* are missing or wrong; copy every file"):
+        load_model(model_settings(folder, backend="auto"))
+
+
 def test_a_model_file_this_user_cannot_read_is_named_not_called_missing(tmp_path: Path, bert_dir: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """save_pretrained leaves weights 0600: another user's service got FileNotFoundError and "does not hold a
