@@ -165,6 +165,7 @@ def _is_loopback(host: str) -> bool:
 def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
     """Serve the UI and API, on `sock` (bound to the configured port) or else on the configured host and port,
     until a signal (drain, exit 0) or a device fault (exit 1) stops it."""
+    import metrics_server
     from web.http import create_app
     from web.lifecycle import Lifecycle
     from web.routes import package_versions
@@ -186,6 +187,14 @@ def serve(reranker: Reranker, sock: socket.socket | None = None) -> int:
         timeout_graceful_shutdown=5,  # after the drain: only responses still being written remain
         timeout_keep_alive=settings.keep_alive_seconds,  # uvicorn's 5 s raced clients' own 5 s (reset requests)
     ), lifecycle, settings.drain_seconds)
+    if sock is not None:
+        try:  # here, not in uvicorn: a port another service listens on now (bound beside ours) is named, exit 1
+            sock.listen(server.config.backlog)
+        except OSError as err:
+            error = metrics_server.port_error(err, settings.host, settings.port, serving="the UI and API",
+                                              variable="RERANKER_PORT")
+            logger.error("%s", error, extra={"error_type": "port"})
+            return 1
     # uvicorn re-raises the stopping signal to the handler that was there before it. Make that one a
     # no-op so that a clean stop exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from dataclasses import dataclass
@@ -49,9 +50,15 @@ class MetricsServer:
 
 
 def bind(host: str, port: int, *, serving: str, variable: str) -> socket.socket:
-    """A socket bound to host:port (0 picks a free port), not yet listening; raise PortError naming `variable` if
-    the port cannot be had. app.py takes the UI and API's port with it before the model loads: bound only, so that
-    a client meanwhile is refused at once rather than left waiting for a server that is not up."""
+    """A socket bound to host:port (0 picks a free port), not yet listening; raise PortError naming `variable` (or,
+    for an address this machine does not have, its _HOST twin) if the port cannot be had. app.py takes the UI and
+    API's port with it before the model loads: bound only, so that a client meanwhile is refused at once rather than
+    left waiting for a server that is not up.
+
+    SO_REUSEADDR, so that a restart binds the port that the stopped server's connections hold in TIME_WAIT (Linux
+    lets that happen only where the old socket had it too). Two services bound so may share a port until one
+    listens: the second to listen is refused then (serve() and start() name the port and exit), as nothing can tell
+    a port bound by another service still loading its model from a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -59,10 +66,19 @@ def bind(host: str, port: int, *, serving: str, variable: str) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise PortError(
-            f"cannot serve {serving} on {host}:{port}: {err.strerror or err}; set {variable} to a free port"
-        ) from err
+        raise port_error(err, host, port, serving=serving, variable=variable) from err
     return sock
+
+
+def port_error(err: OSError, host: str, port: int, *, serving: str, variable: str) -> PortError:
+    """What to change, for `err` binding or listening on host:port: the port, or the host (`variable`'s _HOST twin)
+    where this machine has no such address."""
+    if err.errno == errno.EADDRNOTAVAIL or isinstance(err, socket.gaierror):
+        host_variable = variable.removesuffix("_PORT") + "_HOST"
+        change = f"set {host_variable} to an address of this machine (0.0.0.0 for all, 127.0.0.1 for loopback only)"
+    else:
+        change = f"set {variable} to a free port"
+    return PortError(f"cannot serve {serving} on {host}:{port}: {err.strerror or err}; {change}")
 
 
 def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091) -> MetricsServer:
@@ -70,7 +86,10 @@ def start(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9091
     # Bound here rather than in werkzeug, which prints to stderr and exits the process on a taken port.
     listener = bind(host, port, serving="metrics", variable="RERANKER_METRICS_PORT")
     try:
-        listener.listen(128)
+        try:
+            listener.listen(128)
+        except OSError as err:  # bound beside another service's socket, which listened first
+            raise port_error(err, host, port, serving="metrics", variable="RERANKER_METRICS_PORT") from err
         server = make_server(host, port, create_app(registry), threaded=True, fd=listener.fileno())
     finally:
         listener.close()  # the server holds its own duplicate of the socket

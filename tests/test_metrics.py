@@ -66,6 +66,56 @@ def test_a_taken_port_names_the_variable() -> None:
             metrics_server.start(CollectorRegistry(), "127.0.0.1", port)
 
 
+def test_a_port_whose_last_connections_wait_out_time_wait_is_taken_again() -> None:
+    """A restart binds the port that the stopped server's closed connections still hold (TIME_WAIT)."""
+    listener = metrics_server.bind("127.0.0.1", 0, serving="the UI and API", variable="RERANKER_PORT")
+    port = listener.getsockname()[1]
+    listener.listen()
+    client = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
+    accepted, _ = listener.accept()
+    accepted.close()  # the server closes first: its side waits out TIME_WAIT
+    client.recv(1)
+    client.close()
+    listener.close()
+    again = metrics_server.bind("127.0.0.1", port, serving="the UI and API", variable="RERANKER_PORT")
+    again.close()
+
+
+def test_an_address_this_machine_lacks_names_the_host_variable() -> None:
+    for variable, host_variable in (("RERANKER_PORT", "RERANKER_HOST"),
+                                    ("RERANKER_METRICS_PORT", "RERANKER_METRICS_HOST")):
+        with pytest.raises(metrics_server.PortError, match=f"set {host_variable} to an address of this machine"):
+            metrics_server.bind("10.255.255.1", 0, serving="x", variable=variable)  # TEST-NET: nobody's address
+
+
+def test_a_port_another_service_listens_on_first_stops_the_serving(bert_model: ScoringModel, bert_dir: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Two services bound the same port (SO_REUSEADDR, which a restart needs): the second started while the first
+    was still loading its model. The one to listen second ran on, saying it served and serving nothing (uvicorn
+    took its failed listen quietly); it is told so now, and exits 1."""
+    import app
+
+    rival = socket.socket()
+    rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    rival.bind(("127.0.0.1", 0))  # another service, still loading its model
+    port = rival.getsockname()[1]
+    ours = metrics_server.bind("127.0.0.1", port, serving="the UI and API", variable="RERANKER_PORT")
+    rival.listen()  # ...which is up first
+    try:
+        with Reranker(bert_model, model_settings(bert_dir, port=port)) as reranker:
+            status: list[int] = []
+            # On a thread, so that a serve() that went on to run fails here (its signal handlers need the main
+            # thread) rather than serving for ever.
+            serving = threading.Thread(target=lambda: status.append(app.serve(reranker, ours)))
+            serving.start()
+            serving.join(HANG_S)
+            assert status == [1]
+    finally:
+        rival.close()
+        ours.close()
+    assert f"cannot serve the UI and API on 127.0.0.1:{port}" in caplog.text and "serving on" not in caplog.text
+
+
 @pytest.fixture
 def traffic(bert_model: ScoringModel, bert_dir: Path) -> Iterator[tuple[TestClient, Metrics]]:
     metrics = Metrics(CollectorRegistry(), process_collector=True)
