@@ -57,6 +57,13 @@ def main() -> int:
     setup_logging(settings.log_level)
     for warning in unknown_variables():
         logger.warning("%s", warning, extra={"error_type": "configuration"})
+    from web.uploads import UploadFolderError, private_upload_folder
+
+    try:
+        private_upload_folder()  # Gradio's, which it would first write in after the model's load
+    except UploadFolderError as err:
+        logger.error("configuration error: %s", err, extra={"error_type": "configuration"})
+        return 2
 
     from prometheus_client import CollectorRegistry
 

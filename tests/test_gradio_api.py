@@ -355,3 +355,18 @@ def test_uploaded_files_are_deleted_once_old(bert_model: ScoringModel, bert_dir:
         data = ["cache", "", None, "", False, file_data(path)]
         response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": data}, timeout=HANG_S)
         assert response.status_code == 400 and "upload it again" in response.json()["error"], response.text
+
+
+def test_an_upload_folder_gradio_cannot_write_in_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked by app.py before the model loads (tests/test_start.py runs it); made where it is missing."""
+    from web.uploads import UploadFolderError, private_upload_folder
+
+    (tmp_path / "a-file").write_text("")
+    for configured, message in ((tmp_path / "a-file", "is not a folder"),
+                                (tmp_path / "a-file" / "under", "cannot be written in: Not a directory")):
+        monkeypatch.setenv("GRADIO_TEMP_DIR", str(configured))
+        with pytest.raises(UploadFolderError, match=f"GRADIO_TEMP_DIR={configured} {message}; set GRADIO_TEMP_DIR"):
+            private_upload_folder()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "new" / "uploads"))
+    assert private_upload_folder() == str(tmp_path / "new" / "uploads")
+    assert (tmp_path / "new" / "uploads").is_dir() and not list((tmp_path / "new" / "uploads").iterdir())

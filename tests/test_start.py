@@ -112,6 +112,18 @@ def test_start_sh_rejects_a_bad_setting() -> None:
     assert "RERANKER_DTYPE='fp8' is not valid; use one of: auto, float32, float16, bfloat16" in output
 
 
+def test_start_sh_names_an_upload_folder_it_cannot_write_in_before_loading_the_model(tmp_path: Path) -> None:
+    """A GRADIO_TEMP_DIR that is a file (or read-only) ended the start after the model's load, in a traceback
+    from inside Gradio (NotADirectoryError: '.../vibe_edit_history'); the model named here does not exist, so
+    a start that got as far as loading it would say so instead."""
+    (tmp_path / "a-file").write_text("")
+    process = start({"GRADIO_TEMP_DIR": str(tmp_path / "a-file"), "RERANKER_MODEL": str(tmp_path / "no-model")})
+    output, _ = process.communicate(timeout=START_S)
+    assert process.returncode == 2, output
+    assert f"GRADIO_TEMP_DIR={tmp_path / 'a-file'} is not a folder; set GRADIO_TEMP_DIR to a folder" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize(("variable", "message"), [("RERANKER_METRICS_PORT", "cannot serve metrics on"),
                                                     ("RERANKER_PORT", "cannot serve the UI and API on")])
 def test_start_sh_names_a_taken_port_before_loading_the_model(bert_dir: Path, variable: str, message: str) -> None:

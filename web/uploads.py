@@ -17,18 +17,38 @@ from web.service import split_lines
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
+class UploadFolderError(ValueError):
+    """GRADIO_TEMP_DIR names something Gradio cannot keep uploads in; the message says what to set."""
+
+
 def private_upload_folder() -> str:
     """Gradio's upload folder for this process, set before its Blocks are built (they read it then): the operator's
     GRADIO_TEMP_DIR, else a folder of this process's own (mode 0700), removed when it exits. Gradio's default,
     /tmp/gradio, is every Gradio app's on the host: a file another one (or another user) left there passed as
-    uploaded here, was read, and was deleted at this service's stop."""
+    uploaded here, was read, and was deleted at this service's stop. app.py asks before the model loads: a
+    GRADIO_TEMP_DIR Gradio cannot write in ended the start after the load, in a traceback (UploadFolderError)."""
     configured = os.environ.get("GRADIO_TEMP_DIR")
     if configured:
+        _check_writable(configured)
         return configured
     folder = tempfile.mkdtemp(prefix="reranker-uploads-")
     os.environ["GRADIO_TEMP_DIR"] = folder
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def _check_writable(configured: str) -> None:
+    folder = Path(configured)
+    advice = "set GRADIO_TEMP_DIR to a folder this user can write in, or unset it (the service makes its own)"
+    if folder.exists() and not folder.is_dir():
+        raise UploadFolderError(f"GRADIO_TEMP_DIR={configured} is not a folder; {advice}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UploadFolderError(f"GRADIO_TEMP_DIR={configured} cannot be written in: {err.strerror or err}; "
+                                f"{advice}") from err
 
 
 def read_documents(path: str | Path, max_bytes: int) -> list[str]:
