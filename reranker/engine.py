@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import statistics
 import threading
@@ -26,6 +27,8 @@ from reranker.settings import Settings
 from reranker.tokens import EncodedDocument, EncodedPair, min_document_room
 from reranker.tracing import Tracing
 from reranker.validation import validate_request
+
+logger = logging.getLogger(__name__)
 
 # Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
 # thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
@@ -150,6 +153,21 @@ class Reranker:
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.metrics.model_convert_seconds.set(model.convert_seconds)
         self.metrics.queue_capacity_pairs.set(settings.max_queue)
+        for warning in self.settings_warnings():
+            logger.warning("%s", warning, extra={"error_type": "configuration"})
+
+    def settings_warnings(self) -> list[str]:
+        """Settings each valid alone that together serve badly, said once at start: the service runs with them."""
+        s, warnings = self.settings, []
+        if s.max_queue < s.max_docs:
+            warnings.append(f"RERANKER_MAX_QUEUE={s.max_queue} pairs is below RERANKER_MAX_DOCS={s.max_docs}: a "
+                            f"request of more than {s.max_queue} documents is refused 413 however idle the service "
+                            "is; raise RERANKER_MAX_QUEUE, or lower RERANKER_MAX_DOCS to match")
+        if s.batch_tokens is not None and s.batch_tokens < self.model.max_length:
+            warnings.append(f"RERANKER_BATCH_TOKENS={self.batch_tokens} is below the model's max_length "
+                            f"({self.model.max_length}): a pair that long has a forward pass to itself, and short "
+                            f"ones few companions; auto is {batch_token_budget(self.model.device)} on this device")
+        return warnings
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None,

@@ -29,6 +29,8 @@ OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDP
 OTEL_SAMPLERS = ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio", "always_on",
                  "always_off", "traceidratio")
 MAX_QUERY_CHARS = 10_000
+# Where a value of spaces only is an error, not unset: a secret that was meant to be set would leave its route open.
+SECRETS = ("RERANKER_API_KEY", "RERANKER_UI_AUTH")
 
 
 class SettingsError(ValueError):
@@ -89,6 +91,9 @@ class Settings:
         def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
             raw = env.get(name)
             if raw is None or raw.strip() == "":
+                if raw and name in SECRETS:  # spaces only: a secret that was meant to be set, not left out
+                    raise SettingsError(f"{name} is only whitespace, which would leave what it guards open; set "
+                                        "it, or leave it empty to go without")
                 return default
             return parse(name, raw.strip())
 
@@ -133,7 +138,7 @@ class Settings:
             log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
             api_key=get("RERANKER_API_KEY", _text, None),
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
-            stall_seconds=get("RERANKER_STALL_SECONDS", _auto_or(_non_negative_float), d.stall_seconds),
+            stall_seconds=get("RERANKER_STALL_SECONDS", _auto_or(_off_or_at_least(1.0)), d.stall_seconds),
             keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
             ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", _int(0), d.ui_login_attempts),
@@ -300,10 +305,24 @@ def _auto_or(parse: Callable[[str, str], T]) -> Callable[[str, str], T | None]:
 
 
 def _port(name: str, raw: str) -> int:
-    value = _int(0)(name, raw)
-    if value > 65535:
+    try:
+        value = _int(0)(name, raw)
+    except SettingsError:
+        value = -1
+    if not 0 <= value <= 65535:
         raise SettingsError(f"{name}={raw!r} is not valid; use a port number from 0 to 65535")
     return value
+
+
+def _off_or_at_least(low: float) -> Callable[[str, str], float]:
+    """0 (off) or a number of seconds from `low`: a watchdog of 0.001 s took the first real pass for a hung device."""
+    def parse(name: str, raw: str) -> float:
+        value = _float(0.0, sys.float_info.max, f"0 (off) or a number of seconds >= {low:g}")(name, raw)
+        if 0 < value < low:
+            raise SettingsError(f"{name}={raw!r} is not valid; use 0 (off) or a number of seconds >= {low:g}")
+        return value
+
+    return parse
 
 
 def _bool(name: str, raw: str) -> bool:

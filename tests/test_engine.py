@@ -333,3 +333,20 @@ def test_an_instruction_is_checked_as_a_query_is(bert_reranker: Reranker, instru
     assert bert_reranker.settings.max_query_chars == 10_000
     with pytest.raises(ValidationError, match=re.escape(says)):
         bert_reranker.rerank("q", ["d"], instruction=instruction)
+
+
+def test_settings_that_serve_badly_together_are_said_at_start(bert_model: ScoringModel, bert_dir: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Each valid alone, they started without a word: a queue under max_docs refused every large request 413 on an
+    idle service; a batch budget under max_length ran each long pair alone."""
+    with caplog.at_level("WARNING", "reranker.engine"):
+        with Reranker(bert_model, model_settings(bert_dir, max_queue=10, batch_tokens=64)):
+            pass
+    assert "RERANKER_MAX_QUEUE=10 pairs is below RERANKER_MAX_DOCS=1000: a request of more than 10 documents is " \
+           "refused 413" in caplog.text
+    assert f"RERANKER_BATCH_TOKENS=64 is below the model's max_length ({bert_model.max_length})" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", "reranker.engine"):
+        with Reranker(bert_model, model_settings(bert_dir)):  # the defaults
+            pass
+    assert caplog.text == ""

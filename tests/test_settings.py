@@ -67,7 +67,15 @@ def test_batch_tokens_auto_is_resolved_by_device() -> None:
 
 
 def test_blank_values_fall_back_to_defaults() -> None:
-    assert Settings.from_env({"RERANKER_PORT": "", "RERANKER_API_KEY": "  ", "RERANKER_UI_AUTH": ""}) == Settings()
+    assert Settings.from_env({"RERANKER_PORT": " ", "RERANKER_API_KEY": "", "RERANKER_UI_AUTH": ""}) == Settings()
+
+
+@pytest.mark.parametrize("name", ["RERANKER_API_KEY", "RERANKER_UI_AUTH"])
+def test_a_secret_of_spaces_only_is_refused_not_taken_as_unset(name: str) -> None:
+    """A key meant to be set (a secret mounted empty, a stray space in a compose file) left the JSON routes open,
+    without a word; empty is still unset."""
+    with pytest.raises(SettingsError, match=f"{name} is only whitespace, which would leave what it guards open"):
+        Settings.from_env({name: "  \t"})
 
 
 @pytest.mark.parametrize(
@@ -89,7 +97,8 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_MAX_DOCS", "1.5", "an integer >= 1"),
         ("RERANKER_MAX_QUEUE", "0", "an integer >= 1"),
         ("RERANKER_PORT", "70000", "0 to 65535"),
-        ("RERANKER_METRICS_PORT", "x", "an integer >= 0"),
+        ("RERANKER_METRICS_PORT", "x", "a port number from 0 to 65535"),
+        ("RERANKER_PORT", "-1", "a port number from 0 to 65535"),
         ("RERANKER_TRUST_REMOTE_CODE", "maybe", "true, false"),
         ("RERANKER_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ("RERANKER_LOG_SAMPLE_RATE", "1.5", "from 0 to 1"),
@@ -100,8 +109,10 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("RERANKER_TRACING", "sometimes", "true, false"),
         ("RERANKER_BACKEND", "onnx", "auto, torch, openvino"),
         ("RERANKER_DRAIN_SECONDS", "-1", "a number >= 0"),
-        ("RERANKER_STALL_SECONDS", "-5", "a number >= 0 or auto"),
-        ("RERANKER_STALL_SECONDS", "never", "a number >= 0 or auto"),
+        ("RERANKER_STALL_SECONDS", "-5", "0 (off) or a number of seconds >= 1 or auto"),
+        ("RERANKER_STALL_SECONDS", "never", "0 (off) or a number of seconds >= 1 or auto"),
+        ("RERANKER_STALL_SECONDS", "0.001", "0 (off) or a number of seconds >= 1 or auto"),  # the first pass killed it
+        ("RERANKER_STALL_SECONDS", "inf", "0 (off) or a number of seconds >= 1 or auto"),
         ("RERANKER_INT8_MODE", "dynamic", "static, weights"),
         ("RERANKER_INT8_MIN_SPEARMAN", "1.5", "a number from -1 to 1"),
         ("RERANKER_INT8_ON_FAIL", "crash", "fallback, exit"),
