@@ -26,8 +26,10 @@ export GRADIO_ANALYTICS_ENABLED HF_HUB_DISABLE_TELEMETRY TOKENIZERS_PARALLELISM
 
 # The service logs one JSON object per line; so do these few lines.
 say() {
+    local message="${1//\\/\\\\}"  # JSON-escaped: backslashes, then quotes
+    message="${message//\"/\\\"}"
     printf '{"level": "%s", "logger": "start.sh", "message": "%s", "timestamp": "%s"}\n' \
-        "${2:-INFO}" "$1" "$(date -u +%Y-%m-%dT%H:%M:%S.%6N+00:00)"
+        "${2:-INFO}" "$message" "$(date -u +%Y-%m-%dT%H:%M:%S.%6N+00:00)"
 }
 
 if [ ! -x .venv/bin/python ]; then

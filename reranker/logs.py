@@ -39,10 +39,20 @@ def json_formatter() -> JsonFormatter:
     )
 
 
+class _LineHandler(logging.StreamHandler):
+    """A StreamHandler that drops records once its stream is gone (a log shipper that closed its end of the pipe):
+    logging's own wrote a traceback of several lines to stderr for each record, hundreds by the first request."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handleError(record)
+
+
 def setup_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Make every log record, warning and uncaught exception of the process one JSON line on stdout."""
     global _library_level
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = _LineHandler(stream or sys.stdout)
     handler.setFormatter(json_formatter())
     handler.addFilter(_DropColor())
     root = logging.getLogger()

@@ -458,8 +458,14 @@ def _load_cross_encoder(settings: Settings, device: str, dtype: str) -> ScoringM
     max_length = capped(settings.max_length, limit)
     cross_encoder.max_seq_length = max_length
     cross_encoder.eval()
-    return ScoringModel.from_cross_encoder(cross_encoder, model_id=settings.model, max_length=max_length,
-                                           length_limit=limit)
+    model = ScoringModel.from_cross_encoder(cross_encoder, model_id=settings.model, max_length=max_length,
+                                            length_limit=limit)
+    if model.is_causal and processor_kwargs is None:
+        logger.warning("a causal-LM reranker this service does not know by name is prompted through the chat "
+                       "template it ships: a Qwen3-Reranker checkpoint gets its model card's prompt only where "
+                       "RERANKER_MODEL's name contains 'Qwen3-Reranker' (name its folder so)",
+                       extra={"model": settings.model})
+    return model
 
 
 def _start_from_cache(settings: Settings, backend_reason: str) -> ScoringModel | None:

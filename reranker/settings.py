@@ -104,7 +104,7 @@ class Settings:
         static_int8 = dtype == "int8" and int8_mode == "static"
         tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", _bool, None), d.tracing_protocol)
         return cls(
-            model=get("RERANKER_MODEL", _text, d.model),
+            model=get("RERANKER_MODEL", _model, d.model),
             device=get("RERANKER_DEVICE", _device, d.device),
             dtype=dtype,
             compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
@@ -234,6 +234,11 @@ def _number(raw: str) -> float:
 
 def _text(name: str, raw: str) -> str:
     return raw
+
+
+def _model(name: str, raw: str) -> str:
+    """A hub id as given; a local directory under `~` expanded, as RERANKER_CACHE_DIR is (no hub id starts so)."""
+    return _path(name, raw) if raw.startswith("~") else raw
 
 
 def _path(name: str, raw: str) -> str:

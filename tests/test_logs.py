@@ -146,6 +146,26 @@ def test_setup_logging_routes_library_output_and_warnings_to_json() -> None:
     assert all({"timestamp", "level", "logger", "message"} <= set(p) for p in parsed)
 
 
+def test_a_closed_log_pipe_drops_records_without_a_traceback_each(capsys: pytest.CaptureFixture[str]) -> None:
+    """A log shipper that closed its end of stdout: logging wrote a traceback of several lines to stderr for every
+    record (366 lines by the first request)."""
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.excepthook, threading.excepthook)
+    try:
+        setup_logging("INFO", Closed())
+        for n in range(3):
+            logging.getLogger("reranker.app").info("line %d", n)
+    finally:
+        root.handlers[:], _, sys.excepthook, threading.excepthook = saved[0], saved[1], saved[2], saved[3]
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_the_whole_process_prints_only_json_lines(bert_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",

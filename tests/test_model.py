@@ -237,6 +237,20 @@ def test_a_qwen3_reranker_converted_to_a_classifier_is_prompted_as_the_original(
             assert max(abs(scores[i] - expected[i]) for i in range(len(documents))) < 1e-4
 
 
+def test_a_causal_reranker_not_known_by_name_is_said_to_be_prompted_as_it_ships(
+        causal_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Qwen3-Reranker copied to /models/reranker is served without its model card's prompt (it is recognised by
+    name), with other scores: that much is now said at start."""
+    generic = Path(shutil.copytree(causal_dir, tmp_path / "reranker"))
+    with caplog.at_level("WARNING", "reranker.model"):
+        load_model(model_settings(generic))
+    assert "gets its model card's prompt only where RERANKER_MODEL's name contains 'Qwen3-Reranker'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", "reranker.model"):
+        load_model(model_settings(causal_dir))
+    assert "Qwen3-Reranker'" not in caplog.text
+
+
 def test_causal_truncation_cuts_the_document_and_keeps_the_template_end(causal_model: ScoringModel) -> None:
     long_doc = "river " * 2000
     [pair] = causal_model.encode([("which river", long_doc)])

@@ -66,6 +66,12 @@ def test_batch_tokens_auto_is_resolved_by_device() -> None:
     assert batch_token_budget("cuda:0") == 16384 and batch_token_budget("cpu") == 2048
 
 
+def test_a_model_directory_under_home_is_expanded_as_the_cache_folder_is() -> None:
+    home = Path.home()
+    assert Settings.from_env({"RERANKER_MODEL": "~/models/reranker"}).model == str(home / "models" / "reranker")
+    assert Settings.from_env({"RERANKER_MODEL": "BAAI/bge-reranker-v2-m3"}).model == "BAAI/bge-reranker-v2-m3"
+
+
 def test_blank_values_fall_back_to_defaults() -> None:
     assert Settings.from_env({"RERANKER_PORT": " ", "RERANKER_API_KEY": "", "RERANKER_UI_AUTH": ""}) == Settings()
 
