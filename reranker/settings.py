@@ -321,10 +321,13 @@ def _port(name: str, raw: str) -> int:
 
 def _off_or_at_least(low: float) -> Callable[[str, str], float]:
     """0 (off) or a number of seconds from `low`: a watchdog of 0.001 s took the first real pass for a hung device."""
+    accepted = f"0 (off) or a number of seconds >= {low:g}"
+    number = _float(0.0, sys.float_info.max, accepted)
+
     def parse(name: str, raw: str) -> float:
-        value = _float(0.0, sys.float_info.max, f"0 (off) or a number of seconds >= {low:g}")(name, raw)
+        value = number(name, raw)
         if 0 < value < low:
-            raise SettingsError(f"{name}={raw!r} is not valid; use 0 (off) or a number of seconds >= {low:g}")
+            raise SettingsError(f"{name}={raw!r} is not valid; use {accepted}")
         return value
 
     return parse
