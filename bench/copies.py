@@ -32,7 +32,7 @@ def _copy(model_dir: str, cache_dir: str, seconds: float, start: Barrier, rates:
     """One copy (a spawned process): load, warm up, wait for the others, score for `seconds`, report pairs/s."""
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread, as a replica with num_cpus 1 gets
     from bench.workload import batcher_batches, build_workload
-    from reranker.model import load_model
+    from reranker.loading import load_model
     from reranker.settings import Settings
 
     model = load_model(Settings.from_env({**SETTINGS, "RERANKER_MODEL": model_dir, "RERANKER_CACHE_DIR": cache_dir}))

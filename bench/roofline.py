@@ -40,7 +40,7 @@ from bench.workload import batcher_batches, build_benchmark_model, build_workloa
 from reranker.backends.convert import convert  # noqa: E402
 from reranker.backends.int8 import calibration_groups, quantize  # noqa: E402
 from reranker.backends.openvino import compile_for_cpu, compiled_precision  # noqa: E402
-from reranker.model import load_model  # noqa: E402
+from reranker.loading import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402
 
 PRECISIONS = ("f32", "bf16", "int8")  # int8: static NNCF; what it leaves in float runs at OpenVINO's choice

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The started process: loads the model and reports what that cost it.
 CHILD = """
 import json, resource, sys, time
-from reranker.model import load_model
+from reranker.loading import load_model
 from reranker.settings import Settings
 
 model = load_model(Settings(model=sys.argv[1], cache_dir=sys.argv[2], backend="openvino", dtype="float32",

@@ -27,7 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as start.sh runs the 
 from bench.report import host  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker import Reranker, Settings  # noqa: E402
-from reranker.model import ScoringModel, load_model  # noqa: E402
+from reranker.loading import load_model  # noqa: E402
+from reranker.model import ScoringModel  # noqa: E402
 
 
 def pairs_per_second(reranker: Reranker, workload: list[Request], clients: int) -> float:

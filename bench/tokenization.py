@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from bench.report import best_of  # noqa: E402
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker import Settings  # noqa: E402
-from reranker.model import ScoringModel, load_model  # noqa: E402
+from reranker.loading import load_model  # noqa: E402
+from reranker.model import ScoringModel  # noqa: E402
 from reranker.tokens import ReferenceEncoder, TextPairEncoder  # noqa: E402
 
 

@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bench.workload import Request, build_benchmark_model, build_workload  # noqa: E402
 from reranker import Reranker, Settings  # noqa: E402
+from reranker.loading import load_model  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
-from reranker.model import load_model  # noqa: E402
 from reranker.tracing import Tracing  # noqa: E402
 from tests.otlp_receiver import otlp_receiver  # noqa: E402
 from tests.servers import serve  # noqa: E402

@@ -19,9 +19,10 @@ import reranker.spans as spans
 from reranker.batcher import Batcher, Room, ScoreFn, unpadded
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import CancelledError, LimitExceededError, OverloadedError, RerankerError, ScoringError
+from reranker.loading import load_model
 from reranker.longdocs import DocumentClipper, window_spans
 from reranker.metrics import Metrics
-from reranker.model import ScoringModel, load_model
+from reranker.model import ScoringModel
 from reranker.results import RankedDocument, RerankResult, RerankStats
 from reranker.settings import Settings
 from reranker.tokens import EncodedDocument, EncodedPair, min_document_room

@@ -30,8 +30,9 @@ import pytest  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from reranker import Reranker, Settings  # noqa: E402
+from reranker.loading import load_model  # noqa: E402
 from reranker.metrics import Metrics  # noqa: E402
-from reranker.model import ScoringModel, load_model  # noqa: E402
+from reranker.model import ScoringModel  # noqa: E402
 from tests.tiny_models import (  # noqa: E402
     build_bert_reranker,
     build_causal_reranker,

@@ -17,8 +17,9 @@ from reranker import Reranker
 from reranker.batcher import cut_batches
 from reranker.compiling import ROW_BUCKET, TOKEN_BUCKET, bucketed, compile_model
 from reranker.errors import ModelLoadError
+from reranker.loading import load_model
 from reranker.metrics import Metrics
-from reranker.model import ScoringModel, load_model
+from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.tiny_models import random_text
 

@@ -388,7 +388,7 @@ def test_a_broken_entry_this_user_wrote_is_replaced(tmp_path: Path, caplog: pyte
 
 def test_the_service_keys_its_model_with_the_digests_its_cache_remembers(bert_dir: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from reranker.model import load_model
+    from reranker.loading import load_model
     from tests.conftest import model_settings
 
     monkeypatch.setattr("reranker.backends.keys.RECENT_SECONDS", 0.0)
@@ -469,7 +469,7 @@ def test_a_max_age_of_zero_keeps_every_entry(tmp_path: Path) -> None:
 
 
 def test_the_service_removes_what_its_max_age_says_when_it_converts(bert_dir: Path, tmp_path: Path) -> None:
-    from reranker.model import load_model
+    from reranker.loading import load_model
     from tests.conftest import model_settings
 
     old = ConvertedModels(str(tmp_path), ov.Core())

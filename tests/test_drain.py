@@ -660,7 +660,7 @@ from pathlib import Path
 import app
 from reranker import Reranker
 from reranker.logs import setup_logging
-from reranker.model import load_model
+from reranker.loading import load_model
 from tests.conftest import model_settings
 from tests.test_faults import GatedScorer
 from tests.test_faults import poisoning_scorer

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from reranker import Reranker
-from reranker.model import ScoringModel, load_model
+from reranker.loading import load_model
+from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.test_faults import gated_launch, one_round
 

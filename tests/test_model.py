@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sentence_transformers
 import torch
 
-from reranker import LimitExceededError, ModelLoadError, Reranker
-from reranker import model as model_module
-from reranker.model import ScoringModel, load_model, resolve_device, resolve_dtype
+from reranker import LimitExceededError, ModelLoadError, Reranker, devices, loading
+from reranker.devices import resolve_device, resolve_dtype
+from reranker.loading import load_model
+from reranker.model import ScoringModel, check_vocabulary
 from reranker.prompts import qwen3_reranker_prompt
 from reranker.tokens import ChatTemplateEncoder
 from tests.conftest import model_settings
@@ -19,7 +21,7 @@ from tests.tiny_models import build_qwen3_classifier_reranker
 
 
 def test_auto_device_is_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_module, "gpu_device_files", lambda: True)
+    monkeypatch.setattr(devices, "gpu_device_files", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -31,8 +33,8 @@ def test_auto_device_is_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.Monk
 def test_without_a_gpu_device_file_torch_is_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """No /dev/nvidia*, /dev/kfd or /dev/dxg: no CUDA, known without importing torch (a start from the conversion
     cache never imports it)."""
-    assert model_module.gpu_device_files() or not torch.cuda.is_available()  # where torch sees a GPU, so do we
-    monkeypatch.setattr(model_module, "gpu_device_files", lambda: False)
+    assert devices.gpu_device_files() or not torch.cuda.is_available()  # where torch sees a GPU, so do we
+    monkeypatch.setattr(devices, "gpu_device_files", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # would be wrong to ask
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
@@ -115,7 +117,7 @@ def test_auto_dtype_on_cuda_follows_a_bfloat16_checkpoint(
 def test_checkpoint_dtype_is_read_from_config(tmp_path: Path, bert_dir: Path) -> None:
     from transformers import AutoConfig
 
-    from reranker.model import checkpoint_dtype
+    from reranker.devices import checkpoint_dtype
 
     config = AutoConfig.from_pretrained(bert_dir)
     config.dtype = "bfloat16"
@@ -135,8 +137,8 @@ def test_auto_dtype_on_cuda_loads_a_bfloat16_checkpoint_in_bfloat16(
         seen.update(kwargs)
         raise RuntimeError("stop before touching a device")
 
-    monkeypatch.setattr(model_module, "resolve_device", lambda setting: "cuda")
-    monkeypatch.setattr(model_module, "checkpoint_dtype", lambda model_id, trust: "bfloat16")
+    monkeypatch.setattr(loading, "resolve_device", lambda setting: "cuda")
+    monkeypatch.setattr(loading, "checkpoint_dtype", lambda model_id, trust: "bfloat16")
     monkeypatch.setattr(sentence_transformers, "CrossEncoder", fake_cross_encoder)  # imported where it loads
     with pytest.raises(ModelLoadError):
         load_model(model_settings(bert_dir, dtype="auto", device="auto"))
@@ -237,18 +239,26 @@ def test_a_qwen3_reranker_converted_to_a_classifier_is_prompted_as_the_original(
             assert max(abs(scores[i] - expected[i]) for i in range(len(documents))) < 1e-4
 
 
-def test_a_causal_reranker_not_known_by_name_is_said_to_be_prompted_as_it_ships(
-        causal_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("kind", ["causal", "seq-cls"])
+def test_a_qwen3_reranker_not_known_by_name_is_said_to_be_prompted_otherwise(
+        causal_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
     """A Qwen3-Reranker copied to /models/reranker is served without its model card's prompt (it is recognised by
-    name), with other scores: that much is now said at start."""
-    generic = Path(shutil.copytree(causal_dir, tmp_path / "reranker"))
-    with caplog.at_level("WARNING", "reranker.model"):
+    name), with other scores: the causal one through the template it ships, a -seq-cls conversion on the bare pair.
+    That much is now said at start; under its own name, nothing is."""
+    named = causal_dir if kind == "causal" else \
+        build_qwen3_classifier_reranker(tmp_path / "tiny-Qwen3-Reranker-0.6B-seq-cls")
+    generic = Path(shutil.copytree(named, tmp_path / "reranker"))
+    said = "gets its model card's prompt only where RERANKER_MODEL's name contains 'Qwen3-Reranker'"
+    with caplog.at_level("WARNING", "reranker.loading"):
         load_model(model_settings(generic))
-    assert "gets its model card's prompt only where RERANKER_MODEL's name contains 'Qwen3-Reranker'" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.name == "reranker.loading"]
+    assert any(said in message for message in warnings), warnings
+    assert any(("chat template it ships" if kind == "causal" else "bare query and document") in message
+               for message in warnings), warnings
     caplog.clear()
-    with caplog.at_level("WARNING", "reranker.model"):
-        load_model(model_settings(causal_dir))
-    assert "Qwen3-Reranker'" not in caplog.text
+    with caplog.at_level("WARNING", "reranker.loading"):
+        load_model(model_settings(named))
+    assert not any(said in r.getMessage() for r in caplog.records)
 
 
 def test_causal_truncation_cuts_the_document_and_keeps_the_template_end(causal_model: ScoringModel) -> None:
@@ -286,6 +296,18 @@ def test_a_folder_without_its_tokenizer_files_stops_the_start(kind: str, request
         shutil.copy(source / name, folder / name)
     with pytest.raises(ModelLoadError, match="tokenizer files .* are missing or wrong; copy every file"):
         load_model(model_settings(folder, backend="auto"))
+
+
+def test_the_vocabulary_check_passes_over_a_config_whose_text_model_it_cannot_tell() -> None:
+    """transformers' get_text_config raises ValueError for a composite config with more than one text model: the
+    check has nothing to compare then, and must not stop the start with a traceback."""
+    class Composite:
+        def get_text_config(self) -> None:
+            raise ValueError("Multiple valid text configs were found in the model config")
+
+    check_vocabulary("composite", 10, Composite())
+    with pytest.raises(ModelLoadError, match="its tokenizer knows 10 tokens where the model has 30000"):
+        check_vocabulary("bert", 10, SimpleNamespace(vocab_size=30000))
 
 
 def test_a_model_file_this_user_cannot_read_is_named_not_called_missing(tmp_path: Path, bert_dir: Path,

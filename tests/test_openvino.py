@@ -20,8 +20,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from reranker import ModelLoadError, RankedDocument, Reranker
+from reranker.loading import load_model
 from reranker.metrics import Metrics
-from reranker.model import ScoringModel, load_model
+from reranker.model import ScoringModel
 from tests.conftest import model_settings
 from tests.test_faults import gated_launch, one_round, wait_until
 from tests.tiny_models import build_bert_reranker, random_text
@@ -157,7 +158,7 @@ def test_a_failed_pass_on_two_streams_frees_its_requests(two_stream_models: tupl
 CAUSAL_BF16_START = """
 import json, sys
 import reranker.backends.openvino
-from reranker.model import load_model
+from reranker.loading import load_model
 if len(sys.argv) > 3:
     reranker.backends.openvino.native_bf16 = lambda core: [sys.argv[3]]
 from reranker.settings import Settings
@@ -243,7 +244,7 @@ def test_the_second_start_takes_the_converted_model_from_the_cache(bert_dir: Pat
 SECOND_START = """
 import json, sys
 from reranker.logs import setup_logging
-from reranker.model import load_model
+from reranker.loading import load_model
 from reranker.settings import Settings
 
 setup_logging("INFO")
@@ -340,6 +341,23 @@ def test_a_damaged_serving_entry_falls_back_to_the_full_load(bert_dir: Path, tmp
     pairs = want.encode(varied_pairs(4, 6))
     torch.testing.assert_close(model.score(pairs), want.score(pairs), atol=0, rtol=0)
     assert load_model(settings).from_cache  # the full load stored a good serving.json again
+
+
+def test_a_serving_entry_of_an_earlier_format_is_loaded_in_full_and_stored_again(bert_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Entries stored before 2026-12-04 kept the tokenizer's length limit where the model's positions allow fewer, and
+    their tokenizer never passed check_vocabulary: a start does not trust them, but loads the model in full."""
+    from reranker.backends.store import SERVING_FORMAT, _spec_digest
+
+    settings = model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path))
+    want = load_model(settings)
+    (entry,) = (tmp_path / "openvino").iterdir()
+    spec = {key: value for key, value in json.loads((entry / "serving.json").read_text()).items() if key != "sha256"}
+    old = {**spec, "format": SERVING_FORMAT - 1, "length_limit": 131072}
+    (entry / "serving.json").write_text(json.dumps({**old, "sha256": _spec_digest(old)}))
+    model = load_model(settings)
+    assert not model.from_cache and model.length_limit == want.length_limit != 131072
+    assert load_model(settings).from_cache
 
 
 def test_changed_model_files_are_converted_again(tmp_path: Path) -> None:
@@ -455,7 +473,7 @@ def test_int8_that_openvino_cannot_run_falls_back_to_autos_precision(bert_dir: P
     """torch has no int8: it serves what auto picks on this CPU, and says why."""
     from reranker.backends import ConversionError
     from reranker.backends import openvino as backend
-    from reranker.model import pick_precision
+    from reranker.devices import pick_precision
 
     def fails(model: object, settings: object) -> None:
         raise ConversionError("compiling failed: RuntimeError: no kernel")
@@ -650,7 +668,7 @@ def test_a_calibration_file_is_used_and_checked(bert_dir: Path, tmp_path: Path,
 def test_the_calibration_pairs_are_not_kept_after_a_start_that_never_calibrated(
         bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import reranker.backends.int8 as int8
-    import reranker.model as model
+    import reranker.loading as loading
 
     good = tmp_path / "calibration.jsonl"
     good.write_text("\n".join(json.dumps({"query": f"q {i}", "document": f"d {i}"}) for i in range(20)))
@@ -658,7 +676,7 @@ def test_the_calibration_pairs_are_not_kept_after_a_start_that_never_calibrated(
     def fails(*args: object) -> None:
         raise ModelLoadError("the load failed after the calibration file was checked")
 
-    monkeypatch.setattr(model, "_load_cross_encoder", fails)
+    monkeypatch.setattr(loading, "_load_cross_encoder", fails)
     with pytest.raises(ModelLoadError, match="after the calibration file"):
         load_model(model_settings(bert_dir, backend="openvino", dtype="int8", int8_calibration=str(good),
                                   cache_dir=str(tmp_path / "cache")))
@@ -724,7 +742,7 @@ WITHOUT_PACKAGE = """
 import json, sys
 sys.modules[sys.argv[1]] = None
 from reranker import ModelLoadError
-from reranker.model import load_model
+from reranker.loading import load_model
 from reranker.settings import Settings
 
 try:

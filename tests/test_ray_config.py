@@ -361,7 +361,7 @@ def test_a_model_replica_ray_gave_no_gpu_runs_on_the_cpu(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="reranker"):
         assert on_assigned_device(auto, []).device == "cpu"
     assert not caplog.messages  # no GPU here: nothing to say
-    monkeypatch.setattr("reranker.model.cuda_available", lambda: True)
+    monkeypatch.setattr("reranker.devices.cuda_available", lambda: True)
     with caplog.at_level(logging.WARNING, logger="reranker"):
         assert on_assigned_device(auto, []).device == "cpu"
     assert caplog.messages[-1].startswith("Ray assigned this replica no GPU (num_gpus: 0), so it runs on the CPU")

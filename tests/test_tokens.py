@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from reranker import ValidationError, tokens
-from reranker.model import ScoringModel, load_model
+from reranker.loading import load_model
+from reranker.model import ScoringModel
 from reranker.tokens import ChatTemplateEncoder, EncodedPair, ReferenceEncoder, TextPairEncoder, build_encoder
 from tests.conftest import model_settings
 from tests.servers import HANG_S

@@ -29,7 +29,7 @@ def on_assigned_device(settings: Settings, gpu_ids: Sequence[object]) -> Setting
     if gpu_ids:
         return settings
     if settings.device == "auto":
-        from reranker.model import cuda_available
+        from reranker.devices import cuda_available
 
         if cuda_available():
             logger.warning("Ray assigned this replica no GPU (num_gpus: 0), so it runs on the CPU though this node "

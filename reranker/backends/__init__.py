@@ -1,7 +1,7 @@
 """The runtimes a model's forward pass runs on, behind one small protocol: a padded batch in, logits out.
 
-reranker.model tokenizes, pads (`Padded`) and picks the runtime; a backend only runs the network. Adding a
-runtime (ONNX Runtime, say) is one module with a `launch`, plus a line in `choose_backend`.
+reranker.model tokenizes and pads (`Padded`), reranker.loading picks the runtime; a backend only runs the network.
+Adding a runtime (ONNX Runtime, say) is one module with a `launch`, plus a line in `choose_backend`.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def read_calibration(path: Path, max_doc_chars: int) -> list[tuple[str, str]]:
 
 
 def forget_calibration() -> None:
-    """Drop the pairs `read_calibration` keeps for a start (reranker.model.load_model calls it when one ends)."""
+    """Drop the pairs `read_calibration` keeps for a start (reranker.loading.load_model calls it when one ends)."""
     _read_once.cache_clear()
 
 

@@ -32,8 +32,9 @@ from reranker.settings import SettingsError, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-# Bump when what reranker.model stores of a tokenizer in serving.json changes.
-SERVING_FORMAT = 2
+# Bump when what reranker.model stores of a tokenizer in serving.json changes, or what it checks before storing.
+# 3 (2026-12-04): the length limit is min(tokenizer, position embeddings), and the tokenizer passed check_vocabulary.
+SERVING_FORMAT = 3
 # The graph's files, whose sizes and sha256 digests meta.json keeps: OpenVINO reads a weights file changed in
 # place (same size, other bytes) without a word, and would serve its scores.
 GRAPH_FILES = ("model.xml", "model.bin")
