@@ -26,8 +26,11 @@ export GRADIO_ANALYTICS_ENABLED HF_HUB_DISABLE_TELEMETRY TOKENIZERS_PARALLELISM
 
 # The service logs one JSON object per line; so do these few lines.
 say() {
-    local message="${1//\\/\\\\}"  # JSON-escaped: backslashes, then quotes
+    local message="${1//\\/\\\\}"  # JSON-escaped: backslashes, quotes, tabs, line ends (a path may hold any)
     message="${message//\"/\\\"}"
+    message="${message//$'\t'/\\t}"
+    message="${message//$'\n'/\\n}"
+    message="${message//$'\r'/\\r}"
     printf '{"level": "%s", "logger": "start.sh", "message": "%s", "timestamp": "%s"}\n' \
         "${2:-INFO}" "$message" "$(date -u +%Y-%m-%dT%H:%M:%S.%6N+00:00)"
 }

@@ -544,6 +544,28 @@ def test_info_is_what_a_model_replica_last_published_not_a_call_queued_behind_sc
     assert asyncio.run(backend(FakeHandle(), views=away).info()) == {"model": "tiny"}
 
 
+def test_a_view_that_stopped_changing_is_stale_by_this_process_clock_whatever_its_node_clock_says() -> None:
+    """A replica killed before it could delete its view, on a node whose clock runs 30 s ahead: its view's time looks
+    recent to every other node for 30 s. Once it has not changed for forget_s here, /info no longer answers from it
+    (a replica is asked); a view that goes on changing stays fresh however far its node's clock is behind."""
+    def view(replica: str, at: float) -> ReplicaView:
+        return ReplicaView(replica, replace(metrics_snapshot(Metrics(CollectorRegistry())), time=at), [],
+                           info={"replica": replica})
+
+    ahead = view("killed-ahead", time.time() + 30)
+    current = [ahead]
+    remote_backend = backend(FakeHandle(), views=lambda: current, forget_s=0.3)
+    assert asyncio.run(remote_backend.info()) == {"replica": "killed-ahead"}  # first seen: its time looks fresh
+    time.sleep(0.4)
+    assert asyncio.run(remote_backend.info()) == {"model": "tiny"}  # unchanged for forget_s: asked instead
+    behind_at = time.time() - 25  # a live replica whose node's clock is 25 s behind publishes again and again
+    for step in range(4):
+        current = [ahead, view("live-behind", behind_at + step)]
+        time.sleep(0.15)
+        answer = asyncio.run(remote_backend.info())
+        assert answer == ({"model": "tiny"} if step == 0 else {"replica": "live-behind"}), step
+
+
 def test_info_answers_a_dead_replica_or_a_full_queue_as_a_rerank_does() -> None:
     for failure, status in ((ActorDiedError(), 503), (BackPressureError(num_queued_requests=1,
                                                                          max_queued_requests=1), 429)):

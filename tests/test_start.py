@@ -106,11 +106,13 @@ def test_start_sh_exits_with_the_load_error_not_a_traceback() -> None:
 
 
 def test_start_sh_writes_json_lines_whatever_the_model_path_holds(tmp_path: Path) -> None:
-    """Its own first line named the model inside a JSON string unescaped: a quote or a backslash broke it."""
-    process = start({"RERANKER_MODEL": str(tmp_path / 'my "best" \\ model'), "RERANKER_DTYPE": "fp8"})
+    """Its own first line named the model inside a JSON string unescaped: a quote, a backslash, a tab or a line end
+    broke it."""
+    name = 'my "best" \\ model\tof\nmany\r\nlines'
+    process = start({"RERANKER_MODEL": str(tmp_path / name), "RERANKER_DTYPE": "fp8"})
     output, _ = process.communicate(timeout=START_S)
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]
-    assert lines[0]["logger"] == "start.sh" and 'my "best" \\ model' in lines[0]["message"]
+    assert lines[0]["logger"] == "start.sh" and name in lines[0]["message"]
 
 
 def test_start_sh_rejects_a_bad_setting() -> None:

@@ -135,7 +135,7 @@ class RemoteBackend:
                  deadline_s: float = 60.0, running: Callable[[], int] | None = None,
                  lifecycle: Lifecycle | None = None, book: OnRefuse | None = None,
                  claim: Callable[[str], bool] | None = None,
-                 views: Callable[[], list[ReplicaView]] | None = None) -> None:
+                 views: Callable[[], list[ReplicaView]] | None = None, forget_s: float = FORGET_S) -> None:
         if tries < 1 or not deadline_s > 0:
             raise ValueError(f"tries must be at least 1 and deadline_s above 0 (serve.yaml's application args), "
                              f"got tries={tries}, deadline_s={deadline_s}")
@@ -150,6 +150,8 @@ class RemoteBackend:
         self.claim = claim or partial(claim_left, handle.app_name)
         self._running = running or (lambda: running_replicas(handle.app_name, handle.deployment_name))
         self._views = views or (lambda: list(published(handle.app_name, KIND_MODEL).values()))
+        self._forget_s = forget_s
+        self._changed: dict[str, tuple[float, float]] = {}  # replica -> (its view's time, when it last changed here)
         self._ready: tuple[float, HttpError | None] | None = None  # (when, answer) of the last look
         self._looking: asyncio.Lock | None = None
         self._model_id: str | None = None
@@ -330,17 +332,36 @@ class RemoteBackend:
 
     async def info(self) -> dict[str, Any]:
         """One model replica's /info: the newest view a replica published (each does every PUBLISH_S), so that it
-        answers at once while the replicas are busy scoring; else (Ray's store away, no view fresh within FORGET_S
-        of this node's clock, a replica of a version that published none) a call to one, answered as a rerank's is."""
+        answers at once while the replicas are busy scoring; else (Ray's store away, no fresh view, a replica of a
+        version that published none) a call to one, answered as a rerank's is."""
         try:
             views = await asyncio.to_thread(self._views)  # blocking reads of the GCS
         except Exception as err:
             logger.debug("info: could not read the replicas' views", extra={"error": repr(err)})
             views = []
-        fresh = [view for view in views if view.info is not None and abs(time.time() - view.snapshot.time) <= FORGET_S]
+        fresh = self._fresh([view for view in views if view.info is not None])
         if fresh:
-            return dict(max(fresh, key=lambda view: view.snapshot.time).info or {})
+            return dict(fresh[0].info or {})
         return await self._ask_info()
+
+    def _fresh(self, views: list[ReplicaView]) -> list[ReplicaView]:
+        """The views that changed within `forget_s` by this process's clock, most recently changed first. A view
+        seen for the first time is judged by its own time against this node's clock (another node's may differ); after
+        that only by whether it changes, as the Monitoring tab judges them (deploy/ray/panel.Replicas): a replica killed
+        before it could delete its view, on a node whose clock runs ahead, is stale once its view stops changing."""
+        now, wall = time.monotonic(), time.time()
+        changed = {}
+        for view in views:
+            last = self._changed.get(view.replica)
+            if last is None:  # how long ago it changed, as far as its own time tells
+                changed[view.replica] = (view.snapshot.time, now - max(wall - view.snapshot.time, 0.0))
+            elif last[0] != view.snapshot.time:
+                changed[view.replica] = (view.snapshot.time, now)
+            else:
+                changed[view.replica] = last
+        self._changed = changed  # a replica whose view is gone is forgotten
+        fresh = [view for view in views if now - changed[view.replica][1] <= self._forget_s]
+        return sorted(fresh, key=lambda view: (changed[view.replica][1], view.snapshot.time), reverse=True)
 
     async def _ask_info(self) -> dict[str, Any]:
         """A replica's /info by a call, queued behind its scoring work. Given up (model_id's wait), the call is
