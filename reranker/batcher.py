@@ -1,8 +1,9 @@
 """The worker: merges the pairs of all callers into token-budget batches and runs them on the device.
 
-Two threads: this module's collating thread takes everything pending as one round, cuts it into batches
-and pads each on the CPU; reranker.pipeline's device thread runs them, one in flight, and delivers the
-scores back here. A queue of one between them keeps the next batch ready while the current one runs.
+Two threads: this module's collating thread takes what is pending as one round, cuts it into batches and pads each
+on the CPU, letting a request smaller than what is left of the round cut in between its batches;
+reranker.pipeline's device thread runs them, one in flight, and delivers the scores back here. A queue of one
+between them keeps the next batch ready while the current one runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +40,7 @@ PaddedShape = Callable[[int, int], tuple[int, int]]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batcher", "CancelSignal", "Job", "Room", "ScoreFn", "cut_batches", "is_out_of_memory"]
+__all__ = ["Batcher", "CancelSignal", "Job", "Room", "ScoreFn", "cut_batches", "is_out_of_memory", "joins"]
 
 
 class CancelSignal(threading.Event):
@@ -96,6 +98,7 @@ class Job:
     passes: set[tuple[float, float]] = field(default_factory=set)  # (start, end) of each pass that scored its pairs
     cancelled: bool = False  # its caller gave up: the pairs dropped for it count as cancelled
     given_up: bool = False  # cancelled, or failed: its caller reads no score of it, so no pair left is worth a pass
+    left_out: bool = False  # pending when a round was taken, and not in it: it goes into the next round
     span_context: SpanContext | None = None  # the caller's request span, which the batch spans link to
     batch_spans: list[SpanContext] = field(default_factory=list)  # the traced passes that carried its pairs
 
@@ -177,16 +180,23 @@ def unpadded(rows: int, width: int) -> tuple[int, int]:
     return rows, width
 
 
+def joins(rows: int, width: int, length: int, budget: int, shape: PaddedShape = unpadded) -> bool:
+    """Whether a pair of `length` tokens joins a batch of `rows` pairs whose longest has `width`: while the batch's
+    padded size (rows x longest, after `shape` rounds them up to the scorer's buckets) stays within the token budget,
+    and past it where the padding is paid for already (a bucket of 8 rows costs the same with 1 or 8)."""
+    if rows == 0:
+        return True
+    grown = shape(rows + 1, max(width, length))
+    return grown[0] * grown[1] <= budget or grown == shape(rows, width)
+
+
 def cut_batches(lengths: Sequence[int], budget: int, shape: PaddedShape = unpadded) -> list[list[int]]:
-    """Group indices, shortest first, so that each batch's padded size (rows x longest, after `shape`
-    rounds them up to the scorer's buckets) stays within the token budget. A pair that fits the padding
-    already paid for joins its batch even past the budget: a bucket of 8 rows costs the same with 1 or 8."""
+    """Group indices, shortest first, into batches each of which `joins` allows."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
-        rows, width = shape(len(current) + 1, lengths[index])
-        if current and rows * width > budget and (rows, width) != shape(len(current), lengths[current[-1]]):
+        if not joins(len(current), lengths[current[-1]] if current else 0, lengths[index], budget, shape):
             batches.append(current)
             current = []
         current.append(index)
@@ -200,15 +210,18 @@ class Batcher:
 
     def __init__(self, scorer: Scorer | ScoreFn, *, batch_tokens: int, max_queue: int, metrics: Metrics,
                  probe: Sequence[EncodedPair] = (), batch_spans: BatchSpans | None = None,
-                 shape: PaddedShape = unpadded, stall_seconds: float = 0.0) -> None:
+                 shape: PaddedShape = unpadded, stall_seconds: float = 0.0, cut_ins: bool = True) -> None:
         """`stall_seconds` (0: never): how long the device thread may work without a pass ending before the device
-        is taken as hung, a fault (see `fault`)."""
+        is taken as hung, a fault (see `fault`). `cut_ins`: whether smaller requests cut in between a round's batches
+        (see `_take_cut_in`)."""
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
         self._batch_tokens = batch_tokens
         self._shape = shape
         self._max_queue = max_queue
-        self._pending: list[_Item] = []
+        # Each caller's pairs not yet in a round, shortest first, callers oldest first.
+        self._pending: dict[Job, deque[_Item]] = {}
+        self._cut_ins = cut_ins
         self._round: list[_Item] = []  # the collator's current round, cut into batches one at a time
         self._queued_pairs = 0
         self._held_pairs = 0  # held by callers still tokenizing (Room)
@@ -254,7 +267,8 @@ class Batcher:
         """Refuse new work and fail what waits: nothing queued can be scored on this device any more."""
         with self._cond:
             self._closed = True
-            waiting, self._pending = self._pending, []
+            waiting = [item for items in self._pending.values() for item in items]
+            self._pending = {}
             self._cond.notify()
         error = DeviceFaultError()
         self._deliver(waiting, error, None)
@@ -319,7 +333,9 @@ class Batcher:
             if room is not None:
                 self._held_pairs -= room.pairs
                 room.pairs = 0
-            self._pending.extend(_Item(job, i) for i in range(len(pairs)))
+            if pairs:
+                order = sorted(range(len(pairs)), key=lambda i: pairs[i].n_tokens)
+                self._pending[job] = deque(_Item(job, i) for i in order)
             self._live.add(job)
             self._queued_pairs += len(pairs)
             self._metrics.queue_pairs.set(self._queued_pairs)
@@ -359,9 +375,7 @@ class Batcher:
             job.cancelled = cancelled
             # Now, under the lock: a pass of its pairs that fails meanwhile must not put its error in this one's place.
             job.error = job.error or error
-            mine = [item for item in self._pending if item.job is job]
-            if mine:
-                self._pending = [item for item in self._pending if item.job is not job]
+            mine = list(self._pending.pop(job, ()))
             # And those of the current round no batch has taken: they held their queue room until the collator
             # reached their batch (a round of 20,000 pairs runs for minutes on a CPU), and others got 429 meanwhile.
             mine += [item for item in self._round if item.job is job and not job.sent[item.position]]
@@ -385,40 +399,121 @@ class Batcher:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                # One round = everything pending now; later arrivals wait for the next round, so a
-                # stream of short requests cannot starve a long one.
-                round_items, self._pending = self._pending, []
+                round_items = self._take_round()
                 self._round = round_items
             if not round_items:  # closed and drained
                 # Outside the lock: the device thread needs it to deliver what is still in flight, and
                 # only then takes the STOP from a full hand-over queue.
                 self._hand_over(STOP)
                 return
-            now = time.perf_counter()
-            for item in round_items:
-                if item.job.started is None:
-                    item.job.started = now
-                    self._metrics.queue_seconds.observe(now - item.job.submitted)
-            lengths = [item.n_tokens for item in round_items]
-            for indices in cut_batches(lengths, self._batch_tokens, self._shape):
-                items = [round_items[i] for i in indices]
+            # Sorted by length across callers, the fewest padded tokens, and cut one batch at a time, shortest first;
+            # but the pairs of requests left out of a round before go first: they have waited a round already.
+            left = deque(sorted(round_items, key=lambda item: (not item.job.left_out, item.n_tokens)))
+            while left:
                 with self._cond:  # against _give_up(): each pair is dropped by it, or sent here, never both
-                    items = [item for item in items if not item.job.given_up]
-                    for item in items:
-                        item.job.sent[item.position] = True
-                if not items:
-                    continue
-                pairs = [item.job.pairs[item.position] for item in items]
-                try:
-                    features = self._scorer.collate(pairs)
-                except Exception:  # the device thread collates it again, and isolates what fails
-                    logger.exception("collating a batch failed", extra={"batch_size": len(items)})
-                    features = None
-                shape = self._shape(len(pairs), max(pair.n_tokens for pair in pairs))
-                if not self._hand_over(Batch(pairs, items, features, shape if features is not None else None)):
+                    items = self._send(self._fill([], left))
+                if items and not self._run(items):
                     return
+                if left and self._cut_ins:
+                    with self._cond:
+                        cut_in = self._take_cut_in(len(left))
+                        cut_in = self._send(self._top_up(cut_in, left) if cut_in else [])
+                    if cut_in and not self._run(cut_in):
+                        return
             with self._cond:
                 self._round = []
+
+    def _take_round(self) -> list[_Item]:
+        """Under the lock: the next round's pairs, taken out of `_pending`: every request's, but (with cut-ins, where
+        the rest holds more than two batches' worth of tokens) those of a request under half the size of the largest,
+        which stays pending to cut in after the round's first batch (see `_take_cut_in`) rather than wait for its
+        sorted place.
+        A request left out of one round goes into the next one whatever its size, first, so none waits for ever."""
+        if not self._pending:
+            return []
+        largest = max(len(items) for items in self._pending.values())
+        taken = [job for job, items in self._pending.items() if job.left_out or 2 * len(items) >= largest]
+        tokens = sum(item.n_tokens for job in taken for item in self._pending[job])
+        if not self._cut_ins or tokens <= 2 * self._batch_tokens:  # they would share its passes: all of them
+            taken = list(self._pending)
+        round_items = [item for job in taken for item in self._pending.pop(job)]
+        for job in self._pending:
+            job.left_out = True
+        return round_items
+
+    def _take_cut_in(self, round_left: int) -> list[_Item]:
+        """Under the lock: for one batch, the pending pairs of requests smaller than what is left of the current round
+        (`round_left` pairs) or left out of it, the smallest request first, each one's shortest pairs first; taken out
+        of `_pending`.
+
+        Between two batches of a round the collator runs one such batch, topped up with pairs of the round where it has
+        room (see `_top_up`): a 10-document request that arrives while 1000-document ones are being scored waits for
+        about two passes, not for all of them, and the round still gets every other pass (and the room cut-ins
+        leave), so a stream of small requests cannot starve a large one. A request as large as the rest of the round
+        (and not left out of it) waits for the next round, as every request did before 2026-12-04."""
+        smaller = sorted((job for job, items in self._pending.items() if job.left_out or len(items) < round_left),
+                         key=lambda job: len(self._pending[job]))  # stable: the oldest first among equals
+        taken: list[_Item] = []
+        for job in smaller:
+            items = self._pending[job]
+            self._fill(taken, items)
+            if not items:
+                del self._pending[job]
+        return taken
+
+    def _fill(self, batch: list[_Item], source: deque[_Item]) -> list[_Item]:
+        """Move pairs from the front of `source` (shortest first) into `batch` while each `joins` it; return `batch`."""
+        width = max((item.n_tokens for item in batch), default=0)
+        while source and joins(len(batch), width, source[0].n_tokens, self._batch_tokens, self._shape):
+            width = max(width, source[0].n_tokens)
+            batch.append(source.popleft())
+        return batch
+
+    def _top_up(self, batch: list[_Item], left: deque[_Item]) -> list[_Item]:
+        """Fill the room a cut-in `batch` leaves with pairs of the round (`left`, taken out of it) no longer than its
+        longest, the longest of them first: they cost no more padding than the batch pays for already (the round's
+        shortest would be padded the most). Returns `batch`."""
+        width = max(item.n_tokens for item in batch)
+        fitting = sorted((i for i, item in enumerate(left) if item.n_tokens <= width),
+                         key=lambda i: left[i].n_tokens, reverse=True)
+        taken = set()
+        for i in fitting:
+            if not joins(len(batch), width, left[i].n_tokens, self._batch_tokens, self._shape):
+                break
+            batch.append(left[i])
+            taken.add(i)
+        if taken:
+            kept = [item for i, item in enumerate(left) if i not in taken]
+            left.clear()
+            left.extend(kept)
+        return batch
+
+    def _send(self, items: list[_Item]) -> list[_Item]:
+        """Under the lock: the pairs of `items` whose callers still wait, marked as handed to the device."""
+        items = [item for item in items if not item.job.given_up]
+        for item in items:
+            item.job.sent[item.position] = True
+        return items
+
+    def _start(self, items: Sequence[_Item]) -> None:
+        """Count how long the jobs whose first pairs are in a batch now waited for it."""
+        now = time.perf_counter()
+        for item in items:
+            if item.job.started is None:
+                item.job.started = now
+                self._metrics.queue_seconds.observe(now - item.job.submitted)
+
+    def _run(self, items: list[_Item]) -> bool:
+        """Pad `items` as one batch and hand it to the device thread; False if that thread is gone."""
+        self._start(items)
+        pairs = [item.job.pairs[item.position] for item in items]
+        try:
+            features = self._scorer.collate(pairs)
+        except Exception:  # the device thread collates it again, and isolates what fails
+            logger.exception("collating a batch failed", extra={"batch_size": len(items)})
+            features = None
+        shape = self._shape(len(pairs), max(pair.n_tokens for pair in pairs))
+        return self._hand_over(Batch(pairs, items, features, shape if features is not None else None))
 
     def _hand_over(self, batch: Batch | object) -> bool:
         """Queue a batch for the device thread; False (and its pairs failed) if that thread is gone."""

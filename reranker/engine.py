@@ -144,7 +144,7 @@ class Reranker:
             metrics=self.metrics, probe=model.encode([("warm-up query", "warm-up document")]),
             batch_spans=spans.BatchSpans(self._tracer, self._model_attributes),
             shape=model.padded_shape if score_fn is None else unpadded,
-            stall_seconds=self.stall_seconds,
+            stall_seconds=self.stall_seconds, cut_ins=settings.cut_ins,
         )
         self.metrics.model_info.info({
             "model": model.model_id, "device": model.device, "backend": model.backend.name,

@@ -74,6 +74,7 @@ class Settings:
     log_query_preview: int = 0
     drain_seconds: float = 30.0
     stall_seconds: float | None = None  # None: auto, by device (see stall_limit); 0: never
+    cut_ins: bool = True  # a smaller request cuts in between the batches of a round in progress (reranker.batcher)
     # Above the idle timeout of the clients and load balancers in front (httpx 5 s, AWS ALB 60 s): the side that
     # closes an idle connection first must be the client, or a request sent as the server closes it is reset.
     keep_alive_seconds: int = 75
@@ -139,6 +140,7 @@ class Settings:
             api_key=get("RERANKER_API_KEY", _text, None),
             drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
             stall_seconds=get("RERANKER_STALL_SECONDS", _auto_or(_off_or_at_least(1.0)), d.stall_seconds),
+            cut_ins=get("RERANKER_CUT_INS", _bool, d.cut_ins),
             keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
             ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", _int(0), d.ui_login_attempts),

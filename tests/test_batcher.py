@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -400,6 +401,183 @@ def test_a_failed_pair_ends_its_request_at_once_and_its_other_pairs_get_no_pass(
         batcher.close()
 
 
+@pytest.mark.parametrize("cut_ins", [True, False])
+def test_a_small_request_behind_a_bulk_one_cuts_in_between_its_batches(cut_ins: bool) -> None:
+    """A 2-pair request queued while a 40-pair one is being scored (one pair a batch): it cuts in after the round's
+    next batch, its pairs in passes 4 and 6, where without cut-ins it waited for all of the bulk one (passes 41-42).
+    Each job gets its own scores, and the bulk one all of its pairs."""
+    passes: list[list[int]] = []
+    gate = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.append([pair.n_tokens for pair in batch])
+        gate.wait(HANG_S)
+        return np.array([pair.n_tokens for pair in batch], dtype=np.float32)
+
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=Metrics(CollectorRegistry()),
+                      cut_ins=cut_ins)
+    try:
+        bulk = batcher.submit([EncodedPair(np.arange(10)) for _ in range(40)])
+        # Pass 1 at the gate, batch 2 in the hand-over queue, batch 3 waiting to be handed over.
+        wait_until(lambda: len(passes) == 1 and bulk.sent[2])
+        small = batcher.submit([EncodedPair(np.arange(9)) for _ in range(2)])  # 9 tokens: its passes are told apart
+        gate.set()
+        assert bulk.done.wait(HANG_S) and small.done.wait(HANG_S)
+        assert bulk.error is None and small.error is None
+        assert bulk.scores == [10.0] * 40 and small.scores == [9.0] * 2
+        small_passes = [number for number, lengths in enumerate(passes, 1) if lengths == [9]]
+        assert small_passes == ([4, 6] if cut_ins else [41, 42])
+        assert len(passes) == 42
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_cut_ins_take_the_smallest_requests_first_and_only_those_smaller_than_the_rest_of_the_round() -> None:
+    batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=40, max_queue=100,
+                      metrics=Metrics(CollectorRegistry()))
+    with batcher._cond:  # queued together, before the collator looks
+        jobs = {name: batcher.submit([EncodedPair(np.arange(length)) for length in lengths])
+                for name, lengths in (("a", [10] * 6), ("b", [12, 10, 11]), ("c", [10]), ("d", [30]))}
+        names = {job: name for name, job in jobs.items()}
+        # Round left: 5 pairs, so a (6 pairs) waits. The smallest first (c, d: one pair each), each one's shortest
+        # pairs first, while the batch's padded size (rows x longest) stays within 40 tokens; a request whose next
+        # pair does not fit (d's 30 tokens would pad it to 2 x 30) leaves room to the next one (b).
+        taken = [[(names[item.job], item.n_tokens) for item in batcher._take_cut_in(5)] for _ in range(3)]
+        assert taken == [[("c", 10), ("b", 10), ("b", 11)],
+                         [("b", 12)],  # b and d have one pair left each: b is the older; d's 30 would pad to 60
+                         [("d", 30)]]
+        assert batcher._take_cut_in(5) == [] and list(batcher._pending) == [jobs["a"]]
+        assert batcher._take_cut_in(7) != []  # smaller than a round of 7 pairs: a too
+        for job in jobs.values():
+            batcher.cancel(job)
+    batcher.close()
+
+
+def test_a_cut_in_batch_is_topped_up_with_pairs_of_the_round() -> None:
+    """A one-pair request cutting in would leave its pass three quarters empty: pairs of the round fill it."""
+    passes: list[list[int]] = []  # the tag of each pair in each pass
+    gate = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.append([int(pair.input_ids[0]) for pair in batch])
+        gate.wait(HANG_S)
+        return np.array([pair.input_ids[0] for pair in batch], dtype=np.float32)
+
+    batcher = Batcher(scorer, batch_tokens=40, max_queue=100, metrics=Metrics(CollectorRegistry()))
+    try:
+        bulk = batcher.submit([EncodedPair(np.full(10, 1)) for _ in range(20)])  # four pairs a batch
+        wait_until(lambda: len(passes) == 1 and bulk.sent[8])
+        small = batcher.submit([EncodedPair(np.full(10, 2))])
+        gate.set()
+        assert bulk.done.wait(HANG_S) and small.done.wait(HANG_S)
+        assert bulk.scores == [1.0] * 20 and small.scores == [2.0]
+        assert passes == [[1] * 4] * 3 + [[2, 1, 1, 1], [1] * 4, [1]]
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_the_top_up_takes_the_rounds_longest_pairs_that_cost_no_more_padding() -> None:
+    """The round's shortest pairs, padded to the cut-in's longest, would be mostly padding; those no longer than it,
+    the longest first, fill its rows instead, and the rest of the round keeps its order."""
+    batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=80, max_queue=100,
+                      metrics=Metrics(CollectorRegistry()))
+    job = Job([EncodedPair(np.arange(n)) for n in (20, 3, 5, 8, 15, 18, 25)])
+    batch, *others = [_Item(job, i) for i in range(7)]
+    left = deque(others)
+    with batcher._cond:
+        topped = batcher._top_up([batch], left)
+    assert [item.n_tokens for item in topped] == [20, 18, 15, 8]  # four rows of 20: the budget
+    assert [item.n_tokens for item in left] == [3, 5, 25]
+    batcher.close()
+
+
+def test_a_round_leaves_a_small_request_out_once_to_cut_in_unless_they_would_share_passes() -> None:
+    batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=40, max_queue=100,
+                      metrics=Metrics(CollectorRegistry()))
+
+    def pairs(n: int) -> list[EncodedPair]:
+        return [EncodedPair(np.arange(10)) for _ in range(n)]
+
+    with batcher._cond:  # the collator does not look meanwhile
+        bulk, small = batcher.submit(pairs(20)), batcher.submit(pairs(2))
+        taken = batcher._take_round()  # bulk spans five batches: small waits to cut in after the first
+        assert {item.job for item in taken} == {bulk} and list(batcher._pending) == [small] and small.left_out
+        later = batcher.submit(pairs(30))
+        taken = batcher._take_round()  # small was left out once: it goes into this round, however small
+        assert {item.job for item in taken} == {small, later} and not batcher._pending
+        few, one = batcher.submit(pairs(6)), batcher.submit(pairs(1))
+        taken = batcher._take_round()  # 70 tokens, two batches of 40: they share passes, so both are taken
+        assert {item.job for item in taken} == {few, one}
+        for job in (bulk, small, later, few, one):
+            batcher.cancel(job)
+    batcher.close()
+
+
+@pytest.mark.parametrize("cut_ins", [True, False])
+def test_a_request_left_out_of_a_round_cuts_in_even_past_what_is_left_of_it(cut_ins: bool) -> None:
+    """S (4 pairs) is under half of L (10 pairs, more than two batches' worth of tokens), so the round leaves it out to
+    cut in. L's first batch takes 8 of its 10 pairs: 2 are left, fewer than S's 4, and S used to wait for the next
+    round, behind N, a request that arrived meanwhile (done at pass 17, against 5 without cut-ins). A request left out
+    cuts in whatever is left of the round, and goes first in the next (found by review, 2026-12-04)."""
+    passes: list[list[int]] = []  # the tag of each pair in each pass
+    gate, first = threading.Event(), threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.append([int(pair.input_ids[0]) for pair in batch])
+        first.set()
+        gate.wait(HANG_S)
+        return np.zeros(len(batch), dtype=np.float32)
+
+    def pairs(*lengths: int, tag: int) -> list[EncodedPair]:
+        return [EncodedPair(np.full(length, tag)) for length in lengths]
+
+    batcher = Batcher(scorer, batch_tokens=40, max_queue=1000, metrics=Metrics(CollectorRegistry()), cut_ins=cut_ins)
+    try:
+        with batcher._cond:  # queued together
+            large = batcher.submit(pairs(*[5] * 8, 40, 40, tag=1))
+            small = batcher.submit(pairs(39, 39, 39, 39, tag=2))
+        assert first.wait(HANG_S)
+        later = batcher.submit(pairs(*[30] * 10, tag=3))  # arrives while the round runs
+        gate.set()
+        for job in (large, small, later):
+            assert job.done.wait(HANG_S) and job.error is None
+        last_small_pass = max(number for number, tags in enumerate(passes, 1) if 2 in tags)
+        # Without cut-ins, sorted: L's short pairs, S's four (one a pass: 39 tokens), L's two. With them: S cuts in
+        # twice between L's batches, and its last two go first in the next round, before N's.
+        assert last_small_pass == (7 if cut_ins else 5), passes
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_stream_of_small_requests_leaves_the_round_every_other_pass() -> None:
+    """Cut-ins alternate with the round's batches: eight one-pair requests queued behind a ten-pair one take turns
+    with it, so the large request is not held back by however many small ones arrive."""
+    passes: list[int] = []
+    gate = threading.Event()
+
+    def scorer(batch: Sequence[EncodedPair]) -> np.ndarray:
+        passes.extend(pair.n_tokens for pair in batch)
+        gate.wait(HANG_S)
+        return np.zeros(len(batch), dtype=np.float32)
+
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=100, metrics=Metrics(CollectorRegistry()))
+    try:
+        bulk = batcher.submit([EncodedPair(np.arange(10)) for _ in range(10)])
+        wait_until(lambda: len(passes) == 1 and bulk.sent[2])
+        smalls = [batcher.submit([EncodedPair(np.arange(9))]) for _ in range(8)]
+        gate.set()
+        assert bulk.done.wait(HANG_S) and all(job.done.wait(HANG_S) for job in smalls)
+        # Passes 1-3 were the round's already; then one small, one of the round, in turn, while the small ones are
+        # smaller than what is left of the round (one pair is not smaller than one): the last two, in the next round.
+        assert passes == [10, 10, 10] + [9, 10] * 6 + [10] + [9, 9], str(passes)
+    finally:
+        gate.set()
+        batcher.close()
+
+
 def test_a_retried_half_whose_requests_failed_meanwhile_gets_no_pass() -> None:
     """Bisecting a failed batch: once the bad pair failed its request, a half holding only that request's pairs
     is dropped, not run; the other request's pair in the first half still scores."""
@@ -568,7 +746,8 @@ def test_a_cancelled_jobs_pairs_in_the_current_round_give_their_room_back_at_onc
         return np.zeros(len(batch), dtype=np.float32)
 
     metrics = Metrics(CollectorRegistry())
-    batcher = Batcher(scorer, batch_tokens=10, max_queue=9, metrics=metrics)  # one pair per batch
+    # One pair per batch; no cut-ins, so that all eight pairs stay in the round.
+    batcher = Batcher(scorer, batch_tokens=10, max_queue=9, metrics=metrics, cut_ins=False)
     try:
         holder = batcher.submit([EncodedPair(np.arange(10))])  # on the device, at the gate
         wait_until(lambda: batcher._ready.qsize() == 0 and holder.started is not None)

@@ -253,3 +253,20 @@ def test_waiting_bench_measures_both_cancels_against_the_plain_event() -> None:
                       result.stdout, re.M)
     assert [row[0] for row in rows] == ["threading.Event", "CancelSignal"], result.stdout
     assert rows[0][2] == "1.000"
+
+
+def test_mixed_bench_measures_small_requests_beside_bulk_ones_both_ways() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.mixed", "--rounds", "2", "--bulk", "1", "--docs", "24",
+                             "--small-docs", "2", "--seconds", "0.5"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=BENCH_TIMEOUT_S, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 bulk callers x 24 documents, one caller of 2-document requests" in result.stdout
+    runs = re.findall(r"^round (\d) +(cut-ins|none): small p50 \d+ ms, p95 \d+ ms \((\d+) requests; alone \d+ ms\), "
+                      r"bulk (\d+\.\d) pairs/s, all (\d+\.\d), \d+ tokens/s, padding \d+\.\d%$", result.stdout, re.M)
+    # Alternating: with cut-ins first in round 1, without in round 2.
+    assert [(r[0], r[1]) for r in runs] == [("1", "cut-ins"), ("1", "none"), ("2", "none"), ("2", "cut-ins")], \
+        result.stdout
+    assert all(int(r[2]) >= 1 and 0 < float(r[3]) <= float(r[4]) for r in runs), result.stdout
+    for line in ("small p95, none / cut-ins", "bulk pairs/s, cut-ins / none", "tokens/s, cut-ins / none",
+                 "all pairs/s, cut-ins / none"):
+        assert re.search(rf"^{line}: \d+\.\d\dx \(median; \d+\.\d\d-\d+\.\d\dx\)$", result.stdout, re.M), line

@@ -38,6 +38,7 @@ def test_every_variable_is_read() -> None:
         "RERANKER_INT8_MIN_SPEARMAN": "0.95", "RERANKER_INT8_MODE": "weights", "RERANKER_INT8_ON_FAIL": "exit",
         "RERANKER_KEEP_ALIVE_SECONDS": "620", "RERANKER_MAX_BODY_BYTES": "2048",
         "RERANKER_BODY_TIMEOUT_SECONDS": "2.5", "RERANKER_UI_LOGIN_ATTEMPTS": "0", "RERANKER_STALL_SECONDS": "45",
+        "RERANKER_CUT_INS": "off",
     }
     # The dict above names every variable Settings.from_env reads.
     source = Path(__file__).resolve().parent.parent.joinpath("reranker", "settings.py").read_text()
@@ -53,6 +54,7 @@ def test_every_variable_is_read() -> None:
         backend="openvino", cache_dir="/var/cache/rr", drain_seconds=12.5, int8_calibration="/data/pairs.jsonl",
         int8_min_spearman=0.95, int8_mode="weights", int8_on_fail="exit", keep_alive_seconds=620,
         max_body_bytes=2048, body_timeout_seconds=2.5, ui_login_attempts=0, stall_seconds=45.0,
+        cut_ins=False,
     )
 
 
