@@ -191,6 +191,7 @@ def test_health_ready_info_docs(url: str) -> None:
     info = httpx.get(f"{url}/info", timeout=HANG_S).json()
     assert info["device"] == "cpu" and info["compile"] == "off" and info["max_length"] == 256
     assert info["long_docs"] == "truncate" and info["model_from_cache"] is False  # torch: always a full load
+    assert info["cpu_streams"] is None and info["cut_ins"] is True  # torch runs no OpenVINO streams
     assert info["limits"]["max_docs"] == 20 and "torch" in info["versions"]
     schema = httpx.get(f"{url}/openapi.json", timeout=HANG_S).json()
     assert {"/v1/rerank", "/rerank", "/api/predict", "/healthz", "/readyz", "/info"} <= set(schema["paths"])

@@ -308,6 +308,10 @@ def test_a_start_from_the_cache_serves_the_engine_as_a_full_load_does(bert_dir: 
             info.append(describe(RerankService(r)))
     assert model.from_cache and model.network is None
     assert [i["model_from_cache"] for i in info] == [False, True] and info[0]["dtype"] == info[1]["dtype"]
+    from reranker.backends.openvino import OpenVINOBackend
+
+    assert isinstance(model.backend, OpenVINOBackend)
+    assert info[0]["cpu_streams"] == info[1]["cpu_streams"] == model.backend.streams >= 1  # the streams in use
     for full, cached in zip(*answers, strict=True):
         assert [(x.index, x.score) for x in cached.results] == [(x.index, x.score) for x in full.results]
         assert (cached.stats.truncated, cached.stats.chunked, cached.stats.tokens) == \

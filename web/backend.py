@@ -105,6 +105,8 @@ def describe(service: RerankService) -> dict[str, Any]:
         "model_load_seconds": round(model.load_seconds, 3),
         "model_convert_seconds": round(model.convert_seconds, 3),
         "model_from_cache": model.from_cache,
+        "cpu_streams": getattr(model.backend, "streams", None),  # OpenVINO's, in use; None on other backends
+        "cut_ins": s.cut_ins,
         "limits": {
             "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
             "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,
