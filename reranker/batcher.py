@@ -8,6 +8,7 @@ between them keeps the next batch ready while the current one runs.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
@@ -474,15 +475,16 @@ class Batcher:
         longest, the longest of them first: they cost no more padding than the batch pays for already (the round's
         shortest would be padded the most). Returns `batch`."""
         width = max(item.n_tokens for item in batch)
-        fitting = sorted((i for i, item in enumerate(left) if item.n_tokens <= width),
-                         key=lambda i: left[i].n_tokens, reverse=True)
-        taken = set()
-        for i in fitting:
-            if not joins(len(batch), width, left[i].n_tokens, self._batch_tokens, self._shape):
-                break
-            batch.append(left[i])
-            taken.add(i)
-        if taken:
+        fitting = [i for i, item in enumerate(left) if item.n_tokens <= width]
+        # A pair no longer than the batch's longest joins it by the row count alone: count the rows, then take that
+        # many of the longest (nlargest keeps sorted()'s order among equals), not sort them all on the hot path.
+        room = 0
+        while room < len(fitting) and joins(len(batch) + room, width, width, self._batch_tokens, self._shape):
+            room += 1
+        longest = heapq.nlargest(room, fitting, key=lambda i: left[i].n_tokens)
+        batch.extend(left[i] for i in longest)
+        if longest:
+            taken = set(longest)
             kept = [item for i, item in enumerate(left) if i not in taken]
             left.clear()
             left.extend(kept)
