@@ -152,7 +152,8 @@ def deploy(config: dict[str, Any], app: str, timeout: float = START_S) -> None:
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"{app} failed to deploy: {status.message}")
+            why = "; ".join(f"{name}: {d.message}" for name, d in status.deployments.items() if d.message)
+            raise RuntimeError(f"{app} failed to deploy: {status.message} {why}")
         time.sleep(0.5)
     raise TimeoutError(f"{app} not running after {timeout} s: {serve.status().applications.get(app)}")
 
