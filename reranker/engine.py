@@ -475,7 +475,7 @@ class Reranker:
                     continue
                 plan.split.add(i)
                 assert encoded.offsets is not None
-                windows = window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP))
+                windows = window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP), documents[i])
                 if max_chunks is not None and len(windows) > max_chunks:
                     windows = windows[:max_chunks]
                     plan.cut.add(i)  # its end is not scored

@@ -9,9 +9,15 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+# How many tokens a window's edge may move back to reach a word boundary; a longer word is cut where it falls.
+WORD_TOKENS = 8
+# Scripts written without spaces between words, where any character boundary is as good as another: Thai, Lao,
+# Myanmar, Khmer, and CJK (radicals, kana, ideographs, compatibility ideographs).
+UNSPACED = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x9FFF), (0xF900, 0xFAFF))
+
 
 def window_spans(
-    offsets: Sequence[tuple[int, int]], window_tokens: int, overlap_tokens: int
+    offsets: Sequence[tuple[int, int]], window_tokens: int, overlap_tokens: int, text: str | None = None
 ) -> list[tuple[int, int]]:
     """Character spans of overlapping token windows covering a document; one span if it fits.
 
@@ -19,6 +25,9 @@ def window_spans(
     `window_tokens` tokens and starts `window_tokens - overlap_tokens` tokens after the last. Windows begin
     and end on character boundaries: byte-level tokenizers split a multi-byte character into tokens that
     share its span, and a window cut between them would bring the whole character, and more tokens, back.
+    Given the document's `text`, windows also begin and end between words where one is within WORD_TOKENS
+    tokens (a window starting with the "##ing" of a word scores a fragment), ending no earlier than the next
+    window begins, so that no token is left out.
     """
     if window_tokens < 1:
         raise ValueError("window_tokens must be at least 1")
@@ -31,17 +40,40 @@ def window_spans(
         end = min(start + window_tokens, len(offsets))
         while start + 1 < end < len(offsets) and _same_character(offsets, end):
             end -= 1  # the next token finishes the last character: leave that character to the next window
+        if text is not None and end < len(offsets):
+            end = _word_edge(text, offsets, end, lowest=max(start + 1, start + stride))
         spans.append((offsets[start][0], offsets[end - 1][1]))
         if end == len(offsets):
             return spans
         previous, start = start, start + stride
         while start - 1 > previous and _same_character(offsets, start):
             start -= 1  # begin with the character's first token, so the window holds all of it
+        if text is not None:
+            start = _word_edge(text, offsets, start, lowest=previous + 1)
+
+
+def _word_edge(text: str, offsets: Sequence[tuple[int, int]], index: int, lowest: int) -> int:
+    """The nearest boundary at or before token `index`, down to `lowest` and WORD_TOKENS tokens back, that falls
+    between words; `index` itself where there is none."""
+    for candidate in range(index, max(lowest, index - WORD_TOKENS) - 1, -1):
+        if not _inside_word(text, offsets, candidate) and not _same_character(offsets, candidate):
+            return candidate
+    return index
 
 
 def _same_character(offsets: Sequence[tuple[int, int]], index: int) -> bool:
     """Whether token `index` continues the character of the token before it."""
     return offsets[index][0] == offsets[index - 1][0] and offsets[index][0] < offsets[index][1]
+
+
+def _inside_word(text: str, offsets: Sequence[tuple[int, int]], index: int) -> bool:
+    """Whether token `index` continues the word of the token before it: the two touch, with a letter or digit on
+    either side, in a script written with spaces between words."""
+    at = offsets[index][0]
+    if index == 0 or at != offsets[index - 1][1] or not 0 < at < len(text):
+        return False
+    return all(char.isalnum() and not any(low <= ord(char) <= high for low, high in UNSPACED)
+               for char in text[at - 1:at + 1])
 
 
 class DocumentClipper:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,60 @@ def test_windows_never_split_a_character_between_its_tokens() -> None:
         assert len(tokens) <= 5, (start, end)  # no window grows back past its budget
     covered = set().union(*(range(start, end) for start, end in spans))
     assert covered == set(range(12))  # and no character is left out
+
+
+def split_words(text: str, piece: int) -> list[tuple[int, int]]:
+    """Offsets of a tokenizer that cuts every word into pieces of `piece` characters (WordPiece's "##" pieces)."""
+    return [(i, min(i + piece, word.end())) for word in re.finditer(r"\S+", text)
+            for i in range(word.start(), word.end(), piece)]
+
+
+def test_windows_begin_and_end_between_words_where_the_tokenizer_splits_them() -> None:
+    rng = random.Random(1)
+    text = " ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 8))) for _ in range(300))
+    offsets = split_words(text, 2)
+    spans = window_spans(offsets, 20, 5, text)
+    assert all((a == 0 or text[a - 1] == " ") and (b == len(text) or text[b] == " ") for a, b in spans)
+    assert max(sum(a <= s and e <= b for s, e in offsets) for a, b in spans) <= 20  # still within the budget
+    covered = set().union(*(range(a, b) for a, b in spans))
+    assert all(i in covered for i, char in enumerate(text) if char != " ")
+    # Without the text, as DocumentClipper cuts: most windows would start or end inside a word.
+    plain = window_spans(offsets, 20, 5)
+    assert sum((a > 0 and text[a - 1] != " ") or (b < len(text) and text[b] != " ") for a, b in plain) > len(plain) / 2
+
+
+def test_words_longer_than_the_reach_and_unspaced_scripts_are_cut_where_the_window_falls() -> None:
+    one_word = "x" * 400  # a 200-token word (a URL, a hash, base64): no boundary within WORD_TOKENS of any edge
+    offsets = split_words(one_word, 2)
+    assert window_spans(offsets, 16, 4, one_word) == window_spans(offsets, 16, 4)
+    chinese = "数据处理与检索排序模型" * 20  # no spaces between words: any boundary will do
+    offsets = [(i, i + 1) for i in range(len(chinese))]
+    assert window_spans(offsets, 16, 4, chinese) == window_spans(offsets, 16, 4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "causal"])
+def test_chunk_mode_scores_windows_that_begin_and_end_between_words(request: pytest.FixtureRequest,
+                                                                    kind: str) -> None:
+    """Made-up words, which both tokenizers cut into pieces: the engine scores the windows that keep them whole."""
+    model: ScoringModel = request.getfixturevalue(f"{kind}_model")
+    rng = random.Random(3)
+    document = " ".join("".join(rng.choice("bcdfghjkmpqvwxz") for _ in range(rng.randint(4, 9))) for _ in range(300))
+    query = "where is the queue server"
+    window = model.max_length - model.encode([(query, "")])[0].n_tokens - CHUNK_MARGIN
+    offsets = model.tokenizer([document], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0]
+    spans = window_spans(offsets, window, int(window * CHUNK_OVERLAP), document)
+    assert len(spans) > 3 and spans != window_spans(offsets, window, int(window * CHUNK_OVERLAP))
+
+    def between_words(at: int) -> bool:
+        return at in (0, len(document)) or not (document[at - 1].isalnum() and document[at].isalnum())
+
+    assert all(between_words(a) and between_words(b) for a, b in spans)
+    settings = model_settings(Path(model.model_id), long_docs="chunk", cache_size=0)
+    with Reranker(model, settings) as reranker:
+        got = reranker.rerank_detailed(query, [document], raw_scores=True).results[0].score
+    scores = model.cross_encoder.predict([(query, document[a:b]) for a, b in spans],
+                                         activation_fn=torch.nn.Identity(), show_progress_bar=False)
+    np.testing.assert_allclose(got, float(np.max(scores)), rtol=1e-5, atol=1e-5)
 
 
 def test_chunks_of_a_multibyte_document_fit_the_causal_model(causal_model: ScoringModel) -> None:
@@ -122,7 +178,7 @@ def test_chunk_mode_is_the_max_over_independently_scored_windows(
     capped = 0
     for doc, doc_offsets in zip(docs, offsets, strict=True):
         texts = [doc] if len(doc_offsets) <= room else [
-            doc[a:b] for a, b in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP))
+            doc[a:b] for a, b in window_spans(doc_offsets, window, int(window * CHUNK_OVERLAP), doc)
         ]
         if max_chunks is not None and len(texts) > max_chunks:
             texts = texts[:max_chunks]
