@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -201,17 +202,28 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
     on = asked if asked is not None else any(env.get(name, "").strip() for name in OTLP_ENDPOINTS)
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         on = False
-    if on:
-        _check_otel(env)
+    if not on:
+        return on, protocol
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        if on and env.get(name, "").strip():
-            return on, _choice(OTLP_PROTOCOLS)(name, env[name].strip())
+        if env.get(name, "").strip():
+            protocol = _choice(OTLP_PROTOCOLS)(name, env[name].strip())
+            break
+    _check_otel(env, protocol)
     return on, protocol
 
 
-def _check_otel(env: Mapping[str, str]) -> None:
+def _check_otel(env: Mapping[str, str], protocol: str) -> None:
     """The OTEL_* values the SDK would log a warning about and replace with its default (a sampler that keeps
-    every trace, a 10 s export timeout): a typo there should stop the start, not change what is traced."""
+    every trace, a 10 s export timeout), or take and then fail every export with (an endpoint without its scheme:
+    the HTTP exporter cannot post to it, the gRPC one opens TLS to it): a typo there should stop the start, not
+    change or lose what is traced."""
+    default_port = 4317 if protocol == "grpc" else 4318
+    for name in OTLP_ENDPOINTS:
+        raw = env.get(name, "").strip()
+        if raw and not _url(raw):
+            raise SettingsError(f"{name}={raw!r} is not a valid OTLP endpoint; use a URL with its scheme, "
+                                f"http:// for plain text or https:// for TLS (e.g. http://127.0.0.1:{default_port} "
+                                f"for {protocol})")
     for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         raw = env.get(name, "").strip()
         if raw and not 0 < _number(raw) < math.inf:
@@ -224,6 +236,16 @@ def _check_otel(env: Mapping[str, str]) -> None:
     if ratio and sampler.lower().endswith("traceidratio") and not 0 <= _number(ratio) <= 1:  # unset: 1.0
         raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r} is not valid for {sampler}: use the share of new "
                             "traces to keep, a number from 0 to 1 (e.g. 0.1)")
+
+
+def _url(raw: str) -> bool:
+    """Whether `raw` is an http(s) URL with a host and, if it names one, a port."""
+    try:
+        url = urlsplit(raw)
+        url.port  # noqa: B018  # raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def _number(raw: str) -> float:
