@@ -192,6 +192,7 @@ def test_health_ready_info_docs(url: str) -> None:
     assert info["device"] == "cpu" and info["compile"] == "off" and info["max_length"] == 256
     assert info["long_docs"] == "truncate" and info["model_from_cache"] is False  # torch: always a full load
     assert info["cpu_streams"] is None and info["cut_ins"] is True  # torch runs no OpenVINO streams
+    assert info["auth"] == {"api_key": False, "ui_login": False} and info["tracing"] is False
     assert info["limits"]["max_docs"] == 20 and "torch" in info["versions"]
     schema = httpx.get(f"{url}/openapi.json", timeout=HANG_S).json()
     assert {"/v1/rerank", "/rerank", "/api/predict", "/healthz", "/readyz", "/info"} <= set(schema["paths"])
@@ -481,6 +482,9 @@ def test_api_key_guards_the_rerank_routes(bert_model: ScoringModel, bert_dir: Pa
                 assert ("was not accepted" in message) == bool(headers)
                 assert "wrong" not in message and "s3cret" not in message
             assert client.post(path, json=payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        info = client.get("/info")  # open, as the health routes: it says the key is on, never what it is
+        assert info.status_code == 200 and info.json()["auth"] == {"api_key": True, "ui_login": False}
+        assert "s3cret" not in info.text
         # A prefix of the key is no key (an empty one least of all), and the scheme's case is the client's (RFC 7235).
         for refused in ["Bearer s3c", "Bearer s", "Bearer ", "Bearer s3cret2"]:
             assert client.post("/v1/rerank", json=body, headers={"Authorization": refused}).status_code == 401

@@ -107,6 +107,9 @@ def describe(service: RerankService) -> dict[str, Any]:
         "model_from_cache": model.from_cache,
         "cpu_streams": getattr(model.backend, "streams", None),  # OpenVINO's, in use; None on other backends
         "cut_ins": s.cut_ins,
+        # Whether each guard is on, never what it holds: RERANKER_API_KEY (the JSON routes) and RERANKER_UI_AUTH.
+        "auth": {"api_key": s.api_key is not None, "ui_login": s.ui_auth is not None},
+        "tracing": s.tracing,
         "limits": {
             "max_docs": s.max_docs, "max_doc_chars": s.max_doc_chars, "max_query_chars": s.max_query_chars,
             "max_queue": s.max_queue, "batch_tokens": reranker.batch_tokens, "cache_size": s.cache_size,
