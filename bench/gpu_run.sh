@@ -40,4 +40,9 @@ for part in "${parts[@]}"; do
     fi
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+# A device call returns at most 8 files: the profiles (a table and a trace per model shape) travel as one.
+profiles=("$out"/profile-* "$out"/trace-*)
+if [ -e "${profiles[0]}" ]; then
+    tar czf "$out/profiles.tgz" -C "$out" "${profiles[@]##*/}" && rm -f "${profiles[@]}"
+fi
 exit $status

@@ -48,6 +48,7 @@ def test_gpu_serve_smoke_run_measures_each_configuration_and_a_replica_kill_and_
     serve_2 = re.search(r"^serve-2 .*\n +replicas \{(.*)\};", out, re.MULTILINE)
     assert serve_2 is not None and serve_2.group(1).count(":") == 2, out
     assert re.search(r"SIGKILLed a quarter into the load: statuses \{200: 12\}, two replicas running again", out)
+    assert "reranker_queue_capacity_pairs exported by 2 of serve-2's replicas" in out  # the GPU gauges' check
     assert "every check passed" in out
     assert descendants(os.getpid()) <= before  # the bench's Ray was stopped with it
 
