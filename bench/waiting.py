@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from reranker.batcher import Batcher, CancelSignal
+from reranker.batcher import Batcher
+from reranker.jobs import CancelSignal
 from reranker.metrics import Metrics
 from reranker.tokens import EncodedPair
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 # The workload's text is the int8 calibration corpus's: one seeded generator of query/document sets.
 from reranker.backends import corpus
 from reranker.backends.corpus import Request
-from reranker.batcher import cut_batches
+from reranker.packing import cut_batches
 
 __all__ = ["Request", "batcher_batches", "build_benchmark_model", "build_workload", "export_minilm", "minilm_source"]
 

@@ -8,24 +8,26 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from types import TracebackType
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+import reranker.planning as planning
 import reranker.spans as spans
-from reranker.batcher import Batcher, Room, ScoreFn, unpadded
+from reranker.batcher import Batcher, ScoreFn
 from reranker.cache import ScoreCache, pair_key
-from reranker.errors import CancelledError, LimitExceededError, OverloadedError, RerankerError, ScoringError
+from reranker.errors import LimitExceededError, OverloadedError, RerankerError, ScoringError
+from reranker.jobs import Room
 from reranker.loading import load_model
-from reranker.longdocs import DocumentClipper, window_spans
+from reranker.longdocs import DocumentClipper
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
+from reranker.packing import unpadded
+from reranker.planning import CUT, SPLIT, given_up, tokenizer_slices
 from reranker.results import RankedDocument, RerankResult, RerankStats
 from reranker.settings import Settings
-from reranker.tokens import EncodedDocument, EncodedPair, min_document_room
 from reranker.tracing import Tracing
 from reranker.validation import validate_request
 
@@ -41,16 +43,6 @@ CPU_BATCH_TOKENS = 2048
 # graph for a new bucket, a few), a 4B-parameter model's 2,048 tokens on a small CPU a minute or two.
 CUDA_STALL_SECONDS = 120.0
 CPU_STALL_SECONDS = 600.0
-# Windows overlap by a quarter so a passage cut at one window's edge is whole in the next.
-CHUNK_OVERLAP = 0.25
-# Re-tokenizing a window's text can add a token or two at its edges.
-CHUNK_MARGIN = 2
-# A request is tokenized in slices of about this many characters (about 0.15 s on one core), and its caller's
-# `cancel` is looked at between them: a client that leaves, or a stop, ends the tokenizing of a large request
-# within a slice, where it used to run to the end (5.7 s for 1000 documents of 1500 words) and be thrown away.
-SLICE_CHARS = 1 << 18
-
-
 def batch_token_budget(device: str) -> int:
     """The automatic RERANKER_BATCH_TOKENS for a device."""
     return CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
@@ -66,53 +58,6 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     one every score here is shown through, whatever activation a model's config names (docs/engine.md, Scores)."""
     small = np.exp(-np.abs(logits))
     return np.where(logits >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32)
-
-
-def char_slices(texts: Sequence[str], limit: int, extra: int = 0) -> Iterator[tuple[int, int]]:
-    """`(start, end)` ranges over `texts`, in order, each holding at most `limit` characters unless one text
-    alone has more; each text weighs `extra` characters more than its length."""
-    start = size = 0
-    for i, text in enumerate(texts):
-        if size and size + len(text) + extra > limit:
-            yield start, i
-            start, size = i, 0
-        size += len(text) + extra
-    if start < len(texts):
-        yield start, len(texts)
-
-
-def given_up(cancel: threading.Event | None) -> None:
-    """Raise CancelledError once the caller has set `cancel` (it went away, or a stop cut it off)."""
-    if cancel is not None and cancel.is_set():
-        raise CancelledError("the caller gave up")
-
-
-def tokenizer_slices(texts: Sequence[str], cancel: threading.Event | None,
-                     framing: int = 0) -> Iterator[tuple[int, int]]:
-    """The SLICE_CHARS slices of `texts` a tokenizer pass goes through, each text with `framing` characters
-    tokenized beside it (PairEncoder.framing_chars); raises CancelledError before a slice once `cancel` is set."""
-    for start, end in char_slices(texts, SLICE_CHARS, framing):
-        given_up(cancel)
-        yield start, end
-
-
-# A cache entry: the document's raw logit, and whether its scored text was cut to max_length (CUT) or scored in
-# windows (SPLIT), which a request answered from the cache counts as the first one did.
-CUT, SPLIT = 1, 2
-
-
-@dataclass
-class _Plan:
-    """The model passes one request needs: pairs to score and, per document, which pairs are its."""
-
-    pairs: list[EncodedPair] = field(default_factory=list)
-    owners: list[int] = field(default_factory=list)
-    cut: set[int] = field(default_factory=set)  # documents (by owner) whose pair max_length cut short
-    split: set[int] = field(default_factory=set)  # documents scored in windows (chunk mode)
-
-    def flags(self, owner: int) -> int:
-        """What the cache keeps of how document `owner` was scored."""
-        return (CUT if owner in self.cut else 0) | (SPLIT if owner in self.split else 0)
 
 
 # What to try when a pass gives NaN or infinity, by the precision it ran at.
@@ -277,7 +222,7 @@ class Reranker:
         instruction, max_chunks = self._scoring_mode(instruction, max_chunks)
         self.metrics.documents_per_request.observe(len(documents))
         given_up(cancel)  # a caller gone while the request waited for a thread: its room is given back already
-        document_room = self._document_room(query, instruction)  # before any tokenizer pass over the documents
+        room_left = planning.document_room(self.model, query, instruction)  # before any tokenizer pass over them
         # A full queue refuses before any tokenizer pass, and the room (released by rerank_detailed) is held until
         # the pairs are queued: a burst past RERANKER_MAX_QUEUE costs its refused requests no tokenizing.
         if self._clips(max_doc_tokens):
@@ -297,10 +242,11 @@ class Reranker:
         scored = list(first.values())
         room.need(len(scored))  # what the cache did not answer
         with spans.step(self._tracer, spans.TOKENIZE) as span:
-            plan = _Plan()
+            plan = planning.Plan()
             if scored:
-                plan = self._plan(query, [texts[i] for i in scored], instruction, document_room, cancel, room.need,
-                                  max_chunks)
+                plan = planning.plan(self.model, query, [texts[i] for i in scored], instruction, room_left,
+                                     chunking=self.settings.long_docs == "chunk", cancel=cancel, need=room.need,
+                                     max_chunks=max_chunks)
             clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
             spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
         # Every document counts as its scored text was cut to max_length or split: a cache hit as its first request
@@ -419,76 +365,3 @@ class Reranker:
             self.model.model_id, str(self.model.max_length), mode,
             "\x00" if instruction is None else instruction, query, document,
         )
-
-    def _encode(self, query: str, documents: Sequence[str], instruction: str | None,
-                cancel: threading.Event | None, *, offsets: bool = False) -> list[EncodedDocument]:
-        """The model's encoder over `documents`, a slice at a time; raises CancelledError between slices once
-        `cancel` is set."""
-        encoded: list[EncodedDocument] = []
-        framing = self.model.encoder.framing_chars(query, instruction)
-        for start, end in tokenizer_slices(documents, cancel, framing):
-            encoded += self.model.encoder.encode(query, documents[start:end], instruction, offsets=offsets)
-        return encoded
-
-    def _document_room(self, query: str, instruction: str | None) -> int:
-        """The tokens a pair leaves its document beside the query, the instruction and the template; raise
-        LimitExceededError when that is under min_document_room."""
-        max_length = self.model.max_length
-        overhead = self.model.encoder.overhead(query, instruction)
-        room = max_length - overhead
-        min_room = min_document_room(max_length, templated=self.model.templated)
-        if room < min_room:
-            what = "the query and instruction take" if instruction else "the query takes"
-            what += " (with the model's template)" if self.model.templated else ""
-            share = (f"{overhead} of the model's {max_length} tokens, leaving {room} for a document" if room >= 0
-                     else f"{overhead} tokens, over the model's limit of {max_length}")
-            raise LimitExceededError(
-                f"{what} {share}; shorten {'them' if instruction else 'it'} so that at least {min_room} are left "
-                "for a document"
-            )
-        return room
-
-    def _plan(self, query: str, documents: Sequence[str], instruction: str | None, room: int,
-              cancel: threading.Event | None = None, need: Callable[[int], None] | None = None,
-              max_chunks: int | None = None) -> _Plan:
-        """Tokenize each document once; note those cut to max_length, or split long ones into windows.
-
-        `room`: the tokens a pair leaves its document (_document_room). Setting `cancel` stops the tokenizing
-        within a slice (CancelledError). `need` (Room.need) is told, after each slice of documents, how many passes
-        the request needs at least so far: in chunk mode a long document's windows are known only once it is
-        tokenized, and a request that cannot fit is refused then, not at the end. `max_chunks` keeps a document's
-        first N windows, and counts one that had more as cut."""
-        encoder = self.model.encoder
-        chunking = self.settings.long_docs == "chunk"
-        plan = _Plan()
-        chunks: list[str] = []
-        chunk_owners: list[int] = []
-        window = room - CHUNK_MARGIN
-        for first, last in tokenizer_slices(documents, cancel, encoder.framing_chars(query, instruction)):
-            encoded_slice = encoder.encode(query, documents[first:last], instruction, offsets=chunking)
-            for i, encoded in enumerate(encoded_slice, first):
-                if encoded.fits or not chunking:
-                    if not encoded.fits:
-                        plan.cut.add(i)
-                    plan.pairs.append(encoded.pair)
-                    plan.owners.append(i)
-                    continue
-                plan.split.add(i)
-                assert encoded.offsets is not None
-                windows = window_spans(encoded.offsets, window, int(window * CHUNK_OVERLAP), documents[i])
-                if max_chunks is not None and len(windows) > max_chunks:
-                    windows = windows[:max_chunks]
-                    plan.cut.add(i)  # its end is not scored
-                for start, end in windows:
-                    chunks.append(documents[i][start:end])
-                    chunk_owners.append(i)
-            if need is not None and chunks:  # without chunks, the documents' count held already
-                need(len(plan.pairs) + len(chunks) + len(documents) - last)
-        if chunks:
-            encoded_chunks = self._encode(query, chunks, instruction, cancel)
-            # A window that still does not fit once tokenized on its own lost its end: say so.
-            cut = {chunk_owners[k] for k, chunk in enumerate(encoded_chunks) if not chunk.fits}
-            plan.cut |= cut
-            plan.pairs.extend(chunk.pair for chunk in encoded_chunks)
-            plan.owners.extend(chunk_owners)
-        return plan

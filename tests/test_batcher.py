@@ -16,10 +16,20 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from reranker import CancelledError, DeviceFaultError, LimitExceededError, OverloadedError, Reranker, ScoringError
-from reranker.batcher import Batcher, CancelSignal, Job, _Item, cut_batches, is_out_of_memory
+from reranker import (
+    CancelledError,
+    DeviceFaultError,
+    LimitExceededError,
+    OverloadedError,
+    Reranker,
+    ScoringError,
+    planning,
+)
+from reranker.batcher import Batcher, _Item, is_out_of_memory
+from reranker.jobs import CancelSignal, Job
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
+from reranker.packing import cut_batches
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import HANG_S
@@ -180,7 +190,7 @@ def test_a_full_queue_raises_overloaded_at_once(bert_model: ScoringModel, metric
         counted = {name: metrics.registry.get_sample_value(name, labels) for name, labels in [
             ("reranker_cache_requests_total", {"result": "miss"}), ("reranker_input_tokens_total", None)]}
         with monkeypatch.context() as patch:
-            patch.setattr(reranker, "_plan", lambda *args: pytest.fail("tokenized a request it then refused"))
+            patch.setattr(planning, "plan", lambda *args, **kwargs: pytest.fail("tokenized a request it then refused"))
             refused = outcome_within(lambda: reranker.rerank("q", ["x", "y", "z"]))
             assert isinstance(refused, OverloadedError) and "RERANKER_MAX_QUEUE=10" in str(refused)
             # At once: refused while the queue was still full, not after waiting for room.

@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 from torch._dynamo.utils import counters
 
 from reranker import Reranker
-from reranker.batcher import cut_batches
 from reranker.compiling import ROW_BUCKET, TOKEN_BUCKET, bucketed, compile_model
 from reranker.errors import ModelLoadError
 from reranker.loading import load_model
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
+from reranker.packing import cut_batches
 from tests.conftest import model_settings
 from tests.tiny_models import random_text
 

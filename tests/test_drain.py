@@ -445,7 +445,7 @@ def test_a_request_a_stop_cut_off_before_its_engine_call_is_neither_scored_nor_c
     assert gated.pairs == 0
 
 
-# Four of the engine's tokenizing slices (reranker.engine.SLICE_CHARS): 13 documents each, then 1.
+# Four of the engine's tokenizing slices (reranker.planning.SLICE_CHARS): 13 documents each, then 1.
 LARGE = [f"document {i} " + "about cache servers and rivers " * 650 for i in range(40)]
 
 
@@ -458,7 +458,7 @@ def test_a_request_a_stop_cut_off_while_tokenizing_stops_there_and_is_answered_a
     process to wait for it after the server had closed (47 s for two 1000-document requests). Where the
     tokenizing ends after the stop closed the engine, the submit's ClosedError is the cut-off too: it was
     answered `not_ready`, and logged as a failure with a traceback."""
-    from reranker.engine import SLICE_CHARS
+    from reranker.planning import SLICE_CHARS
     from web.lifecycle import Lifecycle
     from web.service import RerankCall, RerankService
 

@@ -223,7 +223,7 @@ def test_a_blank_instruction_is_no_instruction(bert_reranker: Reranker) -> None:
     ([0, 0, 0, 0], 10, 4, [(0, 2), (2, 4)]),
 ])
 def test_char_slices(lengths: list[int], limit: int, extra: int, expected: list[tuple[int, int]]) -> None:
-    from reranker.engine import char_slices
+    from reranker.planning import char_slices
 
     assert list(char_slices(["x" * n for n in lengths], limit, extra)) == expected
 
@@ -240,12 +240,12 @@ def test_each_encoder_weighs_what_it_tokenizes_beside_every_document(bert_model:
 @pytest.mark.parametrize("long_docs", ["truncate", "chunk"])
 def test_tokenizing_in_slices_scores_as_in_one(any_model: ScoringModel, documents: list[str], long_docs: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from reranker import engine
+    from reranker import planning
 
     settings = model_settings(Path(any_model.model_id), cache_size=0, long_docs=long_docs)
     with Reranker(any_model, settings) as reranker:
         whole = reranker.rerank_detailed("cache servers", documents[:60], raw_scores=True)
-        monkeypatch.setattr(engine, "SLICE_CHARS", 500)  # about one document a slice
+        monkeypatch.setattr(planning, "SLICE_CHARS", 500)  # about one document a slice
         sliced = reranker.rerank_detailed("cache servers", documents[:60], raw_scores=True)
     assert [r.index for r in sliced.results] == [r.index for r in whole.results]
     np.testing.assert_allclose([r.score for r in sliced.results], [r.score for r in whole.results], atol=1e-6)
@@ -261,11 +261,11 @@ def test_a_cut_to_max_doc_tokens_stops_at_the_next_slice_once_cancelled(bert_mod
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """/v2/rerank's max_tokens_per_doc cut every document in one tokenizer call that never looked at the cancel:
     a client that left, or a stop, waited for it (17 s for 1000 documents of 1500 words)."""
-    from reranker import engine
+    from reranker import planning
     from reranker.errors import CancelledError
     from reranker.longdocs import DocumentClipper
 
-    monkeypatch.setattr(engine, "SLICE_CHARS", 3200)
+    monkeypatch.setattr(planning, "SLICE_CHARS", 3200)
     cancel = threading.Event()
     with Reranker(bert_model, model_settings(bert_dir, cache_size=0)) as reranker:
         clipper = GatedCall(reranker._clipper, "clip", monkeypatch, lambda documents, *_: len(documents))
@@ -289,10 +289,10 @@ def test_chunk_mode_refuses_a_request_over_the_queue_at_the_slice_that_shows_it(
         bert_model: ScoringModel, bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In chunk mode a long document's windows are known only once it is tokenized: a request needing more passes
     than RERANKER_MAX_QUEUE was refused after all its documents were (7.6 s for 30 documents of 99k characters)."""
-    from reranker import engine
+    from reranker import planning
 
     long_docs = [f"document {i} " + "about cache servers and rivers " * 400 for i in range(6)]  # windows each
-    monkeypatch.setattr(engine, "SLICE_CHARS", 13_000)  # one document a slice
+    monkeypatch.setattr(planning, "SLICE_CHARS", 13_000)  # one document a slice
     settings = model_settings(bert_dir, cache_size=0, long_docs="chunk", max_queue=20)
     with Reranker(bert_model, settings) as reranker:
         sizes: list[int] = []

@@ -12,10 +12,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from reranker import LimitExceededError, Reranker
-from reranker.engine import CHUNK_MARGIN, CHUNK_OVERLAP
 from reranker.longdocs import window_spans
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
+from reranker.planning import CHUNK_MARGIN, CHUNK_OVERLAP, document_room, plan
 from tests.conftest import model_settings
 
 
@@ -231,10 +231,11 @@ def test_both_cohere_routes_pass_max_chunks_per_doc_on(bert_model: ScoringModel,
 def test_chunk_windows_fit_without_cutting_the_query(bert_model: ScoringModel) -> None:
     query = "where is the queue server"
     settings = model_settings(Path(bert_model.model_id), long_docs="chunk")
-    with Reranker(bert_model, settings) as reranker:
-        plan = reranker._plan(query, ["token " * 3000], None, reranker._document_room(query, None))
-    assert len(plan.pairs) > 10
-    for pair in plan.pairs:
+    with Reranker(bert_model, settings):
+        planned = plan(bert_model, query, ["token " * 3000], None, document_room(bert_model, query, None),
+                       chunking=True)
+    assert len(planned.pairs) > 10
+    for pair in planned.pairs:
         assert pair.n_tokens <= bert_model.max_length
         text = bert_model.tokenizer.decode(pair.input_ids)
         assert text.startswith("[CLS] where is the queue server [SEP]")

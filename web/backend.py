@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 
 from reranker import RerankResult, Settings
-from reranker.batcher import Room
+from reranker.jobs import Room
 from web.cancel import client_gone, run_cancellable
 from web.errors import HttpError
 from web.service import RerankCall, RerankService

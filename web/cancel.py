@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
-from reranker.batcher import CancelSignal
+from reranker.jobs import CancelSignal
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult
-from reranker.batcher import Room
+from reranker.jobs import Room
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
 from web.errors import CLIENT_CLOSED, HttpError, to_http_error
