@@ -147,6 +147,8 @@ def series(metrics_port: int, family: str) -> list[str]:
 def distance(load: Load, reference: dict[int, list[float]]) -> str:
     """Max |raw score - the engine's| over every pair, and how many requests ranked their top 10 alike."""
     deltas = [abs(a - b) for i, scores in load.scores.items() for a, b in zip(scores, reference[i], strict=True)]
+    if not deltas:
+        return "no answer to compare"
 
     def top(scores: list[float]) -> list[int]:
         return sorted(range(len(scores)), key=lambda j: -scores[j])[:10]
@@ -249,6 +251,8 @@ def main() -> None:
                 failures.append(f"{family} from {len(reporting)} of serve-2's replicas, 2 expected")
 
             before = set(replica_pids("reranker", "RerankModel"))
+            if not before:
+                sys.exit("FAILED: no RerankModel replica process found to kill; " + "; ".join(failures))
             victim = min(before)
             killed: list[float] = []
 

@@ -56,9 +56,15 @@ def _word_edge(text: str, offsets: Sequence[tuple[int, int]], index: int, lowest
     """The nearest boundary at or before token `index`, down to `lowest` and WORD_TOKENS tokens back, that falls
     between words; `index` itself where there is none."""
     for candidate in range(index, max(lowest, index - WORD_TOKENS) - 1, -1):
-        if not _inside_word(text, offsets, candidate) and not _same_character(offsets, candidate):
+        # Not beside a zero-width token (a special or an empty piece): an edge there can leave a window empty.
+        if (not _inside_word(text, offsets, candidate) and not _same_character(offsets, candidate)
+                and not _zero_width(offsets[candidate - 1]) and not _zero_width(offsets[candidate])):
             return candidate
     return index
+
+
+def _zero_width(span: tuple[int, int]) -> bool:
+    return span[0] >= span[1]
 
 
 def _same_character(offsets: Sequence[tuple[int, int]], index: int) -> bool:

@@ -214,16 +214,19 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
 
 def _check_otel(env: Mapping[str, str], protocol: str) -> None:
     """The OTEL_* values the SDK would log a warning about and replace with its default (a sampler that keeps
-    every trace, a 10 s export timeout), or take and then fail every export with (an endpoint without its scheme:
-    the HTTP exporter cannot post to it, the gRPC one opens TLS to it): a typo there should stop the start, not
-    change or lose what is traced."""
+    every trace, a 10 s export timeout), or take and then fail every export with (an HTTP endpoint without its
+    scheme, which the exporter cannot post to): a typo there should stop the start, not change or lose what is
+    traced."""
     default_port = 4317 if protocol == "grpc" else 4318
     for name in OTLP_ENDPOINTS:
         raw = env.get(name, "").strip()
-        if raw and not _url(raw):
+        # gRPC also takes a target as grpc itself writes one: host:port (TLS unless OTEL_EXPORTER_OTLP_INSECURE=true,
+        # as the exporter decides) or a unix: socket.
+        grpc_target = protocol == "grpc" and ("://" not in raw and _url(f"http://{raw}") or raw.startswith("unix:"))
+        if raw and not (_url(raw) or grpc_target):
             raise SettingsError(f"{name}={raw!r} is not a valid OTLP endpoint; use a URL with its scheme, "
                                 f"http:// for plain text or https:// for TLS (e.g. http://127.0.0.1:{default_port} "
-                                f"for {protocol})")
+                                f"for {protocol})" + (", or host:port" if protocol == "grpc" else ""))
     for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         raw = env.get(name, "").strip()
         if raw and not 0 < _number(raw) < math.inf:

@@ -71,6 +71,15 @@ def test_words_longer_than_the_reach_and_unspaced_scripts_are_cut_where_the_wind
     assert window_spans(offsets, 16, 4, chinese) == window_spans(offsets, 16, 4)
 
 
+def test_a_window_edge_never_moves_beside_a_zero_width_token() -> None:
+    """An empty piece or a special has a zero-width span: an edge moved back onto it left a window of "" (helper-62),
+    which was scored as a chunk."""
+    text = "abcdef ghi jkl"
+    offsets = [(0, 0), (0, 0), (0, 2), (2, 6), (7, 10), (11, 14)]
+    spans = window_spans(offsets, 3, 3, text)
+    assert all(end > start for start, end in spans) and spans == window_spans(offsets, 3, 3)
+
+
 @pytest.mark.parametrize("kind", ["bert", "causal"])
 def test_chunk_mode_scores_windows_that_begin_and_end_between_words(request: pytest.FixtureRequest,
                                                                     kind: str) -> None:

@@ -257,20 +257,33 @@ def test_an_otel_value_the_sdk_would_replace_stops_the_start(name: str, value: s
     assert Settings.from_env({name: value}).tracing is False  # off: not read
 
 
-@pytest.mark.parametrize("endpoint", ["collector:4318", "127.0.0.1:4317", "grpc://collector:4317",
+@pytest.mark.parametrize("endpoint", ["collector:4318", "127.0.0.1:4318", "grpc://collector:4317",
                                       "http://", "http://collector:port", "http://collector:99999"])
 @pytest.mark.parametrize("name", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
-def test_an_otlp_endpoint_without_its_scheme_or_host_stops_the_start(name: str, endpoint: str) -> None:
-    """The HTTP exporter cannot post to it, and the gRPC one would open TLS to a scheme-less host: every export
-    would fail, with a warning in the log, after a start that looked fine."""
+def test_an_http_otlp_endpoint_without_its_scheme_or_host_stops_the_start(name: str, endpoint: str) -> None:
+    """The HTTP exporter cannot post to it: every export would fail, with a warning in the log, after a start that
+    looked fine."""
     with pytest.raises(SettingsError, match=rf"{name}='{re.escape(endpoint)}' is not a valid OTLP endpoint; use a URL "
                                             r"with its scheme, http:// for plain text or https:// for TLS \(e\.g\. "
-                                            r"http://127\.0\.0\.1:4318 for http/protobuf\)"):
+                                            r"http://127\.0\.0\.1:4318 for http/protobuf\)$"):
         Settings.from_env({name: endpoint})
-    grpc = {name: endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
-    with pytest.raises(SettingsError, match=r"http://127\.0\.0\.1:4317 for grpc"):
-        Settings.from_env(grpc)
     assert Settings.from_env({name: endpoint, "RERANKER_TRACING": "0"}).tracing is False  # off: not read
+
+
+@pytest.mark.parametrize(("endpoint", "taken"), [
+    ("collector:4317", True), ("127.0.0.1:4317", True), ("unix:///run/otel.sock", True),
+    ("http://collector:4317", True),
+    ("grpc://collector:4317", False), ("http://", False), ("collector:port", False), ("http://collector:99999", False),
+])
+def test_a_grpc_endpoint_may_be_a_target_as_grpc_writes_one(endpoint: str, taken: bool) -> None:
+    """host:port is how gRPC targets are written; the exporter takes TLS or plain text from
+    OTEL_EXPORTER_OTLP_INSECURE for it."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    if taken:
+        assert Settings.from_env(env).tracing is True
+    else:
+        with pytest.raises(SettingsError, match=r"http://127\.0\.0\.1:4317 for grpc\), or host:port$"):
+            Settings.from_env(env)
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:4318", "https://otel.example.com", "http://[::1]:4317/",
