@@ -145,6 +145,7 @@ def test_same_errors_limits_and_auth_as_one_process(cluster: LocalRay) -> None:
     assert httpx.get(f"{url}/readyz", timeout=HANG_S).json()["status"] == "ready"
     info = httpx.get(f"{url}/info", timeout=HANG_S).json()
     assert info["device"] == "cpu" and info["limits"]["max_docs"] == 1000
+    assert info["auth"] == {"api_key": True, "ui_login": False}  # the replicas read the key the ingress checks
     answer = httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["a"]},
                         headers={**HEADERS, "x-request-id": "given-id-1"}, timeout=HANG_S)
     assert answer.headers.get_list("x-request-id") == ["given-id-1"]
