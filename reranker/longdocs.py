@@ -41,7 +41,7 @@ def window_spans(
         while start + 1 < end < len(offsets) and _same_character(offsets, end):
             end -= 1  # the next token finishes the last character: leave that character to the next window
         if text is not None and end < len(offsets):
-            end = _word_edge(text, offsets, end, lowest=max(start + 1, start + stride))
+            end = _word_edge(text, offsets, end, lowest=start + stride)  # stride >= 1: never an empty window
         spans.append((offsets[start][0], offsets[end - 1][1]))
         if end == len(offsets):
             return spans

@@ -220,10 +220,7 @@ def _check_otel(env: Mapping[str, str], protocol: str) -> None:
     default_port = 4317 if protocol == "grpc" else 4318
     for name in OTLP_ENDPOINTS:
         raw = env.get(name, "").strip()
-        # gRPC also takes a target as grpc itself writes one: host:port (TLS unless OTEL_EXPORTER_OTLP_INSECURE=true,
-        # as the exporter decides) or a unix: socket.
-        grpc_target = protocol == "grpc" and ("://" not in raw and _url(f"http://{raw}") or raw.startswith("unix:"))
-        if raw and not (_url(raw) or grpc_target):
+        if raw and not (_url(raw) or protocol == "grpc" and _grpc_target(raw)):
             raise SettingsError(f"{name}={raw!r} is not a valid OTLP endpoint; use a URL with its scheme, "
                                 f"http:// for plain text or https:// for TLS (e.g. http://127.0.0.1:{default_port} "
                                 f"for {protocol})" + (", or host:port" if protocol == "grpc" else ""))
@@ -249,6 +246,12 @@ def _url(raw: str) -> bool:
     except ValueError:
         return False
     return url.scheme in ("http", "https") and bool(url.hostname)
+
+
+def _grpc_target(raw: str) -> bool:
+    """Whether `raw` is a target as gRPC itself writes one: host:port (TLS unless OTEL_EXPORTER_OTLP_INSECURE=true,
+    as the exporter decides) or a unix: socket."""
+    return raw.startswith("unix:") or ("://" not in raw and _url(f"http://{raw}"))
 
 
 def _number(raw: str) -> float:
