@@ -546,6 +546,62 @@ def test_int8_that_clears_the_bar_is_served_and_cached(bert_dir: Path, tmp_path:
     assert "int8 passed its guard" in caplog.messages  # the guard runs at every start, cached model or not
 
 
+@pytest.mark.parametrize("mode", ["weights", "static"])
+def test_int8_is_served_as_its_guard_judged_it(bert_dir: Path, tmp_path: Path, mode: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard judged a one-stream compile of the int8 graph, and the service compiled another for two streams.
+    On an AVX512-BF16 EPYC without AMX, OpenVINO 2026.4 ran weights-only int8 wrongly on two streams: the guard
+    passed (0.9914) and the service served noise (Spearman 0.36 through HTTP; logits of -27 for -0.02 on this
+    model), and static int8 corrupted the heap. Now the compiled model the guard scores is the one served, and
+    int8 gets one stream on a CPU without AMX. Through the engine, the served int8 scores stay close to float32's,
+    on every CPU."""
+    import reranker.backends.openvino as ov_backend
+
+    compiles: list[tuple[str | None, int | None]] = []
+    real = ov_backend.compile_for_cpu
+
+    def recorded(core: object, graph: object, hint: str | None, streams: int | None = 1) -> object:
+        compiles.append((hint, streams))
+        return real(core, graph, hint, streams)
+
+    monkeypatch.setattr(ov_backend, "compile_for_cpu", recorded)
+    settings = model_settings(bert_dir, backend="openvino", dtype="int8", int8_mode=mode, int8_min_spearman=-1.0,
+                              cache_dir=str(tmp_path))
+    model = load_model(settings)
+    assert model.dtype == "int8"
+    # The float32 reference and the int8 model the guard scored, which is served: nothing compiled after.
+    streams = None if "amx_int8" in ov_backend.int8_dot_products() else 1
+    assert sorted(compiles, key=str) == sorted([("f32", 1), (None, streams)], key=str)
+    assert model.backend.streams == ov_backend.stream_count(streams, ov_backend.cpu_threads())  # type: ignore[attr-defined]
+    reference = load_model(model_settings(bert_dir, backend="openvino", cache_dir=str(tmp_path)))
+    pairs = varied_pairs(11, 40)
+    with Reranker(model, settings) as int8, Reranker(reference, settings) as float32:
+        got = [[d.score for d in engine.rerank(query, [doc for _, doc in pairs], raw_scores=True)]
+               for engine in (int8, float32) for query in {q for q, _ in pairs[:3]}]
+    half = len(got) // 2
+    assert np.max(np.abs(np.array(got[:half]) - np.array(got[half:]))) < 0.1, "int8 scores far from float32's"
+
+
+def test_int8_gets_one_stream_on_a_cpu_without_amx(caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker.backends.openvino import int8_streams
+
+    monkeypatch.setattr("reranker.backends.openvino.cpu_threads", lambda: 2)
+    monkeypatch.setattr("reranker.backends.openvino.int8_dot_products", lambda: ["avx512_vnni"])
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        assert int8_streams(None) == 1
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+        assert int8_streams(2) == 1  # asked for: a warning
+        assert caplog.records[-1].levelname == "WARNING" and vars(caplog.records[-1])["cpu_streams"] == 2
+        caplog.clear()
+        assert int8_streams(1) == 1 and not caplog.records
+        monkeypatch.setattr("reranker.backends.openvino.int8_dot_products", lambda: ["amx_int8", "avx512_vnni"])
+        assert int8_streams(None) is None and int8_streams(2) == 2 and not caplog.records
+        monkeypatch.setattr("reranker.backends.openvino.int8_dot_products", list)
+        monkeypatch.setattr("reranker.backends.openvino.cpu_threads", lambda: 1)
+        assert int8_streams(None) is None and not caplog.records  # one thread: one stream anyway
+
+
 def test_int8_calibrates_only_on_queries_the_service_would_take(bert_dir: Path, tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """At RERANKER_MAX_LENGTH=64 the built-in set's queries (the tiny model's tokens are characters) leave a document
@@ -715,8 +771,8 @@ def test_a_large_calibration_file_is_sampled_across_and_the_max_length_keys_the_
     for max_length in (256, 250):
         monkeypatch.setattr(bert_model, "max_length", max_length)
         with pytest.raises(RuntimeError, match="stop here"):
-            choose_int8(bert_model, settings, lambda graph, hint: None, None, Store(), "base",  # type: ignore[arg-type]
-                        fallback=None)  # type: ignore[arg-type]
+            choose_int8(bert_model, settings, lambda graph, hint, streams: None, None, Store(), "base",  # type: ignore[arg-type]
+                        streams=None, fallback=None)  # type: ignore[arg-type]
     assert len(set(keys)) == 2
 
 

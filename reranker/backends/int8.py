@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,14 +218,25 @@ def agreement(model: Any, reference: ov.CompiledModel, candidate: ov.CompiledMod
     return out
 
 
-# (graph, precision hint or None for OpenVINO's choice) -> a model compiled for the CPU
-Compile = Callable[[ov.Model, "str | None"], ov.CompiledModel]
+# (graph, precision hint or None for OpenVINO's choice, RERANKER_CPU_STREAMS or None for auto) -> a model compiled
+# for the CPU
+Compile = Callable[[ov.Model, "str | None", "int | None"], ov.CompiledModel]
+
+
+@dataclass(frozen=True)
+class Int8Choice:
+    """What to serve: `compiled` is the int8 model the guard judged, compiled as it is served; None when int8 was
+    refused (`graph` is the float graph then, to compile at `precision`)."""
+
+    graph: ov.Model
+    precision: Precision
+    compiled: ov.CompiledModel | None = None
 
 
 def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: ov.Model, store: ConvertedModels,
-                key: str, *, fallback: Precision) -> tuple[ov.Model, Precision]:
-    """The int8 graph and its precision when it passes the guard; else the float graph at `fallback`
-    (RERANKER_INT8_ON_FAIL=fallback) or ModelLoadError (exit)."""
+                key: str, *, streams: int | None, fallback: Precision) -> Int8Choice:
+    """The int8 model when it passes the guard, judged as compiled for serving (`streams`); else the float graph
+    at `fallback` (RERANKER_INT8_ON_FAIL=fallback) or ModelLoadError (exit)."""
     if not int8_dot_products():
         logger.warning("int8 on a CPU without VNNI or AMX-INT8: expect about the speed of float32, not more",
                        extra={"dtype": "int8"})
@@ -248,13 +260,16 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
         logger.info("model quantized to int8", extra={"int8_mode": settings.int8_mode,
                                                       "quantize_seconds": round(seconds, 2),
                                                       "calibration_pairs": sum(len(group) for group in groups)})
-    rhos = agreement(model, compile_graph(graph, "f32"), compile_graph(quantized, None), probes)
-    mean, lowest, bar = float(np.mean(rhos)), min(rhos), settings.int8_min_spearman
+    # Judged as served: the compiled model the guard scores is the one served, streams and all.
+    served = compile_graph(quantized, None, streams)
+    rhos, bar = agreement(model, compile_graph(graph, "f32", 1), served, probes), settings.int8_min_spearman
+    mean, lowest = float(np.mean(rhos)), min(rhos)
     figures = (f"Spearman {mean:.4f} against float32 (mean over {len(rhos)} probe queries, lowest {lowest:.4f})")
     if mean >= bar:
         logger.info("int8 passed its guard", extra={"spearman_mean": round(mean, 4), "spearman_min": round(lowest, 4),
                                                     "bar": bar})
-        return quantized, Precision("int8", f"RERANKER_DTYPE=int8 ({settings.int8_mode}): {figures} >= {bar}")
+        return Int8Choice(quantized, Precision("int8", f"RERANKER_DTYPE=int8 ({settings.int8_mode}): {figures} "
+                                                       f">= {bar}"), served)
     refusal = f"int8 ({settings.int8_mode}) refused: {figures} is below RERANKER_INT8_MIN_SPEARMAN={bar}"
     advice = ("try RERANKER_INT8_MODE=weights, or calibrate on your own traffic (RERANKER_INT8_CALIBRATION)"
               if settings.int8_mode == "static" else "or lower RERANKER_INT8_MIN_SPEARMAN to accept this figure "
@@ -264,11 +279,11 @@ def choose_int8(model: Any, settings: Settings, compile_graph: Compile, graph: o
 
 
 def refuse(refusal: str, settings: Settings, graph: ov.Model, fallback: Precision, *, advice: str = "",
-           **fields: Any) -> tuple[ov.Model, Precision]:
+           **fields: Any) -> Int8Choice:
     """int8 refused: ModelLoadError (RERANKER_INT8_ON_FAIL=exit), else a warning and the float graph at
     `fallback`."""
     if settings.int8_on_fail == "exit":
         raise ModelLoadError(f"{refusal}; set RERANKER_INT8_ON_FAIL=fallback to serve {fallback.dtype} instead"
                              + (f", {advice}" if advice else ""))
     logger.warning(refusal + f"; serving {fallback.dtype}", extra=fields)
-    return graph, Precision(fallback.dtype, f"{refusal}; {fallback.reason}")
+    return Int8Choice(graph, Precision(fallback.dtype, f"{refusal}; {fallback.reason}"))

@@ -17,6 +17,7 @@ from reranker.backends.cpu import (
     Precision,
     auto_precision,
     explicit,
+    int8_dot_products,
     kernel_bf16_flags,
     physical_cores,
     torch_native_bf16,
@@ -169,6 +170,22 @@ def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None, streams: i
         raise ConversionError(f"compiling failed: {type(err).__name__}: {err}".splitlines()[0][:300]) from err
 
 
+def int8_streams(streams: int | None) -> int | None:
+    """The streams int8 is compiled for: one, unless the CPU has AMX-INT8.
+
+    On an AVX-512 VNNI/BF16 CPU without AMX (AMD EPYC), OpenVINO 2026.4's CPU plugin ran int8 graphs wrongly on two
+    streams of one thread: weights-only int8 gave logits of -200 where float32 gave -0.2 (Spearman 0.36 through the
+    service), and static int8, though it scored right, corrupted the heap (glibc aborted the process, or it
+    segfaulted, a few calls later). One stream on both threads ran right, on the benchmark model and the tiny test
+    models alike. On AMX, two streams served bench/cpu.py's rounds of both int8 modes at the right rankings."""
+    if stream_count(streams, cpu_threads()) == 1 or "amx_int8" in int8_dot_products():
+        return streams
+    (logger.warning if streams is not None else logger.info)(
+        "int8 runs on one OpenVINO stream on a CPU without AMX: OpenVINO's int8 kernels go wrong on two there",
+        extra={"cpu_streams": streams, "streams": 1})
+    return 1
+
+
 def load_openvino(model: Any, settings: Settings) -> None:
     """Put `model` (a reranker.model.ScoringModel) on OpenVINO at the precision RERANKER_DTYPE asks for.
 
@@ -206,12 +223,16 @@ def load_openvino(model: Any, settings: Settings) -> None:
     else:
         logger.info("converted model taken from the cache", extra={"cache": str(store.path(key))})
 
+    compiled = None
     if precision.dtype == "int8":
         from reranker.backends.int8 import choose_int8
 
-        graph, precision = choose_int8(model, settings, lambda g, hint: compile_for_cpu(core, g, hint), graph, store,
-                                       key, fallback=auto_precision(native))
-    compiled = compile_for_cpu(core, graph, HINTS.get(precision.dtype), streams)
+        chosen = choose_int8(model, settings, lambda g, hint, count: compile_for_cpu(core, g, hint, count), graph,
+                             store, key, streams=int8_streams(streams),
+                             fallback=auto_precision(native))
+        graph, precision, compiled = chosen.graph, chosen.precision, chosen.compiled
+    if compiled is None:
+        compiled = compile_for_cpu(core, graph, HINTS.get(precision.dtype), streams)
     if precision.dtype == "bfloat16" and compiled_precision(compiled) != "bf16":
         # OpenVINO takes a bf16 hint on a CPU without bf16 and runs float32: say what runs, not what was asked.
         precision = Precision("float32", f"{precision.reason} asked; this CPU has no native bfloat16 "
