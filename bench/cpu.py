@@ -12,7 +12,8 @@ baseline measured minutes, not a whole run, away, and the range shows how far on
 Also printed: the Spearman correlation of each query's ranking with raw predict float32 (mean and lowest),
 p50/p95 latency over all rounds, and the precision the service says it ran (/info).
 The `(1 stream)` modes are the default and exact float32 with RERANKER_CPU_STREAMS=1: one batch at a time on
-every thread, side by side with the default's two streams (docs/cpu.md#streams).
+every thread, side by side with the default's two streams (docs/cpu.md#streams). `default (2048-token passes)` is
+the default at the budget `auto` had before 2026-12-04 on one-thread streams (docs/benchmarks.md#batch-token-budget).
 int8 is measured as served: when its load-time guard refuses it, the service runs its fallback and the row
 says so. `--int8-bar -1` measures int8 whatever its ranking quality.
 Run: .venv/bin/python -m bench.cpu   [--rounds 3 --requests 16 --docs 50 --clients 4 --no-infinity]
@@ -56,6 +57,7 @@ MODES = {
     "openvino bfloat16": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "bfloat16"},
     "default (auto)": {},
     "default (1 stream)": {"RERANKER_CPU_STREAMS": "1"},
+    "default (2048-token passes)": {"RERANKER_BATCH_TOKENS": "2048"},
     "openvino float32 (1 stream)": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "float32",
                                    "RERANKER_CPU_STREAMS": "1"},
     "openvino int8 weights": {"RERANKER_BACKEND": "openvino", "RERANKER_DTYPE": "int8",

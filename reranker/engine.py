@@ -36,16 +36,23 @@ logger = logging.getLogger(__name__)
 # Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
 # thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
 # MiniLM-L6 2.2x faster than 16384, float32 and bfloat16 alike); a GPU wants large passes.
+# OpenVINO with one thread per stream (two streams on two threads, its default there) ran MiniLM-L6 1.12-1.13x faster
+# at 1024 than at 2048, bfloat16 and float32 alike, and 1024 was level with 2048 on one stream of two threads (AVX-512
+# EPYC, in-process, 4 callers): about 1024 tokens per thread of a pass.
 CUDA_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 2048
+CPU_TOKENS_PER_THREAD = 1024
 # RERANKER_STALL_SECONDS=auto: how long the device thread may work without a pass ending before the device is taken
 # as hung. Far above the longest pass at the automatic budget: a GPU's take well under a second (recording a CUDA
 # graph for a new bucket, a few), a 4B-parameter model's 2,048 tokens on a small CPU a minute or two.
 CUDA_STALL_SECONDS = 120.0
 CPU_STALL_SECONDS = 600.0
-def batch_token_budget(device: str) -> int:
-    """The automatic RERANKER_BATCH_TOKENS for a device."""
-    return CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+def batch_token_budget(device: str, stream_threads: int | None = None) -> int:
+    """The automatic RERANKER_BATCH_TOKENS for a device; on the CPU, for the threads one pass runs on
+    (`stream_threads`: an OpenVINO stream's; None for torch, whose pass takes them all)."""
+    if device.startswith("cuda"):
+        return CUDA_BATCH_TOKENS
+    return CPU_BATCH_TOKENS if stream_threads is None else min(CPU_BATCH_TOKENS, CPU_TOKENS_PER_THREAD * stream_threads)
 
 
 def stall_limit(device: str) -> float:
@@ -82,7 +89,7 @@ class Reranker:
                                   "reranker.dtype": model.dtype}
         self._cache = ScoreCache(settings.cache_size)
         self._clipper = DocumentClipper(model.tokenizer)
-        self.batch_tokens = settings.batch_tokens or batch_token_budget(model.device)
+        self.batch_tokens = settings.batch_tokens or self.auto_batch_tokens()
         self.stall_seconds = stall_limit(model.device) if settings.stall_seconds is None else settings.stall_seconds
         self._batcher = Batcher(
             score_fn or model, batch_tokens=self.batch_tokens, max_queue=settings.max_queue,
@@ -102,6 +109,10 @@ class Reranker:
         for warning in self.settings_warnings():
             logger.warning("%s", warning, extra={"error_type": "configuration"})
 
+    def auto_batch_tokens(self) -> int:
+        """RERANKER_BATCH_TOKENS=auto for this model's device and backend."""
+        return batch_token_budget(self.model.device, getattr(self.model.backend, "stream_threads", None))
+
     def settings_warnings(self) -> list[str]:
         """Settings each valid alone that together serve badly, said once at start: the service runs with them."""
         s, warnings = self.settings, []
@@ -112,7 +123,7 @@ class Reranker:
         if s.batch_tokens is not None and s.batch_tokens < self.model.max_length:
             warnings.append(f"RERANKER_BATCH_TOKENS={self.batch_tokens} is below the model's max_length "
                             f"({self.model.max_length}): a pair that long has a forward pass to itself, and short "
-                            f"ones few companions; auto is {batch_token_budget(self.model.device)} on this device")
+                            f"ones few companions; auto is {self.auto_batch_tokens()} on this device")
         return warnings
 
     @classmethod

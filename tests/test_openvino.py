@@ -115,6 +115,11 @@ def test_two_streams_run_batches_side_by_side_with_one_streams_scores(
     assert isinstance(backend, OpenVINOBackend) and isinstance(one.backend, OpenVINOBackend)
     assert (one.backend.streams, backend.streams) == (1, 2)
     assert backend.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    # RERANKER_BATCH_TOKENS=auto: 1024 tokens per thread of a pass (1.12x at 1024 than 2048 on one-thread streams)
+    assert (one.backend.stream_threads, backend.stream_threads) == (2, 1)
+    settings = model_settings(Path(two.model_id))
+    with Reranker(one, settings) as alone, Reranker(two, settings) as split:
+        assert (alone.batch_tokens, split.batch_tokens) == (2048, 1024)
     batches = [two.collate(two.encode(varied_pairs(seed, n))) for seed, n in ((1, 9), (2, 1), (3, 24), (4, 5))]
     expected = [one.backend.launch(batch).wait() for batch in batches]
     assert one.backend.launch(batches[0]).ran  # one stream: the pass runs inside launch

@@ -66,6 +66,9 @@ def test_batch_tokens_auto_is_resolved_by_device() -> None:
     assert Settings.from_env({"RERANKER_STALL_SECONDS": "Auto"}).stall_seconds is None
     assert Settings.from_env({"RERANKER_STALL_SECONDS": "0"}).stall_seconds == 0.0
     assert batch_token_budget("cuda:0") == 16384 and batch_token_budget("cpu") == 2048
+    # OpenVINO: 1024 tokens per thread of a stream, at most 2048
+    assert [batch_token_budget("cpu", threads) for threads in (1, 2, 8)] == [1024, 2048, 2048]
+    assert batch_token_budget("cuda:0", 1) == 16384
 
 
 def test_a_model_directory_under_home_is_expanded_as_the_cache_folder_is() -> None:

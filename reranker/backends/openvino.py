@@ -68,6 +68,7 @@ class OpenVINOBackend:
         self.dtype = dtype
         self.compiled = compiled
         self.streams = int(compiled.get_property("NUM_STREAMS"))
+        self.stream_threads = max(1, int(compiled.get_property("INFERENCE_NUM_THREADS")) // self.streams)
         self._inputs = {port.get_any_name() for port in compiled.inputs}
         self._idle = [compiled.create_infer_request() for _ in range(self.streams)]
         self._busy = 0  # infer requests launched and not yet waited for
