@@ -111,7 +111,7 @@ class Reranker:
 
     def auto_batch_tokens(self) -> int:
         """RERANKER_BATCH_TOKENS=auto for this model's device and backend."""
-        return batch_token_budget(self.model.device, getattr(self.model.backend, "stream_threads", None))
+        return batch_token_budget(self.model.device, self.model.backend.stream_threads)
 
     def settings_warnings(self) -> list[str]:
         """Settings each valid alone that together serve badly, said once at start: the service runs with them."""

@@ -49,6 +49,7 @@ class Unloaded:
     name = "none"
     device = "cpu"
     dtype = "float32"
+    stream_threads: int | None = None
 
     def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
         return rows, width

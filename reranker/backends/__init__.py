@@ -77,6 +77,7 @@ class Backend(Protocol):
     name: str  # "torch", "openvino"
     device: str
     dtype: str  # the precision the network runs at: float32, float16, bfloat16, int8
+    stream_threads: int | None  # the threads one pass runs on, where it is a share of them (an OpenVINO stream)
 
     def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
         """The shape a batch of `rows` pairs, the longest `width` tokens, is padded to for this backend."""

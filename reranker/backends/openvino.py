@@ -181,9 +181,9 @@ def int8_streams(streams: int | None) -> int | None:
     models alike. On AMX, two streams served bench/cpu.py's rounds of both int8 modes at the right rankings."""
     if stream_count(streams, cpu_threads()) == 1 or "amx_int8" in int8_dot_products():
         return streams
-    (logger.warning if streams is not None else logger.info)(
-        "int8 runs on one OpenVINO stream on a CPU without AMX: OpenVINO's int8 kernels go wrong on two there",
-        extra={"cpu_streams": streams, "streams": 1})
+    logger.log(logging.WARNING if streams is not None else logging.INFO,  # a warning where more was asked for
+               "int8 runs on one OpenVINO stream on a CPU without AMX: OpenVINO's int8 kernels go wrong on two there",
+               extra={"cpu_streams": streams, "streams": 1})
     return 1
 
 

@@ -20,6 +20,7 @@ class TorchBackend:
     force (set by reranker.compiling); under `cudagraphs` batches are padded to shape buckets."""
 
     name = "torch"
+    stream_threads: int | None = None  # a pass takes every thread
 
     def __init__(self, cross_encoder: CrossEncoder, extras: dict[str, Any], max_length: int) -> None:
         self.cross_encoder = cross_encoder
