@@ -123,7 +123,7 @@ def main() -> None:
             runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
             for round_ in range(args.rounds):
                 for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
-                    batcher._cut_ins = mode == "cut-ins"
+                    batcher._rounds.cut_ins = mode == "cut-ins"
                     run = run_mixed(reranker, bulk, small, args.bulk, args.seconds)
                     runs[mode].append(run)
                     print(f"round {round_ + 1} {mode:>7}: small p50 {percentile(run.small, 0.5) * 1000:.0f} ms, "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reranker.engine import RankedDocument, Reranker, RerankResult, RerankStats
+from reranker.engine import Reranker
 from reranker.errors import (
     CancelledError,
     ClosedError,
@@ -15,6 +15,7 @@ from reranker.errors import (
     ScoringError,
     ValidationError,
 )
+from reranker.results import RankedDocument, RerankResult, RerankStats
 from reranker.settings import Settings, SettingsError
 
 __all__ = [

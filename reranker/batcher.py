@@ -8,7 +8,6 @@ between them keeps the next batch ready while the current one runs.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import queue
 import threading
@@ -16,11 +15,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from opentelemetry.trace import SpanContext
 
 from reranker.errors import (
     CancelledError,
@@ -32,8 +29,9 @@ from reranker.errors import (
 )
 from reranker.jobs import CancelSignal, Job, Room
 from reranker.metrics import Metrics
-from reranker.packing import PaddedShape, joins, unpadded
+from reranker.packing import PaddedShape, unpadded
 from reranker.pipeline import STOP, Batch, DeviceStage, ScoreFn, Scorer, as_scorer, is_out_of_memory
+from reranker.rounds import Item, Rounds
 from reranker.spans import BatchSpans, current_span_context
 from reranker.stall import StallWatch
 from reranker.tokens import EncodedPair
@@ -41,24 +39,6 @@ from reranker.tokens import EncodedPair
 logger = logging.getLogger(__name__)
 
 __all__ = ["Batcher", "ScoreFn", "is_out_of_memory"]
-
-
-@dataclass(frozen=True)
-class _Item:
-    job: Job
-    position: int
-
-    @property
-    def n_tokens(self) -> int:
-        return self.job.pairs[self.position].n_tokens
-
-    @property
-    def span_context(self) -> SpanContext | None:
-        return self.job.span_context
-
-    def served_by(self, batch: SpanContext) -> None:
-        if batch not in self.job.batch_spans:
-            self.job.batch_spans.append(batch)
 
 
 class Batcher:
@@ -69,16 +49,12 @@ class Batcher:
                  shape: PaddedShape = unpadded, stall_seconds: float = 0.0, cut_ins: bool = True) -> None:
         """`stall_seconds` (0: never): how long the device thread may work without a pass ending before the device
         is taken as hung, a fault (see `fault`). `cut_ins`: whether smaller requests cut in between a round's batches
-        (see `_take_cut_in`)."""
+        (see reranker.rounds)."""
         self._metrics = metrics
         self._scorer = as_scorer(scorer)
-        self._batch_tokens = batch_tokens
         self._shape = shape
         self._max_queue = max_queue
-        # Each caller's pairs not yet in a round, shortest first, callers oldest first.
-        self._pending: dict[Job, deque[_Item]] = {}
-        self._cut_ins = cut_ins
-        self._round: list[_Item] = []  # the collator's current round, cut into batches one at a time
+        self._rounds = Rounds(batch_tokens, shape, cut_ins)
         self._queued_pairs = 0
         self._held_pairs = 0  # held by callers still tokenizing (Room)
         self._cond = threading.Condition()
@@ -123,8 +99,7 @@ class Batcher:
         """Refuse new work and fail what waits: nothing queued can be scored on this device any more."""
         with self._cond:
             self._closed = True
-            waiting = [item for items in self._pending.values() for item in items]
-            self._pending = {}
+            waiting = self._rounds.drain()
             self._cond.notify()
         error = DeviceFaultError()
         self._deliver(waiting, error, None)
@@ -189,9 +164,7 @@ class Batcher:
             if room is not None:
                 self._held_pairs -= room.pairs
                 room.pairs = 0
-            if pairs:
-                order = sorted(range(len(pairs)), key=lambda i: pairs[i].n_tokens)
-                self._pending[job] = deque(_Item(job, i) for i in order)
+            self._rounds.add(job)
             self._live.add(job)
             self._queued_pairs += len(pairs)
             self._metrics.queue_pairs.set(self._queued_pairs)
@@ -231,10 +204,7 @@ class Batcher:
             job.cancelled = cancelled
             # Now, under the lock: a pass of its pairs that fails meanwhile must not put its error in this one's place.
             job.error = job.error or error
-            mine = list(self._pending.pop(job, ()))
-            # And those of the current round no batch has taken: they held their queue room until the collator
-            # reached their batch (a round of 20,000 pairs runs for minutes on a CPU), and others got 429 meanwhile.
-            mine += [item for item in self._round if item.job is job and not job.sent[item.position]]
+            mine = self._rounds.drop(job)  # pending, and those of the current round no batch has taken
         self._deliver(mine, error, None)
         with self._cond:
             job.done.set()
@@ -253,10 +223,10 @@ class Batcher:
     def _collate_rounds(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
+                while not self._rounds.pending and not self._closed:
                     self._cond.wait()
-                round_items = self._take_round()
-                self._round = round_items
+                round_items = self._rounds.take_round()
+                self._rounds.current = round_items
             if not round_items:  # closed and drained
                 # Outside the lock: the device thread needs it to deliver what is still in flight, and
                 # only then takes the STOP from a full hand-over queue.
@@ -267,92 +237,26 @@ class Batcher:
             left = deque(sorted(round_items, key=lambda item: (not item.job.left_out, item.n_tokens)))
             while left:
                 with self._cond:  # against _give_up(): each pair is dropped by it, or sent here, never both
-                    items = self._send(self._fill([], left))
+                    items = self._send(self._rounds.fill([], left))
                 if items and not self._run(items):
                     return
-                if left and self._cut_ins:
+                if left and self._rounds.cut_ins:
                     with self._cond:
-                        cut_in = self._take_cut_in(len(left))
-                        cut_in = self._send(self._top_up(cut_in, left) if cut_in else [])
+                        cut_in = self._rounds.take_cut_in(len(left))
+                        cut_in = self._send(self._rounds.top_up(cut_in, left) if cut_in else [])
                     if cut_in and not self._run(cut_in):
                         return
             with self._cond:
-                self._round = []
+                self._rounds.current = []
 
-    def _take_round(self) -> list[_Item]:
-        """Under the lock: the next round's pairs, taken out of `_pending`: every request's, but (with cut-ins, where
-        the rest holds more than two batches' worth of tokens) those of a request under half the size of the largest,
-        which stays pending to cut in after the round's first batch (see `_take_cut_in`) rather than wait for its
-        sorted place.
-        A request left out of one round goes into the next one whatever its size, first, so none waits for ever."""
-        if not self._pending:
-            return []
-        largest = max(len(items) for items in self._pending.values())
-        taken = [job for job, items in self._pending.items() if job.left_out or 2 * len(items) >= largest]
-        tokens = sum(item.n_tokens for job in taken for item in self._pending[job])
-        if not self._cut_ins or tokens <= 2 * self._batch_tokens:  # they would share its passes: all of them
-            taken = list(self._pending)
-        round_items = [item for job in taken for item in self._pending.pop(job)]
-        for job in self._pending:
-            job.left_out = True
-        return round_items
-
-    def _take_cut_in(self, round_left: int) -> list[_Item]:
-        """Under the lock: for one batch, the pending pairs of requests smaller than what is left of the current round
-        (`round_left` pairs) or left out of it, the smallest request first, each one's shortest pairs first; taken out
-        of `_pending`.
-
-        Between two batches of a round the collator runs one such batch, topped up with pairs of the round where it has
-        room (see `_top_up`): a 10-document request that arrives while 1000-document ones are being scored waits for
-        about two passes, not for all of them, and the round still gets every other pass (and the room cut-ins
-        leave), so a stream of small requests cannot starve a large one. A request as large as the rest of the round
-        (and not left out of it) waits for the next round, as every request did before 2026-12-04."""
-        smaller = sorted((job for job, items in self._pending.items() if job.left_out or len(items) < round_left),
-                         key=lambda job: len(self._pending[job]))  # stable: the oldest first among equals
-        taken: list[_Item] = []
-        for job in smaller:
-            items = self._pending[job]
-            self._fill(taken, items)
-            if not items:
-                del self._pending[job]
-        return taken
-
-    def _fill(self, batch: list[_Item], source: deque[_Item]) -> list[_Item]:
-        """Move pairs from the front of `source` (shortest first) into `batch` while each `joins` it; return `batch`."""
-        width = max((item.n_tokens for item in batch), default=0)
-        while source and joins(len(batch), width, source[0].n_tokens, self._batch_tokens, self._shape):
-            width = max(width, source[0].n_tokens)
-            batch.append(source.popleft())
-        return batch
-
-    def _top_up(self, batch: list[_Item], left: deque[_Item]) -> list[_Item]:
-        """Fill the room a cut-in `batch` leaves with pairs of the round (`left`, taken out of it) no longer than its
-        longest, the longest of them first: they cost no more padding than the batch pays for already (the round's
-        shortest would be padded the most). Returns `batch`."""
-        width = max(item.n_tokens for item in batch)
-        fitting = [i for i, item in enumerate(left) if item.n_tokens <= width]
-        # A pair no longer than the batch's longest joins it by the row count alone: count the rows, then take that
-        # many of the longest (nlargest keeps sorted()'s order among equals), not sort them all on the hot path.
-        room = 0
-        while room < len(fitting) and joins(len(batch) + room, width, width, self._batch_tokens, self._shape):
-            room += 1
-        longest = heapq.nlargest(room, fitting, key=lambda i: left[i].n_tokens)
-        batch.extend(left[i] for i in longest)
-        if longest:
-            taken = set(longest)
-            kept = [item for i, item in enumerate(left) if i not in taken]
-            left.clear()
-            left.extend(kept)
-        return batch
-
-    def _send(self, items: list[_Item]) -> list[_Item]:
+    def _send(self, items: list[Item]) -> list[Item]:
         """Under the lock: the pairs of `items` whose callers still wait, marked as handed to the device."""
         items = [item for item in items if not item.job.given_up]
         for item in items:
             item.job.sent[item.position] = True
         return items
 
-    def _start(self, items: Sequence[_Item]) -> None:
+    def _start(self, items: Sequence[Item]) -> None:
         """Count how long the jobs whose first pairs are in a batch now waited for it."""
         now = time.perf_counter()
         for item in items:
@@ -360,7 +264,7 @@ class Batcher:
                 item.job.started = now
                 self._metrics.queue_seconds.observe(now - item.job.submitted)
 
-    def _run(self, items: list[_Item]) -> bool:
+    def _run(self, items: list[Item]) -> bool:
         """Pad `items` as one batch and hand it to the device thread; False if that thread is gone."""
         self._start(items)
         pairs = [item.job.pairs[item.position] for item in items]
@@ -385,7 +289,7 @@ class Batcher:
                         self._deliver(batch.items, error, None)
                     return False
 
-    def _deliver(self, items: Sequence[_Item], outcome: np.ndarray | RerankerError,
+    def _deliver(self, items: Sequence[Item], outcome: np.ndarray | RerankerError,
                  ran: tuple[float, float] | None) -> None:
         """Record each item's score, or fail its job, and wake the callers whose jobs are complete; `ran` is when
         the pass that scored them ran."""

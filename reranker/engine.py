@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import cast
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 import reranker.planning as planning
 import reranker.spans as spans
 from reranker.batcher import Batcher, ScoreFn
+from reranker.budgets import batch_token_budget, stall_limit
 from reranker.cache import ScoreCache, pair_key
 from reranker.errors import LimitExceededError, OverloadedError, RerankerError, ScoringError
 from reranker.jobs import Room
@@ -26,46 +27,12 @@ from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.packing import unpadded
 from reranker.planning import CUT, SPLIT, given_up, tokenizer_slices
-from reranker.results import RankedDocument, RerankResult, RerankStats
+from reranker.results import RankedDocument, RerankResult, RerankStats, rank
 from reranker.settings import Settings
 from reranker.tracing import Tracing
 from reranker.validation import validate_request
 
 logger = logging.getLogger(__name__)
-
-# Padded tokens per forward pass when RERANKER_BATCH_TOKENS=auto. On the CPU, passes beyond a few
-# thousand tokens fall out of cache and get slower per pair (bench/throughput.py: 2048 tokens ran
-# MiniLM-L6 2.2x faster than 16384, float32 and bfloat16 alike); a GPU wants large passes.
-# OpenVINO with one thread per stream (two streams on two threads, its default there) ran MiniLM-L6 1.12-1.13x faster
-# at 1024 than at 2048, bfloat16 and float32 alike, and 1024 was level with 2048 on one stream of two threads (AVX-512
-# EPYC, in-process, 4 callers): about 1024 tokens per thread of a pass.
-CUDA_BATCH_TOKENS = 16384
-CPU_BATCH_TOKENS = 2048
-CPU_TOKENS_PER_THREAD = 1024
-# RERANKER_STALL_SECONDS=auto: how long the device thread may work without a pass ending before the device is taken
-# as hung. Far above the longest pass at the automatic budget: a GPU's take well under a second (recording a CUDA
-# graph for a new bucket, a few), a 4B-parameter model's 2,048 tokens on a small CPU a minute or two.
-CUDA_STALL_SECONDS = 120.0
-CPU_STALL_SECONDS = 600.0
-def batch_token_budget(device: str, stream_threads: int | None = None) -> int:
-    """The automatic RERANKER_BATCH_TOKENS for a device; on the CPU, for the threads one pass runs on
-    (`stream_threads`: an OpenVINO stream's; None for torch, whose pass takes them all)."""
-    if device.startswith("cuda"):
-        return CUDA_BATCH_TOKENS
-    return CPU_BATCH_TOKENS if stream_threads is None else min(CPU_BATCH_TOKENS, CPU_TOKENS_PER_THREAD * stream_threads)
-
-
-def stall_limit(device: str) -> float:
-    """The automatic RERANKER_STALL_SECONDS for a device."""
-    return CUDA_STALL_SECONDS if device.startswith("cuda") else CPU_STALL_SECONDS
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow at either end: CrossEncoder.predict's default activation, and the
-    one every score here is shown through, whatever activation a model's config names (docs/engine.md, Scores)."""
-    small = np.exp(-np.abs(logits))
-    return np.where(logits >= 0, 1 / (1 + small), small / (1 + small)).astype(np.float32)
-
 
 # What to try when a pass gives NaN or infinity, by the precision it ran at.
 NONFINITE_HINTS = {
@@ -313,16 +280,8 @@ class Reranker:
             for i in missing:
                 logits[i] = best[slot_of[first[keys[i]]]]
 
-            raw = np.asarray(logits, dtype=np.float32)
-            probabilities = sigmoid(raw).tolist()
-            ranked_by = raw.tolist()
-            shown = ranked_by if raw_scores else probabilities
-            # Ordered by the logits, whatever is shown: float32 sigmoid is exactly 1.0 from a logit of about 17
-            # (a causal yes/no reranker's clear answers reach it), and ordering on it ranked such documents by
-            # their place in the request.
-            order = sorted(range(len(documents)), key=lambda i: (-ranked_by[i], i))
-            limit = len(order) if top_n is None else min(top_n, len(order))
-            results = [RankedDocument(i, shown[i], documents[i]) for i in order[:limit]]
+            # Every slot is filled by now: a cache hit, a scored document, or a repeat of one.
+            results, probabilities = rank(documents, cast("list[float]", logits), raw_scores=raw_scores, top_n=top_n)
 
         top1 = max(probabilities)
         spread = statistics.pstdev(probabilities)

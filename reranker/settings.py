@@ -56,7 +56,7 @@ class Settings:
     cpu_streams: int | None = None  # OpenVINO streams; None: auto (two where there are two threads or more)
     max_length: int = 1024
     long_docs: str = "truncate"
-    batch_tokens: int | None = None  # None: auto, by device (see batch_token_budget)
+    batch_tokens: int | None = None  # None: auto, by device (see reranker.budgets)
     cache_size: int = 10_000
     max_docs: int = 1000
     max_doc_chars: int = 100_000
@@ -74,7 +74,7 @@ class Settings:
     slow_ms: float = 2000.0
     log_query_preview: int = 0
     drain_seconds: float = 30.0
-    stall_seconds: float | None = None  # None: auto, by device (see stall_limit); 0: never
+    stall_seconds: float | None = None  # None: auto, by device (see reranker.budgets); 0: never
     cut_ins: bool = True  # a smaller request cuts in between the batches of a round in progress (reranker.batcher)
     # Above the idle timeout of the clients and load balancers in front (httpx 5 s, AWS ALB 60 s): the side that
     # closes an idle connection first must be the client, or a request sent as the server closes it is reset.

@@ -38,7 +38,7 @@ OUTCOME = "reranker.outcome"
 
 
 class Traced(Protocol):
-    """What the device thread needs of a batch item (reranker.batcher's `_Item`)."""
+    """What the device thread needs of a batch item (reranker.rounds's `Item`)."""
 
     @property
     def span_context(self) -> SpanContext | None: ...

@@ -25,11 +25,12 @@ from reranker import (
     ScoringError,
     planning,
 )
-from reranker.batcher import Batcher, _Item, is_out_of_memory
+from reranker.batcher import Batcher, is_out_of_memory
 from reranker.jobs import CancelSignal, Job
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.packing import cut_batches
+from reranker.rounds import Item
 from reranker.tokens import EncodedPair
 from tests.conftest import model_settings
 from tests.servers import HANG_S
@@ -453,12 +454,12 @@ def test_cut_ins_take_the_smallest_requests_first_and_only_those_smaller_than_th
         # Round left: 5 pairs, so a (6 pairs) waits. The smallest first (c, d: one pair each), each one's shortest
         # pairs first, while the batch's padded size (rows x longest) stays within 40 tokens; a request whose next
         # pair does not fit (d's 30 tokens would pad it to 2 x 30) leaves room to the next one (b).
-        taken = [[(names[item.job], item.n_tokens) for item in batcher._take_cut_in(5)] for _ in range(3)]
+        taken = [[(names[item.job], item.n_tokens) for item in batcher._rounds.take_cut_in(5)] for _ in range(3)]
         assert taken == [[("c", 10), ("b", 10), ("b", 11)],
                          [("b", 12)],  # b and d have one pair left each: b is the older; d's 30 would pad to 60
                          [("d", 30)]]
-        assert batcher._take_cut_in(5) == [] and list(batcher._pending) == [jobs["a"]]
-        assert batcher._take_cut_in(7) != []  # smaller than a round of 7 pairs: a too
+        assert batcher._rounds.take_cut_in(5) == [] and list(batcher._rounds.pending) == [jobs["a"]]
+        assert batcher._rounds.take_cut_in(7) != []  # smaller than a round of 7 pairs: a too
         for job in jobs.values():
             batcher.cancel(job)
     batcher.close()
@@ -494,10 +495,10 @@ def test_the_top_up_takes_the_rounds_longest_pairs_that_cost_no_more_padding() -
     batcher = Batcher(lambda batch: np.zeros(len(batch), dtype=np.float32), batch_tokens=80, max_queue=100,
                       metrics=Metrics(CollectorRegistry()))
     job = Job([EncodedPair(np.arange(n)) for n in (20, 3, 5, 8, 15, 18, 25)])
-    batch, *others = [_Item(job, i) for i in range(7)]
+    batch, *others = [Item(job, i) for i in range(7)]
     left = deque(others)
     with batcher._cond:
-        topped = batcher._top_up([batch], left)
+        topped = batcher._rounds.top_up([batch], left)
     assert [item.n_tokens for item in topped] == [20, 18, 15, 8]  # four rows of 20: the budget
     assert [item.n_tokens for item in left] == [3, 5, 25]
     batcher.close()
@@ -512,13 +513,13 @@ def test_a_round_leaves_a_small_request_out_once_to_cut_in_unless_they_would_sha
 
     with batcher._cond:  # the collator does not look meanwhile
         bulk, small = batcher.submit(pairs(20)), batcher.submit(pairs(2))
-        taken = batcher._take_round()  # bulk spans five batches: small waits to cut in after the first
-        assert {item.job for item in taken} == {bulk} and list(batcher._pending) == [small] and small.left_out
+        taken = batcher._rounds.take_round()  # bulk spans five batches: small waits to cut in after the first
+        assert {item.job for item in taken} == {bulk} and list(batcher._rounds.pending) == [small] and small.left_out
         later = batcher.submit(pairs(30))
-        taken = batcher._take_round()  # small was left out once: it goes into this round, however small
-        assert {item.job for item in taken} == {small, later} and not batcher._pending
+        taken = batcher._rounds.take_round()  # small was left out once: it goes into this round, however small
+        assert {item.job for item in taken} == {small, later} and not batcher._rounds.pending
         few, one = batcher.submit(pairs(6)), batcher.submit(pairs(1))
-        taken = batcher._take_round()  # 70 tokens, two batches of 40: they share passes, so both are taken
+        taken = batcher._rounds.take_round()  # 70 tokens, two batches of 40: they share passes, so both are taken
         assert {item.job for item in taken} == {few, one}
         for job in (bulk, small, later, few, one):
             batcher.cancel(job)
@@ -794,7 +795,7 @@ def test_a_cancelled_job_stays_cancelled_when_a_pass_of_its_pairs_fails_while_it
 
         def failing_pass_first(items: Sequence[Any], outcome: Any, ran: Any) -> None:
             if isinstance(outcome, CancelledError):  # the thread switch at the worst moment
-                deliver([_Item(job, 0)], ScoringError("the model failed to score this request"), None)
+                deliver([Item(job, 0)], ScoringError("the model failed to score this request"), None)
             deliver(items, outcome, ran)
 
         monkeypatch.setattr(batcher, "_deliver", failing_pass_first)

@@ -282,7 +282,7 @@ def test_slow_passes_that_end_and_idle_time_are_no_stall(bert_model: ScoringMode
 
 
 def test_the_stall_limit_follows_the_device_unless_set(bert_model: ScoringModel) -> None:
-    from reranker.engine import stall_limit
+    from reranker.budgets import stall_limit
 
     assert stall_limit("cuda:0") == 120.0 and stall_limit("cpu") == 600.0
     with Reranker(bert_model, model_settings(Path(bert_model.model_id))) as reranker:

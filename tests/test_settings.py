@@ -59,7 +59,7 @@ def test_every_variable_is_read() -> None:
 
 
 def test_batch_tokens_auto_is_resolved_by_device() -> None:
-    from reranker.engine import batch_token_budget
+    from reranker.budgets import batch_token_budget
 
     assert Settings.from_env({"RERANKER_BATCH_TOKENS": "AUTO"}).batch_tokens is None
     assert Settings.from_env({"RERANKER_CPU_STREAMS": "auto"}).cpu_streams is None
