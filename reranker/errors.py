@@ -22,6 +22,10 @@ class ValidationError(RerankerError, ValueError):
     """The request is malformed; the message says what to change (HTTP 400/422)."""
 
 
+class EmptyInputError(ValidationError):
+    """The query, or the list of documents, is empty (HTTP 400; TEI's `Empty`)."""
+
+
 class InvalidTypeError(ValidationError):
     """A field has the wrong type or shape (HTTP 422)."""
 

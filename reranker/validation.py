@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from reranker.errors import InvalidTypeError, LimitExceededError, ValidationError
+from reranker.errors import EmptyInputError, InvalidTypeError, LimitExceededError, ValidationError
 from reranker.settings import Settings
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
     if not isinstance(query, str):
         raise InvalidTypeError(f"query must be a string, got {type(query).__name__}")
     if not query.strip():
-        raise ValidationError("query is empty; send the text to rank the documents against")
+        raise EmptyInputError("query is empty; send the text to rank the documents against")
     _check_text("query", query)
     if len(query) > s.max_query_chars:
         raise LimitExceededError(
@@ -30,7 +30,7 @@ def validate_request(s: Settings, model: ScoringModel, query: object, documents:
     if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
         raise InvalidTypeError(f"{documents_field} must be a list of strings")
     if not documents:
-        raise ValidationError(f"{documents_field} is empty; send at least one document")
+        raise EmptyInputError(f"{documents_field} is empty; send at least one document")
     if len(documents) > s.max_docs:
         raise LimitExceededError(
             f"{len(documents)} documents sent; the limit is RERANKER_MAX_DOCS={s.max_docs} per request"

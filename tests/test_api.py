@@ -123,10 +123,19 @@ def scores(response: httpx.Response) -> dict[int, float]:
 
 
 def test_tei_errors_take_teis_shape(url: str) -> None:
-    """TEI's clients read `{"error": message, "error_type": ...}`."""
+    """TEI's clients read `{"error": message, "error_type": ...}`, with TEI's names: `Empty` for an empty input."""
     answer = post(url, "/rerank", {"query": "", "texts": ["a"]})
-    assert answer.status_code == 400 and answer.json() == {"error": answer.json()["error"], "error_type": "Validation"}
+    assert answer.status_code == 400 and answer.json() == {"error": answer.json()["error"], "error_type": "Empty"}
     assert answer.json()["error"].startswith("query")
+    answer = post(url, "/rerank", {"query": "q", "texts": []})
+    assert answer.status_code == 400 and answer.json() == {"error": "texts is empty; send at least one document",
+                                                          "error_type": "Empty"}
+    for body, status in (({"query": "q", "texts": ["a"], "top_n": 0}, 400),  # the other 4xx: Validation
+                         ({"query": "q", "texts": [1]}, 422), ({"query": "q" * 100_000, "texts": ["a"]}, 413)):
+        answer = post(url, "/rerank", body)
+        assert (answer.status_code, answer.json()["error_type"]) == (status, "Validation"), answer.text
+    # Elsewhere the type stays ours.
+    assert post(url, "/v1/rerank", {"query": "", "documents": ["a"]}).json()["error"]["type"] == "invalid_request"
 
 
 def test_tei_truncate_false_refuses_a_text_the_model_would_cut(live: tuple[str, Reranker]) -> None:
@@ -373,7 +382,8 @@ def test_bad_input_gets_a_clear_json_error(url: str, case: str, path: str, body:
     assert response.status_code == status, response.text
     if path == "/rerank":  # TEI's shape
         answer = response.json()
-        assert answer["error_type"] == "Validation" and len(answer["error"]) > 10
+        assert answer["error_type"] == ("Empty" if "is empty" in answer["error"] else "Validation")
+        assert len(answer["error"]) > 10
     elif path == "/v2/rerank":  # Cohere v2's shape
         assert len(error_message(response)) > 10
     else:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from reranker import (
     CancelledError,
     ClosedError,
+    EmptyInputError,
     InvalidTypeError,
     LimitExceededError,
     OverloadedError,
@@ -30,13 +31,14 @@ class HttpError(Exception):
     """An error answer: status, a stable type, a message for the caller, the metric status label."""
 
     def __init__(self, status: int, type: str, message: str, *, counted: bool = False,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, tei_type: str | None = None) -> None:
         super().__init__(status, type, message)
         self.status = status
         self.type = type
         self.message = message
         self.counted = counted  # already recorded in reranker_requests_total
         self.headers = dict(headers or {})  # of the answer, over those its status gets by default
+        self._tei_type = tei_type
         self.stats: RerankStats | None = None  # what a request that ended once queued cost, for its log line
 
     @property
@@ -62,6 +64,8 @@ class HttpError(Exception):
     @property
     def tei_type(self) -> str:
         """TEI's ErrorType for this answer; its clients know no other names."""
+        if self._tei_type is not None:
+            return self._tei_type
         if self.status == 429:
             return "Overloaded"
         if self.status == 503:
@@ -99,7 +103,8 @@ def to_http_error(err: BaseException) -> HttpError:
         return err
     for kind, status, name in STATUSES:
         if isinstance(err, kind):
-            return HttpError(status, name, str(err))
+            # TEI answers an empty input `Empty`, apart from its other `Validation` errors.
+            return HttpError(status, name, str(err), tei_type="Empty" if isinstance(err, EmptyInputError) else None)
     if isinstance(err, RerankerError):
         return HttpError(500, "internal_error", "the request could not be served")
     return HttpError(500, "internal_error", "internal error; the service logged the details")

@@ -186,7 +186,8 @@ class TeiErrorResponse(BaseModel):
     """TEI's error shape, used on /rerank."""
 
     error: str
-    error_type: str = Field(description='"Validation", "Overloaded", "Unhealthy" or "Backend", as TEI names them.')
+    error_type: str = Field(description='"Validation", "Empty", "Overloaded", "Unhealthy" or "Backend", as TEI '
+                                        'names them.')
 
 
 class CohereErrorResponse(BaseModel):

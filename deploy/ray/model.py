@@ -71,6 +71,7 @@ class Reply:
     replica: str
     result: RerankResult | None = None
     error: tuple[int, str, str] | None = None  # status, type, message of an HttpError
+    tei_type: str | None = None  # its TEI error type where that is not the status's (an empty input's `Empty`)
     model: str | None = None  # the model id: the ingress's /readyz and Cohere's `model` need not ask a replica
 
 
@@ -158,7 +159,8 @@ class RerankModel:
                         lambda cancel: service.rerank(route, call, cancel, expires, counts_left, room), deadline)
             return Reply(self.replica, result=result, model=self.reranker.model.model_id)
         except HttpError as err:
-            return Reply(self.replica, error=(err.status, err.type, err.message), model=self.reranker.model.model_id)
+            return Reply(self.replica, error=(err.status, err.type, err.message), tei_type=err.tei_type,
+                         model=self.reranker.model.model_id)
         finally:
             context.detach(token)
 

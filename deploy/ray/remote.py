@@ -208,7 +208,7 @@ class RemoteBackend:
                 if reply.error is None:
                     assert reply.result is not None
                     return reply.result
-                failed = HttpError(*reply.error, counted=True)  # the replica booked it
+                failed = HttpError(*reply.error, counted=True, tei_type=reply.tei_type)  # the replica booked it
                 if reply.error[:2] == FULL and not full_once:
                     reason, wait, full_once = failed.message, 0.0, True
                 elif reply.error[:2] == UNAVAILABLE:
@@ -265,7 +265,7 @@ class RemoteBackend:
                     # anyway and the replica claimed it first; a replica that held it counts it `cancelled`.
                     ours = withdrawn_unassigned(response) and await asyncio.to_thread(self.claim, call_id)
                     raise HttpError(self._cut_error.status, self._cut_error.type, self._cut_error.message,
-                                    counted=not ours)
+                                    counted=not ours, tei_type=self._cut_error.tei_type)
         finally:
             gone.cancel()
             cut.cancel()
