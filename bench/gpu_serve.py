@@ -32,7 +32,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,9 @@ def send(requests: list[Request], callers: int, call: Any, nvml: Nvml) -> Load:
     return load
 
 
-def over_http(url: str) -> Any:
+@contextmanager
+def over_http(url: str) -> Iterator[Any]:
+    """A call through the Serve app's /v1/rerank, on one pooled client closed at the end."""
     client = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64))
 
     def call(i: int, query: str, documents: list[str]) -> tuple[int, str, list[float] | None]:
@@ -111,7 +115,8 @@ def over_http(url: str) -> Any:
             scores[result["index"]] = result["relevance_score"]
         return 200, response.headers.get("x-reranker-replica", "?"), scores
 
-    return call
+    with client:
+        yield call
 
 
 def serve_config(env: dict[str, str], replicas: int, gpus: float) -> dict[str, Any]:
@@ -226,8 +231,7 @@ def main() -> None:
         report("engine")
         site = os.environ.get("PYTHONPATH", "")
         with local_ray({"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), site) if p)},
-                       num_cpus=max(4, (os.cpu_count() or 4) - 2)) as cluster:
-            call = over_http(cluster.url)
+                       num_cpus=max(4, (os.cpu_count() or 4) - 2)) as cluster, over_http(cluster.url) as call:
             for name, replicas, share in (("serve-1", 1, gpus), ("serve-2", 2, gpus / 2)):
                 # Each configuration afresh: on a host whose GPUs are all held, a rolling update's surge replica
                 # (max_surge_percent) finds no GPU, is never RUNNING, and the old replica is never stopped.
