@@ -94,6 +94,13 @@ def test_the_kuberay_manifest_embeds_serve_yaml_sized_for_a_gpu_cluster() -> Non
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
         assert secrets == {"RERANKER_API_KEY": "reranker", "RERANKER_UI_AUTH": "reranker"}
     assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == schema_version()
+    for worker in workers:  # a pod drains its Ray node before it stops (tests/test_ray_drain.py), in its grace period
+        pod = worker["template"]["spec"]
+        for container in pod["containers"]:
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[:3] == ["python", "-m", "deploy.ray.drain"] and container["workingDir"] == "/app"
+            deadline = int(command[command.index("--deadline-s") + 1])
+            assert model["graceful_shutdown_timeout_s"] < deadline < pod["terminationGracePeriodSeconds"] - 5
 
 
 def test_the_application_builder_binds_the_ingress_over_the_model() -> None:
