@@ -71,7 +71,7 @@ class Reply:
     replica: str
     result: RerankResult | None = None
     error: tuple[int, str, str] | None = None  # status, type, message of an HttpError
-    tei_type: str | None = None  # its TEI error type where that is not the status's (an empty input's `Empty`)
+    tei_type: str | None = None  # its TEI error type (an empty input's `Empty`, where the status alone says Validation)
     model: str | None = None  # the model id: the ingress's /readyz and Cohere's `model` need not ask a replica
 
 
