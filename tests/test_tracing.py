@@ -199,7 +199,7 @@ def test_errors_are_recorded_with_status_error(bert_model: ScoringModel, bert_di
     assert request.status.status_code is StatusCode.ERROR and validate.status.status_code is StatusCode.ERROR
     assert dict(request.attributes or {})["reranker.outcome"] == "invalid"
     assert [e.attributes["exception.type"] for e in validate.events if e.attributes] == [
-        "reranker.errors.ValidationError"]
+        "reranker.errors.EmptyInputError"]  # a ValidationError: the empty query
     assert "query is empty" in str(validate.status.description)
     batches = sorted((s for s in halved if s.name == spans.BATCH), key=started)
     assert [dict(b.attributes or {})["reranker.batch.size"] for b in batches] == [2, 1, 1]  # one pass per retry
