@@ -85,15 +85,17 @@ def client_left(message: str, *, counted: bool = False) -> HttpError:
     return HttpError(CLIENT_CLOSED, "cancelled", message, counted=counted)
 
 # Most specific first: the first class the error is an instance of decides. Their messages are written
-# for the caller; any other error gets a fixed message, so internal details never leave the process.
-STATUSES: list[tuple[type[RerankerError], int, str]] = [
-    (LimitExceededError, 413, "limit_exceeded"),
-    (InvalidTypeError, 422, "invalid_type"),
-    (ValidationError, 400, "invalid_request"),
-    (OverloadedError, 429, "overloaded"),
-    (ClosedError, 503, "not_ready"),
-    (CancelledError, CLIENT_CLOSED, "cancelled"),
-    (ScoringError, 500, "scoring_failed"),
+# for the caller; any other error gets a fixed message, so internal details never leave the process. The last
+# column is TEI's error type where the status alone does not give it (HttpError.tei_type).
+STATUSES: list[tuple[type[RerankerError], int, str, str | None]] = [
+    (LimitExceededError, 413, "limit_exceeded", None),
+    (InvalidTypeError, 422, "invalid_type", None),
+    (EmptyInputError, 400, "invalid_request", "Empty"),
+    (ValidationError, 400, "invalid_request", None),
+    (OverloadedError, 429, "overloaded", None),
+    (ClosedError, 503, "not_ready", None),
+    (CancelledError, CLIENT_CLOSED, "cancelled", None),
+    (ScoringError, 500, "scoring_failed", None),
 ]
 
 
@@ -101,10 +103,9 @@ def to_http_error(err: BaseException) -> HttpError:
     """Map any exception to the answer the caller sees."""
     if isinstance(err, HttpError):
         return err
-    for kind, status, name in STATUSES:
+    for kind, status, name, tei_type in STATUSES:
         if isinstance(err, kind):
-            # TEI answers an empty input `Empty`, apart from its other `Validation` errors.
-            return HttpError(status, name, str(err), tei_type="Empty" if isinstance(err, EmptyInputError) else None)
+            return HttpError(status, name, str(err), tei_type=tei_type)
     if isinstance(err, RerankerError):
         return HttpError(500, "internal_error", "the request could not be served")
     return HttpError(500, "internal_error", "internal error; the service logged the details")
