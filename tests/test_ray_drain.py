@@ -34,8 +34,6 @@ from tests.ray_load import Load  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 from tests.test_ray_serve import APP, MODEL, app_config, wait_for  # noqa: E402
 
-ENV = {"RAY_TMPDIR": "", "RAY_AUTH_TOKEN": ""}
-
 
 @pytest.fixture(scope="module")
 def nodes(bert_dir: Path) -> Iterator[tuple[Cluster, str, list[Any]]]:
@@ -43,8 +41,10 @@ def nodes(bert_dir: Path) -> Iterator[tuple[Cluster, str, list[Any]]]:
     with its replicas on the workers; everything stopped by process id afterwards."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     (Path(temp) / "ray").mkdir()  # Cluster writes the cluster's address there
-    saved = {name: os.environ.get(name) for name in ENV}
-    os.environ.update({**ENV, "RAY_TMPDIR": temp, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+    # Ray's files under `temp`, and a token of its own (else a local Ray saves one in ~/.ray), as local_ray does.
+    environ = {"RAY_TMPDIR": temp, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {name: os.environ.get(name) for name in environ}
+    os.environ.update(environ)
     reset_auth_token_state()
     before = descendants(os.getpid())
     started: set[int] = set()

@@ -22,19 +22,18 @@ only in a FailedPreStopHook event); it exits 1 only when the drain could not be 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 
+from reranker.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
 # What the Serve controller sees on a node: its replicas (app:deployment:id) and its proxy's status (None: none).
 NodeState = tuple[list[str], str | None]
-
-
-def say(event: str, **fields: object) -> None:
-    print(json.dumps({"message": event, "logger": "deploy.ray.drain", **fields}), flush=True)
 
 
 def node_state(node_id: str) -> NodeState:
@@ -64,12 +63,13 @@ def wait_drained(node_id: str, deadline: float, poll_s: float,
         try:
             replicas, proxy = state(node_id)
         except Exception as err:  # the hook keeps the pod until the deadline whatever one poll meets
-            say("could not read Serve's state", error=repr(err)[:300])
+            logger.warning("could not read Serve's state", extra={"error": repr(err)[:300]})
         else:
             if not replicas and proxy in (None, "DRAINED"):
                 return True
         time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-    say("deadline passed before the node drained", node_id=node_id, replicas_left=replicas, proxy=proxy)
+    logger.warning("deadline passed before the node drained",
+                   extra={"node_id": node_id, "replicas_left": replicas, "proxy": proxy})
     return False
 
 
@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll-s", type=float, default=1.0)
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.deadline_s  # one clock for the hook and the drain it asks for
+    setup_logging()  # the project's JSON lines, on stdout
 
     import ray
 
@@ -101,14 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             asked = request_drain(context.gcs_address, node_id, left, "the pod is terminating (preStop hook)")
         except subprocess.TimeoutExpired:
-            say("drain not asked: ray drain-node did not answer in time", node_id=node_id)
+            logger.error("drain not asked: ray drain-node did not answer in time", extra={"node_id": node_id})
             return 1
         if asked.returncode != 0:
-            say("drain refused", node_id=node_id, error=(asked.stderr or asked.stdout).strip()[-500:])
+            logger.error("drain refused",
+                         extra={"node_id": node_id, "error": (asked.stderr or asked.stdout).strip()[-500:]})
             return 1
-        say("draining", node_id=node_id, deadline_s=left)
+        logger.info("draining", extra={"node_id": node_id, "deadline_s": left})
         if wait_drained(node_id, deadline, args.poll_s):
-            say("drained", node_id=node_id, seconds=round(args.deadline_s - (deadline - time.monotonic()), 1))
+            logger.info("drained", extra={"node_id": node_id,
+                                          "seconds": round(args.deadline_s - (deadline - time.monotonic()), 1)})
         return 0
     finally:
         ray.shutdown()
