@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import cast
 
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +22,7 @@ from reranker.errors import LimitExceededError, OverloadedError, RerankerError, 
 from reranker.jobs import Room
 from reranker.loading import load_model
 from reranker.longdocs import DocumentClipper
+from reranker.lookup import Lookup
 from reranker.metrics import Metrics
 from reranker.model import ScoringModel
 from reranker.packing import unpadded
@@ -207,17 +207,9 @@ class Reranker:
             room.need(len(documents))
         texts, clipped = self._clip(documents, max_doc_tokens, cancel)
         with spans.step(self._tracer, spans.CACHE) as span:
-            keys = [self._key(query, text, instruction, max_chunks) for text in texts]
-            cached = [self._cache.get(key) for key in keys]
-            logits: list[float | None] = [None if entry is None else entry[0] for entry in cached]
-            hits = sum(value is not None for value in logits)
-            span.set_attribute("reranker.cache_hits", hits)
-        missing = [i for i, value in enumerate(logits) if value is None]
-        # A document repeated in the request is scored once: the first of its key stands for the others.
-        first: dict[bytes, int] = {}
-        for i in missing:
-            first.setdefault(keys[i], i)
-        scored = list(first.values())
+            lookup = Lookup.of(self._cache, [self._key(query, text, instruction, max_chunks) for text in texts])
+            span.set_attribute("reranker.cache_hits", lookup.hits)
+        scored = lookup.scored
         room.need(len(scored))  # what the cache did not answer
         with spans.step(self._tracer, spans.TOKENIZE) as span:
             plan = planning.Plan()
@@ -227,11 +219,9 @@ class Reranker:
                                      max_chunks=max_chunks)
             clipped_scored = {slot for slot, i in enumerate(scored) if i in clipped}
             spans.describe_plan(span, len(scored), plan.pairs, len(plan.cut | clipped_scored), len(plan.split))
-        # Every document counts as its scored text was cut to max_length or split: a cache hit as its first request
-        # found, a repeat as the first of its key; and one cut to max_doc_tokens as cut in this request (the cache
-        # keeps no such flag: the cut text, a key of its own, may also be sent whole).
-        slot_of = {i: slot for slot, i in enumerate(scored)}
-        flags = [plan.flags(slot_of[first[keys[i]]]) if entry is None else entry[1] for i, entry in enumerate(cached)]
+        # A document cut to max_doc_tokens counts as cut in this request (the cache keeps no such flag: the cut
+        # text, a key of its own, may also be sent whole).
+        flags = lookup.flags(plan)
         if not truncate:
             self._refuse_cuts(flags, documents_field)
         given_up(cancel)
@@ -240,8 +230,8 @@ class Reranker:
         chunked = sum(bool(flag & SPLIT) for flag in flags)
         # Counted once the work is accepted, whatever becomes of it: a refused request looked up nothing.
         tokens = sum(pair.n_tokens for pair in plan.pairs)
-        self.metrics.cache_requests.labels(result="hit").inc(hits)
-        self.metrics.cache_requests.labels(result="miss").inc(len(missing))
+        self.metrics.cache_requests.labels(result="hit").inc(lookup.hits)
+        self.metrics.cache_requests.labels(result="miss").inc(lookup.misses)
         self.metrics.input_tokens.inc(tokens)
         self.metrics.truncated_documents.inc(truncated)
         self.metrics.chunked_documents.inc(chunked)
@@ -251,7 +241,7 @@ class Reranker:
             """What the call cost: for its answer, or for the error it ends with."""
             queued = (job.started - job.submitted) if job.started is not None else 0.0
             return RerankStats(
-                n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=chunked, cache_hits=hits,
+                n_docs=len(documents), tokens=tokens, truncated=truncated, chunked=chunked, cache_hits=lookup.hits,
                 pairs_scored=pairs_scored, queue_seconds=queued,
                 inference_seconds=job.inference_seconds, total_seconds=time.perf_counter() - started,
                 top1_score=top1, score_std=spread)
@@ -275,13 +265,8 @@ class Reranker:
                         f"{NONFINITE_HINTS.get(self.model.dtype, NONFINITE_HINTS['other'])}"
                     )
                 best[owner] = max(best[owner], score)
-            for slot, doc_index in enumerate(scored):
-                self._cache.put(keys[doc_index], (best[slot], plan.flags(slot)))
-            for i in missing:
-                logits[i] = best[slot_of[first[keys[i]]]]
-
-            # Every slot is filled by now: a cache hit, a scored document, or a repeat of one.
-            results, probabilities = rank(documents, cast("list[float]", logits), raw_scores=raw_scores, top_n=top_n)
+            logits = lookup.fill(self._cache, best, plan)
+            results, probabilities = rank(documents, logits, raw_scores=raw_scores, top_n=top_n)
 
         top1 = max(probabilities)
         spread = statistics.pstdev(probabilities)

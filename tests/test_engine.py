@@ -153,6 +153,24 @@ def test_cache_is_bounded_and_evicts_least_recently_used() -> None:
     assert pair_key("ab", "c") != pair_key("a", "bc")
 
 
+def test_a_lookup_scores_each_missing_text_once_and_fills_every_document() -> None:
+    from reranker.cache import ScoreCache, pair_key
+    from reranker.lookup import Lookup
+    from reranker.planning import CUT, SPLIT, Plan
+
+    cache = ScoreCache(8)
+    a, b, c = pair_key("a"), pair_key("b"), pair_key("c")
+    cache.put(b, (5.0, SPLIT))
+    lookup = Lookup.of(cache, [a, b, a, c, b, a])
+    assert (lookup.hits, lookup.misses) == (2, 4)
+    assert lookup.scored == [0, 3]  # a's first copy, then c: slot 0 is a, slot 1 is c
+    plan = Plan(cut={1})  # c was cut to max_length
+    assert lookup.flags(plan) == [0, SPLIT, 0, CUT, SPLIT, 0]
+    assert lookup.fill(cache, [1.0, 3.0], plan) == [1.0, 5.0, 1.0, 3.0, 5.0, 1.0]
+    assert cache.get(a) == (1.0, 0) and cache.get(c) == (3.0, CUT)
+    assert Lookup.of(cache, [c, a]).scored == []
+
+
 def test_the_cache_tells_absent_keys_without_reordering_or_hashing_under_its_lock() -> None:
     from reranker.cache import ScoreCache, pair_key
 
