@@ -162,22 +162,21 @@ def test_the_drain_deletes_only_the_configs_applications_and_leaves_a_clusters_s
         monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve
 
-    from deploy.ray import __main__ as launcher
-    from deploy.ray import stopping
+    from deploy.ray import shutdown, stopping
 
     running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
     steps: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(running)))
     monkeypatch.setattr(serve, "delete", lambda name, _blocking: running.pop(name))
-    monkeypatch.setattr(launcher, "drain_fronts", lambda apps, seconds: steps.append(("drain", list(apps))))
+    monkeypatch.setattr(shutdown, "drain_fronts", lambda apps, seconds: steps.append(("drain", list(apps))))
     monkeypatch.setattr(stopping, "withdraw_drain", lambda apps: steps.append(("withdraw", list(apps))))
-    monkeypatch.setattr(launcher.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(shutdown.signal, "signal", lambda *args: None)
     with pytest.raises(SystemExit) as ended:  # on a cluster: `serve run`'s KeyboardInterrupt path stops all Serve
-        launcher.drain_then_stop(["reranker", "ui"], 30.0, remote=True)(15, None)
+        shutdown.drain_then_stop(["reranker", "ui"], 30.0, remote=True)(15, None)
     assert ended.value.code == 0 and list(running) == ["someone-elses"]
     assert steps == [("drain", ["reranker", "ui"]), ("withdraw", ["reranker", "ui"])]
     with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts Serve down
-        launcher.drain_then_stop(["reranker", "ui"], 30.0, remote=False)(15, None)
+        shutdown.drain_then_stop(["reranker", "ui"], 30.0, remote=False)(15, None)
 
 
 def test_a_second_signal_on_a_cluster_deletes_only_the_configs_applications(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,35 +184,34 @@ def test_a_second_signal_on_a_cluster_deletes_only_the_configs_applications(monk
     shared cluster, and its controller and proxies, stopped. A third signal did the same."""
     from ray import serve
 
-    from deploy.ray import __main__ as launcher
-    from deploy.ray import stopping
+    from deploy.ray import shutdown, stopping
 
     running = {"reranker": "RUNNING", "ui": "RUNNING", "someone-elses": "RUNNING"}
     handlers: dict[int, Any] = {}
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict(running)))
     monkeypatch.setattr(serve, "delete", lambda name, _blocking: running.pop(name))
-    monkeypatch.setattr(launcher, "front_replicas", lambda apps: set())
+    monkeypatch.setattr(shutdown, "front_replicas", lambda apps: set())
     monkeypatch.setattr(stopping, "announce_cut", lambda apps: None)
-    monkeypatch.setattr(launcher.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
+    monkeypatch.setattr(shutdown.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
     with pytest.raises(SystemExit) as ended:
-        launcher.cut_then_stop(["reranker", "ui"], 0.0, remote=True)(15, None)
+        shutdown.cut_then_stop(["reranker", "ui"], 0.0, remote=True)(15, None)
     assert ended.value.code == 1 and list(running) == ["someone-elses"]
     with pytest.raises(SystemExit):  # the third signal
-        handlers[launcher.signal.SIGTERM](15, None)
+        handlers[shutdown.signal.SIGTERM](15, None)
     # A third signal while the second one waits for the ingress to answer what it holds: ours are deleted all the same.
     running.update({"reranker": "RUNNING", "ui": "RUNNING"})
 
     def third_signal(apps: list[str], fronts: set[str], seconds: float, period_s: float = 0.1) -> bool:
-        return handlers[launcher.signal.SIGINT](2, None)
+        return handlers[shutdown.signal.SIGINT](2, None)
 
-    monkeypatch.setattr(launcher, "until_fronts_idle", third_signal)
+    monkeypatch.setattr(shutdown, "until_fronts_idle", third_signal)
     with pytest.raises(SystemExit):
-        launcher.cut_then_stop(["reranker", "ui"], 3.0, remote=True)(15, None)
+        shutdown.cut_then_stop(["reranker", "ui"], 3.0, remote=True)(15, None)
     assert list(running) == ["someone-elses"]
-    monkeypatch.setattr(launcher, "until_fronts_idle", lambda *args: True)
+    monkeypatch.setattr(shutdown, "until_fronts_idle", lambda *args: True)
     with pytest.raises(KeyboardInterrupt):  # on its own Ray: `serve run` shuts its Serve down
-        launcher.cut_then_stop(["reranker", "ui"], 0.0, remote=False)(15, None)
-    assert handlers[launcher.signal.SIGINT] is launcher.signal.default_int_handler
+        shutdown.cut_then_stop(["reranker", "ui"], 0.0, remote=False)(15, None)
+    assert handlers[shutdown.signal.SIGINT] is shutdown.signal.default_int_handler
 
 
 def test_on_a_cluster_it_will_not_delete_applications_another_config_deployed(monkeypatch: pytest.MonkeyPatch,
