@@ -178,7 +178,8 @@ def int8_streams(streams: int | None) -> int | None:
     streams of one thread: weights-only int8 gave logits of -200 where float32 gave -0.2 (Spearman 0.36 through the
     service), and static int8, though it scored right, corrupted the heap (glibc aborted the process, or it
     segfaulted, a few calls later). One stream on both threads ran right, on the benchmark model and the tiny test
-    models alike. On AMX, two streams served bench/cpu.py's rounds of both int8 modes at the right rankings."""
+    models alike. On AMX, two streams served bench/cpu.py's rounds of both int8 modes at the right rankings.
+    bench/int8_streams.py checks whether the fault still happens on the CPU it runs on."""
     if stream_count(streams, cpu_threads()) == 1 or "amx_int8" in int8_dot_products():
         return streams
     logger.log(logging.WARNING if streams is not None else logging.INFO,  # a warning where more was asked for
