@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,21 +17,30 @@ from reranker.model import ScoringModel
 from tests.browser import ARTIFACTS, WAIT_MS, browser_page
 from tests.conftest import model_settings
 from tests.servers import serve
+from tests.tiny_models import random_text
 from web.http import create_app
 from web.ui import EXAMPLES
 
 
 @pytest.fixture(scope="module")
-def ui_url(bert_model: ScoringModel, bert_dir: Path) -> Iterator[str]:
+def ui_server(bert_model: ScoringModel, bert_dir: Path) -> Iterator[tuple[str, Reranker]]:
     with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
         with serve(create_app(reranker)) as url:
-            yield url
+            yield url, reranker
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_server: tuple[str, Reranker]) -> str:
+    return ui_server[0]
 
 
 def test_rerank_in_the_browser(ui_url: str) -> None:
     from playwright.sync_api import expect
 
-    docs = ["the cache server keeps hot data", "tea grows on hills", "a queue server", "json token parse"]
+    # Lines long enough that a document column sized to its content ran past the panel (Gradio's default).
+    docs = ["the cache server keeps hot data in memory, so that a repeated read never waits for the disk",
+            "tea grows on hills", "a queue server hands each message to one worker and retries it on failure",
+            "json token parse"]
     page: Any
     with browser_page() as page:
         page.goto(ui_url, wait_until="networkidle")
@@ -51,10 +61,18 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         assert all(row[3] == docs[int(row[2])] for row in table)
         scores = [float(row[1]) for row in table]
         assert scores == sorted(scores, reverse=True)
+        # The document column takes what the narrow ones leave, and wraps there: nothing scrolls sideways.
+        assert page.evaluate(OVERFLOWING, "#results") == []
 
         page.locator("#query textarea").fill("")
         page.locator("#rerank").click()
         page.get_by_text("query is empty").first.wait_for()
+        # The last query's table goes, and the status says why there is none. The message stays until closed: it
+        # faded after 10 s, leaving a bare "Error" over the earlier query's results.
+        page.locator("#status").get_by_text("this rerank failed").wait_for()
+        expect(page.locator('#results [data-testid="cell-0-3"]')).to_have_count(0, timeout=WAIT_MS)
+        page.wait_for_timeout(11_000)
+        expect(page.get_by_text("query is empty").first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=True)
         # What the user typed is kept.
         assert page.locator("#documents textarea").input_value() == "\n".join(docs)
@@ -70,6 +88,30 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         page.locator("#results").get_by_text(example_docs[2], exact=True).wait_for()  # the new table
         shown = sorted(cell(row, 3) for row in range(len(example_docs)))
         assert shown == sorted(example_docs)
+
+
+def test_a_click_and_an_enter_while_it_runs_rerank_once(ui_server: tuple[str, Reranker]) -> None:
+    """The button and Enter in the query were two events, so an Enter while a click's rerank ran sent it again."""
+    url, reranker = ui_server
+    rng = random.Random(5)
+    # Long enough that the Enter lands while the click's rerank still runs (1.5-2.5 s here).
+    docs = [random_text(rng, 300) for _ in range(1000)]
+
+    def served() -> float:
+        return reranker.metrics.registry.get_sample_value(
+            "reranker_requests_total", {"route": "ui", "status": "ok"}) or 0.0
+
+    page: Any
+    with browser_page() as page:
+        page.goto(url, wait_until="networkidle")
+        page.locator("#query textarea").fill("a query sent once")
+        page.locator("#documents textarea").fill("\n".join(docs))
+        before = served()
+        page.locator("#rerank").click()
+        page.locator("#query textarea").press("Enter")
+        page.get_by_text("cache hits").wait_for()
+        page.wait_for_timeout(3000)  # time for a second run, were one started
+    assert served() - before == 1
 
 
 def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
@@ -102,6 +144,12 @@ def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
         page.screenshot(path=str(ARTIFACTS / "ui-monitoring.png"), full_page=True)
     assert count(after, "ok") - count(before, "ok") == 5
     assert count(after, "invalid") - count(before, "invalid") == 1
+
+
+# The results table's scrolling viewport when what it shows is wider than it is (it scrolls sideways).
+OVERFLOWING = """(selector) => [...document.querySelectorAll(selector + ' .virtual-table-viewport')]
+    .filter((el) => el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1)
+    .map((el) => el.scrollWidth + ' > ' + el.clientWidth + ' px')"""
 
 
 def count(summary: str, status: str) -> int:

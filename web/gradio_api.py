@@ -94,7 +94,8 @@ class RerankError(gr.Error):
 
     def __init__(self, error: HttpError) -> None:
         # Already one JSON log line; Gradio would add a traceback on stderr for every bad input.
-        super().__init__(error.message, print_exception=False)
+        # duration None: the message stays until the user closes it (it faded after 10 s, leaving a bare "Error").
+        super().__init__(error.message, duration=None, print_exception=False)
         self.status = error.status
 
 

@@ -27,6 +27,7 @@ PREVIEW_CHARS = 300
 # click waits at most 10 ms more to start. Its progress loop already polls every 10 ms.
 QUEUE_POLL_S = 0.01
 HEADERS = ["rank", "score", "index", "document"]
+FAILED = "**No results:** this rerank failed; the message says what to change."
 UPLOAD_CLEANUP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, uploads older than an hour
 
 EXAMPLES = [
@@ -176,15 +177,18 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                     button = gr.Button("Rerank", variant="primary", elem_id="rerank")
                 with gr.Column():
                     status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
+                    # Shares of the table's width (Gradio sizes an unset column to its content, past the panel): the document wraps in its own.
                     table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
                                          label="Ranked documents", interactive=False, wrap=True,
-                                         elem_id="results")
+                                         column_widths=["9%", "26%", "10%", "55%"], elem_id="results")
             gr.Examples(EXAMPLES, inputs=[query, documents])
         build_monitoring_tab(panel)
-        button.click(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
-                     api_name="predict", concurrency_limit=16)
-        query.submit(predict, inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
-                     api_visibility="private", concurrency_limit=16)
+        # One event for the button and Enter in the query: a click and an Enter while it runs rerank once.
+        rerank = gr.on([button.click, query.submit], predict, api_name="predict", concurrency_limit=16,
+                       inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
+                       trigger_mode="once")
+        # A failed rerank leaves no earlier query's table on show as if it were this one's.
+        rerank.failure(lambda: ([], FAILED), None, [table, status], api_visibility="private")
     poll_gently(demo)
     lifecycle.wait_also_for(demo.unfinished_events)
     return demo
