@@ -22,7 +22,21 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# The request examples /docs shows and "Try it out" sends (Swagger UI made its own of the schema before, which
+# three routes of four refused: "string" as rank_fields, relevant_spans and truncation_direction). Each is sent to
+# its route in tests/test_api.py.
+QUERY = "How do I read a JSON file in Python?"
+DOCUMENTS = ["json.load reads a JSON document from a file object.", "Paris is the capital of France.",
+             "Use open() and json.load(f) to parse a file."]
+
+
+def _example(body: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(extra="ignore", json_schema_extra={"examples": [body]})
+
+
 class CohereRerankRequest(_Body):
+    model_config = _example({"query": QUERY, "documents": DOCUMENTS, "top_n": 2, "return_documents": True})
+
     query: StrictStr = Field(description="What to rank the documents against.")
     documents: CohereDocuments = Field(
         description="Strings, or objects: with a `text` field, or with the fields `rank_fields` names.")
@@ -88,6 +102,8 @@ class RelevantSpans(_Body):
 
 
 class CohereV2RerankRequest(_Body):
+    model_config = _example({"model": "rerank-v3.5", "query": QUERY, "documents": DOCUMENTS, "top_n": 2})
+
     model: StrictStr | None = Field(None, description="Required by Cohere; accepted here, the loaded model answers.")
     query: StrictStr = Field(description="What to rank the documents against.")
     documents: CohereDocuments = Field(
@@ -124,6 +140,8 @@ class CohereV2RerankResponse(BaseModel):
 
 
 class TeiRerankRequest(_Body):
+    model_config = _example({"query": QUERY, "texts": DOCUMENTS, "return_text": True})
+
     query: StrictStr
     texts: Texts
     raw_scores: StrictBool | None = False  # null as absent, as on the other routes
@@ -142,6 +160,8 @@ class TeiResult(BaseModel):
 
 
 class PredictRequest(_Body):
+    model_config = _example({"data": [QUERY, "\n".join(DOCUMENTS), 2]})
+
     data: list[Any] = Field(
         description="[query, documents, top_n?, instruction?]; documents: newline-separated text or a list",
         # Declared, not enforced by pydantic: the route's own 422 says what the items are.

@@ -177,7 +177,7 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                     button = gr.Button("Rerank", variant="primary", elem_id="rerank")
                 with gr.Column():
                     status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
-                    # Shares of the table's width (Gradio sizes an unset column to its content, past the panel): the document wraps in its own.
+                    # Shares of the table's width: Gradio sizes an unset column to its content, past the panel.
                     table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
                                          label="Ranked documents", interactive=False, wrap=True,
                                          column_widths=["9%", "26%", "10%", "55%"], elem_id="results")
