@@ -76,6 +76,12 @@ cohere_bodies = st.fixed_dictionaries(
     {"query": query, "documents": st.one_of(doc_lists, st.lists(st.fixed_dictionaries({"text": texts}), max_size=4))},
     optional=_optional(top_n=numbers, return_documents=flags, raw_scores=flags, model=values, instruction=values),
 )
+cohere_v2_bodies = st.fixed_dictionaries(
+    {"query": query, "documents": st.one_of(doc_lists, st.lists(st.fixed_dictionaries({"text": texts}), max_size=4))},
+    optional=_optional(model=values, top_n=numbers, max_tokens_per_doc=numbers, return_documents=flags,
+                       rank_fields=values, priority=numbers, relevant_spans=values, raw_scores=flags,
+                       instruction=values),
+)
 tei_bodies = st.fixed_dictionaries(
     {"query": query, "texts": doc_lists},
     optional=_optional(top_n=numbers, raw_scores=flags, return_text=flags, truncate=flags),
@@ -86,7 +92,8 @@ predict_bodies = st.fixed_dictionaries({"data": st.one_of(
     st.lists(values, max_size=6),
     values,
 )})
-SHAPED = {"/v1/rerank": cohere_bodies, "/rerank": tei_bodies, "/api/predict": predict_bodies}
+SHAPED = {"/v1/rerank": cohere_bodies, "/v2/rerank": cohere_v2_bodies, "/rerank": tei_bodies,
+          "/api/predict": predict_bodies}
 
 # The Gradio event `predict` takes [query, documents, top_n, instruction, raw_scores, file].
 gradio_data = st.one_of(

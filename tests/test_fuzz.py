@@ -28,7 +28,8 @@ from web.http import create_app
 from web.service import split_lines
 
 TIMEOUT = HANG_S  # seconds: a request slower than this is a hang, not a loaded machine
-ROUTES = ("/v1/rerank", "/rerank", "/api/predict")
+ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank", "/api/predict")
+COHERE = ("/v1/rerank", "/v2/rerank")
 # Bounded so that the module runs in well under a minute on two cores.
 # No Hypothesis deadline: an example slowed down by a busy machine is no failure (Hypothesis calls one that is
 # fast on its replay "flaky"); a hang still fails, on TIMEOUT.
@@ -64,7 +65,7 @@ def post(http: httpx.Client, url: str, path: str, body: bytes) -> httpx.Response
 
 def sent_documents(route: str, body: dict[str, Any]) -> tuple[list[str], int | None]:
     """The documents and top_n of a request the server accepted."""
-    if route == "/v1/rerank":
+    if route in COHERE:
         docs = [d if isinstance(d, str) else d["text"] for d in body["documents"]]
         return docs, body.get("top_n")
     if route == "/rerank":
@@ -83,13 +84,17 @@ def check_answer(route: str, body: Any, response: httpx.Response) -> None:
             assert set(payload) == {"error", "error_type"}, payload
             assert all(isinstance(v, str) and v for v in payload.values()), payload
             return
+        if route == "/v2/rerank":  # Cohere v2's own: an id and a message
+            assert set(payload) == {"id", "message"} and isinstance(payload["message"], str), payload
+            assert payload["message"], payload
+            return
         assert set(payload) == ({"error", "message", "detail"} if route == "/v1/rerank" else {"error"}), payload
         assert set(payload["error"]) == {"type", "message"}, payload
         assert all(isinstance(v, str) and v for v in payload["error"].values()), payload
         return
     assert response.status_code == 200
     docs, top_n = sent_documents(route, body)
-    if route == "/v1/rerank":
+    if route in COHERE:
         rows = [(r["index"], r["relevance_score"], (r.get("document") or {}).get("text")) for r in payload["results"]]
     elif route == "/rerank":
         rows = [(r["index"], r["score"], r.get("text")) for r in payload]
@@ -165,7 +170,7 @@ def test_json_routes_survive_arbitrary_bytes(live: tuple[str, Reranker], http: h
 
 def edge_body(route: str, query: Any, documents: Any, top_n: Any = None) -> dict[str, Any]:
     extra = {} if top_n is None else {"top_n": top_n}
-    if route == "/v1/rerank":
+    if route in COHERE:
         return {"query": query, "documents": documents, **extra}
     if route == "/rerank":
         return {"query": query, "texts": documents, **extra}
@@ -207,7 +212,7 @@ def test_named_edge_cases(live: tuple[str, Reranker], http: httpx.Client, route:
         query, docs = body["data"][:2] if route == "/api/predict" else (body["query"], sent_documents(route, body)[0])
         expected = reranker.model.cross_encoder.predict([(query, d) for d in docs], show_progress_bar=False)
         got = {row["index"]: row.get("relevance_score", row.get("score")) for row in
-               (response.json()["results"] if route == "/v1/rerank" else
+               (response.json()["results"] if route in COHERE else
                 response.json()["data"][0] if route == "/api/predict" else response.json())}
         np.testing.assert_allclose([got[i] for i in range(len(docs))], expected, atol=1e-5)
 

@@ -120,6 +120,26 @@ def test_failed_logins_are_logged_and_an_address_that_keeps_failing_is_throttled
     assert all("guess" not in str(vars(r)) and PASSWORD not in str(vars(r)) for r in caplog.records)
 
 
+def test_behind_a_loopback_proxy_each_forwarded_client_has_its_own_login_throttle(
+        bert_model: ScoringModel, bert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy on loopback (FORWARDED_ALLOW_IPS' default, as app.py runs uvicorn) names each client in
+    X-Forwarded-For: one that keeps failing waits its minute, and the next client through the same proxy does not."""
+    caplog.set_level(logging.INFO, logger="reranker.login")
+    settings = model_settings(bert_dir, ui_auth=((USER, PASSWORD),), ui_login_attempts=2)
+    guesser, other = {"X-Forwarded-For": "203.0.113.5"}, {"X-Forwarded-For": "203.0.113.6"}
+    with Reranker(bert_model, settings, metrics=Metrics(CollectorRegistry())) as reranker:
+        with serve(create_app(reranker)) as base, httpx.Client(base_url=base, timeout=HANG_S) as client:
+            for _ in range(2):
+                assert client.post("/login", data={"username": USER, "password": "guess"},
+                                   headers=guesser).status_code == 400
+            throttled = client.post("/login", data={"username": USER, "password": PASSWORD}, headers=guesser)
+            assert throttled.status_code == 429
+            assert client.post("/login", data={"username": USER, "password": PASSWORD},
+                               headers=other).status_code == 200
+    assert [getattr(r, "client", None) for r in caplog.records if r.getMessage() == "ui login refused"] == [
+        "203.0.113.5", "203.0.113.5"]
+
+
 def test_the_login_page_is_served_and_wrong_passwords_are_refused(url: str) -> None:
     assert httpx.get(f"{url}/", timeout=HANG_S).status_code == 200  # the page that shows the login form
     wrong = httpx.post(f"{url}/login", data={"username": USER, "password": "wrong"}, timeout=HANG_S)
