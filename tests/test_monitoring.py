@@ -54,10 +54,33 @@ def test_monitor_turns_traffic_into_series(bert_model: ScoringModel, bert_dir: P
         assert set(frames["latency"]["series"]) == {"p50", "p95"}
         assert frames["docs"]["value"].iloc[-1] == pytest.approx(3.0)
         assert set(frames["memory"]["series"]) == {"GPU memory used (GiB)", "GPU memory total (GiB)"}
+        assert monitor.memory_series() == ["GPU memory used (GiB)", "GPU memory total (GiB)"]  # the plot's legend
         assert "ok 4" in monitor.summary() and "invalid 1" in monitor.summary() and "cancelled 1" in monitor.summary()
         recent = monitor.last_requests()
         assert len(recent) == 5 and recent[0][1] == "/v1/rerank" and recent[0][4] == "invalid"
         assert "| `" + bert_model.model_id + "` | cpu | float32 | 256 |" in monitor.model_card()
+
+
+class NoDriver:
+    """pynvml on a host without a GPU driver."""
+
+    def nvmlInit(self) -> None:  # noqa: N802 (NVML's name)
+        raise OSError("NVML Shared Library Not Found")
+
+
+def test_without_a_gpu_the_memory_plot_names_the_process_alone(bert_model: ScoringModel, bert_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its legend listed GPU memory used and total on every CPU host, series it never plots there."""
+    clock = [1000.0]
+    monkeypatch.setattr("web.monitoring.time.time", lambda: clock[0])
+    with Reranker(bert_model, model_settings(bert_dir), metrics=Metrics(CollectorRegistry())) as reranker:
+        monitor = Monitor(reranker, RequestHistory(), Nvml(NoDriver()))
+        monitor.tick()
+        clock[0] += 2
+        monitor.tick()
+        assert monitor.memory_series() == ["process memory used (GiB)"]
+        assert set(monitor.frames()["memory"]["series"]) == set(monitor.memory_series())
+        assert "**process memory**" in monitor.summary()
 
 
 def test_history_keeps_the_last_twenty() -> None:

@@ -96,6 +96,15 @@ class Panel:
     def model_card(self) -> str:
         return self._card()
 
+    def memory_series(self) -> list[str]:
+        """The memory plot's series, which its legend names once, when the tab is built: here the GPUs' or the
+        processes', whichever the replicas report."""
+        return [*gpu_memory_series(), f"{PROCESS_MEMORY} used (GiB)"]
+
+
+def gpu_memory_series() -> list[str]:
+    return [f"{GPU_MEMORY} used (GiB)", f"{GPU_MEMORY} total (GiB)"]
+
 
 class Monitor(Panel):
     """The panel over this process's engine and request history."""
@@ -105,6 +114,10 @@ class Monitor(Panel):
         self.history = history
         self.nvml = nvml or Nvml()
         super().__init__(lambda: take_snapshot(reranker, self.nvml), lambda: model_card(reranker), history.latest)
+
+    def memory_series(self) -> list[str]:
+        """This process's GPUs, or on a host without one its own memory (a legend of GPU series never plotted)."""
+        return gpu_memory_series() if self.nvml.read() else [f"{PROCESS_MEMORY} used (GiB)"]
 
 
 def _frame(rows: list[tuple[datetime, float, str]]) -> pd.DataFrame:
@@ -139,8 +152,7 @@ def build_monitoring_tab(monitor: Panel) -> None:
             queue = _plot("queue depth and batch size", ["queue depth (pairs)", "batch size (pairs)"])
         with gr.Row():
             cache = _plot("cache hit ratio", ["cache hit ratio"])
-            memory = _plot("memory", [f"{what} {kind} (GiB)" for what in (GPU_MEMORY, PROCESS_MEMORY)
-                                      for kind in ("used", "total")])
+            memory = _plot("memory", monitor.memory_series())
         recent = gr.Dataframe(headers=["time", "route", "documents", "latency ms", "status", "trace id"],
                               interactive=False, label="last 20 requests", elem_id="recent-requests")
     timer = gr.Timer(TICK_SECONDS)

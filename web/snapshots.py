@@ -16,7 +16,7 @@ from reranker.gpu import Nvml
 from reranker.metrics import STATUSES, Metrics
 
 GPU_MEMORY = "GPU memory"
-PROCESS_MEMORY = "process memory (no GPU)"
+PROCESS_MEMORY = "process memory"  # on a host without a GPU
 
 
 @dataclass(frozen=True)
