@@ -47,6 +47,10 @@ class Nvml:
                     self._state = False
             return self._state
 
+    def available(self) -> bool:
+        """Whether NVML is there (a driver, a library): a host whose GPUs this process can read."""
+        return self._ready()
+
     def read(self) -> list[GpuReading]:
         """One reading per GPU; empty without NVML. A failing read is skipped, not raised."""
         if not self._ready():

@@ -229,6 +229,16 @@ def test_health_ready_info_docs(url: str) -> None:
     assert page.status_code == 200 and "gradio" in page.text.lower()
 
 
+def test_each_routes_schema_example_is_a_request_it_answers(url: str) -> None:
+    """/docs' "Try it out" sends these as they stand (web/schemas.py); Swagger UI's own of the schema were refused."""
+    schema = httpx.get(f"{url}/openapi.json", timeout=HANG_S).json()
+    for route in ("/v1/rerank", "/v2/rerank", "/rerank", "/api/predict"):
+        body = schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        [example] = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]["examples"]
+        response = httpx.post(f"{url}{route}", json=example, timeout=HANG_S)
+        assert response.status_code == 200, (route, response.text)
+
+
 def test_readyz_is_503_once_closed(bert_model: ScoringModel, bert_dir: Path) -> None:
     from fastapi.testclient import TestClient
 

@@ -54,7 +54,8 @@ def test_monitor_turns_traffic_into_series(bert_model: ScoringModel, bert_dir: P
         assert set(frames["latency"]["series"]) == {"p50", "p95"}
         assert frames["docs"]["value"].iloc[-1] == pytest.approx(3.0)
         assert set(frames["memory"]["series"]) == {"GPU memory used (GiB)", "GPU memory total (GiB)"}
-        assert monitor.memory_series() == ["GPU memory used (GiB)", "GPU memory total (GiB)"]  # the plot's legend
+        assert monitor.memory_series() == [  # the plot's legend
+            "GPU memory used (GiB)", "GPU memory total (GiB)", "process memory used (GiB)"]
         assert "ok 4" in monitor.summary() and "invalid 1" in monitor.summary() and "cancelled 1" in monitor.summary()
         recent = monitor.last_requests()
         assert len(recent) == 5 and recent[0][1] == "/v1/rerank" and recent[0][4] == "invalid"

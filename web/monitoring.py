@@ -116,8 +116,10 @@ class Monitor(Panel):
         super().__init__(lambda: take_snapshot(reranker, self.nvml), lambda: model_card(reranker), history.latest)
 
     def memory_series(self) -> list[str]:
-        """This process's GPUs, or on a host without one its own memory (a legend of GPU series never plotted)."""
-        return gpu_memory_series() if self.nvml.read() else [f"{PROCESS_MEMORY} used (GiB)"]
+        """Without NVML, this process's memory alone: a legend of GPU series that never get a point helps nobody.
+        With it, the GPUs' too (a tick whose GPU reads all fail plots the process's)."""
+        process = [f"{PROCESS_MEMORY} used (GiB)"]
+        return [*gpu_memory_series(), *process] if self.nvml.available() else process
 
 
 def _frame(rows: list[tuple[datetime, float, str]]) -> pd.DataFrame:

@@ -24,7 +24,7 @@ class _Body(BaseModel):
 
 # The request examples /docs shows and "Try it out" sends (Swagger UI made its own of the schema before, which
 # three routes of four refused: "string" as rank_fields, relevant_spans and truncation_direction). Each is sent to
-# its route in tests/test_api.py.
+# its route by tests/test_api.py, and by Swagger UI itself in tests/test_browser.py.
 QUERY = "How do I read a JSON file in Python?"
 DOCUMENTS = ["json.load reads a JSON document from a file object.", "Paris is the capital of France.",
              "Use open() and json.load(f) to parse a file."]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -187,8 +188,10 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
         rerank = gr.on([button.click, query.submit], predict, api_name="predict", concurrency_limit=16,
                        inputs=[query, documents, top_n, instruction, raw, upload], outputs=[table, status],
                        trigger_mode="once")
-        # A failed rerank leaves no earlier query's table on show as if it were this one's.
-        rerank.failure(lambda: ([], FAILED), None, [table, status], api_visibility="private")
+        # A failed rerank leaves no earlier query's table on show as if it were this one's. In the browser alone: a
+        # call to the server would be refused with the rerank itself by a drain, or wait behind other events.
+        cleared = json.dumps([{"headers": HEADERS, "data": [], "metadata": None}, FAILED])
+        rerank.failure(None, None, [table, status], js=f"() => {cleared}", api_visibility="private")
     poll_gently(demo)
     lifecycle.wait_also_for(demo.unfinished_events)
     return demo
