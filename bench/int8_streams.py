@@ -34,7 +34,7 @@ from bench.report import host  # noqa: E402
 from bench.workload import batcher_batches, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.convert import convert  # noqa: E402
 from reranker.backends.int8 import calibration_groups, quantize, spearman  # noqa: E402
-from reranker.backends.openvino import cpu_threads  # noqa: E402
+from reranker.backends.openvino import compiled_precision, cpu_threads  # noqa: E402
 from reranker.loading import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402
 
@@ -81,8 +81,9 @@ def main() -> None:
         reference = logits(core.compile_model(graph, "CPU", properties(1, threads, "f32")), batches)
         print(f"{reference.size} pairs in {len(batches)} batches; float32 logits span "
               f"{reference.min():.3f} to {reference.max():.3f}")
-        print("| graph | properties | max abs error vs float32 | Spearman vs float32 | scores |")
-        print("|---|---|---|---|---|")
+        print("| graph | properties asked | compiled: streams, threads, precision | max abs error vs float32 "
+              "| Spearman vs float32 | scores |")
+        print("|---|---|---|---|---|---|")
         faults = 0
         for mode in ("weights", "static"):
             quantized = quantize(graph, calibration, mode)
@@ -93,11 +94,14 @@ def main() -> None:
                         (1, 1, None, None), (2, threads, "f32", None)]
             for streams, count, precision, hint in variants if threads >= 2 else variants[:1]:
                 config = properties(streams, count, precision, hint)
-                scores = logits(core.compile_model(quantized, "CPU", config), batches)
+                compiled = core.compile_model(quantized, "CPU", config)
+                ran = (f"{compiled.get_property('NUM_STREAMS')}, {compiled.get_property('INFERENCE_NUM_THREADS')}, "
+                       f"{compiled_precision(compiled)}")  # what OpenVINO made of them
+                scores = logits(compiled, batches)
                 error = float(np.max(np.abs(scores - reference)))
                 wrong = error > WRONG or not np.all(np.isfinite(scores))
                 faults += wrong and streams > 1
-                print(f"| int8 {mode} | {config} | {error:.4f} | {spearman(scores, reference):.4f} | "
+                print(f"| int8 {mode} | {config} | {ran} | {error:.4f} | {spearman(scores, reference):.4f} | "
                       f"{'WRONG' if wrong else 'right'} |")
         if threads < 2:
             print("one thread: no two-stream compile to check")

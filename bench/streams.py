@@ -1,12 +1,12 @@
 """OpenVINO's two streams against one, in-process: the engine (our batcher and worker, no HTTP) on the benchmark
-model at the precision RERANKER_DTYPE=auto picks on this CPU, fed by `--clients` concurrent callers.
+model at the precision RERANKER_DTYPE=auto picks on this CPU (or `--dtype`), fed by `--clients` concurrent callers.
 
 Both models are compiled first, on all of this process's threads: one with one stream, one with two (the
 default, RERANKER_CPU_STREAMS=auto). Then, for `--rounds` rounds, each scores the same workload through its own
 Reranker (the pair-score cache off), in an order that alternates each round, so a drift in the host's speed falls
 on both. A round's ratio is two streams' pairs/s over one stream's in that round; the median and range are
 printed. What docs/cpu.md#streams bases the default on, per CPU.
-Run: .venv/bin/python -m bench.streams   [--rounds 6 --requests 16 --docs 50 --clients 4]
+Run: .venv/bin/python -m bench.streams   [--rounds 6 --requests 16 --docs 50 --clients 4 --dtype auto]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="RERANKER_DTYPE of both (auto: what the service picks on this CPU)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -53,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_benchmark_model(Path(tmp) / "minilm")
         base = Settings(model=str(path), device="cpu", backend="openvino", cache_size=0,
-                        cache_dir=str(Path(tmp) / "ov"))
+                        cache_dir=str(Path(tmp) / "ov"), dtype=args.dtype)
         models: dict[int, ScoringModel] = {}
         for streams in (1, 2):
             models[streams] = load_model(replace(base, cpu_streams=None if streams == 2 else 1))
