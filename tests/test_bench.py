@@ -201,6 +201,20 @@ def test_streams_bench_alternates_one_and_two_streams_in_process() -> None:
     assert re.search(r"two streams / one: \d+\.\d\dx \(median; \d+\.\d\d-\d+\.\d\dx\)", result.stdout)
 
 
+def test_int8_streams_bench_scores_each_compile_against_float32_and_says_whether_the_fault_is_here() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.int8_streams", "--requests", "1", "--docs", "8"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "8 pairs in " in result.stdout
+    rows = re.findall(r"^\| int8 (weights|static) \| \{.*'NUM_STREAMS': (\d).*\} \| (\d), (\d), (bf16|f32) \| "
+                      r"(\d+\.\d{4}) \| (-?\d\.\d{4}|nan) \| (right|WRONG) \|$", result.stdout, re.MULTILINE)
+    assert len(rows) == 10, result.stdout  # five compiles of each graph
+    wrong = sum(row[-1] == "WRONG" for row in rows)
+    verdict = "the fault reproduces" if wrong else "no fault: every int8 graph scores right on two streams here"
+    assert verdict in result.stdout
+
+
 def test_infinity_is_measured_in_its_fastest_setup_for_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import peers
     from reranker.backends import cpu
