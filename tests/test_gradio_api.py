@@ -98,6 +98,7 @@ DIRECT_STATUSES = [
     ("top_n 1.5", ["q", "a", 1.5, "", False, None], 422),
     ("top_n 0.5", ["q", "a", 0.5, "", False, None], 422),
     ("top_n -0.5", ["q", "a", -0.5, "", False, None], 422),
+    ("top_n -2", ["q", "a", -2, "", False, None], 400),
 ]
 
 
@@ -125,6 +126,18 @@ def test_a_components_own_refusal_is_the_message_not_gradios_wrapping(live: tupl
     assert response.status_code == 422
     assert response.json()["error"] == ("bad input for the Gradio API: input 2 (number): top_n must be a whole "
                                         "number (0 or empty: all), got 1.5")
+
+
+def test_a_negative_top_n_is_refused_in_the_forms_terms(live: tuple[str, Reranker]) -> None:
+    """0 or empty asks for every document on the form and /api/predict: the engine's "a positive integer or null"
+    told a user of either to send what it already refused."""
+    url, _ = live
+    said = "top_n must be a whole number, 0 or more (0 or empty: every document), got -2"
+    response = httpx.post(f"{url}/gradio_api/api/predict", json={"data": ["q", "a", -2, "", False, None]},
+                          timeout=HANG_S)
+    assert response.status_code == 400 and response.json()["error"] == said
+    response = httpx.post(f"{url}/api/predict", json={"data": ["q", ["a"], -2]}, timeout=HANG_S)
+    assert response.status_code == 400 and response.json()["error"]["message"] == said
 
 
 @pytest.mark.parametrize("body", [b'{"data": "q"}', b"{}", b"null", b"[" * 200_000, b'{"data": ["\xff"]}'],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult
+from reranker import ClosedError, OverloadedError, Reranker, RerankerError, RerankResult, ValidationError
 from reranker.jobs import Room
 from reranker.logs import query_fields, should_log, trace_fields
 from reranker.metrics import Metrics
@@ -45,9 +45,13 @@ class RerankCall:
 
 def form_top_n(value: object) -> object:
     """top_n as a form or a Gradio client sends it: 0, empty or null is all documents, and a whole float (a
-    Number field's 2.0) is the integer it holds; anything else goes on for the engine to check."""
+    Number field's 2.0) is the integer it holds; a negative number is refused in those terms (HttpError), where the
+    engine would say "a positive integer or null"; anything else goes on for the engine to check."""
     if value is None or value == "" or (value == 0 and not isinstance(value, bool)):
         return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise to_http_error(ValidationError(
+            f"top_n must be a whole number, 0 or more (0 or empty: every document), got {value:g}"))
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value

@@ -82,7 +82,12 @@ def ui_call(query: str, documents: str, top_n: float | None, instruction: str | 
             error = to_http_error(err)
             refused(ROUTE, error)
             raise RerankError(error) from None
-    return RerankCall(query, docs, form_top_n(top_n), instruction or None, bool(raw_scores))
+    try:
+        wanted = form_top_n(top_n)
+    except HttpError as error:
+        refused(ROUTE, error)
+        raise RerankError(error) from None
+    return RerankCall(query, docs, wanted, instruction or None, bool(raw_scores))
 
 
 def ui_answer(result: RerankResult) -> tuple[list[list[object]], str]:
