@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def test_rerank_in_the_browser(ui_url: str) -> None:
         page.get_by_text("query is empty").first.wait_for()
         # The last query's table goes, and the status says why there is none. The message stays until closed: it
         # faded after 10 s, leaving a bare "Error" over the earlier query's results.
-        page.locator("#status").get_by_text("this rerank failed").wait_for()
+        page.locator("#status").get_by_text("the rerank was stopped, or it failed").wait_for()
         expect(page.locator('#results [data-testid="cell-0-3"]')).to_have_count(0, timeout=WAIT_MS)
         page.wait_for_timeout(11_000)
         expect(page.get_by_text("query is empty").first).to_be_visible()
@@ -111,6 +112,37 @@ def test_a_click_and_an_enter_while_it_runs_rerank_once(ui_server: tuple[str, Re
         page.get_by_text("cache hits").wait_for()
         page.wait_for_timeout(3000)  # time for a second run to arrive, were one started
     assert received() - before == 1
+
+
+def test_stop_cancels_a_running_rerank(ui_server: tuple[str, Reranker]) -> None:
+    """The Stop button cancels the Rerank event: the engine drops the pairs not yet scored (counted `cancelled`),
+    the table is cleared, and the next rerank runs."""
+    url, reranker = ui_server
+    rng = random.Random(6)
+    docs = [random_text(rng, 300) for _ in range(1000)]  # 1.5-2.5 s here: Stop lands while it runs
+
+    def count(status: str) -> float:
+        return reranker.metrics.registry.get_sample_value(
+            "reranker_requests_total", {"route": "ui", "status": status}) or 0.0
+
+    page: Any
+    with browser_page() as page:
+        page.goto(url, wait_until="networkidle")
+        page.locator("#query textarea").fill("a query stopped")
+        page.locator("#documents textarea").fill("\n".join(docs))
+        before = {status: count(status) for status in ("ok", "cancelled")}
+        page.locator("#rerank").click()
+        page.wait_for_timeout(200)
+        page.locator("#stop").click()
+        page.locator("#status").get_by_text("the rerank was stopped").wait_for()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while count("cancelled") == before["cancelled"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (count("ok"), count("cancelled")) == (before["ok"], before["cancelled"] + 1)
+        page.locator("#documents textarea").fill("a cache server\ntea grows on hills")
+        page.locator("#rerank").click()
+        page.get_by_text("2 documents").wait_for()
+    assert count("ok") == before["ok"] + 1
 
 
 def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:

@@ -28,7 +28,7 @@ PREVIEW_CHARS = 300
 # click waits at most 10 ms more to start. Its progress loop already polls every 10 ms.
 QUEUE_POLL_S = 0.01
 HEADERS = ["rank", "score", "index", "document"]
-FAILED = "**No results:** this rerank failed; the message says what to change."
+FAILED = "**No results:** the rerank was stopped, or it failed (its message says what to change)."
 UPLOAD_CLEANUP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, uploads older than an hour
 
 EXAMPLES = [
@@ -180,7 +180,9 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                         top_n = gr.Number(label="top_n (0 or empty: all)", value=None, precision=0)
                         top_n.preprocess = refusing_fractions(top_n.preprocess)  # type: ignore[method-assign,assignment]
                         raw = gr.Checkbox(label="Raw scores (logits)", value=False)
-                    button = gr.Button("Rerank", variant="primary", elem_id="rerank")
+                    with gr.Row():
+                        button = gr.Button("Rerank", variant="primary", elem_id="rerank", scale=3)
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 with gr.Column():
                     status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
                     # Shares of the table's width: Gradio sizes an unset column to its content, past the panel.
@@ -197,6 +199,8 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
         # call to the server would be refused with the rerank itself by a drain, or wait behind other events.
         cleared = json.dumps([{"headers": HEADERS, "data": [], "metadata": None}, FAILED])
         rerank.failure(None, None, [table, status], js=f"() => {cleared}", api_visibility="private")
+        # Gradio cancels the event's task: the engine drops the pairs not yet scored, as when the page closes.
+        stop.click(None, None, None, cancels=[rerank], api_visibility="private")
     poll_gently(demo)
     lifecycle.wait_also_for(demo.unfinished_events)
     return demo
