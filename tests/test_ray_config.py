@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import subprocess
@@ -403,3 +404,16 @@ def test_the_model_replica_takes_its_device_from_rays_assignment(monkeypatch: py
     with pytest.raises(Built, match="^cpu$"):
         model.RerankModel({"RERANKER_DEVICE": "auto"})
     assert not ray.is_initialized()
+
+
+def test_the_launchers_json_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """print wrote the text and its newline apart, and Ray's thread printing the replicas' log lines on the same
+    stream got in between: test_ray_start read a JSON line with Ray's line run into it."""
+    from deploy.ray import shutdown
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(shutdown.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    shutdown.log("ERROR", "deploying failed, stopping: é" + "x" * 5000, applications=["reranker"])
+    (written,) = writes
+    assert written.endswith(b"}\n") and written.count(b"\n") == 1
+    assert json.loads(written)["message"] == "deploying failed, stopping: é" + "x" * (4000 - 29)

@@ -6,6 +6,7 @@ the launcher's JSON line."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -14,9 +15,13 @@ from typing import Any
 
 
 def log(level: str, message: str, **fields: Any) -> None:
-    """One JSON line on stderr, as the replicas log (logging is Ray's and Serve's in this process)."""
-    print(json.dumps({"level": level, "logger": "deploy.ray", **fields, "message": message[:4000]}),
-          file=sys.stderr, flush=True)
+    """One JSON line on stderr, as the replicas log (logging is Ray's and Serve's in this process). The whole line
+    goes to the file descriptor in one write: print wrote the text and its newline apart, and Ray's thread that
+    prints the replicas' log lines on the same stream got in between (a test read a JSON line run into Ray's)."""
+    line = json.dumps({"level": level, "logger": "deploy.ray", **fields, "message": message[:4000]}) + "\n"
+    data = line.encode()
+    while data:
+        data = data[os.write(sys.stderr.fileno(), data):]
 
 
 # A second signal: how long the ingress and UI replicas get to answer what they hold 503 (they look 4 times a second).
