@@ -412,7 +412,12 @@ def test_the_launchers_json_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -
     from deploy.ray import shutdown
 
     writes: list[bytes] = []
-    monkeypatch.setattr(shutdown.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+
+    def write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return len(data)
+
+    monkeypatch.setattr(shutdown.os, "write", write)
     shutdown.log("ERROR", "deploying failed, stopping: é" + "x" * 5000, applications=["reranker"])
     (written,) = writes
     assert written.endswith(b"}\n") and written.count(b"\n") == 1
