@@ -31,7 +31,7 @@ DOCUMENTS = ["json.load reads a JSON document from a file object.", "Paris is th
 
 
 def _example(body: dict[str, Any]) -> ConfigDict:
-    return ConfigDict(extra="ignore", json_schema_extra={"examples": [body]})
+    return ConfigDict(json_schema_extra={"examples": [body]})  # merged with _Body's config
 
 
 class CohereRerankRequest(_Body):

@@ -73,18 +73,14 @@ def refusing_fractions(preprocess: Callable[[Any], Any]) -> Callable[[Any], Any]
 def ui_call(query: str, documents: str, top_n: float | None, instruction: str | None, raw_scores: bool,
             file: str | None, settings: Settings, refused: OnRefuse) -> RerankCall:
     """The rerank the form asks for: documents one per line plus the uploaded file's. A file that cannot be
-    read is booked with `refused` and raised as a RerankError."""
+    read, or a top_n the form refuses, is booked with `refused` and raised as a RerankError."""
     docs = split_lines(documents or "")
-    if file:
-        try:
-            docs += read_documents(file, settings.max_body_bytes)
-        except ValidationError as err:
-            error = to_http_error(err)
-            refused(ROUTE, error)
-            raise RerankError(error) from None
     try:
+        if file:
+            docs += read_documents(file, settings.max_body_bytes)
         wanted = form_top_n(top_n)
-    except HttpError as error:
+    except (ValidationError, HttpError) as err:
+        error = to_http_error(err)
         refused(ROUTE, error)
         raise RerankError(error) from None
     return RerankCall(query, docs, wanted, instruction or None, bool(raw_scores))
