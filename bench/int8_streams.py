@@ -34,7 +34,7 @@ from bench.report import host  # noqa: E402
 from bench.workload import batcher_batches, build_benchmark_model, build_workload  # noqa: E402
 from reranker.backends.convert import convert  # noqa: E402
 from reranker.backends.int8 import calibration_groups, quantize, spearman  # noqa: E402
-from reranker.backends.openvino import compiled_precision, cpu_threads  # noqa: E402
+from reranker.backends.openvino import compiled_precision, cpu_properties, cpu_threads  # noqa: E402
 from reranker.loading import load_model  # noqa: E402
 from reranker.settings import Settings  # noqa: E402
 
@@ -43,12 +43,10 @@ WRONG = 1.0
 
 
 def properties(streams: int, threads: int, precision: str | None, hint: str | None = None) -> dict[str, Any]:
-    """The CPU plugin's properties, as the service sets them (reranker.backends.openvino.compile_for_cpu) unless
-    `hint` names another PERFORMANCE_HINT."""
-    config: dict[str, Any] = {"PERFORMANCE_HINT": hint or ("LATENCY" if streams == 1 else "THROUGHPUT"),
-                              "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
+    """The CPU plugin's properties as the service sets them, unless `hint` names another PERFORMANCE_HINT."""
+    config = cpu_properties(streams, threads, precision)
+    if hint is not None:
+        config["PERFORMANCE_HINT"] = hint
     return config
 
 

@@ -151,6 +151,16 @@ def stream_count(configured: int | None, threads: int) -> int:
     return max(1, min(wanted, threads))
 
 
+def cpu_properties(streams: int, threads: int, hint: str | None) -> dict[str, Any]:
+    """OpenVINO's CPU properties for `streams` streams sharing `threads` threads, at the precision `hint` (None:
+    OpenVINO's choice)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": streams,
+                              "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
+    if hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    return config
+
+
 def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None, streams: int | None = 1) -> ov.CompiledModel:
     """`streams` (RERANKER_CPU_STREAMS: None is auto) sharing `cpu_threads()` threads; `hint` None leaves the
     precision of the operations int8 does not cover to OpenVINO (bfloat16 where the CPU has it)."""
@@ -161,12 +171,8 @@ def compile_for_cpu(core: ov.Core, model: ov.Model, hint: str | None, streams: i
     if streams is not None and count < streams:
         logger.warning("RERANKER_CPU_STREAMS is more than the threads: each stream needs one", extra={
             "cpu_streams": streams, "threads": threads, "streams": count})
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if count == 1 else "THROUGHPUT", "NUM_STREAMS": count,
-                              "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
-    if hint is not None:
-        config["INFERENCE_PRECISION_HINT"] = hint
     try:
-        return core.compile_model(model, "CPU", config)
+        return core.compile_model(model, "CPU", cpu_properties(count, threads, hint))
     except Exception as err:
         raise ConversionError(f"compiling failed: {type(err).__name__}: {err}".splitlines()[0][:300]) from err
 
