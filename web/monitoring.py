@@ -73,9 +73,9 @@ class Panel:
             ratio = _ratio(hits, hits + now.cache[1] - old.cache[1])
             if ratio is not None:
                 rows["cache"].append((at, ratio, "cache hit ratio"))
-            rows["memory"].append((at, now.memory[0] / 2**30, now.memory[2] + " used (GiB)"))
+            rows["memory"].append((at, now.memory[0] / 2**30, memory_name(now.memory[2], "used")))
             if now.memory[1]:
-                rows["memory"].append((at, now.memory[1] / 2**30, now.memory[2] + " total (GiB)"))
+                rows["memory"].append((at, now.memory[1] / 2**30, memory_name(now.memory[2], "total")))
         return {k: _frame(v) for k, v in rows.items()}
 
     def summary(self) -> str:
@@ -99,11 +99,15 @@ class Panel:
     def memory_series(self) -> list[str]:
         """The memory plot's series, which its legend names once, when the tab is built: here the GPUs' or the
         processes', whichever the replicas report."""
-        return [*gpu_memory_series(), f"{PROCESS_MEMORY} used (GiB)"]
+        return [*GPU_SERIES, memory_name(PROCESS_MEMORY, "used")]
 
 
-def gpu_memory_series() -> list[str]:
-    return [f"{GPU_MEMORY} used (GiB)", f"{GPU_MEMORY} total (GiB)"]
+def memory_name(what: str, kind: str) -> str:
+    """A memory plot series: GPU_MEMORY or PROCESS_MEMORY, used or total."""
+    return f"{what} {kind} (GiB)"
+
+
+GPU_SERIES = [memory_name(GPU_MEMORY, "used"), memory_name(GPU_MEMORY, "total")]
 
 
 class Monitor(Panel):
@@ -118,8 +122,8 @@ class Monitor(Panel):
     def memory_series(self) -> list[str]:
         """Without NVML, this process's memory alone: a legend of GPU series that never get a point helps nobody.
         With it, the GPUs' too (a tick whose GPU reads all fail plots the process's)."""
-        process = [f"{PROCESS_MEMORY} used (GiB)"]
-        return [*gpu_memory_series(), *process] if self.nvml.available() else process
+        process = [memory_name(PROCESS_MEMORY, "used")]
+        return [*GPU_SERIES, *process] if self.nvml.available() else process
 
 
 def _frame(rows: list[tuple[datetime, float, str]]) -> pd.DataFrame:
