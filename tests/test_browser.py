@@ -177,6 +177,37 @@ def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
     assert count(after, "invalid") - count(before, "invalid") == 1
 
 
+def test_the_ui_fits_a_phone_screen(ui_url: str) -> None:
+    """At 390 px the results headers wrapped a letter a line ("r/a/n/k") and the Monitoring tab's model card
+    squeezed its columns to a letter's width."""
+    page: Any
+    with browser_page() as page:
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.goto(ui_url, wait_until="networkidle")
+        page.locator("#query textarea").fill("which server keeps a cache")
+        page.locator("#documents textarea").fill("the cache server keeps hot data in memory\ntea grows on hills")
+        page.locator("#rerank").click()
+        page.locator('#results [data-testid="cell-1-3"]').wait_for()
+        page.screenshot(path=str(ARTIFACTS / "ui-phone.png"), full_page=True)
+        assert page.evaluate(BROKEN, "#results th .header") == []
+        assert page.evaluate(BROKEN, "#results td:nth-child(2) .cell-wrap") == []  # the scores
+        assert page.evaluate(OVERFLOWING, "#results") == []
+        page.get_by_role("tab", name="Monitoring").click()
+        page.locator("#monitor-card th").first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "ui-phone-monitoring.png"), full_page=True)
+        assert page.evaluate(BROKEN, "#monitor-card th") == []
+
+
+# The elements of `selector` whose text runs over more than one line or past their box (Gradio's table keeps empty
+# sizing cells beside the shown ones).
+BROKEN = """(selector) => [...document.querySelectorAll(selector)].filter((el) => el.innerText.trim()).filter((el) => {
+        const range = document.createRange();
+        range.selectNodeContents(el);
+        const lines = new Set([...range.getClientRects()].map((rect) => Math.round(rect.top)));
+        return lines.size > 1 || el.scrollWidth > el.clientWidth + 1;
+    }).map((el) => el.innerText)"""
+
+
 # The results table's scrolling viewport when what it shows is wider than it is (it scrolls sideways).
 OVERFLOWING = """(selector) => [...document.querySelectorAll(selector + ' .virtual-table-viewport')]
     .filter((el) => el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1)

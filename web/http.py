@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gradio as gr
 from fastapi import FastAPI
 from gradio.route_utils import API_PREFIX
 
@@ -19,7 +18,7 @@ from web.request_id import RequestIdMiddleware
 from web.routes import no_route
 from web.service import RerankService
 from web.tracing import instrument
-from web.ui import build_ui
+from web.ui import build_ui, mount_ui
 from web.uploads import private_upload_folder
 
 
@@ -52,20 +51,11 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
     app = build_api(LocalBackend(service), refused)
     settings = reranker.settings
     if ui:
-        # RERANKER_UI_AUTH puts Gradio's login page in front of the UI; GradioLogin (below) extends it
-        # to every Gradio API route. The JSON routes keep their own bearer key.
-        # No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a
-        # request header, with the host's saved HF token for loopback callers (a same-host proxy is one).
+        # GradioLogin (below) extends RERANKER_UI_AUTH's login to every Gradio API route. The JSON routes keep their
+        # own bearer key.
         private_upload_folder()
         demo = build_ui(service)
-        app = gr.mount_gradio_app(app, demo, path="/", enable_monitoring=False,
-                                  footer_links=["api"], show_error=True, run_history=False,
-                                  auth=list(settings.ui_auth) if settings.ui_auth else None,
-                                  max_file_size=settings.max_body_bytes)
-        # Gradio accepts an input file only from its upload folder once the Blocks "has launched", which
-        # launch() records and mount_gradio_app does not: without it, a Gradio API call naming any server
-        # path as its file had that file read and ranked (tests/test_gradio_api.py).
-        demo.has_launched = True
+        app = mount_ui(app, demo, settings)
         gradio = find_gradio_app(app)
         # The mounted app's lifespan runs Gradio's startup events (the queue's loops, its limiter), but
         # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+from fastapi import FastAPI
 
 from reranker import RerankResult, Settings, ValidationError
 from web.cancel import event_left, run_cancellable
@@ -30,6 +31,20 @@ QUEUE_POLL_S = 0.01
 HEADERS = ["rank", "score", "index", "document"]
 FAILED = "**No results:** the rerank was stopped, or it failed (its message says what to change)."
 UPLOAD_CLEANUP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, uploads older than an hour
+# Column shares of the results table: Gradio sizes an unset column to its content, past the panel.
+COLUMN_WIDTHS: list[str | int] = ["12%", "23%", "13%", "52%"]
+# On a phone (390 px) the narrow columns' headers wrapped a letter a line ("r/a/n/k") behind their padding and menu
+# button, and the Monitoring tab squeezed its one-row model card into letter-wide columns: it scrolls sideways there.
+CSS = """
+@media (max-width: 480px) {
+  #results .cell-wrap { padding-left: 3px; padding-right: 3px; font-size: 12px; }
+  #results th .cell-wrap { font-size: 11px; }
+  #results th .cell-menu-button { display: none; }
+  #results th .header { overflow-wrap: normal; word-break: keep-all; }
+}
+#monitor-card table { display: block; overflow-x: auto; }
+#monitor-card th, #monitor-card td { white-space: nowrap; }
+"""
 
 EXAMPLES = [
     [
@@ -181,10 +196,9 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                         stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 with gr.Column():
                     status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
-                    # Shares of the table's width: Gradio sizes an unset column to its content, past the panel.
                     table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
                                          label="Ranked documents", interactive=False, wrap=True,
-                                         column_widths=["9%", "26%", "10%", "55%"], elem_id="results")
+                                         column_widths=COLUMN_WIDTHS, elem_id="results")
             gr.Examples(EXAMPLES, inputs=[query, documents])
         build_monitoring_tab(panel)
         # One event for the button and Enter in the query: a click and an Enter while it runs rerank once.
@@ -200,6 +214,22 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
     poll_gently(demo)
     lifecycle.wait_also_for(demo.unfinished_events)
     return demo
+
+
+def mount_ui(app: FastAPI, demo: gr.Blocks, settings: Settings) -> FastAPI:
+    """`app` with `demo` mounted at /, as both the single process and the Ray UI replica serve it.
+
+    No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a request header,
+    with the host's saved HF token for loopback callers (a same-host proxy is one). RERANKER_UI_AUTH puts Gradio's
+    login page in front of the UI."""
+    app = gr.mount_gradio_app(app, demo, path="/", enable_monitoring=False, footer_links=["api"], show_error=True,
+                              run_history=False, auth=list(settings.ui_auth) if settings.ui_auth else None,
+                              max_file_size=settings.max_body_bytes, css=CSS)
+    # Gradio accepts an input file only from its upload folder once the Blocks "has launched", which launch()
+    # records and mount_gradio_app does not: without it, a Gradio API call naming any server path as its file had
+    # that file read and ranked (tests/test_gradio_api.py).
+    demo.has_launched = True
+    return app
 
 
 def poll_gently(demo: gr.Blocks, interval: float = QUEUE_POLL_S) -> None:

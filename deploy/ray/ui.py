@@ -47,7 +47,7 @@ from web.middleware import BodyLimit
 from web.monitoring import Panel
 from web.service import book_refusal
 from web.tracing import ui_span
-from web.ui import build_blocks, header, ui_answer, ui_call
+from web.ui import build_blocks, header, mount_ui, ui_answer, ui_call
 from web.uploads import private_upload_folder
 
 logger = logging.getLogger("reranker.ray")
@@ -143,12 +143,7 @@ class UI:
                             self.refused, header(info["model"], info["device"], info["dtype"], info["max_length"]),
                             panel, takes_instruction=bool(info["accepts_instruction"]), lifecycle=self.lifecycle,
                             traced=self.tracing.enabled)
-        # As web/http.py mounts it: no run history, and an input file only from Gradio's upload folder.
-        app = gr.mount_gradio_app(FastAPI(), demo, path="/", enable_monitoring=False, footer_links=["api"],
-                                  show_error=True, run_history=False,
-                                  auth=list(settings.ui_auth) if settings.ui_auth else None,
-                                  max_file_size=settings.max_body_bytes)
-        demo.has_launched = True
+        app = mount_ui(FastAPI(), demo, settings)
         self.gradio = find_gradio_app(app)
         self.gradio.startup_events_triggered = True
         json_safe_validation_errors(self.gradio)
