@@ -177,9 +177,9 @@ def test_monitoring_tab_moves_with_traffic(ui_url: str) -> None:
     assert count(after, "invalid") - count(before, "invalid") == 1
 
 
-def test_the_ui_fits_a_phone_screen(ui_url: str) -> None:
-    """At 390 px the results headers wrapped a letter a line ("r/a/n/k") and the Monitoring tab's model card
-    squeezed its columns to a letter's width."""
+def test_the_ui_fits_a_phone_screen(ui_url: str, tmp_path: Path) -> None:
+    """At 390 px the results headers wrapped a letter a line ("r/a/n/k"), the upload's label ran under the x that
+    clears its file, and the Monitoring tab's model card squeezed its columns to a letter's width."""
     page: Any
     with browser_page() as page:
         page.set_viewport_size({"width": 390, "height": 844})
@@ -192,6 +192,13 @@ def test_the_ui_fits_a_phone_screen(ui_url: str) -> None:
         assert page.evaluate(BROKEN, "#results th .header") == []
         assert page.evaluate(BROKEN, "#results td:nth-child(2) .cell-wrap") == []  # the scores
         assert page.evaluate(OVERFLOWING, "#results") == []
+        upload = tmp_path / "documents.txt"
+        upload.write_text("a cache server\n")
+        page.locator("#upload input[type=file]").set_input_files(str(upload))
+        clear = page.locator('#upload button[aria-label="Clear"]')
+        clear.wait_for()
+        label = page.locator('#upload [data-testid="block-label"]').bounding_box()
+        assert label["x"] + label["width"] <= clear.bounding_box()["x"]
         page.get_by_role("tab", name="Monitoring").click()
         page.locator("#monitor-card th").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "ui-phone-monitoring.png"), full_page=True)

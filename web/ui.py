@@ -34,8 +34,10 @@ UPLOAD_CLEANUP = (600, 3600)  # Gradio's delete_cache: every 10 minutes, uploads
 # Column shares of the results table: Gradio sizes an unset column to its content, past the panel.
 COLUMN_WIDTHS: list[str | int] = ["12%", "23%", "13%", "52%"]
 # On a phone (390 px) the narrow columns' headers wrapped a letter a line ("r/a/n/k") behind their padding and menu
-# button, and the Monitoring tab squeezed its one-row model card into letter-wide columns: it scrolls sideways there.
+# button, the upload's label ran under the x that clears its file, and the Monitoring tab squeezed its one-row model
+# card into letter-wide columns: it scrolls sideways there.
 CSS = """
+#upload [data-testid="block-label"] { max-width: calc(100% - 40px); }
 @media (max-width: 480px) {
   #results .cell-wrap { padding-left: 3px; padding-right: 3px; font-size: 12px; }
   #results th .cell-wrap { font-size: 11px; }
@@ -183,7 +185,8 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                     query = gr.Textbox(label="Query", placeholder="What are you looking for?", elem_id="query")
                     documents = gr.Textbox(label="Documents (one per line)", lines=10, elem_id="documents")
                     upload = gr.File(label="…or upload documents (.txt one per line, .jsonl with text, .csv "
-                                     "with a text column)", file_types=[".txt", ".jsonl", ".csv"], type="filepath")
+                                     "with a text column)", file_types=[".txt", ".jsonl", ".csv"], type="filepath",
+                                     elem_id="upload")
                     instruction = gr.Textbox(label="Instruction (optional)", value="", visible=takes_instruction,
                                              placeholder="Given a web search query, retrieve relevant passages "
                                              "that answer the query")
