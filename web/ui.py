@@ -43,9 +43,9 @@ CSS = """
   #results th .cell-wrap { font-size: 11px; }
   #results th .cell-menu-button { display: none; }
   #results th .header { overflow-wrap: normal; word-break: keep-all; }
+  #monitor-card table { display: block; overflow-x: auto; }
+  #monitor-card th, #monitor-card td { white-space: nowrap; }
 }
-#monitor-card table { display: block; overflow-x: auto; }
-#monitor-card th, #monitor-card td { white-space: nowrap; }
 """
 
 EXAMPLES = [
