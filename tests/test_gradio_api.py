@@ -305,7 +305,7 @@ def test_the_api_names_its_parameters_and_outputs(live: tuple[str, Reranker]) ->
     endpoint = info["named_endpoints"]["/predict"]
     assert [p["parameter_name"] for p in endpoint["parameters"]] == [
         "query", "documents", "top_n", "instruction", "raw_scores", "file"]
-    assert [r["label"] for r in endpoint["returns"]] == ["Ranked documents", "status"]
+    assert [r["label"] for r in endpoint["returns"]] == ["Ranked documents", "Status"]
 
 
 def test_gradio_client_may_send_documents_as_a_list(live: tuple[str, Reranker]) -> None:

@@ -198,7 +198,8 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
                         button = gr.Button("Rerank", variant="primary", elem_id="rerank", scale=3)
                         stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 with gr.Column():
-                    status = gr.Markdown(label="status", elem_id="status")  # names the API's second output
+                    # The label names the API's second output. "status", one of Gradio's i18n keys, logged a warning.
+                    status = gr.Markdown(label="Status", elem_id="status")
                     table = gr.Dataframe(headers=HEADERS, datatype=["number", "number", "number", "str"],
                                          label="Ranked documents", interactive=False, wrap=True,
                                          column_widths=COLUMN_WIDTHS, elem_id="results")
