@@ -5,23 +5,42 @@ from __future__ import annotations
 import math
 import os
 import pwd
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+
+from reranker.ui_auth import login_pairs
+from reranker.values import (
+    SettingsError,
+    auto_or,
+    boolean,
+    bounded,
+    calibration,
+    choice,
+    device,
+    grpc_target,
+    integer,
+    log_level,
+    model_id,
+    non_negative,
+    number,
+    off_or_at_least,
+    path,
+    port,
+    ratio,
+    text,
+    url,
+)
 
 T = TypeVar("T")
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 BACKENDS = ("auto", "torch", "openvino")
 INT8_MODES = ("static", "weights")
 INT8_ON_FAIL = ("fallback", "exit")
 LONG_DOC_MODES = ("truncate", "chunk")
 COMPILE_MODES = ("off", "on", "cudagraphs")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The OTLP transports the Python SDK ships; http/json has no Python exporter.
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 # Setting either of these asks for traces (the OpenTelemetry convention), even without RERANKER_TRACING.
@@ -32,10 +51,6 @@ OTEL_SAMPLERS = ("parentbased_always_on", "parentbased_always_off", "parentbased
 MAX_QUERY_CHARS = 10_000
 # Where a value of spaces only is an error, not unset: a secret that was meant to be set would leave its route open.
 SECRETS = ("RERANKER_API_KEY", "RERANKER_UI_AUTH")
-
-
-class SettingsError(ValueError):
-    """A configuration variable has a value the service cannot use."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,51 +115,51 @@ class Settings:
             return parse(name, raw.strip())
 
         d = cls()
-        dtype = get("RERANKER_DTYPE", _choice(DTYPES), d.dtype)
-        int8_mode = get("RERANKER_INT8_MODE", _choice(INT8_MODES), d.int8_mode)
+        dtype = get("RERANKER_DTYPE", choice(DTYPES), d.dtype)
+        int8_mode = get("RERANKER_INT8_MODE", choice(INT8_MODES), d.int8_mode)
         # Only static int8 reads the calibration file: checked here, before minutes of loading and converting.
         static_int8 = dtype == "int8" and int8_mode == "static"
-        tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", _bool, None), d.tracing_protocol)
+        tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", boolean, None), d.tracing_protocol)
         return cls(
-            model=get("RERANKER_MODEL", _model, d.model),
-            device=get("RERANKER_DEVICE", _device, d.device),
+            model=get("RERANKER_MODEL", model_id, d.model),
+            device=get("RERANKER_DEVICE", device, d.device),
             dtype=dtype,
-            compile=get("RERANKER_COMPILE", _choice(COMPILE_MODES), d.compile),
-            backend=get("RERANKER_BACKEND", _choice(BACKENDS), d.backend),
-            cache_dir=get("RERANKER_CACHE_DIR", _path, d.cache_dir),
-            cache_max_age_days=get("RERANKER_CACHE_MAX_AGE_DAYS", _non_negative_float, d.cache_max_age_days),
+            compile=get("RERANKER_COMPILE", choice(COMPILE_MODES), d.compile),
+            backend=get("RERANKER_BACKEND", choice(BACKENDS), d.backend),
+            cache_dir=get("RERANKER_CACHE_DIR", path, d.cache_dir),
+            cache_max_age_days=get("RERANKER_CACHE_MAX_AGE_DAYS", non_negative, d.cache_max_age_days),
             int8_mode=int8_mode,
-            int8_calibration=get("RERANKER_INT8_CALIBRATION", _calibration if static_int8 else _text, None),
-            int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", _float(-1.0, 1.0, "a number from -1 to 1"),
+            int8_calibration=get("RERANKER_INT8_CALIBRATION", calibration if static_int8 else text, None),
+            int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", bounded(-1.0, 1.0, "a number from -1 to 1"),
                                   d.int8_min_spearman),
-            int8_on_fail=get("RERANKER_INT8_ON_FAIL", _choice(INT8_ON_FAIL), d.int8_on_fail),
-            cpu_streams=get("RERANKER_CPU_STREAMS", _auto_or(_int(1)), d.cpu_streams),
-            max_length=get("RERANKER_MAX_LENGTH", _int(16), d.max_length),
-            long_docs=get("RERANKER_LONG_DOCS", _choice(LONG_DOC_MODES), d.long_docs),
-            batch_tokens=get("RERANKER_BATCH_TOKENS", _auto_or(_int(1)), d.batch_tokens),
-            cache_size=get("RERANKER_CACHE_SIZE", _int(0), d.cache_size),
-            max_docs=get("RERANKER_MAX_DOCS", _int(1), d.max_docs),
-            max_doc_chars=get("RERANKER_MAX_DOC_CHARS", _int(1), d.max_doc_chars),
-            max_query_chars=get("RERANKER_MAX_QUERY_CHARS", _int(1), d.max_query_chars),
-            max_queue=get("RERANKER_MAX_QUEUE", _int(1), d.max_queue),
-            max_body_bytes=get("RERANKER_MAX_BODY_BYTES", _int(1024), d.max_body_bytes),
-            body_timeout_seconds=get("RERANKER_BODY_TIMEOUT_SECONDS", _non_negative_float, d.body_timeout_seconds),
-            trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", _bool, d.trust_remote_code),
-            host=get("RERANKER_HOST", _text, d.host),
-            port=get("RERANKER_PORT", _port, d.port),
-            metrics_host=get("RERANKER_METRICS_HOST", _text, d.metrics_host),
-            metrics_port=get("RERANKER_METRICS_PORT", _port, d.metrics_port),
-            log_level=get("RERANKER_LOG_LEVEL", _log_level, d.log_level),
-            log_sample_rate=get("RERANKER_LOG_SAMPLE_RATE", _ratio, d.log_sample_rate),
-            slow_ms=get("RERANKER_SLOW_MS", _non_negative_float, d.slow_ms),
-            log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", _int(0), d.log_query_preview),
-            api_key=get("RERANKER_API_KEY", _text, None),
-            drain_seconds=get("RERANKER_DRAIN_SECONDS", _non_negative_float, d.drain_seconds),
-            stall_seconds=get("RERANKER_STALL_SECONDS", _auto_or(_off_or_at_least(1.0)), d.stall_seconds),
-            cut_ins=get("RERANKER_CUT_INS", _bool, d.cut_ins),
-            keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", _int(1), d.keep_alive_seconds),
-            ui_auth=get("RERANKER_UI_AUTH", _ui_auth, None),
-            ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", _int(0), d.ui_login_attempts),
+            int8_on_fail=get("RERANKER_INT8_ON_FAIL", choice(INT8_ON_FAIL), d.int8_on_fail),
+            cpu_streams=get("RERANKER_CPU_STREAMS", auto_or(integer(1)), d.cpu_streams),
+            max_length=get("RERANKER_MAX_LENGTH", integer(16), d.max_length),
+            long_docs=get("RERANKER_LONG_DOCS", choice(LONG_DOC_MODES), d.long_docs),
+            batch_tokens=get("RERANKER_BATCH_TOKENS", auto_or(integer(1)), d.batch_tokens),
+            cache_size=get("RERANKER_CACHE_SIZE", integer(0), d.cache_size),
+            max_docs=get("RERANKER_MAX_DOCS", integer(1), d.max_docs),
+            max_doc_chars=get("RERANKER_MAX_DOC_CHARS", integer(1), d.max_doc_chars),
+            max_query_chars=get("RERANKER_MAX_QUERY_CHARS", integer(1), d.max_query_chars),
+            max_queue=get("RERANKER_MAX_QUEUE", integer(1), d.max_queue),
+            max_body_bytes=get("RERANKER_MAX_BODY_BYTES", integer(1024), d.max_body_bytes),
+            body_timeout_seconds=get("RERANKER_BODY_TIMEOUT_SECONDS", non_negative, d.body_timeout_seconds),
+            trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", boolean, d.trust_remote_code),
+            host=get("RERANKER_HOST", text, d.host),
+            port=get("RERANKER_PORT", port, d.port),
+            metrics_host=get("RERANKER_METRICS_HOST", text, d.metrics_host),
+            metrics_port=get("RERANKER_METRICS_PORT", port, d.metrics_port),
+            log_level=get("RERANKER_LOG_LEVEL", log_level, d.log_level),
+            log_sample_rate=get("RERANKER_LOG_SAMPLE_RATE", ratio, d.log_sample_rate),
+            slow_ms=get("RERANKER_SLOW_MS", non_negative, d.slow_ms),
+            log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", integer(0), d.log_query_preview),
+            api_key=get("RERANKER_API_KEY", text, None),
+            drain_seconds=get("RERANKER_DRAIN_SECONDS", non_negative, d.drain_seconds),
+            stall_seconds=get("RERANKER_STALL_SECONDS", auto_or(off_or_at_least(1.0)), d.stall_seconds),
+            cut_ins=get("RERANKER_CUT_INS", boolean, d.cut_ins),
+            keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", integer(1), d.keep_alive_seconds),
+            ui_auth=get("RERANKER_UI_AUTH", login_pairs, None),
+            ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", integer(0), d.ui_login_attempts),
             tracing=tracing,
             tracing_protocol=tracing_protocol,
         )
@@ -206,7 +221,7 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
         return on, protocol
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         if env.get(name, "").strip():
-            protocol = _choice(OTLP_PROTOCOLS)(name, env[name].strip())
+            protocol = choice(OTLP_PROTOCOLS)(name, env[name].strip())
             break
     _check_otel(env, protocol)
     return on, protocol
@@ -220,228 +235,21 @@ def _check_otel(env: Mapping[str, str], protocol: str) -> None:
     default_port = 4317 if protocol == "grpc" else 4318
     for name in OTLP_ENDPOINTS:
         raw = env.get(name, "").strip()
-        if raw and not (_url(raw) or protocol == "grpc" and _grpc_target(raw)):
+        if raw and not (url(raw) or protocol == "grpc" and grpc_target(raw)):
             raise SettingsError(f"{name}={raw!r} is not a valid OTLP endpoint; use a URL with its scheme, "
                                 f"http:// for plain text or https:// for TLS (e.g. http://127.0.0.1:{default_port} "
                                 f"for {protocol})" + (", or host:port" if protocol == "grpc" else ""))
     for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         raw = env.get(name, "").strip()
-        if raw and not 0 < _number(raw) < math.inf:
+        if raw and not 0 < number(raw) < math.inf:
             raise SettingsError(f"{name}={raw!r} is not valid; use the export timeout in seconds, a number "
                                 "above 0 (e.g. 10)")
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip()
     if sampler and sampler.lower() not in OTEL_SAMPLERS:
         raise SettingsError(f"OTEL_TRACES_SAMPLER={sampler!r} is not valid; use one of: {', '.join(OTEL_SAMPLERS)}")
-    ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    if ratio and sampler.lower().endswith("traceidratio") and not 0 <= _number(ratio) <= 1:  # unset: 1.0
-        raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r} is not valid for {sampler}: use the share of new "
+    sampler_arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if sampler_arg and sampler.lower().endswith("traceidratio") and not 0 <= number(sampler_arg) <= 1:  # unset: 1.0
+        raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is not valid for {sampler}: use the share of new "
                             "traces to keep, a number from 0 to 1 (e.g. 0.1)")
 
 
-def _url(raw: str) -> bool:
-    """Whether `raw` is an http(s) URL with a host and, if it names one, a port."""
-    try:
-        url = urlsplit(raw)
-        url.port  # noqa: B018  # raises ValueError for a port that is not one
-    except ValueError:
-        return False
-    return url.scheme in ("http", "https") and bool(url.hostname)
-
-
-def _grpc_target(raw: str) -> bool:
-    """Whether `raw` is a target as gRPC itself writes one: host:port (TLS unless OTEL_EXPORTER_OTLP_INSECURE=true,
-    as the exporter decides) or a unix: socket."""
-    return raw.startswith("unix:") or ("://" not in raw and _url(f"http://{raw}"))
-
-
-def _number(raw: str) -> float:
-    """`raw` as a number; NaN (which no bound admits) when it is not one."""
-    try:
-        return float(raw)
-    except ValueError:
-        return math.nan
-
-
-def _text(name: str, raw: str) -> str:
-    return raw
-
-
-def _model(name: str, raw: str) -> str:
-    """A hub id as given; a local directory under `~` expanded, as RERANKER_CACHE_DIR is (no hub id starts so)."""
-    return _path(name, raw) if raw.startswith("~") else raw
-
-
-def _path(name: str, raw: str) -> str:
-    try:
-        return str(Path(raw).expanduser())
-    except RuntimeError:  # `~` with no home directory, or `~name` for no such user
-        head = raw.split("/")[0]
-        who = "this user has no home directory" if head == "~" else f"no user {head[1:]!r} has a home directory"
-        raise SettingsError(f"{name}={raw!r} is not valid: {who} for {head!r}; use an absolute path") from None
-
-
-def _calibration(name: str, raw: str) -> str:
-    """A calibration file that exists and can be read; its lines are checked where it is used."""
-    path = _path(name, raw)
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as err:
-        raise SettingsError(f"{name}={raw!r} cannot be read ({err.strerror or err}); name a UTF-8 file of JSON "
-                            'lines {"query": "...", "document": "..."}') from None
-    return path
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw.lower()
-        if value not in choices:
-            raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(choices)}")
-        return value
-
-    return parse
-
-
-def _device(name: str, raw: str) -> str:
-    value = raw.lower()
-    if value in ("auto", "cpu", "cuda"):
-        return value
-    prefix, _, index = value.partition(":")
-    if prefix == "cuda" and index.isascii() and index.isdigit():  # "²" is a digit to isdigit, and no index
-        return value
-    raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(DEVICES)} (N = GPU index)")
-
-
-def _int(minimum: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            if not raw.isascii():  # int() takes any script's digits: "٣" is 3
-                raise ValueError(raw)
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not valid; use an integer >= {minimum}") from None
-        if value < minimum:
-            raise SettingsError(f"{name}={raw!r} is not valid; use an integer >= {minimum}")
-        return value
-
-    return parse
-
-
-def _auto_or(parse: Callable[[str, str], T]) -> Callable[[str, str], T | None]:
-    def parse_auto(name: str, raw: str) -> T | None:
-        if raw.lower() == "auto":
-            return None
-        try:
-            return parse(name, raw)
-        except SettingsError as err:
-            raise SettingsError(f"{err} or auto") from None
-
-    return parse_auto
-
-
-def _port(name: str, raw: str) -> int:
-    try:
-        value = _int(0)(name, raw)
-    except SettingsError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise SettingsError(f"{name}={raw!r} is not valid; use a port number from 0 to 65535")
-    return value
-
-
-def _off_or_at_least(low: float) -> Callable[[str, str], float]:
-    """0 (off) or a number of seconds from `low`: a watchdog of 0.001 s took the first real pass for a hung device."""
-    accepted = f"0 (off) or a number of seconds >= {low:g}"
-    number = _float(0.0, sys.float_info.max, accepted)
-
-    def parse(name: str, raw: str) -> float:
-        value = number(name, raw)
-        if 0 < value < low:
-            raise SettingsError(f"{name}={raw!r} is not valid; use {accepted}")
-        return value
-
-    return parse
-
-
-def _bool(name: str, raw: str) -> bool:
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name}={raw!r} is not valid; use one of: true, false, 1, 0, yes, no, on, off")
-
-
-def _log_level(name: str, raw: str) -> str:
-    value = raw.upper()
-    if value not in LOG_LEVELS:
-        raise SettingsError(f"{name}={raw!r} is not valid; use one of: {', '.join(LOG_LEVELS)}")
-    return value
-
-
-def _float(low: float, high: float, accepted: str) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if not low <= value <= high:  # NaN fails too
-            raise SettingsError(f"{name}={raw!r} is not valid; use {accepted}")
-        return value
-
-    return parse
-
-
-_non_negative_float = _float(0.0, sys.float_info.max, "a number >= 0")  # finite, too
-_ratio = _float(0.0, 1.0, "a number from 0 to 1")
-
-
-UI_AUTH_ACCEPTED = ("use user:password, several pairs separated by commas, or the path of a file with one "
-                    "user:password per line (blank lines and # comments ignored)")
-
-
-def _ui_auth(name: str, raw: str) -> tuple[tuple[str, str], ...]:
-    """Login pairs from `user:password,...` or from a file. Errors never repeat a password."""
-    # A value with no ':' or one that looks like a path is a file; `user:pa/ss` is still a pair.
-    if ":" not in raw or raw.startswith(("/", "./", "../", "~")):
-        return _ui_auth_file(name, raw)
-    return _unique(name, [_pair(name, item.strip(), f"pair {n}") for n, item in enumerate(raw.split(","), 1)], "")
-
-
-def _ui_auth_file(name: str, raw: str) -> tuple[tuple[str, str], ...]:
-    path = Path(raw).expanduser()
-    # Without a '/' the value may be a pair whose ':' was forgotten, i.e. a password: do not repeat it.
-    shown = repr(raw) if "/" in raw else "the value"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a readable UTF-8 file"
-        raise SettingsError(f"{name}: {shown} is not user:password pairs and cannot be read as a file "
-                            f"({reason}); {UI_AUTH_ACCEPTED}") from None
-    pairs = [_pair(name, line.strip(), f"{raw!r} line {n}") for n, line in enumerate(lines, 1)
-             if line.strip() and not line.strip().startswith("#")]
-    if not pairs:
-        raise SettingsError(f"{name}: file {raw!r} has no user:password line; {UI_AUTH_ACCEPTED}")
-    return _unique(name, pairs, f" in {raw!r}")
-
-
-def _pair(name: str, item: str, where: str) -> tuple[str, str]:
-    user, colon, password = item.partition(":")
-    if not colon or not user or not password:
-        problem = "is empty" if not item else "needs a user name, ':' and a non-empty password"
-        raise SettingsError(f"{name}: {where} {problem}; {UI_AUTH_ACCEPTED}")
-    if any(c.isspace() for c in user):
-        raise SettingsError(f"{name}: {where} has a space in the user name; {UI_AUTH_ACCEPTED}")
-    if password != password.strip():  # `alice: pw` is more likely a typo than a password with a space
-        raise SettingsError(f"{name}: {where} has a password that starts or ends with a space; "
-                            f"{UI_AUTH_ACCEPTED}")
-    return user, password
-
-
-def _unique(name: str, pairs: list[tuple[str, str]], where: str) -> tuple[tuple[str, str], ...]:
-    users = [user for user, _ in pairs]
-    twice = sorted({user for user in users if users.count(user) > 1})
-    if twice:
-        listed = ", ".join(map(repr, twice))
-        raise SettingsError(f"{name}: user {listed} is listed twice{where}; {UI_AUTH_ACCEPTED}")
-    return tuple(pairs)
