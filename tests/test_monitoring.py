@@ -84,6 +84,18 @@ def test_without_a_gpu_the_memory_plot_names_the_process_alone(bert_model: Scori
         assert "**process memory**" in monitor.summary()
 
 
+def test_the_plots_show_the_kept_window_on_fixed_axes() -> None:
+    """Fitted to their points, the axes moved on every tick, and a lone first point spanned microseconds."""
+    import gradio as gr
+
+    from web.monitoring import KEEP, TICK_SECONDS, _plot
+
+    with gr.Blocks():
+        plot = _plot("requests/s by status", ["ok", "error"])
+    assert plot.x_lim == [-KEEP * TICK_SECONDS, 0]
+    assert plot.y_lim == [0, None]
+
+
 def test_history_keeps_the_last_twenty() -> None:
     history = RequestHistory()
     for i in range(25):

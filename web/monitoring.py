@@ -141,8 +141,12 @@ def _plot(title: str, series: list[str]) -> gr.LinePlot:
     # The legend's domain is fixed when the plot is built, so every series name is given up front.
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)}
     start = _frame([(datetime.now(), 0.0, name) for name in series])
+    # The whole kept window on a fixed axis from 0 up: fitted to the points instead, the axis moved on every tick,
+    # and a first lone point spanned a few microseconds of "seconds ago" ticks. Values without trailing zeros: a flat
+    # 0 was labelled "0.000000".
     return gr.LinePlot(start, x="time", y="value", color="series", color_map=colors, title=title,
-                       x_title="seconds ago", y_title="", height=240)
+                       x_title="seconds ago", y_title="", height=240, x_lim=[-KEEP * TICK_SECONDS, 0],
+                       y_lim=[0, None], y_axis_format=",~g")
 
 
 def build_monitoring_tab(monitor: Panel) -> None:
