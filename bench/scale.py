@@ -1,12 +1,13 @@
 """Scale-out: pairs/s and latency of the single-process service, Ray Serve with 1 replica and with 2, same load.
 
 One run, on the MiniLM benchmark model (bench/workload.py), in rounds (`--rounds`, 3): each round measures every
-configuration below once per request size (`--docs`, 20 and 100 documents a request), each sent the same workload
-from the same concurrent callers over /v1/rerank after a warm-up pass, and each ratio is taken within a round and
-a request size (this kind of 2-core VM moves by a tenth or more from one minute to the next; two bare copies alone
-ranged 1.6x-2.1x one copy within 20 minutes). The hop through Serve costs the same for a request of 20
-documents as for one of 100 (the proxy, the ingress, the handle's call to a replica), so its share depends on the
-request's size: both are measured, with the same pairs each.
+configuration below once per request size (`--docs`, 20 and 100 documents a request; the bare copies once a
+round), each sent the same workload from the same concurrent callers over /v1/rerank after a warm-up pass, and
+each ratio is taken within a round and a request size (this kind of 2-core VM moves by a tenth or more from one
+minute to the next; two bare copies alone ranged 1.6x-2.1x one copy within 20 minutes). The hop through Serve
+costs about the same for a request of 20 documents as for one of 100 (the proxy, the ingress, the handle's call
+to a replica), so its share depends on the request's size: both are measured, with the same pairs each (`--pairs`,
+in whole requests).
 
 - `single`: app.py, one process with `--threads` threads (default: one per core);
 - `serve-1xT`: deploy/ray/serve.yaml on a local loopback Ray, one model replica with as many threads, behind the
@@ -145,7 +146,7 @@ def main() -> None:
                         help="rounds of every configuration; the ratios are taken within a round")
     args = parser.parse_args()
 
-    loads = build_loads(args.docs, args.pairs, args.clients)
+    loads = build_loads(list(dict.fromkeys(args.docs)), args.pairs, args.clients)
     rounds: list[dict[tuple[str, int], Result]] = []
     ceilings: list[float] = []
     started_load = os.getloadavg()[0]

@@ -10,28 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from reranker import values
 from reranker.ui_auth import login_pairs
-from reranker.values import (
-    SettingsError,
-    auto_or,
-    boolean,
-    bounded,
-    calibration,
-    choice,
-    device,
-    grpc_target,
-    integer,
-    log_level,
-    model_id,
-    non_negative,
-    number,
-    off_or_at_least,
-    path,
-    port,
-    ratio,
-    text,
-    url,
-)
+from reranker.values import SettingsError
 
 T = TypeVar("T")
 
@@ -115,51 +96,51 @@ class Settings:
             return parse(name, raw.strip())
 
         d = cls()
-        dtype = get("RERANKER_DTYPE", choice(DTYPES), d.dtype)
-        int8_mode = get("RERANKER_INT8_MODE", choice(INT8_MODES), d.int8_mode)
+        dtype = get("RERANKER_DTYPE", values.choice(DTYPES), d.dtype)
+        int8_mode = get("RERANKER_INT8_MODE", values.choice(INT8_MODES), d.int8_mode)
         # Only static int8 reads the calibration file: checked here, before minutes of loading and converting.
         static_int8 = dtype == "int8" and int8_mode == "static"
-        tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", boolean, None), d.tracing_protocol)
+        tracing, tracing_protocol = _tracing(env, get("RERANKER_TRACING", values.boolean, None), d.tracing_protocol)
         return cls(
-            model=get("RERANKER_MODEL", model_id, d.model),
-            device=get("RERANKER_DEVICE", device, d.device),
+            model=get("RERANKER_MODEL", values.model_id, d.model),
+            device=get("RERANKER_DEVICE", values.device, d.device),
             dtype=dtype,
-            compile=get("RERANKER_COMPILE", choice(COMPILE_MODES), d.compile),
-            backend=get("RERANKER_BACKEND", choice(BACKENDS), d.backend),
-            cache_dir=get("RERANKER_CACHE_DIR", path, d.cache_dir),
-            cache_max_age_days=get("RERANKER_CACHE_MAX_AGE_DAYS", non_negative, d.cache_max_age_days),
+            compile=get("RERANKER_COMPILE", values.choice(COMPILE_MODES), d.compile),
+            backend=get("RERANKER_BACKEND", values.choice(BACKENDS), d.backend),
+            cache_dir=get("RERANKER_CACHE_DIR", values.path, d.cache_dir),
+            cache_max_age_days=get("RERANKER_CACHE_MAX_AGE_DAYS", values.non_negative, d.cache_max_age_days),
             int8_mode=int8_mode,
-            int8_calibration=get("RERANKER_INT8_CALIBRATION", calibration if static_int8 else text, None),
-            int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", bounded(-1.0, 1.0, "a number from -1 to 1"),
+            int8_calibration=get("RERANKER_INT8_CALIBRATION", values.calibration if static_int8 else values.text, None),
+            int8_min_spearman=get("RERANKER_INT8_MIN_SPEARMAN", values.bounded(-1.0, 1.0, "a number from -1 to 1"),
                                   d.int8_min_spearman),
-            int8_on_fail=get("RERANKER_INT8_ON_FAIL", choice(INT8_ON_FAIL), d.int8_on_fail),
-            cpu_streams=get("RERANKER_CPU_STREAMS", auto_or(integer(1)), d.cpu_streams),
-            max_length=get("RERANKER_MAX_LENGTH", integer(16), d.max_length),
-            long_docs=get("RERANKER_LONG_DOCS", choice(LONG_DOC_MODES), d.long_docs),
-            batch_tokens=get("RERANKER_BATCH_TOKENS", auto_or(integer(1)), d.batch_tokens),
-            cache_size=get("RERANKER_CACHE_SIZE", integer(0), d.cache_size),
-            max_docs=get("RERANKER_MAX_DOCS", integer(1), d.max_docs),
-            max_doc_chars=get("RERANKER_MAX_DOC_CHARS", integer(1), d.max_doc_chars),
-            max_query_chars=get("RERANKER_MAX_QUERY_CHARS", integer(1), d.max_query_chars),
-            max_queue=get("RERANKER_MAX_QUEUE", integer(1), d.max_queue),
-            max_body_bytes=get("RERANKER_MAX_BODY_BYTES", integer(1024), d.max_body_bytes),
-            body_timeout_seconds=get("RERANKER_BODY_TIMEOUT_SECONDS", non_negative, d.body_timeout_seconds),
-            trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", boolean, d.trust_remote_code),
-            host=get("RERANKER_HOST", text, d.host),
-            port=get("RERANKER_PORT", port, d.port),
-            metrics_host=get("RERANKER_METRICS_HOST", text, d.metrics_host),
-            metrics_port=get("RERANKER_METRICS_PORT", port, d.metrics_port),
-            log_level=get("RERANKER_LOG_LEVEL", log_level, d.log_level),
-            log_sample_rate=get("RERANKER_LOG_SAMPLE_RATE", ratio, d.log_sample_rate),
-            slow_ms=get("RERANKER_SLOW_MS", non_negative, d.slow_ms),
-            log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", integer(0), d.log_query_preview),
-            api_key=get("RERANKER_API_KEY", text, None),
-            drain_seconds=get("RERANKER_DRAIN_SECONDS", non_negative, d.drain_seconds),
-            stall_seconds=get("RERANKER_STALL_SECONDS", auto_or(off_or_at_least(1.0)), d.stall_seconds),
-            cut_ins=get("RERANKER_CUT_INS", boolean, d.cut_ins),
-            keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", integer(1), d.keep_alive_seconds),
+            int8_on_fail=get("RERANKER_INT8_ON_FAIL", values.choice(INT8_ON_FAIL), d.int8_on_fail),
+            cpu_streams=get("RERANKER_CPU_STREAMS", values.auto_or(values.integer(1)), d.cpu_streams),
+            max_length=get("RERANKER_MAX_LENGTH", values.integer(16), d.max_length),
+            long_docs=get("RERANKER_LONG_DOCS", values.choice(LONG_DOC_MODES), d.long_docs),
+            batch_tokens=get("RERANKER_BATCH_TOKENS", values.auto_or(values.integer(1)), d.batch_tokens),
+            cache_size=get("RERANKER_CACHE_SIZE", values.integer(0), d.cache_size),
+            max_docs=get("RERANKER_MAX_DOCS", values.integer(1), d.max_docs),
+            max_doc_chars=get("RERANKER_MAX_DOC_CHARS", values.integer(1), d.max_doc_chars),
+            max_query_chars=get("RERANKER_MAX_QUERY_CHARS", values.integer(1), d.max_query_chars),
+            max_queue=get("RERANKER_MAX_QUEUE", values.integer(1), d.max_queue),
+            max_body_bytes=get("RERANKER_MAX_BODY_BYTES", values.integer(1024), d.max_body_bytes),
+            body_timeout_seconds=get("RERANKER_BODY_TIMEOUT_SECONDS", values.non_negative, d.body_timeout_seconds),
+            trust_remote_code=get("RERANKER_TRUST_REMOTE_CODE", values.boolean, d.trust_remote_code),
+            host=get("RERANKER_HOST", values.text, d.host),
+            port=get("RERANKER_PORT", values.port, d.port),
+            metrics_host=get("RERANKER_METRICS_HOST", values.text, d.metrics_host),
+            metrics_port=get("RERANKER_METRICS_PORT", values.port, d.metrics_port),
+            log_level=get("RERANKER_LOG_LEVEL", values.log_level, d.log_level),
+            log_sample_rate=get("RERANKER_LOG_SAMPLE_RATE", values.ratio, d.log_sample_rate),
+            slow_ms=get("RERANKER_SLOW_MS", values.non_negative, d.slow_ms),
+            log_query_preview=get("RERANKER_LOG_QUERY_PREVIEW", values.integer(0), d.log_query_preview),
+            api_key=get("RERANKER_API_KEY", values.text, None),
+            drain_seconds=get("RERANKER_DRAIN_SECONDS", values.non_negative, d.drain_seconds),
+            stall_seconds=get("RERANKER_STALL_SECONDS", values.auto_or(values.off_or_at_least(1.0)), d.stall_seconds),
+            cut_ins=get("RERANKER_CUT_INS", values.boolean, d.cut_ins),
+            keep_alive_seconds=get("RERANKER_KEEP_ALIVE_SECONDS", values.integer(1), d.keep_alive_seconds),
             ui_auth=get("RERANKER_UI_AUTH", login_pairs, None),
-            ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", integer(0), d.ui_login_attempts),
+            ui_login_attempts=get("RERANKER_UI_LOGIN_ATTEMPTS", values.integer(0), d.ui_login_attempts),
             tracing=tracing,
             tracing_protocol=tracing_protocol,
         )
@@ -221,7 +202,7 @@ def _tracing(env: Mapping[str, str], asked: bool | None, protocol: str) -> tuple
         return on, protocol
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         if env.get(name, "").strip():
-            protocol = choice(OTLP_PROTOCOLS)(name, env[name].strip())
+            protocol = values.choice(OTLP_PROTOCOLS)(name, env[name].strip())
             break
     _check_otel(env, protocol)
     return on, protocol
@@ -235,20 +216,20 @@ def _check_otel(env: Mapping[str, str], protocol: str) -> None:
     default_port = 4317 if protocol == "grpc" else 4318
     for name in OTLP_ENDPOINTS:
         raw = env.get(name, "").strip()
-        if raw and not (url(raw) or protocol == "grpc" and grpc_target(raw)):
+        if raw and not (values.is_url(raw) or protocol == "grpc" and values.is_grpc_target(raw)):
             raise SettingsError(f"{name}={raw!r} is not a valid OTLP endpoint; use a URL with its scheme, "
                                 f"http:// for plain text or https:// for TLS (e.g. http://127.0.0.1:{default_port} "
                                 f"for {protocol})" + (", or host:port" if protocol == "grpc" else ""))
     for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         raw = env.get(name, "").strip()
-        if raw and not 0 < number(raw) < math.inf:
+        if raw and not 0 < values.number(raw) < math.inf:
             raise SettingsError(f"{name}={raw!r} is not valid; use the export timeout in seconds, a number "
                                 "above 0 (e.g. 10)")
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip()
     if sampler and sampler.lower() not in OTEL_SAMPLERS:
         raise SettingsError(f"OTEL_TRACES_SAMPLER={sampler!r} is not valid; use one of: {', '.join(OTEL_SAMPLERS)}")
-    sampler_arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    if sampler_arg and sampler.lower().endswith("traceidratio") and not 0 <= number(sampler_arg) <= 1:  # unset: 1.0
+    sampler_arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()  # unset: 1.0
+    if sampler_arg and sampler.lower().endswith("traceidratio") and not 0 <= values.number(sampler_arg) <= 1:
         raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG={sampler_arg!r} is not valid for {sampler}: use the share of new "
                             "traces to keep, a number from 0 to 1 (e.g. 0.1)")
 

@@ -1,5 +1,4 @@
-"""Parsers of one configuration value: each takes the variable's name and its text, and returns the value or raises
-SettingsError naming the variable and what to use instead."""
+"""Parsers of one configuration value: (variable name, its text) -> the value, or SettingsError saying what to use."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ class SettingsError(ValueError):
     """A configuration variable has a value the service cannot use."""
 
 
-def url(raw: str) -> bool:
+def is_url(raw: str) -> bool:
     """Whether `raw` is an http(s) URL with a host and, if it names one, a port."""
     try:
         parts = urlsplit(raw)
@@ -30,10 +29,10 @@ def url(raw: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def grpc_target(raw: str) -> bool:
+def is_grpc_target(raw: str) -> bool:
     """Whether `raw` is a target as gRPC itself writes one: host:port (TLS unless OTEL_EXPORTER_OTLP_INSECURE=true,
     as the exporter decides) or a unix: socket."""
-    return raw.startswith("unix:") or ("://" not in raw and url(f"http://{raw}"))
+    return raw.startswith("unix:") or ("://" not in raw and is_url(f"http://{raw}"))
 
 
 def number(raw: str) -> float:
