@@ -9,8 +9,8 @@ from reranker import Reranker
 from web.api import build_api, json_refusals
 from web.backend import LocalBackend
 from web.errors import HttpError
-from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route, json_safe_validation_errors
-from web.gradio_login import GradioLogin, LoginThrottle, find_gradio_app
+from web.gradio_api import ROUTE, GradioApiStatus, RerankEvents, counted_route
+from web.gradio_login import GradioLogin, LoginThrottle
 from web.history import RequestHistory
 from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import App, BearerKey, BodyLimit, Receive, Scope, Send, route_path
@@ -55,13 +55,7 @@ def create_app(reranker: Reranker, *, ui: bool = True, history: RequestHistory |
         # own bearer key.
         private_upload_folder()
         demo = build_ui(service)
-        app = mount_ui(app, demo, settings)
-        gradio = find_gradio_app(app)
-        # The mounted app's lifespan runs Gradio's startup events (the queue's loops, its limiter), but
-        # mount_gradio_app does not record that, so anyone's GET /gradio_api/startup-events ran them again: a
-        # second queue loop, its running jobs forgotten, a new limiter.
-        gradio.startup_events_triggered = True
-        json_safe_validation_errors(gradio)
+        app, gradio = mount_ui(app, demo, settings)
         # Gradio's app, mounted at /, answers every path no route of ours serves: its bare 404 for those would not
         # have this API's error shape (a mistyped /v1/rank). Paths under Gradio's API prefix keep Gradio's answer.
         gradio.router.default = json_not_found(gradio.router.default)

@@ -11,11 +11,13 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
+from gradio.routes import App as GradioApp
 
 from reranker import RerankResult, Settings, ValidationError
 from web.cancel import event_left, run_cancellable
 from web.errors import HttpError, to_http_error
-from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off
+from web.gradio_api import ROUTE, CountedBlocks, OnRefuse, RerankError, cut_off, json_safe_validation_errors
+from web.gradio_login import find_gradio_app
 from web.lifecycle import Lifecycle
 from web.monitoring import Monitor, Panel, build_monitoring_tab
 from web.request_id import request_age
@@ -220,8 +222,9 @@ def build_blocks(predict: Callable[..., Any], refused: OnRefuse, title: str, pan
     return demo
 
 
-def mount_ui(app: FastAPI, demo: gr.Blocks, settings: Settings) -> FastAPI:
-    """`app` with `demo` mounted at /, as both the single process and the Ray UI replica serve it.
+def mount_ui(app: FastAPI, demo: gr.Blocks, settings: Settings) -> tuple[FastAPI, GradioApp]:
+    """`app` with `demo` mounted at /, and the Gradio app mounted there, as both the single process and the Ray UI
+    replica serve it.
 
     No run history: it uploads each run (query and documents) to a Hugging Face bucket named by a request header,
     with the host's saved HF token for loopback callers (a same-host proxy is one). RERANKER_UI_AUTH puts Gradio's
@@ -233,7 +236,13 @@ def mount_ui(app: FastAPI, demo: gr.Blocks, settings: Settings) -> FastAPI:
     # records and mount_gradio_app does not: without it, a Gradio API call naming any server path as its file had
     # that file read and ranked (tests/test_gradio_api.py).
     demo.has_launched = True
-    return app
+    gradio = find_gradio_app(app)
+    # The mounted app's lifespan runs Gradio's startup events (the queue's loops, its limiter), but mount_gradio_app
+    # does not record that, so anyone's GET /gradio_api/startup-events ran them again: a second queue loop, its
+    # running jobs forgotten, a new limiter.
+    gradio.startup_events_triggered = True
+    json_safe_validation_errors(gradio)
+    return app, gradio
 
 
 def poll_gently(demo: gr.Blocks, interval: float = QUEUE_POLL_S) -> None:

@@ -38,9 +38,8 @@ from web.gradio_api import (
     RerankError,
     RerankEvents,
     counted_route,
-    json_safe_validation_errors,
 )
-from web.gradio_login import GradioLogin, LoginThrottle, find_gradio_app
+from web.gradio_login import GradioLogin, LoginThrottle
 from web.history import RequestHistory
 from web.lifecycle import CutOff, DrainGate, Lifecycle
 from web.middleware import BodyLimit
@@ -143,10 +142,7 @@ class UI:
                             self.refused, header(info["model"], info["device"], info["dtype"], info["max_length"]),
                             panel, takes_instruction=bool(info["accepts_instruction"]), lifecycle=self.lifecycle,
                             traced=self.tracing.enabled)
-        app = mount_ui(FastAPI(), demo, settings)
-        self.gradio = find_gradio_app(app)
-        self.gradio.startup_events_triggered = True
-        json_safe_validation_errors(self.gradio)
+        app, self.gradio = mount_ui(FastAPI(), demo, settings)
         # web/http.py's guards, in its order (the last added runs first): cut-off, Rerank events, drain gate,
         # Gradio API status, Gradio login, body limit. No JSON routes here (the ingress serves them), so no bearer
         # key, and the login need not guard /api/predict.
@@ -154,7 +150,7 @@ class UI:
         app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refuse=refused,
                            timeout=settings.body_timeout_seconds)
         if settings.ui_auth:
-            app.add_middleware(GradioLogin, gradio=find_gradio_app(app), guard_predict=False, on_refuse=refused)
+            app.add_middleware(GradioLogin, gradio=self.gradio, guard_predict=False, on_refuse=refused)
             app.add_middleware(LoginThrottle, attempts=settings.ui_login_attempts)
         app.add_middleware(GradioApiStatus, on_refuse=self.refused)  # outside the login: counts its refusals
         app.add_middleware(DrainGate, lifecycle=self.lifecycle, on_refuse=self.refused_while_draining,
