@@ -242,6 +242,21 @@ def test_copies_bench_runs_concurrent_copies_of_the_bare_model() -> None:
     assert abs(rate_two / rate_one - ratio) <= 0.005 + ratio * 0.05 * (1 / rate_one + 1 / rate_two) + 1e-9
 
 
+def test_scale_bench_sends_each_request_size_the_same_pairs() -> None:
+    """20- and 100-passage requests, measured side by side: each size gets --pairs in whole requests (at least one
+    per caller) after a warm-up of one request per caller."""
+    import warnings
+
+    with warnings.catch_warnings():  # bench.scale imports Ray Serve, whose pydantic models warn on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from bench.scale import build_loads
+
+    loads = build_loads([20, 100], 2400, clients=8)
+    assert [(load.docs, len(load.workload), len(load.warm_up)) for load in loads] == [(20, 120, 8), (100, 24, 8)]
+    assert all(len(r.documents) == load.docs for load in loads for r in [*load.workload, *load.warm_up])
+    assert len(build_loads([500], 2400, clients=8)[0].workload) == 8
+
+
 def test_burst_bench_measures_the_admitted_request_and_the_refusals_against_the_lone_request(bert_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "bench.burst", "--rounds", "1", "--callers", "4", "--docs", "10",
                              "--chars", "300", "--model", str(bert_dir), "--compare", str(ROOT)], cwd=ROOT,
